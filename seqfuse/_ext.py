@@ -1,0 +1,65 @@
+"""Loading of the compiled extension ``seqfuse._C``: optional, never JIT-built.
+
+``import seqfuse`` works without it (one warning); every op then runs its torch
+reference. ``status()`` says what is available and why not.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_C = None
+_IMPORT_ERROR: str | None = None
+_WARNED = False
+
+try:
+    from seqfuse import _C  # type: ignore[attr-defined,no-redef]
+except Exception as e:  # ImportError, or an ABI mismatch (OSError / undefined symbol)
+    _C = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _warn_once() -> None:
+    global _WARNED
+    if not _WARNED and _IMPORT_ERROR is not None and os.environ.get("SEQFUSE_QUIET") != "1":
+        _WARNED = True
+        warnings.warn(
+            "seqfuse: compiled extension seqfuse._C not available "
+            f"({_IMPORT_ERROR}); using torch reference kernels (build it with `make install`).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def build_info() -> str:
+    return _C.build_info() if _C is not None else ""
+
+
+def cpu_available() -> tuple[bool, str]:
+    """Whether the C++ CPU kernels can run, and why not."""
+    if _C is None:
+        return False, f"extension not importable ({_IMPORT_ERROR})"
+    return True, "ok"
+
+
+def cuda_available() -> tuple[bool, str]:
+    """Whether the CUDA kernels can run, and why not."""
+    if _C is None:
+        return False, f"extension not importable ({_IMPORT_ERROR})"
+    if "cuda" not in build_info():
+        return False, "extension built without CUDA (no CUDA torch or nvcc at build time)"
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
+    return True, "ok"
+
+
+def disabled() -> bool:
+    """SEQFUSE_DISABLE=1 turns every seqfuse path off (stock behaviour)."""
+    return os.environ.get("SEQFUSE_DISABLE", "0") not in ("", "0")
+
+
+if _C is None:
+    _warn_once()

@@ -1,0 +1,5 @@
+"""Search strategies independent of the layers that produce the logits."""
+
+from seqfuse.generation.sequence_generator import SequenceGenerator
+
+__all__ = ["SequenceGenerator"]

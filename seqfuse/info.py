@@ -1,0 +1,60 @@
+"""``python -m seqfuse.info``: versions, build and backend availability."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _version(mod: str) -> str:
+    try:
+        m = __import__(mod)
+        return getattr(m, "__version__", "?")
+    except Exception as e:  # report, never fail
+        return f"not available ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+
+
+def collect() -> dict:
+    import torch
+
+    import seqfuse
+    from seqfuse import _ext
+
+    cpu_ok, cpu_why = _ext.cpu_available()
+    cuda_ok, cuda_why = _ext.cuda_available()
+    return {
+        "seqfuse": seqfuse.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch.cuda": str(torch.version.cuda),
+        "fairseq": _version("fairseq"),
+        "transformers": _version("transformers"),
+        "extension build": _ext.build_info() or "-",
+        "backend torch reference": "available",
+        "backend cpu extension": "available" if cpu_ok else f"unavailable: {cpu_why}",
+        "backend cuda extension": "available" if cuda_ok else f"unavailable: {cuda_why}",
+        "SEQFUSE_DISABLE": "set" if _ext.disabled() else "unset",
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--short", action="store_true", help="one line")
+    args = p.parse_args(argv)
+    info = collect()
+    if args.short:
+        print(
+            f"seqfuse {info['seqfuse']} | torch {info['torch']} | fairseq {info['fairseq']} | "
+            f"transformers {info['transformers']} | ext: {info['extension build'] or '-'}"
+        )
+        return 0
+    width = max(map(len, info))
+    for k, v in info.items():
+        print(f"{k:<{width}} : {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

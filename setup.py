@@ -1,0 +1,99 @@
+"""Build seqfuse and its one compiled extension, ``seqfuse._C``.
+
+The C++ (CPU, OpenMP) part is always built. The CUDA part is built when torch
+has CUDA and nvcc is found, or when FORCE_CUDA=1; TORCH_CUDA_ARCH_LIST and
+MAX_JOBS are honoured (torch's BuildExtension reads both). Nothing is compiled
+at import time.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+
+def _version() -> str:
+    ns: dict = {}
+    with open(os.path.join(ROOT, "seqfuse", "version.py")) as f:
+        exec(f.read(), ns)
+    return ns["__version__"]
+
+
+def _want_cuda(torch) -> bool:
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    if os.environ.get("SEQFUSE_NO_CUDA", "0") == "1":
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and (
+        CUDA_HOME is not None or shutil.which("nvcc") is not None
+    )
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:  # metadata-only invocations
+        return [], {}
+
+    rel = lambda pattern: sorted(  # noqa: E731
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
+    )
+    cpu_sources = rel("csrc/cpu/*.cc") + ["csrc/bindings.cpp"]
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", "-std=c++17", "-DNDEBUG"] + openmp
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if _want_cuda(torch):
+        sources = cpu_sources + rel("csrc/cuda/*.cu") + ["csrc/cuda_bindings.cpp"]
+        ext = CUDAExtension(
+            "seqfuse._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("SEQFUSE_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+            extra_link_args=openmp,
+        )
+    else:
+        ext = CppExtension(
+            "seqfuse._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=openmp,
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="seqfuse",
+    version=_version(),
+    description="Drop-in fused inference for fairseq and Hugging Face sequence models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["seqfuse", "seqfuse.*", "integrations", "integrations.*"])
+    + ["seqfuse_fairseq"],
+    package_dir={"seqfuse_fairseq": "plugins/seqfuse_fairseq"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["torch==2.13.0"],
+    entry_points={
+        "console_scripts": [
+            "seqfuse-generate=seqfuse.cli:generate",
+            "seqfuse-interactive=seqfuse.cli:interactive",
+            "seqfuse-train=seqfuse.cli:train",
+            "seqfuse-bleu=seqfuse.cli:bleu",
+        ]
+    },
+    zip_safe=False,
+)
