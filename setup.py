@@ -46,12 +46,15 @@ def _extensions():
     rel = lambda pattern: sorted(  # noqa: E731
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
     )
-    cpu_sources = rel("csrc/cpu/*.cc") + ["csrc/bindings.cpp"]
+    # Bindings: csrc/*.cpp (CPU; one TORCH_LIBRARY in bindings.cpp, fragments
+    # elsewhere) and csrc/cuda_*.cpp (CUDA builds only).
+    bindings = [p for p in rel("csrc/*.cpp") if not os.path.basename(p).startswith("cuda_")]
+    cpu_sources = rel("csrc/cpu/*.cc") + bindings
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx_flags = ["-O3", "-std=c++17", "-DNDEBUG"] + openmp
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda(torch):
-        sources = cpu_sources + rel("csrc/cuda/*.cu") + ["csrc/cuda_bindings.cpp"]
+        sources = cpu_sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda_*.cpp")
         ext = CUDAExtension(
             "seqfuse._C",
             sources,
