@@ -1,0 +1,181 @@
+"""seqfuse demo: the same fairseq-interactive command, stock and with seqfuse.
+
+Translates sample sentences (the first ``--lines`` of Multi30k test_2016_flickr)
+twice with an unchanged ``fairseq-interactive`` command, beam 5: once stock,
+once with ``--user-dir`` pointing at the seqfuse plugin. Prints both
+translation times, the speed ratio, a few translations, and whether the
+outputs are identical line by line (exit status 1 when they are not).
+
+Model, without any download:
+1. ``../shared/models/multi30k_en_de`` (a real stock fairseq transformer) when present;
+2. else a tiny transformer trained for a few minutes on a few thousand Multi30k
+   lines with ``scripts/train_multi30k.sh`` (cached under benchmarks/work/);
+3. else, without ../shared at all, the same recipe on a synthetic corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from seqfuse import bleu  # noqa: E402
+
+SHARED = Path(os.environ.get("SEQFUSE_SHARED", ROOT.parent / "shared"))
+SHARED_MODEL = SHARED / "models" / "multi30k_en_de"
+SHARED_DATA = SHARED / "data" / "multi30k"
+WORK = ROOT / "benchmarks" / "work"
+
+
+def _train(data_dir: Path, out_dir: Path, *, lines: int, updates: int, vocab: int) -> Path:
+    """A small model with the shared model's recipe, cached in ``out_dir``."""
+    if (out_dir / "checkpoint_best.pt").is_file():
+        return out_dir
+    print(f"training a small model in {out_dir} ({lines} lines, {updates} updates) ...")
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        MAX_LINES=str(lines),
+        MAX_UPDATE=str(updates),
+        VOCAB_SIZE=str(vocab),
+        MAX_TOKENS="2048",
+    )
+    log = out_dir.parent / f"{out_dir.name}.train.log"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.call(
+            ["bash", str(ROOT / "scripts" / "train_multi30k.sh"), str(data_dir), str(out_dir)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    if rc != 0:
+        sys.exit(f"demo: training failed (exit {rc}); see {log}")
+    return out_dir
+
+
+def _synthetic_corpus(out: Path, seed: int = 1) -> Path:
+    """A toy En->De corpus: target words are a fixed relabelling of source words."""
+    rng = random.Random(seed)
+    syll = ["ka", "lo", "mi", "ne", "tu", "ra", "so", "vi", "de", "po", "an", "el"]
+    src_words = sorted(
+        {"".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(400)}
+    )
+    tgt_of = {w: w[::-1] + "n" for w in src_words}
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 4000), ("val", 200), ("test_2016_flickr", 300)):
+        en, de = [], []
+        for _ in range(n):
+            words = [rng.choice(src_words) for _ in range(rng.randint(3, 12))]
+            en.append(" ".join(words) + " .")
+            de.append(" ".join(tgt_of[w] for w in words) + " .")
+        (out / f"{split}.en").write_text("\n".join(en) + "\n")
+        (out / f"{split}.de").write_text("\n".join(de) + "\n")
+    return out
+
+
+def find_model(args) -> tuple[Path, Path | None]:
+    """(model directory, directory holding test_2016_flickr.{en,de}[.gz])."""
+    if args.model:
+        return Path(args.model), SHARED_DATA if SHARED_DATA.is_dir() else None
+    if SHARED_MODEL.joinpath("checkpoint_best.pt").is_file():
+        return SHARED_MODEL, SHARED_DATA if SHARED_DATA.is_dir() else None
+    if SHARED_DATA.is_dir():
+        model = _train(SHARED_DATA, WORK / "demo_multi30k", lines=3000, updates=150, vocab=2000)
+        return model, SHARED_DATA
+    data = _synthetic_corpus(WORK / "demo_synthetic_data")
+    model = _train(data, WORK / "demo_synthetic", lines=4000, updates=150, vocab=500)
+    return model, data
+
+
+def _test_file(data: Path, lang: str) -> Path | None:
+    for name in (f"test_2016_flickr.{lang}.gz", f"test_2016_flickr.{lang}"):
+        if (data / name).is_file():
+            return data / name
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="fairseq model directory (default: the shared Multi30k model)")
+    p.add_argument("--lines", type=int, default=250, help="sample sentences to translate")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--show", type=int, default=3, help="sample translations to print")
+    args = p.parse_args(argv)
+
+    start = time.perf_counter()
+    model_dir, data = find_model(args)
+    try:
+        model = bleu.resolve_model(model_dir, source_lang="en", target_lang="de")
+    except bleu.BleuError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
+    src_path = _test_file(data, "en") if data else None
+    ref_path = _test_file(data, "de") if data else None
+    if src_path is not None:
+        sources = bleu.read_lines(src_path)[: args.lines]
+    else:
+        sources = ["A man is riding a bike.", "Two dogs play in the snow."]
+    refs = bleu.read_lines(ref_path)[: len(sources)] if ref_path else None
+
+    print(f"model:   {model.checkpoint}")
+    print(f"input:   {len(sources)} sentences from {src_path or 'built-in samples'}")
+    print(
+        f"command: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(bleu.interactive_command(model, beam=args.beam, batch_size=args.batch_size)))} --input ..."
+    )
+    print("seqfuse: the same command + --user-dir", bleu.seqfuse_user_dir())
+    runs = {}
+    for provider in bleu.PROVIDERS:
+        try:
+            runs[provider] = bleu.translate(
+                model, sources, provider=provider, beam=args.beam, batch_size=args.batch_size
+            )
+        except bleu.BleuError as e:
+            print(f"demo: {e}", file=sys.stderr)
+            return 2
+    stock, fused = runs["stock"], runs["seqfuse"]
+    same, rate = bleu.identical_rate(stock.hypotheses, fused.hypotheses)
+
+    print()
+    print(
+        f"{'':9}{'translation (s)':>16}{'sent/s':>9}{'process (s)':>13}"
+        + ("    BLEU" if refs else "")
+    )
+    for name, t in runs.items():
+        row = (
+            f"{name:9}{t.translation_seconds:>16.2f}"
+            f"{len(sources) / t.translation_seconds:>9.1f}{t.wall_seconds:>13.2f}"
+        )
+        if refs:
+            row += f"{bleu.score(t.hypotheses, refs)['bleu']:>8.2f}"
+        print(row)
+    print(
+        f"speed ratio (stock time / seqfuse time): {stock.translation_seconds / fused.translation_seconds:.2f}x"
+    )
+    print()
+    for i in range(min(args.show, len(sources))):
+        print(f"  src:     {sources[i]}")
+        print(f"  stock:   {stock.hypotheses[i]}")
+        print(f"  seqfuse: {fused.hypotheses[i]}")
+    print()
+    print(f"identical outputs: {same}/{len(sources)} lines ({100 * rate:.1f}%)")
+    print(f"demo took {time.perf_counter() - start:.0f} s")
+    if same != len(sources):
+        for i, (a, b) in enumerate(zip(stock.hypotheses, fused.hypotheses)):
+            if a != b:
+                print(f"first difference, line {i}:\n  stock:   {a}\n  seqfuse: {b}")
+                break
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
