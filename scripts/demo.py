@@ -105,7 +105,7 @@ def _test_file(data: Path, lang: str) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="fairseq model directory (default: the shared Multi30k model)")
-    p.add_argument("--lines", type=int, default=250, help="sample sentences to translate")
+    p.add_argument("--lines", type=int, default=200, help="sample sentences to translate")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--show", type=int, default=3, help="sample translations to print")
@@ -128,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model:   {model.checkpoint}")
     print(f"input:   {len(sources)} sentences from {src_path or 'built-in samples'}")
-    print(
-        f"command: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(bleu.interactive_command(model, beam=args.beam, batch_size=args.batch_size)))} --input ..."
+    cmd = bleu.interactive_command(
+        model, beam=args.beam, batch_size=args.batch_size, input_path=str(src_path or "samples")
     )
+    print("command: fairseq-interactive", " ".join(cmd[1:]))
     print("seqfuse: the same command + --user-dir", bleu.seqfuse_user_dir())
     runs = {}
     for provider in bleu.PROVIDERS:
