@@ -36,6 +36,36 @@ def _want_cuda(torch) -> bool:
     )
 
 
+# Sources compiled once per CPU capability, each with its own flags (torch
+# picks its kernels the same way; see csrc/cpu/capability/row_lse_impl.h).
+CAPABILITY_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+}
+
+
+def _capability_objects(build_ext, ext) -> list:
+    import platform
+
+    import torch
+    from torch.utils.cpp_extension import include_paths
+
+    caps = CAPABILITY_FLAGS if platform.machine() in ("x86_64", "AMD64") else {"default": []}
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    objects = []
+    for cap, flags in caps.items():
+        src = os.path.join("csrc", "cpu", "capability", f"row_lse_{cap}.cc")
+        objects += build_ext.compiler.compile(
+            [src],
+            output_dir=build_ext.build_temp,
+            include_dirs=include_paths() + ext.include_dirs,
+            extra_postargs=["-O3", "-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+            + flags,
+        )
+    return objects
+
+
 def _extensions():
     try:
         import torch
@@ -74,7 +104,13 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=openmp,
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class Build(BuildExtension):
+        def build_extensions(self):
+            for e in self.extensions:
+                e.extra_objects = list(e.extra_objects or []) + _capability_objects(self, e)
+            super().build_extensions()
+
+    return [ext], {"build_ext": Build.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

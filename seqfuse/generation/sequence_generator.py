@@ -1,7 +1,438 @@
-"""Placeholder while the device-side generator lands: stock behaviour."""
+"""Drop-in replacement for fairseq's ``SequenceGenerator``.
 
-from fairseq.sequence_generator import SequenceGenerator as _Stock
+Same constructor, same ``generate(models, sample, **kwargs)`` contract, same
+hypothesis dicts (tokens with EOS, score, positional_scores, attention,
+alignment), same results: the loop follows fairseq 0.12's search order step
+for step. What changes is how each step is computed:
+
+- plain beam search takes its candidates from the fused ``beam_topk`` op
+  (normaliser, fairseq's edits, score accumulation and the top-2k in one pass,
+  with exact hierarchical pruning): no ``[rows, vocab]`` log-prob tensor;
+- n-gram blocking is computed with tensor ops instead of a Python loop;
+- encoder outputs are not re-gathered every step: the rows of one sentence are
+  identical copies, so only a batch shrink selects rows;
+- finished hypotheses are built from batched tensors.
+
+Anything it cannot do exactly (lexical constraints, diverse beam search or
+siblings, custom search strategies) runs fairseq's own loop, after one
+warning line that names the reason. ``SEQFUSE_DISABLE=1`` does the same
+without the warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+from fairseq import search
+from fairseq.models import FairseqDecoder
+from fairseq.models.fairseq_model import BaseFairseqModel
+from fairseq.models.transformer.transformer_base import TransformerModelBase
+from fairseq.sequence_generator import EnsembleModel
+from fairseq.sequence_generator import SequenceGenerator as StockSequenceGenerator
+from torch import Tensor
+
+from seqfuse import _ext
+from seqfuse.ops.beam_topk import EOS_ALLOW, EOS_FORBID, EOS_ONLY, beam_topk, beam_topk_reference
+
+logger = logging.getLogger("seqfuse.generation")
+_warned: set[str] = set()
 
 
-class SequenceGenerator(_Stock):
-    pass
+def _warn_fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("seqfuse: using stock fairseq search: %s", reason)
+
+
+# Model-level get_normalized_probs that only delegate to the decoder's.
+_DELEGATING_GET_NORMALIZED_PROBS = (
+    BaseFairseqModel.get_normalized_probs,
+    TransformerModelBase.get_normalized_probs,
+)
+
+
+def _standard_normalisation(model) -> bool:
+    """True when the model's log-probs are exactly ``log_softmax(logits.float())``.
+
+    Then the fused step may normalise the raw decoder output itself.
+    """
+    dec = getattr(model, "decoder", None)
+    if dec is None or getattr(dec, "adaptive_softmax", None) is not None:
+        return False
+    if getattr(dec, "onnx_trace", False):
+        return False
+    cls, dcls = type(model), type(dec)
+    return (
+        cls.get_normalized_probs in _DELEGATING_GET_NORMALIZED_PROBS
+        and cls.get_normalized_probs_scriptable is BaseFairseqModel.get_normalized_probs_scriptable
+        and dcls.get_normalized_probs is FairseqDecoder.get_normalized_probs
+        and dcls.get_normalized_probs_scriptable is FairseqDecoder.get_normalized_probs_scriptable
+    )
+
+
+def ngram_banned_tokens(tokens: Tensor, step: int, n: int) -> Optional[Tensor]:
+    """fairseq's CPU n-gram blocking, as a ``[rows, windows]`` banned-token tensor.
+
+    Stock compares the last ``n - 1`` entries of the whole token buffer
+    (``tokens`` is ``[rows, max_len + 2]``) with every window that starts before
+    ``step + 2 - n`` and bans the token that followed a match; ``-1`` = none.
+    """
+    windows = step + 2 - n
+    if n < 2 or windows <= 0:
+        return None
+    last = tokens[:, tokens.size(1) - (n - 1) :]  # [rows, n-1]
+    win = tokens[:, : windows + n - 1].unfold(1, n, 1)  # [rows, windows, n]
+    match = (win[:, :, : n - 1] == last.unsqueeze(1)).all(-1)
+    return torch.where(match, win[:, :, n - 1], torch.full_like(win[:, :, n - 1], -1))
+
+
+class SequenceGenerator(StockSequenceGenerator):
+    """fairseq's ``SequenceGenerator`` with seqfuse's search step (same arguments)."""
+
+    def _fallback_reason(self, constraints: Optional[Tensor]) -> Optional[str]:
+        if _ext.disabled():
+            return "SEQFUSE_DISABLE is set"
+        if constraints is not None:
+            return "lexical constraints are not supported"
+        if type(self.search) not in (search.BeamSearch, search.Sampling):
+            return f"search strategy {type(self.search).__name__} is not supported"
+        if self.repeat_ngram_blocker is not None and self.repeat_ngram_blocker.use_extension:
+            return "fairseq's CUDA n-gram blocking extension is in use"
+        return None
+
+    def _generate(
+        self,
+        sample,
+        prefix_tokens: Optional[Tensor] = None,
+        constraints: Optional[Tensor] = None,
+        bos_token: Optional[int] = None,
+    ):
+        reason = self._fallback_reason(constraints)
+        if reason is not None:
+            if not _ext.disabled():
+                _warn_fallback(reason)
+            return super()._generate(sample, prefix_tokens, constraints, bos_token)
+        return self._search(sample, prefix_tokens, bos_token)
+
+    # ------------------------------------------------------------------ model
+    def _decoder_step(self, tokens: Tensor, encoder_outs, incremental_states):
+        """One decoder call: ``(logits_or_lprobs [rows, V], is_logprobs, attn)``."""
+        model: EnsembleModel = self.model
+        if model.models_size != 1 or not self._fused_logits:
+            lprobs, attn = model.forward_decoder(
+                tokens, encoder_outs, incremental_states, self.temperature
+            )
+            return lprobs, True, attn
+        m = model.single_model
+        enc = encoder_outs[0] if model.has_encoder() else None
+        if model.has_incremental_states():
+            out = m.decoder.forward(
+                tokens, encoder_out=enc, incremental_state=incremental_states[0]
+            )
+        else:
+            out = m.decoder.forward(tokens, encoder_out=enc)
+        attn: Optional[Tensor] = None
+        if len(out) > 1 and out[1] is not None:
+            if isinstance(out[1], Tensor):
+                attn = out[1]
+            else:
+                holder = out[1]["attn"]
+                if isinstance(holder, Tensor):
+                    attn = holder
+                elif holder is not None:
+                    attn = holder[0]
+            if attn is not None:
+                attn = attn[:, -1, :]
+        logits = out[0][:, -1, :]
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return logits, False, attn
+
+    # ------------------------------------------------------------------- step
+    def _fused_candidates(self, step, logits, scores, banned, eos_mode, bsz, beam_size):
+        """BeamSearch.step's candidates from the fused op, tie-exact.
+
+        The op returns one candidate more than stock keeps. Where two finite
+        candidates among those tie, the order torch.topk gives them is an
+        artefact of its selection algorithm; those sentences (rare: exact float
+        ties) are recomputed with stock's own operations so the choice is
+        stock's.
+        """
+        V = self.vocab_size
+        rows = 1 if step == 0 else beam_size
+        k = min(2 * beam_size, rows * V - 1)
+        src, ban = logits, banned
+        if step == 0:
+            src = logits.view(bsz, beam_size, V)[:, 0]
+            ban = None if banned is None else banned.view(bsz, beam_size, -1)[:, 0]
+        cum = None if step == 0 else scores[:, step - 1]
+        k_op = min(k + 1, rows * V)
+        cs, ci, cb = beam_topk(
+            src, cum, rows, k_op, self.pad, self.unk, self.eos, self.unk_penalty, eos_mode, ban
+        )
+        if k_op > 1:
+            tie = ((cs[:, 1:] == cs[:, :-1]) & torch.isfinite(cs[:, 1:])).any(dim=1)
+            if bool(tie.any()):
+                sents = tie.nonzero().view(-1)
+                row_idx = sents.unsqueeze(1) * rows + torch.arange(rows, device=sents.device)
+                row_idx = row_idx.view(-1)
+                rs, ri, rb = beam_topk_reference(
+                    src[row_idx],
+                    None if cum is None else cum[row_idx],
+                    rows,
+                    k,
+                    self.pad,
+                    self.unk,
+                    self.eos,
+                    self.unk_penalty,
+                    eos_mode,
+                    None if ban is None else ban[row_idx],
+                )
+                cs, ci, cb = cs[:, :k].clone(), ci[:, :k].clone(), cb[:, :k].clone()
+                cs[sents], ci[sents], cb[sents] = rs, ri, rb
+                return cs, ci, cb
+        return cs[:, :k], ci[:, :k], cb[:, :k]
+
+    # ----------------------------------------------------------------- search
+    def _search(self, sample, prefix_tokens: Optional[Tensor], bos_token: Optional[int]):
+        model: EnsembleModel = self.model
+        self._fused_logits = model.models_size == 1 and _standard_normalisation(model.single_model)
+        incremental_states = [{} for _ in range(model.models_size)]
+        net_input = sample["net_input"]
+        if "src_tokens" in net_input:
+            src_tokens = net_input["src_tokens"]
+            if "src_lengths" in net_input:
+                src_lengths = net_input["src_lengths"]
+            else:
+                src_lengths = (src_tokens.ne(self.eos) & src_tokens.ne(self.pad)).long().sum(dim=1)
+        elif "source" in net_input or "features" in net_input:
+            src_tokens = net_input["source" if "source" in net_input else "features"]
+            mask = net_input["padding_mask"]
+            src_lengths = (
+                mask.size(-1) - mask.sum(-1)
+                if mask is not None
+                else torch.tensor(src_tokens.size(-1)).to(src_tokens)
+            )
+        else:
+            raise ValueError(
+                "expected src_tokens or source in net input. input keys: " + str(net_input.keys())
+            )
+
+        bsz, src_len = src_tokens.size()[:2]
+        beam_size = self.beam_size
+        V = self.vocab_size
+        device = src_tokens.device
+        self.search.init_constraints(None, beam_size)
+
+        if self.match_source_len:
+            max_len = int(src_lengths.max().item())
+        else:
+            max_len = min(int(self.max_len_a * src_len + self.max_len_b), self.max_len - 1)
+        if self.min_len > max_len:
+            raise ValueError(
+                f"min_len ({self.min_len}) cannot be larger than max_len ({max_len}), "
+                "please adjust these!"
+            )
+
+        encoder_outs = model.forward_encoder(net_input)
+        new_order = torch.arange(bsz, device=device).repeat_interleave(beam_size)
+        encoder_outs = model.reorder_encoder_out(encoder_outs, new_order)
+
+        scores = torch.zeros(bsz * beam_size, max_len + 1, device=device, dtype=torch.float)
+        tokens = torch.full(
+            (bsz * beam_size, max_len + 2), self.pad, device=device, dtype=torch.long
+        )
+        tokens[:, 0] = self.eos if bos_token is None else bos_token
+        attn: Optional[Tensor] = None
+        cands_to_ignore = torch.zeros(bsz, beam_size, device=device, dtype=torch.bool)
+        finalized: list[list[dict]] = [[] for _ in range(bsz)]
+        finished = [False] * bsz
+        num_remaining_sent = bsz
+        cand_size = 2 * beam_size
+        bbsz_offsets = (torch.arange(bsz, device=device) * beam_size).unsqueeze(1)
+        cand_offsets = torch.arange(cand_size, device=device)
+        reorder_state: Optional[Tensor] = None
+        batch_idxs: Optional[Tensor] = None
+        if "id" in sample and isinstance(sample["id"], Tensor):
+            original_batch_idxs = sample["id"]
+        else:
+            original_batch_idxs = torch.arange(bsz, device=device)
+        beam_search = type(self.search) is search.BeamSearch
+        suppress = self.token_indices_to_suppress
+        ngram = self.repeat_ngram_blocker.no_repeat_ngram_size if self.repeat_ngram_blocker else 0
+
+        for step in range(max_len + 1):
+            if reorder_state is not None:
+                if batch_idxs is not None:
+                    corr = batch_idxs - torch.arange(batch_idxs.numel(), device=device)
+                    reorder_state.view(-1, beam_size).add_(corr.unsqueeze(-1) * beam_size)
+                    original_batch_idxs = original_batch_idxs[batch_idxs]
+                    # Rows of one sentence hold the same encoder output: only a
+                    # batch shrink needs a gather.
+                    keep_rows = (
+                        batch_idxs.unsqueeze(1) * beam_size + torch.arange(beam_size, device=device)
+                    ).view(-1)
+                    encoder_outs = model.reorder_encoder_out(encoder_outs, keep_rows)
+                model.reorder_incremental_state(incremental_states, reorder_state)
+
+            out, is_logprobs, avg_attn_scores = self._decoder_step(
+                tokens[:, : step + 1], encoder_outs, incremental_states
+            )
+            prefix_step = (
+                prefix_tokens is not None and step < prefix_tokens.size(1) and step < max_len
+            )
+            fused = beam_search and not is_logprobs and self.lm_model is None and not prefix_step
+            if fused:
+                eos_mode = EOS_ALLOW
+                if step >= max_len:
+                    eos_mode = EOS_ONLY
+                elif step < self.min_len:
+                    eos_mode = EOS_FORBID
+                banned = ngram_banned_tokens(tokens, step, ngram) if ngram else None
+                if suppress is not None:
+                    sup = suppress.to(device).unsqueeze(0).expand(out.size(0), -1)
+                    banned = sup if banned is None else torch.cat([banned, sup], dim=1)
+                lprobs = None
+            else:
+                lprobs = out if is_logprobs else torch.log_softmax(out, -1, dtype=torch.float32)
+                if self.lm_model is not None:
+                    lm_out = self.lm_model(tokens[:, : step + 1])
+                    probs = self.lm_model.get_normalized_probs(lm_out, log_probs=True, sample=None)
+                    lprobs += probs[:, -1, :] * self.lm_weight
+                lprobs[lprobs != lprobs] = torch.tensor(-math.inf).to(lprobs)
+                lprobs[:, self.pad] = -math.inf
+                lprobs[:, self.unk] -= self.unk_penalty
+                if step >= max_len:
+                    lprobs[:, : self.eos] = -math.inf
+                    lprobs[:, self.eos + 1 :] = -math.inf
+                if prefix_step:
+                    lprobs, tokens, scores = self._prefix_tokens(
+                        step, lprobs, scores, tokens, prefix_tokens, beam_size
+                    )
+                else:
+                    if step < self.min_len:
+                        lprobs[:, self.eos] = -math.inf
+                    if suppress is not None:
+                        lprobs[:, suppress] = -math.inf
+                if ngram:
+                    banned = ngram_banned_tokens(tokens, step, ngram)
+                    if banned is not None:
+                        rows, cols = (banned >= 0).nonzero(as_tuple=True)
+                        lprobs[rows, banned[rows, cols]] = -math.inf
+
+            if avg_attn_scores is not None:
+                if attn is None:
+                    attn = torch.empty(
+                        bsz * beam_size, avg_attn_scores.size(1), max_len + 2, device=device
+                    ).to(scores)
+                attn[:, :, step + 1].copy_(avg_attn_scores)
+
+            if fused:
+                cand_scores, cand_indices, cand_beams = self._fused_candidates(
+                    step, out, scores, banned, eos_mode, bsz, beam_size
+                )
+            else:
+                if self.should_set_src_lengths:
+                    self.search.set_src_lengths(src_lengths)
+                cand_scores, cand_indices, cand_beams = self.search.step(
+                    step,
+                    lprobs.view(bsz, -1, V),
+                    scores.view(bsz, beam_size, -1)[:, :, :step],
+                    tokens[:, : step + 1],
+                    original_batch_idxs,
+                )
+
+            cand_bbsz_idx = cand_beams.add(bbsz_offsets)
+            eos_mask = cand_indices.eq(self.eos) & cand_scores.ne(-math.inf)
+            eos_mask[:, :beam_size][cands_to_ignore] = False
+            eos_bbsz_idx = torch.masked_select(
+                cand_bbsz_idx[:, :beam_size], eos_mask[:, :beam_size]
+            )
+
+            finalized_sents: list[int] = []
+            if eos_bbsz_idx.numel() > 0:
+                eos_scores = torch.masked_select(
+                    cand_scores[:, :beam_size], mask=eos_mask[:, :beam_size]
+                )
+                finalized_sents = self.finalize_hypos(
+                    step,
+                    eos_bbsz_idx,
+                    eos_scores,
+                    tokens,
+                    scores,
+                    finalized,
+                    finished,
+                    beam_size,
+                    attn,
+                    src_lengths,
+                    max_len,
+                )
+                num_remaining_sent -= len(finalized_sents)
+
+            if num_remaining_sent == 0:
+                break
+            if self.search.stop_on_max_len and step >= max_len:
+                break
+            if step >= max_len:
+                raise RuntimeError(f"seqfuse: search ran past max_len ({step} >= {max_len})")
+
+            if len(finalized_sents) > 0:
+                new_bsz = bsz - len(finalized_sents)
+                batch_mask = torch.ones(bsz, dtype=torch.bool, device=device)
+                batch_mask[finalized_sents] = False
+                batch_idxs = torch.arange(bsz, device=device).masked_select(batch_mask)
+                self.search.prune_sentences(batch_idxs)
+                eos_mask = eos_mask[batch_idxs]
+                cand_beams = cand_beams[batch_idxs]
+                bbsz_offsets = bbsz_offsets[:new_bsz]
+                cand_bbsz_idx = cand_beams.add(bbsz_offsets)
+                cand_scores = cand_scores[batch_idxs]
+                cand_indices = cand_indices[batch_idxs]
+                if prefix_tokens is not None:
+                    prefix_tokens = prefix_tokens[batch_idxs]
+                src_lengths = src_lengths[batch_idxs]
+                cands_to_ignore = cands_to_ignore[batch_idxs]
+                scores = scores.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
+                tokens = tokens.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
+                if attn is not None:
+                    attn = attn.view(bsz, -1)[batch_idxs].view(
+                        new_bsz * beam_size, attn.size(1), -1
+                    )
+                bsz = new_bsz
+            else:
+                batch_idxs = None
+
+            eos_mask[:, :beam_size] = ~((~cands_to_ignore) & (~eos_mask[:, :beam_size]))
+            active_mask = torch.add(
+                eos_mask.type_as(cand_offsets) * cand_size, cand_offsets[: eos_mask.size(1)]
+            )
+            new_cands_to_ignore, active_hypos = torch.topk(
+                active_mask, k=beam_size, dim=1, largest=False
+            )
+            cands_to_ignore = new_cands_to_ignore.ge(cand_size)[:, :beam_size]
+            active_bbsz_idx = torch.gather(cand_bbsz_idx, dim=1, index=active_hypos).view(-1)
+
+            tokens[:, : step + 1] = torch.index_select(tokens[:, : step + 1], 0, active_bbsz_idx)
+            tokens.view(bsz, beam_size, -1)[:, :, step + 1] = torch.gather(
+                cand_indices, dim=1, index=active_hypos
+            )
+            if step > 0:
+                scores[:, :step] = torch.index_select(scores[:, :step], 0, active_bbsz_idx)
+            scores.view(bsz, beam_size, -1)[:, :, step] = torch.gather(
+                cand_scores, dim=1, index=active_hypos
+            )
+            self.search.update_constraints(active_hypos)
+            if attn is not None:
+                attn[:, :, : step + 2] = torch.index_select(
+                    attn[:, :, : step + 2], 0, active_bbsz_idx
+                )
+            reorder_state = active_bbsz_idx
+
+        for sent in range(len(finalized)):
+            sent_scores = torch.tensor([float(h["score"].item()) for h in finalized[sent]])
+            _, order = torch.sort(sent_scores, descending=True)
+            finalized[sent] = [finalized[sent][i] for i in order]
+        return finalized

@@ -1,0 +1,166 @@
+"""Shared pieces of the generator parity tests: small models and hypothesis comparison."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from fairseq.data import Dictionary
+from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, FairseqIncrementalDecoder
+from fairseq.models.transformer import TransformerModel, base_architecture
+from fairseq.sequence_generator import SequenceGenerator as StockGenerator
+
+from seqfuse.generation import SequenceGenerator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_MODEL = os.path.join(REPO, "..", "shared", "models", "multi30k_en_de")
+
+# Hypothesis scores: fp32 parity tolerance (absolute + relative to the stock value).
+SCORE_ATOL = 1e-5
+SCORE_RTOL = 1e-5
+
+
+def make_dictionary(n_symbols: int) -> Dictionary:
+    d = Dictionary()
+    for i in range(n_symbols):
+        d.add_symbol(f"w{i}")
+    d.finalize(padding_factor=1)
+    return d
+
+
+def compare_hypotheses(stock, ours, context: str = "") -> None:
+    """Same hypotheses in the same order: tokens equal, floats within tolerance."""
+    assert len(stock) == len(ours), f"{context}: {len(stock)} vs {len(ours)} sentences"
+    for i, (hs, ho) in enumerate(zip(stock, ours)):
+        assert len(hs) == len(ho), f"{context} sent {i}: {len(hs)} vs {len(ho)} hypotheses"
+        for j, (a, b) in enumerate(zip(hs, ho)):
+            where = f"{context} sent {i} hypo {j}"
+            assert torch.equal(a["tokens"], b["tokens"]), (
+                f"{where}: tokens {a['tokens'].tolist()} vs {b['tokens'].tolist()}"
+            )
+            for key in ("score", "positional_scores", "attention"):
+                x, y = a[key], b[key]
+                assert x.shape == y.shape, f"{where}: {key} shape {x.shape} vs {y.shape}"
+                if x.numel():
+                    torch.testing.assert_close(
+                        y, x, atol=SCORE_ATOL, rtol=SCORE_RTOL, msg=lambda m, w=where, k=key: f"{w} {k}: {m}"
+                    )
+            assert torch.equal(a["alignment"], b["alignment"]), f"{where}: alignment"
+
+
+def run_both(models, tgt_dict, sample, gen_kwargs=None, **generate_kwargs):
+    """Generate with stock fairseq and seqfuse from the same RNG state."""
+    gen_kwargs = gen_kwargs or {}
+    results = []
+    for cls in (StockGenerator, SequenceGenerator):
+        torch.manual_seed(1234)
+        gen = cls(models, tgt_dict, **gen_kwargs)
+        results.append(gen.generate(models, sample, **generate_kwargs))
+    return results
+
+
+def random_transformer(
+    vocab: int, seed: int, layers: int = 2, dim: int = 32, heads: int = 4, sharp: float = 4.0
+):
+    """A small random fairseq transformer; ``sharp`` scales the output projection
+    so that distributions are peaked (more realistic search than near-uniform)."""
+    torch.manual_seed(seed)
+    d = make_dictionary(vocab - 4)
+    args = argparse.Namespace(
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_embed_dim=dim,
+        decoder_embed_dim=dim,
+        encoder_ffn_embed_dim=2 * dim,
+        decoder_ffn_embed_dim=2 * dim,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        share_all_embeddings=True,
+        dropout=0.0,
+        max_source_positions=256,
+        max_target_positions=256,
+    )
+    base_architecture(args)
+
+    class _Task:
+        source_dictionary = d
+        target_dictionary = d
+
+    model = TransformerModel.build_model(args, _Task())
+    with torch.no_grad():
+        model.decoder.output_projection.weight.mul_(sharp)
+    return model.eval(), d
+
+
+def random_sample(d: Dictionary, bsz: int, seed: int, min_len: int = 3, max_len: int = 12):
+    """A left-padded batch like fairseq's translation datasets produce."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (bsz,), generator=g)
+    T = int(lengths.max()) + 1
+    src = torch.full((bsz, T), d.pad(), dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        toks = torch.randint(d.nspecial, len(d), (n,), generator=g)
+        src[i, T - n - 1 : T - 1] = toks
+        src[i, T - 1] = d.eos()
+    return {
+        "id": torch.arange(bsz),
+        "net_input": {"src_tokens": src, "src_lengths": lengths + 1},
+    }
+
+
+class ToyEncoder(FairseqEncoder):
+    """Encoder whose output length differs from the source (``out_len``)."""
+
+    def __init__(self, d, out_len_fn):
+        super().__init__(d)
+        self.out_len_fn = out_len_fn
+
+    def forward(self, src_tokens, src_lengths=None, **kwargs):
+        bsz = src_tokens.size(0)
+        n = self.out_len_fn(src_tokens.size(1))
+        return {
+            "encoder_out": [src_tokens[:, :1].float().expand(bsz, n).t().unsqueeze(-1)],
+            "src_ids": [src_tokens[:, -2:-1].clone()],  # identifies the sentence
+        }
+
+    def reorder_encoder_out(self, encoder_out, new_order):
+        return {
+            "encoder_out": [encoder_out["encoder_out"][0].index_select(1, new_order)],
+            "src_ids": [encoder_out["src_ids"][0].index_select(0, new_order)],
+        }
+
+
+class ToyDecoder(FairseqIncrementalDecoder):
+    """Fixed-probability decoder: ``table[sentence_id, step]`` gives the
+    distribution, optionally shifted by the previous token so that beams of one
+    sentence see different distributions."""
+
+    def __init__(self, d, table: torch.Tensor, prefix_shift: float = 0.0):
+        super().__init__(d)
+        self.table = table  # [n_sentences, steps, V] probabilities
+        self.prefix_shift = prefix_shift
+
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
+        step = prev_output_tokens.size(1) - 1
+        sent = encoder_out["src_ids"][0][:, 0] % self.table.size(0)
+        probs = self.table[sent, min(step, self.table.size(1) - 1)]
+        logits = probs.clamp_min(1e-30).log()
+        if self.prefix_shift:
+            last = prev_output_tokens[:, -1:].float()
+            logits = logits + self.prefix_shift * torch.sin(
+                last * torch.arange(logits.size(-1)).float()
+            )
+        enc_len = encoder_out["encoder_out"][0].size(0)
+        attn = torch.softmax(
+            torch.arange(enc_len).float().expand(logits.size(0), 1, enc_len) * (step + 1) * 0.1, -1
+        )
+        return logits.unsqueeze(1), {"attn": [attn]}
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        pass
+
+
+class ToyModel(FairseqEncoderDecoderModel):
+    def max_decoder_positions(self):
+        return 1024

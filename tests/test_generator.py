@@ -1,0 +1,324 @@
+"""seqfuse.generation.SequenceGenerator vs fairseq's stock SequenceGenerator.
+
+Every test runs stock fairseq and seqfuse on the same model and batch, in the
+same test, and compares the hypothesis dicts (tokens equal; score,
+positional_scores and attention within the fp32 tolerance).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from fairseq import search
+from fairseq.sequence_generator import SequenceGenerator as StockGenerator
+from generation_utils import (
+    SHARED_MODEL,
+    ToyDecoder,
+    ToyEncoder,
+    ToyModel,
+    compare_hypotheses,
+    make_dictionary,
+    random_sample,
+    random_transformer,
+    run_both,
+)
+
+from seqfuse.generation import SequenceGenerator
+from seqfuse.generation.sequence_generator import ngram_banned_tokens
+
+
+# --------------------------------------------------------------------------- toy
+def toy_model(vocab=12, steps=6, n_sent=4, seed=0, prefix_shift=0.0, out_len=lambda n: n):
+    g = torch.Generator().manual_seed(seed)
+    d = make_dictionary(vocab - 4)
+    table = torch.rand(n_sent, steps, len(d), generator=g) ** 3
+    table[:, :, d.pad()] = 0
+    table[:, 2:, d.eos()] *= 8  # make EOS likely after a few steps
+    table = table / table.sum(-1, keepdim=True)
+    model = ToyModel(ToyEncoder(d, out_len), ToyDecoder(d, table, prefix_shift))
+    return model.eval(), d
+
+
+TOY_CONFIGS = {
+    "default": {},
+    "no_normalize": {"normalize_scores": False},
+    "lenpen_0.6": {"len_penalty": 0.6},
+    "lenpen_5": {"len_penalty": 5.0},
+    "max_len_b_3": {"max_len_b": 3},
+    "max_len_a": {"max_len_a": 0.5, "max_len_b": 2},
+    "min_len_4": {"min_len": 4},
+    "unk_penalty": {"unk_penalty": 2.0},
+    "unk_bonus": {"unk_penalty": -3.0},
+    "temperature": {"temperature": 0.7},
+    "match_source_len": {"match_source_len": True},
+    "max_len": {"max_len": 4},
+}
+
+
+@pytest.mark.parametrize("config", sorted(TOY_CONFIGS))
+@pytest.mark.parametrize("beam", [1, 2, 4])
+@pytest.mark.parametrize("prefix_shift", [0.0, 0.7])
+def test_toy_decoder_options(config, beam, prefix_shift):
+    model, d = toy_model(prefix_shift=prefix_shift)
+    sample = random_sample(d, bsz=5, seed=beam, min_len=3, max_len=8)
+    kwargs = dict(TOY_CONFIGS[config], beam_size=beam)
+    stock, ours = run_both([model], d, sample, kwargs)
+    compare_hypotheses(stock, ours, f"{config} beam={beam}")
+
+
+@pytest.mark.parametrize("out_len", [lambda n: 1, lambda n: n + 3, lambda n: 2 * n])
+def test_encoder_output_length_differs(out_len):
+    model, d = toy_model(out_len=out_len, prefix_shift=0.3)
+    sample = random_sample(d, bsz=4, seed=3)
+    stock, ours = run_both([model], d, sample, {"beam_size": 3})
+    compare_hypotheses(stock, ours, "encoder length")
+
+
+def test_extra_net_input_keys_reach_the_encoder():
+    model, d = toy_model(prefix_shift=0.3)
+    sample = random_sample(d, bsz=3, seed=1)
+    sample["net_input"]["extra_feature"] = torch.ones(3)
+    stock, ours = run_both([model], d, sample, {"beam_size": 2})
+    compare_hypotheses(stock, ours, "extra net_input")
+
+
+def test_vocab_smaller_than_candidates():
+    # 2 * beam > number of usable tokens: -inf candidates must be handled as stock does.
+    model, d = toy_model(vocab=6, prefix_shift=0.5)
+    sample = random_sample(d, bsz=3, seed=2)
+    stock, ours = run_both([model], d, sample, {"beam_size": 4, "max_len_b": 4})
+    compare_hypotheses(stock, ours, "tiny vocab")
+
+
+# ------------------------------------------------------------ random transformers
+@pytest.mark.parametrize("seed", range(6))
+def test_random_transformer_many_shapes(seed):
+    g = torch.Generator().manual_seed(seed)
+    vocab = [20, 57, 300, 1000][seed % 4]
+    model, d = random_transformer(vocab=vocab, seed=seed, sharp=[1.0, 4.0, 8.0][seed % 3])
+    for beam in (1, 2, 5, 16):
+        bsz = int(torch.randint(1, 9, (1,), generator=g))
+        sample = random_sample(d, bsz=bsz, seed=seed * 31 + beam)
+        stock, ours = run_both([model], d, sample, {"beam_size": beam, "max_len_b": 12})
+        compare_hypotheses(stock, ours, f"seed={seed} vocab={vocab} beam={beam} bsz={bsz}")
+
+
+@pytest.mark.parametrize("ngram", [1, 2, 3])
+def test_no_repeat_ngram(ngram):
+    model, d = random_transformer(vocab=40, seed=7, sharp=2.0)
+    sample = random_sample(d, bsz=4, seed=5)
+    kwargs = {"beam_size": 4, "no_repeat_ngram_size": ngram, "max_len_b": 15}
+    stock, ours = run_both([model], d, sample, kwargs)
+    compare_hypotheses(stock, ours, f"ngram={ngram}")
+
+
+def test_ngram_banned_tokens_matches_stock_blocker():
+    from fairseq.ngram_repeat_block import NGramRepeatBlock
+
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 4):
+        blocker = NGramRepeatBlock(n, use_extension=False)
+        for step in range(0, 9):
+            tokens = torch.randint(4, 8, (6, 12), generator=g)
+            tokens[:, step + 1 :] = 1
+            tokens[:, 0] = 2
+            lprobs = torch.zeros(6, 10)
+            expected = blocker(tokens, lprobs.clone(), 2, 3, step)
+            got = lprobs.clone()
+            banned = ngram_banned_tokens(tokens, step, n)
+            if banned is not None:
+                rows, cols = (banned >= 0).nonzero(as_tuple=True)
+                got[rows, banned[rows, cols]] = float("-inf")
+            assert torch.equal(expected, got), f"n={n} step={step}"
+
+
+def test_prefix_tokens():
+    model, d = random_transformer(vocab=50, seed=3)
+    sample = random_sample(d, bsz=4, seed=9)
+    prefix = torch.randint(d.nspecial, len(d), (4, 2))
+    stock, ours = run_both([model], d, sample, {"beam_size": 3}, prefix_tokens=prefix)
+    compare_hypotheses(stock, ours, "prefix")
+
+
+def test_tokens_to_suppress():
+    model, d = random_transformer(vocab=30, seed=4, sharp=3.0)
+    sample = random_sample(d, bsz=3, seed=2)
+    kwargs = {"beam_size": 4, "tokens_to_suppress": ("w3", "w5", "w6")}
+    stock, ours = run_both([model], d, sample, kwargs)
+    compare_hypotheses(stock, ours, "suppress")
+
+
+def test_ensemble_of_two_models():
+    m1, d = random_transformer(vocab=60, seed=1)
+    m2, _ = random_transformer(vocab=60, seed=2)
+    sample = random_sample(d, bsz=3, seed=4)
+    stock, ours = run_both([m1, m2], d, sample, {"beam_size": 3})
+    compare_hypotheses(stock, ours, "ensemble")
+
+
+def test_lm_fusion():
+    model, d = random_transformer(vocab=60, seed=5)
+    lm, _ = random_transformer(vocab=60, seed=6)
+
+    class DecoderOnlyLM(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, tokens):
+            enc = self.m.encoder(tokens[:, :1], torch.ones(tokens.size(0), dtype=torch.long))
+            return self.m.decoder(tokens, encoder_out=enc)
+
+        def get_normalized_probs(self, out, log_probs, sample=None):
+            return self.m.get_normalized_probs(out, log_probs, sample)
+
+    sample = random_sample(d, bsz=3, seed=8)
+    kwargs = {"beam_size": 3, "lm_model": DecoderOnlyLM(lm), "lm_weight": 0.3}
+    stock, ours = run_both([model], d, sample, kwargs)
+    compare_hypotheses(stock, ours, "lm fusion")
+
+
+# ------------------------------------------------------------------- sampling
+@pytest.mark.parametrize(
+    "topk,topp,temperature", [(-1, -1.0, 1.0), (5, -1.0, 1.0), (-1, 0.6, 1.0), (10, -1.0, 0.5)]
+)
+def test_sampling_draws_what_stock_draws(topk, topp, temperature):
+    model, d = random_transformer(vocab=80, seed=11, sharp=1.5)
+    sample = random_sample(d, bsz=4, seed=12)
+    strategy = search.Sampling(d, sampling_topk=topk, sampling_topp=topp)
+    kwargs = {"beam_size": 3, "search_strategy": strategy, "temperature": temperature}
+    stock, ours = run_both([model], d, sample, kwargs)
+    compare_hypotheses(stock, ours, "sampling")
+
+
+def test_sampling_filtered_distribution_and_statistics():
+    """Top-k/top-p sampling only ever draws from the filtered support, with
+    frequencies matching the filtered distribution."""
+    model, d = random_transformer(vocab=40, seed=13, sharp=1.0)
+    sample = random_sample(d, bsz=1, seed=14)
+    src = sample["net_input"]
+    with torch.no_grad():
+        enc = model.encoder(src["src_tokens"], src["src_lengths"])
+        prev = torch.full((1, 1), d.eos())
+        lprobs = model.get_normalized_probs(model.decoder(prev, encoder_out=enc), True)[0, -1]
+    lprobs[d.pad()] = float("-inf")
+    topk = 6
+    allowed = set(lprobs.topk(topk).indices.tolist())
+    probs = lprobs.topk(topk).values.exp()
+    probs = probs / probs.sum()
+    expected = dict(zip(lprobs.topk(topk).indices.tolist(), probs.tolist()))
+    counts: dict[int, int] = {}
+    n = 0
+    torch.manual_seed(0)
+    gen = SequenceGenerator(
+        [model], d, beam_size=8, max_len_b=1, search_strategy=search.Sampling(d, topk)
+    )
+    for _ in range(40):
+        for hypo in gen.generate([model], sample)[0]:
+            t = int(hypo["tokens"][0])
+            assert t in allowed
+            counts[t] = counts.get(t, 0) + 1
+            n += 1
+    # Pearson chi-square against the filtered distribution, 5 d.o.f.: p > 0.001.
+    chi2 = sum((counts.get(t, 0) - n * p) ** 2 / (n * p) for t, p in expected.items())
+    assert chi2 < 20.5, (chi2, counts, expected)
+
+
+# ----------------------------------------------------------------- fallbacks
+def test_fallback_warns_once_and_matches_stock(caplog, monkeypatch):
+    from seqfuse.generation import sequence_generator as sg
+
+    monkeypatch.setattr(sg, "_warned", set())
+    model, d = random_transformer(vocab=40, seed=2)
+    sample = random_sample(d, bsz=2, seed=3)
+    strategy = search.DiverseBeamSearch(d, num_groups=2, diversity_strength=0.5)
+    kwargs = {"beam_size": 4, "search_strategy": strategy}
+    with caplog.at_level(logging.WARNING, logger="seqfuse.generation"):
+        stock, ours = run_both([model], d, sample, kwargs)
+        SequenceGenerator([model], d, **kwargs).generate([model], sample)
+    compare_hypotheses(stock, ours, "diverse beam")
+    lines = [r.getMessage() for r in caplog.records if "DiverseBeamSearch" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "not supported" in lines[0]
+
+
+def test_constraints_fall_back_with_reason(caplog):
+    model, d = random_transformer(vocab=40, seed=2)
+    gen = SequenceGenerator([model], d, beam_size=2)
+    assert "constraints" in gen._fallback_reason(torch.ones(1, 3, dtype=torch.long))
+    assert gen._fallback_reason(None) is None
+
+
+def test_seqfuse_disable_env(monkeypatch):
+    monkeypatch.setenv("SEQFUSE_DISABLE", "1")
+    model, d = random_transformer(vocab=40, seed=2)
+    gen = SequenceGenerator([model], d, beam_size=2)
+    assert "SEQFUSE_DISABLE" in gen._fallback_reason(None)
+
+
+def test_min_len_above_max_len_is_a_clear_error():
+    model, d = random_transformer(vocab=40, seed=2)
+    sample = random_sample(d, bsz=2, seed=3)
+    gen = SequenceGenerator([model], d, beam_size=2, min_len=50, max_len_b=5)
+    with pytest.raises(ValueError, match="min_len"):
+        gen.generate([model], sample)
+
+
+def test_is_a_stock_generator_subclass():
+    # fairseq's CLIs and user code type-check or poke at stock attributes.
+    model, d = random_transformer(vocab=40, seed=2)
+    gen = SequenceGenerator([model], d, beam_size=2)
+    assert isinstance(gen, StockGenerator)
+    assert gen.symbols_to_strip_from_output == {d.eos()}
+
+
+# ----------------------------------------------------------------- real model
+@pytest.fixture(scope="module")
+def multi30k():
+    if not os.path.exists(os.path.join(SHARED_MODEL, "checkpoint_best.pt")):
+        pytest.skip("../shared/models/multi30k_en_de not present")
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    from fairseq import checkpoint_utils
+
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [os.path.join(SHARED_MODEL, "checkpoint_best.pt")],
+        arg_overrides={"data": os.path.join(SHARED_MODEL, "data-bin")},
+    )
+    task.load_dataset("test")
+    itr = task.get_batch_iterator(
+        task.dataset("test"), max_sentences=24, required_batch_size_multiple=1
+    ).next_epoch_itr(shuffle=False)
+    batches = [b for _, b in zip(range(3), itr)]
+    return models[0].eval(), task.target_dictionary, batches
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"beam_size": 5},
+        {"beam_size": 1},
+        {"beam_size": 4, "len_penalty": 0.6, "unk_penalty": 0.5},
+        {"beam_size": 5, "normalize_scores": False, "max_len_a": 1.2, "max_len_b": 10},
+    ],
+    ids=["beam5", "greedy", "lenpen_unk", "no_norm_maxlen"],
+)
+def test_multi30k_model(multi30k, kwargs):
+    model, d, batches = multi30k
+    for b in batches:
+        stock, ours = run_both([model], d, b, kwargs)
+        compare_hypotheses(stock, ours, f"multi30k {kwargs}")
+
+
+@pytest.mark.slow
+def test_multi30k_scores_bit_identical(multi30k):
+    """On the CPU the fused step reproduces torch's log_softmax bit for bit."""
+    model, d, batches = multi30k
+    stock, ours = run_both([model], d, batches[0], {"beam_size": 5})
+    for hs, ho in zip(stock, ours):
+        for a, b in zip(hs, ho):
+            assert torch.equal(a["tokens"], b["tokens"])
+            assert torch.equal(a["positional_scores"], b["positional_scores"])
