@@ -1,0 +1,74 @@
+// Torch-facing entry points of the fused layer ops (checks, then the
+// framework-independent kernels of csrc/kernels/layer_kernels.h).
+#pragma once
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+#include "kernels/layer_kernels.h"
+
+#define SEQFUSE_CHECK_FLOAT(x)                                                     \
+  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kHalf || \
+                  (x).scalar_type() == at::kBFloat16,                              \
+              #x " must be float32, float16 or bfloat16, got ", (x).scalar_type())
+#define SEQFUSE_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
+#define SEQFUSE_CHECK_SAME(x, ref)                                                        \
+  TORCH_CHECK((x).scalar_type() == (ref).scalar_type() && (x).device() == (ref).device(), \
+              #x " must have the dtype and device of " #ref)
+#define SEQFUSE_CHECK_SHAPE(x, ...)                          \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), \
+              #x " must have shape (" #__VA_ARGS__ "), got ", (x).sizes())
+
+namespace seqfuse {
+
+inline kernels::DType to_kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return kernels::DType::kFloat16;
+    case at::kBFloat16:
+      return kernels::DType::kBFloat16;
+    default:
+      return kernels::DType::kFloat32;
+  }
+}
+
+// Shared argument checks; each fills the kernel parameters (device independent).
+std::tuple<at::Tensor, at::Tensor> add_layernorm_prepare(const at::Tensor& x,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const std::optional<at::Tensor>& residual,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         const std::optional<at::Tensor>& beta,
+                                                         double eps, bool want_sum,
+                                                         kernels::AddLayerNormParams* p);
+void bias_act_prepare(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t act,
+                      kernels::BiasActParams* p);
+std::tuple<at::Tensor, at::Tensor> attention_prepare(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& kv_rows, const std::optional<at::Tensor>& key_pad,
+    int64_t heads, double scaling, int64_t q_per_kv, int64_t causal_offset, bool need_weights,
+    kernels::AttentionParams* p);
+at::Tensor embedding_prepare(const at::Tensor& tokens, const at::Tensor& table, double scale,
+                             const std::optional<at::Tensor>& pos_table, int64_t pad,
+                             int64_t pos_mode, int64_t fixed_pos, bool zero_pads,
+                             kernels::EmbeddingParams* p);
+
+// CPU implementations (csrc/cpu/*_cpu.cc).
+std::tuple<at::Tensor, at::Tensor> add_layernorm_cpu(const at::Tensor& x,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const std::optional<at::Tensor>& residual,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     const std::optional<at::Tensor>& beta,
+                                                     double eps, bool want_sum);
+at::Tensor bias_act_cpu(at::Tensor x, const std::optional<at::Tensor>& bias, int64_t act);
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& kv_rows,
+                                                 const std::optional<at::Tensor>& key_pad,
+                                                 int64_t heads, double scaling, int64_t q_per_kv,
+                                                 int64_t causal_offset, bool need_weights);
+at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, double scale,
+                         const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode,
+                         int64_t fixed_pos, bool zero_pads);
+
+}  // namespace seqfuse

@@ -1,0 +1,291 @@
+"""Swap the layers of a fairseq transformer for fused ones, in place.
+
+``optimize_fairseq_model(model)`` checks everything first and then replaces
+
+- every encoder layer by ``FusedTransformerEncoderLayer``,
+- every decoder layer by ``FusedTransformerDecoderLayer``,
+- the decoder by ``FusedTransformerDecoder`` (fused embedding + positions,
+  fused final layer norm, the output projection GEMM),
+
+each holding the same child modules and Parameter objects as the module it
+replaces. Anything it cannot run exactly leaves the model untouched and is
+reported as ``(False, reason)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from fairseq.models.transformer import TransformerDecoderBase, TransformerEncoderBase
+from fairseq.modules import (
+    LearnedPositionalEmbedding,
+    MultiheadAttention,
+    SinusoidalPositionalEmbedding,
+)
+from fairseq.modules.transformer_layer import (
+    TransformerDecoderLayer,
+    TransformerDecoderLayerBase,
+    TransformerEncoderLayer,
+    TransformerEncoderLayerBase,
+)
+from torch import Tensor
+
+from seqfuse.layers.transformer import (
+    MAX_HEAD_DIM,
+    FusedTransformerDecoderLayer,
+    FusedTransformerEncoderLayer,
+    _adopt,
+    _needs_grad,
+    activation_name,
+)
+from seqfuse.ops.add_layernorm import add_layernorm
+from seqfuse.ops.embedding import POS_FIXED, POS_MAKE, POS_NONE, embedding
+
+_ENCODER_LAYER_TYPES = (TransformerEncoderLayerBase, TransformerEncoderLayer)
+_DECODER_LAYER_TYPES = (TransformerDecoderLayerBase, TransformerDecoderLayer)
+
+
+def _mha_problem(mha, embed_dim: int, what: str) -> str | None:
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return f"{what}: add_bias_kv / add_zero_attn"
+    if getattr(mha, "use_xformers", False):
+        return f"{what}: xformers attention config"
+    if getattr(mha, "skip_embed_dim_check", False):
+        return f"{what}: skip_embed_dim_check"
+    if type(mha) is not MultiheadAttention:
+        return f"{what}: custom attention class {type(mha).__name__}"
+    if mha.head_dim * mha.num_heads != embed_dim or mha.head_dim > MAX_HEAD_DIM:
+        return f"{what}: unsupported head size {mha.head_dim} (max {MAX_HEAD_DIM})"
+    for p in (mha.q_proj, mha.k_proj, mha.v_proj, mha.out_proj):
+        if not isinstance(p, torch.nn.Linear) or p.bias is None:
+            return f"{what}: projections must be biased nn.Linear (quant noise?)"
+    if mha.k_proj.in_features != mha.v_proj.in_features:
+        return f"{what}: kdim != vdim"
+    if getattr(mha.dropout_module, "apply_during_inference", False):
+        return f"{what}: dropout applied during inference"
+    return None
+
+
+def _layer_problem(layer, i: int, kind: str) -> str | None:
+    where = f"{kind} layer {i}"
+    if kind == "encoder":
+        if type(layer) not in _ENCODER_LAYER_TYPES:
+            return f"{where}: unsupported class {type(layer).__name__}"
+        if layer.return_fc:
+            return f"{where}: return_fc"
+    else:
+        if type(layer) not in _DECODER_LAYER_TYPES:
+            return f"{where}: unsupported class {type(layer).__name__}"
+        if layer.cross_self_attention:
+            return f"{where}: cross-self attention"
+        if layer.attn_ln is not None or layer.c_attn is not None:
+            return f"{where}: scale_attn / scale_heads"
+        if layer.ffn_layernorm is not None or layer.w_resid is not None:
+            return f"{where}: scale_fc / scale_resids"
+    if layer.quant_noise and layer.quant_noise > 0:
+        return f"{where}: quant noise"
+    if activation_name(layer.activation_fn) is None:
+        return f"{where}: unsupported activation"
+    for d in (layer.dropout_module, layer.activation_dropout_module):
+        if getattr(d, "apply_during_inference", False):
+            return f"{where}: dropout applied during inference"
+    for fc in (layer.fc1, layer.fc2):
+        if type(fc) is not torch.nn.Linear or fc.bias is None:
+            return f"{where}: FFN projections must be biased nn.Linear"
+    why = _mha_problem(layer.self_attn, layer.embed_dim, f"{where} self-attention")
+    if why is None and kind == "decoder" and layer.encoder_attn is not None:
+        why = _mha_problem(layer.encoder_attn, layer.embed_dim, f"{where} encoder attention")
+    return why
+
+
+def _stack_problem(stack, kind: str, training: bool) -> str | None:
+    if getattr(stack, "quant_noise", None) is not None:
+        return f"{kind}: quant noise on embeddings"
+    layerdrop = getattr(stack, "encoder_layerdrop", getattr(stack, "decoder_layerdrop", 0.0))
+    if training and layerdrop > 0:
+        return f"{kind}: layerdrop during training"
+    for i, layer in enumerate(stack.layers):
+        if isinstance(layer, FusedTransformerEncoderLayer | FusedTransformerDecoderLayer):
+            return f"{kind}: already optimised"
+        why = _layer_problem(layer, i, kind)
+        if why is not None:
+            return why
+    return None
+
+
+def optimize_fairseq_model(model: torch.nn.Module) -> tuple[bool, str]:
+    """Swap a fairseq transformer's layers for fused ones in place.
+
+    Returns ``(True, summary)``, or ``(False, reason)`` with the model untouched.
+    """
+    from fairseq.models.transformer import TransformerModelBase
+
+    if not isinstance(model, TransformerModelBase):
+        return False, f"not a fairseq transformer ({type(model).__name__})"
+    if hasattr(model, "alignment_heads") or hasattr(model, "full_context_alignment"):
+        return False, "alignment model (alignment heads)"
+    enc, dec = model.encoder, model.decoder
+    if not isinstance(enc, TransformerEncoderBase) or not isinstance(dec, TransformerDecoderBase):
+        return False, "encoder/decoder are not fairseq transformer stacks"
+    if getattr(dec, "adaptive_softmax", None) is not None:
+        return False, "adaptive softmax"
+    if dec.cross_self_attention:
+        return False, "cross-self attention"
+    if len(dec.layers) == 0 or any(type(m).__name__ == "BaseLayer" for m in dec.layers):
+        return False, "decoder has no layers or BASE layers"
+    for stack, kind in ((enc, "encoder"), (dec, "decoder")):
+        why = _stack_problem(stack, kind, model.training)
+        if why is not None:
+            return False, why
+    # Checks passed: swap (nothing below can fail half-way).
+    for i, layer in enumerate(enc.layers):
+        enc.layers[i] = FusedTransformerEncoderLayer.from_layer(layer)
+    for i, layer in enumerate(dec.layers):
+        dec.layers[i] = FusedTransformerDecoderLayer.from_layer(layer)
+    model.decoder = FusedTransformerDecoder.from_decoder(dec)
+    fast = model.decoder._fast_path_problem()
+    note = "decoder fast path" if fast is None else f"decoder uses stock embedding/output ({fast})"
+    return True, f"fused {len(enc.layers)} encoder + {len(dec.layers)} decoder layers; {note}"
+
+
+class FusedTransformerDecoder(TransformerDecoderBase):
+    """fairseq ``TransformerDecoderBase`` whose inference forward embeds with the
+    fused embedding op, runs the fused layers and the fused final layer norm."""
+
+    @classmethod
+    def from_decoder(cls, dec: TransformerDecoderBase) -> FusedTransformerDecoder:
+        # A subclass of the decoder's own class keeps its overrides and isinstance.
+        sub = cls if type(dec) is TransformerDecoderBase else _fused_subclass(type(dec))
+        return _adopt(sub, dec)
+
+    def _fast_path_problem(self) -> str | None:
+        if self.project_in_dim is not None or self.project_out_dim is not None:
+            return "project_in/out_dim"
+        if self.quant_noise is not None:
+            return "quant noise"
+        if getattr(self.dropout_module, "apply_during_inference", False):
+            return "dropout applied during inference"
+        pos = self.embed_positions
+        if pos is not None and type(pos) not in (
+            SinusoidalPositionalEmbedding,
+            LearnedPositionalEmbedding,
+        ):
+            return f"positions {type(pos).__name__}"
+        if type(self.embed_tokens) is not torch.nn.Embedding:
+            return "embedding is not nn.Embedding"
+        if not all(isinstance(m, FusedTransformerDecoderLayer) for m in self.layers):
+            return "layers not fused"
+        return None
+
+    def _pos_table(self, slen: int) -> Tensor | None:
+        pos = self.embed_positions
+        if pos is None:
+            return None
+        if isinstance(pos, SinusoidalPositionalEmbedding):
+            max_pos = pos.padding_idx + 1 + slen
+            if max_pos > pos.weights.size(0):  # grow the table exactly as stock does
+                pos.weights = SinusoidalPositionalEmbedding.get_embedding(
+                    max_pos, pos.embedding_dim, pos.padding_idx
+                ).to(pos.weights)
+            return pos.weights
+        return pos.weight
+
+    def extract_features_scriptable(
+        self,
+        prev_output_tokens,
+        encoder_out=None,
+        incremental_state=None,
+        full_context_alignment: bool = False,
+        alignment_layer: int | None = None,
+        alignment_heads: int | None = None,
+    ):
+        if (
+            self.training
+            or full_context_alignment
+            or self._fast_path_problem() is not None
+            or _needs_grad(self, self.embed_tokens.weight)
+        ):
+            return super().extract_features_scriptable(
+                prev_output_tokens,
+                encoder_out,
+                incremental_state,
+                full_context_alignment,
+                alignment_layer,
+                alignment_heads,
+            )
+        bs, slen = prev_output_tokens.size()
+        if alignment_layer is None:
+            alignment_layer = self.num_layers - 1
+        enc = padding_mask = None
+        if encoder_out is not None and len(encoder_out["encoder_out"]) > 0:
+            enc = encoder_out["encoder_out"][0]
+        if encoder_out is not None and len(encoder_out["encoder_padding_mask"]) > 0:
+            padding_mask = encoder_out["encoder_padding_mask"][0]
+
+        pos_table = self._pos_table(slen)
+        pad = self.padding_idx
+        tokens = prev_output_tokens
+        if incremental_state is not None:
+            tokens = prev_output_tokens[:, -1:]
+            mode, fixed = POS_FIXED, pad + slen
+        else:
+            mode, fixed = POS_MAKE, 0
+        if pos_table is None:
+            mode = POS_NONE
+        x = embedding(
+            tokens, self.embed_tokens.weight, self.embed_scale, pos_table, pad, mode, fixed
+        )
+        t, _, c = x.shape
+        if self.layernorm_embedding is not None:
+            ln = self.layernorm_embedding
+            x = add_layernorm(x.view(t * bs, c), None, None, ln.weight, ln.bias, ln.eps)[1].view(
+                t, bs, c
+            )
+
+        self_attn_padding_mask = None
+        if incremental_state is not None:
+            # Written into the cache every step (no host sync on a `.any()`).
+            self_attn_padding_mask = tokens.eq(pad)
+        elif tokens.eq(pad).any():
+            self_attn_padding_mask = tokens.eq(pad)
+
+        attn = None
+        inner_states = [x]
+        causal = incremental_state is None
+        for idx, layer in enumerate(self.layers):
+            align = idx == alignment_layer
+            x, layer_attn, _ = layer.fused_forward(
+                x,
+                enc,
+                padding_mask,
+                incremental_state,
+                causal,
+                self_attn_padding_mask,
+                align,
+                align,
+            )
+            inner_states.append(x)
+            if layer_attn is not None and align:
+                attn = layer_attn.float().to(x)
+        if attn is not None:
+            if alignment_heads is not None:
+                attn = attn[:alignment_heads]
+            attn = attn.mean(dim=0)
+        if self.layer_norm is not None:
+            ln = self.layer_norm
+            x = add_layernorm(x.view(t * bs, c), None, None, ln.weight, ln.bias, ln.eps)[1].view(
+                t, bs, c
+            )
+        x = x.transpose(0, 1)
+        return x, {"attn": [attn], "inner_states": inner_states}
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _fused_subclass(base: type) -> type:
+    """``FusedTransformerDecoder`` behaviour on top of a TransformerDecoderBase subclass."""
+    sub = _SUBCLASSES.get(base)
+    if sub is None:
+        sub = type(f"Fused{base.__name__}", (FusedTransformerDecoder, base), {})
+        _SUBCLASSES[base] = sub
+    return sub
