@@ -1,6 +1,13 @@
-// CPU kernel of the fused beam-search step (algorithm: csrc/kernels/beam_topk.h).
-// OpenMP over sentences; rows of a sentence are handled by one thread so the
-// pruning bound is computed without synchronisation.
+// CPU kernel of the fused beam-search step (algorithm: csrc/kernels/beam_topk.h;
+// arithmetic: csrc/kernels/beam_topk_math.h, shared with the CUDA kernel so both
+// return the same bits).
+//
+// Phase 1, parallel over rows: chunk maxima, row maximum, NaN flag, normaliser.
+// Phase 2, parallel over sentences: the bound tau, the survivors, their top-k.
+// The hot loops run on float rows (fp16/bf16 rows are widened once into a
+// scratch row) and are compiled twice, for AVX2 and for the baseline ISA, with
+// the better one picked at load time. No FMA target is enabled, so no
+// multiply-add is contracted and the rounding matches the CUDA kernel.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -11,7 +18,24 @@
 #include <vector>
 
 #include "kernels/beam_topk.h"
+#include "kernels/beam_topk_math.h"
 #include "ops.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// no-trapping-math lets GCC if-convert the selects of the exp; it changes no
+// result (no reassociation, NaN and inf kept).
+#define SF_MULTIVERSION \
+  __attribute__((target_clones("avx512f", "avx2", "default"), optimize("no-trapping-math")))
+#else
+#define SF_MULTIVERSION
+#endif
+
+// No FMA contraction in this file, even in the AVX-512 clone (GCC contracts
+// C++ by default): the rounding must match the CUDA kernel's. A pragma, not a
+// function attribute: only the pragma reaches the inlined math helpers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 
 namespace seqfuse {
 namespace kernels {
@@ -19,140 +43,171 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Chunk maxima of one row ([V] -> [nchunks]) and whether any logit is NaN.
+// The maximum ignores NaN (a NaN never compares greater).
+SF_MULTIVERSION bool row_chunk_max(const float* __restrict x, int64_t V,
+                                   float* __restrict chunk_max) {
+  int nan_seen = 0;
+  const int64_t nch = num_chunks(V);
+  for (int64_t c = 0; c < nch; ++c) {
+    const int64_t lo = c * kChunk, n = std::min<int64_t>(kChunk, V - lo);
+    const float* xc = x + lo;
+    float lane[8];
+    for (int l = 0; l < 8; ++l) lane[l] = kNegInf;
+    int64_t v = 0;
+    for (; v + 8 <= n; v += 8)
+      for (int l = 0; l < 8; ++l) {
+        const float xv = xc[v + l];
+        nan_seen |= (xv != xv);
+        lane[l] = xv > lane[l] ? xv : lane[l];
+      }
+    for (; v < n; ++v) {
+      const float xv = xc[v];
+      nan_seen |= (xv != xv);
+      lane[0] = xv > lane[0] ? xv : lane[0];
+    }
+    float cm = lane[0];
+    for (int l = 1; l < 8; ++l) cm = lane[l] > cm ? lane[l] : cm;
+    chunk_max[c] = cm;
+  }
+  return nan_seen != 0;
+}
+
+// sum(exp(x - m)) in the fixed lane order of beam_topk_math.h.
+SF_MULTIVERSION float row_exp_sum(const float* __restrict x, int64_t V, float m) {
+  alignas(64) float acc[kSumLanes];
+  for (int l = 0; l < kSumLanes; ++l) acc[l] = 0.f;
+  int64_t base = 0;
+  for (; base + kSumLanes <= V; base += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) acc[l] = sf_add(acc[l], sf_exp_nonpos(x[base + l] - m));
+  for (int l = 0; base + l < V; ++l) acc[l] = sf_add(acc[l], sf_exp_nonpos(x[base + l] - m));
+  for (int g = 0; g < kSumGroups; ++g)
+    for (int off = 16; off >= 1; off >>= 1)
+      for (int l = 0; l < off; ++l)
+        acc[g * 32 + l] = sf_add(acc[g * 32 + l], acc[g * 32 + l + off]);
+  float grp[kSumGroups];
+  for (int g = 0; g < kSumGroups; ++g) grp[g] = acc[g * 32];
+  for (int off = kSumGroups / 2; off >= 1; off >>= 1)
+    for (int l = 0; l < off; ++l) grp[l] = sf_add(grp[l], grp[l + off]);
+  return grp[0];
+}
+
+// Appends to `hits` the tokens v of a row whose unedited score is >= tau. A
+// chunk whose maximum scores < tau holds no such token (the score is monotone
+// in the logit) and is skipped: only a handful of chunks per sentence are read.
+template <typename T>
+void row_scan(const T* x, int64_t V, const float* chunk_max, const RowStat s, bool is_logprobs,
+              bool add_cum, float cum, float tau, std::vector<int64_t>& hits) {
+  const int64_t nch = num_chunks(V);
+  for (int64_t c = 0; c < nch; ++c) {
+    if (!(sf_raw_score(chunk_max[c], s, is_logprobs, add_cum, cum) >= tau)) continue;
+    const int64_t hi = std::min(V, (c + 1) * kChunk);
+    for (int64_t v = c * kChunk; v < hi; ++v)
+      if (sf_raw_score(static_cast<float>(x[v]), s, is_logprobs, add_cum, cum) >= tau)
+        hits.push_back(v);
+  }
+}
+
+// A float view of row `row`: the input itself, or `scratch` filled from it.
+template <typename T>
+const float* float_row(const T* logits, int64_t row, int64_t V, std::vector<float>& scratch) {
+  const T* x = logits + row * V;
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    scratch.resize(V);
+    for (int64_t v = 0; v < V; ++v) scratch[v] = static_cast<float>(x[v]);
+    return scratch.data();
+  }
+}
+
+inline const int64_t* banned_row(const BeamTopkParams& p, int64_t row) {
+  return p.banned == nullptr ? nullptr : p.banned + row * p.n_banned;
+}
+
+// Phase 1 for one row: its statistics and the edited scores of its chunk
+// maxima (the first token of each chunk holding the chunk's maximum).
+template <typename T>
+void row_phase(const T* logits, const BeamTopkParams& p, int64_t row, RowStat& st,
+               float* chunk_score, float* cmax, std::vector<float>& scratch) {
+  const int64_t V = p.vocab, nch = num_chunks(V);
+  const float* x = float_row(logits, row, V, scratch);
+  const bool has_nan = row_chunk_max(x, V, cmax);
+  float m = kNegInf;
+  for (int64_t c = 0; c < nch; ++c) m = cmax[c] > m ? cmax[c] : m;
+  st.m = m;
+  st.dead = sf_row_dead(p.is_logprobs, has_nan, m);
+  st.lse = (p.is_logprobs || st.dead) ? 0.f : sf_log_ge1(row_exp_sum(x, V, m));
+  const bool add_cum = p.cum != nullptr;
+  const float cum = add_cum ? p.cum[row] : 0.f;
+  const int64_t* b = banned_row(p, row);
+  for (int64_t c = 0; c < nch; ++c) {
+    int64_t v = c * kChunk;
+    // A chunk whose values are all NaN has maximum -inf and no token equal to
+    // it: its first token stands for it (any token is a valid candidate).
+    const int64_t hi = std::min(V, v + kChunk);
+    for (int64_t u = v; u < hi; ++u)
+      if (x[u] == cmax[c]) {
+        v = u;
+        break;
+      }
+    chunk_score[c] = sf_edited_score(x[v], v, st, p, b, add_cum, cum);
+  }
+}
+
 struct Cand {
   float score;
   int64_t flat;  // beam * vocab + token
 };
 
-// (score desc, flat index asc): a strict weak order; -inf sorts last.
+// (score desc, flat index asc): a strict weak order for non-NaN scores.
 inline bool better(const Cand& a, const Cand& b) {
   return a.score > b.score || (a.score == b.score && a.flat < b.flat);
 }
 
-struct RowStats {
-  float m;     // row maximum (normaliser)
-  float lse;   // log(sum(exp(x - m)))
-  float cum;   // accumulated beam score added to every token (0 when none)
-  bool add_cum;
-  bool dead;   // every log-prob is NaN in stock -> -inf
-};
-
+// Phase 2 for one sentence.
 template <typename T>
-inline float ld(const T* p, int64_t i) {
-  return static_cast<float>(p[i]);
-}
-
-// Unedited score of a token from its logit (same float ops as fairseq).
-inline float raw_score(float x, const RowStats& s, bool is_logprobs) {
-  float lp = is_logprobs ? x : (x - s.m) - s.lse;
-  if (lp != lp) lp = kNegInf;
-  return s.add_cum ? lp + s.cum : lp;
-}
-
-inline bool is_banned(const BeamTopkParams& p, int64_t row, int64_t v) {
-  if (p.banned == nullptr) return false;
-  const int64_t* b = p.banned + row * p.n_banned;
-  for (int64_t j = 0; j < p.n_banned; ++j)
-    if (b[j] == v) return true;
-  return false;
-}
-
-// Edited score of token v (fairseq order: NaN, pad, unk, eos, banned, + cum).
-inline float edited_score(float x, int64_t row, int64_t v, const RowStats& s,
-                          const BeamTopkParams& p) {
-  if (s.dead || v == p.pad) return kNegInf;
-  float lp = p.is_logprobs ? x : (x - s.m) - s.lse;
-  if (lp != lp) return kNegInf;
-  if (v == p.unk) lp = lp - p.unk_penalty;
-  if (p.eos_mode == kEosOnly && v != p.eos) return kNegInf;
-  if (p.eos_mode == kEosForbid && v == p.eos) return kNegInf;
-  if (is_banned(p, row, v)) return kNegInf;
-  return s.add_cum ? lp + s.cum : lp;
-}
-
-template <typename T>
-void sentence_topk(const T* logits, const BeamTopkParams& p, int64_t sent,
-                   std::vector<Cand>& chunk_cands, std::vector<Cand>& survivors,
-                   std::vector<RowStats>& stats, std::vector<int64_t>& chunk_arg) {
-  const int64_t V = p.vocab, R = p.rows_per_sent, nch = num_chunks(V);
-  chunk_cands.clear();
-  survivors.clear();
-  stats.resize(R);
-  chunk_arg.resize(nch);
-
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t row = sent * R + r;
-    const T* x = logits + row * V;
-    RowStats& s = stats[r];
-    s.add_cum = p.cum != nullptr;
-    s.cum = s.add_cum ? p.cum[row] : 0.f;
-    // Pass 1: chunk maxima (first index of the maximum) and the row maximum.
-    bool has_nan = false;
-    float m = kNegInf;
-    for (int64_t c = 0; c < nch; ++c) {
-      const int64_t lo = c * kChunk, hi = std::min(V, lo + kChunk);
-      float cm = kNegInf;
-      int64_t ci = lo;
-      for (int64_t v = lo; v < hi; ++v) {
-        const float xv = ld(x, v);
-        has_nan |= (xv != xv);
-        if (xv > cm) {
-          cm = xv;
-          ci = v;
-        }
-      }
-      chunk_arg[c] = ci;
-      m = std::max(m, cm);
-    }
-    s.m = m;
-    // Stock: a NaN anywhere, or a non-finite maximum, makes the whole
-    // log_softmax row NaN, which fairseq then sets to -inf.
-    s.dead = !p.is_logprobs && (has_nan || !std::isfinite(m));
-    s.lse = 0.f;
-    if (!p.is_logprobs && !s.dead) {
-      // Pass 2: normaliser, 8 lanes then pairwise (like a SIMD reduction).
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t v = 0;
-      for (; v + 8 <= V; v += 8)
-        for (int l = 0; l < 8; ++l) acc[l] += std::exp(ld(x, v + l) - m);
-      for (; v < V; ++v) acc[v & 7] += std::exp(ld(x, v) - m);
-      const float sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-      s.lse = std::log(sum);
-    }
-    for (int64_t c = 0; c < nch; ++c) {
-      const int64_t v = chunk_arg[c];
-      chunk_cands.push_back({edited_score(ld(x, v), row, v, s, p), r * V + v});
-    }
-  }
-
+void sentence_phase(const T* logits, const BeamTopkParams& p, int64_t sent, const RowStat* stats,
+                    float* chunk_scores, const float* chunk_max, std::vector<Cand>& survivors,
+                    std::vector<int64_t>& hits) {
+  const int64_t V = p.vocab, R = p.rows_per_sent, k = p.k, nch = num_chunks(V);
+  const int64_t n_chunk_scores = R * nch;
   // The bound: k-th largest chunk-maximum score (-inf when too few chunks).
   float tau = kNegInf;
-  if (static_cast<int64_t>(chunk_cands.size()) >= p.k) {
-    std::nth_element(chunk_cands.begin(), chunk_cands.begin() + (p.k - 1), chunk_cands.end(),
-                     better);
-    tau = chunk_cands[p.k - 1].score;
+  if (n_chunk_scores >= k) {
+    std::nth_element(chunk_scores, chunk_scores + (k - 1), chunk_scores + n_chunk_scores,
+                     [](float a, float b) { return a > b; });
+    tau = chunk_scores[k - 1];
   }
-
-  // Pass 3: survivors, scored exactly with the edits.
+  survivors.clear();
+  const bool add_cum = p.cum != nullptr;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t row = sent * R + r;
-    const T* x = logits + row * V;
-    const RowStats& s = stats[r];
+    const RowStat& s = stats[row];
     if (s.dead) {
       if (tau == kNegInf)
         for (int64_t v = 0; v < V; ++v) survivors.push_back({kNegInf, r * V + v});
       continue;
     }
-    for (int64_t v = 0; v < V; ++v) {
-      const float xv = ld(x, v);
-      if (raw_score(xv, s, p.is_logprobs) >= tau || v == p.unk)
-        survivors.push_back({edited_score(xv, row, v, s, p), r * V + v});
+    const T* x = logits + row * V;
+    const float cum = add_cum ? p.cum[row] : 0.f;
+    const int64_t* b = banned_row(p, row);
+    hits.clear();
+    row_scan(x, V, chunk_max + r * nch, s, p.is_logprobs, add_cum, cum, tau, hits);
+    bool unk_seen = false;
+    for (const int64_t v : hits) {
+      unk_seen |= v == p.unk;
+      survivors.push_back(
+          {sf_edited_score(static_cast<float>(x[v]), v, s, p, b, add_cum, cum), r * V + v});
     }
+    // A negative unk penalty raises unk's score: it is always a candidate.
+    if (!unk_seen)
+      survivors.push_back(
+          {sf_edited_score(static_cast<float>(x[p.unk]), p.unk, s, p, b, add_cum, cum),
+           r * V + p.unk});
   }
-
-  const int64_t k = p.k;
-  // survivors.size() >= k always: every chunk-maximum token with score >= tau
-  // survives, and tau = -inf keeps every token.
+  // survivors.size() >= k: every chunk-maximum token scoring >= tau survives,
+  // and tau = -inf keeps every token.
   std::partial_sort(survivors.begin(), survivors.begin() + k, survivors.end(), better);
   for (int64_t j = 0; j < k; ++j) {
     const Cand& c = survivors[j];
@@ -165,15 +220,27 @@ void sentence_topk(const T* logits, const BeamTopkParams& p, int64_t sent,
 }  // namespace
 
 template <typename T>
-void beam_topk_cpu_kernel(const T* logits, const BeamTopkParams& p) {
+void beam_topk_cpu_kernel(const T* logits,  // [bsz * rows_per_sent, vocab]
+                          const BeamTopkParams& p) {
+  const int64_t rows = p.bsz * p.rows_per_sent, nch = num_chunks(p.vocab);
+  std::vector<RowStat> stats(rows);             // [rows]
+  std::vector<float> chunk_scores(rows * nch);  // [rows, nchunks] edited, of the maxima
+  std::vector<float> chunk_max(rows * nch);     // [rows, nchunks] logits
+  // Rows cost ~3 passes over V floats: a grain of a few rows keeps threads busy.
+  const int64_t row_grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.vocab, 1));
+  at::parallel_for(0, rows, row_grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t r = begin; r < end; ++r)
+      row_phase(logits, p, r, stats[r], chunk_scores.data() + r * nch, chunk_max.data() + r * nch,
+                scratch);
+  });
   at::parallel_for(0, p.bsz, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Cand> chunk_cands, survivors;
-    std::vector<RowStats> stats;
-    std::vector<int64_t> chunk_arg;
-    chunk_cands.reserve(p.rows_per_sent * num_chunks(p.vocab));
+    std::vector<Cand> survivors;
+    std::vector<int64_t> hits;
     survivors.reserve(256);
     for (int64_t b = begin; b < end; ++b)
-      sentence_topk(logits, p, b, chunk_cands, survivors, stats, chunk_arg);
+      sentence_phase(logits, p, b, stats.data(), chunk_scores.data() + b * p.rows_per_sent * nch,
+                     chunk_max.data() + b * p.rows_per_sent * nch, survivors, hits);
   });
 }
 
@@ -184,13 +251,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cpu(
     int64_t k, int64_t pad, int64_t unk, int64_t eos, double unk_penalty, int64_t eos_mode,
     const std::optional<at::Tensor>& banned, bool is_logprobs) {
   TORCH_CHECK(logits.device().is_cpu(), "beam_topk_cpu: logits must be on the CPU");
-  TORCH_CHECK(logits.dim() == 2, "beam_topk: logits must be [rows, vocab]");
+  TORCH_CHECK(logits.dim() == 2, "beam_topk: logits must be [rows, vocab], got ", logits.sizes());
   TORCH_CHECK(logits.is_contiguous(), "beam_topk: logits must be contiguous");
   const int64_t n = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(rows_per_sent >= 1 && n % rows_per_sent == 0,
-              "beam_topk: rows not a multiple of rows_per_sent");
-  TORCH_CHECK(k >= 1 && k <= rows_per_sent * V, "beam_topk: k out of range");
+  TORCH_CHECK(V >= 1, "beam_topk: empty vocabulary");
+  TORCH_CHECK(rows_per_sent >= 1 && n % rows_per_sent == 0, "beam_topk: ", n,
+              " rows is not a multiple of rows_per_sent=", rows_per_sent);
+  TORCH_CHECK(k >= 1 && k <= rows_per_sent * V, "beam_topk: k=", k, " outside [1, ",
+              rows_per_sent * V, "]");
+  TORCH_CHECK(rows_per_sent * V <= std::numeric_limits<int32_t>::max(),
+              "beam_topk: rows_per_sent * vocab must fit in int32");
   TORCH_CHECK(eos_mode >= 0 && eos_mode <= 2, "beam_topk: eos_mode must be 0, 1 or 2");
+  TORCH_CHECK(pad >= 0 && pad < V && unk >= 0 && unk < V && eos >= 0 && eos < V,
+              "beam_topk: pad, unk and eos must be token ids in [0, ", V, ")");
   const int64_t bsz = n / rows_per_sent;
   kernels::BeamTopkParams p{};
   p.bsz = bsz;
@@ -205,9 +278,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cpu(
   p.is_logprobs = is_logprobs;
   if (cum_scores.has_value()) {
     const auto& c = *cum_scores;
-    TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kFloat && c.is_contiguous() &&
-                    c.numel() == n,
-                "beam_topk: cum_scores must be a contiguous float32 CPU tensor of [rows]");
+    TORCH_CHECK(
+        c.device().is_cpu() && c.scalar_type() == at::kFloat && c.is_contiguous() && c.numel() == n,
+        "beam_topk: cum_scores must be a contiguous float32 CPU tensor of [rows]");
     p.cum = c.data_ptr<float>();
   }
   if (banned.has_value()) {
@@ -224,6 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cpu(
   p.out_scores = scores.data_ptr<float>();
   p.out_tokens = tokens.data_ptr<int64_t>();
   p.out_beams = beams.data_ptr<int64_t>();
+  if (bsz == 0) return {scores, tokens, beams};
   switch (logits.scalar_type()) {
     case at::kFloat:
       kernels::beam_topk_cpu_kernel(logits.data_ptr<float>(), p);
