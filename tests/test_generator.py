@@ -189,7 +189,12 @@ def test_sampling_draws_what_stock_draws(topk, topp, temperature):
     model, d = random_transformer(vocab=80, seed=11, sharp=1.5)
     sample = random_sample(d, bsz=4, seed=12)
     strategy = search.Sampling(d, sampling_topk=topk, sampling_topp=topp)
-    kwargs = {"beam_size": 3, "search_strategy": strategy, "temperature": temperature}
+    kwargs = {
+        "beam_size": 3,
+        "search_strategy": strategy,
+        "temperature": temperature,
+        "max_len_b": 15,
+    }
     stock, ours = run_both([model], d, sample, kwargs)
     compare_hypotheses(stock, ours, "sampling")
 
@@ -205,6 +210,7 @@ def test_sampling_filtered_distribution_and_statistics():
         prev = torch.full((1, 1), d.eos())
         lprobs = model.get_normalized_probs(model.decoder(prev, encoder_out=enc), True)[0, -1]
     lprobs[d.pad()] = float("-inf")
+    lprobs[d.eos()] = float("-inf")  # step 0 < min_len: stock forbids EOS
     topk = 6
     allowed = set(lprobs.topk(topk).indices.tolist())
     probs = lprobs.topk(topk).values.exp()
