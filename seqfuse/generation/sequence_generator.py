@@ -92,6 +92,10 @@ def ngram_banned_tokens(tokens: Tensor, step: int, n: int) -> Optional[Tensor]:
 class SequenceGenerator(StockSequenceGenerator):
     """fairseq's ``SequenceGenerator`` with seqfuse's search step (same arguments)."""
 
+    # Options (beyond plain beam search) reproduced exactly; the fairseq plugin
+    # sends everything else to stock with a warning.
+    SUPPORTED_FEATURES = frozenset({"sampling", "match_source_len", "prefix_tokens"})
+
     def _fallback_reason(self, constraints: Optional[Tensor]) -> Optional[str]:
         if _ext.disabled():
             return "SEQFUSE_DISABLE is set"
