@@ -157,11 +157,16 @@ def _model_reason(model) -> str | None:
     name = type(model).__name__
     if type(model) not in models:
         return f"model {name} is not a transformer encoder-decoder"
-    if type(getattr(model, "encoder", None)) not in encoders:
-        return f"model {name} has encoder {type(model.encoder).__name__}"
-    if type(getattr(model, "decoder", None)) not in decoders:
-        return f"model {name} has decoder {type(model.decoder).__name__}"
+    for part, allowed in (("encoder", encoders), ("decoder", decoders)):
+        cls = type(getattr(model, part, None))
+        if cls not in allowed and not _is_seqfuse_class(cls):
+            return f"model {name} has {part} {cls.__name__}"
     return None
+
+
+def _is_seqfuse_class(cls) -> bool:
+    """Classes seqfuse's fused layers put in place of stock ones."""
+    return cls.__module__.startswith("seqfuse.layers.")
 
 
 def fallback_reason(
