@@ -32,7 +32,7 @@ from torch import Tensor
 from seqfuse.layers.kv_cache import CrossAttnCache, SelfAttnCache
 from seqfuse.ops.add_layernorm import add_layernorm
 from seqfuse.ops.attention import attention
-from seqfuse.ops.bias_act import ACTIVATIONS, bias_act
+from seqfuse.ops.bias_act import bias_act
 
 MAX_HEAD_DIM = 256  # the CUDA attention kernel keeps one head's query in shared memory
 

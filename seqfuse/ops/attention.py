@@ -79,7 +79,7 @@ def attention_reference(
     scores = scores.masked_fill(mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1)
     out = torch.einsum("gbhts,ghsd->gbhtd", probs.to(q.dtype), vl)
-    out = out.reshape(n, heads, tq, d).permute(2, 0, 1, 3).reshape(tq, n, c)
+    out = out.reshape(n, heads, tq, d).permute(2, 0, 1, 3).reshape(tq, n, c).contiguous()
     weights = probs.reshape(n, heads, tq, s).transpose(0, 1) if need_weights else None
     return out, weights
 

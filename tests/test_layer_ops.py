@@ -1,0 +1,209 @@
+"""Fused layer ops (attention, add_layernorm, bias_act, embedding): each
+backend against the torch reference, dtypes x odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqfuse import _ext
+from seqfuse.ops import add_layernorm as aln_mod
+from seqfuse.ops import attention as attn_mod
+from seqfuse.ops import bias_act as act_mod
+from seqfuse.ops import embedding as emb_mod
+from seqfuse.ops.dispatch import choose
+
+# (atol, rtol) per dtype for a kernel against the fp32 reference.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(actual, expected, dtype, what="", same_precision=None):
+    """Fail with the worst element and the count of failing elements. When
+    ``same_precision`` (the reference run in ``dtype``) is given, the error may
+    also be up to twice that run's error (flash-attn's rule)."""
+    atol, rtol = TOL[dtype]
+    a, e = actual.float(), expected.float()
+    err = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    if same_precision is not None:
+        bound = torch.maximum(bound, 2 * (same_precision.float() - e).abs() + atol)
+    bad = ~(err <= bound) & ~(a.isnan() & e.isnan())
+    if bad.any():
+        idx = tuple(int(i) for i in torch.nonzero(bad)[((err - bound) * bad).flatten().argmax()])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements off; worst at {idx}: "
+            f"{a[idx].item()} vs {e[idx].item()} (tol {bound[idx].item():.3g})"
+        )
+
+
+def _backends(mod):
+    names = ["reference"]
+    if _ext.cpu_available()[0]:
+        names.append("cpu")
+    if _ext.cuda_available()[0]:
+        names.append("cuda")
+    return names
+
+
+def _run(mod, backend, *args):
+    b = next(b for b in mod.BACKENDS if b.name == backend)
+    return b.run(*args)
+
+
+def _devices(backend):
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+@pytest.mark.parametrize("backend", _backends(aln_mod))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [256, 769])
+@pytest.mark.parametrize("mode", ["post", "pre", "sum_only", "plain"])
+def test_add_layernorm(backend, dtype, cols, mode):
+    g = torch.Generator().manual_seed(cols)
+    dev = _devices(backend)
+    rows = 97
+    x, res = (torch.randn(rows, cols, generator=g) for _ in range(2))
+    bias, w, beta = (torch.randn(cols, generator=g) for _ in range(3))
+    if mode == "plain":
+        bias = res = None
+    if mode == "sum_only":
+        w = beta = None
+    want_sum = mode in ("pre", "sum_only")
+
+    def args(dt, d):
+        c = lambda t: None if t is None else t.to(d, dt)  # noqa: E731
+        return (c(x), c(bias), c(res), c(w), c(beta), 1e-5, want_sum)
+
+    s, n = _run(aln_mod, backend, *args(dtype, dev))
+    s_ref, n_ref = aln_mod.add_layernorm_reference(*args(torch.float32, "cpu"))
+    s_same, n_same = aln_mod.add_layernorm_reference(*args(dtype, "cpu"))
+    if want_sum:
+        assert_close(s.cpu(), s_ref, dtype, "sum", s_same)
+    else:
+        assert s is None
+    if w is not None:
+        assert_close(n.cpu(), n_ref, dtype, "normed", n_same)
+
+
+@pytest.mark.parametrize("backend", _backends(act_mod))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", list(act_mod.ACTIVATIONS))
+def test_bias_act(backend, dtype, act):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(97, 769, generator=g) * 3
+    b = torch.randn(769, generator=g)
+    code = act_mod.ACTIVATIONS[act]
+    dev = _devices(backend)
+    y = _run(act_mod, backend, x.to(dev, dtype).contiguous(), b.to(dev, dtype), code)
+    y_ref = act_mod.bias_act_reference(x.clone(), b, code)
+    y_same = act_mod.bias_act_reference(x.to(dtype), b.to(dtype), code)
+    assert_close(y.cpu(), y_ref, dtype, act, y_same)
+
+
+def test_bias_act_is_in_place():
+    x = torch.randn(5, 8)
+    out = act_mod.bias_act(x, torch.randn(8), "relu")
+    assert out.data_ptr() == x.data_ptr() and (x >= 0).all()
+
+
+ATTN_CASES = [
+    # (tq, n, s, m, heads, c, q_per_kv, causal, rows, pad)
+    (97, 3, 97, 3, 4, 256, 1, 0, None, True),  # full-sequence self-attention, causal + padding
+    (1025, 1, 1025, 1, 2, 64, 1, -1, None, True),  # long encoder row
+    (5, 4, 97, 2, 1, 769, 2, -1, "1d", True),  # one odd head, shared K/V per sentence
+    (1, 6, 13, 8, 4, 256, 1, -1, "2d", True),  # incremental step through parent pointers
+    (3, 6, 13, 8, 4, 256, 3, 10, "2d", False),  # causal with an offset
+]
+
+
+@pytest.mark.parametrize("backend", _backends(attn_mod))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTN_CASES, ids=[f"case{i}" for i in range(len(ATTN_CASES))])
+def test_attention(backend, dtype, case):
+    tq, n, s, m, heads, c, qpk, causal, rows_kind, with_pad = case
+    if backend == "reference" and tq * s > 200_000 and dtype != torch.float32:
+        pytest.skip("reference vs reference on a long row: nothing to learn")
+    g = torch.Generator().manual_seed(tq + s)
+    groups = n // qpk
+    q = torch.randn(tq, n, 3 * c, generator=g)[..., c : 2 * c]  # strided view, as from a QKV GEMM
+    k = torch.randn(s + 4, m, 2 * c, generator=g)[:s, :, :c]  # a cache's first s slots
+    v = torch.randn(s + 4, m, 2 * c, generator=g)[:s, :, c:]
+    rows = None
+    if rows_kind == "1d":
+        rows = torch.randint(0, m, (groups,), generator=g)
+    elif rows_kind == "2d":
+        rows = torch.randint(0, m, (groups, s + 7), generator=g)
+    pad = None
+    if with_pad:
+        pad = torch.rand(s, m, generator=g) < 0.25
+        pad[0] = False  # every row keeps one key
+        pad = pad.t()  # [m, s], strided
+    need_w = True
+    args = lambda dt, d: (  # noqa: E731
+        q.to(d, dt),
+        k.to(d, dt),
+        v.to(d, dt),
+        None if rows is None else rows.to(d),
+        None if pad is None else pad.to(d),
+        heads,
+        (c // heads) ** -0.5,
+        qpk,
+        causal,
+        need_w,
+    )
+    out, w = _run(attn_mod, backend, *args(dtype, _devices(backend)))
+    out_ref, w_ref = attn_mod.attention_reference(*args(torch.float32, "cpu"))
+    out_same, w_same = attn_mod.attention_reference(*args(dtype, "cpu"))
+    assert out.shape == (tq, n, c) and out.is_contiguous()
+    assert_close(out.cpu(), out_ref, dtype, "out", out_same)
+    assert_close(w.cpu(), w_ref, dtype, "weights", w_same)
+
+
+@pytest.mark.parametrize("backend", _backends(emb_mod))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [emb_mod.POS_NONE, emb_mod.POS_MAKE, emb_mod.POS_FIXED])
+def test_embedding(backend, dtype, mode):
+    g = torch.Generator().manual_seed(mode)
+    pad = 1
+    tokens = torch.randint(2, 5125, (5, 97), generator=g)
+    tokens[0, :10] = pad  # left padding
+    tokens[1, -7:] = pad  # right padding
+    table = torch.randn(5125, 769, generator=g)
+    pos = torch.randn(200, 769, generator=g) if mode != emb_mod.POS_NONE else None
+    fixed = pad + 97
+    dev = _devices(backend)
+    zero = mode == emb_mod.POS_MAKE
+    cast = lambda t, dt, d: None if t is None else t.to(d, dt)  # noqa: E731
+    out = _run(
+        emb_mod,
+        backend,
+        tokens.to(dev),
+        cast(table, dtype, dev),
+        16.0,
+        cast(pos, dtype, dev),
+        pad,
+        mode,
+        fixed,
+        zero,
+    )
+    ref = emb_mod.embedding_reference(tokens, table, 16.0, pos, pad, mode, fixed, zero)
+    same = emb_mod.embedding_reference(
+        tokens, table.to(dtype), 16.0, cast(pos, dtype, "cpu"), pad, mode, fixed, zero
+    )
+    assert out.shape == (97, 5, 769)
+    assert_close(out.cpu(), ref, dtype, "embedding", same)
+
+
+def test_dispatch_refuses_ext_under_autograd():
+    x = torch.randn(4, 8, requires_grad=True)
+    b, refused = choose(aln_mod.BACKENDS, x, None, None, torch.ones(8), torch.zeros(8), 1e-5, False)
+    assert b.name == "reference"
+    assert any("autograd" in why for _, why in refused)
+
+
+def test_embedding_rejects_out_of_range_tokens():
+    if not _ext.cpu_available()[0]:
+        pytest.skip("no CPU extension")
+    with pytest.raises(RuntimeError):
+        _run(emb_mod, "cpu", torch.tensor([[7]]), torch.randn(5, 4), 1.0, None, 1, 0, 0, False)
