@@ -46,6 +46,7 @@ def _train(data_dir: Path, out_dir: Path, *, lines: int, updates: int, vocab: in
         MAX_UPDATE=str(updates),
         VOCAB_SIZE=str(vocab),
         MAX_TOKENS="2048",
+        VALID_LINES="200",
     )
     log = out_dir.parent / f"{out_dir.name}.train.log"
     out_dir.parent.mkdir(parents=True, exist_ok=True)

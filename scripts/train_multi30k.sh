@@ -12,6 +12,7 @@
 # Environment knobs (defaults reproduce the shared model; about 37 minutes on
 # 2 CPU threads):
 #   MAX_LINES=N     train on the first N training pairs only (default: all)
+#   VALID_LINES=N   keep only the first N val and test pairs (default: all)
 #   MAX_UPDATE=N    stop after N updates (default: none, MAX_EPOCH epochs)
 #   MAX_EPOCH=N     default 12
 #   MAX_TOKENS=N    default 4096
@@ -40,7 +41,7 @@ done
 
 mkdir -p "$OUT_DIR/raw" "$OUT_DIR/spm"
 
-# 1. Raw text, decompressed; the training split optionally cut to MAX_LINES.
+# 1. Raw text, decompressed; splits optionally cut to MAX_LINES / VALID_LINES.
 for split in "${SPLITS[@]}"; do
   for lang in en de; do
     if [[ -f $DATA_DIR/$split.$lang.gz ]]; then
@@ -51,9 +52,11 @@ for split in "${SPLITS[@]}"; do
       echo "$0: missing $DATA_DIR/$split.$lang(.gz)" >&2
       exit 1
     fi
-    if [[ $split == train && -n ${MAX_LINES:-} ]]; then
+    limit=${VALID_LINES:-}
+    [[ $split == train ]] && limit=${MAX_LINES:-}
+    if [[ -n $limit ]]; then
       # head closes the pipe early: the decompressor's SIGPIPE is expected.
-      (set +o pipefail; "${src[@]}" | head -n "$MAX_LINES" >"$OUT_DIR/raw/$split.$lang")
+      (set +o pipefail; "${src[@]}" | head -n "$limit" >"$OUT_DIR/raw/$split.$lang")
     else
       "${src[@]}" >"$OUT_DIR/raw/$split.$lang"
     fi

@@ -73,6 +73,23 @@ def _lang_of(path: Path) -> str | None:
     return suffix[1:] if len(suffix) in (3, 4) else None
 
 
+def _checkpoint_source_lang(checkpoint: Path, langs: list[str]) -> str | None:
+    """The source language the checkpoint was trained with, when it says."""
+    try:
+        import torch
+
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return None
+    for cfg in ((state.get("cfg") or {}).get("task"), state.get("args")):
+        lang = getattr(cfg, "source_lang", None) if cfg is not None else None
+        if lang is None and isinstance(cfg, dict):
+            lang = cfg.get("source_lang")
+        if lang in langs:
+            return lang
+    return None
+
+
 def resolve_model(
     model: str | os.PathLike,
     data_dir: str | os.PathLike | None = None,
@@ -113,12 +130,19 @@ def resolve_model(
     dicts = sorted(p.name for p in data.glob("dict.*.txt"))
     if source_lang is None or target_lang is None:
         langs = [name.split(".")[1] for name in dicts]
+        if source_lang is None and target_lang is None and len(langs) == 2:
+            source_lang = _checkpoint_source_lang(checkpoint, langs)
         if len(langs) != 2:
             raise BleuError(
                 f"{data}: cannot infer the language pair from {dicts}; "
                 "pass --source-lang and --target-lang"
             )
-        source_lang = source_lang or langs[0]
+        if source_lang is None and target_lang is None:
+            raise BleuError(
+                f"cannot tell the translation direction between {langs} (the checkpoint "
+                "does not record it); pass --source-lang"
+            )
+        source_lang = source_lang or [x for x in langs if x != target_lang][0]
         target_lang = target_lang or [x for x in langs if x != source_lang][0]
     for lang in (source_lang, target_lang):
         if not (data / f"dict.{lang}.txt").is_file():
@@ -439,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
             raise BleuError(f"unknown providers {bad}; choose from {PROVIDERS}")
         if args.max_sentences is not None and args.max_sentences < 1:
             raise BleuError("--max-sentences must be at least 1")
+        source_lang = args.source_lang
+        if source_lang is None and args.target_lang is None:
+            source_lang = _lang_of(Path(args.src))  # test.en(.gz) -> en
         model = resolve_model(
-            args.model, args.data_dir, args.spm_model, args.source_lang, args.target_lang
+            args.model, args.data_dir, args.spm_model, source_lang, args.target_lang
         )
         sources = read_lines(args.src)
         references = read_lines(args.ref)

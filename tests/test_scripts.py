@@ -1,0 +1,274 @@
+"""The user-facing scripts run with tiny settings and report sane, computed results.
+
+demo, seqfuse-bleu, benchmark and the training recipe are run as a user runs
+them (subprocesses of this interpreter); the figures they print or write are
+checked against ranges and against each other, never against stored values.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SEQFUSE_SHARED", ROOT.parent / "shared"))
+MODEL = SHARED / "models" / "multi30k_en_de"
+DATA = SHARED / "data" / "multi30k"
+needs_shared = pytest.mark.skipif(
+    not (MODEL / "checkpoint_best.pt").is_file() or not DATA.is_dir(),
+    reason="../shared Multi30k model or data missing",
+)
+
+sys.path.insert(0, str(ROOT))
+from seqfuse import bleu  # noqa: E402
+
+
+def _run(args: list, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+# ----------------------------------------------------------------- seqfuse.bleu units
+
+
+def test_identical_rate_counts_differences():
+    assert bleu.identical_rate(["a", "b", "c"], ["a", "b", "c"]) == (3, 1.0)
+    same, rate = bleu.identical_rate(["a", "b", "c", "d"], ["a", "x", "c", "y"])
+    assert (same, rate) == (2, 0.5)
+    with pytest.raises(ValueError):
+        bleu.identical_rate(["a"], ["a", "b"])
+
+
+def test_score_ranks_hypotheses():
+    refs = ["Ein Hund rennt über die Wiese.", "Zwei Männer spielen Fußball im Park."]
+    perfect = bleu.score(refs, refs)
+    poor = bleu.score(["Eine Katze schläft.", "Ein Auto."], refs)
+    assert perfect["bleu"] == pytest.approx(100.0)
+    assert 0.0 <= poor["bleu"] < 20.0 and poor["chrf"] < perfect["chrf"]
+    assert "tok:13a" in perfect["bleu_signature"] and "nc:6" in perfect["chrf_signature"]
+
+
+def test_read_lines_gz_and_plain(tmp_path):
+    (tmp_path / "a.txt").write_text("x\ny z\n")
+    with gzip.open(tmp_path / "a.txt.gz", "wt") as f:
+        f.write("x\ny z\n")
+    assert bleu.read_lines(tmp_path / "a.txt") == bleu.read_lines(tmp_path / "a.txt.gz")
+    assert bleu.read_lines(tmp_path / "a.txt") == ["x", "y z"]
+    with pytest.raises(bleu.BleuError, match="not found"):
+        bleu.read_lines(tmp_path / "missing.txt")
+
+
+def test_bleu_cli_errors(tmp_path, capsys):
+    src, ref = tmp_path / "src.en", tmp_path / "ref.de"
+    src.write_text("A dog.\n")
+    ref.write_text("Ein Hund.\n")
+    assert (
+        bleu.main(["--model", str(tmp_path / "nope.pt"), "--src", str(src), "--ref", str(ref)]) == 2
+    )
+    assert "model not found" in capsys.readouterr().err
+
+    hf = tmp_path / "hf_model"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert bleu.main(["--model", str(hf), "--src", str(src), "--ref", str(ref)]) == 2
+    assert "not yet supported" in capsys.readouterr().err
+
+    fake = tmp_path / "fs"
+    fake.mkdir()
+    (fake / "checkpoint_best.pt").write_bytes(b"")
+    for lang in ("en", "de"):
+        (fake / f"dict.{lang}.txt").write_text("a 1\n")
+    empty = tmp_path / "empty.en"
+    empty.write_text("")
+    assert bleu.main(["--model", str(fake), "--src", str(empty), "--ref", str(ref)]) == 2
+    assert "empty" in capsys.readouterr().err
+    two = tmp_path / "two.en"
+    two.write_text("A.\nB.\n")
+    assert bleu.main(["--model", str(fake), "--src", str(two), "--ref", str(ref)]) == 2
+    assert "has 2 lines" in capsys.readouterr().err
+    missing_ref = ["--model", str(fake), "--src", str(src), "--ref", str(tmp_path / "x.de")]
+    assert bleu.main(missing_ref) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
+@needs_shared
+def test_resolve_shared_model():
+    m = bleu.resolve_model(MODEL, source_lang="en")
+    assert m.checkpoint.name == "checkpoint_best.pt"
+    assert (m.source_lang, m.target_lang) == ("en", "de")
+    assert bleu.resolve_model(MODEL, target_lang="en").source_lang == "de"
+    with pytest.raises(bleu.BleuError, match="--source-lang"):
+        bleu.resolve_model(MODEL)  # the shared checkpoint does not record its direction
+    assert m.spm_model is not None and m.spm_model.name == "spm8k.model"
+    cmd = bleu.interactive_command(m, seqfuse=True)
+    stock = bleu.interactive_command(m, seqfuse=False)
+    assert cmd[: len(stock)] == stock and cmd[len(stock)] == "--user-dir"
+
+
+# ----------------------------------------------------------------- end-to-end scripts
+
+
+@pytest.mark.slow
+@needs_shared
+def test_bleu_eval_script(tmp_path):
+    out = tmp_path / "report.json"
+    hyp_dir = tmp_path / "hyps"
+    r = _run(
+        [
+            "scripts/bleu_eval.py",
+            "--model", MODEL,
+            "--src", DATA / "test_2016_flickr.en.gz",
+            "--ref", DATA / "test_2016_flickr.de.gz",
+            "--max-sentences", 16,
+            "--batch-size", 8,
+            "--json", out,
+            "--hyp-dir", hyp_dir,
+        ]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["sentences"] == 16
+    refs = bleu.read_lines(DATA / "test_2016_flickr.de.gz")[:16]
+    for name in ("stock", "seqfuse"):
+        p = report["providers"][name]
+        # The shared model scores 36.5 on the whole test set; 16 sentences vary.
+        assert 15.0 < p["bleu"] < 70.0 and 40.0 < p["chrf"] < 85.0
+        assert p["translation_seconds"] > 0
+        hyps = (hyp_dir / f"{name}.hyp").read_text().splitlines()
+        assert hyps == report["hypotheses"][name] and len(hyps) == 16
+        assert p["bleu"] == pytest.approx(bleu.score(hyps, refs)["bleu"])
+    same, rate = bleu.identical_rate(report["hypotheses"]["stock"], report["hypotheses"]["seqfuse"])
+    assert report["identical"] == same and report["identical_rate"] == rate
+    assert "identical outputs:" in r.stdout and "BLEU signature: nrefs:1" in r.stdout
+
+
+@pytest.mark.slow
+@needs_shared
+def test_demo(tmp_path):
+    r = _run(["scripts/demo.py", "--lines", 12, "--batch-size", 8, "--show", 1])
+    assert r.returncode in (0, 1), r.stderr[-3000:]
+    out = r.stdout
+    assert "speed ratio (stock time / seqfuse time):" in out
+    line = next(x for x in out.splitlines() if x.startswith("identical outputs:"))
+    same = int(line.split(":")[1].split("/")[0])
+    # exit status 1 exactly when some line differs
+    assert (r.returncode == 0) == (same == 12)
+    assert out.count("  stock:   ") == 1 and out.count("  seqfuse: ") == 1
+
+
+@pytest.mark.slow
+@needs_shared
+def test_benchmark_small(tmp_path):
+    providers = "fairseq,seqfuse,hf,ctranslate2,seqfuse-hf"
+    r = _run(
+        [
+            "scripts/benchmark.py",
+            "--models", "multi30k",
+            "--providers", providers,
+            "--device", "cpu",
+            "--batch-sizes", "4,8",
+            "--beams", "2",
+            "--sentences", 8,
+            "--repeats", 1,
+            "--threads", 1,
+            "--no-profile",
+            "--results-dir", tmp_path,
+            "--name", "t",
+        ],
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "t.json").read_text())
+    ctx = report["context"]
+    for key in ("date", "git_revision", "cpu", "cpu_count", "threads", "devices", "versions"):
+        assert key in ctx
+    assert ctx["versions"]["torch"] and ctx["versions"]["fairseq"]
+    rows = report["results"]
+    ran = {row["provider"] for row in rows}
+    skipped = {s["provider"] for s in report["skipped"]}
+    assert {"fairseq", "seqfuse", "hf"} <= ran
+    assert ran | skipped == set(providers.split(","))  # every provider ran or says why not
+    for row in rows:
+        assert row["sentences"] == 8 and row["batch"] in (4, 8) and row["beam"] == 2
+        assert row["tokens_per_s"] > 0 and row["sentences_per_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["target_tokens"] / row["median_seconds"])
+        assert 50 < row["peak_mem_mb"] < 64_000 and row["mem_kind"] == "rss"
+    by = {(row["provider"], row["batch"]): row for row in rows}
+    for batch in (4, 8):
+        stock, fused = by[("fairseq", batch)], by[("seqfuse", batch)]
+        assert 10.0 < stock["bleu"] < 80.0
+        same = stock["outputs_sha1"] == fused["outputs_sha1"]
+        assert (fused["identical_to_stock"] == 1.0) == same
+        assert by[("hf", batch)]["target_tokens"] == 8 * by[("hf", batch)]["forced_len"]
+    ratio = {(x["batch"], x["beam"]): x for x in report["ratios"]}
+    for batch in (4, 8):
+        expect = by[("seqfuse", batch)]["tokens_per_s"] / by[("fairseq", batch)]["tokens_per_s"]
+        assert ratio[(batch, 2)]["seqfuse_vs_stock"] == pytest.approx(expect)
+    with open(tmp_path / "t.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    if "ctranslate2" in ran:
+        assert "seqfuse_vs_ctranslate2" in ratio[(4, 2)]
+    if (tmp_path / "t.png").exists():
+        assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_base_model_shape(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+    import torch
+
+    ckpt = benchmark.make_base_model(tmp_path / "base")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    sd, args = state["model"], state["args"]
+    assert state["model"]["encoder.embed_tokens.weight"].shape == (32000, 512)
+    assert args.encoder_layers == args.decoder_layers == 6
+    assert args.encoder_attention_heads == 8 and args.decoder_ffn_embed_dim == 2048
+    assert sd["decoder.layers.5.fc1.weight"].shape == (2048, 512)
+    assert "decoder.layers.6.fc1.weight" not in sd
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared Multi30k data missing")
+def test_train_recipe_short(tmp_path):
+    out = tmp_path / "model"
+    env = dict(
+        MAX_LINES="400", VALID_LINES="40", MAX_UPDATE="3", VOCAB_SIZE="400", MAX_TOKENS="1024"
+    )
+    r = subprocess.run(
+        ["bash", "scripts/train_multi30k.sh", str(DATA), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHON=sys.executable, **env),
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for name in ("checkpoint_best.pt", "dict.en.txt", "dict.de.txt", "spm8k.model"):
+        assert (out / name).is_file(), name
+    assert (out / "data-bin" / "test.en-de.en.bin").is_file()
+    assert (out / "raw" / "train.en").read_text().count("\n") == 400
+    assert (out / "raw" / "val.de").read_text().count("\n") == 40
+    import torch
+
+    state = torch.load(out / "checkpoint_best.pt", map_location="cpu", weights_only=False)
+    cfg = state["cfg"]["model"]
+    assert (cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads) == (3, 256, 4)
+    assert state["optimizer_history"][-1]["num_updates"] == 3
+    assert "last_optimizer_state" not in state
+    # joined dictionary: the SentencePiece pieces (minus <unk>) + fairseq's 4 specials
+    n_dict = len((out / "dict.en.txt").read_text().splitlines())
+    assert n_dict == 400 - 1
+    assert state["model"]["encoder.embed_tokens.weight"].shape[0] == n_dict + 4
