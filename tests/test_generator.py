@@ -328,3 +328,21 @@ def test_multi30k_scores_bit_identical(multi30k):
         for a, b in zip(hs, ho):
             assert torch.equal(a["tokens"], b["tokens"])
             assert torch.equal(a["positional_scores"], b["positional_scores"])
+
+
+# ------------------------------------------------------- GPU-style bookkeeping
+@pytest.mark.parametrize("seed", range(4))
+def test_compacting_every_few_steps_matches_stock(seed):
+    """The GPU default reads 'all finished?' back only every few steps, so
+    finished sentences stay in the batch for a while; their rows must not leak
+    into anyone's hypotheses."""
+    model, d = toy_model(prefix_shift=0.5, seed=seed)
+    sample = random_sample(d, bsz=6, seed=seed)
+    for every in (2, 3, 5):
+        for beam in (1, 3):
+            kwargs = {"beam_size": beam, "len_penalty": 0.8}
+            torch.manual_seed(0)
+            stock = StockGenerator([model], d, **kwargs).generate([model], sample)
+            gen = SequenceGenerator([model], d, **kwargs)
+            gen.compact_every = every
+            compare_hypotheses(stock, gen.generate([model], sample), f"every={every}")

@@ -96,6 +96,10 @@ class SequenceGenerator(StockSequenceGenerator):
     # sends everything else to stock with a warning.
     SUPPORTED_FEATURES = frozenset({"sampling", "match_source_len", "prefix_tokens"})
 
+    # Steps between host reads of "all finished?" (and batch compactions);
+    # None: 1 on the CPU (stock's exact shapes), 4 on a GPU.
+    compact_every: Optional[int] = None
+
     def _fallback_reason(self, constraints: Optional[Tensor]) -> Optional[str]:
         if _ext.disabled():
             return "SEQFUSE_DISABLE is set"
@@ -202,6 +206,16 @@ class SequenceGenerator(StockSequenceGenerator):
 
     # ----------------------------------------------------------------- search
     def _search(self, sample, prefix_tokens: Optional[Tensor], bos_token: Optional[int]):
+        """fairseq's search, with the bookkeeping kept on the device.
+
+        Finished hypotheses are written into preallocated per-sentence buffers
+        by tensor ops (no Python list per hypothesis, no host copy), and the
+        batch is compacted (finished sentences leave it) every
+        ``compact_every`` steps: 1 on the CPU, where host reads are free and
+        compacting at exactly stock's steps keeps every matrix shape, hence
+        every bit, as stock's; on a GPU the host reads whether to compact or
+        stop only every few steps. One copy at the end builds the dicts.
+        """
         model: EnsembleModel = self.model
         self._fused_logits = model.models_size == 1 and _standard_normalisation(model.single_model)
         incremental_states = [{} for _ in range(model.models_size)]
@@ -226,10 +240,14 @@ class SequenceGenerator(StockSequenceGenerator):
             )
 
         bsz, src_len = src_tokens.size()[:2]
+        n_sent = bsz
         beam_size = self.beam_size
         V = self.vocab_size
         device = src_tokens.device
         self.search.init_constraints(None, beam_size)
+        compact_every = self.compact_every
+        if compact_every is None:
+            compact_every = 1 if device.type == "cpu" else 4
 
         if self.match_source_len:
             max_len = int(src_lengths.max().item())
@@ -245,21 +263,16 @@ class SequenceGenerator(StockSequenceGenerator):
         new_order = torch.arange(bsz, device=device).repeat_interleave(beam_size)
         encoder_outs = model.reorder_encoder_out(encoder_outs, new_order)
 
+        long_opts = {"device": device, "dtype": torch.long}
         scores = torch.zeros(bsz * beam_size, max_len + 1, device=device, dtype=torch.float)
-        tokens = torch.full(
-            (bsz * beam_size, max_len + 2), self.pad, device=device, dtype=torch.long
-        )
+        tokens = torch.full((bsz * beam_size, max_len + 2), self.pad, **long_opts)
         tokens[:, 0] = self.eos if bos_token is None else bos_token
         attn: Optional[Tensor] = None
         cands_to_ignore = torch.zeros(bsz, beam_size, device=device, dtype=torch.bool)
-        finalized: list[list[dict]] = [[] for _ in range(bsz)]
-        finished = [False] * bsz
-        num_remaining_sent = bsz
         cand_size = 2 * beam_size
         bbsz_offsets = (torch.arange(bsz, device=device) * beam_size).unsqueeze(1)
         cand_offsets = torch.arange(cand_size, device=device)
-        reorder_state: Optional[Tensor] = None
-        batch_idxs: Optional[Tensor] = None
+        beam_arange = torch.arange(beam_size, device=device)
         if "id" in sample and isinstance(sample["id"], Tensor):
             original_batch_idxs = sample["id"]
         else:
@@ -268,18 +281,26 @@ class SequenceGenerator(StockSequenceGenerator):
         suppress = self.token_indices_to_suppress
         ngram = self.repeat_ngram_blocker.no_repeat_ngram_size if self.repeat_ngram_blocker else 0
 
+        # Finished hypotheses, by original sentence; slot `beam_size` is a sink
+        # for writes that are not taken (keeps every write shape-static).
+        sent_ids = torch.arange(bsz, device=device)  # active sentence -> original
+        done = torch.zeros(bsz, device=device, dtype=torch.bool)
+        n_fin = torch.zeros(n_sent, **long_opts)
+        fin_tokens = torch.full((n_sent, beam_size + 1, max_len + 1), self.pad, **long_opts)
+        fin_len = torch.zeros(n_sent, beam_size + 1, **long_opts)
+        fin_score = torch.zeros(n_sent, beam_size + 1, device=device)
+        fin_pos = torch.zeros(n_sent, beam_size + 1, max_len + 1, device=device)
+        fin_attn: Optional[Tensor] = None
+        reorder_state: Optional[Tensor] = None
+        prev_rows: Optional[Tensor] = None  # rows kept by the last compaction
+
         for step in range(max_len + 1):
             if reorder_state is not None:
-                if batch_idxs is not None:
-                    corr = batch_idxs - torch.arange(batch_idxs.numel(), device=device)
-                    reorder_state.view(-1, beam_size).add_(corr.unsqueeze(-1) * beam_size)
-                    original_batch_idxs = original_batch_idxs[batch_idxs]
-                    # Rows of one sentence hold the same encoder output: only a
-                    # batch shrink needs a gather.
-                    keep_rows = (
-                        batch_idxs.unsqueeze(1) * beam_size + torch.arange(beam_size, device=device)
-                    ).view(-1)
-                    encoder_outs = model.reorder_encoder_out(encoder_outs, keep_rows)
+                if prev_rows is not None:
+                    reorder_state = prev_rows[reorder_state]
+                    # Rows of one sentence hold the same encoder output: only
+                    # a compaction needs a gather.
+                    encoder_outs = model.reorder_encoder_out(encoder_outs, prev_rows)
                 model.reorder_incremental_state(incremental_states, reorder_state)
 
             out, is_logprobs, avg_attn_scores = self._decoder_step(
@@ -299,7 +320,9 @@ class SequenceGenerator(StockSequenceGenerator):
                 if suppress is not None:
                     sup = suppress.to(device).unsqueeze(0).expand(out.size(0), -1)
                     banned = sup if banned is None else torch.cat([banned, sup], dim=1)
-                lprobs = None
+                cand_scores, cand_indices, cand_beams = self._fused_candidates(
+                    step, out, scores, banned, eos_mode, bsz, beam_size
+                )
             else:
                 lprobs = out if is_logprobs else torch.log_softmax(out, -1, dtype=torch.float32)
                 if self.lm_model is not None:
@@ -326,19 +349,6 @@ class SequenceGenerator(StockSequenceGenerator):
                     if banned is not None:
                         rows, cols = (banned >= 0).nonzero(as_tuple=True)
                         lprobs[rows, banned[rows, cols]] = -math.inf
-
-            if avg_attn_scores is not None:
-                if attn is None:
-                    attn = torch.empty(
-                        bsz * beam_size, avg_attn_scores.size(1), max_len + 2, device=device
-                    ).to(scores)
-                attn[:, :, step + 1].copy_(avg_attn_scores)
-
-            if fused:
-                cand_scores, cand_indices, cand_beams = self._fused_candidates(
-                    step, out, scores, banned, eos_mode, bsz, beam_size
-                )
-            else:
                 if self.should_set_src_lengths:
                     self.search.set_src_lengths(src_lengths)
                 cand_scores, cand_indices, cand_beams = self.search.step(
@@ -349,65 +359,68 @@ class SequenceGenerator(StockSequenceGenerator):
                     original_batch_idxs,
                 )
 
+            if avg_attn_scores is not None:
+                if attn is None:
+                    attn = torch.empty(
+                        bsz * beam_size, avg_attn_scores.size(1), max_len + 2, device=device
+                    )
+                    fin_attn = torch.zeros(
+                        n_sent, beam_size + 1, avg_attn_scores.size(1), max_len + 1, device=device
+                    )
+                attn[:, :, step + 1].copy_(avg_attn_scores)
+
             cand_bbsz_idx = cand_beams.add(bbsz_offsets)
             eos_mask = cand_indices.eq(self.eos) & cand_scores.ne(-math.inf)
             eos_mask[:, :beam_size][cands_to_ignore] = False
-            eos_bbsz_idx = torch.masked_select(
-                cand_bbsz_idx[:, :beam_size], eos_mask[:, :beam_size]
-            )
 
-            finalized_sents: list[int] = []
-            if eos_bbsz_idx.numel() > 0:
-                eos_scores = torch.masked_select(
-                    cand_scores[:, :beam_size], mask=eos_mask[:, :beam_size]
-                )
-                finalized_sents = self.finalize_hypos(
-                    step,
-                    eos_bbsz_idx,
-                    eos_scores,
-                    tokens,
-                    scores,
-                    finalized,
-                    finished,
-                    beam_size,
-                    attn,
-                    src_lengths,
-                    max_len,
-                )
-                num_remaining_sent -= len(finalized_sents)
+            # Finalise: EOS among the first `beam` candidates of unfinished
+            # sentences, in candidate order, while the sentence has room.
+            take = eos_mask[:, :beam_size] & ~done.unsqueeze(1)
+            sent_n_fin = n_fin[sent_ids]
+            rank = sent_n_fin.unsqueeze(1) + take.long().cumsum(1) - 1
+            take &= rank < beam_size
+            if device.type != "cpu" or bool(take.any()):
+                self._finalize(
+                    step, take, rank, cand_bbsz_idx, cand_scores, tokens, scores, attn,
+                    src_lengths, sent_ids, fin_tokens, fin_len, fin_score, fin_pos, fin_attn,
+                )  # fmt: skip
+                sent_n_fin = sent_n_fin + take.sum(1)
+                n_fin[sent_ids] = sent_n_fin
+            done = done | (sent_n_fin == beam_size) | (step >= max_len)
 
-            if num_remaining_sent == 0:
-                break
-            if self.search.stop_on_max_len and step >= max_len:
-                break
-            if step >= max_len:
-                raise RuntimeError(f"seqfuse: search ran past max_len ({step} >= {max_len})")
+            stop_now = self.search.stop_on_max_len and step >= max_len
+            if step >= max_len or stop_now or (step + 1) % compact_every == 0:
+                if bool(done.all()) or stop_now:
+                    break
+                keep = (~done).nonzero().view(-1)
+                compact = keep.numel() < bsz
+            else:
+                compact = False
 
-            if len(finalized_sents) > 0:
-                new_bsz = bsz - len(finalized_sents)
-                batch_mask = torch.ones(bsz, dtype=torch.bool, device=device)
-                batch_mask[finalized_sents] = False
-                batch_idxs = torch.arange(bsz, device=device).masked_select(batch_mask)
-                self.search.prune_sentences(batch_idxs)
-                eos_mask = eos_mask[batch_idxs]
-                cand_beams = cand_beams[batch_idxs]
+            if compact:
+                new_bsz = keep.numel()
+                self.search.prune_sentences(keep)
+                prev_rows = (keep.unsqueeze(1) * beam_size + beam_arange).view(-1)
+                eos_mask = eos_mask[keep]
+                cand_beams = cand_beams[keep]
                 bbsz_offsets = bbsz_offsets[:new_bsz]
                 cand_bbsz_idx = cand_beams.add(bbsz_offsets)
-                cand_scores = cand_scores[batch_idxs]
-                cand_indices = cand_indices[batch_idxs]
+                cand_scores = cand_scores[keep]
+                cand_indices = cand_indices[keep]
                 if prefix_tokens is not None:
-                    prefix_tokens = prefix_tokens[batch_idxs]
-                src_lengths = src_lengths[batch_idxs]
-                cands_to_ignore = cands_to_ignore[batch_idxs]
-                scores = scores.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
-                tokens = tokens.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
+                    prefix_tokens = prefix_tokens[keep]
+                src_lengths = src_lengths[keep]
+                cands_to_ignore = cands_to_ignore[keep]
+                original_batch_idxs = original_batch_idxs[keep]
+                sent_ids = sent_ids[keep]
+                done = done[keep]
+                scores = scores[prev_rows]
+                tokens = tokens[prev_rows]
                 if attn is not None:
-                    attn = attn.view(bsz, -1)[batch_idxs].view(
-                        new_bsz * beam_size, attn.size(1), -1
-                    )
+                    attn = attn[prev_rows]
                 bsz = new_bsz
             else:
-                batch_idxs = None
+                prev_rows = None
 
             eos_mask[:, :beam_size] = ~((~cands_to_ignore) & (~eos_mask[:, :beam_size]))
             active_mask = torch.add(
@@ -435,8 +448,57 @@ class SequenceGenerator(StockSequenceGenerator):
                 )
             reorder_state = active_bbsz_idx
 
-        for sent in range(len(finalized)):
-            sent_scores = torch.tensor([float(h["score"].item()) for h in finalized[sent]])
-            _, order = torch.sort(sent_scores, descending=True)
-            finalized[sent] = [finalized[sent][i] for i in order]
+        return self._collect(n_fin, fin_tokens, fin_len, fin_score, fin_pos, fin_attn)
+
+    def _finalize(
+        self, step, take, rank, cand_bbsz_idx, cand_scores, tokens, scores, attn, src_lengths,
+        sent_ids, fin_tokens, fin_len, fin_score, fin_pos, fin_attn,
+    ):  # fmt: skip
+        """Write the EOS hypotheses selected by ``take`` ([bsz, beam]) into the
+        per-sentence buffers at ``rank``, as fairseq's finalize_hypos builds them."""
+        beam_size = take.size(1)
+        rows = cand_bbsz_idx[:, :beam_size].reshape(-1)
+        eos_scores = cand_scores[:, :beam_size].reshape(-1)
+        slot = torch.where(take, rank, torch.full_like(rank, beam_size)).view(-1)
+        sid = sent_ids.repeat_interleave(beam_size)
+
+        toks = tokens.index_select(0, rows)[:, 1 : step + 2]
+        toks[:, step] = self.eos
+        pos = scores.index_select(0, rows)[:, : step + 1]
+        pos[:, step] = eos_scores
+        pos[:, 1:] = pos[:, 1:] - pos[:, :-1]
+        if self.normalize_scores:
+            eos_scores = eos_scores / (step + 1) ** self.len_penalty
+        if self.match_source_len:
+            src = src_lengths.repeat_interleave(beam_size)
+            eos_scores = torch.where(step > src, torch.tensor(-math.inf), eos_scores)
+        fin_tokens[sid, slot, : step + 1] = toks
+        fin_pos[sid, slot, : step + 1] = pos
+        fin_score[sid, slot] = eos_scores
+        fin_len[sid, slot] = step + 1
+        if fin_attn is not None:
+            fin_attn[sid, slot, :, : step + 1] = attn.index_select(0, rows)[:, :, 1 : step + 2]
+
+    def _collect(self, n_fin, fin_tokens, fin_len, fin_score, fin_pos, fin_attn):
+        """fairseq's hypothesis dicts, best score first (stock's sort)."""
+        counts = n_fin.tolist()
+        lengths = fin_len.tolist()
+        host_scores = fin_score.tolist()
+        empty = torch.empty(0)
+        finalized: list[list[dict]] = []
+        for s, n in enumerate(counts):
+            hypos = []
+            for j in range(n):
+                L = lengths[s][j]
+                hypos.append(
+                    {
+                        "tokens": fin_tokens[s, j, :L],
+                        "score": fin_score[s, j],
+                        "attention": fin_attn[s, j, :, :L] if fin_attn is not None else empty,
+                        "alignment": empty,
+                        "positional_scores": fin_pos[s, j, :L],
+                    }
+                )
+            _, order = torch.sort(torch.tensor(host_scores[s][:n]), descending=True)
+            finalized.append([hypos[i] for i in order.tolist()])
         return finalized
