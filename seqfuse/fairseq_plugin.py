@@ -51,9 +51,10 @@ logger = logging.getLogger(__name__)
 FALLBACK_PREFIX = "seqfuse: falling back to stock SequenceGenerator: "
 
 # Options that select something other than plain beam search, in the order
-# fairseq's build_generator reads them: (feature, option, test on the value).
-# A generator that reproduces one exactly lists the feature in its
-# ``SUPPORTED_FEATURES``; everything else runs stock.
+# fairseq's build_generator reads them: (feature, option, attribute, test on
+# the value). A generator that reproduces one exactly lists the feature in its
+# ``SUPPORTED_FEATURES`` (also "ensemble", "lm_fusion",
+# "prefix_allowed_tokens_fn" below); everything else runs stock.
 _SEARCH_OPTIONS = (
     ("sampling", "--sampling", "sampling", lambda v: bool(v)),
     ("diverse_beam_groups", "--diverse-beam-groups", "diverse_beam_groups", lambda v: v > 0),
@@ -61,8 +62,10 @@ _SEARCH_OPTIONS = (
     ("diversity_rate", "--diversity-rate", "diversity_rate", lambda v: v > -1),
     ("constraints", "--constraints", "constraints", lambda v: bool(v)),
     ("prefix_tokens", "--prefix-size", "prefix_size", lambda v: v > 0),
-    ("alignment", "--print-alignment", "print_alignment", lambda v: bool(v)),
-    ("retain_dropout", "--retain-dropout", "retain_dropout", lambda v: bool(v)),
+    # Never seqfuse's: alignment needs SequenceGeneratorWithAlignment, and
+    # dropout at inference is not what the fused layers compute.
+    (None, "--print-alignment", "print_alignment", lambda v: bool(v)),
+    (None, "--retain-dropout", "retain_dropout", lambda v: bool(v)),
 )
 
 _STOCK_BUILD_GENERATOR = FairseqTask.build_generator
@@ -92,6 +95,7 @@ def install() -> None:
     _disabled = False
     _allow_checkpoint_globals()
     _hook_build_generator()
+    _hook_bart_task()
     _hook_batching()
     _hook_import_user_module()
 
@@ -137,6 +141,7 @@ def _warn_fallback(reason: str) -> None:
 
 def _supported_models():
     """(model, encoder, decoder) classes the seqfuse path reproduces exactly."""
+    from fairseq.models.bart import BARTModel
     from fairseq.models.transformer import (
         TransformerDecoder,
         TransformerDecoderBase,
@@ -146,7 +151,7 @@ def _supported_models():
         TransformerModelBase,
     )
 
-    models = (TransformerModelBase, TransformerModel, SeqfuseTransformerModel)
+    models = (TransformerModelBase, TransformerModel, SeqfuseTransformerModel, BARTModel)
     encoders = (TransformerEncoderBase, TransformerEncoder)
     decoders = (TransformerDecoderBase, TransformerDecoder)
     return models, encoders, decoders
@@ -178,7 +183,7 @@ def fallback_reason(
         return f"the task asks for {seq_gen_cls.__name__}"
     for feature, option, attr, active in _SEARCH_OPTIONS:
         value = getattr(args, attr, None)
-        if value is not None and active(value) and feature not in supported:
+        if value is not None and active(value) and (feature is None or feature not in supported):
             return f"{option} is not supported"
     if prefix_fn is None:
         prefix_fn = getattr(args, "prefix_allowed_tokens_fn", None)
@@ -218,6 +223,40 @@ def _fuse_layers(model) -> str | None:
     return None
 
 
+def select_generator(
+    models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None
+):
+    """seqfuse's generator class when it reproduces this run exactly (the
+    models' layers are then fused), else None after one warning naming why."""
+    from seqfuse.generation import SequenceGenerator
+
+    reason = fallback_reason(
+        SequenceGenerator,
+        models,
+        args,
+        seq_gen_cls=seq_gen_cls,
+        extra_gen_cls_kwargs=extra_gen_cls_kwargs,
+        prefix_fn=prefix_allowed_tokens_fn,
+    )
+    if reason is None:
+        for model in models:
+            reason = _fuse_layers(model)
+            if reason is not None:
+                break
+    if reason is not None:
+        _warn_fallback(reason)
+        return None
+    global _announced
+    if not _announced:
+        _announced = True
+        fused = all(getattr(m, "_seqfuse_fused", False) for m in models)
+        logger.info(
+            "seqfuse: generating with seqfuse.generation.SequenceGenerator (fused layers: %s)",
+            "yes" if fused else "no",
+        )
+    return SequenceGenerator
+
+
 def build_generator(
     task,
     stock_build,
@@ -249,33 +288,40 @@ def build_generator(
         return stock()  # a scorer, not a generator
     if seq_gen_cls is StockGenerator:
         seq_gen_cls = None
-    from seqfuse.generation import SequenceGenerator
-
-    reason = fallback_reason(
-        SequenceGenerator,
-        models,
-        args,
-        seq_gen_cls=seq_gen_cls,
-        extra_gen_cls_kwargs=extra_gen_cls_kwargs,
-        prefix_fn=prefix_allowed_tokens_fn,
+    cls = select_generator(
+        models, args, seq_gen_cls, extra_gen_cls_kwargs, prefix_allowed_tokens_fn
     )
-    if reason is None:
-        for model in models:
-            reason = _fuse_layers(model)
-            if reason is not None:
-                break
-    if reason is not None:
-        _warn_fallback(reason)
-        return stock()
-    global _announced
-    if not _announced:
-        _announced = True
-        fused = all(getattr(m, "_seqfuse_fused", False) for m in models)
-        logger.info(
-            "seqfuse: generating with seqfuse.generation.SequenceGenerator (fused layers: %s)",
-            "yes" if fused else "no",
-        )
-    return stock(SequenceGenerator)
+    return stock() if cls is None else stock(cls)
+
+
+def _hook_bart_task() -> None:
+    """``translation_from_pretrained_bart`` builds fairseq's SequenceGenerator
+    itself (with the target language tag as EOS) instead of asking
+    ``FairseqTask.build_generator``: it gets seqfuse's class in the same call."""
+    from fairseq import sequence_generator
+    from fairseq.tasks.translation_from_pretrained_bart import (
+        TranslationFromPretrainedBARTTask,
+    )
+
+    stock_build = TranslationFromPretrainedBARTTask.build_generator
+
+    @functools.wraps(stock_build)
+    def hooked(self, models, args, **unused):
+        if getattr(args, "score_reference", False):
+            return stock_build(self, models, args, **unused)
+        cls = select_generator(models, args)
+        if cls is None:
+            return stock_build(self, models, args, **unused)
+        # The stock method imports the class from fairseq.sequence_generator
+        # when it runs; that name is seqfuse's for the duration of this call.
+        stock_cls = sequence_generator.SequenceGenerator
+        sequence_generator.SequenceGenerator = cls
+        try:
+            return stock_build(self, models, args, **unused)
+        finally:
+            sequence_generator.SequenceGenerator = stock_cls
+
+    _patch(TranslationFromPretrainedBARTTask, "build_generator", hooked)
 
 
 def _hook_build_generator() -> None:

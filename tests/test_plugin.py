@@ -93,12 +93,17 @@ def run(tool: str, args, *, plugin: bool, env: dict | None = None, stdin: str | 
 
 def run_pair(tool: str, args, *, stdin: str | None = None):
     """Stock and plugin runs of the same command line, side by side."""
-    key = (tool, tuple(map(str, args)), stdin)
     plugin = start(tool, args, plugin=True, stdin=stdin)
-    stock = _stock_cache.get(key) or start(tool, args, plugin=False, stdin=stdin)
-    if not isinstance(stock, subprocess.CompletedProcess):
-        stock = _stock_cache[key] = finish(stock)
+    stock = run_stock(tool, args, stdin=stdin)
     return stock, finish(plugin)
+
+
+def run_stock(tool: str, args, *, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """A stock run, once per command line and session."""
+    key = (tool, tuple(map(str, args)), stdin)
+    if key not in _stock_cache:
+        _stock_cache[key] = finish(start(tool, args, plugin=False, stdin=stdin))
+    return _stock_cache[key]
 
 
 def gen_lines(stdout: str) -> list[str]:
@@ -303,18 +308,22 @@ def test_train_eval_bleu_parity(tiny):
 
 
 @pytest.mark.slow
-def test_fallback_cli_diverse_beam_groups(tiny):
-    # Batches of one: stock's DiverseBeamSearch fails once a batch shrinks.
-    args = tiny_gen_args(
-        tiny,
-        *"--beam 4 --diverse-beam-groups 2 --batch-size 1 --required-batch-size-multiple 1".split(),
-    )
+def test_fallback_cli_ensemble(tiny):
+    """An ensemble of two checkpoints: stock output, one warning line (unless
+    the generator declares ensembles, then seqfuse's output)."""
+    from seqfuse.generation import SequenceGenerator
+
+    args = tiny_gen_args(tiny, "--beam", "4", "--required-batch-size-multiple", "1")
+    args[args.index("--path") + 1] = f"{tiny.ckpt}:{tiny.ckpt_last}"
     stock, ours = run_pair("generate", args)
     assert_same_lines(gen_lines(stock.stdout), gen_lines(ours.stdout))
     warnings = fallback_lines(ours.stderr)
+    if "ensemble" in getattr(SequenceGenerator, "SUPPORTED_FEATURES", ()):
+        assert uses_seqfuse(ours.stderr) and not warnings
+        return
     assert len(warnings) == 1, ours.stderr[-2000:]
     assert warnings[0].endswith(
-        "seqfuse: falling back to stock SequenceGenerator: --diverse-beam-groups is not supported"
+        "seqfuse: falling back to stock SequenceGenerator: an ensemble of 2 models is not supported"
     )
     assert not uses_seqfuse(ours.stderr)
 
@@ -322,7 +331,7 @@ def test_fallback_cli_diverse_beam_groups(tiny):
 @pytest.mark.slow
 def test_seqfuse_disable(tiny):
     args = tiny_gen_args(tiny, "--beam", "4", "--required-batch-size-multiple", "1")
-    stock, _ = run_pair("generate", args)
+    stock = run_stock("generate", args)
     off = run(
         "generate",
         args,
@@ -414,7 +423,7 @@ def test_multi30k_interactive_sentencepiece_parity():
 
 
 def _gen_args(**overrides) -> argparse.Namespace:
-    return argparse.Namespace(beam=3, max_len_b=20, **overrides)
+    return argparse.Namespace(**{"beam": 3, "max_len_b": 20, **overrides})
 
 
 def _records(caplog) -> list[str]:
@@ -422,27 +431,43 @@ def _records(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "overrides, reason",
+    "overrides, feature, reason",
     [
-        ({"sampling": True}, "--sampling is not supported"),
-        ({"diverse_beam_groups": 3}, "--diverse-beam-groups is not supported"),
-        ({"diversity_rate": 0.5}, "--diversity-rate is not supported"),
-        ({"match_source_len": True}, "--match-source-len is not supported"),
-        ({"constraints": "ordered"}, "--constraints is not supported"),
-        ({"prefix_size": 1}, "--prefix-size is not supported"),
-        ({"print_alignment": "hard"}, "--print-alignment is not supported"),
-        ({"retain_dropout": True}, "--retain-dropout is not supported"),
+        ({"sampling": True}, "sampling", "--sampling is not supported"),
+        (
+            {"diverse_beam_groups": 3},
+            "diverse_beam_groups",
+            "--diverse-beam-groups is not supported",
+        ),
+        ({"diversity_rate": 0.5}, "diversity_rate", "--diversity-rate is not supported"),
+        ({"match_source_len": True}, "match_source_len", "--match-source-len is not supported"),
+        ({"constraints": "ordered"}, "constraints", "--constraints is not supported"),
+        ({"prefix_size": 1}, "prefix_tokens", "--prefix-size is not supported"),
+        ({"print_alignment": "hard"}, None, "--print-alignment is not supported"),
+        ({"retain_dropout": True}, None, "--retain-dropout is not supported"),
     ],
 )
-def test_fallback_options(tiny_loaded, plugin, caplog, overrides, reason):
+def test_fallback_options(tiny_loaded, plugin, caplog, monkeypatch, overrides, feature, reason):
+    """Each option falls back with its reason, unless the generator declares
+    the feature in SUPPORTED_FEATURES (checked both ways)."""
     from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithAlignment
+
+    from seqfuse.generation import SequenceGenerator as Ours
 
     model, task = tiny_loaded
     caplog.set_level(logging.INFO, logger="seqfuse")
+    declared = set(getattr(Ours, "SUPPORTED_FEATURES", ()))
+    monkeypatch.setattr(Ours, "SUPPORTED_FEATURES", frozenset(declared - {feature}), raising=False)
     for _ in range(2):  # logged once per run, however many generators
         gen = task.build_generator([model], _gen_args(**overrides))
         assert type(gen) in (SequenceGenerator, SequenceGeneratorWithAlignment)
     assert _records(caplog) == [plugin.FALLBACK_PREFIX + reason]
+    monkeypatch.setattr(Ours, "SUPPORTED_FEATURES", frozenset(declared | {feature}))
+    gen = task.build_generator([model], _gen_args(**overrides))
+    if feature is None:  # never seqfuse's, whatever the generator declares
+        assert type(gen) is not Ours
+    else:
+        assert type(gen) is Ours
 
 
 def test_fallback_ensemble_lm_prefix_fn(tiny_loaded, plugin, caplog):
@@ -773,3 +798,83 @@ def test_import_user_module_accepts_plugin(tmp_path, monkeypatch):
             stock(argparse.Namespace(user_dir=str(copy)))
     finally:
         fairseq_plugin.uninstall()
+
+
+# --------------------------------------------------------------------------
+# BART (bart_base-shaped, small and untrained)
+
+BART_SMALL = dict(
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_embed_dim=32,
+    decoder_embed_dim=32,
+    encoder_ffn_embed_dim=64,
+    decoder_ffn_embed_dim=64,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+)
+
+
+@pytest.mark.slow
+def test_bart_translation_parity(tiny):
+    save = tiny.dir / "ckpt_bart"
+    run(
+        "train",
+        [tiny.data, "--arch", "bart_base", *TINY_ARCH, *TINY_TRAIN]
+        + ["--max-update", "3", "--save-dir", save, "--disable-validation"],
+        plugin=False,
+    )
+    args = [tiny.data, "--path", save / "checkpoint_last.pt", "--gen-subset", "test"]
+    args += "--batch-size 16 --beam 4 --max-len-b 10 --unkpen 5".split()
+    args += ["--required-batch-size-multiple", "1"]
+    stock, ours = run_pair("generate", args)
+    assert_same_lines(gen_lines(stock.stdout), gen_lines(ours.stdout))
+    assert uses_seqfuse(ours.stderr), ours.stderr[-2000:]
+
+
+def test_translation_from_pretrained_bart(tiny_loaded, plugin):
+    """The task builds fairseq's SequenceGenerator itself (EOS = the target
+    language tag): with the plugin it gets seqfuse's, and the same hypotheses.
+
+    (Upstream-main fairseq never sets the task's ``args``, which the task
+    reads; the test sets it as a working fairseq would.)"""
+    import copy
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+    from fairseq.models.bart import BARTModel
+    from fairseq.tasks.translation_from_pretrained_bart import TranslationFromPretrainedBARTTask
+
+    from seqfuse.generation import SequenceGenerator as Ours
+
+    _model, base = tiny_loaded
+    cfg = argparse.Namespace(**vars(copy.deepcopy(base.cfg)), langs="en,de")
+    cfg.source_lang, cfg.target_lang = "en", "de"
+    task = TranslationFromPretrainedBARTTask(
+        cfg, copy.deepcopy(base.src_dict), copy.deepcopy(base.tgt_dict)
+    )
+    task.args = cfg
+    margs = argparse.Namespace(arch="bart_base", **BART_SMALL)
+    ARCH_CONFIG_REGISTRY["bart_base"](margs)
+    torch.manual_seed(0)
+    stock_model = BARTModel.build_model(margs, task).eval()
+    our_model = copy.deepcopy(stock_model)
+
+    src = [
+        base.src_dict.encode_line(line, add_if_not_exist=False).long()
+        for line in ("a man is riding a bike .", "two dogs play in the snow .", "a girl .")
+    ]
+    dataset = task.build_dataset_for_inference(src, [len(s) for s in src])
+    sample = dataset.collater([dataset[i] for i in range(len(src))])
+    gen_args = _gen_args(max_len_b=8)
+
+    ours = task.build_generator([our_model], gen_args)
+    assert type(ours) is Ours and ours.eos == task.tgt_dict.index("[de]")
+    plugin.uninstall()
+    stock = task.build_generator([stock_model], gen_args)
+    assert type(stock) is not Ours and stock.eos == ours.eos
+    with torch.no_grad():
+        a = stock.generate([stock_model], sample)
+        b = ours.generate([our_model], sample)
+    for hs, ho in zip(a, b):
+        assert [h["tokens"].tolist() for h in hs] == [h["tokens"].tolist() for h in ho]
+        assert [h["score"].item() for h in hs] == [h["score"].item() for h in ho]
