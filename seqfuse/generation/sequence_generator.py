@@ -177,11 +177,14 @@ class SequenceGenerator(StockSequenceGenerator):
             src = logits.view(bsz, beam_size, V)[:, 0]
             ban = None if banned is None else banned.view(bsz, beam_size, -1)[:, 0]
         cum = None if step == 0 else scores[:, step - 1]
-        k_op = min(k + 1, rows * V)
+        # The tie check reads a flag back; on a GPU (no host reads inside the
+        # loop) exact ties keep the op's order: score desc, then lower index.
+        check_ties = logits.device.type == "cpu"
+        k_op = min(k + 1, rows * V) if check_ties else k
         cs, ci, cb = beam_topk(
             src, cum, rows, k_op, self.pad, self.unk, self.eos, self.unk_penalty, eos_mode, ban
         )
-        if k_op > 1:
+        if check_ties and k_op > 1:
             tie = ((cs[:, 1:] == cs[:, :-1]) & torch.isfinite(cs[:, 1:])).any(dim=1)
             if bool(tie.any()):
                 sents = tie.nonzero().view(-1)
@@ -329,7 +332,7 @@ class SequenceGenerator(StockSequenceGenerator):
                     lm_out = self.lm_model(tokens[:, : step + 1])
                     probs = self.lm_model.get_normalized_probs(lm_out, log_probs=True, sample=None)
                     lprobs += probs[:, -1, :] * self.lm_weight
-                lprobs[lprobs != lprobs] = torch.tensor(-math.inf).to(lprobs)
+                lprobs.masked_fill_(lprobs != lprobs, -math.inf)
                 lprobs[:, self.pad] = -math.inf
                 lprobs[:, self.unk] -= self.unk_penalty
                 if step >= max_len:
@@ -347,8 +350,9 @@ class SequenceGenerator(StockSequenceGenerator):
                 if ngram:
                     banned = ngram_banned_tokens(tokens, step, ngram)
                     if banned is not None:
-                        rows, cols = (banned >= 0).nonzero(as_tuple=True)
-                        lprobs[rows, banned[rows, cols]] = -math.inf
+                        # -1 (nothing banned) -> pad, which is -inf already.
+                        banned = torch.where(banned >= 0, banned, self.pad)
+                        lprobs.scatter_(1, banned, -math.inf)
                 if self.should_set_src_lengths:
                     self.search.set_src_lengths(src_lengths)
                 cand_scores, cand_indices, cand_beams = self.search.step(
