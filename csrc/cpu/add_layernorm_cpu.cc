@@ -2,13 +2,42 @@
 // the (rounded) sum, one pass over each row; OpenMP over rows.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/layer_cpu_common.h"
 #include "layer_ops.h"
 
 namespace seqfuse {
 namespace {
+
+// fp32 rows: vectorised loops (float accumulation, as torch's CPU layer norm).
+void add_layernorm_row_f32(const float* x, const float* bias, const float* res, const float* w,
+                           const float* beta, float* s, float* o, int64_t cols, float eps) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < cols; ++c) {
+    float v = x[c];
+    if (bias != nullptr) v = v + bias[c];
+    if (res != nullptr) v = res[c] + v;
+    s[c] = v;
+    acc += v;
+  }
+  if (w == nullptr) return;
+  const float mean = acc / static_cast<float>(cols);
+  float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+  for (int64_t c = 0; c < cols; ++c) {
+    const float d = s[c] - mean;
+    var += d * d;
+  }
+  var /= static_cast<float>(cols);
+  const float rstd = 1.0f / std::sqrt(var + eps);
+  const float shift = -mean * rstd;
+#pragma omp simd
+  for (int64_t c = 0; c < cols; ++c) o[c] = (s[c] * rstd + shift) * w[c] + beta[c];
+}
 
 template <typename T>
 void add_layernorm_rows(const kernels::AddLayerNormParams& p) {
@@ -20,38 +49,44 @@ void add_layernorm_rows(const kernels::AddLayerNormParams& p) {
   T* sum = static_cast<T*>(p.sum);
   T* normed = static_cast<T*>(p.normed);
   const int64_t cols = p.cols;
-  at::parallel_for(0, p.rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * cols;
-      // The rounded sum is stored first (in `sum`, else in `normed`), then
-      // normalised from memory: the stock computation rounds it too.
-      T* s = sum != nullptr ? sum + r * cols : normed + r * cols;
-      const T* rr = res != nullptr ? res + r * cols : nullptr;
-      double acc = 0.0;
-      for (int64_t c = 0; c < cols; ++c) {
-        float v = static_cast<float>(xr[c]);
-        if (bias != nullptr) v = cpu::round_as<T>(v + static_cast<float>(bias[c]));
-        if (rr != nullptr) v = cpu::round_as<T>(static_cast<float>(rr[c]) + v);
-        s[c] = static_cast<T>(v);
-        acc += static_cast<float>(s[c]);
-      }
-      if (w == nullptr) continue;
-      const double mean = acc / static_cast<double>(cols);
-      double var = 0.0;
-      for (int64_t c = 0; c < cols; ++c) {
-        const double d = static_cast<double>(static_cast<float>(s[c])) - mean;
-        var += d * d;
-      }
-      var /= static_cast<double>(cols);
-      const float rstd = 1.0f / std::sqrt(static_cast<float>(var) + p.eps);
-      const float shift = -static_cast<float>(mean) * rstd;
-      T* o = normed + r * cols;
-      for (int64_t c = 0; c < cols; ++c) {
-        const float y = static_cast<float>(s[c]) * rstd + shift;
-        o[c] = static_cast<T>(y * static_cast<float>(w[c]) + static_cast<float>(beta[c]));
-      }
-    }
-  });
+  at::parallel_for(
+      0, p.rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / cols),
+      [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* xr = x + r * cols;
+          // The rounded sum is stored first (in `sum`, else in `normed`), then
+          // normalised from memory: the stock computation rounds it too.
+          T* s = sum != nullptr ? sum + r * cols : normed + r * cols;
+          const T* rr = res != nullptr ? res + r * cols : nullptr;
+          T* o = normed != nullptr ? normed + r * cols : nullptr;
+          if constexpr (std::is_same<T, float>::value) {
+            add_layernorm_row_f32(xr, bias, rr, w, beta, s, o, cols, p.eps);
+            continue;
+          }
+          float acc = 0.0f;
+          for (int64_t c = 0; c < cols; ++c) {
+            float v = static_cast<float>(xr[c]);
+            if (bias != nullptr) v = cpu::round_as<T>(v + static_cast<float>(bias[c]));
+            if (rr != nullptr) v = cpu::round_as<T>(static_cast<float>(rr[c]) + v);
+            s[c] = static_cast<T>(v);
+            acc += static_cast<float>(s[c]);
+          }
+          if (w == nullptr) continue;
+          const float mean = acc / static_cast<float>(cols);
+          float var = 0.0f;
+          for (int64_t c = 0; c < cols; ++c) {
+            const float d = static_cast<float>(s[c]) - mean;
+            var += d * d;
+          }
+          var /= static_cast<float>(cols);
+          const float rstd = 1.0f / std::sqrt(var + p.eps);
+          const float shift = -mean * rstd;
+          for (int64_t c = 0; c < cols; ++c) {
+            const float y = static_cast<float>(s[c]) * rstd + shift;
+            o[c] = static_cast<T>(y * static_cast<float>(w[c]) + static_cast<float>(beta[c]));
+          }
+        }
+      });
 }
 
 }  // namespace

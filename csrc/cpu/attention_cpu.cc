@@ -39,7 +39,10 @@ void attention_tasks(const kernels::AttentionParams& p) {
   const int64_t heads = p.heads, dim = p.dim, tq = p.tq, s = p.s, n = p.n;
   const int64_t c = heads * dim;
   const int64_t tasks = n * heads * tq;
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s * dim / 16));
+  // Small problems (one decoding step) stay on one thread: a parallel region
+  // costs more than the work there.
+  const int64_t grain =
+      std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, 2 * s * dim));
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(static_cast<size_t>(s));
     std::vector<int64_t> phys(static_cast<size_t>(s));

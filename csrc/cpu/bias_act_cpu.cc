@@ -1,6 +1,7 @@
 // CPU kernel of bias_act: x = act(x + bias) in place; OpenMP over rows.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "cpu/layer_cpu_common.h"
@@ -31,31 +32,32 @@ void bias_act_rows(const kernels::BiasActParams& p) {
   T* x = static_cast<T*>(p.x);
   const T* bias = static_cast<const T*>(p.bias);
   const int64_t cols = p.cols;
-  at::parallel_for(0, p.rows, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      T* xr = x + r * cols;
-      if (Act == kernels::kActRelu && std::is_same<T, float>::value) {
-        float* xf = reinterpret_cast<float*>(xr);
-        const float* bf = reinterpret_cast<const float*>(bias);
-        if (bf != nullptr) {
+  at::parallel_for(0, p.rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / cols),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       T* xr = x + r * cols;
+                       if (Act == kernels::kActRelu && std::is_same<T, float>::value) {
+                         float* xf = reinterpret_cast<float*>(xr);
+                         const float* bf = reinterpret_cast<const float*>(bias);
+                         if (bf != nullptr) {
 #pragma omp simd
-          for (int64_t c = 0; c < cols; ++c) {
-            const float v = xf[c] + bf[c];
-            xf[c] = v > 0.0f ? v : 0.0f;
-          }
-        } else {
+                           for (int64_t c = 0; c < cols; ++c) {
+                             const float v = xf[c] + bf[c];
+                             xf[c] = v > 0.0f ? v : 0.0f;
+                           }
+                         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < cols; ++c) xf[c] = xf[c] > 0.0f ? xf[c] : 0.0f;
-        }
-        continue;
-      }
-      for (int64_t c = 0; c < cols; ++c) {
-        float v = static_cast<float>(xr[c]);
-        if (bias != nullptr) v = cpu::round_as<T>(v + static_cast<float>(bias[c]));
-        xr[c] = static_cast<T>(activate(v, Act));
-      }
-    }
-  });
+                           for (int64_t c = 0; c < cols; ++c) xf[c] = xf[c] > 0.0f ? xf[c] : 0.0f;
+                         }
+                         continue;
+                       }
+                       for (int64_t c = 0; c < cols; ++c) {
+                         float v = static_cast<float>(xr[c]);
+                         if (bias != nullptr) v = cpu::round_as<T>(v + static_cast<float>(bias[c]));
+                         xr[c] = static_cast<T>(activate(v, Act));
+                       }
+                     }
+                   });
 }
 
 template <typename T>

@@ -2,6 +2,8 @@
 // time-major; OpenMP over sentences.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "cpu/layer_cpu_common.h"
 #include "layer_ops.h"
 
@@ -14,27 +16,29 @@ void embedding_rows(const kernels::EmbeddingParams& p) {
   const T* pos_table = static_cast<const T*>(p.pos_table);
   T* out = static_cast<T*>(p.out);
   const int64_t cols = p.cols;
-  at::parallel_for(0, p.b, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      int64_t count = 0;
-      for (int64_t t = 0; t < p.t; ++t) {
-        const int64_t tok = p.tokens[b * p.tok_sb + t * p.tok_st];
-        const bool is_pad = tok == p.pad;
-        if (!is_pad) ++count;
-        const int64_t pos = p.pos_mode == 2 ? p.fixed_pos : (is_pad ? p.pad : p.pad + count);
-        const T* e = table + tok * cols;
-        const T* pe = pos_table != nullptr ? pos_table + pos * cols : nullptr;
-        T* o = out + (t * p.b + b) * cols;
-        const float zero = (p.zero_pads && is_pad) ? 0.0f : 1.0f;
-        for (int64_t c = 0; c < cols; ++c) {
-          float x = cpu::round_as<T>(p.scale * static_cast<float>(e[c]));
-          if (pe != nullptr) x = cpu::round_as<T>(x + static_cast<float>(pe[c]));
-          if (p.zero_pads) x = cpu::round_as<T>(x * zero);
-          o[c] = static_cast<T>(x);
+  at::parallel_for(
+      0, p.b, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, p.t * cols)),
+      [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          int64_t count = 0;
+          for (int64_t t = 0; t < p.t; ++t) {
+            const int64_t tok = p.tokens[b * p.tok_sb + t * p.tok_st];
+            const bool is_pad = tok == p.pad;
+            if (!is_pad) ++count;
+            const int64_t pos = p.pos_mode == 2 ? p.fixed_pos : (is_pad ? p.pad : p.pad + count);
+            const T* e = table + tok * cols;
+            const T* pe = pos_table != nullptr ? pos_table + pos * cols : nullptr;
+            T* o = out + (t * p.b + b) * cols;
+            const float zero = (p.zero_pads && is_pad) ? 0.0f : 1.0f;
+            for (int64_t c = 0; c < cols; ++c) {
+              float x = cpu::round_as<T>(p.scale * static_cast<float>(e[c]));
+              if (pe != nullptr) x = cpu::round_as<T>(x + static_cast<float>(pe[c]));
+              if (p.zero_pads) x = cpu::round_as<T>(x * zero);
+              o[c] = static_cast<T>(x);
+            }
+          }
         }
-      }
-    }
-  });
+      });
 }
 
 }  // namespace
