@@ -1,6 +1,8 @@
 """The fused beam-search step (``seqfuse.ops.beam_topk``) against stock's
 computation (``beam_topk_reference``: log_softmax + fairseq's edits + cum +
-torch.topk), and the CUDA kernel against the CPU kernel bit for bit.
+torch.topk). On the CPU the scores are stock's bit for bit. On a GPU the CUDA
+kernel is checked against stock on the GPU, and against the CPU kernel bit for
+bit on log-prob inputs (where no normaliser is computed).
 
 Scores are compared as sorted values with the fp32 tolerance; tokens and beams
 are compared exactly where the reference's choice is not decided by a
@@ -124,6 +126,9 @@ def check(
 
     # Values: the k best scores, in order, as stock's.
     assert_close(scores, ref_scores, torch.float32, "sorted scores")
+    # On the CPU the normaliser is torch's own: the values are stock's bits.
+    if logits.device.type == "cpu":
+        assert torch.equal(scores, ref_scores), "scores are not stock's bit for bit"
     assert bool((scores[:, :-1] >= scores[:, 1:]).all()), "scores not sorted descending"
     # Every chosen (beam, token) exists once and has the claimed score.
     assert bool(((tokens >= 0) & (tokens < vocab) & (beams >= 0) & (beams < rows)).all())
@@ -314,7 +319,8 @@ gpu = pytest.mark.skipif(not _cuda_usable(), reason="no CUDA device or no CUDA b
 
 
 def run_both(monkeypatch, x, cum, rows, k, **kw):
-    """(CPU output, CUDA output) of the dispatched op on the same inputs."""
+    """(CPU output, CUDA output) of the dispatched op on the same inputs; the
+    CUDA call runs under torch's sync debug mode (it must not synchronise)."""
     sp = specials(x.size(1))
     banned = kw.pop("banned", None)
     monkeypatch.setenv("SEQFUSE_BACKEND", "cpu")
@@ -324,7 +330,7 @@ def run_both(monkeypatch, x, cum, rows, k, **kw):
     xd, cumd = x.to(dev), None if cum is None else cum.to(dev)
     bannedd = None if banned is None else banned.to(dev)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # the op itself must not synchronise
+    torch.cuda.set_sync_debug_mode("error")
     try:
         gpu_out = beam_topk(
             xd, cumd, rows, k, sp["pad"], sp["unk"], sp["eos"], banned=bannedd, **kw
@@ -343,31 +349,66 @@ def assert_bitwise(cpu, gpu_out, what=""):
             )
 
 
+def check_cuda(monkeypatch, x, cum, rows, k, **kw):
+    """The CUDA op against stock's computation on the GPU (same rules as the CPU
+    tests, without the bit-exactness: the CUDA normaliser is seqfuse's own)."""
+    monkeypatch.setenv("SEQFUSE_BACKEND", "cuda")
+    dev = torch.device("cuda")
+    banned = kw.pop("banned", None)
+    check(
+        x.to(dev),
+        None if cum is None else cum.to(dev),
+        rows,
+        k,
+        banned=None if banned is None else banned.to(dev),
+        **kw,
+    )
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("rows", (1, 5, 16))
 @pytest.mark.parametrize("vocab", VOCABS)
-def test_cuda_matches_cpu_bitwise(monkeypatch, vocab, rows, dtype):
+def test_cuda_against_stock(monkeypatch, vocab, rows, dtype):
     seed = vocab + rows
     x, cum = make_inputs("random", 4, rows, vocab, dtype, seed)
     banned = make_banned(4 * rows, vocab, x, seed)
     k = min(2 * rows, rows * vocab)
+    check_cuda(monkeypatch, x, cum, rows, k)
+    check_cuda(monkeypatch, x, cum, rows, k, unk_penalty=-2.0, eos_mode=EOS_FORBID, banned=banned)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("rows", (1, 5, 16))
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_cuda_matches_cpu_bitwise_on_logprobs(monkeypatch, vocab, rows, dtype):
+    """Without a normaliser the two backends run the same float operations and
+    the same selection: identical bits, tie order included."""
+    seed = vocab + rows
+    x, cum = make_inputs("random", 4, rows, vocab, dtype, seed)
+    lp = x.float().log_softmax(-1).to(dtype)
+    banned = make_banned(4 * rows, vocab, x, seed)
+    k = min(2 * rows, rows * vocab)
     for kw in ({}, {"unk_penalty": -2.0, "eos_mode": EOS_FORBID, "banned": banned}):
-        assert_bitwise(*run_both(monkeypatch, x, cum, rows, k, **kw), what=str(kw.keys()))
-    assert_bitwise(
-        *run_both(monkeypatch, x.float().log_softmax(-1), cum, rows, k, is_logprobs=True)
-    )
+        out = run_both(monkeypatch, lp, cum, rows, k, is_logprobs=True, **kw)
+        assert_bitwise(*out, what=str(sorted(kw)))
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("case", ADVERSARIAL)
 @pytest.mark.parametrize("vocab", (5, 5125, 32000))
-def test_cuda_adversarial_bitwise(monkeypatch, case, vocab):
+def test_cuda_adversarial(monkeypatch, case, vocab):
     x, cum = make_inputs(case, 3, 4, vocab, torch.float32, seed=1)
-    assert_bitwise(*run_both(monkeypatch, x, cum, 4, 8), what=case)
-    assert_bitwise(*run_both(monkeypatch, x, cum, 4, 8, eos_mode=EOS_ONLY), what=case)
+    check_cuda(monkeypatch, x, cum, 4, 8)
+    check_cuda(monkeypatch, x, cum, 4, 8, eos_mode=EOS_ONLY, unk_penalty=-1.0)
+    if case in ("ties", "grid", "dup_beams", "partial_neg_inf", "cum_neg_inf"):
+        # Exact ties: both backends order them by (score desc, flat index asc).
+        out = run_both(monkeypatch, x.float(), cum, 4, 8, is_logprobs=True)
+        assert_bitwise(*out, what=case)
 
 
 @pytest.mark.gpu
@@ -376,8 +417,9 @@ def test_cuda_adversarial_bitwise(monkeypatch, case, vocab):
     "vocab,rows,k",
     [(5, 16, 80), (5125, 4, 20500), (8003, 1, 3000), (32000, 5, 10), (58101, 2, 2049)],
 )
-def test_cuda_overflow_paths_bitwise(monkeypatch, vocab, rows, k):
+def test_cuda_overflow_paths(monkeypatch, vocab, rows, k):
     """More survivors than the shared buffer (all ties, k > buffer, k = rows * vocab)."""
     for case in ("ties", "random", "grid"):
         x, cum = make_inputs(case, 2, rows, vocab, torch.float32, seed=3)
-        assert_bitwise(*run_both(monkeypatch, x, cum, rows, k), what=case)
+        check_cuda(monkeypatch, x, cum, rows, k)
+        assert_bitwise(*run_both(monkeypatch, x, cum, rows, k, is_logprobs=True), what=case)

@@ -1,13 +1,16 @@
 // CPU kernel of the fused beam-search step (algorithm: csrc/kernels/beam_topk.h;
-// arithmetic: csrc/kernels/beam_topk_math.h, shared with the CUDA kernel so both
-// return the same bits).
+// score arithmetic: csrc/kernels/beam_topk_math.h, shared with the CUDA kernel).
+//
+// The normaliser is torch's own (cpu_capability::row_lse: ATen's vectorised
+// exp/sum/log in log_softmax's order), so every score equals stock's
+// log_softmax + edits + cum bit for bit on the CPU, and the generator's
+// tie handling sees exactly stock's ties.
 //
 // Phase 1, parallel over rows: chunk maxima, row maximum, NaN flag, normaliser.
 // Phase 2, parallel over sentences: the bound tau, the survivors, their top-k.
 // The hot loops run on float rows (fp16/bf16 rows are widened once into a
-// scratch row) and are compiled twice, for AVX2 and for the baseline ISA, with
-// the better one picked at load time. No FMA target is enabled, so no
-// multiply-add is contracted and the rounding matches the CUDA kernel.
+// scratch row, as log_softmax(dtype=float32) does) and the chunk pass is
+// compiled for AVX-512, AVX2 and the baseline ISA, picked at load time.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -17,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/capability/row_lse.h"
 #include "kernels/beam_topk.h"
 #include "kernels/beam_topk_math.h"
 #include "ops.h"
@@ -31,8 +35,9 @@
 #endif
 
 // No FMA contraction in this file, even in the AVX-512 clone (GCC contracts
-// C++ by default): the rounding must match the CUDA kernel's. A pragma, not a
-// function attribute: only the pragma reaches the inlined math helpers.
+// C++ by default): the score arithmetic must round as stock's separate ops and
+// as the CUDA kernel. A pragma, not a function attribute: only the pragma
+// reaches the inlined math helpers.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #endif
@@ -71,25 +76,6 @@ SF_MULTIVERSION bool row_chunk_max(const float* __restrict x, int64_t V,
     chunk_max[c] = cm;
   }
   return nan_seen != 0;
-}
-
-// sum(exp(x - m)) in the fixed lane order of beam_topk_math.h.
-SF_MULTIVERSION float row_exp_sum(const float* __restrict x, int64_t V, float m) {
-  alignas(64) float acc[kSumLanes];
-  for (int l = 0; l < kSumLanes; ++l) acc[l] = 0.f;
-  int64_t base = 0;
-  for (; base + kSumLanes <= V; base += kSumLanes)
-    for (int l = 0; l < kSumLanes; ++l) acc[l] = sf_add(acc[l], sf_exp_nonpos(x[base + l] - m));
-  for (int l = 0; base + l < V; ++l) acc[l] = sf_add(acc[l], sf_exp_nonpos(x[base + l] - m));
-  for (int g = 0; g < kSumGroups; ++g)
-    for (int off = 16; off >= 1; off >>= 1)
-      for (int l = 0; l < off; ++l)
-        acc[g * 32 + l] = sf_add(acc[g * 32 + l], acc[g * 32 + l + off]);
-  float grp[kSumGroups];
-  for (int g = 0; g < kSumGroups; ++g) grp[g] = acc[g * 32];
-  for (int off = kSumGroups / 2; off >= 1; off >>= 1)
-    for (int l = 0; l < off; ++l) grp[l] = sf_add(grp[l], grp[l + off]);
-  return grp[0];
 }
 
 // Appends to `hits` the tokens v of a row whose unedited score is >= tau. A
@@ -137,7 +123,7 @@ void row_phase(const T* logits, const BeamTopkParams& p, int64_t row, RowStat& s
   for (int64_t c = 0; c < nch; ++c) m = cmax[c] > m ? cmax[c] : m;
   st.m = m;
   st.dead = sf_row_dead(p.is_logprobs, has_nan, m);
-  st.lse = (p.is_logprobs || st.dead) ? 0.f : sf_log_ge1(row_exp_sum(x, V, m));
+  st.lse = (p.is_logprobs || st.dead) ? 0.f : cpu_capability::row_lse(x, V, m);
   const bool add_cum = p.cum != nullptr;
   const float cum = add_cum ? p.cum[row] : 0.f;
   const int64_t* b = banned_row(p, row);

@@ -1,7 +1,8 @@
 // CUDA kernel of the fused beam-search step: the algorithm of
-// csrc/kernels/beam_topk.h with the arithmetic of csrc/kernels/beam_topk_math.h,
-// so it returns the same bits as the CPU kernel. Framework independent: raw
-// device pointers, a stream, BeamTopkParams.
+// csrc/kernels/beam_topk.h with the arithmetic of csrc/kernels/beam_topk_math.h
+// (the CPU kernel's score operations, bound and order; its own deterministic
+// normaliser). Framework independent: raw device pointers, a stream,
+// BeamTopkParams.
 //
 // Kernel 1, one block of kSumLanes threads per row: chunk maxima (a warp per
 //   chunk), row maximum, NaN flag, normaliser (fixed summation order), edited

@@ -1,11 +1,14 @@
 // Float arithmetic of the fused beam-search step shared by the CPU and CUDA
-// kernels, written so that both backends round identically and so return the
-// same bits: a fixed exp/log (no libm, whose results differ between glibc and
-// CUDA by an ulp), a fixed summation order for the normaliser, and no
-// multiply-add contraction (CUDA: __fmul_rn/__fadd_rn are never fused; CPU:
-// the file that calls these sets `#pragma GCC optimize("fp-contract=off")`,
-// which must cover the callers: GCC contracts inlined code by the caller's
-// setting).
+// kernels: the score of a token from its logit and the row statistics, in
+// fairseq's order of float operations, without multiply-add contraction
+// (CUDA: __fmul_rn/__fadd_rn are never fused; CPU: the file that calls these
+// sets `#pragma GCC optimize("fp-contract=off")`, which must cover the
+// callers: GCC contracts inlined code by the caller's setting); the order keys
+// of candidates; and the CUDA kernel's normaliser (a fixed exp/log and
+// summation order, deterministic run to run). The CPU kernel takes torch's
+// normaliser instead (bit-identical to stock's log_softmax on the CPU), so the
+// two backends agree bit for bit on log-prob inputs (is_logprobs) and up to an
+// ulp or two of the normaliser otherwise.
 #pragma once
 
 #include <cstdint>
@@ -22,11 +25,10 @@
 namespace seqfuse {
 namespace kernels {
 
-// Normaliser summation order: lane l of kSumLanes accumulates the tokens
-// v = l, l + kSumLanes, ... in increasing v; then lanes are combined within
-// groups of 32 (offsets 16, 8, 4, 2, 1), then the kSumLanes / 32 group sums
-// (offsets 4, 2, 1). On a GPU this is one block of kSumLanes threads with warp
-// shuffles; on a CPU it is an array of kSumLanes accumulators.
+// CUDA normaliser summation order: thread l of kSumLanes accumulates the
+// tokens v = l, l + kSumLanes, ... in increasing v; then lanes are combined
+// within warps (offsets 16, 8, 4, 2, 1), then the kSumLanes / 32 warp sums
+// (offsets 4, 2, 1).
 constexpr int kSumLanes = 256;
 constexpr int kSumGroups = kSumLanes / 32;
 
