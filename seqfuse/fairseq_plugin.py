@@ -6,17 +6,20 @@ Importing the plugin calls :func:`install`, which
   stock ``transformer*`` size variant) and ``--task seqfuse_translation``;
 - hooks ``FairseqTask.build_generator``, the one place fairseq-generate,
   fairseq-interactive, ``fairseq-train --eval-bleu`` (``TranslationTask.build_model``)
-  and the hub interface get their generator from. When the options and the
-  model are ones seqfuse reproduces exactly, the caller gets
+  and the hub interface get their generator from (and
+  ``translation_from_pretrained_bart``'s own ``build_generator``). When the
+  options and the model are ones seqfuse reproduces exactly, the caller gets
   ``seqfuse.generation.SequenceGenerator`` (same constructor as stock) and the
-  model's layers are swapped for fused ones; otherwise the stock generator over
-  the untouched model, with one warning line naming the reason;
-- lets fairseq checkpoints (which pickle an ``argparse.Namespace``) load under
-  torch's weights-only default;
+  model's layers are swapped for fused ones (models in eval mode only);
+  otherwise the stock generator over the untouched model, after one warning
+  line naming the reason;
+- lets fairseq checkpoints load under torch's weights-only default: it allows
+  the few non-tensor types they pickle (``argparse.Namespace``, numpy arrays
+  and scalars), nothing else;
 - keeps the last, incomplete batch that fairseq's ``batch_by_size`` drops when
   its size is not a multiple of ``--required-batch-size-multiple`` (fairseq
-  issue #5036), for every iterator except the training one, so that
-  generation, validation and training stay identical to stock otherwise.
+  issue #5036), for every iterator except the training one: no sentence is
+  lost in generation or validation, and training sees stock's batches.
 
 ``SEQFUSE_DISABLE=1`` installs none of the hooks: fairseq behaves as stock. The
 registered names stay (as plain aliases of ``transformer`` and ``translation``)
@@ -70,7 +73,6 @@ _SEARCH_OPTIONS = (
 
 _STOCK_BUILD_GENERATOR = FairseqTask.build_generator
 _installed = False
-_disabled = False
 _announced = False
 _warned: set[str] = set()
 _patches: list[tuple[object, str, object]] = []  # (owner, attribute, stock value)
@@ -82,17 +84,15 @@ _training_batches = contextvars.ContextVar("seqfuse_training_batches", default=F
 
 def install() -> None:
     """Register the seqfuse names and install the hooks (idempotent)."""
-    global _installed, _disabled
+    global _installed
     if _installed:
         return
     _installed = True
     register_names()
     _warned.clear()
     if _ext.disabled():
-        _disabled = True
         logger.info("seqfuse: SEQFUSE_DISABLE is set, the plugin is off (stock fairseq)")
         return
-    _disabled = False
     _allow_checkpoint_globals()
     _hook_build_generator()
     _hook_bart_task()
@@ -518,7 +518,7 @@ class SeqfuseTranslationTask(TranslationTask):
             extra_gen_cls_kwargs=extra_gen_cls_kwargs,
             prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         )
-        if _disabled:
+        if _ext.disabled():
             return _STOCK_BUILD_GENERATOR(self, models, args, **kwargs)
         return build_generator(self, _STOCK_BUILD_GENERATOR, models, args, **kwargs)
 

@@ -18,13 +18,16 @@ from test_plugin import (  # noqa: F401  (tiny is a fixture)
     BIN,
     PLUGIN_DIR,
     TINY_ARCH,
+    TINY_DEFAULT,
     TINY_TRAIN,
     _env,
     finish,
     gen_lines,
     ids,
+    run_pair,
     start,
     tiny,
+    tiny_gen_args,
     uses_seqfuse,
 )
 
@@ -109,11 +112,10 @@ def test_run_fairseq_restores_argv(monkeypatch):
 
 @pytest.mark.slow
 def test_seqfuse_generate_is_fairseq_generate_with_plugin(tiny):  # noqa: F811
-    args = [tiny.data, "--path", tiny.ckpt, "--gen-subset", "test", "--beam", "4"]
-    args += ["--batch-size", "16"]
+    args = tiny_gen_args(tiny, *TINY_DEFAULT)
     ours = start_script("seqfuse-generate", args)
-    ref = start("generate", args, plugin=True)
-    ours, ref = finish(ours), finish(ref)
+    _stock, ref = run_pair("generate", args)
+    ours = finish(ours)
     assert gen_lines(ours.stdout) == gen_lines(ref.stdout)
     assert len(ids(gen_lines(ours.stdout))) == 45
     assert uses_seqfuse(ours.stderr)
