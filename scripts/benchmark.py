@@ -421,8 +421,8 @@ class Worker:
             if cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-        for h in hooks:
-            h.remove()
+        for restore in hooks:
+            restore()
         res = {
             "seconds": seconds,
             "tokens": sum(len(t) for t in outputs.values()),
@@ -441,33 +441,43 @@ class Worker:
 
 
 def _instrument(model, cuda: bool, torch) -> tuple[dict, list]:
-    """Time the encoder and decoder modules' forward calls (hooks); the rest is search.
+    """Time the encoder and decoder calls; the rest of a generation is search.
 
-    Independent of the generator's internals: whichever generator runs, the
-    network is ``model.encoder`` and ``model.decoder`` (the decoder's output
-    projection included; log-softmax, top-k, cache reorders count as search).
-    Returns the timer dict the hooks fill and the hook handles to remove.
+    Generators call ``encoder.forward_torchscript`` / ``decoder.forward`` directly
+    (module hooks never fire), so those methods are wrapped on the instances;
+    whichever generator runs, the network is ``model.encoder`` and
+    ``model.decoder`` (output projection included; log-softmax, top-k and cache
+    reorders count as search). Returns the timers and an undo list of callables.
     """
     timers = {"encoder": 0.0, "decoder": 0.0, "calls": 0}
-    handles = []
-    for name in ("encoder", "decoder"):
+    undo = []
+    depth = [0]  # time the outermost call only
+    for name, methods in (
+        ("encoder", ("forward_torchscript", "forward")),
+        ("decoder", ("forward",)),
+    ):
         module = getattr(model, name)
-        started: list = []
+        for meth in methods:
+            fn = getattr(module, meth)
 
-        def pre(_m, _args, started=started):
-            if cuda:
-                torch.cuda.synchronize()
-            started.append(time.perf_counter())
+            def timed(*a, _fn=fn, _name=name, **kw):
+                depth[0] += 1
+                if depth[0] == 1 and cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                try:
+                    return _fn(*a, **kw)
+                finally:
+                    if depth[0] == 1:
+                        if cuda:
+                            torch.cuda.synchronize()
+                        timers[_name] += time.perf_counter() - t
+                        timers["calls"] += 1
+                    depth[0] -= 1
 
-        def post(_m, _args, _out, name=name, started=started):
-            if cuda:
-                torch.cuda.synchronize()
-            timers[name] += time.perf_counter() - started.pop()
-            timers["calls"] += 1
-
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
-    return timers, handles
+            setattr(module, meth, timed)
+            undo.append(lambda m=module, n=meth: delattr(m, n))
+    return timers, undo
 
 
 def worker_main(spec_path: str) -> int:
