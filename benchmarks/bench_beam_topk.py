@@ -28,8 +28,8 @@ from seqfuse.ops.beam_topk import beam_topk, beam_topk_reference, which_backend 
 PAD, UNK, EOS = 1, 3, 2
 
 
-def _time(fn, device: str, repeat: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` over ``repeat`` runs."""
+def _time(fn, device: str, repeat: int, warmup: int = 2, clock=time.perf_counter) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs (CUDA: events)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -43,13 +43,13 @@ def _time(fn, device: str, repeat: int, warmup: int = 2) -> float:
             times.append(start.elapsed_time(end) / 1e3)
     else:
         for _ in range(repeat):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return statistics.median(times)
 
 
-def bench(device: str, bszs, beams, vocabs, repeat: int, dtype: torch.dtype) -> list[dict]:
+def bench(device: str, bszs, beams, vocabs, repeat: int, dtype: torch.dtype, clock) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
     for vocab in vocabs:
@@ -58,8 +58,8 @@ def bench(device: str, bszs, beams, vocabs, repeat: int, dtype: torch.dtype) -> 
                 logits = (torch.randn(bsz * beam, vocab, generator=g) * 3).to(device, dtype)
                 cum = (-torch.rand(bsz * beam, generator=g) * 10).to(device) if beam > 1 else None
                 args = (logits, cum, beam, 2 * beam, PAD, UNK, EOS)
-                t_stock = _time(lambda a=args: beam_topk_reference(*a), device, repeat)
-                t_fused = _time(lambda a=args: beam_topk(*a), device, repeat)
+                t_stock = _time(lambda a=args: beam_topk_reference(*a), device, repeat, clock=clock)
+                t_fused = _time(lambda a=args: beam_topk(*a), device, repeat, clock=clock)
                 rows.append(
                     {
                         "device": device,
@@ -105,6 +105,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="CPU timings: wall clock, or the process's CPU time (steadier on a shared or "
+        "CPU-quota-throttled machine; sums all threads)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args(argv)
     if a.threads:
@@ -116,13 +123,15 @@ def main(argv=None) -> int:
             return 1
         devices.remove("cuda")
     ctx = context()
+    ctx["clock"] = a.clock
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     print(" ".join(f"{k}={v}" for k, v in ctx.items()))
     print(
         f"{'dev':>4} {'dtype':>8} {'vocab':>6} {'bsz':>4} {'beam':>4} {'stock ms':>10} {'fused ms':>10} {'ratio':>8}"
     )
     rows = []
     for device in devices:
-        rows += bench(device, a.bsz, a.beam, a.vocab, a.repeat, getattr(torch, a.dtype))
+        rows += bench(device, a.bsz, a.beam, a.vocab, a.repeat, getattr(torch, a.dtype), clock)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"context": ctx, "results": rows}, indent=1))

@@ -48,6 +48,8 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+constexpr int kMaxLanes = 16;  // one AVX-512 vector or two AVX2 vectors
+
 // Chunk maxima of one row ([V] -> [nchunks]) and whether any logit is NaN.
 // The maximum ignores NaN (a NaN never compares greater).
 SF_MULTIVERSION bool row_chunk_max(const float* __restrict x, int64_t V,
@@ -57,11 +59,11 @@ SF_MULTIVERSION bool row_chunk_max(const float* __restrict x, int64_t V,
   for (int64_t c = 0; c < nch; ++c) {
     const int64_t lo = c * kChunk, n = std::min<int64_t>(kChunk, V - lo);
     const float* xc = x + lo;
-    float lane[8];
-    for (int l = 0; l < 8; ++l) lane[l] = kNegInf;
+    float lane[kMaxLanes];
+    for (int l = 0; l < kMaxLanes; ++l) lane[l] = kNegInf;
     int64_t v = 0;
-    for (; v + 8 <= n; v += 8)
-      for (int l = 0; l < 8; ++l) {
+    for (; v + kMaxLanes <= n; v += kMaxLanes)
+      for (int l = 0; l < kMaxLanes; ++l) {
         const float xv = xc[v + l];
         nan_seen |= (xv != xv);
         lane[l] = xv > lane[l] ? xv : lane[l];
@@ -72,7 +74,7 @@ SF_MULTIVERSION bool row_chunk_max(const float* __restrict x, int64_t V,
       lane[0] = xv > lane[0] ? xv : lane[0];
     }
     float cm = lane[0];
-    for (int l = 1; l < 8; ++l) cm = lane[l] > cm ? lane[l] : cm;
+    for (int l = 1; l < kMaxLanes; ++l) cm = lane[l] > cm ? lane[l] : cm;
     chunk_max[c] = cm;
   }
   return nan_seen != 0;
@@ -115,7 +117,8 @@ inline const int64_t* banned_row(const BeamTopkParams& p, int64_t row) {
 // maxima (the first token of each chunk holding the chunk's maximum).
 template <typename T>
 void row_phase(const T* logits, const BeamTopkParams& p, int64_t row, RowStat& st,
-               float* chunk_score, float* cmax, std::vector<float>& scratch) {
+               float* chunk_score, float* cmax, std::vector<float>& scratch,
+               std::vector<uint8_t>& special) {
   const int64_t V = p.vocab, nch = num_chunks(V);
   const float* x = float_row(logits, row, V, scratch);
   const bool has_nan = row_chunk_max(x, V, cmax);
@@ -127,17 +130,35 @@ void row_phase(const T* logits, const BeamTopkParams& p, int64_t row, RowStat& s
   const bool add_cum = p.cum != nullptr;
   const float cum = add_cum ? p.cum[row] : 0.f;
   const int64_t* b = banned_row(p, row);
+  // The chunk score is the edited score of the chunk's first maximal token.
+  // Only the chunks holding an edited token (pad, unk, eos when edited, a
+  // banned id) need that token: elsewhere the edits do nothing and the score
+  // is the unedited one of the maximum (-inf for every token but eos under
+  // kEosOnly), whichever token holds it.
+  special.assign(nch, 0);
+  special[p.pad / kChunk] = 1;
+  special[p.unk / kChunk] = 1;
+  if (p.eos_mode != kEosAllow) special[p.eos / kChunk] = 1;
+  for (int64_t j = 0; b != nullptr && j < p.n_banned; ++j)
+    if (b[j] >= 0 && b[j] < V) special[b[j] / kChunk] = 1;
   for (int64_t c = 0; c < nch; ++c) {
-    int64_t v = c * kChunk;
-    // A chunk whose values are all NaN has maximum -inf and no token equal to
-    // it: its first token stands for it (any token is a valid candidate).
-    const int64_t hi = std::min(V, v + kChunk);
-    for (int64_t u = v; u < hi; ++u)
-      if (x[u] == cmax[c]) {
-        v = u;
-        break;
-      }
-    chunk_score[c] = sf_edited_score(x[v], v, st, p, b, add_cum, cum);
+    if (st.dead) {
+      chunk_score[c] = kNegInf;
+    } else if (!special[c]) {
+      chunk_score[c] =
+          p.eos_mode == kEosOnly ? kNegInf : sf_raw_score(cmax[c], st, p.is_logprobs, add_cum, cum);
+    } else {
+      // First token equal to the maximum; when every value is NaN (maximum
+      // -inf, no token equal) the first token stands for the chunk.
+      int64_t v = c * kChunk;
+      const int64_t hi = std::min(V, v + kChunk);
+      for (int64_t u = v; u < hi; ++u)
+        if (x[u] == cmax[c]) {
+          v = u;
+          break;
+        }
+      chunk_score[c] = sf_edited_score(x[v], v, st, p, b, add_cum, cum);
+    }
   }
 }
 
@@ -216,9 +237,10 @@ void beam_topk_cpu_kernel(const T* logits,  // [bsz * rows_per_sent, vocab]
   const int64_t row_grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.vocab, 1));
   at::parallel_for(0, rows, row_grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
+    std::vector<uint8_t> special;
     for (int64_t r = begin; r < end; ++r)
       row_phase(logits, p, r, stats[r], chunk_scores.data() + r * nch, chunk_max.data() + r * nch,
-                scratch);
+                scratch, special);
   });
   at::parallel_for(0, p.bsz, 1, [&](int64_t begin, int64_t end) {
     std::vector<Cand> survivors;
