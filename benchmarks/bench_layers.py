@@ -107,12 +107,19 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=1, help="interleaved repeats; the median is reported"
     )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads per worker (0: torch's default)"
+    )
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--worker", nargs=2, metavar=("LAYERS", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_layers.json"
     )
     args = ap.parse_args()
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.worker:
         res = worker(args.worker[0] == "fused", int(args.worker[1]), args.sentences, args.beam)
         print(json.dumps(res))
@@ -128,6 +135,7 @@ def main() -> None:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
         "beam": args.beam,
         "sentences": args.sentences,
     }
@@ -141,7 +149,14 @@ def main() -> None:
         for _ in range(args.repeats):
             for layers in ("stock", "fused"):  # interleaved, fresh processes
                 cmd = [sys.executable, __file__, "--worker", layers, str(batch)]
-                cmd += ["--sentences", str(args.sentences), "--beam", str(args.beam)]
+                cmd += [
+                    "--sentences",
+                    str(args.sentences),
+                    "--beam",
+                    str(args.beam),
+                    "--threads",
+                    str(args.threads),
+                ]
                 out = subprocess.run(
                     cmd,
                     check=True,

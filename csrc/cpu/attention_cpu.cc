@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/layer_cpu_common.h"
@@ -30,62 +31,89 @@ inline void axpy(float a, const T* x, float* y, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] += a * static_cast<float>(x[d]);
 }
 
+// Tasks [t0, t1) of (query row, query time); all heads of a task together so
+// that each key row (all heads, contiguous) is read once. Scratch: scores
+// [heads, s], phys [s], qs/acc [heads * dim].
 template <typename T>
-void attention_tasks(const kernels::AttentionParams& p) {
+__attribute__((always_inline)) inline void attention_range(const kernels::AttentionParams& p,
+                                                           int64_t t0, int64_t t1, float* scores,
+                                                           int64_t* phys, float* qs, float* acc) {
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
   const int64_t heads = p.heads, dim = p.dim, tq = p.tq, s = p.s, n = p.n;
   const int64_t c = heads * dim;
-  const int64_t tasks = n * heads * tq;
+  for (int64_t task = t0; task < t1; ++task) {
+    const int64_t i = task % tq;
+    const int64_t row = task / tq;
+    const int64_t g = row / p.q_per_kv;
+    const T* qp = q + i * p.q_st + row * p.q_sn;
+    for (int64_t d = 0; d < c; ++d) qs[d] = cpu::round_as<T>(static_cast<float>(qp[d]) * p.scaling);
+    const int64_t jend = p.causal_offset >= 0 ? std::min(s, p.causal_offset + i + 1) : s;
+    for (int64_t j = 0; j < s; ++j) {
+      const int64_t m = p.rows != nullptr ? p.rows[g * p.rows_sg + j * p.rows_sj] : g;
+      phys[j] = m;
+      bool masked = j >= jend;
+      if (!masked && p.pad != nullptr) masked = p.pad[m * p.pad_sm + j * p.pad_sj] != 0;
+      const T* kr = k + j * p.k_ss + m * p.k_sm;
+      for (int64_t h = 0; h < heads; ++h)
+        scores[h * s + j] =
+            masked ? kNegInf : cpu::round_as<T>(dot(qs + h * dim, kr + h * dim, dim));
+    }
+    std::fill(acc, acc + c, 0.0f);
+    for (int64_t h = 0; h < heads; ++h) {
+      // Same expression as the stock softmax: exp(x - max) / sum. A row with
+      // every key masked gives NaN, as it does in stock.
+      float* sc = scores + h * s;
+      float mx = kNegInf;
+      for (int64_t j = 0; j < s; ++j) mx = std::max(mx, sc[j]);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < s; ++j) {
+        sc[j] = std::exp(sc[j] - mx);
+        sum += sc[j];
+      }
+      float* wrow = p.weights != nullptr ? p.weights + ((h * n + row) * tq + i) * s : nullptr;
+      for (int64_t j = 0; j < s; ++j) {
+        const float pj = sc[j] / sum;
+        if (wrow != nullptr) wrow[j] = pj;
+        sc[j] = cpu::round_as<T>(pj);
+      }
+    }
+    for (int64_t j = 0; j < s; ++j) {
+      const T* vr = v + j * p.v_ss + phys[j] * p.v_sm;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float pt = scores[h * s + j];
+        if (pt != 0.0f || pt != pt) axpy(pt, vr + h * dim, acc + h * dim, dim);
+      }
+    }
+    T* o = out + (i * n + row) * c;
+    for (int64_t d = 0; d < c; ++d) o[d] = static_cast<T>(acc[d]);
+  }
+}
+
+// fp32 (the inference path) gets AVX2/AVX-512 clones of the dot products.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void attention_range_f32(
+    const kernels::AttentionParams& p, int64_t t0, int64_t t1, float* scores, int64_t* phys,
+    float* qs, float* acc) {
+  attention_range<float>(p, t0, t1, scores, phys, qs, acc);
+}
+
+template <typename T>
+void attention_tasks(const kernels::AttentionParams& p) {
+  const int64_t tasks = p.n * p.tq, s = p.s, c = p.heads * p.dim;
   // Small problems (one decoding step) stay on one thread: a parallel region
   // costs more than the work there.
   const int64_t grain =
-      std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, 2 * s * dim));
+      std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, 2 * s * c));
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(static_cast<size_t>(s));
+    std::vector<float> scores(static_cast<size_t>(s * p.heads)), qs(static_cast<size_t>(c)),
+        acc(static_cast<size_t>(c));
     std::vector<int64_t> phys(static_cast<size_t>(s));
-    std::vector<float> qs(static_cast<size_t>(dim)), acc(static_cast<size_t>(dim));
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t i = task % tq;
-      const int64_t h = (task / tq) % heads;
-      const int64_t row = task / (tq * heads);
-      const int64_t g = row / p.q_per_kv;
-      const T* qp = q + i * p.q_st + row * p.q_sn + h * dim;
-      for (int64_t d = 0; d < dim; ++d)
-        qs[d] = cpu::round_as<T>(static_cast<float>(qp[d]) * p.scaling);
-      const int64_t jend = p.causal_offset >= 0 ? std::min(s, p.causal_offset + i + 1) : s;
-      float mx = kNegInf;
-      for (int64_t j = 0; j < s; ++j) {
-        const int64_t m = p.rows != nullptr ? p.rows[g * p.rows_sg + j * p.rows_sj] : g;
-        phys[j] = m;
-        bool masked = j >= jend;
-        if (!masked && p.pad != nullptr) masked = p.pad[m * p.pad_sm + j * p.pad_sj] != 0;
-        float sc = kNegInf;
-        if (!masked)
-          sc = cpu::round_as<T>(dot(qs.data(), k + j * p.k_ss + m * p.k_sm + h * dim, dim));
-        scores[j] = sc;
-        mx = std::max(mx, sc);
-      }
-      // Same expression as the stock softmax: exp(x - max) / sum. A row with
-      // every key masked gives NaN, as it does in stock.
-      float sum = 0.0f;
-      for (int64_t j = 0; j < s; ++j) {
-        scores[j] = std::exp(scores[j] - mx);
-        sum += scores[j];
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      float* wrow = p.weights != nullptr ? p.weights + ((h * n + row) * tq + i) * s : nullptr;
-      for (int64_t j = 0; j < s; ++j) {
-        const float pj = scores[j] / sum;
-        if (wrow != nullptr) wrow[j] = pj;
-        const float pt = cpu::round_as<T>(pj);
-        if (pt != 0.0f || pt != pt)
-          axpy(pt, v + j * p.v_ss + phys[j] * p.v_sm + h * dim, acc.data(), dim);
-      }
-      T* o = out + (i * n + row) * c + h * dim;
-      for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[d]);
+    if constexpr (std::is_same<T, float>::value) {
+      attention_range_f32(p, t0, t1, scores.data(), phys.data(), qs.data(), acc.data());
+    } else {
+      attention_range<T>(p, t0, t1, scores.data(), phys.data(), qs.data(), acc.data());
     }
   });
 }
