@@ -24,7 +24,6 @@ from test_plugin import (  # noqa: F401  (tiny is a fixture)
     finish,
     gen_lines,
     ids,
-    run_pair,
     start,
     tiny,
     tiny_gen_args,
@@ -113,9 +112,10 @@ def test_run_fairseq_restores_argv(monkeypatch):
 @pytest.mark.slow
 def test_seqfuse_generate_is_fairseq_generate_with_plugin(tiny):  # noqa: F811
     args = tiny_gen_args(tiny, *TINY_DEFAULT)
+    # Both started now (not a cached run): same code, same build.
     ours = start_script("seqfuse-generate", args)
-    _stock, ref = run_pair("generate", args)
-    ours = finish(ours)
+    ref = start("generate", args, plugin=True)
+    ours, ref = finish(ours), finish(ref)
     assert gen_lines(ours.stdout) == gen_lines(ref.stdout)
     assert len(ids(gen_lines(ours.stdout))) == 45
     assert uses_seqfuse(ours.stderr)
