@@ -176,7 +176,7 @@ def test_lm_fusion():
             return self.m.get_normalized_probs(out, log_probs, sample)
 
     sample = random_sample(d, bsz=3, seed=8)
-    kwargs = {"beam_size": 3, "lm_model": DecoderOnlyLM(lm), "lm_weight": 0.3}
+    kwargs = {"beam_size": 3, "lm_model": DecoderOnlyLM(lm), "lm_weight": 0.3, "max_len_b": 12}
     stock, ours = run_both([model], d, sample, kwargs)
     compare_hypotheses(stock, ours, "lm fusion")
 
