@@ -44,7 +44,7 @@ _warned: set[str] = set()
 def _warn_fallback(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        logger.warning("seqfuse: using stock fairseq search: %s", reason)
+        logger.warning("seqfuse: falling back to stock SequenceGenerator: %s", reason)
 
 
 # Model-level get_normalized_probs that only delegate to the decoder's.
@@ -94,7 +94,9 @@ class SequenceGenerator(StockSequenceGenerator):
 
     # Options (beyond plain beam search) reproduced exactly; the fairseq plugin
     # sends everything else to stock with a warning.
-    SUPPORTED_FEATURES = frozenset({"sampling", "match_source_len", "prefix_tokens"})
+    SUPPORTED_FEATURES = frozenset(
+        {"sampling", "match_source_len", "prefix_tokens", "ensemble", "lm_fusion"}
+    )
 
     # Steps between host reads of "all finished?" (and batch compactions);
     # None: 1 on the CPU (stock's exact shapes), 4 on a GPU.
