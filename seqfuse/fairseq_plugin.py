@@ -133,10 +133,14 @@ def _patch(owner, name: str, new) -> None:
 # Generator selection
 
 
+def _warn_once(line: str) -> None:
+    if line not in _warned:
+        _warned.add(line)
+        logger.warning(line)
+
+
 def _warn_fallback(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        logger.warning(FALLBACK_PREFIX + reason)
+    _warn_once(FALLBACK_PREFIX + reason)
 
 
 def _supported_models():
@@ -201,13 +205,22 @@ def fallback_reason(
     return None
 
 
+# The fused layers agree with fairseq's to 1e-5 in fp32, not bit for bit, so
+# printed scores can differ in their last digits: they are opt-in. The search
+# (seqfuse's generator) is exact either way and always on.
+FUSED_LAYERS_ENV = "SEQFUSE_FUSED_LAYERS"
+
+
 def _fuse_layers(model) -> str | None:
-    """Swap in fused layers (same parameters); returns why not, or None.
+    """Swap in fused layers (same parameters) when SEQFUSE_FUSED_LAYERS=1;
+    returns why not, or None.
 
     Models being trained (``fairseq-train --eval-bleu`` builds its generator
     around the training model) keep their layers.
     """
     if model.training or getattr(model, "_seqfuse_fused", False):
+        return None
+    if os.environ.get(FUSED_LAYERS_ENV, "0") in ("", "0"):
         return None
     try:
         from seqfuse.layers.fairseq import optimize_fairseq_model
@@ -240,9 +253,10 @@ def select_generator(
     )
     if reason is None:
         for model in models:
-            reason = _fuse_layers(model)
-            if reason is not None:
-                break
+            why_not = _fuse_layers(model)
+            if why_not is not None:
+                # The generator is exact on stock layers too: keep it.
+                _warn_once(f"seqfuse: fused layers not used: {why_not}")
     if reason is not None:
         _warn_fallback(reason)
         return None

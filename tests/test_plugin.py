@@ -464,22 +464,21 @@ def test_fallback_options(tiny_loaded, plugin, caplog, monkeypatch, overrides, f
         assert type(gen) is Ours
 
 
-def test_fallback_ensemble_lm_prefix_fn(tiny_loaded, plugin, caplog):
-    from fairseq.sequence_generator import SequenceGenerator
+def test_ensemble_and_lm_fusion_stay_on_seqfuse_prefix_fn_falls_back(tiny_loaded, plugin, caplog):
+    from fairseq.sequence_generator import SequenceGenerator as Stock
+
+    from seqfuse.generation import SequenceGenerator
 
     model, task = tiny_loaded
     caplog.set_level(logging.INFO, logger="seqfuse")
-    gens = [
-        task.build_generator([model, model], _gen_args()),
-        task.build_generator(
-            [model], _gen_args(), extra_gen_cls_kwargs={"lm_model": model, "lm_weight": 0.1}
-        ),
-        task.build_generator([model], _gen_args(), prefix_allowed_tokens_fn=lambda b, t: [4]),
-    ]
-    assert all(type(g) is SequenceGenerator for g in gens)
+    ensemble = task.build_generator([model, model], _gen_args())
+    lm = task.build_generator(
+        [model], _gen_args(), extra_gen_cls_kwargs={"lm_model": model, "lm_weight": 0.1}
+    )
+    prefix = task.build_generator([model], _gen_args(), prefix_allowed_tokens_fn=lambda b, t: [4])
+    assert type(ensemble) is SequenceGenerator and type(lm) is SequenceGenerator
+    assert type(prefix) is Stock
     assert _records(caplog) == [
-        plugin.FALLBACK_PREFIX + "an ensemble of 2 models is not supported",
-        plugin.FALLBACK_PREFIX + "--lm-path (language model fusion) is not supported",
         plugin.FALLBACK_PREFIX + "prefix_allowed_tokens_fn is not supported",
     ]
 
@@ -548,16 +547,32 @@ def _fake_layers(monkeypatch, result):
     return calls
 
 
-def test_fused_layers_refused(tiny, tiny_loaded, plugin, caplog, monkeypatch):
-    from fairseq.sequence_generator import SequenceGenerator
+def test_fused_layers_refused_keeps_the_exact_generator(
+    tiny, tiny_loaded, plugin, caplog, monkeypatch
+):
+    from seqfuse.generation import SequenceGenerator
 
+    monkeypatch.setenv(plugin.FUSED_LAYERS_ENV, "1")
     _model, task = tiny_loaded
     model = _fresh_tiny_model(tiny)
     calls = _fake_layers(monkeypatch, (False, "head size 48 is not supported"))
     caplog.set_level(logging.INFO, logger="seqfuse")
     gen = task.build_generator([model], _gen_args())
     assert type(gen) is SequenceGenerator and calls == [model]
-    assert _records(caplog) == [plugin.FALLBACK_PREFIX + "head size 48 is not supported"]
+    assert not getattr(model, "_seqfuse_fused", False)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == ["seqfuse: fused layers not used: head size 48 is not supported"]
+
+
+def test_fused_layers_are_opt_in(tiny, tiny_loaded, plugin, monkeypatch):
+    from seqfuse.generation import SequenceGenerator
+
+    monkeypatch.delenv(plugin.FUSED_LAYERS_ENV, raising=False)
+    _model, task = tiny_loaded
+    model = _fresh_tiny_model(tiny)
+    calls = _fake_layers(monkeypatch, (True, "ok"))
+    assert type(task.build_generator([model], _gen_args())) is SequenceGenerator
+    assert calls == []
 
 
 def test_fused_layers_applied_once_and_not_to_training_models(
@@ -565,6 +580,7 @@ def test_fused_layers_applied_once_and_not_to_training_models(
 ):
     from seqfuse.generation import SequenceGenerator
 
+    monkeypatch.setenv(plugin.FUSED_LAYERS_ENV, "1")
     _model, task = tiny_loaded
     model = _fresh_tiny_model(tiny)
     calls = _fake_layers(monkeypatch, (True, "ok"))

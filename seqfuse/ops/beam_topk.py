@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from seqfuse.ops.dispatch import Backend, choose, ext_check, explain
+from seqfuse.ops.dispatch import Backend, choose, explain, ext_check
 
 EOS_ALLOW, EOS_FORBID, EOS_ONLY = 0, 1, 2
 
