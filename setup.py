@@ -104,6 +104,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=openmp,
         )
+
     class Build(BuildExtension):
         def build_extensions(self):
             for e in self.extensions:

@@ -44,7 +44,11 @@ def compare_hypotheses(stock, ours, context: str = "") -> None:
                 assert x.shape == y.shape, f"{where}: {key} shape {x.shape} vs {y.shape}"
                 if x.numel():
                     torch.testing.assert_close(
-                        y, x, atol=SCORE_ATOL, rtol=SCORE_RTOL, msg=lambda m, w=where, k=key: f"{w} {k}: {m}"
+                        y,
+                        x,
+                        atol=SCORE_ATOL,
+                        rtol=SCORE_RTOL,
+                        msg=lambda m, w=where, k=key: f"{w} {k}: {m}",
                     )
             assert torch.equal(a["alignment"], b["alignment"]), f"{where}: alignment"
 

@@ -106,7 +106,9 @@ def _check_args(logits: Tensor, cum_scores, rows_per_sent: int, k: int, banned) 
         raise ValueError(f"beam_topk: banned must be [{n}, nb], got {tuple(banned.shape)}")
 
 
-def _ext_run(logits, cum_scores, rows_per_sent, k, pad, unk, eos, unk_penalty, eos_mode, banned, is_logprobs):
+def _ext_run(
+    logits, cum_scores, rows_per_sent, k, pad, unk, eos, unk_penalty, eos_mode, banned, is_logprobs
+):
     return torch.ops.seqfuse.beam_topk(
         logits.contiguous(),
         None if cum_scores is None else cum_scores.float().contiguous(),
@@ -155,7 +157,17 @@ def beam_topk(
     _check_args(logits, cum_scores, rows_per_sent, k, banned)
     backend, _ = choose(BACKENDS, logits)
     return backend.run(
-        logits, cum_scores, rows_per_sent, k, pad, unk, eos, unk_penalty, eos_mode, banned, is_logprobs
+        logits,
+        cum_scores,
+        rows_per_sent,
+        k,
+        pad,
+        unk,
+        eos,
+        unk_penalty,
+        eos_mode,
+        banned,
+        is_logprobs,
     )
 
 
