@@ -34,17 +34,17 @@ struct BeamTopkParams {
   int64_t bsz;            // sentences
   int64_t rows_per_sent;  // beams per sentence (1 at step 0)
   int64_t vocab;
-  int64_t k;               // candidates per sentence
-  int64_t pad, unk, eos;   // special token ids
+  int64_t k;              // candidates per sentence
+  int64_t pad, unk, eos;  // special token ids
   float unk_penalty;
-  int eos_mode;            // kEosAllow / kEosForbid / kEosOnly
-  bool is_logprobs;        // input already normalised: skip the normaliser
-  const float* cum;        // [bsz * rows_per_sent] or nullptr
-  const int64_t* banned;   // [bsz * rows_per_sent, n_banned], -1 = none; or nullptr
+  int eos_mode;           // kEosAllow / kEosForbid / kEosOnly
+  bool is_logprobs;       // input already normalised: skip the normaliser
+  const float* cum;       // [bsz * rows_per_sent] or nullptr
+  const int64_t* banned;  // [bsz * rows_per_sent, n_banned], -1 = none; or nullptr
   int64_t n_banned;
-  float* out_scores;       // [bsz, k]
-  int64_t* out_tokens;     // [bsz, k]
-  int64_t* out_beams;      // [bsz, k]
+  float* out_scores;    // [bsz, k]
+  int64_t* out_tokens;  // [bsz, k]
+  int64_t* out_beams;   // [bsz, k]
 };
 
 inline int64_t num_chunks(int64_t vocab) { return (vocab + kChunk - 1) / kChunk; }
