@@ -30,7 +30,7 @@ ext: $(VENV)/.deps
 demo: install
 	$(PY) scripts/demo.py
 
-test: install cuda-check
+test: install cuda-check lint
 	$(PY) -m pytest -q tests
 
 test-fast: install
