@@ -35,7 +35,15 @@ from fairseq.sequence_generator import SequenceGenerator as StockSequenceGenerat
 from torch import Tensor
 
 from seqfuse import _ext
-from seqfuse.ops.beam_topk import EOS_ALLOW, EOS_FORBID, EOS_ONLY, beam_topk, beam_topk_reference
+from seqfuse.ops.beam_topk import (
+    EOS_ALLOW,
+    EOS_FORBID,
+    EOS_ONLY,
+    apply_step_edits,
+    ban_tokens,
+    beam_topk,
+    beam_topk_reference,
+)
 
 logger = logging.getLogger("seqfuse.generation")
 _warned: set[str] = set()
@@ -315,16 +323,21 @@ class SequenceGenerator(StockSequenceGenerator):
                 prefix_tokens is not None and step < prefix_tokens.size(1) and step < max_len
             )
             fused = beam_search and not is_logprobs and self.lm_model is None and not prefix_step
+            # fairseq's edits: max_len, then min_len and suppression unless a
+            # prefix token is forced at this step, then n-gram blocking.
+            eos_mode = EOS_ALLOW
+            if step >= max_len:
+                eos_mode = EOS_ONLY
+            elif step < self.min_len and not prefix_step:
+                eos_mode = EOS_FORBID
+            banned = None
+            if suppress is not None and not prefix_step:
+                banned = suppress.to(device).unsqueeze(0).expand(out.size(0), -1)
             if fused:
-                eos_mode = EOS_ALLOW
-                if step >= max_len:
-                    eos_mode = EOS_ONLY
-                elif step < self.min_len:
-                    eos_mode = EOS_FORBID
-                banned = ngram_banned_tokens(tokens, step, ngram) if ngram else None
-                if suppress is not None:
-                    sup = suppress.to(device).unsqueeze(0).expand(out.size(0), -1)
-                    banned = sup if banned is None else torch.cat([banned, sup], dim=1)
+                if ngram:
+                    grams = ngram_banned_tokens(tokens, step, ngram)
+                    if grams is not None:
+                        banned = grams if banned is None else torch.cat([grams, banned], dim=1)
                 cand_scores, cand_indices, cand_beams = self._fused_candidates(
                     step, out, scores, banned, eos_mode, bsz, beam_size
                 )
@@ -334,27 +347,15 @@ class SequenceGenerator(StockSequenceGenerator):
                     lm_out = self.lm_model(tokens[:, : step + 1])
                     probs = self.lm_model.get_normalized_probs(lm_out, log_probs=True, sample=None)
                     lprobs += probs[:, -1, :] * self.lm_weight
-                lprobs.masked_fill_(lprobs != lprobs, -math.inf)
-                lprobs[:, self.pad] = -math.inf
-                lprobs[:, self.unk] -= self.unk_penalty
-                if step >= max_len:
-                    lprobs[:, : self.eos] = -math.inf
-                    lprobs[:, self.eos + 1 :] = -math.inf
+                apply_step_edits(
+                    lprobs, self.pad, self.unk, self.eos, self.unk_penalty, eos_mode, banned
+                )
                 if prefix_step:
                     lprobs, tokens, scores = self._prefix_tokens(
                         step, lprobs, scores, tokens, prefix_tokens, beam_size
                     )
-                else:
-                    if step < self.min_len:
-                        lprobs[:, self.eos] = -math.inf
-                    if suppress is not None:
-                        lprobs[:, suppress] = -math.inf
-                if ngram:
-                    banned = ngram_banned_tokens(tokens, step, ngram)
-                    if banned is not None:
-                        # -1 (nothing banned) -> pad, which is -inf already.
-                        banned = torch.where(banned >= 0, banned, self.pad)
-                        lprobs.scatter_(1, banned, -math.inf)
+                if ngram:  # after the prefix step, which may rewrite `tokens`
+                    ban_tokens(lprobs, ngram_banned_tokens(tokens, step, ngram), self.pad)
                 if self.should_set_src_lengths:
                     self.search.set_src_lengths(src_lengths)
                 cand_scores, cand_indices, cand_beams = self.search.step(

@@ -51,7 +51,7 @@ def apply_step_edits(
     banned: Tensor | None,
 ) -> Tensor:
     """fairseq's in-place edits of a ``[rows, V]`` log-prob tensor (stock order)."""
-    lprobs[lprobs != lprobs] = -math.inf
+    lprobs.masked_fill_(lprobs != lprobs, -math.inf)
     lprobs[:, pad] = -math.inf
     lprobs[:, unk] -= unk_penalty
     if eos_mode == EOS_ONLY:
@@ -59,9 +59,15 @@ def apply_step_edits(
         lprobs[:, eos + 1 :] = -math.inf
     elif eos_mode == EOS_FORBID:
         lprobs[:, eos] = -math.inf
+    ban_tokens(lprobs, banned, pad)
+    return lprobs
+
+
+def ban_tokens(lprobs: Tensor, banned: Tensor | None, pad: int) -> Tensor:
+    """``lprobs[r, banned[r, j]] = -inf`` for ``banned[r, j] >= 0``, in place,
+    without a host read: ``-1`` entries hit ``pad``, which is ``-inf`` already."""
     if banned is not None and banned.numel() > 0:
-        rows, cols = (banned >= 0).nonzero(as_tuple=True)
-        lprobs[rows, banned[rows, cols]] = -math.inf
+        lprobs.scatter_(1, torch.where(banned >= 0, banned, pad), -math.inf)
     return lprobs
 
 
