@@ -13,17 +13,9 @@
 #include <optional>
 #include <tuple>
 
+#include "beam_topk_binding.h"
 #include "kernels/beam_topk.h"
 #include "kernels/beam_topk_cuda.h"
-
-#define SF_CHECK_CUDA(x, dev)                                                               \
-  TORCH_CHECK((x).is_cuda() && (x).device() == (dev), "beam_topk: " #x " must be on ", dev, \
-              ", got ", (x).device())
-#define SF_CHECK_CONTIGUOUS(x) \
-  TORCH_CHECK((x).is_contiguous(), "beam_topk: " #x " must be contiguous")
-#define SF_CHECK_DTYPE(x, t)                                                       \
-  TORCH_CHECK((x).scalar_type() == (t), "beam_topk: " #x " must be ", t, ", got ", \
-              (x).scalar_type())
 
 namespace seqfuse {
 
@@ -33,75 +25,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cuda(
     const std::optional<at::Tensor>& banned, bool is_logprobs) {
   TORCH_CHECK(logits.is_cuda(), "beam_topk_cuda: logits must be a CUDA tensor");
   const at::Device dev = logits.device();
-  TORCH_CHECK(logits.dim() == 2, "beam_topk: logits must be [rows, vocab], got ", logits.sizes());
-  SF_CHECK_CONTIGUOUS(logits);
-  kernels::BeamTopkDtype dtype;
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      dtype = kernels::BeamTopkDtype::kFloat32;
-      break;
-    case at::kHalf:
-      dtype = kernels::BeamTopkDtype::kFloat16;
-      break;
-    case at::kBFloat16:
-      dtype = kernels::BeamTopkDtype::kBFloat16;
-      break;
-    default:
-      TORCH_CHECK(false, "beam_topk: logits dtype must be float32, float16 or bfloat16, got ",
-                  logits.scalar_type());
-  }
-  const int64_t n = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V >= 1, "beam_topk: empty vocabulary");
-  TORCH_CHECK(rows_per_sent >= 1 && n % rows_per_sent == 0, "beam_topk: ", n,
-              " rows is not a multiple of rows_per_sent=", rows_per_sent);
-  TORCH_CHECK(k >= 1 && k <= rows_per_sent * V, "beam_topk: k=", k, " outside [1, ",
-              rows_per_sent * V, "]");
-  TORCH_CHECK(rows_per_sent * V <= std::numeric_limits<int32_t>::max(),
-              "beam_topk: rows_per_sent * vocab must fit in int32");
-  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "beam_topk: too many rows");
-  TORCH_CHECK(eos_mode >= 0 && eos_mode <= 2, "beam_topk: eos_mode must be 0, 1 or 2");
-  TORCH_CHECK(pad >= 0 && pad < V && unk >= 0 && unk < V && eos >= 0 && eos < V,
-              "beam_topk: pad, unk and eos must be token ids in [0, ", V, ")");
-  const int64_t bsz = n / rows_per_sent;
-
   const c10::cuda::CUDAGuard guard(dev);
-  kernels::BeamTopkParams p{};
-  p.bsz = bsz;
-  p.rows_per_sent = rows_per_sent;
-  p.vocab = V;
-  p.k = k;
-  p.pad = pad;
-  p.unk = unk;
-  p.eos = eos;
-  p.unk_penalty = static_cast<float>(unk_penalty);
-  p.eos_mode = static_cast<int>(eos_mode);
-  p.is_logprobs = is_logprobs;
-  if (cum_scores.has_value()) {
-    const at::Tensor& c = *cum_scores;
-    SF_CHECK_CUDA(c, dev);
-    SF_CHECK_DTYPE(c, at::kFloat);
-    SF_CHECK_CONTIGUOUS(c);
-    TORCH_CHECK(c.numel() == n, "beam_topk: cum_scores has ", c.numel(), " values for ", n,
-                " rows");
-    p.cum = c.data_ptr<float>();
-  }
-  if (banned.has_value()) {
-    const at::Tensor& b = *banned;
-    SF_CHECK_CUDA(b, dev);
-    SF_CHECK_DTYPE(b, at::kLong);
-    SF_CHECK_CONTIGUOUS(b);
-    TORCH_CHECK(b.dim() == 2 && b.size(0) == n, "beam_topk: banned must be [", n, ", nb], got ",
-                b.sizes());
-    p.banned = b.data_ptr<int64_t>();
-    p.n_banned = b.size(1);
-  }
-  auto scores = at::empty({bsz, k}, logits.options().dtype(at::kFloat));  // [bsz, k]
-  auto tokens = at::empty({bsz, k}, logits.options().dtype(at::kLong));   // [bsz, k]
-  auto beams = at::empty({bsz, k}, logits.options().dtype(at::kLong));    // [bsz, k]
-  if (bsz == 0) return {scores, tokens, beams};
-  p.out_scores = scores.data_ptr<float>();
-  p.out_tokens = tokens.data_ptr<int64_t>();
-  p.out_beams = beams.data_ptr<int64_t>();
+  BeamTopkCall call = prepare_beam_topk(logits, cum_scores, rows_per_sent, k, pad, unk, eos,
+                                        unk_penalty, eos_mode, banned, is_logprobs);
+  const kernels::BeamTopkParams& p = call.p;
+  if (p.bsz == 0) return {call.scores, call.tokens, call.beams};
+  kernels::BeamTopkDtype dtype = kernels::BeamTopkDtype::kFloat32;
+  if (logits.scalar_type() == at::kHalf) dtype = kernels::BeamTopkDtype::kFloat16;
+  if (logits.scalar_type() == at::kBFloat16) dtype = kernels::BeamTopkDtype::kBFloat16;
 
   // Workspace from the caching allocator: reuse is ordered on this stream,
   // so releasing it when this function returns is safe.
@@ -112,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cuda(
       kernels::beam_topk_cuda(logits.data_ptr(), dtype, p, ws.data_ptr(), ws_bytes, stream);
   TORCH_CHECK(err == 0,
               "beam_topk: CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-  return {scores, tokens, beams};
+  return {call.scores, call.tokens, call.beams};
 }
 
 }  // namespace seqfuse

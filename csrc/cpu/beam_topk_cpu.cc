@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "beam_topk_binding.h"
 #include "cpu/capability/row_lse.h"
 #include "kernels/beam_topk.h"
 #include "kernels/beam_topk_math.h"
@@ -259,53 +260,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cpu(
     int64_t k, int64_t pad, int64_t unk, int64_t eos, double unk_penalty, int64_t eos_mode,
     const std::optional<at::Tensor>& banned, bool is_logprobs) {
   TORCH_CHECK(logits.device().is_cpu(), "beam_topk_cpu: logits must be on the CPU");
-  TORCH_CHECK(logits.dim() == 2, "beam_topk: logits must be [rows, vocab], got ", logits.sizes());
-  TORCH_CHECK(logits.is_contiguous(), "beam_topk: logits must be contiguous");
-  const int64_t n = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V >= 1, "beam_topk: empty vocabulary");
-  TORCH_CHECK(rows_per_sent >= 1 && n % rows_per_sent == 0, "beam_topk: ", n,
-              " rows is not a multiple of rows_per_sent=", rows_per_sent);
-  TORCH_CHECK(k >= 1 && k <= rows_per_sent * V, "beam_topk: k=", k, " outside [1, ",
-              rows_per_sent * V, "]");
-  TORCH_CHECK(rows_per_sent * V <= std::numeric_limits<int32_t>::max(),
-              "beam_topk: rows_per_sent * vocab must fit in int32");
-  TORCH_CHECK(eos_mode >= 0 && eos_mode <= 2, "beam_topk: eos_mode must be 0, 1 or 2");
-  TORCH_CHECK(pad >= 0 && pad < V && unk >= 0 && unk < V && eos >= 0 && eos < V,
-              "beam_topk: pad, unk and eos must be token ids in [0, ", V, ")");
-  const int64_t bsz = n / rows_per_sent;
-  kernels::BeamTopkParams p{};
-  p.bsz = bsz;
-  p.rows_per_sent = rows_per_sent;
-  p.vocab = V;
-  p.k = k;
-  p.pad = pad;
-  p.unk = unk;
-  p.eos = eos;
-  p.unk_penalty = static_cast<float>(unk_penalty);
-  p.eos_mode = static_cast<int>(eos_mode);
-  p.is_logprobs = is_logprobs;
-  if (cum_scores.has_value()) {
-    const auto& c = *cum_scores;
-    TORCH_CHECK(
-        c.device().is_cpu() && c.scalar_type() == at::kFloat && c.is_contiguous() && c.numel() == n,
-        "beam_topk: cum_scores must be a contiguous float32 CPU tensor of [rows]");
-    p.cum = c.data_ptr<float>();
-  }
-  if (banned.has_value()) {
-    const auto& b = *banned;
-    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == at::kLong && b.is_contiguous() &&
-                    b.dim() == 2 && b.size(0) == n,
-                "beam_topk: banned must be a contiguous int64 CPU tensor of [rows, nb]");
-    p.banned = b.data_ptr<int64_t>();
-    p.n_banned = b.size(1);
-  }
-  auto scores = at::empty({bsz, k}, logits.options().dtype(at::kFloat));
-  auto tokens = at::empty({bsz, k}, logits.options().dtype(at::kLong));
-  auto beams = at::empty({bsz, k}, logits.options().dtype(at::kLong));
-  p.out_scores = scores.data_ptr<float>();
-  p.out_tokens = tokens.data_ptr<int64_t>();
-  p.out_beams = beams.data_ptr<int64_t>();
-  if (bsz == 0) return {scores, tokens, beams};
+  BeamTopkCall call = prepare_beam_topk(logits, cum_scores, rows_per_sent, k, pad, unk, eos,
+                                        unk_penalty, eos_mode, banned, is_logprobs);
+  const kernels::BeamTopkParams& p = call.p;
+  if (p.bsz == 0) return {call.scores, call.tokens, call.beams};
   switch (logits.scalar_type()) {
     case at::kFloat:
       kernels::beam_topk_cpu_kernel(logits.data_ptr<float>(), p);
@@ -320,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cpu(
       TORCH_CHECK(false, "beam_topk: logits dtype must be float32, float16 or bfloat16, got ",
                   logits.scalar_type());
   }
-  return {scores, tokens, beams};
+  return {call.scores, call.tokens, call.beams};
 }
 
 }  // namespace seqfuse
