@@ -24,9 +24,20 @@ def fairseq_user_dir() -> str:
 
 
 def optimize(model, **kwargs):
-    """Patch a Hugging Face model so ``model.generate`` runs seqfuse's search."""
-    from integrations.hf import optimize as _optimize
+    """Patch a Hugging Face model so ``model.generate`` runs seqfuse's search.
 
+    Not available in this version: raises NotImplementedError (the model is
+    left untouched) rather than patching anything approximately.
+    """
+    try:
+        from integrations.hf import optimize as _optimize
+    except ModuleNotFoundError as err:
+        if err.name not in ("integrations", "integrations.hf"):
+            raise
+        raise NotImplementedError(
+            "seqfuse.optimize: the Hugging Face integration is not part of this version; "
+            "the model was left unchanged"
+        ) from None
     return _optimize(model, **kwargs)
 
 

@@ -118,3 +118,11 @@ def test_bad_op_arguments_are_clear_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         beam_topk(pad=1, unk=3, eos=2, **args)
+
+
+def test_optimize_is_a_clear_error_until_the_hf_integration_lands():
+    model = torch.nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NotImplementedError, match="Hugging Face integration"):
+        seqfuse.optimize(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
