@@ -386,17 +386,22 @@ class SequenceGenerator(StockSequenceGenerator):
             sent_n_fin = n_fin[sent_ids]
             rank = sent_n_fin.unsqueeze(1) + take.long().cumsum(1) - 1
             take &= rank < beam_size
-            if device.type != "cpu" or bool(take.any()):
+            # On the CPU host reads are free: skip the bookkeeping on steps
+            # where no hypothesis ends (no sentence can finish on those).
+            taken = device.type != "cpu" or bool(take.any())
+            if taken:
                 self._finalize(
                     step, take, rank, cand_bbsz_idx, cand_scores, tokens, scores, attn,
                     src_lengths, sent_ids, fin_tokens, fin_len, fin_score, fin_pos, fin_attn,
                 )  # fmt: skip
                 sent_n_fin = sent_n_fin + take.sum(1)
                 n_fin[sent_ids] = sent_n_fin
-            done = done | (sent_n_fin == beam_size) | (step >= max_len)
+                done = done | (sent_n_fin == beam_size)
+            if step >= max_len:
+                done = torch.ones_like(done)
 
             stop_now = self.search.stop_on_max_len and step >= max_len
-            if step >= max_len or stop_now or (step + 1) % compact_every == 0:
+            if step >= max_len or stop_now or (taken and (step + 1) % compact_every == 0):
                 if bool(done.all()) or stop_now:
                     break
                 keep = (~done).nonzero().view(-1)
