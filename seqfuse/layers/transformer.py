@@ -108,15 +108,7 @@ class FusedTransformerEncoderLayer(TransformerEncoderLayerBase):
             return super().forward(x, encoder_padding_mask, attn_mask)
         t, n, c = x.shape
         sa = self.self_attn
-        (w_qkv, b_qkv) = self._fused_packed.get(
-            (sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight),
-            (sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias),
-        )
-        x2 = x.reshape(t * n, c)
-        h = x2
-        if self.normalize_before:
-            h = add_layernorm(x2, None, None, *_ln(self.self_attn_layer_norm))[1]
-        qkv = torch.addmm(b_qkv, h, w_qkv.t()).view(t, n, 3 * c)
+        x2, qkv = _self_attn_qkv(self, self._fused_packed, x)
         heads, scaling = _attn_cfg(sa)
         a, _ = attention(
             qkv[..., :c],
@@ -133,6 +125,22 @@ class FusedTransformerEncoderLayer(TransformerEncoderLayerBase):
         )
         x2 = _ffn(self, h, x2)
         return x2.view(t, n, c)
+
+
+def _self_attn_qkv(layer, packed, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Q, K and V of ``layer.self_attn`` in one GEMM (after the pre-norm when
+    ``normalize_before``): ``x [T, N, C]`` -> ``(x as [T*N, C], qkv [T, N, 3C])``."""
+    t, n, c = x.shape
+    sa = layer.self_attn
+    w_qkv, b_qkv = packed.get(
+        (sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight),
+        (sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias),
+    )
+    x2 = x.reshape(t * n, c)
+    h = x2
+    if layer.normalize_before:
+        h = add_layernorm(x2, None, None, *_ln(layer.self_attn_layer_norm))[1]
+    return x2, torch.addmm(b_qkv, h, w_qkv.t()).view(t, n, 3 * c)
 
 
 def _residual_norm(o, bias, residual, own_ln, next_ln, layer):
@@ -250,15 +258,7 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
         t, n, c = x.shape
         sa = self.self_attn
         heads, scaling = _attn_cfg(sa)
-        w_qkv, b_qkv = self._fused_packed_self.get(
-            (sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight),
-            (sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias),
-        )
-        x2 = x.reshape(t * n, c)
-        h = x2
-        if self.normalize_before:
-            h = add_layernorm(x2, None, None, *_ln(self.self_attn_layer_norm))[1]
-        qkv = torch.addmm(b_qkv, h, w_qkv.t()).view(t, n, 3 * c)
+        x2, qkv = _self_attn_qkv(self, self._fused_packed_self, x)
         caches = self._caches(incremental_state) if incremental_state is not None else None
         if caches is not None:
             cache = caches.get("self")
