@@ -48,10 +48,10 @@ from fairseq.tasks.fairseq_task import FairseqTask
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from seqfuse import _ext
+from seqfuse.generation.sequence_generator import FALLBACK_PREFIX
 
 logger = logging.getLogger(__name__)
 
-FALLBACK_PREFIX = "seqfuse: falling back to stock SequenceGenerator: "
 
 # Options that select something other than plain beam search, in the order
 # fairseq's build_generator reads them: (feature, option, attribute, test on

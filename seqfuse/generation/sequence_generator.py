@@ -49,10 +49,14 @@ logger = logging.getLogger("seqfuse.generation")
 _warned: set[str] = set()
 
 
+# The one wording of a fallback line (the fairseq plugin uses it too).
+FALLBACK_PREFIX = "seqfuse: falling back to stock SequenceGenerator: "
+
+
 def _warn_fallback(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        logger.warning("seqfuse: falling back to stock SequenceGenerator: %s", reason)
+        logger.warning("%s%s", FALLBACK_PREFIX, reason)
 
 
 # Model-level get_normalized_probs that only delegate to the decoder's.
@@ -136,10 +140,10 @@ class SequenceGenerator(StockSequenceGenerator):
         return self._search(sample, prefix_tokens, bos_token)
 
     # ------------------------------------------------------------------ model
-    def _decoder_step(self, tokens: Tensor, encoder_outs, incremental_states):
+    def _decoder_step(self, tokens: Tensor, encoder_outs, incremental_states, fused_logits: bool):
         """One decoder call: ``(logits_or_lprobs [rows, V], is_logprobs, attn)``."""
         model: EnsembleModel = self.model
-        if model.models_size != 1 or not self._fused_logits:
+        if not fused_logits:
             lprobs, attn = model.forward_decoder(
                 tokens, encoder_outs, incremental_states, self.temperature
             )
@@ -230,7 +234,7 @@ class SequenceGenerator(StockSequenceGenerator):
         stop only every few steps. One copy at the end builds the dicts.
         """
         model: EnsembleModel = self.model
-        self._fused_logits = model.models_size == 1 and _standard_normalisation(model.single_model)
+        fused_logits = model.models_size == 1 and _standard_normalisation(model.single_model)
         incremental_states = [{} for _ in range(model.models_size)]
         net_input = sample["net_input"]
         if "src_tokens" in net_input:
@@ -317,7 +321,7 @@ class SequenceGenerator(StockSequenceGenerator):
                 model.reorder_incremental_state(incremental_states, reorder_state)
 
             out, is_logprobs, avg_attn_scores = self._decoder_step(
-                tokens[:, : step + 1], encoder_outs, incremental_states
+                tokens[:, : step + 1], encoder_outs, incremental_states, fused_logits
             )
             prefix_step = (
                 prefix_tokens is not None and step < prefix_tokens.size(1) and step < max_len
