@@ -39,8 +39,8 @@ inline BeamTopkCall prepare_beam_topk(const at::Tensor& logits,
               "beam_topk: rows_per_sent * vocab must fit in int32");
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "beam_topk: too many rows");
   TORCH_CHECK(eos_mode >= 0 && eos_mode <= 2, "beam_topk: eos_mode must be 0, 1 or 2");
-  TORCH_CHECK(pad >= 0 && pad < V && unk >= 0 && unk < V && eos >= 0 && eos < V,
-              "beam_topk: pad, unk and eos must be token ids in [0, ", V, ")");
+  TORCH_CHECK(pad >= -1 && pad < V && unk >= 0 && unk < V && eos >= 0 && eos < V,
+              "beam_topk: unk and eos must be token ids in [0, ", V, "), pad one or -1 (none)");
 
   BeamTopkCall call;
   kernels::BeamTopkParams& p = call.p;

@@ -226,6 +226,30 @@ def test_banned_current_maximum_and_padding():
                 assert r * vocab + t not in chosen[b].tolist()
 
 
+@pytest.mark.parametrize("vocab", (5, 5125))
+def test_no_pad_token(vocab):
+    """pad=-1 (Hugging Face models ban no pad by default): every token is scored,
+    -1 entries of ``banned`` ban nothing, and the result is stock's bit for bit."""
+    rows, bsz = 3, 2
+    x, cum = make_inputs("random", bsz, rows, vocab, torch.float32, seed=vocab)
+    x[:, 1] = x.max(dim=1).values + 1.0  # token 1 (fairseq's pad) is every row's best
+    banned = torch.full((bsz * rows, 2), -1, dtype=torch.long)
+    banned[0, 1] = 3
+    k = min(2 * rows, rows * vocab)
+    args = (x, cum, rows, k, -1, 0, 2, 0.0, EOS_ALLOW, banned)
+    scores, tokens, beams = beam_topk(*args)
+    ref = beam_topk_reference(*args)
+    full = torch.log_softmax(x, dim=-1)
+    full[0, 3] = NEG_INF
+    full = (full.view(bsz, rows, vocab) + cum.view(bsz, rows, 1)).view(bsz, -1)
+    want_scores, want_flat = full.topk(k)
+    assert torch.equal(scores, ref[0]) and torch.equal(scores, want_scores)
+    assert torch.equal(beams * vocab + tokens, want_flat)
+    assert bool((tokens[:, 0] == 1).all()), "token 1 must not be treated as a pad"
+    with pytest.raises((RuntimeError, ValueError)):
+        beam_topk(x, cum, rows, k, -2, 0, 2)
+
+
 @pytest.mark.parametrize("vocab", (2, 5, 130, 5125))
 @pytest.mark.parametrize("rows", (1, 3, 16))
 def test_large_k(vocab, rows):

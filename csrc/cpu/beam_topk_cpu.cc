@@ -137,7 +137,7 @@ void row_phase(const T* logits, const BeamTopkParams& p, int64_t row, RowStat& s
   // is the unedited one of the maximum (-inf for every token but eos under
   // kEosOnly), whichever token holds it.
   special.assign(nch, 0);
-  special[p.pad / kChunk] = 1;
+  if (p.pad >= 0) special[p.pad / kChunk] = 1;
   special[p.unk / kChunk] = 1;
   if (p.eos_mode != kEosAllow) special[p.eos / kChunk] = 1;
   for (int64_t j = 0; b != nullptr && j < p.n_banned; ++j)

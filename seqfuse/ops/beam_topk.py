@@ -4,7 +4,7 @@ Contract (one call per decoding step, fairseq 0.12 ``SequenceGenerator`` order):
 
     lprobs = log_softmax(logits.float())        # skipped when is_logprobs
     lprobs[isnan(lprobs)] = -inf
-    lprobs[:, pad] = -inf
+    lprobs[:, pad] = -inf                       # pad == -1: no pad token to ban
     lprobs[:, unk] -= unk_penalty
     eos_mode == 2 (step >= max_len): every token but eos -> -inf
     eos_mode == 1 (step < min_len):  eos -> -inf
@@ -52,7 +52,8 @@ def apply_step_edits(
 ) -> Tensor:
     """fairseq's in-place edits of a ``[rows, V]`` log-prob tensor (stock order)."""
     lprobs.masked_fill_(lprobs != lprobs, -math.inf)
-    lprobs[:, pad] = -math.inf
+    if pad >= 0:
+        lprobs[:, pad] = -math.inf
     lprobs[:, unk] -= unk_penalty
     if eos_mode == EOS_ONLY:
         lprobs[:, :eos] = -math.inf
@@ -65,9 +66,14 @@ def apply_step_edits(
 
 def ban_tokens(lprobs: Tensor, banned: Tensor | None, pad: int) -> Tensor:
     """``lprobs[r, banned[r, j]] = -inf`` for ``banned[r, j] >= 0``, in place,
-    without a host read: ``-1`` entries hit ``pad``, which is ``-inf`` already."""
+    without a host read: ``-1`` entries hit ``pad``, which is ``-inf`` already
+    (with no pad token, ``pad < 0``, they are masked out instead)."""
     if banned is not None and banned.numel() > 0:
-        lprobs.scatter_(1, torch.where(banned >= 0, banned, pad), -math.inf)
+        if pad >= 0:
+            lprobs.scatter_(1, torch.where(banned >= 0, banned, pad), -math.inf)
+        else:
+            rows, cols = (banned >= 0).nonzero(as_tuple=True)
+            lprobs[rows, banned[rows, cols]] = -math.inf
     return lprobs
 
 
