@@ -24,20 +24,14 @@ def fairseq_user_dir() -> str:
 
 
 def optimize(model, **kwargs):
-    """Patch a Hugging Face model so ``model.generate`` runs seqfuse's search.
+    """Patch a Hugging Face model in place so ``model.generate`` runs seqfuse's
+    beam search: same tokens and scores as Hugging Face's, fused search step.
 
-    Not available in this version: raises NotImplementedError (the model is
-    left untouched) rather than patching anything approximately.
+    Returns the model. See ``integrations.hf`` for what is fused and what falls
+    back (one warning line). ``integrations.hf.restore(model)`` undoes it.
     """
-    try:
-        from integrations.hf import optimize as _optimize
-    except ModuleNotFoundError as err:
-        if err.name not in ("integrations", "integrations.hf"):
-            raise
-        raise NotImplementedError(
-            "seqfuse.optimize: the Hugging Face integration is not part of this version; "
-            "the model was left unchanged"
-        ) from None
+    from integrations.hf import optimize as _optimize
+
     return _optimize(model, **kwargs)
 
 

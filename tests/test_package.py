@@ -120,9 +120,10 @@ def test_bad_op_arguments_are_clear_errors(kwargs, match):
         beam_topk(pad=1, unk=3, eos=2, **args)
 
 
-def test_optimize_is_a_clear_error_until_the_hf_integration_lands():
+def test_optimize_rejects_non_hf_models_and_leaves_them_untouched():
     model = torch.nn.Linear(2, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(NotImplementedError, match="Hugging Face integration"):
+    with pytest.raises(TypeError, match="PreTrainedModel"):
         seqfuse.optimize(model)
+    assert type(model) is torch.nn.Linear
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,585 @@
+"""Hugging Face integration: ``seqfuse.optimize(model)``.
+
+``optimize`` swaps the model's class for a subclass (same name, same module,
+``isinstance`` unchanged, ``save_pretrained`` writes the same config) whose
+beam search is seqfuse's. ``model.generate(...)`` is called exactly as before
+and returns the same tokens and the same scores as Hugging Face's own
+``_beam_search``: the loop is that method's, step for step, and reuses its
+small per-step helpers (running beams, finished beams, early-stop heuristic).
+What changes is the expensive part of a step:
+
+- the next-token candidates come from the fused ``beam_topk`` op
+  (normaliser, token bans, score accumulation and the top-k in one pass,
+  hierarchical pruning, no ``[batch * beams, vocab]`` log-prob tensor) when
+  every active logits processor is one whose effect is a token ban
+  (``bad_words_ids`` of single tokens, ``min_length``, ``min_new_tokens``,
+  ``suppress_tokens``, ``begin_suppress_tokens``, ``forced_bos_token_id`` and
+  ``forced_eos_token_id`` away from their step). Other processors, requested
+  per-step scores, non-finite logits and the forced-token steps run stock's
+  own operations for that step;
+- exact float ties among the candidates are re-ranked with stock's own ops
+  (``torch.topk``'s order among equal values is an artefact of its algorithm);
+- the cross-attention cache is not re-gathered each step when the beams of a
+  sentence hold identical copies of it (checked once, after the first step):
+  the reorder keeps every row inside its sentence, so it would copy equal
+  values onto equal values;
+- the stopping criteria Hugging Face builds by default (max length, EOS) are
+  evaluated on the new tokens instead of on gathered sequences.
+
+Anything else runs Hugging Face's own loop after one warning line naming the
+reason: beam sampling, ``synced_gpus``, a transformers version whose beam
+search this module does not mirror. Greedy search and sampling
+(``num_beams=1``) are Hugging Face's loop (one line says so).
+``SEQFUSE_DISABLE=1`` runs stock without a warning. Only ``generate`` changes:
+the model's layers, weights and ``forward`` are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor, nn
+
+from seqfuse.ops.beam_topk import EOS_ALLOW, ban_tokens, beam_topk
+
+logger = logging.getLogger("seqfuse.hf")
+
+FALLBACK_PREFIX = "seqfuse: running Hugging Face's own generate loop: "
+_warned: set[str] = set()
+
+# What the search did, for users and tests: steps through the fused op, steps
+# through stock's ops, sentences re-ranked for exact ties, searches that kept
+# the cross-attention cache in place.
+STATS = {"fused_steps": 0, "stock_steps": 0, "tie_reranks": 0, "cross_cache_kept": 0}
+
+# The helpers of GenerationMixin this module's loop calls (transformers 5.x).
+_HELPERS = (
+    "_prefill",
+    "_update_model_kwargs_for_generation",
+    "prepare_inputs_for_generation",
+    "_get_running_beams_for_next_iteration",
+    "_update_finished_beams",
+    "_check_early_stop_heuristic",
+    "_beam_search_has_unfinished_sequences",
+    "_flatten_beam_dim",
+    "_unflatten_beam_dim",
+    "_gather_beams",
+)
+
+
+def _warn(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("%s%s", FALLBACK_PREFIX, reason)
+
+
+def _disabled() -> bool:
+    return os.environ.get("SEQFUSE_DISABLE", "").strip() not in ("", "0")
+
+
+# ----------------------------------------------------------------- optimize
+_PATCHED: dict[type, type] = {}
+
+
+def optimize(model, **kwargs):
+    """Patch ``model`` in place so ``model.generate`` runs seqfuse's beam search.
+
+    Returns the same model object. Idempotent; ``restore(model)`` undoes it.
+    Raises TypeError (model untouched) for objects that have no Hugging Face
+    ``generate``.
+    """
+    if kwargs:
+        raise TypeError(f"seqfuse.optimize: unexpected keyword arguments {sorted(kwargs)}")
+    try:
+        from transformers import PreTrainedModel
+        from transformers.generation.utils import GenerationMixin
+    except ImportError as err:  # pragma: no cover - transformers is a dependency
+        raise TypeError(f"seqfuse.optimize needs transformers: {err}") from None
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"seqfuse.optimize expects a Hugging Face PreTrainedModel, got {type(model).__name__}"
+        )
+    if not isinstance(model, GenerationMixin) or not model.can_generate():
+        raise TypeError(
+            f"seqfuse.optimize: {type(model).__name__} has no generate() (an encoder-only "
+            "model?); seqfuse.optimize accelerates generation; the model was left unchanged"
+        )
+    base = type(model)
+    if getattr(base, "_seqfuse_patched", False):
+        return model
+    missing = [h for h in _HELPERS if not hasattr(base, h)]
+    if missing:
+        _warn(
+            f"this transformers version has no {', '.join(missing)}: its beam search is not "
+            "the one seqfuse mirrors"
+        )
+        return model
+    model.__class__ = _patched_class(base)
+    return model
+
+
+def restore(model):
+    """Undo ``optimize``: the model's class is its own again."""
+    base = getattr(type(model), "_seqfuse_base", None)
+    if base is not None:
+        model.__class__ = base
+    return model
+
+
+def is_optimized(model) -> bool:
+    return bool(getattr(type(model), "_seqfuse_patched", False))
+
+
+def _patched_class(base: type) -> type:
+    cls = _PATCHED.get(base)
+    if cls is None:
+        cls = type(
+            base.__name__,
+            (_SeqfuseGeneration, base),
+            {
+                "__module__": base.__module__,
+                "__qualname__": base.__qualname__,
+                "_seqfuse_patched": True,
+                "_seqfuse_base": base,
+            },
+        )
+        _PATCHED[base] = cls
+    return cls
+
+
+class _SeqfuseGeneration:
+    """The overrides ``optimize`` puts in front of the model's own class."""
+
+    def _beam_search(
+        self,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus: bool = False,
+        **model_kwargs,
+    ):
+        reason = None if _disabled() else _unsupported(generation_config, synced_gpus)
+        if _disabled() or reason is not None:
+            if reason is not None:
+                _warn(reason)
+            return super()._beam_search(
+                input_ids,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                generation_config=generation_config,
+                synced_gpus=synced_gpus,
+                **model_kwargs,
+            )
+        return beam_search(
+            self, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs
+        )
+
+    def _sample(self, *args, **kwargs):
+        if not _disabled():
+            _warn("num_beams=1 (greedy search or sampling): seqfuse accelerates beam search")
+        return super()._sample(*args, **kwargs)
+
+
+def _unsupported(gc, synced_gpus: bool) -> str | None:
+    if synced_gpus:
+        return "synced_gpus=True"
+    if gc.do_sample:
+        return "beam sampling (do_sample=True with num_beams > 1)"
+    if getattr(gc, "low_memory", False):
+        return "low_memory=True"
+    return None
+
+
+# ------------------------------------------------------------ step planning
+class _StepPlan:
+    """Which logits processors reduce to token bans, and the bans of a step.
+
+    ``bans(cur_len)`` returns the sorted token ids banned at a step with
+    ``cur_len`` tokens in the running sequences, or None when a processor
+    does something else at that step (then the step runs stock's ops).
+    """
+
+    def __init__(self, processors, vocab: int):
+        from transformers.generation import logits_process as lp
+
+        self.vocab = vocab
+        self.generic_reason: str | None = None
+        self.static: set[int] = set()
+        self.rules = []  # callables cur_len -> (generic: bool, ids: list[int])
+        for p in processors:
+            t = type(p)
+            if t is lp.NoBadWordsLogitsProcessor:
+                seqs = list(p.sequence_bias.keys())
+                if any(len(s) != 1 for s in seqs) or any(s[0] >= vocab for s in seqs):
+                    self.generic_reason = "bad_words_ids with multi-token or out-of-range entries"
+                    continue
+                self.static.update(int(s[0]) for s in seqs)
+            elif t is lp.MinLengthLogitsProcessor:
+                ids, m = _ids(p.eos_token_id), p.min_length
+                self.rules.append(lambda n, ids=ids, m=m: (False, ids if n < m else ()))
+            elif t is lp.MinNewTokensLengthLogitsProcessor:
+                ids, skip, m = _ids(p.eos_token_id), p.prompt_length_to_skip, p.min_new_tokens
+                self.rules.append(
+                    lambda n, ids=ids, skip=skip, m=m: (False, ids if n - skip < m else ())
+                )
+            elif t is lp.SuppressTokensLogitsProcessor:
+                self.static.update(_ids(p.suppress_tokens))
+            elif t is lp.SuppressTokensAtBeginLogitsProcessor:
+                self.rules.append(
+                    lambda n, p=p: (
+                        False,
+                        _ids(p.begin_suppress_tokens) if n == p.begin_index else (),
+                    )
+                )
+            elif t is lp.ForcedBOSTokenLogitsProcessor:
+                self.rules.append(lambda n: (n == 1, ()))
+            elif t is lp.ForcedEOSTokenLogitsProcessor:
+                self.rules.append(lambda n, m=p.max_length: (n == m - 1, ()))
+            else:
+                self.generic_reason = f"logits processor {t.__name__}"
+        self._cache: dict[tuple, Tensor] = {}
+
+    def bans(self, cur_len: int, rows: int, device) -> tuple[bool, Tensor | None]:
+        """(fused, banned [rows, nb] or None) for a step."""
+        if self.generic_reason is not None:
+            return False, None
+        ids = set(self.static)
+        for rule in self.rules:
+            generic, extra = rule(cur_len)
+            if generic:
+                return False, None
+            ids.update(extra)
+        ids = tuple(sorted(i for i in ids if 0 <= i < self.vocab))
+        if not ids:
+            return True, None
+        key = (ids, rows, device)
+        t = self._cache.get(key)
+        if t is None:
+            t = torch.tensor(ids, dtype=torch.long, device=device).expand(rows, len(ids))
+            t = self._cache[key] = t.contiguous()
+        return True, t
+
+
+def _ids(x) -> list[int]:
+    if isinstance(x, Tensor):
+        return [int(v) for v in x.reshape(-1).tolist()]
+    if isinstance(x, int):
+        return [x]
+    return [int(v) for v in x]
+
+
+def _stop_plan(stopping_criteria):
+    """For the default criteria (max length, EOS): (max-length criteria, EOS ids);
+    None when another criterion needs the gathered sequences."""
+    from transformers.generation import stopping_criteria as sc
+
+    max_crit, eos = [], []
+    for c in stopping_criteria:
+        if type(c) is sc.MaxLengthCriteria:
+            max_crit.append(c)
+        elif type(c) is sc.EosTokenCriteria:
+            eos.extend(_ids(c.eos_token_id))
+        else:
+            return None
+    return max_crit, sorted(set(eos))
+
+
+def _cross_cache_shared(cache, batch: int, num_beams: int) -> bool:
+    """True when every cross-attention layer of an encoder-decoder cache holds,
+    for each sentence, the same keys and values in all of its beams."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+
+    if type(cache) is not EncoderDecoderCache or num_beams == 1:
+        return False
+    cross = cache.cross_attention_cache
+    if type(cross) is not DynamicCache or type(cache.self_attention_cache) is not DynamicCache:
+        return False
+    if not cross.layers:
+        return False
+    for layer in cross.layers:
+        if type(layer) is not DynamicLayer or not layer.is_initialized:
+            return False
+        for t in (layer.keys, layer.values):
+            if t is None or t.dim() < 1 or t.size(0) != batch * num_beams:
+                return False
+            v = t.reshape(batch, num_beams, -1)
+            if not torch.equal(v, v[:, :1].expand_as(v)):
+                return False
+    return True
+
+
+# ------------------------------------------------------------- the search
+def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **model_kwargs):
+    """Hugging Face's ``_beam_search`` (transformers 5.x), same results, fused step."""
+    from transformers.generation.utils import (
+        ALL_CACHE_NAMES,
+        GenerateBeamDecoderOnlyOutput,
+        GenerateBeamEncoderDecoderOutput,
+    )
+
+    pad_token_id = gc._pad_token_tensor
+    eos_token_id = gc._eos_token_tensor
+    output_attentions = gc.output_attentions
+    output_hidden_states = gc.output_hidden_states
+    output_scores = gc.output_scores
+    output_logits = gc.output_logits
+    return_dict = gc.return_dict_in_generate
+    early_stopping = gc.early_stopping
+    length_penalty = gc.length_penalty
+    max_length = gc.max_length
+    num_beams = gc.num_beams
+    num_return_sequences = gc.num_return_sequences
+    is_enc_dec = model.config.is_encoder_decoder
+    device = input_ids.device
+
+    flat_batch, cur_len = input_ids.shape[:2]
+    batch = flat_batch // num_beams
+    prompt_len = cur_len
+    n_eos = eos_token_id.shape[0] if eos_token_id is not None else 0
+    keep = max(2, 1 + n_eos) * num_beams
+    top_num_beam_mask = torch.cat(
+        (torch.ones(num_beams, dtype=torch.bool), torch.zeros(keep - num_beams, dtype=torch.bool))
+    ).to(device)
+
+    want_scores = return_dict and output_scores
+    all_scores = () if want_scores else None
+    raw_logits = () if (return_dict and output_logits) else None
+    dec_attn = () if (return_dict and output_attentions) else None
+    cross_attn = () if (return_dict and output_attentions) else None
+    dec_hidden = () if (return_dict and output_hidden_states) else None
+    enc_attn = enc_hidden = None
+    if return_dict and is_enc_dec:
+        enc_out = model_kwargs["encoder_outputs"]
+        enc_attn = enc_out.get("attentions") if output_attentions else None
+        enc_hidden = enc_out.get("hidden_states") if output_hidden_states else None
+
+    fill = pad_token_id or eos_token_id[0] if eos_token_id is not None else -1
+    running_sequences = torch.full(
+        (batch, num_beams, max_length), fill_value=fill, dtype=torch.int64, device=device
+    )
+    running_sequences[:, :, :cur_len] = input_ids.view(batch, num_beams, cur_len)
+    sequences = running_sequences.detach().clone()
+    running_beam_scores = torch.zeros((batch, num_beams), dtype=torch.float, device=device)
+    running_beam_scores[:, 1:] = -1e9
+    beam_scores = torch.full((batch, num_beams), -1e9, dtype=torch.float, device=device)
+    is_sent_finished = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
+    early_stop_unsat = torch.ones((batch, 1), dtype=torch.bool, device=device)
+    hits = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
+    running_beam_indices = torch.full(
+        (batch, num_beams, max_length - cur_len), -1, dtype=torch.int32, device=device
+    )
+    beam_indices = running_beam_indices.detach().clone()
+    batch_offset = torch.arange(batch, device=device).view(-1, 1) * num_beams
+
+    stop_plan = _stop_plan(stopping_criteria)
+    plan: _StepPlan | None = None
+    cross_shared: bool | None = None
+
+    flat_running = input_ids
+    model_outputs = model._prefill(
+        input_ids, gc, model_kwargs, is_first_iteration=not gc.is_assistant
+    )
+    first = True
+    this_peer_finished = False
+    while not this_peer_finished:
+        if not first:
+            flat_running = running_sequences[:, :, :cur_len].reshape(flat_batch, cur_len)
+            next_len = 1 if model_kwargs["use_cache"] else None
+            inputs = model.prepare_inputs_for_generation(
+                flat_running, next_sequence_length=next_len, **model_kwargs
+            )
+            model_outputs = model(**inputs, return_dict=True)
+        first = False
+        model_kwargs = model._update_model_kwargs_for_generation(
+            model_outputs, model_kwargs, is_encoder_decoder=is_enc_dec
+        )
+
+        raw = model_outputs.logits[:, -1, :]
+        if raw.dtype == torch.float32 and raw.device == device and raw.is_contiguous():
+            logits = raw
+        else:
+            logits = raw.to(copy=True, dtype=torch.float32, device=device)
+        vocab = logits.shape[-1]
+        if plan is None:
+            plan = _StepPlan(logits_processor, vocab)
+
+        if return_dict:
+            if output_logits:
+                raw_logits += (logits.clone(),)
+            if output_attentions:
+                dec_attn += (
+                    (model_outputs.decoder_attentions,)
+                    if is_enc_dec
+                    else (model_outputs.attentions,)
+                )
+                if is_enc_dec:
+                    cross_attn += (model_outputs.cross_attentions,)
+            if output_hidden_states:
+                dec_hidden += (
+                    (model_outputs.decoder_hidden_states,)
+                    if is_enc_dec
+                    else (model_outputs.hidden_states,)
+                )
+        del model_outputs
+
+        fused, banned = (False, None) if want_scores else plan.bans(cur_len, flat_batch, device)
+        if fused and num_beams * vocab >= 2**31:
+            fused = False
+        if fused and not bool(
+            torch.isfinite(logits.amax(dim=1)).all() & ~torch.isnan(running_beam_scores).any()
+        ):
+            fused = False  # NaN / inf logits or NaN scores: stock's ops give stock's answer
+        STATS["fused_steps" if fused else "stock_steps"] += 1
+        if fused:
+            topk_log_probs, topk_tokens, topk_beams = _fused_topk(
+                logits, running_beam_scores, banned, num_beams, keep
+            )
+        else:
+            log_probs = nn.functional.log_softmax(logits, dim=-1)
+            log_probs = logits_processor(flat_running, log_probs)
+            if want_scores:
+                all_scores += (log_probs.clone(),)
+            log_probs = log_probs.view(batch, num_beams, vocab) + running_beam_scores[:, :, None]
+            topk_log_probs, flat_idx = torch.topk(log_probs.reshape(batch, -1), k=keep)
+            topk_beams = flat_idx // vocab
+            topk_tokens = flat_idx % vocab
+        del logits
+
+        # Stock's _get_top_k_continuations from the chosen (beam, token) pairs.
+        topk_running_beam_indices = model._gather_beams(running_beam_indices, topk_beams)
+        topk_running_sequences = model._gather_beams(running_sequences, topk_beams)
+        topk_running_sequences[:, :, cur_len] = topk_tokens
+        topk_running_beam_indices[:, :, cur_len - prompt_len] = topk_beams + batch_offset
+
+        if stop_plan is not None:
+            max_crit, eos_ids = stop_plan
+            hits = torch.zeros((batch, keep), dtype=torch.bool, device=device)
+            probe = topk_tokens.new_empty((1, cur_len + 1))
+            for c in max_crit:  # their own call: same decision, same warning
+                if bool(c(probe, all_scores)[0]):
+                    hits = torch.ones_like(hits)
+            if eos_ids:
+                hits = hits | torch.isin(topk_tokens, torch.tensor(eos_ids, device=device))
+        else:
+            hits = stopping_criteria(
+                model._flatten_beam_dim(topk_running_sequences[:, :, : cur_len + 1]), all_scores
+            )
+            hits = model._unflatten_beam_dim(hits, batch, keep)
+
+        running_sequences, running_beam_scores, running_beam_indices = (
+            model._get_running_beams_for_next_iteration(
+                topk_log_probs=topk_log_probs,
+                topk_running_sequences=topk_running_sequences,
+                topk_running_beam_indices=topk_running_beam_indices,
+                next_token_hits_stopping_criteria=hits,
+                num_beams=num_beams,
+            )
+        )
+        sequences, beam_scores, beam_indices, is_sent_finished = model._update_finished_beams(
+            sequences=sequences,
+            topk_running_sequences=topk_running_sequences,
+            beam_scores=beam_scores,
+            topk_log_probs=topk_log_probs,
+            beam_indices=beam_indices,
+            topk_running_beam_indices=topk_running_beam_indices,
+            is_early_stop_heuristic_unsatisfied=early_stop_unsat,
+            is_sent_finished=is_sent_finished,
+            next_token_hits_stopping_criteria=hits,
+            top_num_beam_mask=top_num_beam_mask,
+            num_beams=num_beams,
+            cur_len=cur_len,
+            decoder_prompt_len=prompt_len,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+        )
+
+        cache_key = next((k for k in ALL_CACHE_NAMES if k in model_kwargs), None)
+        if cache_key is not None:
+            beam_idx = model._flatten_beam_dim(running_beam_indices[..., cur_len - prompt_len])
+            cache = model_kwargs[cache_key]
+            if hasattr(model, "_reorder_cache"):
+                model_kwargs[cache_key] = model._reorder_cache(cache, beam_idx)
+            elif hasattr(cache, "reorder_cache"):
+                if cross_shared is None:
+                    cross_shared = _cross_cache_shared(cache, batch, num_beams)
+                    STATS["cross_cache_kept"] += int(cross_shared)
+                if cross_shared:
+                    cache.self_attention_cache.reorder_cache(beam_idx)
+                else:
+                    cache.reorder_cache(beam_idx)
+            else:
+                raise ValueError(
+                    f"{model.__class__.__name__} cannot use beam search with a cache currently, "
+                    "as the cache cannot be reordered"
+                )
+
+        cur_len += 1
+        early_stop_unsat = model._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=early_stop_unsat,
+            running_beam_scores=running_beam_scores,
+            beam_scores=beam_scores,
+            is_sent_finished=is_sent_finished,
+            cur_len=cur_len,
+            max_length=max_length,
+            decoder_prompt_len=prompt_len,
+            early_stopping=early_stopping,
+            length_penalty=length_penalty,
+        )
+        this_peer_finished = not model._beam_search_has_unfinished_sequences(
+            early_stop_unsat, is_sent_finished, hits, early_stopping
+        )
+
+    sequences = model._flatten_beam_dim(sequences[:, :num_return_sequences, :])
+    beam_scores = model._flatten_beam_dim(beam_scores[:, :num_return_sequences])
+    beam_indices = model._flatten_beam_dim(beam_indices[:, :num_return_sequences, :])
+    max_generated = ((beam_indices + 1).bool()).sum(dim=1).max()
+    sequences = sequences[:, : prompt_len + max_generated]
+    beam_indices = beam_indices[:, :max_generated]
+    if not return_dict:
+        return sequences
+    cache_key = next((k for k in ALL_CACHE_NAMES if k in model_kwargs), None)
+    common = dict(
+        sequences=sequences,
+        sequences_scores=beam_scores if output_scores else None,
+        scores=all_scores,
+        logits=raw_logits,
+        beam_indices=beam_indices,
+        past_key_values=model_kwargs[cache_key] if cache_key is not None else None,
+    )
+    if is_enc_dec:
+        return GenerateBeamEncoderDecoderOutput(
+            **common,
+            encoder_attentions=enc_attn,
+            encoder_hidden_states=enc_hidden,
+            decoder_attentions=dec_attn,
+            cross_attentions=cross_attn,
+            decoder_hidden_states=dec_hidden,
+        )
+    return GenerateBeamDecoderOnlyOutput(**common, attentions=dec_attn, hidden_states=dec_hidden)
+
+
+def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
+    """The top-``keep`` (score, token, beam) per sentence, as stock's ``torch.topk``
+    over ``log_softmax(logits) (+ bans) + running scores`` would order them."""
+    vocab = logits.shape[1]
+    cum = running_beam_scores.reshape(-1)
+    k_op = min(keep + 1, num_beams * vocab)
+    cs, ci, cb = beam_topk(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned)
+    if k_op > 1:
+        tie = (cs[:, 1:] == cs[:, :-1]).any(dim=1)
+        if bool(tie.any()):
+            sents = tie.nonzero().view(-1)
+            STATS["tie_reranks"] += sents.numel()
+            row_idx = sents.unsqueeze(1) * num_beams + torch.arange(num_beams, device=sents.device)
+            row_idx = row_idx.view(-1)
+            lp = nn.functional.log_softmax(logits[row_idx], dim=-1)
+            ban_tokens(lp, None if banned is None else banned[row_idx], -1)
+            lp = lp.view(-1, num_beams, vocab) + running_beam_scores[sents][:, :, None]
+            rs, ridx = torch.topk(lp.reshape(sents.numel(), -1), k=keep)
+            cs, ci, cb = cs[:, :keep].clone(), ci[:, :keep].clone(), cb[:, :keep].clone()
+            cs[sents], ci[sents], cb[sents] = rs, ridx % vocab, ridx // vocab
+            return cs, ci, cb
+    return cs[:, :keep], ci[:, :keep], cb[:, :keep]

@@ -1,0 +1,146 @@
+"""Tiny random Hugging Face models, built from configs (no downloads), with
+output layers sharpened and EOS made likely so that hypotheses end at
+different lengths, as trained models' do."""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("marian", "bart", "mbart", "t5", "gpt2")
+
+
+# (init std, logit spread, EOS bias) per kind: EOS at varied lengths.
+TUNING = {
+    "marian": (0.1, 2.0, 6.0),
+    "bart": (0.5, 3.0, 6.0),
+    "mbart": (0.5, 3.0, 7.0),
+    "t5": (0.5, 3.0, 8.0),
+    "gpt2": (0.5, 3.0, 4.0),
+}
+
+
+def make_model(kind: str, seed: int = 0, vocab: int = 211, **tuning):
+    import transformers as tf
+
+    init, spread, eos_bias = TUNING[kind]
+    init = tuning.get("init", init)
+    spread = tuning.get("spread", spread)
+    eos_bias = tuning.get("eos_bias", eos_bias)
+
+    torch.manual_seed(seed)
+    small = dict(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        init_std=init,
+    )
+    if kind == "marian":
+        cfg = tf.MarianConfig(
+            vocab_size=vocab,
+            pad_token_id=vocab - 1,
+            eos_token_id=0,
+            decoder_start_token_id=vocab - 1,
+            bad_words_ids=[[vocab - 1]],
+            forced_eos_token_id=0,
+            **small,
+        )
+        model = tf.MarianMTModel(cfg)
+    elif kind == "bart":
+        cfg = tf.BartConfig(
+            vocab_size=vocab,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=2,
+            **small,
+        )
+        model = tf.BartForConditionalGeneration(cfg)
+    elif kind == "mbart":
+        cfg = tf.MBartConfig(
+            vocab_size=vocab,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_bos_token_id=7,
+            forced_eos_token_id=2,
+            **small,
+        )
+        model = tf.MBartForConditionalGeneration(cfg)
+    elif kind == "t5":
+        cfg = tf.T5Config(
+            vocab_size=vocab,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            initializer_factor=init * 2,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+        model = tf.T5ForConditionalGeneration(cfg)
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            initializer_range=init,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    model.eval()
+    # An untied output layer with a bias, calibrated so that logits have a
+    # standard deviation of about ``spread`` (random models are otherwise
+    # either flat or collapse onto one token), EOS made likely by ``eos_bias``.
+    old = model.get_output_embeddings()
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0)
+        head.bias.zero_()
+        model.config.tie_word_embeddings = False
+        model.set_output_embeddings(head)
+        ids, mask = make_inputs(kind, model, 4, seed=seed + 1)
+        if kind == "gpt2":
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        else:
+            dec = torch.full((4, 3), cfg.decoder_start_token_id, dtype=torch.long)
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        if getattr(model, "final_logits_bias", None) is not None:
+            model.final_logits_bias.zero_()
+        head.weight.mul_(spread / logits.float().std().clamp(min=1e-6))
+        head.bias[cfg.eos_token_id] = eos_bias
+    return model
+
+
+def make_inputs(kind: str, model, batch: int, seed: int = 0, src_len: int = 9):
+    """input_ids and attention_mask with padding (right for encoders, left for GPT-2)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vocab = cfg.vocab_size
+    ids = torch.randint(3, vocab - 2, (batch, src_len), generator=g)
+    mask = torch.ones_like(ids)
+    pad = cfg.pad_token_id
+    for b in range(1, batch, 2):
+        n = 1 + b % (src_len - 2)
+        if kind == "gpt2":
+            ids[b, :n], mask[b, :n] = pad, 0
+        else:
+            ids[b, -n:], mask[b, -n:] = pad, 0
+    if kind != "gpt2":
+        ids[:, -1] = torch.where(mask[:, -1] == 1, cfg.eos_token_id, ids[:, -1])
+    return ids, mask

@@ -1,0 +1,328 @@
+"""seqfuse.optimize on Hugging Face models: same tokens and scores as stock
+``model.generate`` (run in the same test on the same model), fallbacks with
+one warning line, and the patch's API.
+
+Each parity test runs stock generate, then ``seqfuse.optimize`` on the same
+model and generate again, and compares the returned sequences, the running
+beam scores of every step and the final finished-beam scores bit for bit
+(spied on the per-step helpers both loops call).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hf_models import KINDS, make_inputs, make_model  # noqa: E402
+
+import seqfuse  # noqa: E402
+from integrations import hf  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.delenv("SEQFUSE_DISABLE", raising=False)
+    hf._warned.clear()
+    for k in hf.STATS:
+        hf.STATS[k] = 0
+    yield
+
+
+class Trace:
+    """Spies on the per-step helpers that stock's loop and seqfuse's both call."""
+
+    def __init__(self, model):
+        self.running, self.finished = [], []
+        run, fin = model._get_running_beams_for_next_iteration, model._update_finished_beams
+
+        def running(*a, **kw):
+            out = run(*a, **kw)
+            self.running.append(out[1].clone())
+            return out
+
+        def finished(*a, **kw):
+            out = fin(*a, **kw)
+            self.finished.append(out[1].clone())
+            return out
+
+        model._get_running_beams_for_next_iteration = running
+        model._update_finished_beams = finished
+        self.model = model
+
+    def close(self):
+        del self.model._get_running_beams_for_next_iteration
+        del self.model._update_finished_beams
+
+
+def generate(model, ids, **kw):
+    trace = Trace(model)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, **kw)
+    finally:
+        trace.close()
+    return out, trace
+
+
+def same(x, y) -> bool:
+    """Equal values, bit for bit where finite; NaN where the other has NaN."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    if x.is_floating_point():
+        nan = torch.isnan(x)
+        return torch.equal(nan, torch.isnan(y)) and torch.equal(x[~nan], y[~nan])
+    return torch.equal(x, y)
+
+
+def assert_same(stock, ours, what=""):
+    (a, ta), (b, tb) = stock, ours
+    sa = a if isinstance(a, torch.Tensor) else a.sequences
+    sb = b if isinstance(b, torch.Tensor) else b.sequences
+    assert torch.equal(sa, sb), f"{what}: sequences differ\n{sa}\n{sb}"
+    assert len(ta.running) == len(tb.running), f"{what}: step counts differ"
+    for i, (x, y) in enumerate(zip(ta.running, tb.running)):
+        assert same(x, y), f"{what}: running beam scores differ at step {i}"
+    for i, (x, y) in enumerate(zip(ta.finished, tb.finished)):
+        assert same(x, y), f"{what}: finished beam scores differ at step {i}"
+    if not isinstance(a, torch.Tensor):
+        for name in ("sequences_scores", "beam_indices"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None), name
+            if x is not None:
+                assert same(x, y), f"{what}: {name} differ"
+        if a.scores is not None:
+            assert len(a.scores) == len(b.scores)
+            for x, y in zip(a.scores, b.scores):
+                assert same(x, y), f"{what}: per-step scores differ"
+
+
+def stock_then_seqfuse(model, ids, **kw):
+    stock = generate(model, ids, **kw)
+    assert not hf.is_optimized(model)
+    seqfuse.optimize(model)
+    try:
+        ours = generate(model, ids, **kw)
+    finally:
+        hf.restore(model)
+    return stock, ours
+
+
+def eos_lengths(kind, model, ids, out):
+    seqs = out if isinstance(out, torch.Tensor) else out.sequences
+    gen = seqs[:, ids.shape[1] :] if kind == "gpt2" else seqs[:, 1:]
+    eos = model.config.eos_token_id
+    return {int((r == eos).nonzero()[0]) + 1 if (r == eos).any() else -1 for r in gen}
+
+
+@pytest.mark.parametrize("seed", (0, 1))
+@pytest.mark.parametrize("num_beams", (2, 4, 5))
+@pytest.mark.parametrize("kind", KINDS)
+def test_parity_default_options(kind, num_beams, seed):
+    model = make_model(kind, seed=seed)
+    ids, mask = make_inputs(kind, model, batch=5, seed=seed)
+    kw = dict(num_beams=num_beams, max_new_tokens=20, attention_mask=mask)
+    stock, ours = stock_then_seqfuse(model, ids, **kw)
+    assert_same(stock, ours, f"{kind} beams={num_beams} seed={seed}")
+    assert hf.STATS["fused_steps"] > 0, "the fused step never ran"
+    if kind != "gpt2":
+        assert hf.STATS["cross_cache_kept"] == 1, "the cross-attention cache was re-gathered"
+
+
+def test_hypotheses_end_at_different_lengths():
+    """The fixture models are useful parity cases: EOS at varied steps."""
+    for kind in KINDS:
+        model = make_model(kind)
+        ids, mask = make_inputs(kind, model, batch=8)
+        with torch.no_grad():
+            out = model.generate(ids, num_beams=4, max_new_tokens=24, attention_mask=mask)
+        assert len(eos_lengths(kind, model, ids, out)) >= 2, kind
+
+
+OPTIONS = {
+    "lenpen_0.6": dict(length_penalty=0.6),
+    "lenpen_2": dict(length_penalty=2.0),
+    "lenpen_neg": dict(length_penalty=-0.5),
+    "early_true": dict(early_stopping=True),
+    "early_never": dict(early_stopping="never", length_penalty=1.5),
+    "min_length": dict(min_length=8),
+    "min_new_tokens": dict(min_new_tokens=6),
+    "nret_3": dict(num_return_sequences=3),
+    "suppress": dict(suppress_tokens=[5, 6, 7, 8]),
+    "begin_suppress": dict(begin_suppress_tokens=[9, 10]),
+    "bad_words_1": dict(bad_words_ids=[[11], [12]]),
+    "bad_words_multi": dict(bad_words_ids=[[13, 14], [15]]),
+    "no_repeat_2": dict(no_repeat_ngram_size=2),
+    "repetition": dict(repetition_penalty=1.3),
+    "short": dict(max_new_tokens=3),
+    "scores": dict(return_dict_in_generate=True, output_scores=True),
+    "dict_no_scores": dict(return_dict_in_generate=True, output_logits=True),
+    "hidden": dict(return_dict_in_generate=True, output_hidden_states=True),
+}
+
+# Options whose processors are token bans: the fused op must run every step
+# but the forced-token ones.
+FUSED = {
+    "lenpen_0.6",
+    "lenpen_2",
+    "lenpen_neg",
+    "early_true",
+    "early_never",
+    "min_length",
+    "min_new_tokens",
+    "nret_3",
+    "suppress",
+    "begin_suppress",
+    "bad_words_1",
+    "short",
+    "dict_no_scores",
+    "hidden",
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize("kind", ("marian", "mbart", "t5", "gpt2"))
+def test_parity_options(kind, option):
+    model = make_model(kind, seed=3)
+    ids, mask = make_inputs(kind, model, batch=4, seed=3)
+    kw = dict(num_beams=4, max_new_tokens=16, attention_mask=mask)
+    kw.update(OPTIONS[option])
+    stock, ours = stock_then_seqfuse(model, ids, **kw)
+    assert_same(stock, ours, f"{kind} {option}")
+    if option in FUSED:
+        assert hf.STATS["fused_steps"] > 0
+    else:
+        assert hf.STATS["fused_steps"] == 0, "a non-ban processor ran through the fused op"
+
+
+def test_batch_of_one_and_larger_vocab():
+    model = make_model("bart", seed=5, vocab=5125)
+    ids, mask = make_inputs("bart", model, batch=1, seed=5)
+    stock, ours = stock_then_seqfuse(
+        model, ids, num_beams=5, max_new_tokens=12, attention_mask=mask
+    )
+    assert_same(stock, ours, "bart vocab 5125 batch 1")
+
+
+def test_exact_ties_are_ranked_as_stock():
+    """Duplicated output rows give exactly equal scores: the order among them
+    is torch.topk's, which seqfuse reproduces by re-ranking with stock's ops."""
+    model = make_model("mbart", seed=2)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for src in range(3, 60):
+            head.weight[src + 100] = head.weight[src]
+            head.bias[src + 100] = head.bias[src]
+    ids, mask = make_inputs("mbart", model, batch=4, seed=2)
+    stock, ours = stock_then_seqfuse(
+        model, ids, num_beams=4, max_new_tokens=12, attention_mask=mask
+    )
+    assert_same(stock, ours, "ties")
+    assert hf.STATS["tie_reranks"] > 0, "no tie reached the re-ranking"
+
+
+def test_non_finite_logits_take_stock_ops():
+    """NaN logits (fp16 overflow, a broken model): stock's operations decide."""
+    model = make_model("marian", seed=1)
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            output = output.clone()
+            output[1, -1, 4] = float("nan")
+        return output
+
+    handle = model.get_output_embeddings().register_forward_hook(poison)
+    try:
+        ids, mask = make_inputs("marian", model, batch=3, seed=1)
+        stock = generate(model, ids, num_beams=3, max_new_tokens=8, attention_mask=mask)
+        calls["n"] = 0
+        seqfuse.optimize(model)
+        ours = generate(model, ids, num_beams=3, max_new_tokens=8, attention_mask=mask)
+    finally:
+        handle.remove()
+        hf.restore(model)
+    assert_same(stock, ours, "nan")
+    assert hf.STATS["stock_steps"] >= 1
+
+
+def test_fallbacks_warn_once_and_match_stock(caplog):
+    model = make_model("bart", seed=4)
+    ids, mask = make_inputs("bart", model, batch=3, seed=4)
+    seqfuse.optimize(model)
+    try:
+        with caplog.at_level(logging.WARNING, logger="seqfuse.hf"):
+            torch.manual_seed(7)
+            ours = model.generate(
+                ids, num_beams=3, do_sample=True, max_new_tokens=8, attention_mask=mask
+            )
+            torch.manual_seed(7)
+            model.generate(ids, num_beams=3, do_sample=True, max_new_tokens=8, attention_mask=mask)
+            greedy = model.generate(ids, num_beams=1, max_new_tokens=8, attention_mask=mask)
+    finally:
+        hf.restore(model)
+    lines = [r.getMessage() for r in caplog.records if r.name == "seqfuse.hf"]
+    assert len(lines) == 2, lines
+    assert all(line.startswith(hf.FALLBACK_PREFIX) for line in lines)
+    assert "do_sample" in lines[0] and "num_beams=1" in lines[1]
+    assert hf.STATS["fused_steps"] == 0
+    torch.manual_seed(7)
+    with torch.no_grad():
+        stock = model.generate(
+            ids, num_beams=3, do_sample=True, max_new_tokens=8, attention_mask=mask
+        )
+        assert torch.equal(stock, ours)
+        assert torch.equal(
+            model.generate(ids, num_beams=1, max_new_tokens=8, attention_mask=mask), greedy
+        )
+
+
+def test_disable_env_runs_stock_silently(monkeypatch, caplog):
+    monkeypatch.setenv("SEQFUSE_DISABLE", "1")
+    model = make_model("t5", seed=1)
+    ids, mask = make_inputs("t5", model, batch=2, seed=1)
+    stock, ours = None, None
+    with caplog.at_level(logging.WARNING, logger="seqfuse.hf"):
+        stock, ours = stock_then_seqfuse(
+            model, ids, num_beams=3, max_new_tokens=6, attention_mask=mask
+        )
+    assert_same(stock, ours, "disabled")
+    assert hf.STATS["fused_steps"] == 0 and not caplog.records
+
+
+def test_optimize_api(tmp_path):
+    from transformers import BartForConditionalGeneration, BertConfig, BertModel
+
+    model = make_model("bart")
+    assert seqfuse.optimize(model) is model
+    assert seqfuse.optimize(model) is model  # idempotent
+    assert hf.is_optimized(model)
+    assert isinstance(model, BartForConditionalGeneration)
+    assert type(model).__name__ == "BartForConditionalGeneration"
+    model.save_pretrained(tmp_path)
+    loaded = BartForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.architectures == ["BartForConditionalGeneration"]
+    assert not hf.is_optimized(loaded)
+    assert hf.restore(model) is model and type(model) is BartForConditionalGeneration
+
+    bert = BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    )
+    with pytest.raises(TypeError, match="has no generate"):
+        seqfuse.optimize(bert)
+    assert type(bert) is BertModel
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        seqfuse.optimize(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        seqfuse.optimize(model, fused_layers=True)
+    assert type(model) is BartForConditionalGeneration
