@@ -24,7 +24,10 @@ What changes is the expensive part of a step:
   the reorder keeps every row inside its sentence, so it would copy equal
   values onto equal values;
 - the stopping criteria Hugging Face builds by default (max length, EOS) are
-  evaluated on the new tokens instead of on gathered sequences.
+  evaluated on the new tokens instead of on gathered sequences, and the
+  per-step gathers of the running and finished sequences cover the columns
+  written so far, not ``max_length`` (the rest hold the fill value in every
+  row, in stock's tensors as in these).
 
 Anything else runs Hugging Face's own loop after one warning line naming the
 reason: beam sampling, ``synced_gpus``, a transformers version whose beam
@@ -357,21 +360,23 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
         enc_hidden = enc_out.get("hidden_states") if output_hidden_states else None
 
     fill = pad_token_id or eos_token_id[0] if eos_token_id is not None else -1
-    running_sequences = torch.full(
+    # Full-width buffers, as stock's; each step works on their first cur_len + 1
+    # columns only (the others hold the fill value in every row, stock's too).
+    run_buf = torch.full(
         (batch, num_beams, max_length), fill_value=fill, dtype=torch.int64, device=device
     )
-    running_sequences[:, :, :cur_len] = input_ids.view(batch, num_beams, cur_len)
-    sequences = running_sequences.detach().clone()
+    run_buf[:, :, :cur_len] = input_ids.view(batch, num_beams, cur_len)
+    seq_buf = run_buf.detach().clone()
     running_beam_scores = torch.zeros((batch, num_beams), dtype=torch.float, device=device)
     running_beam_scores[:, 1:] = -1e9
     beam_scores = torch.full((batch, num_beams), -1e9, dtype=torch.float, device=device)
     is_sent_finished = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
     early_stop_unsat = torch.ones((batch, 1), dtype=torch.bool, device=device)
     hits = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
-    running_beam_indices = torch.full(
+    run_bi_buf = torch.full(
         (batch, num_beams, max_length - cur_len), -1, dtype=torch.int32, device=device
     )
-    beam_indices = running_beam_indices.detach().clone()
+    bi_buf = run_bi_buf.detach().clone()
     batch_offset = torch.arange(batch, device=device).view(-1, 1) * num_beams
 
     stop_plan = _stop_plan(stopping_criteria)
@@ -386,7 +391,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     this_peer_finished = False
     while not this_peer_finished:
         if not first:
-            flat_running = running_sequences[:, :, :cur_len].reshape(flat_batch, cur_len)
+            flat_running = run_buf[:, :, :cur_len].reshape(flat_batch, cur_len)
             next_len = 1 if model_kwargs["use_cache"] else None
             inputs = model.prepare_inputs_for_generation(
                 flat_running, next_sequence_length=next_len, **model_kwargs
@@ -449,8 +454,9 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
         del logits
 
         # Stock's _get_top_k_continuations from the chosen (beam, token) pairs.
-        topk_running_beam_indices = model._gather_beams(running_beam_indices, topk_beams)
-        topk_running_sequences = model._gather_beams(running_sequences, topk_beams)
+        w, wb = cur_len + 1, cur_len - prompt_len + 1
+        topk_running_beam_indices = model._gather_beams(run_bi_buf[:, :, :wb], topk_beams)
+        topk_running_sequences = model._gather_beams(run_buf[:, :, :w], topk_beams)
         topk_running_sequences[:, :, cur_len] = topk_tokens
         topk_running_beam_indices[:, :, cur_len - prompt_len] = topk_beams + batch_offset
 
@@ -464,9 +470,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
             if eos_ids:
                 hits = hits | torch.isin(topk_tokens, torch.tensor(eos_ids, device=device))
         else:
-            hits = stopping_criteria(
-                model._flatten_beam_dim(topk_running_sequences[:, :, : cur_len + 1]), all_scores
-            )
+            hits = stopping_criteria(model._flatten_beam_dim(topk_running_sequences), all_scores)
             hits = model._unflatten_beam_dim(hits, batch, keep)
 
         running_sequences, running_beam_scores, running_beam_indices = (
@@ -479,11 +483,11 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
             )
         )
         sequences, beam_scores, beam_indices, is_sent_finished = model._update_finished_beams(
-            sequences=sequences,
+            sequences=seq_buf[:, :, :w],
             topk_running_sequences=topk_running_sequences,
             beam_scores=beam_scores,
             topk_log_probs=topk_log_probs,
-            beam_indices=beam_indices,
+            beam_indices=bi_buf[:, :, :wb],
             topk_running_beam_indices=topk_running_beam_indices,
             is_early_stop_heuristic_unsatisfied=early_stop_unsat,
             is_sent_finished=is_sent_finished,
@@ -495,6 +499,11 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
             length_penalty=length_penalty,
             early_stopping=early_stopping,
         )
+
+        run_buf[:, :, :w].copy_(running_sequences)
+        run_bi_buf[:, :, :wb].copy_(running_beam_indices)
+        seq_buf[:, :, :w].copy_(sequences)
+        bi_buf[:, :, :wb].copy_(beam_indices)
 
         cache_key = next((k for k in ALL_CACHE_NAMES if k in model_kwargs), None)
         if cache_key is not None:
@@ -532,9 +541,9 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
             early_stop_unsat, is_sent_finished, hits, early_stopping
         )
 
-    sequences = model._flatten_beam_dim(sequences[:, :num_return_sequences, :])
+    sequences = model._flatten_beam_dim(seq_buf[:, :num_return_sequences, :])
     beam_scores = model._flatten_beam_dim(beam_scores[:, :num_return_sequences])
-    beam_indices = model._flatten_beam_dim(beam_indices[:, :num_return_sequences, :])
+    beam_indices = model._flatten_beam_dim(bi_buf[:, :num_return_sequences, :])
     max_generated = ((beam_indices + 1).bool()).sum(dim=1).max()
     sequences = sequences[:, : prompt_len + max_generated]
     beam_indices = beam_indices[:, :max_generated]
