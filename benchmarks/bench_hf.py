@@ -1,0 +1,188 @@
+"""Hugging Face ``model.generate`` beam search: stock vs ``seqfuse.optimize``.
+
+Random-weight models built from configs at real models' sizes (nothing is
+downloaded), output length forced (``min_new_tokens == max_new_tokens``) so
+that both sides do the same work. Stock and seqfuse runs alternate on the same
+model object (``optimize`` / ``restore``), the median of each is reported with
+their ratio, and every seqfuse output is checked to equal stock's.
+
+    .venv/bin/python benchmarks/bench_hf.py                 # default grid
+    .venv/bin/python benchmarks/bench_hf.py --models marian-small --batch 16 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODELS = {
+    # the Multi30k model's size (3+3 layers, d=256, 8k vocab), as a Marian
+    "marian-small": ("marian", dict(d=256, layers=3, heads=4, ffn=1024, vocab=8000)),
+    # opus-mt-en-de's size
+    "marian-opus": ("marian", dict(d=512, layers=6, heads=8, ffn=2048, vocab=58101)),
+    # t5-small's size
+    "t5-small": ("t5", dict(d=512, layers=6, heads=8, ffn=2048, vocab=32128)),
+    # bart-base's size
+    "bart-base": ("bart", dict(d=768, layers=6, heads=12, ffn=3072, vocab=50265)),
+}
+
+
+def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "marian":
+        cfg = tf.MarianConfig(
+            vocab_size=vocab,
+            d_model=d,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            encoder_attention_heads=heads,
+            decoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
+            decoder_ffn_dim=ffn,
+            max_position_embeddings=512,
+            pad_token_id=vocab - 1,
+            eos_token_id=0,
+            decoder_start_token_id=vocab - 1,
+            bad_words_ids=[[vocab - 1]],
+            forced_eos_token_id=0,
+        )
+        model = tf.MarianMTModel(cfg)
+    elif kind == "bart":
+        cfg = tf.BartConfig(
+            vocab_size=vocab,
+            d_model=d,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            encoder_attention_heads=heads,
+            decoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
+            decoder_ffn_dim=ffn,
+            forced_eos_token_id=2,
+        )
+        model = tf.BartForConditionalGeneration(cfg)
+    elif kind == "t5":
+        cfg = tf.T5Config(
+            vocab_size=vocab,
+            d_model=d,
+            d_kv=d // heads,
+            d_ff=ffn,
+            num_layers=layers,
+            num_decoder_layers=layers,
+            num_heads=heads,
+        )
+        model = tf.T5ForConditionalGeneration(cfg)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def run_once(model, ids, mask, beams: int, new_tokens: int):
+    with torch.no_grad():
+        t = time.perf_counter()
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            num_beams=beams,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+        )
+        return time.perf_counter() - t, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="marian-small,marian-opus,t5-small")
+    ap.add_argument("--batch", default="1,16,64")
+    ap.add_argument("--beam", default="5")
+    ap.add_argument("--src-len", type=int, default=20)
+    ap.add_argument("--new-tokens", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-rows", type=int, default=320, help="skip cells with batch*beam above")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args(argv)
+
+    import transformers
+
+    import seqfuse
+    from integrations import hf
+
+    rows = []
+    for name in args.models.split(","):
+        kind, size = MODELS[name]
+        model = build(kind, **size)
+        g = torch.Generator().manual_seed(1)
+        for batch in [int(b) for b in args.batch.split(",")]:
+            for beams in [int(b) for b in args.beam.split(",")]:
+                if batch * beams > args.max_rows:
+                    continue
+                ids = torch.randint(5, size["vocab"] - 2, (batch, args.src_len), generator=g)
+                mask = torch.ones_like(ids)
+                run_once(model, ids, mask, beams, 2)  # warm-up
+                times = {"stock": [], "seqfuse": []}
+                identical = True
+                for r in range(args.repeats):
+                    order = ("stock", "seqfuse") if r % 2 == 0 else ("seqfuse", "stock")
+                    outs = {}
+                    for side in order:
+                        if side == "seqfuse":
+                            seqfuse.optimize(model)
+                        try:
+                            t, outs[side] = run_once(model, ids, mask, beams, args.new_tokens)
+                        finally:
+                            hf.restore(model)
+                        times[side].append(t)
+                    identical &= torch.equal(outs["stock"], outs["seqfuse"])
+                st, sf = statistics.median(times["stock"]), statistics.median(times["seqfuse"])
+                row = dict(
+                    model=name,
+                    batch=batch,
+                    beam=beams,
+                    stock_s=round(st, 4),
+                    seqfuse_s=round(sf, 4),
+                    speedup=round(st / sf, 3),
+                    identical=identical,
+                    stock_tok_s=round(batch * args.new_tokens / st, 1),
+                    seqfuse_tok_s=round(batch * args.new_tokens / sf, 1),
+                )
+                rows.append(row)
+                print(
+                    f"{name:13s} batch {batch:3d} beam {beams}: stock {st:7.3f}s  "
+                    f"seqfuse {sf:7.3f}s  x{st / sf:5.2f}  identical={identical}",
+                    flush=True,
+                )
+    result = dict(
+        what="HF generate beam search, stock vs seqfuse.optimize (CPU)",
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        device=f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads",
+        versions=dict(
+            python=platform.python_version(),
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            seqfuse=seqfuse.__version__,
+        ),
+        settings=vars(args),
+        rows=rows,
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0 if all(r["identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
