@@ -10,7 +10,9 @@ beam scores of every step and the final finished-beam scores bit for bit
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 
 import pytest
 import torch
@@ -326,3 +328,80 @@ def test_optimize_api(tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword"):
         seqfuse.optimize(model, fused_layers=True)
     assert type(model) is BartForConditionalGeneration
+
+
+# ------------------------------------------------ the real Multi30k model
+SHARED_MODEL = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "models", "multi30k_en_de"
+)
+
+
+@pytest.fixture(scope="module")
+def multi30k_fsmt():
+    ckpt = os.path.join(SHARED_MODEL, "checkpoint_best.pt")
+    if not os.path.exists(ckpt):
+        pytest.skip("../shared/models/multi30k_en_de not present")
+    pytest.importorskip("fairseq")
+    from fairseq import checkpoint_utils
+
+    from integrations.fairseq_to_hf import fsmt_from_fairseq
+    from seqfuse import fairseq_plugin
+
+    fairseq_plugin.install()
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [ckpt], arg_overrides={"data": os.path.join(SHARED_MODEL, "data-bin")}
+    )
+    task.load_dataset("test")
+    return fsmt_from_fairseq(ckpt), models[0].eval(), task.datasets["test"]
+
+
+def test_fairseq_checkpoint_converts_to_the_same_network(multi30k_fsmt):
+    from fairseq.data import data_utils
+
+    hf_model, fs_model, ds = multi30k_fsmt
+    for i in (0, 7, 30):
+        src = ds.src[i][None]
+        prev = data_utils.collate_tokens([ds.tgt[i]], 1, 2, move_eos_to_beginning=True)
+        with torch.no_grad():
+            want = fs_model(src, torch.tensor([src.shape[1]]), prev)[0]
+            got = hf_model(input_ids=src, decoder_input_ids=prev, use_cache=False).logits
+        assert (want - got).abs().max() < 1e-4
+
+
+def test_converter_refuses_what_fsmt_cannot_express(tmp_path):
+    from integrations.fairseq_to_hf import fsmt_from_fairseq
+
+    args = argparse.Namespace(encoder_normalize_before=True, encoder_embed_dim=8)
+    torch.save({"args": args, "model": {}}, tmp_path / "prenorm.pt")
+    with pytest.raises(ValueError, match="pre-norm"):
+        fsmt_from_fairseq(str(tmp_path / "prenorm.pt"))
+    torch.save({"model": {}}, tmp_path / "nothing.pt")
+    with pytest.raises(ValueError, match="not a fairseq checkpoint"):
+        fsmt_from_fairseq(str(tmp_path / "nothing.pt"))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    (
+        dict(num_beams=5),
+        dict(num_beams=4, length_penalty=0.6, early_stopping=True),
+        dict(num_beams=5, num_return_sequences=2, min_new_tokens=4, no_repeat_ngram_size=3),
+    ),
+    ids=("beam5", "lenpen_early", "nret_minnew_ngram"),
+)
+def test_multi30k_parity(multi30k_fsmt, kw):
+    """Trained weights, real sentences, natural lengths: stock HF vs seqfuse."""
+    from fairseq.data import data_utils
+
+    hf_model, _, ds = multi30k_fsmt
+    for start in (0, 16):
+        src = data_utils.collate_tokens([ds.src[i] for i in range(start, start + 16)], 1, 2)
+        mask = (src != 1).long()
+        stock, ours = stock_then_seqfuse(
+            hf_model, src, attention_mask=mask, max_new_tokens=60, **kw
+        )
+        assert_same(stock, ours, f"multi30k {kw} from {start}")
+    if kw.get("no_repeat_ngram_size"):
+        assert hf.STATS["fused_steps"] == 0
+    else:
+        assert hf.STATS["fused_steps"] > 0 and hf.STATS["cross_cache_kept"] == 2
