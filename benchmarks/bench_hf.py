@@ -2,7 +2,9 @@
 
 Random-weight models built from configs at real models' sizes (nothing is
 downloaded), output length forced (``min_new_tokens == max_new_tokens``) so
-that both sides do the same work. Stock and seqfuse runs alternate on the same
+that both sides do the same work; and ``fsmt-multi30k``, the trained Multi30k
+fairseq model converted to an HF FSMT model, on the test set's sentences with
+natural output lengths. Stock and seqfuse runs alternate on the same
 model object (``optimize`` / ``restore``), the median of each is reported with
 their ratio, and every seqfuse output is checked to equal stock's.
 
@@ -35,7 +37,24 @@ MODELS = {
     "t5-small": ("t5", dict(d=512, layers=6, heads=8, ffn=2048, vocab=32128)),
     # bart-base's size
     "bart-base": ("bart", dict(d=768, layers=6, heads=12, ffn=3072, vocab=50265)),
+    # the trained Multi30k fairseq model as an HF FSMT model: real sentences,
+    # natural output lengths (no forcing)
+    "fsmt-multi30k": ("fsmt", {}),
 }
+SHARED_MODEL = os.path.join(ROOT, "..", "shared", "models", "multi30k_en_de")
+
+
+def multi30k_fsmt():
+    """The converted model and the test-set source sentences (token ids)."""
+    from fairseq.data import Dictionary
+    from fairseq.data import data_utils as du
+
+    from integrations.fairseq_to_hf import fsmt_from_fairseq
+
+    model = fsmt_from_fairseq(os.path.join(SHARED_MODEL, "checkpoint_best.pt"))
+    d = Dictionary.load(os.path.join(SHARED_MODEL, "data-bin", "dict.en.txt"))
+    ds = du.load_indexed_dataset(os.path.join(SHARED_MODEL, "data-bin", "test.en-de.en"), d)
+    return model, [ds[i] for i in range(len(ds))]
 
 
 def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int):
@@ -89,22 +108,18 @@ def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int):
     return model.eval()
 
 
-def run_once(model, ids, mask, beams: int, new_tokens: int):
+def run_once(model, ids, mask, beams: int, new_tokens: int, forced: bool = True):
+    # forced: exactly new_tokens tokens; otherwise the model's own max_length
+    kw = dict(min_new_tokens=new_tokens, max_new_tokens=new_tokens) if forced else {}
     with torch.no_grad():
         t = time.perf_counter()
-        out = model.generate(
-            ids,
-            attention_mask=mask,
-            num_beams=beams,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-        )
+        out = model.generate(ids, attention_mask=mask, num_beams=beams, **kw)
         return time.perf_counter() - t, out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="marian-small,marian-opus,t5-small")
+    ap.add_argument("--models", default="fsmt-multi30k,marian-small,marian-opus,t5-small")
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--beam", default="5")
     ap.add_argument("--src-len", type=int, default=20)
@@ -122,14 +137,26 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):
         kind, size = MODELS[name]
-        model = build(kind, **size)
+        sources = None
+        if kind == "fsmt":
+            model, sources = multi30k_fsmt()
+            size = {"vocab": model.config.src_vocab_size}
+        else:
+            model = build(kind, **size)
+        forced = sources is None
+        new_tokens = args.new_tokens if forced else 200
         g = torch.Generator().manual_seed(1)
         for batch in [int(b) for b in args.batch.split(",")]:
             for beams in [int(b) for b in args.beam.split(",")]:
                 if batch * beams > args.max_rows:
                     continue
-                ids = torch.randint(5, size["vocab"] - 2, (batch, args.src_len), generator=g)
-                mask = torch.ones_like(ids)
+                if sources is None:
+                    ids = torch.randint(5, size["vocab"] - 2, (batch, args.src_len), generator=g)
+                else:  # consecutive test sentences, right-padded (pad = 1)
+                    from fairseq.data import data_utils
+
+                    ids = data_utils.collate_tokens(sources[:batch], 1, 2)
+                mask = (ids != 1).long() if sources is not None else torch.ones_like(ids)
                 run_once(model, ids, mask, beams, 2)  # warm-up
                 times = {"stock": [], "seqfuse": []}
                 identical = True
@@ -140,7 +167,7 @@ def main(argv=None) -> int:
                         if side == "seqfuse":
                             seqfuse.optimize(model)
                         try:
-                            t, outs[side] = run_once(model, ids, mask, beams, args.new_tokens)
+                            t, outs[side] = run_once(model, ids, mask, beams, new_tokens, forced)
                         finally:
                             hf.restore(model)
                         times[side].append(t)
@@ -154,8 +181,8 @@ def main(argv=None) -> int:
                     seqfuse_s=round(sf, 4),
                     speedup=round(st / sf, 3),
                     identical=identical,
-                    stock_tok_s=round(batch * args.new_tokens / st, 1),
-                    seqfuse_tok_s=round(batch * args.new_tokens / sf, 1),
+                    sent_s_stock=round(batch / st, 2),
+                    sent_s_seqfuse=round(batch / sf, 2),
                 )
                 rows.append(row)
                 print(
