@@ -433,15 +433,12 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
         fused, banned = (False, None) if want_scores else plan.bans(cur_len, flat_batch, device)
         if fused and num_beams * vocab >= 2**31:
             fused = False
-        if fused and not bool(
-            torch.isfinite(logits.amax(dim=1)).all() & ~torch.isnan(running_beam_scores).any()
-        ):
-            fused = False  # NaN / inf logits or NaN scores: stock's ops give stock's answer
-        STATS["fused_steps" if fused else "stock_steps"] += 1
+        picked = None
         if fused:
-            topk_log_probs, topk_tokens, topk_beams = _fused_topk(
-                logits, running_beam_scores, banned, num_beams, keep
-            )
+            picked = _fused_topk(logits, running_beam_scores, banned, num_beams, keep)
+        STATS["fused_steps" if picked is not None else "stock_steps"] += 1
+        if picked is not None:
+            topk_log_probs, topk_tokens, topk_beams = picked
         else:
             log_probs = nn.functional.log_softmax(logits, dim=-1)
             log_probs = logits_processor(flat_running, log_probs)
@@ -572,23 +569,31 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
 
 def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
     """The top-``keep`` (score, token, beam) per sentence, as stock's ``torch.topk``
-    over ``log_softmax(logits) (+ bans) + running scores`` would order them."""
+    over ``log_softmax(logits) (+ bans) + running scores`` would order them; None
+    when the step must run stock's ops (non-finite logits or NaN scores, where
+    stock's NaN ordering decides). One host read per step."""
     vocab = logits.shape[1]
     cum = running_beam_scores.reshape(-1)
     k_op = min(keep + 1, num_beams * vocab)
     cs, ci, cb = beam_topk(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned)
+    bad = ~torch.isfinite(logits.amax(dim=1)).all() | torch.isnan(cum).any()
     if k_op > 1:
         tie = (cs[:, 1:] == cs[:, :-1]).any(dim=1)
-        if bool(tie.any()):
-            sents = tie.nonzero().view(-1)
-            STATS["tie_reranks"] += sents.numel()
-            row_idx = sents.unsqueeze(1) * num_beams + torch.arange(num_beams, device=sents.device)
-            row_idx = row_idx.view(-1)
-            lp = nn.functional.log_softmax(logits[row_idx], dim=-1)
-            ban_tokens(lp, None if banned is None else banned[row_idx], -1)
-            lp = lp.view(-1, num_beams, vocab) + running_beam_scores[sents][:, :, None]
-            rs, ridx = torch.topk(lp.reshape(sents.numel(), -1), k=keep)
-            cs, ci, cb = cs[:, :keep].clone(), ci[:, :keep].clone(), cb[:, :keep].clone()
-            cs[sents], ci[sents], cb[sents] = rs, ridx % vocab, ridx // vocab
-            return cs, ci, cb
+        bad_host, any_tie = torch.stack((bad, tie.any())).tolist()
+    else:
+        bad_host, any_tie = bool(bad), False
+    if bad_host:
+        return None
+    if any_tie:
+        sents = tie.nonzero().view(-1)
+        STATS["tie_reranks"] += sents.numel()
+        row_idx = sents.unsqueeze(1) * num_beams + torch.arange(num_beams, device=sents.device)
+        row_idx = row_idx.view(-1)
+        lp = nn.functional.log_softmax(logits[row_idx], dim=-1)
+        ban_tokens(lp, None if banned is None else banned[row_idx], -1)
+        lp = lp.view(-1, num_beams, vocab) + running_beam_scores[sents][:, :, None]
+        rs, ridx = torch.topk(lp.reshape(sents.numel(), -1), k=keep)
+        cs, ci, cb = cs[:, :keep].clone(), ci[:, :keep].clone(), cb[:, :keep].clone()
+        cs[sents], ci[sents], cb[sents] = rs, ridx % vocab, ridx // vocab
+        return cs, ci, cb
     return cs[:, :keep], ci[:, :keep], cb[:, :keep]
