@@ -108,12 +108,19 @@ def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int):
     return model.eval()
 
 
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def run_once(model, ids, mask, beams: int, new_tokens: int, forced: bool = True):
     # forced: exactly new_tokens tokens; otherwise the model's own max_length
     kw = dict(min_new_tokens=new_tokens, max_new_tokens=new_tokens) if forced else {}
     with torch.no_grad():
+        _sync(ids.device)
         t = time.perf_counter()
         out = model.generate(ids, attention_mask=mask, num_beams=beams, **kw)
+        _sync(ids.device)
         return time.perf_counter() - t, out
 
 
@@ -126,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-rows", type=int, default=320, help="skip cells with batch*beam above")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
 
@@ -143,6 +152,7 @@ def main(argv=None) -> int:
             size = {"vocab": model.config.src_vocab_size}
         else:
             model = build(kind, **size)
+        model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
         forced = sources is None
         new_tokens = args.new_tokens if forced else 200
         g = torch.Generator().manual_seed(1)
@@ -157,6 +167,7 @@ def main(argv=None) -> int:
 
                     ids = data_utils.collate_tokens(sources[:batch], 1, 2)
                 mask = (ids != 1).long() if sources is not None else torch.ones_like(ids)
+                ids, mask = ids.to(args.device), mask.to(args.device)
                 run_once(model, ids, mask, beams, 2)  # warm-up
                 times = {"stock": [], "seqfuse": []}
                 identical = True
@@ -191,9 +202,11 @@ def main(argv=None) -> int:
                     flush=True,
                 )
     result = dict(
-        what="HF generate beam search, stock vs seqfuse.optimize (CPU)",
+        what=f"HF generate beam search, stock vs seqfuse.optimize ({args.device}, {args.dtype})",
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        device=f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        device=torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads",
         versions=dict(
             python=platform.python_version(),

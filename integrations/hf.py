@@ -10,7 +10,8 @@ What changes is the expensive part of a step:
 
 - the next-token candidates come from the fused ``beam_topk`` op
   (normaliser, token bans, score accumulation and the top-k in one pass,
-  hierarchical pruning, no ``[batch * beams, vocab]`` log-prob tensor) when
+  hierarchical pruning, no ``[batch * beams, vocab]`` log-prob tensor; on a
+  GPU the log-probs are torch's, the rest is fused, so the bits stay stock's) when
   every active logits processor is one whose effect is a token ban
   (``bad_words_ids`` of single tokens, ``min_length``, ``min_new_tokens``,
   ``suppress_tokens``, ``begin_suppress_tokens``, ``forced_bos_token_id`` and
@@ -567,6 +568,11 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     return GenerateBeamDecoderOnlyOutput(**common, attentions=dec_attn, hidden_states=dec_hidden)
 
 
+def _kernel_normalises(device) -> bool:
+    """Whether the fused op's normaliser gives torch's log_softmax bits here."""
+    return device.type == "cpu"
+
+
 def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
     """The top-``keep`` (score, token, beam) per sentence, as stock's ``torch.topk``
     over ``log_softmax(logits) (+ bans) + running scores`` would order them; None
@@ -575,7 +581,14 @@ def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
     vocab = logits.shape[1]
     cum = running_beam_scores.reshape(-1)
     k_op = min(keep + 1, num_beams * vocab)
-    cs, ci, cb = beam_topk(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned)
+    if _kernel_normalises(logits.device):
+        # The CPU kernel's normaliser is torch's own (same bits): fully fused.
+        cs, ci, cb = beam_topk(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned)
+    else:
+        # Elsewhere the kernel's normaliser may differ from torch's by an ulp:
+        # take torch's log-probs, fuse the bans, the accumulation and the top-k.
+        lp = nn.functional.log_softmax(logits, dim=-1)
+        cs, ci, cb = beam_topk(lp, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned, True)
     bad = ~torch.isfinite(logits.amax(dim=1)).all() | torch.isnan(cum).any()
     if k_op > 1:
         tie = (cs[:, 1:] == cs[:, :-1]).any(dim=1)

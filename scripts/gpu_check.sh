@@ -4,7 +4,7 @@
 #   build   build seqfuse._C with CUDA in place
 #   info    python -m seqfuse.info
 #   test    GPU tests (pytest -m gpu) and the op tests
-#   bench   the kernel benchmark, then scripts/benchmark.py when present
+#   bench   the kernel benchmark, HF generate (fp32, fp16), then scripts/benchmark.py
 # Usage: bash scripts/gpu_check.sh [step ...]     (default: every step, in order)
 # Results go to benchmarks/results/gpu_check_<stamp>.{txt,json} (and to $OUT when
 # set, so the device tool brings them back). Environment: PYTHON (python3),
@@ -67,10 +67,15 @@ step_test() {
   local ops=()
   for f in tests/test_beam_topk.py tests/test_layer_ops.py; do [ -f "$f" ] && ops+=("$f"); done
   run test_ops "$PY" -m pytest -q -p no:cacheprovider "${ops[@]}"
+  [ -f tests/test_hf.py ] && run test_hf "$PY" -m pytest -q -p no:cacheprovider tests/test_hf.py
 }
 
 step_bench() {
   run bench_beam_topk "$PY" benchmarks/bench_beam_topk.py --json "$RES/bench_beam_topk_$STAMP.json"
+  for dt in float32 float16; do
+    run "bench_hf_$dt" "$PY" benchmarks/bench_hf.py --device cuda --dtype "$dt" --batch 1,16,64 \
+      --out "$RES/bench_hf_cuda_${dt}_$STAMP.json"
+  done
   if [ -f scripts/benchmark.py ]; then
     # shellcheck disable=SC2086
     run benchmark "$PY" scripts/benchmark.py --device cuda --results-dir "$RES" \

@@ -405,3 +405,33 @@ def test_multi30k_parity(multi30k_fsmt, kw):
         assert hf.STATS["fused_steps"] == 0
     else:
         assert hf.STATS["fused_steps"] > 0 and hf.STATS["cross_cache_kept"] == 2
+
+
+@pytest.mark.parametrize("kind", ("marian", "gpt2"))
+def test_logprob_input_path_matches_stock(monkeypatch, kind):
+    """The path GPUs take (torch's log-probs into the fused bans + top-k),
+    run here on the CPU."""
+    monkeypatch.setattr(hf, "_kernel_normalises", lambda device: False)
+    model = make_model(kind, seed=6)
+    ids, mask = make_inputs(kind, model, batch=5, seed=6)
+    stock, ours = stock_then_seqfuse(
+        model, ids, num_beams=4, max_new_tokens=16, min_length=5, attention_mask=mask
+    )
+    assert_same(stock, ours, f"logprob path {kind}")
+    assert hf.STATS["fused_steps"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("kind", ("marian", "bart", "t5", "gpt2"))
+def test_cuda_parity(kind, dtype):
+    """On a GPU, in every dtype: stock's tokens and scores, bit for bit (the
+    log-probs are torch's; the kernel fuses bans, accumulation and top-k)."""
+    model = make_model(kind, seed=1).to(device="cuda", dtype=dtype)
+    ids, mask = make_inputs(kind, model, batch=6, seed=1)
+    stock, ours = stock_then_seqfuse(
+        model, ids.cuda(), num_beams=4, max_new_tokens=16, attention_mask=mask.cuda()
+    )
+    assert_same(stock, ours, f"cuda {kind} {dtype}")
+    assert hf.STATS["fused_steps"] > 0
