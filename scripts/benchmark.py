@@ -3,7 +3,9 @@
 Providers (each in its own worker process, so peak memory is per provider):
 - ``fairseq``: stock ``fairseq.sequence_generator.SequenceGenerator``;
 - ``seqfuse``: ``seqfuse.generation.SequenceGenerator`` with the seqfuse plugin
-  imported before the model is built (what ``--user-dir`` does);
+  imported before the model is built (what ``--user-dir`` does), stock layers;
+- ``seqfuse-fused``: the same with ``SEQFUSE_FUSED_LAYERS=1`` (the plugin swaps
+  in the fused encoder/decoder layers);
 - ``hf``: stock Hugging Face ``generate`` on a ``MarianMTModel`` of the same
   shape (random weights; output length forced);
 - ``ctranslate2``: the fairseq checkpoint converted with CTranslate2's fairseq
@@ -18,10 +20,15 @@ FFN 2048, 32k vocabulary, random weights, output length forced to
 
 For every model x device x dtype x batch x beam the providers run interleaved
 (warm-up, then ``--repeats`` rounds of each provider in turn); medians are
-reported. Results: JSON + CSV + PNG under ``--results-dir``.
+reported. Timed runs are not instrumented. One more run measures the peak
+memory of generation itself (``generation_peak_bytes``: on the CPU the torch
+profiler's allocator events, on a GPU ``torch.cuda.max_memory_allocated``),
+the largest over the ``generate`` calls of the run. Results: JSON + CSV + PNG
+under ``--results-dir``.
 
     .venv/bin/python scripts/benchmark.py            # small CPU sweep, a few minutes
     .venv/bin/python scripts/benchmark.py --full     # batch 1/16/64/128 x beam 1/4/5
+    .venv/bin/python scripts/benchmark.py --memory   # Multi30k batch 128 beam 5, with fused layers
 """
 
 from __future__ import annotations
@@ -49,11 +56,22 @@ MULTI30K_TEST_DE = SHARED / "data" / "multi30k" / "test_2016_flickr.de.gz"
 WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "results"
 
-PROVIDERS = ("fairseq", "seqfuse", "hf", "ctranslate2", "seqfuse-hf")
+PROVIDERS = ("fairseq", "seqfuse", "seqfuse-fused", "hf", "ctranslate2", "seqfuse-hf")
+# The default --providers: seqfuse-fused (opt-in layers) is asked for by name or --memory.
+DEFAULT_PROVIDERS = ("fairseq", "seqfuse", "hf", "ctranslate2", "seqfuse-hf")
+FAIRSEQ_PROVIDERS = ("fairseq", "seqfuse", "seqfuse-fused")
 MODELS = ("multi30k", "base")
 BASE_SHAPE = dict(layers=6, dim=512, heads=8, ffn=2048, vocab=32000)
 SMALL_SWEEP = dict(batch_sizes=[8, 32], beams=[1, 5], sentences=64, repeats=3)
 FULL_SWEEP = dict(batch_sizes=[1, 16, 64, 128], beams=[1, 4, 5], sentences=1000, repeats=5)
+MEMORY_SWEEP = dict(
+    batch_sizes=[128],
+    beams=[5],
+    sentences=1000,
+    repeats=3,
+    models="multi30k",
+    providers="fairseq,seqfuse,seqfuse-fused",
+)
 MARKER = "@@bench "
 
 
@@ -199,6 +217,48 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+# Profiler memory events of these devices are host memory (as torch's own tables count them).
+_HOST_DEVICE_TYPES = ("CPU", "MKLDNN", "IDEEP")
+
+
+def generation_peak_bytes(fn, device: str = "cpu") -> tuple:
+    """Run ``fn()`` once; return ``(its result, peak bytes)``.
+
+    The peak is the largest amount of tensor memory allocated during the call
+    and live at one time, above what was live before it (model weights and
+    earlier tensors are not counted; what the call frees of them is not
+    subtracted). On the CPU it is rebuilt from the allocation and free events
+    torch's CPU allocator reports to the profiler (``profile_memory=True``):
+    a running sum of their sizes in time order, whose maximum is the peak
+    (allocations made outside torch's allocator, e.g. by oneDNN or MKL
+    internally, are not seen). On a GPU it is
+    ``torch.cuda.max_memory_allocated()`` minus the bytes allocated before.
+    """
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, max(0, torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [
+        (e.start_ns(), i, e.nbytes())
+        for i, e in enumerate(prof.profiler.kineto_results.events())
+        if e.name() == "[memory]" and str(e.device_type()).rsplit(".", 1)[-1] in _HOST_DEVICE_TYPES
+    ]
+    live = peak = 0
+    for _t, _i, nbytes in sorted(events):  # time order; ties keep the recorded order
+        live += nbytes
+        peak = max(peak, live)
+    return out, peak
+
+
 class Worker:
     """Runs one provider in this process; ``run`` translates all sentences once."""
 
@@ -231,7 +291,6 @@ class Worker:
             import seqfuse
 
             import_user_module(Namespace(user_dir=seqfuse.fairseq_user_dir()))
-            from seqfuse.generation import SequenceGenerator
         else:
             from fairseq.sequence_generator import SequenceGenerator
         info = self.spec["model_info"]
@@ -244,6 +303,17 @@ class Worker:
             [info["checkpoint"]], arg_overrides=overrides
         )
         model = models[0].eval().to(device=self.device, dtype=self.tdtype)
+        if seqfuse:
+            # The plugin's own choice (SEQFUSE_FUSED_LAYERS is set per provider
+            # by WorkerProcess): seqfuse's generator, layers fused or not.
+            from seqfuse.fairseq_plugin import select_generator
+
+            SequenceGenerator = select_generator([model], Namespace())
+            if SequenceGenerator is None:
+                raise RuntimeError("the seqfuse plugin falls back to stock for this model")
+            fused = bool(getattr(model, "_seqfuse_fused", False))
+            if fused != (self.spec["provider"] == "seqfuse-fused"):
+                raise RuntimeError(f"fused layers {'on' if fused else 'off'} for {self.spec}")
         self.model, self.tgt_dict, self.generator_cls = (
             model,
             task.target_dictionary,
@@ -255,27 +325,39 @@ class Worker:
     def _setup_seqfuse(self):
         self._setup_fairseq(seqfuse=True)
 
+    def _setup_seqfuse_fused(self):
+        self._setup_fairseq(seqfuse=True)
+
     def _fairseq_generator(self, beam: int):
         kw = dict(beam_size=beam, max_len_a=0, max_len_b=200, min_len=1)
         if self.forced_len:
             kw.update(max_len_b=self.forced_len, min_len=self.forced_len)
         return self.generator_cls([self.model], self.tgt_dict, **kw)
 
-    def _run_fairseq(self, gen, idx: list) -> list:
+    def _fairseq_sample(self, idx: list) -> dict:
         torch = self.torch
         srcs = [self.sources[i] for i in idx]
         width = max(len(s) for s in srcs)
         tokens = torch.full((len(srcs), width), self.pad, dtype=torch.long)
         for r, s in enumerate(srcs):  # fairseq left-pads the source
             tokens[r, width - len(s) :] = torch.tensor(s)
-        sample = {
+        return {
             "id": torch.tensor(idx),
             "net_input": {
                 "src_tokens": tokens.to(self.device),
                 "src_lengths": torch.tensor([len(s) for s in srcs], device=self.device),
             },
         }
-        hypos = gen.generate([self.model], sample)
+
+    def _run_fairseq(self, gen, idx: list, measure: list | None = None) -> list:
+        sample = self._fairseq_sample(idx)
+        if measure is None:
+            hypos = gen.generate([self.model], sample)
+        else:  # the generate call alone
+            hypos, peak = generation_peak_bytes(
+                lambda: gen.generate([self.model], sample), self.device
+            )
+            measure.append(peak)
         eos = self.tgt_dict.eos()
         out = []
         for h in hypos:
@@ -328,7 +410,11 @@ class Worker:
             ) from e
         self.run_batch = self._run_hf
 
-    def _run_hf(self, beam: int, idx: list) -> list:
+    def _run_hf(self, beam: int, idx: list, measure: list | None = None) -> list:
+        if measure is not None:
+            out, peak = generation_peak_bytes(lambda: self._run_hf(beam, idx), self.device)
+            measure.append(peak)
+            return out
         torch = self.torch
         srcs = [self.sources[i] for i in idx]
         width = max(len(s) for s in srcs)
@@ -397,18 +483,30 @@ class Worker:
         results = self.translator.translate_batch(srcs, **kw)
         return [[self.tgt_dict.index(p) for p in r.hypotheses[0]] for r in results]
 
+    def measure_memory(self, batch: int, beam: int) -> dict:
+        """Generation's own peak memory (``generation_peak_bytes``) on every
+        batch of one untimed pass; the largest is reported."""
+        torch = self.torch
+        if self.spec["provider"] == "ctranslate2":  # its own allocator: not seen
+            return {"gen_peak_mb": None, "gen_mem_kind": None}
+        fairseq = self.spec["provider"] in FAIRSEQ_PROVIDERS
+        gen = self._fairseq_generator(beam) if fairseq else beam
+        peaks: list = []
+        with torch.inference_mode():
+            for idx in _batches(self.sources, batch):
+                self.run_batch(gen, idx, measure=peaks)
+        kind = "cuda_allocated" if self.device.startswith("cuda") else "cpu_profiler"
+        return {"gen_peak_mb": max(peaks) / 2**20, "gen_mem_kind": kind}
+
     def run(self, batch: int, beam: int, collect: bool, profile: bool) -> dict:
         torch = self.torch
         cuda = self.device.startswith("cuda")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        gen = (
-            self._fairseq_generator(beam)
-            if self.spec["provider"] in ("fairseq", "seqfuse")
-            else beam
-        )
+        fairseq = self.spec["provider"] in FAIRSEQ_PROVIDERS
+        gen = self._fairseq_generator(beam) if fairseq else beam
         timers, hooks = None, []
-        if profile and self.spec["provider"] in ("fairseq", "seqfuse"):
+        if profile and fairseq:
             timers, hooks = _instrument(self.model, cuda, torch)
         outputs: dict = {}
         with torch.inference_mode():
@@ -501,9 +599,12 @@ def worker_main(spec_path: str) -> int:
         if req.get("op") == "quit":
             break
         try:
-            res = w.run(
-                req["batch"], req["beam"], req.get("collect", False), req.get("profile", False)
-            )
+            if req.get("memory"):
+                res = w.measure_memory(req["batch"], req["beam"])
+            else:
+                res = w.run(
+                    req["batch"], req["beam"], req.get("collect", False), req.get("profile", False)
+                )
             res["ok"] = True
         except Exception as e:
             res = {"ok": False, "error": f"{type(e).__name__}: {e}"}
@@ -519,6 +620,8 @@ class WorkerProcess:
         self.forced_len = spec["forced_len"]
         self.log = open(log_path, "w")
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONUNBUFFERED="1")
+        # Fused layers exactly for seqfuse-fused, whatever the caller's environment says.
+        env["SEQFUSE_FUSED_LAYERS"] = "1" if self.provider == "seqfuse-fused" else "0"
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", str(spec_path)],
             stdin=subprocess.PIPE,
@@ -737,10 +840,17 @@ def run_benchmark(args) -> dict:
                             )
                     # Network vs search time: one more, instrumented run (not timed above).
                     for w in list(live):
-                        if w.provider in ("fairseq", "seqfuse") and not args.no_profile:
+                        if w.provider in FAIRSEQ_PROVIDERS and not args.no_profile:
                             r = _request(w, live, skipped, where, profile=True)
                             if r["ok"]:
                                 first[w.provider]["model_share"] = r.get("model_share")
+                    # Generation's own peak memory: one more run, measured call by call.
+                    for w in list(live):
+                        if not args.no_memory:
+                            r = _request(w, live, skipped, where, memory=True)
+                            if r["ok"]:
+                                first[w.provider]["gen_peak_mb"] = r["gen_peak_mb"]
+                                first[w.provider]["gen_mem_kind"] = r["gen_mem_kind"]
                     stock_out = first.get("fairseq", {}).get("outputs")
                     for w in live:
                         f = first[w.provider]
@@ -750,12 +860,16 @@ def run_benchmark(args) -> dict:
                         if (
                             tgt_dict is not None
                             and inputs["refs"]
-                            and w.provider in ("fairseq", "seqfuse", "ctranslate2")
+                            and w.provider in FAIRSEQ_PROVIDERS + ("ctranslate2",)
                         ):
                             hyps = [tgt_dict.string(o, "sentencepiece") for o in outs]
                             bleu = _bleu(hyps, inputs["refs"])
                         same = None
-                        if stock_out is not None and w.provider in ("seqfuse", "ctranslate2"):
+                        if stock_out is not None and w.provider in (
+                            "seqfuse",
+                            "seqfuse-fused",
+                            "ctranslate2",
+                        ):
                             same = sum(a == b for a, b in zip(outs, stock_out)) / len(outs)
                         mem_kind = "cuda_allocated" if f.get("cuda_peak_mb") is not None else "rss"
                         row = dict(
@@ -775,6 +889,8 @@ def run_benchmark(args) -> dict:
                             if mem_kind == "cuda_allocated"
                             else f["peak_rss_mb"],
                             mem_kind=mem_kind,
+                            gen_peak_mb=f.get("gen_peak_mb"),
+                            gen_mem_kind=f.get("gen_mem_kind"),
                             bleu=bleu,
                             identical_to_stock=same,
                             outputs_sha1=hashlib.sha1(json.dumps(outs).encode()).hexdigest(),
@@ -807,15 +923,24 @@ def _fmt_row(r: dict) -> str:
         extra.append(f"identical {100 * r['identical_to_stock']:.0f}%")
     if r["model_share"] is not None:
         extra.append(f"model share {100 * r['model_share']:.0f}%")
+    if r.get("gen_peak_mb") is not None:
+        extra.append(f"generation peak {r['gen_peak_mb']:.1f} MB")
     return (
-        f"{r['model']:>8} {r['device']:>4} {r['dtype']:>4} {r['provider']:>12} "
+        f"{r['model']:>8} {r['device']:>4} {r['dtype']:>4} {r['provider']:>13} "
         f"b{r['batch']:<4}k{r['beam']:<2} {r['tokens_per_s']:>9.1f} tok/s "
         f"{r['sentences_per_s']:>7.2f} sent/s {r['peak_mem_mb']:>7.0f} MB " + " ".join(extra)
     )
 
 
+# ratios(): (provider, key prefix) of the seqfuse variants compared with their peers.
+SEQFUSE_VARIANTS = (("seqfuse", "seqfuse"), ("seqfuse-fused", "seqfuse_fused"))
+
+
 def ratios(rows: list) -> list:
-    """seqfuse / stock fairseq and seqfuse / CTranslate2 tokens/s per setting."""
+    """Per setting: tokens/s of seqfuse (and seqfuse-fused) over stock fairseq
+    and CTranslate2 (``seqfuse_vs_stock``, ``seqfuse_fused_vs_ctranslate2``, ...),
+    and generation peak memory over stock's (``seqfuse_gen_mem_vs_stock``,
+    ``seqfuse_fused_gen_mem_vs_stock``: below 1 is less memory)."""
     by = {}
     for r in rows:
         by.setdefault((r["model"], r["device"], r["dtype"], r["batch"], r["beam"]), {})[
@@ -823,24 +948,38 @@ def ratios(rows: list) -> list:
         ] = r
     out = []
     for key, group in sorted(by.items()):
-        s = group.get("seqfuse")
-        if s is None:
+        if not any(p in group for p, _ in SEQFUSE_VARIANTS):
             continue
         entry = dict(zip(("model", "device", "dtype", "batch", "beam"), key))
-        for peer, name in (
-            ("fairseq", "seqfuse_vs_stock"),
-            ("ctranslate2", "seqfuse_vs_ctranslate2"),
-        ):
-            if peer in group:
-                entry[name] = s["tokens_per_s"] / group[peer]["tokens_per_s"]
+        for provider, prefix in SEQFUSE_VARIANTS:
+            s = group.get(provider)
+            if s is None:
+                continue
+            for peer, name in (("fairseq", "stock"), ("ctranslate2", "ctranslate2")):
+                if peer in group:
+                    entry[f"{prefix}_vs_{name}"] = s["tokens_per_s"] / group[peer]["tokens_per_s"]
+            stock = group.get("fairseq")
+            if stock and s.get("gen_peak_mb") is not None and stock.get("gen_peak_mb"):
+                entry[f"{prefix}_gen_mem_vs_stock"] = s["gen_peak_mb"] / stock["gen_peak_mb"]
         out.append(entry)
     return out
+
+
+RATIO_LABELS = (
+    ("seqfuse_vs_stock", "seqfuse/stock {:.2f}x"),
+    ("seqfuse_vs_ctranslate2", "seqfuse/CTranslate2 {:.2f}x"),
+    ("seqfuse_fused_vs_stock", "fused/stock {:.2f}x"),
+    ("seqfuse_fused_vs_ctranslate2", "fused/CTranslate2 {:.2f}x"),
+    ("seqfuse_gen_mem_vs_stock", "generation memory seqfuse/stock {:.2f}"),
+    ("seqfuse_fused_gen_mem_vs_stock", "fused/stock {:.2f}"),
+)
 
 
 CSV_FIELDS = [
     "model", "device", "dtype", "provider", "batch", "beam", "sentences", "target_tokens",
     "forced_len", "median_seconds", "tokens_per_s", "sentences_per_s", "peak_mem_mb",
-    "mem_kind", "bleu", "identical_to_stock", "model_share", "outputs_sha1",
+    "mem_kind", "gen_peak_mb", "gen_mem_kind", "bleu", "identical_to_stock", "model_share",
+    "outputs_sha1",
 ]  # fmt: skip
 
 
@@ -928,8 +1067,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--full", action="store_true", help="batch 1/16/64/128 x beam 1/4/5, more sentences"
     )
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: multi30k,base")
-    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="generation memory preset: multi30k, fairseq,seqfuse,seqfuse-fused, "
+        "batch 128, beam 5, the 1000 test sentences (other options override)",
+    )
+    p.add_argument("--models", help=f"comma-separated: {','.join(MODELS)} (default: all)")
+    p.add_argument(
+        "--providers",
+        help=f"comma-separated: {','.join(PROVIDERS)} (default: {','.join(DEFAULT_PROVIDERS)})",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when present, else the CPU")  # fmt: skip
     p.add_argument("--cpu-too", action="store_true", help="with a GPU, also run the CPU")
@@ -943,6 +1091,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-profile", action="store_true", help="skip the network vs search time split"
     )
+    p.add_argument("--no-memory", action="store_true", help="skip the generation peak memory run")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per provider")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--name", help="results file stem (default: bench-<device>-<date>)")
@@ -951,14 +1100,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.worker:
-        return worker_main(args.worker)
-    if args.make_base_model:
-        print(make_base_model())
-        return 0
-    sweep = FULL_SWEEP if args.full else SMALL_SWEEP
+def apply_sweep(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset from the sweep chosen (--memory, --full or
+    the small default) and split the comma-separated lists, in place."""
+    sweep = MEMORY_SWEEP if args.memory else FULL_SWEEP if args.full else SMALL_SWEEP
+    args.models = args.models or sweep.get("models", ",".join(MODELS))
+    args.providers = args.providers or sweep.get("providers", ",".join(DEFAULT_PROVIDERS))
     args.batch_sizes = args.batch_sizes or sweep["batch_sizes"]
     args.beams = args.beams or sweep["beams"]
     args.sentences = args.sentences or sweep["sentences"]
@@ -969,6 +1116,17 @@ def main(argv: list | None = None) -> int:
     for m in args.models:
         if m not in MODELS:
             raise SystemExit(f"benchmark: unknown model {m}; choose from {MODELS}")
+    return args
+
+
+def main(argv: list | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    if args.make_base_model:
+        print(make_base_model())
+        return 0
+    apply_sweep(args)
     start = time.perf_counter()
     out = run_benchmark(args)
     report = {
@@ -984,6 +1142,8 @@ def main(argv: list | None = None) -> int:
             "providers": args.providers.split(","),
             "gpu_dtypes": args.gpu_dtypes,
             "full": args.full,
+            "memory": args.memory,
+            "no_memory": args.no_memory,
         },
         "results": out["rows"],
         "ratios": ratios(out["rows"]),
@@ -994,9 +1154,7 @@ def main(argv: list | None = None) -> int:
     paths = write_results(report, Path(args.results_dir), name)
     print()
     for r in report["ratios"]:
-        parts = [
-            f"{k} {r[k]:.2f}x" for k in ("seqfuse_vs_stock", "seqfuse_vs_ctranslate2") if k in r
-        ]
+        parts = [label.format(r[k]) for k, label in RATIO_LABELS if k in r]
         print(
             f"{r['model']:>8} {r['device']:>4} {r['dtype']:>4} batch {r['batch']:<4} beam {r['beam']:<2} "
             + "  ".join(parts)

@@ -172,7 +172,7 @@ def test_demo(tmp_path):
 @pytest.mark.slow
 @needs_shared
 def test_benchmark_small(tmp_path):
-    providers = "fairseq,seqfuse,hf,ctranslate2,seqfuse-hf"
+    providers = "fairseq,seqfuse,seqfuse-fused,hf,ctranslate2,seqfuse-hf"
     r = _run(
         [
             "scripts/benchmark.py",
@@ -199,24 +199,34 @@ def test_benchmark_small(tmp_path):
     rows = report["results"]
     ran = {row["provider"] for row in rows}
     skipped = {s["provider"] for s in report["skipped"]}
-    assert {"fairseq", "seqfuse", "hf"} <= ran
+    assert {"fairseq", "seqfuse", "seqfuse-fused", "hf"} <= ran
     assert ran | skipped == set(providers.split(","))  # every provider ran or says why not
     for row in rows:
         assert row["sentences"] == 8 and row["batch"] in (4, 8) and row["beam"] == 2
         assert row["tokens_per_s"] > 0 and row["sentences_per_s"] > 0
         assert row["tokens_per_s"] == pytest.approx(row["target_tokens"] / row["median_seconds"])
         assert 50 < row["peak_mem_mb"] < 64_000 and row["mem_kind"] == "rss"
+        if row["provider"] == "ctranslate2":  # its allocations are not torch's
+            assert row["gen_peak_mb"] is None
+        else:  # generation's own peak: well under the process's
+            assert 0 < row["gen_peak_mb"] < row["peak_mem_mb"] / 2
+            assert row["gen_mem_kind"] == "cpu_profiler"
     by = {(row["provider"], row["batch"]): row for row in rows}
     for batch in (4, 8):
-        stock, fused = by[("fairseq", batch)], by[("seqfuse", batch)]
+        stock = by[("fairseq", batch)]
         assert 10.0 < stock["bleu"] < 80.0
-        same = stock["outputs_sha1"] == fused["outputs_sha1"]
-        assert (fused["identical_to_stock"] == 1.0) == same
+        for name in ("seqfuse", "seqfuse-fused"):
+            fused = by[(name, batch)]
+            same = stock["outputs_sha1"] == fused["outputs_sha1"]
+            assert (fused["identical_to_stock"] == 1.0) == same
         assert by[("hf", batch)]["target_tokens"] == 8 * by[("hf", batch)]["forced_len"]
     ratio = {(x["batch"], x["beam"]): x for x in report["ratios"]}
     for batch in (4, 8):
         expect = by[("seqfuse", batch)]["tokens_per_s"] / by[("fairseq", batch)]["tokens_per_s"]
         assert ratio[(batch, 2)]["seqfuse_vs_stock"] == pytest.approx(expect)
+        for name, key in (("seqfuse", "seqfuse"), ("seqfuse-fused", "seqfuse_fused")):
+            mem = by[(name, batch)]["gen_peak_mb"] / by[("fairseq", batch)]["gen_peak_mb"]
+            assert ratio[(batch, 2)][f"{key}_gen_mem_vs_stock"] == pytest.approx(mem)
     with open(tmp_path / "t.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     if "ctranslate2" in ran:
@@ -225,9 +235,96 @@ def test_benchmark_small(tmp_path):
         assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_base_model_shape(tmp_path):
+def _benchmark():
     sys.path.insert(0, str(ROOT / "scripts"))
     import benchmark
+
+    return benchmark
+
+
+# ------------------------------------------------- benchmark: generation memory
+
+
+def test_generation_peak_bytes_known_allocations():
+    """The running peak of what the call allocates: freed blocks count while
+    live, what was allocated before the call and freed inside is not subtracted."""
+    import torch
+
+    peak_of = _benchmark().generation_peak_bytes
+    mib = 2**20
+
+    def alloc_free_alloc():
+        a = torch.empty(10 * mib, dtype=torch.uint8)
+        del a
+        return torch.empty(3 * mib, dtype=torch.uint8)
+
+    out, peak = peak_of(alloc_free_alloc)
+    assert out.numel() == 3 * mib and peak == 10 * mib
+
+    held = [torch.ones(5 * mib, dtype=torch.uint8)]
+
+    def frees_an_older_tensor():
+        held.clear()
+        x = torch.empty(mib, dtype=torch.uint8)
+        return x, torch.empty(2 * mib, dtype=torch.uint8)
+
+    _, peak = peak_of(frees_an_older_tensor)
+    assert peak == 3 * mib
+    assert peak_of(lambda: None) == (None, 0)
+
+
+def test_generation_peak_bytes_of_a_generation():
+    """A tiny model's beam search has a positive peak, and a block held through
+    the call raises it by that block's size."""
+    import torch
+    from fairseq.sequence_generator import SequenceGenerator
+    from generation_utils import random_sample, random_transformer
+
+    peak_of = _benchmark().generation_peak_bytes
+    model, d = random_transformer(300, seed=1)
+    sample = random_sample(d, bsz=4, seed=2)
+    gen = SequenceGenerator([model], d, beam_size=3, max_len_b=10)
+    extra = 4 * 2**20
+
+    def with_extra():
+        block = torch.empty(extra, dtype=torch.uint8)
+        return gen.generate([model], sample), block
+
+    with torch.no_grad():
+        gen.generate([model], sample)  # warm-up
+        hypos, base = peak_of(lambda: gen.generate([model], sample))
+        (hypos2, _), more = peak_of(with_extra)
+    assert len(hypos) == 4 and 10_000 < base < 50 * 2**20
+    assert all(torch.equal(a[0]["tokens"], b[0]["tokens"]) for a, b in zip(hypos, hypos2))
+    assert abs(more - base - extra) < 64 * 1024, (base, more)
+
+
+def test_memory_ratios_and_preset():
+    bench = _benchmark()
+    where = dict(model="multi30k", device="cpu", dtype="fp32", batch=128, beam=5)
+    rows = [
+        where | dict(provider="fairseq", tokens_per_s=100.0, gen_peak_mb=200.0),
+        where | dict(provider="seqfuse", tokens_per_s=110.0, gen_peak_mb=180.0),
+        where | dict(provider="seqfuse-fused", tokens_per_s=150.0, gen_peak_mb=90.0),
+        where | dict(provider="ctranslate2", tokens_per_s=300.0, gen_peak_mb=None),
+    ]
+    (r,) = bench.ratios(rows)
+    assert r["seqfuse_vs_stock"] == pytest.approx(1.1)
+    assert r["seqfuse_fused_vs_stock"] == pytest.approx(1.5)
+    assert r["seqfuse_fused_vs_ctranslate2"] == pytest.approx(0.5)
+    assert r["seqfuse_gen_mem_vs_stock"] == pytest.approx(0.9)
+    assert r["seqfuse_fused_gen_mem_vs_stock"] == pytest.approx(0.45)
+    args = bench.apply_sweep(bench.build_parser().parse_args(["--memory"]))
+    assert (args.models, args.batch_sizes, args.beams) == (["multi30k"], [128], [5])
+    assert args.providers == "fairseq,seqfuse,seqfuse-fused" and args.sentences == 1000
+    args = bench.apply_sweep(bench.build_parser().parse_args(["--memory", "--sentences", "64"]))
+    assert args.sentences == 64
+    default = bench.apply_sweep(bench.build_parser().parse_args([]))
+    assert "seqfuse-fused" not in default.providers.split(",")
+
+
+def test_base_model_shape(tmp_path):
+    benchmark = _benchmark()
     import torch
 
     ckpt = benchmark.make_base_model(tmp_path / "base")
