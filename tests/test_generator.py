@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import pytest
 import torch
 from fairseq import search
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
 from generation_utils import (
+    REPO,
     SHARED_MODEL,
     ToyDecoder,
     ToyEncoder,
@@ -346,3 +348,43 @@ def test_compacting_every_few_steps_matches_stock(seed):
             gen = SequenceGenerator([model], d, **kwargs)
             gen.compact_every = every
             compare_hypotheses(stock, gen.generate([model], sample), f"every={every}")
+
+
+# ---------------------------------------------------------------------- memory
+def _generation_peak(gen, model, sample) -> int:
+    """Peak tensor bytes one generate call allocates (scripts/benchmark.py's measure)."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from benchmark import generation_peak_bytes
+
+    gen.generate([model], sample)  # warm-up
+    return generation_peak_bytes(lambda: gen.generate([model], sample))[1]
+
+
+def test_generation_peak_memory_below_stock():
+    """No [rows, vocab] log-prob tensor, and a step's logits are freed before
+    the next decoder call: where the vocabulary dominates, seqfuse's generation
+    peaks well under stock's, with stock's hypotheses."""
+    model, d = random_transformer(8000, seed=1)
+    sample = random_sample(d, bsz=16, seed=2, min_len=5, max_len=12)
+    kwargs = {"beam_size": 5, "max_len_b": 20}
+    stock, ours = run_both([model], d, sample, kwargs)
+    compare_hypotheses(stock, ours, "memory")
+    peak_stock = _generation_peak(StockGenerator([model], d, **kwargs), model, sample)
+    peak_ours = _generation_peak(SequenceGenerator([model], d, **kwargs), model, sample)
+    assert 0 < peak_ours < 0.6 * peak_stock, (peak_ours, peak_stock)
+
+
+def test_attention_buffers_grow_with_the_steps_taken():
+    """The attention buffers follow the steps decoded, not max_len: a max_len
+    20 times what the hypotheses need costs next to no memory."""
+    model, d = toy_model(out_len=lambda n: 400)  # long encoder output: wide attention rows
+    sample = random_sample(d, bsz=4, seed=1)
+    peaks = {}
+    for max_len_b in (12, 240):
+        kwargs = {"beam_size": 4, "max_len_b": max_len_b}
+        stock, ours = run_both([model], d, sample, kwargs)
+        compare_hypotheses(stock, ours, f"max_len_b={max_len_b}")
+        assert max(len(h["tokens"]) for hs in ours for h in hs) < 12  # all end early
+        peaks[max_len_b] = _generation_peak(SequenceGenerator([model], d, **kwargs), model, sample)
+    # sized by max_len, attn and the finished attention would add about 13 MB
+    assert 0 < peaks[240] - peaks[12] < 2 * 2**20, peaks

@@ -382,3 +382,164 @@ def test_multi30k_identical_hypotheses():
             assert_close(y["score"], x["score"], "score")
             n += 1
     assert n == 250
+
+
+# -- cache memory ------------------------------------------------------------------
+def _gathered(cache):
+    """Each logical row's K/V and key padding per slot, read through the table."""
+    k, v, rows, pad = cache.views()
+    slots = torch.arange(cache.length).view(1, -1).expand_as(rows[:, : cache.length])
+    r = rows[:, : cache.length]
+    return k[slots, r], v[slots, r], pad[r, slots]
+
+
+def test_self_attn_cache_growth_and_repack_keep_values():
+    """Growth by a quarter (not doubling) and repacks on a shrink to half the
+    physical rows free memory without changing a value any row reads."""
+    g = torch.Generator().manual_seed(0)
+    c, beam, sents = 6, 3, 8
+    rows = beam * sents
+    like = torch.empty(0)
+    cache = kv_cache.SelfAttnCache(rows, kv_cache.INITIAL_SLOTS, c, like)
+    hist_kv, hist_pad = [[] for _ in range(rows)], [[] for _ in range(rows)]
+    caps, live = [], list(range(sents))
+    for step in range(40):
+        n = len(live) * beam
+        kv_new = torch.randn(1, n, 2 * c, generator=g)
+        pad_new = torch.rand(n, 1, generator=g) < 0.2
+        cache.append(kv_new, pad_new)
+        for r in range(n):
+            hist_kv[r].append(kv_new[0, r])
+            hist_pad[r].append(bool(pad_new[r, 0]))
+        k, v, pad = _gathered(cache)
+        want = torch.stack([torch.stack(h) for h in hist_kv[:n]])  # [n, L, 2C]
+        assert torch.equal(k, want[..., :c]) and torch.equal(v, want[..., c:]), step
+        assert pad.tolist() == [h for h in hist_pad[:n]], step
+        caps.append(cache.capacity)
+        # reorder inside beams; drop sentences at steps 10 and 20
+        if step in (10, 20):
+            live = live[: max(1, len(live) // 2 - (step == 20))]
+        order = []
+        for si in range(len(live)):
+            order += (si * beam + torch.randint(0, beam, (beam,), generator=g)).tolist()
+        cache.reorder(torch.tensor(order))
+        hist_kv = [list(hist_kv[i]) for i in order] + [[] for _ in range(rows - len(order))]
+        hist_pad = [list(hist_pad[i]) for i in order] + [[] for _ in range(rows - len(order))]
+    slot_caps = sorted({cap[1] for cap in caps})
+    expect = [kv_cache.INITIAL_SLOTS]
+    while expect[-1] < 40:
+        expect.append(kv_cache.next_slots(expect[-1] + 1, expect[-1]))
+    assert slot_caps == expect  # 8, 12, 16, 20, 25, 31, 38, 47: a quarter, not doubling
+    row_caps = [cap[0] for cap in caps]
+    assert row_caps[0] == rows and row_caps[11] == 4 * beam and row_caps[-1] == beam
+
+
+def test_cross_attn_cache_repack_on_shrink():
+    g = torch.Generator().manual_seed(1)
+    s, sents, beam, c = 5, 6, 2, 4
+    kv = torch.randn(s, sents, 2 * c, generator=g)
+    pad = torch.rand(sents, s, generator=g) < 0.3
+    cache = kv_cache.CrossAttnCache(kv, pad, beam, beam)
+    keep = [4, 1]  # 6 -> 2 sentences: half or less, the K/V are repacked
+    order = torch.tensor([r for si in keep for r in (si * beam, si * beam + 1)])
+    cache.reorder(order)
+    k, v, mapping, p = cache.views()
+    assert cache.kv.size(1) == 2 and mapping.tolist() == [0, 1]
+    assert torch.equal(k, kv[:, keep, :c]) and torch.equal(v, kv[:, keep, c:])
+    assert torch.equal(p, pad[keep])
+
+
+def test_rows_per_source_key_is_the_generators():
+    from seqfuse.generation import sequence_generator
+
+    assert sequence_generator.ROWS_PER_SOURCE == kv_cache.ROWS_PER_SOURCE
+
+
+def _seqfuse_vs_stock(model, ref, d, src, beam, max_len_b=30):
+    from seqfuse.generation import SequenceGenerator as SeqfuseGenerator
+
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1)}}
+    with torch.no_grad():
+        h1 = SequenceGenerator([ref], d, beam_size=beam, max_len_b=max_len_b).forward(sample)
+        h2 = SeqfuseGenerator([model], d, beam_size=beam, max_len_b=max_len_b).forward(sample)
+    for i, (a, b) in enumerate(zip(h1, h2)):
+        assert len(a) == len(b)
+        for j, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x["tokens"], y["tokens"]), (i, j)
+            assert_close(y["score"], x["score"], f"score {i}/{j}")
+            assert_close(y["positional_scores"], x["positional_scores"], f"pos {i}/{j}")
+            assert_close(y["attention"], x["attention"], f"attention {i}/{j}")
+    return h1
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_seqfuse_generator_gives_one_encoder_row_per_sentence(beam, monkeypatch):
+    """With seqfuse's generator the fused decoder gets the encoder output once
+    per sentence and keeps the cross-attention K/V once per sentence."""
+    model, d = make_model(seed=1, pre_norm=True)
+    ref = copy.deepcopy(model)
+    assert optimize_fairseq_model(model)[0]
+    seen = []
+    orig = FusedTransformerDecoderLayer._cross_cache
+
+    def spy(self, enc, enc_pad, n, per_source=None):
+        cache = orig(self, enc, enc_pad, n, per_source)
+        seen.append((enc.size(1), n, cache.kv.size(1), cache.q_per_kv))
+        return cache
+
+    monkeypatch.setattr(FusedTransformerDecoderLayer, "_cross_cache", spy)
+    src = torch.randint(4, 60, (8, 10), generator=torch.Generator().manual_seed(3))
+    src[6, :3] = d.pad()
+    hypos = _seqfuse_vs_stock(model, ref, d, src, beam)
+    assert len({len(h[0]["tokens"]) for h in hypos}) > 1  # batch shrinks happened
+    assert seen == [(8, 8 * beam, 8, beam)] * len(model.decoder.layers)
+
+
+def test_fused_decoder_fallback_repeats_a_per_source_encoder_output(monkeypatch):
+    """Off the fast path the stock decoder runs: a per-source encoder output is
+    repeated for it, so the result equals the repeated input's."""
+    model, d = make_model(seed=2)
+    assert optimize_fairseq_model(model)[0]
+    dec = model.decoder
+    assert dec.takes_encoder_out_per_source()
+    monkeypatch.setattr(type(dec), "_fast_path_problem", lambda self: "forced")
+    assert not dec.takes_encoder_out_per_source()
+    beam = 3
+    src = torch.randint(4, 60, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        enc = model.encoder(src, torch.tensor([7, 7]))
+        reps = model.encoder.reorder_encoder_out(enc, torch.arange(2).repeat_interleave(beam))
+        tokens = torch.randint(4, 60, (2 * beam, 3), generator=torch.Generator().manual_seed(5))
+        st_a, st_b = {kv_cache.ROWS_PER_SOURCE: beam}, {}
+        for t in range(1, 4):
+            a = dec(tokens[:, :t], encoder_out=enc, incremental_state=st_a)[0]
+            b = dec(tokens[:, :t], encoder_out=reps, incremental_state=st_b)[0]
+            assert torch.equal(a, b), t
+
+
+def _generation_peak(gen, model, sample) -> int:
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchmark import generation_peak_bytes
+
+    with torch.no_grad():
+        gen.generate([model], sample)  # warm-up (packed weights, position tables)
+        return generation_peak_bytes(lambda: gen.generate([model], sample))[1]
+
+
+def test_fused_generation_memory_well_below_stock():
+    """Beam 5 on a model whose caches dominate: seqfuse's generator with the
+    fused layers peaks at under half the memory of stock's generation."""
+    from seqfuse.generation import SequenceGenerator as SeqfuseGenerator
+
+    model, d = make_model(seed=1, dim=64, d=make_dict(300), eos_boost=6.0)
+    ref = copy.deepcopy(model)
+    assert optimize_fairseq_model(model)[0]
+    src = torch.randint(4, len(d), (16, 30), generator=torch.Generator().manual_seed(3))
+    src[:, -1] = d.eos()
+    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((16,), 30)}}
+    kw = dict(beam_size=5, max_len_b=100)
+    stock = _generation_peak(SequenceGenerator([ref], d, **kw), ref, sample)
+    fused = _generation_peak(SeqfuseGenerator([model], d, **kw), model, sample)
+    assert 0 < fused < 0.55 * stock, (fused, stock)

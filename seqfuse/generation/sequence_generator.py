@@ -10,8 +10,12 @@ for step. What changes is how each step is computed:
   with exact hierarchical pruning): no ``[rows, vocab]`` log-prob tensor;
 - n-gram blocking is computed with tensor ops instead of a Python loop;
 - encoder outputs are not re-gathered every step: the rows of one sentence are
-  identical copies, so only a batch shrink selects rows;
-- finished hypotheses are built from batched tensors.
+  identical copies, so only a batch shrink rebuilds them (from the one output
+  per sentence, after the caches shrink); seqfuse's fused decoder gets one
+  row per sentence and keeps cross-attention K/V once per sentence;
+- finished hypotheses are built from batched tensors; this step's scores are
+  freed before the next step, and the attention buffers grow with the steps
+  taken instead of being sized by ``max_len``.
 
 Anything it cannot do exactly (lexical constraints, diverse beam search or
 siblings, custom search strategies) runs fairseq's own loop, after one
@@ -52,6 +56,16 @@ _warned: set[str] = set()
 # The one wording of a fallback line (the fairseq plugin uses it too).
 FALLBACK_PREFIX = "seqfuse: falling back to stock SequenceGenerator: "
 
+# Put in the incremental state of a model with seqfuse's fused decoder layers:
+# its rows come in groups of `beam` rows of one source, so the layers keep the
+# cross-attention K/V once per sentence (seqfuse.layers.kv_cache.ROWS_PER_SOURCE);
+# a fused decoder on its fast path gets one encoder row per sentence.
+ROWS_PER_SOURCE = "seqfuse.rows_per_source"
+
+# attn / finished attention buffers: time columns allocated at first, then
+# grown by doubling (up to max_len) instead of max_len columns up front.
+ATTN_INITIAL_STEPS = 32
+
 
 def _warn_fallback(reason: str) -> None:
     if reason not in _warned:
@@ -83,6 +97,32 @@ def _standard_normalisation(model) -> bool:
         and dcls.get_normalized_probs is FairseqDecoder.get_normalized_probs
         and dcls.get_normalized_probs_scriptable is FairseqDecoder.get_normalized_probs_scriptable
     )
+
+
+def _has_fused_layers(model) -> bool:
+    layers = getattr(getattr(model, "decoder", None), "layers", None) or ()
+    return any(type(layer).__module__.startswith("seqfuse.layers.") for layer in layers)
+
+
+def _takes_encoder_out_per_source(model) -> bool:
+    """seqfuse's fused decoder on its fast path: it takes one encoder output
+    row per sentence (no beam copies) with ROWS_PER_SOURCE set."""
+    takes = getattr(getattr(model, "decoder", None), "takes_encoder_out_per_source", None)
+    return _has_fused_layers(model) and callable(takes) and bool(takes())
+
+
+def _grow_time(buf: Tensor, need: int, limit: int, zero: bool) -> Tensor:
+    """``buf`` with at least ``need`` (at most ``limit``) columns in its last
+    dimension, doubling; the columns held are copied."""
+    have = buf.size(-1)
+    if need <= have:
+        return buf
+    cols = min(limit, max(need, 2 * have))
+    new = (
+        buf.new_zeros(buf.shape[:-1] + (cols,)) if zero else buf.new_empty(buf.shape[:-1] + (cols,))
+    )
+    new[..., :have].copy_(buf)
+    return new
 
 
 def ngram_banned_tokens(tokens: Tensor, step: int, n: int) -> Optional[Tensor]:
@@ -235,7 +275,9 @@ class SequenceGenerator(StockSequenceGenerator):
         """
         model: EnsembleModel = self.model
         fused_logits = model.models_size == 1 and _standard_normalisation(model.single_model)
-        incremental_states = [{} for _ in range(model.models_size)]
+        incremental_states = [
+            {ROWS_PER_SOURCE: self.beam_size} if _has_fused_layers(m) else {} for m in model.models
+        ]
         net_input = sample["net_input"]
         if "src_tokens" in net_input:
             src_tokens = net_input["src_tokens"]
@@ -277,8 +319,16 @@ class SequenceGenerator(StockSequenceGenerator):
             )
 
         encoder_outs = model.forward_encoder(net_input)
-        new_order = torch.arange(bsz, device=device).repeat_interleave(beam_size)
-        encoder_outs = model.reorder_encoder_out(encoder_outs, new_order)
+        # One encoder output per sentence, kept to rebuild the beam copies from
+        # at a compaction (the old copies are freed first, not gathered from).
+        source_outs = encoder_outs if beam_size > 1 and model.has_encoder() else None
+        # Fused decoders take that one row per sentence as it is.
+        per_source = source_outs is not None and all(
+            _takes_encoder_out_per_source(m) for m in model.models
+        )
+        if not per_source:
+            new_order = torch.arange(bsz, device=device).repeat_interleave(beam_size)
+            encoder_outs = model.reorder_encoder_out(encoder_outs, new_order)
 
         long_opts = {"device": device, "dtype": torch.long}
         scores = torch.zeros(bsz * beam_size, max_len + 1, device=device, dtype=torch.float)
@@ -315,10 +365,18 @@ class SequenceGenerator(StockSequenceGenerator):
             if reorder_state is not None:
                 if prev_rows is not None:
                     reorder_state = prev_rows[reorder_state]
+                # The caches first: on a compaction they shrink before the
+                # encoder output's copies are rebuilt.
+                model.reorder_incremental_state(incremental_states, reorder_state)
+                if prev_rows is not None:
                     # Rows of one sentence hold the same encoder output: only
                     # a compaction needs a gather.
-                    encoder_outs = model.reorder_encoder_out(encoder_outs, prev_rows)
-                model.reorder_incremental_state(incremental_states, reorder_state)
+                    if source_outs is None:
+                        encoder_outs = model.reorder_encoder_out(encoder_outs, prev_rows)
+                    else:
+                        encoder_outs = None
+                        rows = sent_ids if per_source else sent_ids.repeat_interleave(beam_size)
+                        encoder_outs = model.reorder_encoder_out(source_outs, rows)
 
             out, is_logprobs, avg_attn_scores = self._decoder_step(
                 tokens[:, : step + 1], encoder_outs, incremental_states, fused_logits
@@ -372,13 +430,15 @@ class SequenceGenerator(StockSequenceGenerator):
 
             if avg_attn_scores is not None:
                 if attn is None:
-                    attn = torch.empty(
-                        bsz * beam_size, avg_attn_scores.size(1), max_len + 2, device=device
-                    )
-                    fin_attn = torch.zeros(
-                        n_sent, beam_size + 1, avg_attn_scores.size(1), max_len + 1, device=device
-                    )
+                    cols = min(max_len + 1, ATTN_INITIAL_STEPS)
+                    src_cols = avg_attn_scores.size(1)
+                    attn = torch.empty(bsz * beam_size, src_cols, cols + 1, device=device)
+                    fin_attn = torch.zeros(n_sent, beam_size + 1, src_cols, cols, device=device)
+                attn = _grow_time(attn, step + 2, max_len + 2, zero=False)
                 attn[:, :, step + 1].copy_(avg_attn_scores)
+            # This step's [rows, vocab] scores are spent: free them before the
+            # next step's reorders and decoder call instead of after.
+            out = lprobs = avg_attn_scores = None
 
             cand_bbsz_idx = cand_beams.add(bbsz_offsets)
             eos_mask = cand_indices.eq(self.eos) & cand_scores.ne(-math.inf)
@@ -394,6 +454,8 @@ class SequenceGenerator(StockSequenceGenerator):
             # where no hypothesis ends (no sentence can finish on those).
             taken = device.type != "cpu" or bool(take.any())
             if taken:
+                if fin_attn is not None:
+                    fin_attn = _grow_time(fin_attn, step + 1, max_len + 1, zero=True)
                 self._finalize(
                     step, take, rank, cand_bbsz_idx, cand_scores, tokens, scores, attn,
                     src_lengths, sent_ids, fin_tokens, fin_len, fin_score, fin_pos, fin_attn,

@@ -29,6 +29,7 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor
 
+from seqfuse.layers.kv_cache import ROWS_PER_SOURCE
 from seqfuse.layers.transformer import (
     MAX_HEAD_DIM,
     FusedTransformerDecoderLayer,
@@ -176,6 +177,13 @@ class FusedTransformerDecoder(TransformerDecoderBase):
             return "layers not fused"
         return None
 
+    def takes_encoder_out_per_source(self) -> bool:
+        """Whether an incremental call may get one encoder output row per
+        source, with ``incremental_state[ROWS_PER_SOURCE] = k`` decoder rows
+        per source, instead of k copies of each (the fast path's layers share
+        each source's cross-attention K/V by its k rows)."""
+        return not self.training and self._fast_path_problem() is None
+
     def _pos_table(self, slen: int) -> Tensor | None:
         pos = self.embed_positions
         if pos is None:
@@ -206,7 +214,7 @@ class FusedTransformerDecoder(TransformerDecoderBase):
         ):
             return super().extract_features_scriptable(
                 prev_output_tokens,
-                encoder_out,
+                _copies_per_row(encoder_out, incremental_state, prev_output_tokens.size(0)),
                 incremental_state,
                 full_context_alignment,
                 alignment_layer,
@@ -277,6 +285,24 @@ class FusedTransformerDecoder(TransformerDecoderBase):
             )
         x = x.transpose(0, 1)
         return x, {"attn": [attn], "inner_states": inner_states}
+
+
+def _copies_per_row(encoder_out, incremental_state, rows: int):
+    """An encoder output with one row per source (``ROWS_PER_SOURCE``) as the
+    stock decoder wants it: repeated to one copy per decoder row."""
+    k = incremental_state.get(ROWS_PER_SOURCE) if incremental_state is not None else None
+    if not k or encoder_out is None or len(encoder_out["encoder_out"]) == 0:
+        return encoder_out
+    enc = encoder_out["encoder_out"][0]
+    if enc.size(1) * k != rows or k == 1:
+        return encoder_out
+    out = dict(encoder_out)
+    out["encoder_out"] = [enc.repeat_interleave(k, dim=1)]
+    if len(encoder_out.get("encoder_padding_mask", [])) > 0:
+        out["encoder_padding_mask"] = [
+            encoder_out["encoder_padding_mask"][0].repeat_interleave(k, dim=0)
+        ]
+    return out
 
 
 _SUBCLASSES: dict[type, type] = {}

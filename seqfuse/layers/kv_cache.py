@@ -5,19 +5,42 @@ preallocated buffer ``kv [slots, rows, 2 * C]`` (time-major, so one step's
 projection is one contiguous write). A beam-search reorder never moves K/V:
 each logical row keeps a table ``rows[row, slot]`` of the physical row that
 holds its slot (parent pointers), and a reorder gathers that small int table
-into a second preallocated table and swaps the two. The buffers grow by
-doubling when the length or the row count outgrows them.
+into a second preallocated table and swaps the two. The buffers start at
+``INITIAL_SLOTS`` slots and grow by a quarter (at least ``MIN_GROWTH`` slots)
+when the length outgrows them; a growth, and a batch shrink to half the
+physical rows or less, repack the K/V of the live rows only
+(``SelfAttnCache.repack``), so memory follows the rows still decoding, as
+stock's per-step reorder does.
 
 Cross-attention: K/V of the encoder output are computed once per sentence
-(``q_per_kv = beam`` query rows share them, as fairseq's beamable attention
-does after ``set_beam_size``); a reorder inside the beams of each sentence is a
-no-op and a batch shrink only rewrites the sentence map.
+(``q_per_kv = beam`` query rows share them) when the rows of one sentence are
+known to be copies: fairseq's beamable attention after ``set_beam_size``, or
+seqfuse's generator saying so in the incremental state (``ROWS_PER_SOURCE``).
+A reorder inside the beams of each sentence is a no-op, a batch shrink
+rewrites the sentence map, and one to half the cached sentences or less drops
+the finished sentences' K/V.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# incremental_state[ROWS_PER_SOURCE] = k: the decoder's rows come in
+# consecutive groups of k rows of one source (beam search's rows of a
+# sentence), and reorders keep every row inside its group or drop whole groups;
+# the encoder output then has k copies of each source or, for a decoder whose
+# takes_encoder_out_per_source() says so, one. seqfuse's generator sets it
+# (seqfuse.generation.sequence_generator uses the same string).
+ROWS_PER_SOURCE = "seqfuse.rows_per_source"
+
+INITIAL_SLOTS = 8  # self-attention slots allocated at the first step
+MIN_GROWTH = 4  # a growth adds a quarter of the slots, at least this many
+
+
+def next_slots(need: int, have: int) -> int:
+    """Self-attention slot capacity after a growth from ``have`` for ``need``."""
+    return max(need, have + max(MIN_GROWTH, have // 4))
 
 
 class SelfAttnCache:
@@ -38,18 +61,38 @@ class SelfAttnCache:
         return self.kv.size(1), self.kv.size(0)
 
     def _grow(self, rows: int, slots: int) -> None:
-        r_old, l_old = self.capacity
-        r_new = max(rows, r_old)
-        l_new = max(slots, 2 * l_old) if slots > l_old else l_old
-        kv = self.kv.new_empty((l_new, r_new, 2 * self.channels))
-        kv[: self.length, :r_old].copy_(self.kv[: self.length])
-        table = torch.empty((r_new, l_new), dtype=torch.long, device=kv.device)
-        table[: self.n, : self.length].copy_(self.rows[: self.n, : self.length])
-        pad = torch.zeros((l_new, r_new), dtype=torch.bool, device=kv.device)
-        pad[: self.length, :r_old].copy_(self.pad[: self.length])
-        self.kv, self.rows, self.pad = kv, table, pad
+        l_old = self.capacity[1]
+        l_new = next_slots(slots, l_old) if slots > l_old else l_old
+        self.repack(max(rows, self.n), l_new)
+
+    def repack(self, rows: int, slots: int) -> None:
+        """New buffers of ``rows x slots`` capacity holding the written slots
+        of the ``n`` logical rows only, logical row ``r`` at physical row ``r``
+        (the old buffers are freed). The values read for each row are
+        unchanged, so attention over the cache is too."""
+        n, length, c2 = self.n, self.length, 2 * self.channels
+        if rows < n or slots < length:
+            raise ValueError(f"seqfuse: repack to {rows}x{slots} < {n} rows x {length} slots")
+        r_old = self.capacity[0]
+        dev = self.kv.device
+        kv = self.kv.new_empty((slots, rows, c2))
+        pad = torch.zeros((slots, rows), dtype=torch.bool, device=dev)
+        table = torch.empty((rows, slots), dtype=torch.long, device=dev)
+        arange = torch.arange(rows, device=dev)
+        if length > 0:
+            # flat index of (slot s, physical row rows[r, s]) in the old [L, R] buffers
+            base = torch.arange(length, device=dev).view(length, 1) * r_old
+            flat = (self.rows[:n, :length].t() + base).reshape(-1)  # [L * n], slot-major
+            src_kv = self.kv[:length].view(length * r_old, c2)
+            if rows == n:  # straight into the new buffer
+                torch.index_select(src_kv, 0, flat, out=kv[:length].view(length * n, c2))
+            else:
+                kv[:length, :n].copy_(src_kv.index_select(0, flat).view(length, n, c2))
+            pad[:length, :n].copy_(self.pad[:length].reshape(-1)[flat].view(length, n))
+            table[:n, :length].copy_(arange[:n].view(n, 1).expand(n, length))
+        self.kv, self.pad, self.rows = kv, pad, table
         self.rows_alt = torch.empty_like(table)
-        self.arange = torch.arange(r_new, device=kv.device)
+        self.arange = arange
 
     def append(self, kv_new: Tensor, pad_new: Tensor | None) -> None:
         """Write ``kv_new [T, n, 2C]`` (and ``pad_new [n, T]`` key padding) as the next slots."""
@@ -86,6 +129,8 @@ class SelfAttnCache:
         torch.index_select(self.rows[: self.n], 0, new_order, out=self.rows_alt[:n_new])
         self.rows, self.rows_alt = self.rows_alt, self.rows
         self.n = n_new
+        if 0 < n_new <= self.capacity[0] // 2:  # finished rows' K/V: free them
+            self.repack(n_new, self.capacity[1])
 
 
 class CrossAttnCache:
@@ -118,3 +163,13 @@ class CrossAttnCache:
         torch.index_select(self.map[: self.n], 0, sel, out=self.map_alt[:k])
         self.map, self.map_alt = self.map_alt, self.map
         self.n = k
+        if 0 < k <= self.kv.size(1) // 2:  # finished sentences' K/V: free them
+            self.repack()
+
+    def repack(self) -> None:
+        """Keep the K/V (and padding) of the ``n`` mapped sentences only, in map order."""
+        sel = self.map[: self.n]
+        self.kv = self.kv.index_select(1, sel)
+        self.pad = None if self.pad is None else self.pad.index_select(0, sel)
+        self.map = torch.arange(self.n, device=self.kv.device)
+        self.map_alt = torch.empty_like(self.map)

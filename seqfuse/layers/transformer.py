@@ -29,7 +29,12 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor
 
-from seqfuse.layers.kv_cache import CrossAttnCache, SelfAttnCache
+from seqfuse.layers.kv_cache import (
+    INITIAL_SLOTS,
+    ROWS_PER_SOURCE,
+    CrossAttnCache,
+    SelfAttnCache,
+)
 from seqfuse.ops.add_layernorm import add_layernorm
 from seqfuse.ops.attention import attention
 from seqfuse.ops.bias_act import bias_act
@@ -263,7 +268,7 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
         if caches is not None:
             cache = caches.get("self")
             if cache is None:
-                cache = SelfAttnCache(n, max(32, 2 * t), c, qkv)
+                cache = SelfAttnCache(n, max(INITIAL_SLOTS, 2 * t), c, qkv)
                 caches["self"] = cache
             cache.append(qkv[..., c:], self_attn_padding_mask)
             k, v, rows, pad = cache.views()
@@ -291,7 +296,8 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
             ea = self.encoder_attn
             cache = caches.get("cross") if caches is not None else None
             if cache is None:
-                cache = self._cross_cache(encoder_out, encoder_padding_mask, n)
+                per_source = incremental_state.get(ROWS_PER_SOURCE) if caches is not None else None
+                cache = self._cross_cache(encoder_out, encoder_padding_mask, n, per_source)
                 if caches is not None:
                     caches["cross"] = cache
             q = torch.addmm(ea.q_proj.bias, h, ea.q_proj.weight.t()).view(t, n, c)
@@ -308,18 +314,32 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
         x2 = _ffn(self, h, x2)
         return x2.view(t, n, c), attn, None
 
-    def _cross_cache(self, enc: Tensor, enc_pad: Tensor | None, n: int) -> CrossAttnCache:
+    def _cross_cache(
+        self, enc: Tensor, enc_pad: Tensor | None, n: int, per_source: int | None = None
+    ) -> CrossAttnCache:
+        """K/V of the encoder output, once per source when ``n`` query rows
+        share a source: with ``per_source = k`` (the incremental state's
+        ``ROWS_PER_SOURCE``) ``enc`` has one row per source or k copies of
+        each; without it, copies as many as fairseq's ``set_beam_size`` gave
+        the encoder attention."""
         ea = self.encoder_attn
         s, rows, ce = enc.shape
-        beam = int(getattr(ea, "beam_size", 1))
-        share = beam > 1 and rows == n and rows % beam == 0
-        if share:  # rows of one sentence are identical (the encoder output is repeated)
-            enc = enc[:, ::beam]
-            enc_pad = enc_pad[::beam] if enc_pad is not None else None
+        k = int(per_source or 0)
+        if k > 1 and rows * k == n:  # one encoder row per source
+            beam = q_per_kv = k
+        else:
+            beam = int(getattr(ea, "beam_size", 1))
+            if k > 1 and rows == n and rows % k == 0:
+                beam = k
+            share = beam > 1 and rows == n and rows % beam == 0
+            if share:  # rows of one sentence are identical (the encoder output is repeated)
+                enc = enc[:, ::beam]
+                enc_pad = enc_pad[::beam] if enc_pad is not None else None
+            q_per_kv = beam if share else n // enc.size(1)
         w_kv, b_kv = self._fused_packed_cross.get(
             (ea.k_proj.weight, ea.v_proj.weight), (ea.k_proj.bias, ea.v_proj.bias)
         )
         sent = enc.size(1)
         kv = torch.addmm(b_kv, enc.reshape(s * sent, ce), w_kv.t()).view(s, sent, -1)
         pad = enc_pad.bool() if enc_pad is not None else None
-        return CrossAttnCache(kv, pad, beam if share else n // sent, beam)
+        return CrossAttnCache(kv, pad, q_per_kv, beam)
