@@ -101,6 +101,9 @@ def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int):
             num_layers=layers,
             num_decoder_layers=layers,
             num_heads=heads,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
         )
         model = tf.T5ForConditionalGeneration(cfg)
     else:
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
                     ids = data_utils.collate_tokens(sources[:batch], 1, 2)
                 mask = (ids != 1).long() if sources is not None else torch.ones_like(ids)
                 ids, mask = ids.to(args.device), mask.to(args.device)
-                run_once(model, ids, mask, beams, 2)  # warm-up
+                run_once(model, ids, mask, beams, 2, forced)  # warm-up
                 times = {"stock": [], "seqfuse": []}
                 identical = True
                 for r in range(args.repeats):
