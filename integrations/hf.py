@@ -91,8 +91,9 @@ def optimize(model, **kwargs):
     """Patch ``model`` in place so ``model.generate`` runs seqfuse's beam search.
 
     Returns the same model object. Idempotent; ``restore(model)`` undoes it.
-    Raises TypeError (model untouched) for objects that have no Hugging Face
-    ``generate``.
+    A model without ``generate`` (an encoder-only model) is returned unchanged
+    after one warning line; anything that is not a Hugging Face model raises
+    TypeError.
     """
     if kwargs:
         raise TypeError(f"seqfuse.optimize: unexpected keyword arguments {sorted(kwargs)}")
@@ -106,10 +107,13 @@ def optimize(model, **kwargs):
             f"seqfuse.optimize expects a Hugging Face PreTrainedModel, got {type(model).__name__}"
         )
     if not isinstance(model, GenerationMixin) or not model.can_generate():
-        raise TypeError(
-            f"seqfuse.optimize: {type(model).__name__} has no generate() (an encoder-only "
-            "model?); seqfuse.optimize accelerates generation; the model was left unchanged"
+        # Encoder-only models (BERT & co.): their forward has no exact fused
+        # path in this version; it stays stock's.
+        _warn(
+            f"{type(model).__name__} has no generate() (an encoder-only model): its forward "
+            "runs unchanged"
         )
+        return model
     base = type(model)
     if getattr(base, "_seqfuse_patched", False):
         return model

@@ -296,7 +296,7 @@ def test_disable_env_runs_stock_silently(monkeypatch, caplog):
     assert hf.STATS["fused_steps"] == 0 and not caplog.records
 
 
-def test_optimize_api(tmp_path):
+def test_optimize_api(tmp_path, caplog):
     from transformers import BartForConditionalGeneration, BertConfig, BertModel
 
     model = make_model("bart")
@@ -320,9 +320,11 @@ def test_optimize_api(tmp_path):
             intermediate_size=32,
         )
     )
-    with pytest.raises(TypeError, match="has no generate"):
-        seqfuse.optimize(bert)
-    assert type(bert) is BertModel
+    with caplog.at_level(logging.WARNING, logger="seqfuse.hf"):
+        assert seqfuse.optimize(bert) is bert
+    assert type(bert) is BertModel and not hf.is_optimized(bert)
+    lines = [r.getMessage() for r in caplog.records if r.name == "seqfuse.hf"]
+    assert len(lines) == 1 and "encoder-only" in lines[0], lines
     with pytest.raises(TypeError, match="PreTrainedModel"):
         seqfuse.optimize(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="unexpected keyword"):
