@@ -4,7 +4,9 @@ Translates sample sentences (the first ``--lines`` of Multi30k test_2016_flickr)
 twice with an unchanged ``fairseq-interactive`` command, beam 5: once stock,
 once with ``--user-dir`` pointing at the seqfuse plugin. Prints both
 translation times, the speed ratio, a few translations, and whether the
-outputs are identical line by line (exit status 1 when they are not).
+outputs are identical line by line (exit status 1 when they are not). Then the
+same checkpoint as a Hugging Face model: ``model.generate`` stock and after
+``seqfuse.optimize``, with the same checks.
 
 Model, without any download:
 1. ``../shared/models/multi30k_en_de`` (a real stock fairseq transformer) when present;
@@ -103,6 +105,69 @@ def _test_file(data: Path, lang: str) -> Path | None:
     return None
 
 
+def hf_part(model, sources: list[str], beam: int, batch_size: int) -> bool:
+    """The same checkpoint as a Hugging Face model (transformers' FSMT port of
+    fairseq's transformer): ``model.generate`` stock, then after
+    ``seqfuse.optimize(model)``. Returns whether the outputs are identical."""
+    try:
+        import torch
+        from fairseq.data import Dictionary, data_utils
+
+        from integrations import hf
+        from integrations.fairseq_to_hf import fsmt_from_fairseq
+    except ImportError as e:
+        print(f"Hugging Face part skipped: {e}")
+        return True
+    try:
+        hf_model = fsmt_from_fairseq(str(model.checkpoint))
+    except ValueError as e:
+        print(f"Hugging Face part skipped: {e}")
+        return True
+    src_dict = Dictionary.load(str(model.data_dir / f"dict.{model.source_lang}.txt"))
+    tgt_dict = Dictionary.load(str(model.data_dir / f"dict.{model.target_lang}.txt"))
+    sp = None
+    if model.spm_model is not None:
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(model.spm_model))
+    ids = []
+    for line in sources:
+        pieces = " ".join(sp.encode(line, out_type=str)) if sp else line
+        ids.append(src_dict.encode_line(pieces, add_if_not_exist=False).long())
+    batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+    def run() -> tuple[float, list]:
+        outs, t0 = [], time.perf_counter()
+        with torch.no_grad():
+            for b in batches:
+                x = data_utils.collate_tokens(b, src_dict.pad(), src_dict.eos())
+                out = hf_model.generate(
+                    x, attention_mask=x.ne(src_dict.pad()).long(), num_beams=beam
+                )
+                outs.extend(out.tolist())
+        return time.perf_counter() - t0, outs
+
+    run()  # warm-up
+    t_stock, stock = run()
+    hf.optimize(hf_model)
+    try:
+        t_ours, ours = run()
+    finally:
+        hf.restore(hf_model)
+    same = sum(a == b for a, b in zip(stock, ours))
+    first = [t for t in ours[0][1:] if t not in (tgt_dict.pad(), tgt_dict.eos())]
+    text = tgt_dict.string(torch.tensor(first))
+    if sp is not None:
+        text = sp.decode(text.split())
+    print(f"Hugging Face: the same checkpoint as an FSMT model, model.generate(num_beams={beam})")
+    print(
+        f"  stock {t_stock:.2f} s, after seqfuse.optimize {t_ours:.2f} s: {t_stock / t_ours:.2f}x"
+    )
+    print(f"  first translation: {text}")
+    print(f"  identical outputs: {same}/{len(sources)}")
+    return same == len(sources)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="fairseq model directory (default: the shared Multi30k model)")
@@ -110,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--show", type=int, default=3, help="sample translations to print")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face part")
     args = p.parse_args(argv)
 
     start = time.perf_counter()
@@ -169,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  seqfuse: {fused.hypotheses[i]}")
     print()
     print(f"identical outputs: {same}/{len(sources)} lines ({100 * rate:.1f}%)")
+    print()
+    hf_same = args.no_hf or hf_part(model, sources, args.beam, args.batch_size)
     print(f"demo took {time.perf_counter() - start:.0f} s")
+    if not hf_same:
+        return 1
     if same != len(sources):
         for i, (a, b) in enumerate(zip(stock.hypotheses, fused.hypotheses)):
             if a != b:

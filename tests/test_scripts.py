@@ -164,8 +164,12 @@ def test_demo(tmp_path):
     assert "speed ratio (stock time / seqfuse time):" in out
     line = next(x for x in out.splitlines() if x.startswith("identical outputs:"))
     same = int(line.split(":")[1].split("/")[0])
+    # the Hugging Face part: the same checkpoint, generate stock vs seqfuse.optimize
+    assert "after seqfuse.optimize" in out, out[-2000:]
+    hf_line = next(x for x in out.splitlines() if x.startswith("  identical outputs:"))
+    hf_same = int(hf_line.split(":")[1].split("/")[0])
     # exit status 1 exactly when some line differs
-    assert (r.returncode == 0) == (same == 12)
+    assert (r.returncode == 0) == (same == 12 and hf_same == 12)
     assert out.count("  stock:   ") == 1 and out.count("  seqfuse: ") == 1
 
 
