@@ -61,37 +61,29 @@ def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int):
     import transformers as tf
 
     torch.manual_seed(0)
+    seq2seq = dict(
+        vocab_size=vocab,
+        d_model=d,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn,
+        decoder_ffn_dim=ffn,
+    )
     if kind == "marian":
         cfg = tf.MarianConfig(
-            vocab_size=vocab,
-            d_model=d,
-            encoder_layers=layers,
-            decoder_layers=layers,
-            encoder_attention_heads=heads,
-            decoder_attention_heads=heads,
-            encoder_ffn_dim=ffn,
-            decoder_ffn_dim=ffn,
             max_position_embeddings=512,
             pad_token_id=vocab - 1,
             eos_token_id=0,
             decoder_start_token_id=vocab - 1,
             bad_words_ids=[[vocab - 1]],
             forced_eos_token_id=0,
+            **seq2seq,
         )
         model = tf.MarianMTModel(cfg)
     elif kind == "bart":
-        cfg = tf.BartConfig(
-            vocab_size=vocab,
-            d_model=d,
-            encoder_layers=layers,
-            decoder_layers=layers,
-            encoder_attention_heads=heads,
-            decoder_attention_heads=heads,
-            encoder_ffn_dim=ffn,
-            decoder_ffn_dim=ffn,
-            forced_eos_token_id=2,
-        )
-        model = tf.BartForConditionalGeneration(cfg)
+        model = tf.BartForConditionalGeneration(tf.BartConfig(forced_eos_token_id=2, **seq2seq))
     elif kind == "t5":
         cfg = tf.T5Config(
             vocab_size=vocab,
