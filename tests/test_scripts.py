@@ -373,3 +373,28 @@ def test_train_recipe_short(tmp_path):
     n_dict = len((out / "dict.en.txt").read_text().splitlines())
     assert n_dict == 400 - 1
     assert state["model"]["encoder.embed_tokens.weight"].shape[0] == n_dict + 4
+
+
+def test_bench_hf_smoke(tmp_path):
+    """benchmarks/bench_hf.py as a user runs it: stock vs seqfuse.optimize
+    side by side, output checked identical, a results file with the context."""
+    out = tmp_path / "hf.json"
+    r = _run(
+        [
+            "benchmarks/bench_hf.py",
+            "--models", "marian-small,t5-small",
+            "--batch", "2",
+            "--beam", "3",
+            "--new-tokens", "3",
+            "--repeats", "1",
+            "--out", out,
+        ]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [row["model"] for row in res["rows"]] == ["marian-small", "t5-small"]
+    assert all(
+        row["identical"] and row["stock_s"] > 0 and row["seqfuse_s"] > 0 for row in res["rows"]
+    )
+    assert res["versions"]["transformers"] and res["device"]
+    assert r.stdout.count("identical=True") == 2
