@@ -279,9 +279,9 @@ def _ids(x) -> list[int]:
     return [int(v) for v in x]
 
 
-def _stop_plan(stopping_criteria):
-    """For the default criteria (max length, EOS): (max-length criteria, EOS ids);
-    None when another criterion needs the gathered sequences."""
+def _stop_plan(stopping_criteria, device):
+    """For the default criteria (max length, EOS): (max-length criteria, EOS ids
+    tensor or None); None when another criterion needs the gathered sequences."""
     from transformers.generation import stopping_criteria as sc
 
     max_crit, eos = [], []
@@ -292,7 +292,8 @@ def _stop_plan(stopping_criteria):
             eos.extend(_ids(c.eos_token_id))
         else:
             return None
-    return max_crit, sorted(set(eos))
+    eos_t = torch.tensor(sorted(set(eos)), dtype=torch.long, device=device) if eos else None
+    return max_crit, eos_t
 
 
 def _cross_cache_shared(cache, batch: int, num_beams: int) -> bool:
@@ -384,7 +385,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     bi_buf = run_bi_buf.detach().clone()
     batch_offset = torch.arange(batch, device=device).view(-1, 1) * num_beams
 
-    stop_plan = _stop_plan(stopping_criteria)
+    stop_plan = _stop_plan(stopping_criteria, device)
     plan: _StepPlan | None = None
     cross_shared: bool | None = None
 
@@ -463,14 +464,15 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
         topk_running_beam_indices[:, :, cur_len - prompt_len] = topk_beams + batch_offset
 
         if stop_plan is not None:
-            max_crit, eos_ids = stop_plan
-            hits = torch.zeros((batch, keep), dtype=torch.bool, device=device)
+            max_crit, eos_t = stop_plan
             probe = topk_tokens.new_empty((1, cur_len + 1))
-            for c in max_crit:  # their own call: same decision, same warning
-                if bool(c(probe, all_scores)[0]):
-                    hits = torch.ones_like(hits)
-            if eos_ids:
-                hits = hits | torch.isin(topk_tokens, torch.tensor(eos_ids, device=device))
+            # the criteria's own call: same decision, same warning
+            if any(bool(c(probe, all_scores)[0]) for c in max_crit):
+                hits = torch.ones((batch, keep), dtype=torch.bool, device=device)
+            elif eos_t is not None:
+                hits = torch.isin(topk_tokens, eos_t)
+            else:
+                hits = torch.zeros((batch, keep), dtype=torch.bool, device=device)
         else:
             hits = stopping_criteria(model._flatten_beam_dim(topk_running_sequences), all_scores)
             hits = model._unflatten_beam_dim(hits, batch, keep)

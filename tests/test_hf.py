@@ -163,6 +163,8 @@ OPTIONS = {
     "scores": dict(return_dict_in_generate=True, output_scores=True),
     "dict_no_scores": dict(return_dict_in_generate=True, output_logits=True),
     "hidden": dict(return_dict_in_generate=True, output_hidden_states=True),
+    "no_cache": dict(use_cache=False),
+    "custom_stop": "custom_stop",
 }
 
 # Options whose processors are token bans: the fused op must run every step
@@ -182,7 +184,21 @@ FUSED = {
     "short",
     "dict_no_scores",
     "hidden",
+    "no_cache",
+    "custom_stop",
 }
+
+
+def _custom_stop():
+    """A user's stopping criterion (token 17 ends a hypothesis): seqfuse calls
+    it on the gathered sequences, as stock does."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Token17(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == 17
+
+    return dict(stopping_criteria=StoppingCriteriaList([Token17()]))
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
@@ -191,7 +207,7 @@ def test_parity_options(kind, option):
     model = make_model(kind, seed=3)
     ids, mask = make_inputs(kind, model, batch=4, seed=3)
     kw = dict(num_beams=4, max_new_tokens=16, attention_mask=mask)
-    kw.update(OPTIONS[option])
+    kw.update(_custom_stop() if OPTIONS[option] == "custom_stop" else OPTIONS[option])
     stock, ours = stock_then_seqfuse(model, ids, **kw)
     assert_same(stock, ours, f"{kind} {option}")
     if option in FUSED:
