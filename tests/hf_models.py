@@ -7,6 +7,10 @@ from __future__ import annotations
 import torch
 
 KINDS = ("marian", "bart", "mbart", "t5", "gpt2")
+# More architectures for the parity tests (a rotary decoder-only model, more
+# encoder-decoders with their own special-token handling).
+MORE_KINDS = ("llama", "qwen2", "m2m100", "pegasus")
+DECODER_ONLY = ("gpt2", "llama", "qwen2")
 
 
 # (init std, logit spread, EOS bias) per kind: EOS at varied lengths.
@@ -16,6 +20,10 @@ TUNING = {
     "mbart": (0.5, 3.0, 7.0),
     "t5": (0.5, 3.0, 8.0),
     "gpt2": (0.5, 3.0, 4.0),
+    "llama": (0.5, 3.0, 4.0),
+    "qwen2": (0.5, 3.0, 4.0),
+    "m2m100": (0.5, 3.0, 6.0),
+    "pegasus": (0.5, 3.0, 6.0),
 }
 
 
@@ -101,6 +109,46 @@ def make_model(kind: str, seed: int = 0, vocab: int = 211, **tuning):
             pad_token_id=0,
         )
         model = tf.GPT2LMHeadModel(cfg)
+    elif kind in ("llama", "qwen2"):
+        conf, cls = {
+            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        }[kind]
+        cfg = conf(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            initializer_range=init,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        model = cls(cfg)
+    elif kind == "m2m100":
+        cfg = tf.M2M100Config(
+            vocab_size=vocab,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_bos_token_id=9,
+            **small,
+        )
+        model = tf.M2M100ForConditionalGeneration(cfg)
+    elif kind == "pegasus":
+        cfg = tf.PegasusConfig(
+            vocab_size=vocab,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            forced_eos_token_id=1,
+            **small,
+        )
+        model = tf.PegasusForConditionalGeneration(cfg)
     else:
         raise ValueError(kind)
     model.eval()
@@ -115,7 +163,7 @@ def make_model(kind: str, seed: int = 0, vocab: int = 211, **tuning):
         model.config.tie_word_embeddings = False
         model.set_output_embeddings(head)
         ids, mask = make_inputs(kind, model, 4, seed=seed + 1)
-        if kind == "gpt2":
+        if kind in DECODER_ONLY:
             logits = model(input_ids=ids, attention_mask=mask).logits
         else:
             dec = torch.full((4, 3), cfg.decoder_start_token_id, dtype=torch.long)
@@ -137,10 +185,10 @@ def make_inputs(kind: str, model, batch: int, seed: int = 0, src_len: int = 9):
     pad = cfg.pad_token_id
     for b in range(1, batch, 2):
         n = 1 + b % (src_len - 2)
-        if kind == "gpt2":
+        if kind in DECODER_ONLY:
             ids[b, :n], mask[b, :n] = pad, 0
         else:
             ids[b, -n:], mask[b, -n:] = pad, 0
-    if kind != "gpt2":
+    if kind not in DECODER_ONLY:
         ids[:, -1] = torch.where(mask[:, -1] == 1, cfg.eos_token_id, ids[:, -1])
     return ids, mask

@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_models import KINDS, make_inputs, make_model  # noqa: E402
+from hf_models import DECODER_ONLY, KINDS, MORE_KINDS, make_inputs, make_model  # noqa: E402
 
 import seqfuse  # noqa: E402
 from integrations import hf  # noqa: E402
@@ -115,7 +115,7 @@ def stock_then_seqfuse(model, ids, **kw):
 
 def eos_lengths(kind, model, ids, out):
     seqs = out if isinstance(out, torch.Tensor) else out.sequences
-    gen = seqs[:, ids.shape[1] :] if kind == "gpt2" else seqs[:, 1:]
+    gen = seqs[:, ids.shape[1] :] if kind in DECODER_ONLY else seqs[:, 1:]
     eos = model.config.eos_token_id
     return {int((r == eos).nonzero()[0]) + 1 if (r == eos).any() else -1 for r in gen}
 
@@ -130,8 +130,22 @@ def test_parity_default_options(kind, num_beams, seed):
     stock, ours = stock_then_seqfuse(model, ids, **kw)
     assert_same(stock, ours, f"{kind} beams={num_beams} seed={seed}")
     assert hf.STATS["fused_steps"] > 0, "the fused step never ran"
-    if kind != "gpt2":
+    if kind not in DECODER_ONLY:
         assert hf.STATS["cross_cache_kept"] == 1, "the cross-attention cache was re-gathered"
+
+
+@pytest.mark.parametrize("option", ("default", "min_length", "scores"))
+@pytest.mark.parametrize("kind", MORE_KINDS)
+def test_parity_more_architectures(kind, option):
+    model = make_model(kind, seed=2)
+    ids, mask = make_inputs(kind, model, batch=4, seed=2)
+    kw = dict(num_beams=4, max_new_tokens=14, attention_mask=mask)
+    kw.update(
+        {"default": {}, "min_length": dict(min_new_tokens=5), "scores": OPTIONS["scores"]}[option]
+    )
+    stock, ours = stock_then_seqfuse(model, ids, **kw)
+    assert_same(stock, ours, f"{kind} {option}")
+    assert (hf.STATS["fused_steps"] > 0) == (option != "scores")
 
 
 def test_hypotheses_end_at_different_lengths():
