@@ -465,8 +465,9 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
 
         if stop_plan is not None:
             max_crit, eos_t = stop_plan
-            probe = topk_tokens.new_empty((1, cur_len + 1))
-            # the criteria's own call: same decision, same warning
+            # the criteria's own call (same decision, same warning) on a host
+            # tensor of the right length: no device read
+            probe = torch.empty((1, cur_len + 1), dtype=torch.long)
             if any(bool(c(probe, all_scores)[0]) for c in max_crit):
                 hits = torch.ones((batch, keep), dtype=torch.bool, device=device)
             elif eos_t is not None:
