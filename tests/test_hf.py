@@ -96,6 +96,13 @@ def assert_same(stock, ours, what=""):
             assert (x is None) == (y is None), name
             if x is not None:
                 assert same(x, y), f"{what}: {name} differ"
+        for name in ("decoder_attentions", "cross_attentions", "attentions"):
+            x, y = getattr(a, name, None), getattr(b, name, None)
+            assert (x is None) == (y is None), name
+            if x is not None:
+                flat_x = [t for step in x for t in step]
+                flat_y = [t for step in y for t in step]
+                assert len(flat_x) == len(flat_y) and all(map(same, flat_x, flat_y)), name
         if a.scores is not None:
             assert len(a.scores) == len(b.scores)
             for x, y in zip(a.scores, b.scores):
@@ -178,6 +185,7 @@ OPTIONS = {
     "dict_no_scores": dict(return_dict_in_generate=True, output_logits=True),
     "hidden": dict(return_dict_in_generate=True, output_hidden_states=True),
     "no_cache": dict(use_cache=False),
+    "attentions": dict(return_dict_in_generate=True, output_attentions=True),
     "custom_stop": "custom_stop",
 }
 
@@ -200,6 +208,7 @@ FUSED = {
     "hidden",
     "no_cache",
     "custom_stop",
+    "attentions",
 }
 
 
@@ -228,6 +237,17 @@ def test_parity_options(kind, option):
         assert hf.STATS["fused_steps"] > 0
     else:
         assert hf.STATS["fused_steps"] == 0, "a non-ban processor ran through the fused op"
+
+
+def test_decoder_only_from_inputs_embeds():
+    model = make_model("llama", seed=8)
+    ids, mask = make_inputs("llama", model, batch=3, seed=8)
+    embeds = model.get_input_embeddings()(ids).detach()
+    stock, ours = stock_then_seqfuse(
+        model, None, inputs_embeds=embeds, attention_mask=mask, num_beams=3, max_new_tokens=10
+    )
+    assert_same(stock, ours, "inputs_embeds")
+    assert hf.STATS["fused_steps"] > 0
 
 
 def test_batch_of_one_and_larger_vocab():
