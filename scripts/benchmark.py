@@ -10,7 +10,7 @@ Providers (each in its own worker process, so peak memory is per provider):
   shape (random weights; output length forced);
 - ``ctranslate2``: the fairseq checkpoint converted with CTranslate2's fairseq
   converter (skipped when ctranslate2 is not installed);
-- ``seqfuse-hf``: ``seqfuse.optimize`` on the Marian model (skipped until it works).
+- ``seqfuse-hf``: ``seqfuse.optimize`` on the same Marian model (HF generate, seqfuse's search).
 
 Models: ``multi30k`` (the real model in ../shared/models/multi30k_en_de,
 natural output lengths, BLEU on the first ``--sentences`` test sentences) and
@@ -401,13 +401,7 @@ class Worker:
         sys.path.insert(0, str(ROOT))
         import seqfuse
 
-        self.model = self._marian()
-        try:
-            self.model = seqfuse.optimize(self.model) or self.model
-        except Exception as e:  # the slot stays empty until seqfuse.optimize works
-            raise RuntimeError(
-                f"seqfuse.optimize is not usable yet ({type(e).__name__}: {e})"
-            ) from e
+        self.model = seqfuse.optimize(self._marian())
         self.run_batch = self._run_hf
 
     def _run_hf(self, beam: int, idx: list, measure: list | None = None) -> list:

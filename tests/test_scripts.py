@@ -203,7 +203,7 @@ def test_benchmark_small(tmp_path):
     rows = report["results"]
     ran = {row["provider"] for row in rows}
     skipped = {s["provider"] for s in report["skipped"]}
-    assert {"fairseq", "seqfuse", "seqfuse-fused", "hf"} <= ran
+    assert {"fairseq", "seqfuse", "seqfuse-fused", "hf", "seqfuse-hf"} <= ran
     assert ran | skipped == set(providers.split(","))  # every provider ran or says why not
     for row in rows:
         assert row["sentences"] == 8 and row["batch"] in (4, 8) and row["beam"] == 2
@@ -224,6 +224,8 @@ def test_benchmark_small(tmp_path):
             same = stock["outputs_sha1"] == fused["outputs_sha1"]
             assert (fused["identical_to_stock"] == 1.0) == same
         assert by[("hf", batch)]["target_tokens"] == 8 * by[("hf", batch)]["forced_len"]
+        # HF generate after seqfuse.optimize: the same outputs as stock HF's
+        assert by[("seqfuse-hf", batch)]["outputs_sha1"] == by[("hf", batch)]["outputs_sha1"]
     ratio = {(x["batch"], x["beam"]): x for x in report["ratios"]}
     for batch in (4, 8):
         expect = by[("seqfuse", batch)]["tokens_per_s"] / by[("fairseq", batch)]["tokens_per_s"]
