@@ -400,3 +400,23 @@ def test_bench_hf_smoke(tmp_path):
     )
     assert res["versions"]["transformers"] and res["device"]
     assert r.stdout.count("identical=True") == 2
+
+
+@needs_shared
+def test_bleu_dtypes_smoke(tmp_path):
+    """scripts/bleu_dtypes.py: per-dtype BLEU of stock and seqfuse on the same
+    batches, with the identical-hypothesis count (stock == seqfuse in bf16 too)."""
+    out = tmp_path / "d.json"
+    r = _run(
+        ["scripts/bleu_dtypes.py", "--sentences", 12, "--batch-size", 6,
+         "--dtypes", "float32,bfloat16", "--out", out]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["dtype"] for row in rows] == ["float32", "bfloat16"]
+    for row in rows:
+        assert row["sentences"] == 12 and row["identical"] == 12
+        assert 5 < row["stock"]["bleu"] < 90 and row["stock"]["bleu"] == row["seqfuse"]["bleu"]
+    assert rows[1]["bleu_change_vs_fp32"]["stock"] == pytest.approx(
+        rows[1]["stock"]["bleu"] - rows[0]["stock"]["bleu"], abs=0.011
+    )
