@@ -72,6 +72,7 @@ step_test() {
 
 step_bench() {
   run bench_beam_topk "$PY" benchmarks/bench_beam_topk.py --json "$RES/bench_beam_topk_$STAMP.json"
+  run bleu_dtypes "$PY" scripts/bleu_dtypes.py --device cuda --out "$RES/bleu_dtypes_cuda_$STAMP.json"
   for dt in float32 float16; do
     run "bench_hf_$dt" "$PY" benchmarks/bench_hf.py --device cuda --dtype "$dt" --batch 1,16,64 \
       --out "$RES/bench_hf_cuda_${dt}_$STAMP.json"
