@@ -391,7 +391,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
 
     flat_running = input_ids
     model_outputs = model._prefill(
-        input_ids, gc, model_kwargs, is_first_iteration=not gc.is_assistant
+        input_ids, gc, model_kwargs, is_first_iteration=not getattr(gc, "is_assistant", False)
     )
     first = True
     this_peer_finished = False
