@@ -239,6 +239,20 @@ def test_parity_options(kind, option):
         assert hf.STATS["fused_steps"] == 0, "a non-ban processor ran through the fused op"
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("kind", ("marian", "t5", "llama"))
+def test_half_precision_models_on_cpu(kind, dtype):
+    """bf16/fp16 weights: stock casts the logits to fp32 before its log-softmax;
+    the fused step reads the same fp32 logits, so the results stay stock's."""
+    model = make_model(kind, seed=4).to(dtype)
+    ids, mask = make_inputs(kind, model, batch=3, seed=4)
+    stock, ours = stock_then_seqfuse(
+        model, ids, num_beams=4, max_new_tokens=10, attention_mask=mask
+    )
+    assert_same(stock, ours, f"{kind} {dtype}")
+    assert hf.STATS["fused_steps"] > 0
+
+
 def test_decoder_only_from_inputs_embeds():
     model = make_model("llama", seed=8)
     ids, mask = make_inputs("llama", model, batch=3, seed=8)
