@@ -15,6 +15,20 @@ def _version(mod: str) -> str:
         return f"not available ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
 
 
+def _hf_integration() -> str:
+    """Whether seqfuse.optimize can patch generate with this transformers."""
+    try:
+        from transformers.generation.utils import GenerationMixin
+
+        from integrations.hf import _HELPERS
+    except Exception as e:  # report, never fail
+        return f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    missing = [h for h in _HELPERS if not hasattr(GenerationMixin, h)]
+    if missing:
+        return f"unavailable: this transformers has no {', '.join(missing)}"
+    return "available (seqfuse.optimize)"
+
+
 def collect() -> dict:
     import torch
 
@@ -35,6 +49,7 @@ def collect() -> dict:
         "backend torch reference": "available",
         "backend cpu extension": "available" if cpu_ok else f"unavailable: {cpu_why}",
         "backend cuda extension": "available" if cuda_ok else f"unavailable: {cuda_why}",
+        "hf integration": _hf_integration(),
         "SEQFUSE_DISABLE": "set" if _ext.disabled() else "unset",
     }
 

@@ -48,6 +48,8 @@ def test_info_lists_versions_and_backends():
     for key in ("torch", "fairseq", "transformers", "backend cpu extension", "backend cuda"):
         assert key in out.stdout
     assert seqfuse.__version__ in out.stdout
+    hf_line = next(x for x in out.stdout.splitlines() if x.startswith("hf integration"))
+    assert hf_line.endswith("available (seqfuse.optimize)"), hf_line
 
 
 def test_import_without_extension_warns_once_and_uses_the_reference():
