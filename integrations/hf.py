@@ -90,7 +90,8 @@ _PATCHED: dict[type, type] = {}
 def optimize(model, **kwargs):
     """Patch ``model`` in place so ``model.generate`` runs seqfuse's beam search.
 
-    Returns the same model object. Idempotent; ``restore(model)`` undoes it.
+    Returns the same model object (a ``transformers.Pipeline`` is accepted too:
+    its model is patched). Idempotent; ``restore(model)`` undoes it.
     A model without ``generate`` (an encoder-only model) is returned unchanged
     after one warning line; anything that is not a Hugging Face model raises
     TypeError.
@@ -98,10 +99,13 @@ def optimize(model, **kwargs):
     if kwargs:
         raise TypeError(f"seqfuse.optimize: unexpected keyword arguments {sorted(kwargs)}")
     try:
-        from transformers import PreTrainedModel
+        from transformers import Pipeline, PreTrainedModel
         from transformers.generation.utils import GenerationMixin
     except ImportError as err:  # pragma: no cover - transformers is a dependency
         raise TypeError(f"seqfuse.optimize needs transformers: {err}") from None
+    if isinstance(model, Pipeline):  # a pipeline: its model, the pipeline returned
+        optimize(model.model)
+        return model
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"seqfuse.optimize expects a Hugging Face PreTrainedModel, got {type(model).__name__}"
@@ -130,6 +134,10 @@ def optimize(model, **kwargs):
 
 def restore(model):
     """Undo ``optimize``: the model's class is its own again."""
+    inner = getattr(model, "model", None)
+    if inner is not None and getattr(type(inner), "_seqfuse_base", None) is not None:
+        restore(inner)  # a pipeline
+        return model
     base = getattr(type(model), "_seqfuse_base", None)
     if base is not None:
         model.__class__ = base

@@ -501,3 +501,26 @@ def test_cuda_parity(kind, dtype):
     )
     assert_same(stock, ours, f"cuda {kind} {dtype}")
     assert hf.STATS["fused_steps"] > 0
+
+
+def test_text_generation_pipeline():
+    """seqfuse.optimize(pipeline) patches its model: same generated text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
+
+    model = make_model("llama", seed=1)
+    vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="w0", eos_token="w2", bos_token="w1", unk_token="w3"
+    )
+    pipe = pipeline("text-generation", model=model, tokenizer=fast)
+    prompts = ["w5 w6 w7 w8", "w9 w10", "w11 w40 w41"]
+    with torch.no_grad():
+        stock = pipe(prompts, num_beams=4, max_new_tokens=8, do_sample=False)
+        assert seqfuse.optimize(pipe) is pipe and hf.is_optimized(pipe.model)
+        ours = pipe(prompts, num_beams=4, max_new_tokens=8, do_sample=False)
+    assert hf.restore(pipe) is pipe and not hf.is_optimized(pipe.model)
+    assert ours == stock
+    assert hf.STATS["fused_steps"] > 0
