@@ -46,7 +46,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from seqfuse.ops.beam_topk import EOS_ALLOW, ban_tokens, beam_topk
+from seqfuse.ops.beam_topk import EOS_ALLOW, beam_topk, beam_topk_reference
 
 logger = logging.getLogger("seqfuse.hf")
 
@@ -386,7 +386,6 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     beam_scores = torch.full((batch, num_beams), -1e9, dtype=torch.float, device=device)
     is_sent_finished = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
     early_stop_unsat = torch.ones((batch, 1), dtype=torch.bool, device=device)
-    hits = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
     run_bi_buf = torch.full(
         (batch, num_beams, max_length - cur_len), -1, dtype=torch.int32, device=device
     )
@@ -617,11 +616,20 @@ def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
         STATS["tie_reranks"] += sents.numel()
         row_idx = sents.unsqueeze(1) * num_beams + torch.arange(num_beams, device=sents.device)
         row_idx = row_idx.view(-1)
-        lp = nn.functional.log_softmax(logits[row_idx], dim=-1)
-        ban_tokens(lp, None if banned is None else banned[row_idx], -1)
-        lp = lp.view(-1, num_beams, vocab) + running_beam_scores[sents][:, :, None]
-        rs, ridx = torch.topk(lp.reshape(sents.numel(), -1), k=keep)
+        # stock's ops on those sentences: log_softmax, the bans, + scores, topk
+        ref = beam_topk_reference(
+            logits[row_idx],
+            cum[row_idx],
+            num_beams,
+            keep,
+            -1,
+            0,
+            0,
+            0.0,
+            EOS_ALLOW,
+            None if banned is None else banned[row_idx],
+        )
         cs, ci, cb = cs[:, :keep].clone(), ci[:, :keep].clone(), cb[:, :keep].clone()
-        cs[sents], ci[sents], cb[sents] = rs, ridx % vocab, ridx // vocab
+        cs[sents], ci[sents], cb[sents] = ref
         return cs, ci, cb
     return cs[:, :keep], ci[:, :keep], cb[:, :keep]

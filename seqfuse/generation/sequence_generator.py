@@ -39,6 +39,7 @@ from fairseq.sequence_generator import SequenceGenerator as StockSequenceGenerat
 from torch import Tensor
 
 from seqfuse import _ext
+from seqfuse.layers.kv_cache import ROWS_PER_SOURCE
 from seqfuse.ops.beam_topk import (
     EOS_ALLOW,
     EOS_FORBID,
@@ -56,11 +57,10 @@ _warned: set[str] = set()
 # The one wording of a fallback line (the fairseq plugin uses it too).
 FALLBACK_PREFIX = "seqfuse: falling back to stock SequenceGenerator: "
 
-# Put in the incremental state of a model with seqfuse's fused decoder layers:
-# its rows come in groups of `beam` rows of one source, so the layers keep the
-# cross-attention K/V once per sentence (seqfuse.layers.kv_cache.ROWS_PER_SOURCE);
-# a fused decoder on its fast path gets one encoder row per sentence.
-ROWS_PER_SOURCE = "seqfuse.rows_per_source"
+# ROWS_PER_SOURCE goes in the incremental state of a model with seqfuse's fused
+# decoder layers: its rows come in groups of `beam` rows of one source, so the
+# layers keep the cross-attention K/V once per sentence; a fused decoder on its
+# fast path gets one encoder row per sentence.
 
 # attn / finished attention buffers: time columns allocated at first, then
 # grown by doubling (up to max_len) instead of max_len columns up front.

@@ -30,8 +30,7 @@ from torch import Tensor
 # consecutive groups of k rows of one source (beam search's rows of a
 # sentence), and reorders keep every row inside its group or drop whole groups;
 # the encoder output then has k copies of each source or, for a decoder whose
-# takes_encoder_out_per_source() says so, one. seqfuse's generator sets it
-# (seqfuse.generation.sequence_generator uses the same string).
+# takes_encoder_out_per_source() says so, one. seqfuse's generator sets it.
 ROWS_PER_SOURCE = "seqfuse.rows_per_source"
 
 INITIAL_SLOTS = 8  # self-attention slots allocated at the first step
