@@ -211,16 +211,38 @@ def fallback_reason(
 FUSED_LAYERS_ENV = "SEQFUSE_FUSED_LAYERS"
 
 
+# The exact decoder step (seqfuse/layers/exact_step.py) is bit-identical to
+# the stock layers, so it is on by default; SEQFUSE_EXACT_STEP=0 turns it off.
+EXACT_STEP_ENV = "SEQFUSE_EXACT_STEP"
+
+
+def _exact_step(model) -> str | None:
+    """Give the model's decoder the one-call exact incremental step; returns
+    why not (the stock layers then run every step), or None."""
+    if os.environ.get(EXACT_STEP_ENV, "1") in ("", "0"):
+        return None
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or getattr(decoder, "_seqfuse_exact_step", False):
+        return None
+    from seqfuse.layers.exact_step import enable_exact_step
+
+    return enable_exact_step(decoder)
+
+
 def _fuse_layers(model) -> str | None:
-    """Swap in fused layers (same parameters) when SEQFUSE_FUSED_LAYERS=1;
-    returns why not, or None.
+    """Swap in fused layers (same parameters) when SEQFUSE_FUSED_LAYERS=1,
+    else give the decoder the exact one-call step; returns why not, or None.
 
     Models being trained (``fairseq-train --eval-bleu`` builds its generator
-    around the training model) keep their layers.
+    around the training model) keep their layers; their decoder gets the
+    exact step, which only runs in eval mode without gradients.
     """
-    if model.training or getattr(model, "_seqfuse_fused", False):
+    if getattr(model, "_seqfuse_fused", False):
         return None
-    if os.environ.get(FUSED_LAYERS_ENV, "0") in ("", "0"):
+    if model.training or os.environ.get(FUSED_LAYERS_ENV, "0") in ("", "0"):
+        why = _exact_step(model)
+        if why is not None:
+            logger.info("seqfuse: exact decoder step not used: %s", why)
         return None
     try:
         from seqfuse.layers.fairseq import optimize_fairseq_model
@@ -264,9 +286,12 @@ def select_generator(
     if not _announced:
         _announced = True
         fused = all(getattr(m, "_seqfuse_fused", False) for m in models)
+        exact = all(
+            getattr(getattr(m, "decoder", None), "_seqfuse_exact_step", False) for m in models
+        )
         logger.info(
-            "seqfuse: generating with seqfuse.generation.SequenceGenerator (fused layers: %s)",
-            "yes" if fused else "no",
+            "seqfuse: generating with seqfuse.generation.SequenceGenerator (layers: %s)",
+            "fused" if fused else ("stock, exact one-call decoder step" if exact else "stock"),
         )
     return SequenceGenerator
 

@@ -130,6 +130,11 @@ def uses_seqfuse(stderr: str) -> bool:
     return "generating with seqfuse.generation.SequenceGenerator" in stderr
 
 
+def uses_exact_step(stderr: str) -> bool:
+    """The plugin's default layers: stock, with the one-call exact step."""
+    return "exact one-call decoder step" in stderr
+
+
 # --------------------------------------------------------------------------
 # A tiny model, trained here
 
@@ -252,7 +257,7 @@ def test_generate_parity_tiny_search_options(tiny):
     )
     stock, ours = run_pair("generate", args)
     assert_same_lines(gen_lines(stock.stdout), gen_lines(ours.stdout))
-    assert uses_seqfuse(ours.stderr)
+    assert uses_seqfuse(ours.stderr) and uses_exact_step(ours.stderr)
 
 
 TINY_DEFAULT = ("--beam", "4")  # and --required-batch-size-multiple 8, fairseq's default
@@ -296,6 +301,7 @@ def test_train_eval_bleu_parity(tiny):
     assert float(stock[-1]["bleu"]) > 0  # the generator produced real output
     assert stock == ours
     assert uses_seqfuse(train.stdout + train.stderr)
+    assert uses_exact_step(train.stdout + train.stderr)
     a = torch.load(tiny.ckpt, weights_only=False)["model"]
     b = torch.load(save / "checkpoint_best.pt", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -387,7 +393,7 @@ def test_multi30k_generate_parity():
     lines = gen_lines(stock.stdout)
     assert len(ids(lines)) >= 100
     assert_same_lines(lines, gen_lines(ours.stdout))
-    assert uses_seqfuse(ours.stderr)
+    assert uses_seqfuse(ours.stderr) and uses_exact_step(ours.stderr)
 
 
 @pytest.mark.slow
@@ -409,7 +415,7 @@ def test_multi30k_interactive_sentencepiece_parity():
     lines = gen_lines(stock.stdout)
     assert len(ids(lines)) == 24
     assert_same_lines(lines, gen_lines(ours.stdout))
-    assert uses_seqfuse(ours.stdout + ours.stderr)
+    assert uses_seqfuse(ours.stdout + ours.stderr) and uses_exact_step(ours.stdout + ours.stderr)
 
 
 # --------------------------------------------------------------------------

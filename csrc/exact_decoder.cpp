@@ -1,0 +1,228 @@
+// decoder_stack_step: one incremental step of a post- or pre-norm transformer
+// decoder stack, every layer, in one call.
+//
+// It issues the same ATen calls, on tensors of the same shapes and strides, in
+// the same order as a stock fairseq 0.12 TransformerDecoderLayer does during
+// incremental decoding, so its result is bit-identical to the stock layers on
+// every backend; what it removes is the per-op Python work (module calls,
+// incremental-state dictionaries, shape checks), which is most of a decode
+// step at small batch. Device-generic: it runs wherever ATen runs.
+//
+// Contract (see seqfuse/layers/exact_step.py, which checks the model):
+//   x            [1, bsz, C] decoder input of this step (embedded, transposed)
+//   weights      22 per layer, in WEIGHT_ORDER of exact_step.py
+//   self_k/v     per layer, the cache [bsz, H, t, hd] before this step
+//   cross_k/v    per layer, the encoder K/V [kv_bsz, H, S, hd] (empty: no
+//                encoder attention); bsz % kv_bsz == 0
+//   cross_pad    per layer, the key padding mask [kv_bsz, S] or None
+//   eps          3 per layer (self, encoder, final layer norm)
+//   act          0 relu, 1 gelu (fp32 erf), 2 tanh
+//   align_layer  the layer whose encoder-attention probabilities are returned,
+//                [H, bsz, 1, S] in x.dtype, -1 for none
+// Returns (x, new self K per layer, new self V per layer, inner states, attn).
+#include <ATen/ATen.h>
+#include <ATen/ScalarOps.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+namespace seqfuse {
+namespace {
+
+constexpr int64_t kWeightsPerLayer = 22;
+
+// One nn.Linear the way F.linear runs it.
+inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return at::linear(x, w, b);
+}
+
+inline at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                             double eps) {
+  return at::layer_norm(x, {x.size(-1)}, w, b, eps, /*cudnn_enable=*/true);
+}
+
+// `q *= scaling` as Python runs it: mul_ by a wrapped-number tensor. (The
+// Scalar overload puts the scalar first, which rounds it to a half-precision
+// dtype before the product; Python's keeps it in the op's fp32 math.)
+inline void scale_(at::Tensor& q, const at::Tensor& scaling) { q.mul_(scaling); }
+
+// [1, bsz, C] -> [bsz * H, 1, hd], as MultiheadAttention reshapes its query.
+inline at::Tensor split_heads(const at::Tensor& t, int64_t rows, int64_t hd) {
+  return t.contiguous().view({1, rows, hd}).transpose(0, 1);
+}
+
+struct AttnOut {
+  at::Tensor out;          // [1, bsz, C]
+  at::Tensor probs_float;  // [bsz * H, 1, S] fp32 (for the alignment layer)
+};
+
+// Scores, padding mask, fp32 softmax, weighted sum and output projection of a
+// MultiheadAttention call whose K/V are already [kv_bsz * H, S, hd].
+AttnOut attend(at::Tensor q, const at::Tensor& k, const at::Tensor& v,
+               const std::optional<at::Tensor>& key_pad, int64_t bsz, int64_t kv_bsz, int64_t heads,
+               int64_t hd, int64_t embed, const at::Tensor& wo, const at::Tensor& bo,
+               bool shared_kv) {
+  const int64_t src = k.size(1);
+  at::Tensor w;
+  if (shared_kv) {
+    w = at::einsum("bxhtd,bhsd->bxhts", {q.view({kv_bsz, -1, heads, q.size(1), q.size(2)}),
+                                         k.view({kv_bsz, heads, k.size(1), k.size(2)})});
+    w = w.reshape({-1, w.size(-2), w.size(-1)});
+  } else {
+    w = at::bmm(q, k.transpose(1, 2));
+  }
+  if (key_pad.has_value()) {
+    w = w.view({bsz, heads, 1, src}).view({kv_bsz, -1, heads, 1, src});
+    w = w.masked_fill(key_pad->unsqueeze(1).unsqueeze(2).unsqueeze(3).to(at::kBool),
+                      -std::numeric_limits<double>::infinity());
+    w = w.view({bsz * heads, 1, src});
+  }
+  at::Tensor pf = at::softmax(w, -1, at::kFloat);
+  at::Tensor p = pf.type_as(w);
+  at::Tensor o;
+  if (shared_kv) {
+    o = at::einsum("bxhts,bhsd->bxhtd", {p.view({kv_bsz, -1, heads, p.size(1), p.size(2)}),
+                                         v.view({kv_bsz, heads, v.size(1), v.size(2)})});
+    o = o.reshape({-1, o.size(-2), o.size(-1)});
+  } else {
+    o = at::bmm(p, v);
+  }
+  o = o.transpose(0, 1).contiguous().view({1, bsz, embed});
+  return {linear(o, wo, bo), pf};
+}
+
+at::Tensor activation(const at::Tensor& x, int64_t act) {
+  switch (act) {
+    case 0:
+      return at::relu(x);
+    case 1:
+      return at::gelu(x.to(at::kFloat)).type_as(x);
+    case 2:
+      return at::tanh(x);
+  }
+  TORCH_CHECK(false, "decoder_stack_step: unknown activation code ", act);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::optional<at::Tensor>>
+decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k,
+                   at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v,
+                   const c10::List<std::optional<at::Tensor>>& cross_pad, at::ArrayRef<double> eps,
+                   int64_t heads, double scaling, int64_t act, bool normalize_before,
+                   int64_t align_layer) {
+  const int64_t layers = static_cast<int64_t>(self_k.size());
+  TORCH_CHECK(layers > 0, "decoder_stack_step: no layers");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kWeightsPerLayer,
+              "decoder_stack_step: expected ", layers * kWeightsPerLayer, " weights, got ",
+              weights.size());
+  TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers, "self_v: one per layer");
+  const bool cross = !cross_k.empty();
+  TORCH_CHECK(!cross || (static_cast<int64_t>(cross_k.size()) == layers &&
+                         static_cast<int64_t>(cross_v.size()) == layers &&
+                         static_cast<int64_t>(cross_pad.size()) == layers),
+              "cross_k/cross_v/cross_pad: one per layer or none");
+  TORCH_CHECK(static_cast<int64_t>(eps.size()) == 3 * layers, "eps: three per layer");
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1, "x must be [1, bsz, C], got ", x_in.sizes());
+  TORCH_CHECK(act >= 0 && act <= 2, "decoder_stack_step: unknown activation code ", act);
+  const int64_t bsz = x_in.size(1), embed = x_in.size(2);
+  TORCH_CHECK(heads > 0 && embed % heads == 0, "embed dim ", embed, " not divisible by ", heads,
+              " heads");
+  const int64_t hd = embed / heads;
+  const int64_t rows = bsz * heads;
+  at::Tensor scale = at::scalar_to_tensor(at::Scalar(scaling));
+  scale.unsafeGetTensorImpl()->set_wrapped_number(true);
+
+  std::vector<at::Tensor> new_k, new_v, inner;
+  new_k.reserve(layers);
+  new_v.reserve(layers);
+  inner.reserve(layers + 1);
+  inner.push_back(x_in);
+  std::optional<at::Tensor> attn;
+  at::Tensor x = x_in;
+
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* W = weights.data() + l * kWeightsPerLayer;
+    const double* E = eps.data() + 3 * l;
+    const at::Tensor& pk = self_k[l];
+    const at::Tensor& pv = self_v[l];
+    TORCH_CHECK(pk.dim() == 4 && pk.size(0) == bsz && pk.size(1) == heads && pk.size(3) == hd,
+                "layer ", l, ": self-attention cache must be [", bsz, ", ", heads, ", t, ", hd,
+                "], got ", pk.sizes());
+    TORCH_CHECK(pv.sizes() == pk.sizes(), "layer ", l, ": cached K and V differ in shape");
+
+    // ---- self-attention
+    at::Tensor residual = x;
+    if (normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
+    at::Tensor q = linear(x, W[0], W[1]);
+    at::Tensor k = linear(x, W[2], W[3]);
+    at::Tensor v = linear(x, W[4], W[5]);
+    scale_(q, scale);
+    q = split_heads(q, rows, hd);
+    k = split_heads(k, rows, hd);
+    v = split_heads(v, rows, hd);
+    k = at::cat({pk.view({rows, -1, hd}), k}, 1);
+    v = at::cat({pv.view({rows, -1, hd}), v}, 1);
+    new_k.push_back(k.view({bsz, heads, -1, hd}));
+    new_v.push_back(v.view({bsz, heads, -1, hd}));
+    x = attend(q, k, v, std::nullopt, bsz, bsz, heads, hd, embed, W[6], W[7], false).out;
+    x = at::add(residual, x);
+    if (!normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
+
+    // ---- encoder attention (K/V cached since the first step)
+    if (cross) {
+      const at::Tensor& ck = cross_k[l];
+      const at::Tensor& cv = cross_v[l];
+      TORCH_CHECK(ck.dim() == 4 && ck.size(1) == heads && ck.size(3) == hd, "layer ", l,
+                  ": encoder K must be [kv_bsz, ", heads, ", S, ", hd, "], got ", ck.sizes());
+      TORCH_CHECK(cv.sizes() == ck.sizes(), "layer ", l, ": encoder K and V differ in shape");
+      const int64_t kv_bsz = ck.size(0);
+      TORCH_CHECK(kv_bsz > 0 && bsz % kv_bsz == 0, "layer ", l, ": ", bsz,
+                  " decoder rows are not a multiple of ", kv_bsz, " encoder rows");
+      residual = x;
+      if (normalize_before) x = layer_norm(x, W[14], W[15], E[1]);
+      at::Tensor cq = linear(x, W[10], W[11]);
+      scale_(cq, scale);
+      cq = split_heads(cq, rows, hd);
+      const at::Tensor kk = ck.view({kv_bsz * heads, -1, hd});
+      const at::Tensor vv = cv.view({kv_bsz * heads, -1, hd});
+      std::optional<at::Tensor> pad = cross_pad.get(l);
+      if (pad.has_value() && !pad->defined()) pad = std::nullopt;
+      AttnOut a =
+          attend(cq, kk, vv, pad, bsz, kv_bsz, heads, hd, embed, W[12], W[13], bsz != kv_bsz);
+      if (l == align_layer) {
+        const int64_t src = kk.size(1);
+        attn = a.probs_float.view({bsz, heads, 1, src}).transpose(1, 0).to(at::kFloat).to(x);
+      }
+      x = at::add(residual, a.out);
+      if (!normalize_before) x = layer_norm(x, W[14], W[15], E[1]);
+    }
+
+    // ---- feed-forward
+    residual = x;
+    if (normalize_before) x = layer_norm(x, W[20], W[21], E[2]);
+    x = activation(linear(x, W[16], W[17]), act);
+    x = linear(x, W[18], W[19]);
+    x = at::add(residual, x);
+    if (!normalize_before) x = layer_norm(x, W[20], W[21], E[2]);
+    inner.push_back(x);
+  }
+  return {x, new_k, new_v, inner, attn};
+}
+
+}  // namespace
+}  // namespace seqfuse
+
+TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
+  // Contract: the comment at the top of this file and seqfuse/layers/exact_step.py.
+  m.def(
+      "decoder_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
+      "Tensor[] cross_k, Tensor[] cross_v, Tensor?[] cross_pad, float[] eps, int heads, "
+      "float scaling, int act, bool normalize_before, int align_layer) -> "
+      "(Tensor, Tensor[], Tensor[], Tensor[], Tensor?)");
+}
+
+// Only ATen calls: one implementation serves every backend.
+TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {
+  m.impl("decoder_stack_step", &seqfuse::decoder_stack_step);
+}

@@ -1,0 +1,332 @@
+"""The exact incremental decoder step: stock fairseq arithmetic, one C++ call.
+
+A fairseq ``TransformerDecoder`` spends most of a small-batch decode step in
+Python: module calls, incremental-state dictionaries, shape asserts, around
+forty tensor ops per layer issued one by one. ``seqfuse._C``'s
+``decoder_stack_step`` issues the same ATen calls on tensors of the same
+shapes, strides and dtypes, in the same order, for every layer in one call, so
+its output is bit-identical to the stock layers' (tested against them on every
+step) at a fraction of the overhead.
+
+``enable_exact_step(decoder)`` changes the decoder's class to a subclass of its
+own class, with the same name (same object: parameters, hooks, ``state_dict``
+and ``isinstance`` are unchanged) whose incremental forward takes the one-call path when
+
+- the model is in eval mode, without gradients, in incremental decoding, and
+  every layer's K/V cache already exists (the first step runs stock: it builds
+  the caches, including the encoder K/V, in fairseq's own format);
+- the step's tokens hold no padding, and no earlier step did;
+- every layer is a plain ``TransformerDecoderLayer`` whose options the step
+  reproduces (checked once by :func:`exact_step_problem`).
+
+Anything else runs the stock forward for that step; the caches stay in
+fairseq's format, so the two can alternate, and fairseq's own
+``reorder_incremental_state`` works on them unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from fairseq import utils
+from fairseq.models.transformer import TransformerDecoderBase
+from fairseq.modules import MultiheadAttention
+from fairseq.modules.transformer_layer import TransformerDecoderLayer, TransformerDecoderLayerBase
+from torch import Tensor
+
+from seqfuse import _ext
+
+_LAYER_TYPES = (TransformerDecoderLayerBase, TransformerDecoderLayer)
+# Incremental steps taken by the one-call path ("exact") and by the stock
+# layers on an enabled decoder ("stock"): tests and benchmarks read them.
+STATS = {"exact": 0, "stock": 0}
+# Activation codes of decoder_stack_step (csrc/exact_decoder.cpp).
+_ACTIVATIONS = {"relu": 0, "gelu": 1, "tanh": 2}
+
+
+def _activation_code(fn) -> int | None:
+    for name, code in _ACTIVATIONS.items():
+        if fn is utils.get_activation_fn(name):
+            return code
+    return None
+
+
+def _weights(layer) -> list[Tensor]:
+    """A layer's 22 tensors in the order decoder_stack_step reads them."""
+    sa, ea = layer.self_attn, layer.encoder_attn
+    out = [
+        sa.q_proj.weight,
+        sa.q_proj.bias,
+        sa.k_proj.weight,
+        sa.k_proj.bias,
+        sa.v_proj.weight,
+        sa.v_proj.bias,
+        sa.out_proj.weight,
+        sa.out_proj.bias,
+        layer.self_attn_layer_norm.weight,
+        layer.self_attn_layer_norm.bias,
+    ]
+    ln = layer.encoder_attn_layer_norm  # exact_step_problem: always present
+    out += [ea.q_proj.weight, ea.q_proj.bias, ea.out_proj.weight, ea.out_proj.bias]
+    out += [ln.weight, ln.bias]
+    fl = layer.final_layer_norm
+    out += [layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias]
+    out += [fl.weight, fl.bias]
+    return out
+
+
+def _mha_problem(mha, where: str, cross: bool) -> str | None:
+    if type(mha) is not MultiheadAttention:
+        return f"{where}: attention class {type(mha).__name__}"
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return f"{where}: add_bias_kv / add_zero_attn"
+    if getattr(mha, "skip_embed_dim_check", False) or mha.onnx_trace:
+        return f"{where}: skip_embed_dim_check / onnx_trace"
+    if mha.self_attention == cross or mha.encoder_decoder_attention != cross:
+        return f"{where}: unexpected attention kind"
+    if mha.head_dim * mha.num_heads != mha.embed_dim:
+        return f"{where}: heads do not split the embedding"
+    for p in (mha.q_proj, mha.k_proj, mha.v_proj, mha.out_proj):
+        if type(p) is not torch.nn.Linear or p.bias is None:
+            return f"{where}: projections must be biased nn.Linear"
+    if getattr(mha.dropout_module, "apply_during_inference", False):
+        return f"{where}: dropout applied during inference"
+    if type(mha).apply_sparse_mask is not MultiheadAttention.apply_sparse_mask:
+        return f"{where}: sparse mask"
+    return None
+
+
+def exact_step_problem(decoder) -> str | None:
+    """Why the one-call step cannot reproduce this decoder, or None."""
+    if _ext._C is None:
+        return "the compiled extension is not available"
+    if not isinstance(decoder, TransformerDecoderBase):
+        return f"decoder class {type(decoder).__name__}"
+    for name in ("forward", "extract_features", "extract_features_scriptable", "output_layer"):
+        if getattr(type(decoder), name) is not getattr(TransformerDecoderBase, name):
+            return f"decoder class {type(decoder).__name__} overrides {name}"
+    layers = list(decoder.layers)
+    if not layers:
+        return "no decoder layers"
+    if decoder.cross_self_attention:
+        return "cross-self attention"
+    first = layers[0]
+    for i, layer in enumerate(layers):
+        where = f"decoder layer {i}"
+        if type(layer) not in _LAYER_TYPES:
+            return f"{where}: class {type(layer).__name__}"
+        if layer.cross_self_attention or layer.onnx_trace:
+            return f"{where}: cross-self attention / onnx_trace"
+        if layer.c_attn is not None or layer.attn_ln is not None:
+            return f"{where}: scale_heads / scale_attn"
+        if layer.ffn_layernorm is not None or layer.w_resid is not None:
+            return f"{where}: scale_fc / scale_resids"
+        if _activation_code(layer.activation_fn) is None:
+            return f"{where}: activation"
+        for d in (layer.dropout_module, layer.activation_dropout_module):
+            if getattr(d, "apply_during_inference", False):
+                return f"{where}: dropout applied during inference"
+        if type(layer.fc1) is not torch.nn.Linear or type(layer.fc2) is not torch.nn.Linear:
+            return f"{where}: FFN projections are not nn.Linear"
+        if layer.fc1.bias is None or layer.fc2.bias is None:
+            return f"{where}: FFN projections without bias"
+        norms = [layer.self_attn_layer_norm, layer.final_layer_norm]
+        if layer.encoder_attn is not None:
+            norms.append(layer.encoder_attn_layer_norm)
+        for ln in norms:
+            if type(ln) is not torch.nn.LayerNorm or not ln.elementwise_affine:
+                return f"{where}: layer norm {type(ln).__name__}"
+            if ln.bias is None:
+                return f"{where}: layer norm without bias"
+        why = _mha_problem(layer.self_attn, f"{where} self-attention", cross=False)
+        if why is None and layer.encoder_attn is not None:
+            why = _mha_problem(layer.encoder_attn, f"{where} encoder attention", cross=True)
+        if why is not None:
+            return why
+        if (layer.encoder_attn is None) != (first.encoder_attn is None):
+            return "layers differ in having encoder attention"
+        if layer.encoder_attn is None:
+            return "decoder without encoder attention"
+        same = (
+            layer.normalize_before == first.normalize_before
+            and layer.self_attn.num_heads == first.self_attn.num_heads
+            and layer.encoder_attn.num_heads == first.self_attn.num_heads
+            and layer.self_attn.scaling == first.self_attn.scaling
+            and layer.encoder_attn.scaling == first.self_attn.scaling
+            and layer.embed_dim == first.embed_dim
+            and layer.activation_fn is first.activation_fn
+        )
+        if not same:
+            return "layers differ in heads, scaling, norm placement or activation"
+    return None
+
+
+class ExactStepDecoder(TransformerDecoderBase):
+    """Mixed into a decoder's own class by :func:`enable_exact_step`."""
+
+    _seqfuse_exact_step = True
+
+    def _exact_plan(self):
+        """Per-module constants of the one-call step, built once and reused."""
+        plan = self.__dict__.get("_seqfuse_exact_plan")
+        if plan is None:
+            layers = list(self.layers)
+            first = layers[0]
+            eps = []
+            for lay in layers:
+                norms = (
+                    lay.self_attn_layer_norm,
+                    lay.encoder_attn_layer_norm,
+                    lay.final_layer_norm,
+                )
+                eps += [ln.eps for ln in norms]
+            plan = {
+                "weights": [w for lay in layers for w in _weights(lay)],
+                "self": [lay.self_attn for lay in layers],
+                "cross": [lay.encoder_attn for lay in layers],
+                "eps": [float(e) for e in eps],
+                "heads": first.self_attn.num_heads,
+                "scaling": float(first.self_attn.scaling),
+                "act": _activation_code(first.activation_fn),
+                "pre_norm": bool(first.normalize_before),
+            }
+            self.__dict__["_seqfuse_exact_plan"] = plan
+        return plan
+
+    def extract_features_scriptable(
+        self,
+        prev_output_tokens,
+        encoder_out=None,
+        incremental_state=None,
+        full_context_alignment: bool = False,
+        alignment_layer: int | None = None,
+        alignment_heads: int | None = None,
+    ):
+        out = None
+        incremental = incremental_state is not None
+        if (
+            incremental
+            and not self.training
+            and not full_context_alignment
+            and encoder_out is not None
+            and not torch.is_grad_enabled()
+        ):
+            out = self._exact_step(
+                prev_output_tokens, encoder_out, incremental_state, alignment_layer, alignment_heads
+            )
+        if out is not None:
+            STATS["exact"] += 1
+        else:
+            STATS["stock"] += incremental
+            out = super().extract_features_scriptable(
+                prev_output_tokens,
+                encoder_out,
+                incremental_state,
+                full_context_alignment,
+                alignment_layer,
+                alignment_heads,
+            )
+        return out
+
+    def _exact_step(
+        self, prev_output_tokens, encoder_out, incremental_state, alignment_layer, alignment_heads
+    ):
+        """The step through decoder_stack_step, or None when it must run stock."""
+        if len(encoder_out["encoder_out"]) == 0:
+            return None
+        plan = self._exact_plan()
+        self_k, self_v, cross_k, cross_v, cross_pad = [], [], [], [], []
+        for mha in plan["self"]:
+            buf = mha._get_input_buffer(incremental_state)
+            k = buf.get("prev_key")
+            if k is None or buf.get("prev_key_padding_mask") is not None:
+                return None
+            self_k.append(k)
+            self_v.append(buf["prev_value"])
+        for mha in plan["cross"]:
+            buf = mha._get_input_buffer(incremental_state)
+            k = buf.get("prev_key")
+            if k is None:
+                return None
+            cross_k.append(k)
+            cross_v.append(buf["prev_value"])
+            cross_pad.append(buf.get("prev_key_padding_mask"))
+        tokens = prev_output_tokens[:, -1:]
+        if tokens.eq(self.padding_idx).any():
+            return None
+
+        # The embedding prologue, op for op as the stock decoder computes it.
+        positions = None
+        if self.embed_positions is not None:
+            positions = self.embed_positions(
+                prev_output_tokens, incremental_state=incremental_state
+            )[:, -1:]
+        x = self.embed_scale * self.embed_tokens(tokens.contiguous())
+        if self.quant_noise is not None:
+            x = self.quant_noise(x)
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)
+        if positions is not None:
+            x += positions
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout_module(x)
+        x = x.transpose(0, 1)
+
+        if alignment_layer is None:
+            alignment_layer = self.num_layers - 1
+        x, new_k, new_v, inner, attn = torch.ops.seqfuse.decoder_stack_step(
+            x,
+            plan["weights"],
+            self_k,
+            self_v,
+            cross_k,
+            cross_v,
+            cross_pad,
+            plan["eps"],
+            plan["heads"],
+            plan["scaling"],
+            plan["act"],
+            plan["pre_norm"],
+            alignment_layer,
+        )
+        for mha, k, v in zip(plan["self"], new_k, new_v):
+            buf = mha._get_input_buffer(incremental_state)
+            buf["prev_key"] = k
+            buf["prev_value"] = v  # the dictionary held in incremental_state
+        if attn is not None:
+            if alignment_heads is not None:
+                attn = attn[:alignment_heads]
+            attn = attn.mean(dim=0)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        x = x.transpose(0, 1)
+        if self.project_out_dim is not None:
+            x = self.project_out_dim(x)
+        return x, {"attn": [attn], "inner_states": list(inner)}
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def enable_exact_step(decoder) -> str | None:
+    """Give ``decoder`` the one-call incremental step (in place); returns why
+    not, or None. Idempotent."""
+    if getattr(decoder, "_seqfuse_exact_step", False):
+        return None
+    why = exact_step_problem(decoder)
+    if why is not None:
+        return why
+    base = type(decoder)
+    sub = _SUBCLASSES.get(base)
+    if sub is None:
+        sub = type(base.__name__, (ExactStepDecoder, base), {"__module__": __name__})
+        _SUBCLASSES[base] = sub
+    decoder.__class__ = sub
+    return None
+
+
+def disable_exact_step(decoder) -> None:
+    """Undo :func:`enable_exact_step`."""
+    if getattr(decoder, "_seqfuse_exact_step", False):
+        decoder.__class__ = type(decoder).__bases__[1]
+        decoder.__dict__.pop("_seqfuse_exact_plan", None)

@@ -1,0 +1,332 @@
+"""The exact one-call decoder step against fairseq's own decoder layers.
+
+Every comparison is bit for bit (torch.equal): the step issues stock's ATen
+calls, so anything short of identical is a bug. Stock runs on a deep copy of
+the same model in the same test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+
+import pytest
+import torch
+from fairseq.models.transformer import TransformerDecoder, TransformerModel, base_architecture
+from fairseq.sequence_generator import SequenceGenerator as StockGenerator
+from generation_utils import SHARED_MODEL, make_dictionary, random_sample
+
+from seqfuse import _ext
+from seqfuse.generation import SequenceGenerator
+from seqfuse.layers import exact_step
+from seqfuse.layers.exact_step import (
+    disable_exact_step,
+    enable_exact_step,
+    exact_step_problem,
+)
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="seqfuse._C not built")
+
+
+def build(vocab=60, seed=0, layers=2, dim=32, heads=4, sharp=4.0, **overrides):
+    torch.manual_seed(seed)
+    d = make_dictionary(vocab - 4)
+    args = argparse.Namespace(
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_embed_dim=dim,
+        decoder_embed_dim=dim,
+        encoder_ffn_embed_dim=2 * dim,
+        decoder_ffn_embed_dim=2 * dim,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        share_all_embeddings=True,
+        dropout=0.0,
+        max_source_positions=256,
+        max_target_positions=256,
+        **overrides,
+    )
+    base_architecture(args)
+
+    class _Task:
+        source_dictionary = d
+        target_dictionary = d
+
+    model = TransformerModel.build_model(args, _Task())
+    with torch.no_grad():
+        model.decoder.output_projection.weight.mul_(sharp)
+        for name, p in model.named_parameters():  # non-trivial layer norms and biases
+            if "layer_norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval(), d
+
+
+def pair(model):
+    """(stock copy, copy with the exact step)."""
+    fast = copy.deepcopy(model)
+    assert enable_exact_step(fast.decoder) is None
+    return model, fast
+
+
+def assert_same_hypos(a, b, context=""):
+    for i, (ha, hb) in enumerate(zip(a, b)):
+        assert len(ha) == len(hb), context
+        for j, (x, y) in enumerate(zip(ha, hb)):
+            where = f"{context} sentence {i} hypothesis {j}"
+            assert torch.equal(x["tokens"], y["tokens"]), where
+            assert torch.equal(x["score"], y["score"]), where
+            assert torch.equal(x["positional_scores"], y["positional_scores"]), where
+            if x["attention"] is None:
+                assert y["attention"] is None, where
+            else:
+                assert torch.equal(x["attention"], y["attention"]), where
+
+
+def generate(gen_cls, model, d, sample, **kw):
+    gen = gen_cls([model], d, **kw)
+    with torch.no_grad():
+        return gen.generate([model], sample)
+
+
+VARIANTS = {
+    "post-norm relu": {},
+    "pre-norm": dict(decoder_normalize_before=True, encoder_normalize_before=True),
+    "gelu": dict(activation_fn="gelu"),
+    "tanh": dict(activation_fn="tanh"),
+    "learned positions": dict(decoder_learned_pos=True, encoder_learned_pos=True),
+    "layernorm_embedding, no embed scale": dict(layernorm_embedding=True, no_scale_embedding=True),
+    "3 layers, 8 heads, dim 64": dict(layers=3, dim=64, heads=8),
+    "1 head": dict(heads=1),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("beam", [1, 3, 5])
+def test_generate_bit_identical(variant, beam):
+    """Stock's generator over stock layers vs stock's and seqfuse's generators
+    over the exact step: beam 1 takes the bmm cross attention, beam > 1 the
+    per-sentence einsum; finished sentences shrink the batch."""
+    model, d = build(seed=len(variant) + beam, **VARIANTS[variant])
+    stock, fast = pair(model)
+    sample = random_sample(d, bsz=6, seed=beam)
+    kw = dict(beam_size=beam, max_len_b=14)
+    ref = generate(StockGenerator, stock, d, sample, **kw)
+    before = exact_step.STATS["exact"]
+    assert_same_hypos(ref, generate(StockGenerator, fast, d, sample, **kw), variant)
+    assert_same_hypos(ref, generate(SequenceGenerator, fast, d, sample, **kw), variant)
+    assert exact_step.STATS["exact"] > before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_bit_identical(dtype):
+    model, d = build(seed=3)
+    model = model.to(dtype)
+    stock, fast = pair(model)
+    sample = random_sample(d, bsz=4, seed=1)
+    kw = dict(beam_size=4, max_len_b=10)
+    assert_same_hypos(
+        generate(StockGenerator, stock, d, sample, **kw),
+        generate(StockGenerator, fast, d, sample, **kw),
+        str(dtype),
+    )
+
+
+def _decoder_steps(decoder, enc, tokens, orders):
+    """Run the decoder incrementally over ``tokens``; before step t, reorder
+    the caches (and the encoder output) by ``orders[t]`` when given."""
+    state: dict = {}
+    outs = []
+    with torch.no_grad():
+        for t in range(1, tokens.size(1) + 1):
+            order = orders.get(t)
+            if order is not None:
+                decoder.reorder_incremental_state_scripting(state, order)
+                tokens = tokens.index_select(0, order)
+                enc = {
+                    "encoder_out": [enc["encoder_out"][0].index_select(1, order)],
+                    "encoder_padding_mask": [enc["encoder_padding_mask"][0].index_select(0, order)],
+                }
+            x, extra = decoder(tokens[:, :t], encoder_out=enc, incremental_state=state)
+            outs.append((x, extra["attn"][0], extra["inner_states"]))
+    return outs
+
+
+def test_decoder_steps_with_reorders_and_shrinking():
+    """Decoder-level: logits, alignment attention and every inner state, step
+    by step, through beam reorders and a batch that shrinks."""
+    model, d = build(seed=7, layers=3)
+    stock, fast = pair(model)
+    sample = random_sample(d, bsz=3, seed=2)
+    rows = 3 * 4  # 3 sentences x beam 4
+    for dec in (stock.decoder, fast.decoder):
+        dec.set_beam_size(4)
+    with torch.no_grad():
+        enc = stock.encoder(**sample["net_input"])
+        order = torch.arange(3).repeat_interleave(4)
+        enc = stock.encoder.reorder_encoder_out(enc, order)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, len(d), (rows, 8), generator=g)
+    tokens[:, 0] = d.eos()
+    orders = {
+        3: torch.tensor([1, 1, 0, 2, 4, 4, 7, 5, 8, 8, 8, 9]),  # reorder within sentences
+        5: torch.tensor([4, 5, 6, 7, 8, 9, 10, 11]),  # sentence 0 finished: shrink
+    }
+    ref = _decoder_steps(stock.decoder, enc, tokens, orders)
+    before = dict(exact_step.STATS)
+    got = _decoder_steps(fast.decoder, enc, tokens, orders)
+    assert exact_step.STATS["exact"] - before["exact"] == tokens.size(1) - 1  # all but the first
+    for t, ((x0, a0, s0), (x1, a1, s1)) in enumerate(zip(ref, got)):
+        assert torch.equal(x0, x1), f"logits, step {t}"
+        assert torch.equal(a0, a1), f"attention, step {t}"
+        assert len(s0) == len(s1)
+        for i, (u, v) in enumerate(zip(s0, s1)):
+            assert torch.equal(u, v), f"inner state {i}, step {t}"
+
+
+def test_padding_token_runs_stock_and_stays_exact():
+    """A pad among a step's tokens (stock then keeps a self-attention padding
+    mask in the cache): that step and every later one run the stock layers."""
+    model, d = build(seed=5)
+    stock, fast = pair(model)
+    sample = random_sample(d, bsz=2, seed=4)
+    with torch.no_grad():
+        enc = stock.encoder(**sample["net_input"])
+    tokens = torch.randint(4, len(d), (2, 6), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = d.eos()
+    tokens[1, 3] = d.pad()
+    ref = _decoder_steps(stock.decoder, enc, tokens, {})
+    before = dict(exact_step.STATS)
+    got = _decoder_steps(fast.decoder, enc, tokens, {})
+    assert exact_step.STATS["exact"] - before["exact"] == 2  # steps 2 and 3
+    assert exact_step.STATS["stock"] - before["stock"] == 4  # 1, 4 (pad), 5, 6
+    for (x0, a0, _), (x1, a1, _) in zip(ref, got):
+        assert torch.equal(x0, x1) and torch.equal(a0, a1)
+
+
+def test_training_and_grad_run_stock():
+    model, d = build(seed=1)
+    _, fast = pair(model)
+    sample = random_sample(d, bsz=2, seed=0)
+    enc = fast.encoder(**sample["net_input"])
+    tokens = torch.full((2, 3), d.eos())
+    before = dict(exact_step.STATS)
+    state: dict = {}
+    for t in (1, 2, 3):  # gradients enabled: stock every step
+        fast.decoder(tokens[:, :t], encoder_out=enc, incremental_state=state)
+    assert exact_step.STATS["exact"] == before["exact"]
+    assert exact_step.STATS["stock"] - before["stock"] == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        (dict(activation_fn="gelu_accurate"), "activation"),
+        (dict(scale_attn=True), "scale_heads / scale_attn"),
+        (dict(scale_fc=True), "scale_fc"),
+        (dict(cross_self_attention=True), "cross-self attention"),
+    ],
+)
+def test_unsupported_options_are_named(overrides, reason):
+    model, _ = build(seed=0, **overrides)
+    why = exact_step_problem(model.decoder)
+    assert why is not None and reason in why
+    cls = type(model.decoder)
+    assert enable_exact_step(model.decoder) == why
+    assert type(model.decoder) is cls
+
+
+def test_decoder_subclass_overriding_forward_is_refused():
+    class Custom(TransformerDecoder):
+        def extract_features_scriptable(self, *a, **kw):
+            return super().extract_features_scriptable(*a, **kw)
+
+    model, _ = build(seed=0)
+    model.decoder.__class__ = Custom
+    assert "overrides extract_features_scriptable" in exact_step_problem(model.decoder)
+
+
+def test_enable_keeps_the_module_and_disable_restores():
+    model, _ = build(seed=2)
+    dec = model.decoder
+    cls = type(dec)
+    keys = {k: v.data_ptr() for k, v in dec.state_dict().items()}
+    assert enable_exact_step(dec) is None
+    assert enable_exact_step(dec) is None  # idempotent
+    assert isinstance(dec, cls) and type(dec).__name__ == cls.__name__
+    assert {k: v.data_ptr() for k, v in dec.state_dict().items()} == keys
+    disable_exact_step(dec)
+    assert type(dec) is cls
+
+
+def test_bad_arguments_are_clear_errors():
+    model, d = build(seed=0)
+    _, fast = pair(model)
+    plan = fast.decoder._exact_plan()
+    x = torch.zeros(1, 2, 32)
+    k = torch.zeros(2, 4, 1, 8)
+    args = [plan["weights"], [k, k], [k, k], [], [], [], plan["eps"], 4, 0.5, 0, False, -1]
+    with pytest.raises(RuntimeError, match="expected 44 weights"):
+        torch.ops.seqfuse.decoder_stack_step(x, plan["weights"][:-1], *args[1:])
+    with pytest.raises(RuntimeError, match="self-attention cache must be"):
+        torch.ops.seqfuse.decoder_stack_step(torch.zeros(1, 3, 32), *args)
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        torch.ops.seqfuse.decoder_stack_step(x, *args[:-3], 7, False, -1)
+
+
+@pytest.mark.slow
+def test_multi30k_bit_identical():
+    """The real model: 48 test sentences, beam 5, stock generator over stock
+    layers vs seqfuse's generator over the exact step."""
+    if not os.path.exists(os.path.join(SHARED_MODEL, "checkpoint_best.pt")):
+        pytest.skip("../shared/models/multi30k_en_de not present")
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    from fairseq import checkpoint_utils
+
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [os.path.join(SHARED_MODEL, "checkpoint_best.pt")],
+        arg_overrides={"data": os.path.join(SHARED_MODEL, "data-bin")},
+    )
+    task.load_dataset("test")
+    ds = task.dataset("test")
+    stock, fast = pair(models[0].eval())
+    d = task.target_dictionary
+    before = exact_step.STATS["exact"]
+    for start in (0, 24):
+        sample = ds.collater([ds[i] for i in range(start, start + 24)])
+        assert_same_hypos(
+            generate(StockGenerator, stock, d, sample, beam_size=5),
+            generate(SequenceGenerator, fast, d, sample, beam_size=5),
+            f"multi30k from {start}",
+        )
+    assert exact_step.STATS["exact"] > before
+
+
+def test_layer_norm_eps_per_norm():
+    """Each of a layer's three norms reads its own eps."""
+    model, d = build(seed=11, layers=2)
+    for i, layer in enumerate(model.decoder.layers):
+        norms = (layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm)
+        for j, ln in enumerate(norms):
+            ln.eps = 10.0 ** -(1 + 2 * i + j)
+    stock, fast = pair(model)
+    sample = random_sample(d, bsz=3, seed=5)
+    kw = dict(beam_size=2, max_len_b=8)
+    assert_same_hypos(
+        generate(StockGenerator, stock, d, sample, **kw),
+        generate(StockGenerator, fast, d, sample, **kw),
+    )
+
+
+def test_plugin_enables_it_by_default(monkeypatch):
+    from seqfuse import fairseq_plugin as plugin
+
+    monkeypatch.delenv(plugin.FUSED_LAYERS_ENV, raising=False)
+    monkeypatch.setenv(plugin.EXACT_STEP_ENV, "0")
+    model, _ = build(seed=0)
+    assert plugin._fuse_layers(model) is None
+    assert not getattr(model.decoder, "_seqfuse_exact_step", False)
+    monkeypatch.delenv(plugin.EXACT_STEP_ENV)
+    assert plugin._fuse_layers(model) is None
+    assert model.decoder._seqfuse_exact_step
+    assert plugin._model_reason(model) is None  # still a supported model
