@@ -101,7 +101,13 @@ def exact_step_problem(decoder) -> str | None:
         return "the compiled extension is not available"
     if not isinstance(decoder, TransformerDecoderBase):
         return f"decoder class {type(decoder).__name__}"
-    for name in ("forward", "extract_features", "extract_features_scriptable", "output_layer"):
+    for name in (
+        "forward",
+        "extract_features",
+        "extract_features_scriptable",
+        "output_layer",
+        "reorder_incremental_state_scripting",
+    ):
         if getattr(type(decoder), name) is not getattr(TransformerDecoderBase, name):
             return f"decoder class {type(decoder).__name__} overrides {name}"
     layers = list(decoder.layers)
@@ -188,6 +194,9 @@ class ExactStepDecoder(TransformerDecoderBase):
                 "scaling": float(first.self_attn.scaling),
                 "act": _activation_code(first.activation_fn),
                 "pre_norm": bool(first.normalize_before),
+                # What stock's reorder_incremental_state_scripting visits, in
+                # its order, found once instead of by a module walk per step.
+                "reorder": [m for m in self.modules() if hasattr(m, "reorder_incremental_state")],
             }
             self.__dict__["_seqfuse_exact_plan"] = plan
         return plan
@@ -226,6 +235,12 @@ class ExactStepDecoder(TransformerDecoderBase):
                 alignment_heads,
             )
         return out
+
+    def reorder_incremental_state_scripting(self, incremental_state, new_order):
+        for module in self._exact_plan()["reorder"]:
+            result = module.reorder_incremental_state(incremental_state, new_order)
+            if result is not None:
+                incremental_state = result
 
     def _exact_step(
         self, prev_output_tokens, encoder_out, incremental_state, alignment_layer, alignment_heads
