@@ -100,6 +100,10 @@ at::Tensor activation(const at::Tensor& x, int64_t act) {
       return at::gelu(x.to(at::kFloat)).type_as(x);
     case 2:
       return at::tanh(x);
+    case 3:
+      return at::gelu(x);
+    case 4:
+      return at::silu(x);
   }
   TORCH_CHECK(false, "decoder_stack_step: unknown activation code ", act);
 }
@@ -125,6 +129,7 @@ decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorLis
   TORCH_CHECK(static_cast<int64_t>(eps.size()) == 3 * layers, "eps: three per layer");
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1, "x must be [1, bsz, C], got ", x_in.sizes());
   TORCH_CHECK(act >= 0 && act <= 2, "decoder_stack_step: unknown activation code ", act);
+  // (3 and 4 are Hugging Face's gelu and silu: hf_decoder_stack_step only)
   const int64_t bsz = x_in.size(1), embed = x_in.size(2);
   TORCH_CHECK(heads > 0 && embed % heads == 0, "embed dim ", embed, " not divisible by ", heads,
               " heads");
@@ -211,6 +216,93 @@ decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorLis
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------
+// hf_decoder_stack_step: the same for a Hugging Face BART-family decoder
+// (BART, Marian, mBART, ...; sdpa attention, DynamicCache), issuing the calls
+// of transformers' decoder layer, attention module, sdpa_attention_forward
+// and DynamicLayer.update for a one-token step. x is [bsz, 1, C]; caches are
+// [bsz, H, t, hd]; masks are what the decoder passes its layers (None or
+// 4-D); act: 0 relu, 2 tanh, 3 gelu, 4 silu. Returns (x, new K, new V).
+namespace {
+
+// q/k/v projection to [bsz, H, 1, hd], as `proj(h).view(*shape, -1, hd).transpose(1, 2)`.
+inline at::Tensor project_heads(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                int64_t hd) {
+  return linear(x, w, b).view({x.size(0), x.size(1), -1, hd}).transpose(1, 2);
+}
+
+at::Tensor hf_attend(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const std::optional<at::Tensor>& mask, double scaling,
+                     const at::Tensor& wo, const at::Tensor& bo) {
+  at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scaling);
+  o = o.reshape({o.size(0), -1, q.size(2), v.size(-1)}).transpose(1, 2).contiguous();
+  o = o.reshape({x.size(0), x.size(1), -1}).contiguous();
+  return linear(o, wo, bo);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_decoder_stack_step(
+    const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
+    at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& self_mask,
+    const std::optional<at::Tensor>& cross_mask, at::ArrayRef<double> eps, int64_t heads,
+    double scaling, int64_t act, bool normalize_before) {
+  const int64_t layers = static_cast<int64_t>(self_k.size());
+  TORCH_CHECK(layers > 0, "hf_decoder_stack_step: no layers");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kWeightsPerLayer,
+              "hf_decoder_stack_step: expected ", layers * kWeightsPerLayer, " weights, got ",
+              weights.size());
+  TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers &&
+                  static_cast<int64_t>(cross_k.size()) == layers &&
+                  static_cast<int64_t>(cross_v.size()) == layers,
+              "self_v, cross_k, cross_v: one per layer");
+  TORCH_CHECK(static_cast<int64_t>(eps.size()) == 3 * layers, "eps: three per layer");
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1, "x must be [bsz, 1, C], got ", x_in.sizes());
+  TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4,
+              "hf_decoder_stack_step: unknown activation code ", act);
+  const int64_t bsz = x_in.size(0), embed = x_in.size(2);
+  TORCH_CHECK(heads > 0 && embed % heads == 0, "embed dim ", embed, " not divisible by ", heads,
+              " heads");
+  const int64_t hd = embed / heads;
+  std::vector<at::Tensor> new_k, new_v;
+  new_k.reserve(layers);
+  new_v.reserve(layers);
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* W = weights.data() + l * kWeightsPerLayer;
+    const double* E = eps.data() + 3 * l;
+    for (const at::Tensor* t : {&self_k[l], &self_v[l], &cross_k[l], &cross_v[l]}) {
+      TORCH_CHECK(t->dim() == 4 && t->size(0) == bsz && t->size(1) == heads && t->size(3) == hd,
+                  "layer ", l, ": caches must be [", bsz, ", ", heads, ", t, ", hd, "], got ",
+                  t->sizes());
+    }
+    // self-attention
+    at::Tensor residual = x;
+    if (normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
+    at::Tensor q = project_heads(x, W[0], W[1], hd);
+    at::Tensor k = at::cat({self_k[l], project_heads(x, W[2], W[3], hd)}, -2);
+    at::Tensor v = at::cat({self_v[l], project_heads(x, W[4], W[5], hd)}, -2);
+    new_k.push_back(k);
+    new_v.push_back(v);
+    x = at::add(residual, hf_attend(x, q, k, v, self_mask, scaling, W[6], W[7]));
+    if (!normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
+    // encoder attention (K/V cached since the first step)
+    residual = x;
+    if (normalize_before) x = layer_norm(x, W[14], W[15], E[1]);
+    q = project_heads(x, W[10], W[11], hd);
+    x = at::add(residual,
+                hf_attend(x, q, cross_k[l], cross_v[l], cross_mask, scaling, W[12], W[13]));
+    if (!normalize_before) x = layer_norm(x, W[14], W[15], E[1]);
+    // feed-forward
+    residual = x;
+    if (normalize_before) x = layer_norm(x, W[20], W[21], E[2]);
+    x = activation(linear(x, W[16], W[17]), act);
+    x = at::add(residual, linear(x, W[18], W[19]));
+    if (!normalize_before) x = layer_norm(x, W[20], W[21], E[2]);
+  }
+  return {x, new_k, new_v};
+}
+
+}  // namespace
 }  // namespace seqfuse
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
@@ -220,9 +312,14 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "Tensor[] cross_k, Tensor[] cross_v, Tensor?[] cross_pad, float[] eps, int heads, "
       "float scaling, int act, bool normalize_before, int align_layer) -> "
       "(Tensor, Tensor[], Tensor[], Tensor[], Tensor?)");
+  m.def(
+      "hf_decoder_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
+      "Tensor[] cross_k, Tensor[] cross_v, Tensor? self_mask, Tensor? cross_mask, float[] eps, "
+      "int heads, float scaling, int act, bool normalize_before) -> (Tensor, Tensor[], Tensor[])");
 }
 
 // Only ATen calls: one implementation serves every backend.
 TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {
   m.impl("decoder_stack_step", &seqfuse::decoder_stack_step);
+  m.impl("hf_decoder_stack_step", &seqfuse::hf_decoder_stack_step);
 }

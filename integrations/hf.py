@@ -129,6 +129,12 @@ def optimize(model, **kwargs):
         )
         return model
     model.__class__ = _patched_class(base)
+    if os.environ.get("SEQFUSE_EXACT_STEP", "1") not in ("", "0"):
+        from integrations import hf_exact_step
+
+        why = hf_exact_step.enable(model)
+        if why is not None:  # the stock layers run: exact either way
+            logger.debug("seqfuse: exact decoder step not used: %s", why)
     return model
 
 
@@ -140,6 +146,9 @@ def restore(model):
         return model
     base = getattr(type(model), "_seqfuse_base", None)
     if base is not None:
+        from integrations import hf_exact_step
+
+        hf_exact_step.disable(model)
         model.__class__ = base
     return model
 

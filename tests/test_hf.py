@@ -96,7 +96,14 @@ def assert_same(stock, ours, what=""):
             assert (x is None) == (y is None), name
             if x is not None:
                 assert same(x, y), f"{what}: {name} differ"
-        for name in ("decoder_attentions", "cross_attentions", "attentions"):
+        for name in (
+            "decoder_attentions",
+            "cross_attentions",
+            "attentions",
+            "decoder_hidden_states",
+            "encoder_hidden_states",
+            "hidden_states",
+        ):
             x, y = getattr(a, name, None), getattr(b, name, None)
             assert (x is None) == (y is None), name
             if x is not None:

@@ -1,0 +1,297 @@
+"""The exact one-call decoder step for Hugging Face BART-family decoders.
+
+``seqfuse._C``'s ``hf_decoder_stack_step`` issues, for every decoder layer in
+one C++ call, the ATen calls that transformers' decoder layer, its attention
+module (sdpa), ``sdpa_attention_forward`` and ``DynamicLayer.update`` issue
+for a one-token step, on tensors of the same shapes and strides: the result
+is bit-identical to the stock layers (tested against them), without the
+per-op Python work.
+
+:func:`enable` (called by ``seqfuse.optimize``) changes, in place,
+
+- the decoder's class to a subclass of its own (same name) whose forward marks
+  the layer loop as running, then calls the stock forward: embeddings,
+  positions and masks stay transformers' own code;
+- the decoder's ``layers`` container's class to a ``ModuleList`` subclass that,
+  only inside that forward, iterates as one runner: for a one-token step with
+  initialised caches and nothing recording the layers (no hooks, so no
+  ``output_hidden_states``/``output_attentions``), the runner makes the C++
+  call and writes the caches back where ``DynamicLayer.update`` would; for
+  anything else it calls the stock layers in order, as the loop would.
+
+Supported layers: Marian and BART (post-norm), mBART (pre-norm), with sdpa
+attention, biased projections and LayerNorms, relu/gelu/silu/tanh.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Incremental steps run by the one-call path and by the stock layers.
+STATS = {"exact": 0, "stock": 0}
+
+# layer class name -> pre-norm; each one's forward is the structure the C++ step issues.
+_LAYERS = {"MarianDecoderLayer": False, "BartDecoderLayer": False, "MBartDecoderLayer": True}
+
+
+def _activation_code(act) -> int | None:
+    """The C++ step's code for a decoder layer's activation module, or None."""
+    cls = type(act)
+    if cls is nn.ReLU:
+        return 0
+    if cls is nn.Tanh:
+        return 2
+    if cls is nn.SiLU:
+        return 4
+    if cls.__module__ != "transformers.activations":
+        return None
+    if cls.__name__ == "SiLUActivation":  # forward: nn.functional.silu
+        return 4
+    if cls.__name__ == "GELUActivation" and getattr(act, "act", None) is nn.functional.gelu:
+        return 3
+    return None
+
+
+def _decoder(model):
+    get = getattr(model, "get_decoder", None)
+    dec = get() if callable(get) else None
+    return dec if isinstance(dec, nn.Module) else None
+
+
+def problem(model) -> str | None:
+    """Why the one-call step cannot reproduce this model's decoder, or None."""
+    from seqfuse import _ext
+
+    if _ext._C is None:
+        return "the compiled extension is not available"
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return "not an encoder-decoder model"
+    dec = _decoder(model)
+    if dec is None or not isinstance(getattr(dec, "layers", None), nn.ModuleList):
+        return "no decoder layer list"
+    layers = list(dec.layers)
+    if not layers:
+        return "no decoder layers"
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "sdpa":
+        return f"attention implementation {impl!r} (sdpa only)"
+    first = layers[0]
+    for i, lay in enumerate(layers):
+        where = f"decoder layer {i}"
+        name = type(lay).__name__
+        if (
+            name not in _LAYERS
+            or type(lay).__module__.split(".")[-1]
+            != "modeling_" + name[: -len("DecoderLayer")].lower()
+        ):
+            return f"{where}: class {name}"
+        if type(lay) is not type(first):
+            return "decoder layers of different classes"
+        if _activation_code(lay.activation_fn) is None:
+            return f"{where}: activation {type(lay.activation_fn).__name__}"
+        for ln in (lay.self_attn_layer_norm, lay.encoder_attn_layer_norm, lay.final_layer_norm):
+            if type(ln) is not nn.LayerNorm or not ln.elementwise_affine or ln.bias is None:
+                return f"{where}: layer norm {type(ln).__name__}"
+        for attn in (lay.self_attn, lay.encoder_attn):
+            for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+                if type(p) is not nn.Linear or p.bias is None:
+                    return f"{where}: projections must be biased nn.Linear"
+            if (
+                attn.num_heads != first.self_attn.num_heads
+                or attn.scaling != first.self_attn.scaling
+            ):
+                return "attention modules differ in heads or scaling"
+            if attn.head_dim * attn.num_heads != attn.embed_dim:
+                return f"{where}: heads do not split the embedding"
+        for lin in (lay.fc1, lay.fc2):
+            if type(lin) is not nn.Linear or lin.bias is None:
+                return f"{where}: FFN projections must be biased nn.Linear"
+        if type(lay.activation_fn) is not type(first.activation_fn):
+            return "decoder layers differ in activation"
+    return None
+
+
+def _plan(layers) -> dict:
+    first = layers[0]
+    weights, eps = [], []
+    for lay in layers:
+        sa, ea = lay.self_attn, lay.encoder_attn
+        weights += [sa.q_proj.weight, sa.q_proj.bias, sa.k_proj.weight, sa.k_proj.bias]
+        weights += [sa.v_proj.weight, sa.v_proj.bias, sa.out_proj.weight, sa.out_proj.bias]
+        weights += [lay.self_attn_layer_norm.weight, lay.self_attn_layer_norm.bias]
+        weights += [ea.q_proj.weight, ea.q_proj.bias, ea.out_proj.weight, ea.out_proj.bias]
+        weights += [lay.encoder_attn_layer_norm.weight, lay.encoder_attn_layer_norm.bias]
+        weights += [lay.fc1.weight, lay.fc1.bias, lay.fc2.weight, lay.fc2.bias]
+        weights += [lay.final_layer_norm.weight, lay.final_layer_norm.bias]
+        eps += [lay.self_attn_layer_norm.eps, lay.encoder_attn_layer_norm.eps]
+        eps += [lay.final_layer_norm.eps]
+    return {
+        "weights": weights,
+        "eps": [float(e) for e in eps],
+        "heads": first.self_attn.num_heads,
+        "scaling": float(first.self_attn.scaling),
+        "act": _activation_code(first.activation_fn),
+        "pre_norm": _LAYERS[type(first).__name__],
+    }
+
+
+# Keyword arguments the decoder passes its layers that the one-call step
+# reproduces (the rest send the step to the stock layers).
+_QUIET_KWARGS = {"encoder_attention_mask", "past_key_values", "use_cache", "cache_position"}
+
+
+def _capturing_hook(hook) -> bool:
+    """transformers' output-capturing hook: inert unless outputs are being collected."""
+    return getattr(hook, "__name__", "") == "output_capturing_hook" and getattr(
+        hook, "__module__", ""
+    ).startswith("transformers.")
+
+
+def _recorded(layers) -> bool:
+    """Whether anything would see the layers' calls: transformers collecting
+    hidden states or attentions (with its hooks), or any other hook."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+
+        if _active_collector.get():
+            return True
+    except ImportError:  # a transformers without output capturing: hooks decide
+        pass
+    for lay in layers:
+        for m in (lay, lay.self_attn, lay.encoder_attn):
+            if m._forward_pre_hooks or not all(map(_capturing_hook, m._forward_hooks.values())):
+                return True
+    return bool(nn.modules.module._global_forward_hooks) or bool(
+        nn.modules.module._global_forward_pre_hooks
+    )
+
+
+class _Runner:
+    """What the decoder's layer loop gets instead of its layers (one item)."""
+
+    def __init__(self, layers: ExactLayers):
+        self.layers = layers
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        out = self._exact(hidden_states, args, kwargs)
+        if out is not None:
+            STATS["exact"] += 1
+            return out
+        STATS["stock"] += hidden_states.dim() == 3 and hidden_states.size(1) == 1
+        for layer in nn.ModuleList.__iter__(self.layers):
+            hidden_states = layer(hidden_states, *args, **kwargs)
+        return hidden_states
+
+    def _exact(self, x, args, kwargs):
+        from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
+
+        layers = list(nn.ModuleList.__iter__(self.layers))
+        if len(args) != 2 or not set(kwargs) <= _QUIET_KWARGS:
+            return None
+        if x.dim() != 3 or x.size(1) != 1 or torch.is_grad_enabled() or layers[0].training:
+            return None
+        self_mask, enc = args
+        cache = kwargs.get("past_key_values")
+        if enc is None or not isinstance(cache, EncoderDecoderCache):
+            return None
+        sc, cc = cache.self_attention_cache, cache.cross_attention_cache
+        n = len(layers)
+        if len(sc.layers) < n or len(cc.layers) < n:
+            return None
+        for i in range(n):
+            if not cache.is_updated.get(i):
+                return None
+            for lay in (sc.layers[i], cc.layers[i]):
+                if type(lay) is not DynamicLayer or not lay.is_initialized:
+                    return None
+        if _recorded(layers):
+            return None
+        plan = self.layers.__dict__.get("_seqfuse_plan")
+        if plan is None:
+            plan = self.layers.__dict__["_seqfuse_plan"] = _plan(layers)
+        x, new_k, new_v = torch.ops.seqfuse.hf_decoder_stack_step(
+            x,
+            plan["weights"],
+            [sc.layers[i].keys for i in range(n)],
+            [sc.layers[i].values for i in range(n)],
+            [cc.layers[i].keys for i in range(n)],
+            [cc.layers[i].values for i in range(n)],
+            self_mask,
+            kwargs.get("encoder_attention_mask"),
+            plan["eps"],
+            plan["heads"],
+            plan["scaling"],
+            plan["act"],
+            plan["pre_norm"],
+        )
+        for i in range(n):  # where DynamicLayer.update leaves them
+            sc.layers[i].keys = new_k[i]
+            sc.layers[i].values = new_v[i]
+        return x
+
+
+class ExactLayers(nn.ModuleList):
+    """The decoder's own layer list (same modules); inside the decoder's
+    forward it iterates as one :class:`_Runner`."""
+
+    _seqfuse_armed = False
+
+    def __iter__(self):
+        if self.__dict__.get("_seqfuse_armed"):
+            return iter((_Runner(self),))
+        return super().__iter__()
+
+
+class _ExactDecoder:
+    """Mixed into the decoder's own class: arms the layer list during forward."""
+
+    _seqfuse_hf_exact = True
+
+    def forward(self, *args, **kwargs):
+        layers = self.layers
+        armed = layers.__dict__.get("_seqfuse_armed", False)
+        layers.__dict__["_seqfuse_armed"] = not self.training
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            layers.__dict__["_seqfuse_armed"] = armed
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def enable(model) -> str | None:
+    """Give the model's decoder the one-call step (in place); returns why not,
+    or None. Idempotent."""
+    dec = _decoder(model)
+    if dec is not None and getattr(dec, "_seqfuse_hf_exact", False):
+        return None
+    why = problem(model)
+    if why is not None:
+        return why
+    base = type(dec)
+    sub = _SUBCLASSES.get(base)
+    if sub is None:
+        # Same name, module and qualname: transformers keys per-class
+        # registries (output capturing) by str(class).
+        sub = type(
+            base.__name__,
+            (_ExactDecoder, base),
+            {"__module__": base.__module__, "__qualname__": base.__qualname__},
+        )
+        _SUBCLASSES[base] = sub
+    dec.layers.__class__ = ExactLayers
+    dec.__class__ = sub
+    return None
+
+
+def disable(model) -> None:
+    """Undo :func:`enable`."""
+    dec = _decoder(model)
+    if dec is None or not getattr(dec, "_seqfuse_hf_exact", False):
+        return
+    dec.__class__ = type(dec).__bases__[1]
+    dec.layers.__class__ = nn.ModuleList
+    dec.layers.__dict__.pop("_seqfuse_plan", None)
+    dec.layers.__dict__.pop("_seqfuse_armed", None)
