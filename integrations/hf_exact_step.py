@@ -19,11 +19,20 @@ per-op Python work.
   call and writes the caches back where ``DynamicLayer.update`` would; for
   anything else it calls the stock layers in order, as the loop would.
 
-Supported layers: Marian and BART (post-norm), mBART (pre-norm), with sdpa
-attention, biased projections and LayerNorms, relu/gelu/silu/tanh.
+Supported: decoder layers whose code has the structure verified here (BART,
+Marian, PLBart, BlenderbotSmall post-norm; mBART, Pegasus, M2M100, Blenderbot
+pre-norm, as of transformers 5.x), sdpa attention, biased projections and
+LayerNorms, relu/gelu/silu/tanh. Code of another shape (another transformers
+version) runs the stock layers.
 """
 
 from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import inspect
+import textwrap
 
 import torch
 from torch import nn
@@ -31,8 +40,51 @@ from torch import nn
 # Incremental steps run by the one-call path and by the stock layers.
 STATS = {"exact": 0, "stock": 0}
 
-# layer class name -> pre-norm; each one's forward is the structure the C++ step issues.
-_LAYERS = {"MarianDecoderLayer": False, "BartDecoderLayer": False, "MBartDecoderLayer": True}
+# The transformers code the C++ step mirrors, identified by the shape of its
+# source (the AST without docstring, comments or formatting): a decoder layer
+# forward (-> pre-norm or not), the attention forward, sdpa_attention_forward
+# and DynamicLayer.update, as in transformers 5.x where parity is tested. Code
+# of any other shape runs stock.
+_LAYER_FORWARDS = {
+    "cfc221cdf73aa494": False,  # post-norm: BART, Marian, PLBart, BlenderbotSmall
+    "1e4701b528c550ef": True,  # pre-norm: mBART, Pegasus, M2M100, Blenderbot
+}
+_ATTENTION_FORWARD = "b46bd675fcebf7b4"
+_SDPA_FORWARD = "df16c5e8659967ac"
+_CACHE_UPDATE = "3dc6b671196c87bc"
+
+
+def source_shape(fn) -> str:
+    """A hash of ``fn``'s code that ignores docstring, comments, decorators
+    and formatting."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    f = tree.body[0]
+    body = f.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        if isinstance(body[0].value.value, str):
+            body = body[1:]
+    f.body, f.decorator_list, f.name = body, [], "forward"
+    dump = ast.dump(f, annotate_fields=False, include_attributes=False)
+    return hashlib.sha1(dump.encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _shape_of(fn) -> str | None:
+    try:
+        return source_shape(fn)
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+
+def _library_problem() -> str | None:
+    from transformers.cache_utils import DynamicLayer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _shape_of(sdpa_attention_forward) != _SDPA_FORWARD:
+        return "this transformers' sdpa_attention_forward is not the verified one"
+    if _shape_of(DynamicLayer.update) != _CACHE_UPDATE:
+        return "this transformers' DynamicLayer.update is not the verified one"
+    return None
 
 
 def _activation_code(act) -> int | None:
@@ -76,18 +128,19 @@ def problem(model) -> str | None:
     impl = getattr(model.config, "_attn_implementation", None)
     if impl != "sdpa":
         return f"attention implementation {impl!r} (sdpa only)"
+    why = _library_problem()
+    if why is not None:
+        return why
     first = layers[0]
     for i, lay in enumerate(layers):
         where = f"decoder layer {i}"
-        name = type(lay).__name__
-        if (
-            name not in _LAYERS
-            or type(lay).__module__.split(".")[-1]
-            != "modeling_" + name[: -len("DecoderLayer")].lower()
-        ):
-            return f"{where}: class {name}"
         if type(lay) is not type(first):
             return "decoder layers of different classes"
+        if _shape_of(type(lay).forward) not in _LAYER_FORWARDS:
+            return f"{where}: {type(lay).__name__}.forward is not a verified layer structure"
+        for attn in (lay.self_attn, lay.encoder_attn):
+            if _shape_of(type(attn).forward) != _ATTENTION_FORWARD:
+                return f"{where}: {type(attn).__name__}.forward is not the verified attention"
         if _activation_code(lay.activation_fn) is None:
             return f"{where}: activation {type(lay.activation_fn).__name__}"
         for ln in (lay.self_attn_layer_norm, lay.encoder_attn_layer_norm, lay.final_layer_norm):
@@ -132,7 +185,7 @@ def _plan(layers) -> dict:
         "heads": first.self_attn.num_heads,
         "scaling": float(first.self_attn.scaling),
         "act": _activation_code(first.activation_fn),
-        "pre_norm": _LAYERS[type(first).__name__],
+        "pre_norm": _LAYER_FORWARDS[_shape_of(type(first).forward)],
     }
 
 

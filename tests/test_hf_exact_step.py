@@ -19,7 +19,7 @@ from seqfuse import _ext
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason="seqfuse._C not built")
 
-EXACT_KINDS = ("marian", "bart", "mbart")
+EXACT_KINDS = ("marian", "bart", "mbart", "pegasus", "m2m100")
 
 
 @pytest.fixture(autouse=True)
@@ -93,17 +93,41 @@ def test_unsupported_models_are_named():
     assert "encoder-decoder" in hf_exact_step.problem(make_model("gpt2", seed=0))
 
 
+def test_layer_code_of_another_shape_runs_stock():
+    """A decoder layer whose forward is not a verified structure (here a
+    subclass that adds a residual scale) is refused, and generate stays exact."""
+    model = make_model("bart", seed=5)
+    base = type(model.get_decoder().layers[0])
+
+    class Scaled(base):
+        def forward(self, hidden_states, *args, **kwargs):
+            return 0.5 * super().forward(hidden_states, *args, **kwargs)
+
+    for layer in model.get_decoder().layers:
+        layer.__class__ = Scaled
+    assert "not a verified layer structure" in hf_exact_step.problem(model)
+    ids, mask = make_inputs("bart", model, batch=3, seed=5)
+    stock, ours = both_unpatched(model, ids, num_beams=3, max_new_tokens=8, attention_mask=mask)
+    assert_same(stock, ours, "scaled layers")
+
+
+def both_unpatched(model, ids, **kw):
+    """Stock vs optimize where the step must not be enabled."""
+    stock = generate(model, ids, **kw)
+    seqfuse.optimize(model)
+    try:
+        assert not getattr(model.get_decoder(), "_seqfuse_hf_exact", False)
+        ours = generate(model, ids, **kw)
+    finally:
+        hf.restore(model)
+    return stock, ours
+
+
 def test_eager_attention_still_optimises_exactly():
     model = make_model("marian", seed=4)
     model.config._attn_implementation = "eager"
     ids, mask = make_inputs("marian", model, batch=3, seed=4)
-    stock = generate(model, ids, num_beams=3, max_new_tokens=10, attention_mask=mask)
-    seqfuse.optimize(model)
-    try:
-        assert not getattr(model.get_decoder(), "_seqfuse_hf_exact", False)
-        ours = generate(model, ids, num_beams=3, max_new_tokens=10, attention_mask=mask)
-    finally:
-        hf.restore(model)
+    stock, ours = both_unpatched(model, ids, num_beams=3, max_new_tokens=10, attention_mask=mask)
     assert_same(stock, ours, "eager")
 
 
