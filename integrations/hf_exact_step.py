@@ -28,14 +28,10 @@ version) runs the stock layers.
 
 from __future__ import annotations
 
-import ast
-import functools
-import hashlib
-import inspect
-import textwrap
-
 import torch
 from torch import nn
+
+from seqfuse.source_shape import shape_of
 
 # Incremental steps run by the one-call path and by the stock layers.
 STATS = {"exact": 0, "stock": 0}
@@ -54,35 +50,13 @@ _SDPA_FORWARD = "df16c5e8659967ac"
 _CACHE_UPDATE = "3dc6b671196c87bc"
 
 
-def source_shape(fn) -> str:
-    """A hash of ``fn``'s code that ignores docstring, comments, decorators
-    and formatting."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    f = tree.body[0]
-    body = f.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        if isinstance(body[0].value.value, str):
-            body = body[1:]
-    f.body, f.decorator_list, f.name = body, [], "forward"
-    dump = ast.dump(f, annotate_fields=False, include_attributes=False)
-    return hashlib.sha1(dump.encode()).hexdigest()[:16]
-
-
-@functools.cache
-def _shape_of(fn) -> str | None:
-    try:
-        return source_shape(fn)
-    except (OSError, TypeError, SyntaxError):
-        return None
-
-
 def _library_problem() -> str | None:
     from transformers.cache_utils import DynamicLayer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if _shape_of(sdpa_attention_forward) != _SDPA_FORWARD:
+    if shape_of(sdpa_attention_forward) != _SDPA_FORWARD:
         return "this transformers' sdpa_attention_forward is not the verified one"
-    if _shape_of(DynamicLayer.update) != _CACHE_UPDATE:
+    if shape_of(DynamicLayer.update) != _CACHE_UPDATE:
         return "this transformers' DynamicLayer.update is not the verified one"
     return None
 
@@ -136,10 +110,10 @@ def problem(model) -> str | None:
         where = f"decoder layer {i}"
         if type(lay) is not type(first):
             return "decoder layers of different classes"
-        if _shape_of(type(lay).forward) not in _LAYER_FORWARDS:
+        if shape_of(type(lay).forward) not in _LAYER_FORWARDS:
             return f"{where}: {type(lay).__name__}.forward is not a verified layer structure"
         for attn in (lay.self_attn, lay.encoder_attn):
-            if _shape_of(type(attn).forward) != _ATTENTION_FORWARD:
+            if shape_of(type(attn).forward) != _ATTENTION_FORWARD:
                 return f"{where}: {type(attn).__name__}.forward is not the verified attention"
         if _activation_code(lay.activation_fn) is None:
             return f"{where}: activation {type(lay.activation_fn).__name__}"
@@ -185,7 +159,7 @@ def _plan(layers) -> dict:
         "heads": first.self_attn.num_heads,
         "scaling": float(first.self_attn.scaling),
         "act": _activation_code(first.activation_fn),
-        "pre_norm": _LAYER_FORWARDS[_shape_of(type(first).forward)],
+        "pre_norm": _LAYER_FORWARDS[shape_of(type(first).forward)],
     }
 
 

@@ -330,3 +330,16 @@ def test_plugin_enables_it_by_default(monkeypatch):
     assert plugin._fuse_layers(model) is None
     assert model.decoder._seqfuse_exact_step
     assert plugin._model_reason(model) is None  # still a supported model
+
+
+def test_unverified_fairseq_code_is_refused(monkeypatch):
+    """A fairseq whose attention code has another shape (another version)
+    runs the stock layers."""
+    from fairseq.modules.multihead_attention import MultiheadAttention
+
+    def forward(self, query, key, value, **kw):  # a different implementation
+        return None, None
+
+    monkeypatch.setattr(MultiheadAttention, "forward", forward)
+    model, _ = build(seed=0)
+    assert "MultiheadAttention.forward is not the verified one" in exact_step_problem(model.decoder)

@@ -34,6 +34,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayer, Transform
 from torch import Tensor
 
 from seqfuse import _ext
+from seqfuse.source_shape import shape_of
 
 _LAYER_TYPES = (TransformerDecoderLayerBase, TransformerDecoderLayer)
 # Incremental steps taken by the one-call path ("exact") and by the stock
@@ -41,6 +42,36 @@ _LAYER_TYPES = (TransformerDecoderLayerBase, TransformerDecoderLayer)
 STATS = {"exact": 0, "stock": 0}
 # Activation codes of decoder_stack_step (csrc/exact_decoder.cpp).
 _ACTIVATIONS = {"relu": 0, "gelu": 1, "tanh": 2}
+
+
+# The fairseq code the C++ step re-issues, as in fairseq 0.12 (where parity is
+# tested), by the shape of its source (seqfuse.source_shape): other code runs
+# the stock layers.
+_VERIFIED = {
+    "MultiheadAttention.forward": "5289d2de5a329a42",
+    "MultiheadAttention._append_prev_key_padding_mask": "d18a68d32c1c2032",
+    "TransformerDecoderLayerBase.forward": "226a0cb7ffbb4b8a",
+    "TransformerDecoderBase.extract_features_scriptable": "4f479dffa18f6fcd",
+    "softmax": "a2ca25c1a152c1ef",
+}
+
+
+def _library_problem() -> str | None:
+    current = {
+        "MultiheadAttention.forward": MultiheadAttention.forward,
+        "MultiheadAttention._append_prev_key_padding_mask": (
+            MultiheadAttention._append_prev_key_padding_mask
+        ),
+        "TransformerDecoderLayerBase.forward": TransformerDecoderLayerBase.forward,
+        "TransformerDecoderBase.extract_features_scriptable": (
+            TransformerDecoderBase.extract_features_scriptable
+        ),
+        "softmax": utils.softmax,
+    }
+    for name, fn in current.items():
+        if shape_of(fn) != _VERIFIED[name]:
+            return f"this fairseq's {name} is not the verified one"
+    return None
 
 
 def _activation_code(fn) -> int | None:
@@ -110,6 +141,9 @@ def exact_step_problem(decoder) -> str | None:
     ):
         if getattr(type(decoder), name) is not getattr(TransformerDecoderBase, name):
             return f"decoder class {type(decoder).__name__} overrides {name}"
+    why = _library_problem()
+    if why is not None:
+        return why
     layers = list(decoder.layers)
     if not layers:
         return "no decoder layers"
@@ -118,7 +152,7 @@ def exact_step_problem(decoder) -> str | None:
     first = layers[0]
     for i, layer in enumerate(layers):
         where = f"decoder layer {i}"
-        if type(layer) not in _LAYER_TYPES:
+        if type(layer) not in _LAYER_TYPES or type(layer).forward is not _LAYER_TYPES[0].forward:
             return f"{where}: class {type(layer).__name__}"
         if layer.cross_self_attention or layer.onnx_trace:
             return f"{where}: cross-self attention / onnx_trace"
