@@ -54,15 +54,18 @@ def _capability_objects(build_ext, ext) -> list:
     caps = CAPABILITY_FLAGS if platform.machine() in ("x86_64", "AMD64") else {"default": []}
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     objects = []
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     for cap, flags in caps.items():
-        src = os.path.join("csrc", "cpu", "capability", f"row_lse_{cap}.cc")
-        objects += build_ext.compiler.compile(
-            [src],
-            output_dir=build_ext.build_temp,
-            include_dirs=include_paths() + ext.include_dirs,
-            extra_postargs=["-O3", "-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-            + flags,
-        )
+        # Every csrc/cpu/capability/<kernel>_<cap>.cc (a kernel may skip a capability).
+        for src in sorted(glob.glob(os.path.join("csrc", "cpu", "capability", f"*_{cap}.cc"))):
+            objects += build_ext.compiler.compile(
+                [src],
+                output_dir=build_ext.build_temp,
+                include_dirs=include_paths() + ext.include_dirs,
+                extra_postargs=["-O3", "-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+                + openmp
+                + flags,
+            )
     return objects
 
 

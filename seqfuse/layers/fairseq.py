@@ -40,6 +40,7 @@ from seqfuse.layers.transformer import (
 )
 from seqfuse.ops.add_layernorm import add_layernorm
 from seqfuse.ops.embedding import POS_FIXED, POS_MAKE, POS_NONE, embedding
+from seqfuse.ops.linear import linear
 
 _ENCODER_LAYER_TYPES = (TransformerEncoderLayerBase, TransformerEncoderLayer)
 _DECODER_LAYER_TYPES = (TransformerDecoderLayerBase, TransformerDecoderLayer)
@@ -176,6 +177,19 @@ class FusedTransformerDecoder(TransformerDecoderBase):
         if not all(isinstance(m, FusedTransformerDecoderLayer) for m in self.layers):
             return "layers not fused"
         return None
+
+    def output_layer(self, features):
+        """The vocabulary projection through seqfuse's packed-weight GEMM."""
+        proj = getattr(self, "output_projection", None)
+        if (
+            self.adaptive_softmax is not None
+            or type(proj) is not torch.nn.Linear
+            or self.training
+            or _needs_grad(self, features)
+        ):
+            return super().output_layer(features)
+        b, t, c = features.shape
+        return linear(features.reshape(b * t, c), proj.weight, proj.bias).view(b, t, -1)
 
     def takes_encoder_out_per_source(self) -> bool:
         """Whether an incremental call may get one encoder output row per

@@ -38,6 +38,7 @@ from seqfuse.layers.kv_cache import (
 from seqfuse.ops.add_layernorm import add_layernorm
 from seqfuse.ops.attention import attention
 from seqfuse.ops.bias_act import bias_act
+from seqfuse.ops.linear import linear
 
 MAX_HEAD_DIM = 256  # the CUDA attention kernel keeps one head's query in shared memory
 
@@ -124,7 +125,7 @@ class FusedTransformerEncoderLayer(TransformerEncoderLayerBase):
             heads,
             scaling,
         )
-        o = torch.mm(a.view(t * n, c), sa.out_proj.weight.t())
+        o = linear(a.view(t * n, c), sa.out_proj.weight)
         x2, h = _residual_norm(
             o, sa.out_proj.bias, x2, self.self_attn_layer_norm, self.final_layer_norm, self
         )
@@ -145,7 +146,7 @@ def _self_attn_qkv(layer, packed, x: Tensor) -> tuple[Tensor, Tensor]:
     h = x2
     if layer.normalize_before:
         h = add_layernorm(x2, None, None, *_ln(layer.self_attn_layer_norm))[1]
-    return x2, torch.addmm(b_qkv, h, w_qkv.t()).view(t, n, 3 * c)
+    return x2, linear(h, w_qkv, b_qkv).view(t, n, 3 * c)
 
 
 def _residual_norm(o, bias, residual, own_ln, next_ln, layer):
@@ -158,9 +159,9 @@ def _residual_norm(o, bias, residual, own_ln, next_ln, layer):
 
 
 def _ffn(layer, h: Tensor, residual: Tensor) -> Tensor:
-    f = torch.mm(h, layer.fc1.weight.t())
+    f = linear(h, layer.fc1.weight)
     bias_act(f, layer.fc1.bias, layer._fused_act)
-    o = torch.mm(f, layer.fc2.weight.t())
+    o = linear(f, layer.fc2.weight)
     if layer.normalize_before:
         return add_layernorm(o, layer.fc2.bias, residual, None, None, want_sum=True)[0]
     return add_layernorm(o, layer.fc2.bias, residual, *_ln(layer.final_layer_norm))[1]
@@ -286,7 +287,7 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
                 1,
                 0 if causal else -1,
             )
-        o = torch.mm(a.view(t * n, c), sa.out_proj.weight.t())
+        o = linear(a.view(t * n, c), sa.out_proj.weight)
         has_cross = self.encoder_attn is not None and encoder_out is not None
         next_ln = self.encoder_attn_layer_norm if has_cross else self.final_layer_norm
         x2, h = _residual_norm(o, sa.out_proj.bias, x2, self.self_attn_layer_norm, next_ln, self)
@@ -300,14 +301,14 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
                 cache = self._cross_cache(encoder_out, encoder_padding_mask, n, per_source)
                 if caches is not None:
                     caches["cross"] = cache
-            q = torch.addmm(ea.q_proj.bias, h, ea.q_proj.weight.t()).view(t, n, c)
+            q = linear(h, ea.q_proj.weight, ea.q_proj.bias).view(t, n, c)
             k, v, rows, pad = cache.views()
             a, w = attention(
                 q, k, v, rows, pad, heads, ea.scaling, cache.q_per_kv, -1, need_weights
             )
             if w is not None:
                 attn = w if need_head_weights else w.mean(dim=0)
-            o = torch.mm(a.view(t * n, c), ea.out_proj.weight.t())
+            o = linear(a.view(t * n, c), ea.out_proj.weight)
             x2, h = _residual_norm(
                 o, ea.out_proj.bias, x2, self.encoder_attn_layer_norm, self.final_layer_norm, self
             )
@@ -340,6 +341,6 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
             (ea.k_proj.weight, ea.v_proj.weight), (ea.k_proj.bias, ea.v_proj.bias)
         )
         sent = enc.size(1)
-        kv = torch.addmm(b_kv, enc.reshape(s * sent, ce), w_kv.t()).view(s, sent, -1)
+        kv = linear(enc.reshape(s * sent, ce), w_kv, b_kv).view(s, sent, -1)
         pad = enc_pad.bool() if enc_pad is not None else None
         return CrossAttnCache(kv, pad, q_per_kv, beam)

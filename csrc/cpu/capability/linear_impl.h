@@ -1,0 +1,112 @@
+// y = x W^T + b with W pre-packed in 16-column panels ([ceil(N/16), K, 16],
+// zero padded): a register-blocked kernel that streams each panel pair once
+// per block of rows (up to 6 rows with 512-bit vectors, 3 with 256-bit), so
+// skinny products (decoder steps: a few rows per sentence) run at the speed
+// of reading W. Each output is one sequential dot product over k, whatever
+// the number of rows or threads: a row's result does not depend on the batch.
+// Compiled once per CPU capability (linear_{avx2,avx512}.cc) with ATen's
+// vector types; chosen at run time in linear_dispatch.cc.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace seqfuse {
+namespace cpu_capability {
+namespace CPU_CAPABILITY {
+
+namespace {
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kPanel = 16;
+constexpr int kVecs = static_cast<int>(kPanel / Vec::size());  // vectors per panel
+constexpr int kRows = Vec::size() >= 16 ? 6 : 3;               // rows per block
+
+// Rows [0, R) of x against one or two panels (TWO): R x (16 or 32) outputs.
+template <int R, bool TWO>
+inline void tile(const float* x, int64_t ldx, int64_t K, const float* w0, float* y, int64_t ldy,
+                 int64_t n0, int64_t N, const float* bias) {
+  Vec acc[R][TWO ? 2 : 1][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < (TWO ? 2 : 1); ++p)
+      for (int v = 0; v < kVecs; ++v) acc[r][p][v] = Vec(0.f);
+  const float* w1 = w0 + K * kPanel;
+  for (int64_t k = 0; k < K; ++k) {
+    Vec wv[TWO ? 2 : 1][kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      wv[0][v] = Vec::loadu(w0 + k * kPanel + v * Vec::size());
+      if (TWO) wv[TWO ? 1 : 0][v] = Vec::loadu(w1 + k * kPanel + v * Vec::size());
+    }
+    for (int r = 0; r < R; ++r) {
+      const Vec xb(x[r * ldx + k]);
+      for (int p = 0; p < (TWO ? 2 : 1); ++p)
+        for (int v = 0; v < kVecs; ++v) acc[r][p][v] = at::vec::fmadd(xb, wv[p][v], acc[r][p][v]);
+    }
+  }
+  float tmp[kPanel];
+  for (int r = 0; r < R; ++r) {
+    for (int p = 0; p < (TWO ? 2 : 1); ++p) {
+      const int64_t nb = n0 + p * kPanel;
+      const int64_t lim = std::min<int64_t>(kPanel, N - nb);
+      if (lim <= 0) break;
+      for (int v = 0; v < kVecs; ++v) acc[r][p][v].store(tmp + v * Vec::size());
+      float* out = y + r * ldy + nb;
+      if (bias != nullptr) {
+        for (int64_t j = 0; j < lim; ++j) out[j] = tmp[j] + bias[nb + j];
+      } else {
+        for (int64_t j = 0; j < lim; ++j) out[j] = tmp[j];
+      }
+    }
+  }
+}
+
+template <bool TWO>
+inline void rows_block(int64_t R, const float* x, int64_t ldx, int64_t K, const float* w0, float* y,
+                       int64_t ldy, int64_t n0, int64_t N, const float* bias) {
+  switch (R) {
+    case 6:
+      if constexpr (kRows >= 6) return tile<6, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+      break;
+    case 5:
+      if constexpr (kRows >= 5) return tile<5, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+      break;
+    case 4:
+      if constexpr (kRows >= 4) return tile<4, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+      break;
+    case 3:
+      return tile<3, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+    case 2:
+      return tile<2, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+    case 1:
+      return tile<1, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+  }
+}
+}  // namespace
+
+void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
+                   int64_t N, const float* bias, float* y) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t pairs = (panels + 1) / 2;
+  const int64_t blocks = (M + kRows - 1) / kRows;
+  // Tasks: (panel pair, row block); a pair's panels stay in cache across blocks.
+  at::parallel_for(0, pairs * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t pair = t / blocks, block = t % blocks;
+      const int64_t p = 2 * pair, m0 = block * kRows;
+      const int64_t R = std::min<int64_t>(kRows, M - m0);
+      const float* w0 = packed + p * K * kPanel;
+      const float* xr = x + m0 * ldx;
+      float* yr = y + m0 * N;
+      if (p + 1 < panels) {
+        rows_block<true>(R, xr, ldx, K, w0, yr, N, p * kPanel, N, bias);
+      } else {
+        rows_block<false>(R, xr, ldx, K, w0, yr, N, p * kPanel, N, bias);
+      }
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu_capability
+}  // namespace seqfuse

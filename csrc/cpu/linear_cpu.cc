@@ -1,0 +1,110 @@
+// seqfuse::linear_packed (CPU): y = x W^T + b with W packed by
+// seqfuse::pack_linear_weight; the kernel is chosen by torch's CPU capability
+// (csrc/cpu/capability/linear_impl.h). The contract: seqfuse/ops/linear.py.
+#include <ATen/ATen.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace seqfuse {
+namespace cpu_capability {
+#if defined(__x86_64__)
+namespace AVX2 {
+void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
+                   int64_t N, const float* bias, float* y);
+}
+namespace AVX512 {
+void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
+                   int64_t N, const float* bias, float* y);
+}
+#endif
+}  // namespace cpu_capability
+
+namespace {
+using Kernel = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t,
+                        const float*, float*);
+constexpr int64_t kPanel = 16;
+
+Kernel kernel() {
+#if defined(__x86_64__)
+  static const Kernel k = []() -> Kernel {
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return &cpu_capability::AVX512::linear_packed;
+    if (cap == "AVX2") return &cpu_capability::AVX2::linear_packed;
+    return nullptr;
+  }();
+  return k;
+#else
+  return nullptr;
+#endif
+}
+
+// The capability whose kernel runs, or "" when none does (the caller then
+// uses torch's GEMM).
+std::string linear_capability() {
+#if defined(__x86_64__)
+  if (kernel() != nullptr) return at::get_cpu_capability();
+#endif
+  return "";
+}
+
+at::Tensor pack_linear_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "pack_linear_weight: weight must be [N, K], got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.device().is_cpu(),
+              "pack_linear_weight: float32 CPU weights only");
+  const int64_t N = w.size(0), K = w.size(1), panels = (N + kPanel - 1) / kPanel;
+  // [N, K] -> zero-padded [panels * 16, K] -> [panels, K, 16]
+  at::Tensor padded = at::zeros({panels * kPanel, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  return padded.view({panels, kPanel, K}).transpose(1, 2).contiguous();
+}
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed,
+                         const std::optional<at::Tensor>& bias, int64_t n) {
+  TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
+              at::get_cpu_capability(), " (needs AVX2 or AVX512)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "linear_packed: x must be a float32 CPU [M, K] tensor, got ", x.sizes(), " ",
+              x.scalar_type());
+  TORCH_CHECK(x.stride(1) == 1, "linear_packed: x rows must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(packed.dim() == 3 && packed.size(1) == K && packed.size(2) == kPanel &&
+                  packed.is_contiguous() && packed.scalar_type() == at::kFloat,
+              "linear_packed: packed weight must be [panels, ", K, ", ", kPanel, "], got ",
+              packed.sizes());
+  TORCH_CHECK(n > 0 && n <= packed.size(0) * kPanel && n > (packed.size(0) - 1) * kPanel,
+              "linear_packed: n=", n, " does not match ", packed.size(0), " panels");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    bias->scalar_type() == at::kFloat,
+                "linear_packed: bias must be a contiguous float32 [", n, "] tensor");
+    b = bias->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M > 0) {
+    kernel()(x.data_ptr<float>(), M, K, x.stride(0), packed.data_ptr<float>(), n, b,
+             y.data_ptr<float>());
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace seqfuse
+
+TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
+  // Contract: seqfuse/ops/linear.py.
+  m.def("pack_linear_weight(Tensor w) -> Tensor");
+  m.def("linear_packed(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor");
+  m.def("linear_capability() -> str");
+}
+
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
+  m.impl("pack_linear_weight", &seqfuse::pack_linear_weight);
+  m.impl("linear_packed", &seqfuse::linear_packed);
+}
+
+TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {
+  m.impl("linear_capability", &seqfuse::linear_capability);
+}

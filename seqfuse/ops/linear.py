@@ -1,0 +1,99 @@
+"""``y = x W^T + b`` with the weight packed once: the fused layers' GEMMs.
+
+Contract::
+
+    linear(x [M, K], weight [N, K], bias [N] | None) -> [M, N]
+    y[m, n] = sum_k x[m, k] * weight[n, k]  (+ bias[n])
+
+CPU backend (AVX2 / AVX-512, torch's CPU capability decides): the weight is
+packed into 16-column panels on first use and the pack is kept while the
+weight's storage and version counter are unchanged (an in-place update
+repacks). Each output is one sequential dot product over k, so a row's result
+depends neither on the other rows (batch composition) nor on the thread
+count. It differs from torch's BLAS in rounding only (about 1e-6 relative): the
+fused layers use it; the exact paths keep torch's GEMMs. Reference (also the
+fallback: other devices, dtypes, capabilities, autograd): ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+from seqfuse.ops._layer_backends import needs_grad
+from seqfuse.ops.dispatch import Backend, choose, explain, ext_check
+
+# id(weight) -> (weakref to weight, storage pointer, version, packed)
+_PACKS: dict[int, tuple] = {}
+
+
+def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def packed(weight: Tensor) -> Tensor:
+    """The weight's panel pack, built on first use and after any change."""
+    key = id(weight)
+    entry = _PACKS.get(key)
+    ptr, version = weight.data_ptr(), weight._version
+    if entry is not None and entry[0]() is weight and entry[1:3] == (ptr, version):
+        return entry[3]
+    with torch.no_grad():
+        pack = torch.ops.seqfuse.pack_linear_weight(weight.detach())
+    ref = weakref.ref(weight, lambda _r, k=key: _PACKS.pop(k, None))
+    _PACKS[key] = (ref, ptr, version, pack)
+    return pack
+
+
+def _cpu_run(x, weight, bias):
+    b = bias.contiguous() if bias is not None else None
+    return torch.ops.seqfuse.linear_packed(x, packed(weight), b, weight.size(0))
+
+
+_cpu_available = ext_check("cpu")
+_capability: list[str] = []
+
+
+def _kernel_capability() -> str:
+    if not _capability:
+        _capability.append(torch.ops.seqfuse.linear_capability())
+    return _capability[0]
+
+
+def _cpu_check(x, weight, bias) -> str | None:
+    why = _cpu_available(x)
+    if why is not None:
+        return why
+    if not _kernel_capability():
+        return "no AVX2/AVX-512 kernel for this CPU"
+    for t in (x, weight, bias):
+        if t is not None and t.dtype != torch.float32:
+            return f"dtype {t.dtype} (the CPU kernel is fp32)"
+    if needs_grad(x, weight, bias):
+        return "autograd requested (the kernel has no backward)"
+    if x.dim() != 2 or x.stride(-1) != 1:
+        return "x must be [M, K] with contiguous rows"
+    return None
+
+
+BACKENDS = (
+    Backend("cpu", _cpu_run, _cpu_check),
+    Backend("reference", linear_reference, lambda *a: None),
+)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """See the module docstring."""
+    if x.dim() != 2 or weight.dim() != 2 or x.size(1) != weight.size(1):
+        raise ValueError(
+            f"linear: x [M, K] and weight [N, K] expected, got {tuple(x.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    backend, _ = choose(BACKENDS, x, weight, bias)
+    return backend.run(x, weight, bias)
+
+
+def which_backend(x: Tensor, weight: Tensor) -> str:
+    return explain(BACKENDS, x, weight, None)

@@ -1,0 +1,115 @@
+"""The packed-weight GEMM (seqfuse.ops.linear) against torch's, in float64.
+
+The kernel is checked against a float64 product (not against torch's fp32
+GEMM, which has rounding errors of its own), with the error bound of an fp32
+dot product: |err| <= K * eps * sum_k |x_k w_k| (plus the bias's rounding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqfuse import _ext
+from seqfuse.ops import linear as lin_mod
+from seqfuse.ops.dispatch import choose
+from seqfuse.ops.linear import linear
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="seqfuse._C not built")
+
+
+def _has_kernel() -> bool:
+    return _ext._C is not None and bool(torch.ops.seqfuse.linear_capability())
+
+
+needs_kernel = pytest.mark.skipif(not _has_kernel(), reason="no AVX2/AVX-512 kernel here")
+
+
+def check(y, x, w, b):
+    exact = x.double() @ w.double().t()
+    scale = x.double().abs() @ w.double().abs().t()
+    if b is not None:
+        exact = exact + b.double()
+        scale = scale + b.double().abs()
+    bound = (x.size(1) + 2) * torch.finfo(torch.float32).eps * scale + 1e-30
+    err = (y.double() - exact).abs()
+    assert y.shape == exact.shape and y.dtype == torch.float32
+    assert bool((err <= bound).all()), f"worst error {float((err / bound).max()):.2f} x the bound"
+
+
+SHAPES = [
+    (1, 1, 1),
+    (5, 256, 8003),
+    (6, 17, 15),
+    (7, 769, 33),
+    (13, 64, 16),
+    (3, 1024, 256),
+    (97, 256, 1025),
+    (0, 8, 8),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_float64(m, k, n, with_bias):
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if with_bias else None
+    backend, _ = choose(lin_mod.BACKENDS, x, w, b)
+    assert backend.name == "cpu"
+    check(linear(x, w, b), x, w, b)
+
+
+@needs_kernel
+def test_rows_do_not_depend_on_the_batch_or_threads():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(23, 96, generator=g)
+    w = torch.randn(70, 96, generator=g)
+    full = linear(x, w)
+    for rows in (slice(0, 1), slice(4, 9), slice(17, 23)):
+        assert torch.equal(linear(x[rows].contiguous(), w), full[rows])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(linear(x, w), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_strided_rows_and_repack_after_an_update():
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(9, 40, generator=g)
+    x = big[:, 3:35]  # rows 40 apart
+    w = torch.nn.Parameter(torch.randn(20, 32, generator=g), requires_grad=False)
+    check(linear(x, w), x, w, None)
+    with torch.no_grad():
+        w.mul_(-2.0)  # in place: a new version, the pack must follow
+    check(linear(x, w), x, w, None)
+    w.data = torch.randn(20, 32, generator=g)  # new storage
+    check(linear(x, w), x, w, None)
+
+
+def test_reference_for_what_the_kernel_does_not_take():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    w = torch.randn(6, 8, dtype=torch.bfloat16)
+    assert "dtype" in lin_mod.which_backend(x, w)
+    assert torch.equal(linear(x, w), torch.nn.functional.linear(x, w))
+    xg = torch.randn(4, 8, requires_grad=True)
+    wg = torch.randn(6, 8)
+    y = linear(xg, wg)
+    y.sum().backward()  # the reference: autograd works
+    assert torch.allclose(xg.grad, wg.sum(0).expand(4, 8))
+
+
+def test_bad_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match=r"x \[M, K\] and weight \[N, K\]"):
+        linear(torch.randn(3, 4), torch.randn(5, 6))
+    if _ext._C is not None:
+        p = torch.ops.seqfuse.pack_linear_weight(torch.randn(20, 8))
+        with pytest.raises(RuntimeError, match="does not match"):
+            torch.ops.seqfuse.linear_packed(torch.randn(2, 8), p, None, 40)
+        with pytest.raises(RuntimeError, match="packed weight must be"):
+            torch.ops.seqfuse.linear_packed(torch.randn(2, 9), p, None, 20)
