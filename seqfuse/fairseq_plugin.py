@@ -253,6 +253,7 @@ def _fuse_layers(model) -> str | None:
         return None
     ok, reason = optimize_fairseq_model(model)
     if not ok:
+        _exact_step(model)  # the stock layers, with the exact one-call step
         return reason or "the fused layers do not support this model"
     model._seqfuse_fused = True
     return None

@@ -97,7 +97,7 @@ def test_generator_without_extension_matches_stock():
 def test_backend_choice_explains_refusals(monkeypatch):
     x = torch.randn(4, 10)
     if seqfuse.extension_available():
-        assert which_backend(x).startswith("cpu (cuda refused: input on cpu")
+        assert which_backend(x).startswith("cpu (cuda refused: input not on cuda")
     monkeypatch.setenv("SEQFUSE_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="no backend can run this call.*cpu: SEQFUSE_BACKEND"):
         choose(BACKENDS, x)

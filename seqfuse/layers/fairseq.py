@@ -125,6 +125,9 @@ def optimize_fairseq_model(model: torch.nn.Module) -> tuple[bool, str]:
         return False, f"not a fairseq transformer ({type(model).__name__})"
     if hasattr(model, "alignment_heads") or hasattr(model, "full_context_alignment"):
         return False, "alignment model (alignment heads)"
+    from seqfuse.layers.exact_step import disable_exact_step
+
+    disable_exact_step(model.decoder)  # the fused decoder replaces it
     enc, dec = model.encoder, model.decoder
     if not isinstance(enc, TransformerEncoderBase) or not isinstance(dec, TransformerDecoderBase):
         return False, "encoder/decoder are not fairseq transformer stacks"
@@ -177,6 +180,17 @@ class FusedTransformerDecoder(TransformerDecoderBase):
         if not all(isinstance(m, FusedTransformerDecoderLayer) for m in self.layers):
             return "layers not fused"
         return None
+
+    def reorder_incremental_state_scripting(self, incremental_state, new_order):
+        # Stock's walk over self.modules() every step, with the list found once.
+        mods = self.__dict__.get("_seqfuse_reorder")
+        if mods is None:
+            mods = [m for m in self.modules() if hasattr(m, "reorder_incremental_state")]
+            self.__dict__["_seqfuse_reorder"] = mods
+        for module in mods:
+            result = module.reorder_incremental_state(incremental_state, new_order)
+            if result is not None:
+                incremental_state = result
 
     def output_layer(self, features):
         """The vocabulary projection through seqfuse's packed-weight GEMM."""

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from seqfuse.ops._layer_backends import backends
-from seqfuse.ops.dispatch import choose, explain
+from seqfuse.ops.dispatch import explain, pick
 
 
 def add_layernorm_reference(
@@ -81,7 +81,7 @@ def add_layernorm(
         raise ValueError(f"add_layernorm: x must be [rows, cols], got {tuple(x.shape)}")
     if weight is None and not want_sum:
         raise ValueError("add_layernorm: nothing to compute (no weight, want_sum=False)")
-    backend, _ = choose(BACKENDS, x, bias, residual, weight, beta, eps, want_sum)
+    backend = pick(BACKENDS, x, bias, residual, weight, beta, eps, want_sum)
     return backend.run(x, bias, residual, weight, beta, eps, want_sum)
 
 

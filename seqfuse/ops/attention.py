@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from seqfuse.ops._layer_backends import backends
-from seqfuse.ops.dispatch import choose, explain
+from seqfuse.ops.dispatch import explain, pick
 
 CUDA_MAX_KEYS = 8192  # kAttentionCudaMaxKeys in csrc/kernels/layer_kernels.h
 
@@ -122,7 +122,7 @@ def attention(
     if key_pad is not None and key_pad.dtype not in (torch.bool, torch.uint8):
         key_pad = key_pad.ne(0)
     args = (q, k, v, kv_rows, key_pad, heads, scaling, q_per_kv, causal_offset, need_weights)
-    backend, _ = choose(BACKENDS, *args)
+    backend = pick(BACKENDS, *args)
     return backend.run(*args)
 
 

@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from seqfuse.ops.dispatch import Backend, choose, explain, ext_check
+from seqfuse.ops.dispatch import Backend, explain, ext_check, pick
 
 EOS_ALLOW, EOS_FORBID, EOS_ONLY = 0, 1, 2
 
@@ -167,7 +167,7 @@ def beam_topk(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """See the module docstring. Picks the CUDA, CPU or reference backend."""
     _check_args(logits, cum_scores, rows_per_sent, k, banned)
-    backend, _ = choose(BACKENDS, logits)
+    backend = pick(BACKENDS, logits)
     return backend.run(
         logits,
         cum_scores,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from seqfuse.ops._layer_backends import backends
-from seqfuse.ops.dispatch import choose, explain
+from seqfuse.ops.dispatch import explain, pick
 
 ACTIVATIONS = {"linear": 0, "relu": 1, "gelu": 2, "gelu_accurate": 3, "tanh": 4}
 
@@ -65,7 +65,7 @@ def bias_act(x: Tensor, bias: Tensor | None, act: int | str) -> Tensor:
         act = ACTIVATIONS[act]
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"bias_act: x must be a contiguous [rows, cols], got {tuple(x.shape)}")
-    backend, _ = choose(BACKENDS, x, bias, act)
+    backend = pick(BACKENDS, x, bias, act)
     return backend.run(x, bias, act)
 
 

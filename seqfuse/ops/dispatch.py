@@ -30,9 +30,11 @@ class Backend:
 def ext_check(device_type: str) -> Callable[[torch.Tensor], str | None]:
     """Availability check shared by extension backends of ``device_type``."""
 
+    other = f"input not on {device_type}"
+
     def check(x: torch.Tensor) -> str | None:
         if x.device.type != device_type:
-            return f"input on {x.device.type}, backend is {device_type}"
+            return other
         ok, why = _ext.cuda_available() if device_type == "cuda" else _ext.cpu_available()
         return None if ok else why
 
@@ -52,6 +54,16 @@ def choose(backends: Sequence[Backend], *args) -> tuple[Backend, list[tuple[str,
         refused.append((b.name, why))
     reasons = "; ".join(f"{n}: {w}" for n, w in refused)
     raise RuntimeError(f"seqfuse: no backend can run this call ({reasons})")
+
+
+def pick(backends: Sequence[Backend], *args) -> Backend:
+    """``choose``'s backend without recording the refusals (the per-call path
+    of the ops); the error, when no backend fits, is ``choose``'s."""
+    forced = os.environ.get(_FORCED_ENV)
+    for b in backends:
+        if (not forced or b.name == forced) and b.check(*args) is None:
+            return b
+    return choose(backends, *args)[0]
 
 
 def explain(backends: Sequence[Backend], *args) -> str:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from seqfuse.ops._layer_backends import backends
-from seqfuse.ops.dispatch import choose, explain
+from seqfuse.ops.dispatch import explain, pick
 
 POS_NONE, POS_MAKE, POS_FIXED = 0, 1, 2
 
@@ -90,7 +90,7 @@ def embedding(
     if pos_table is not None and pos_table.dtype != table.dtype:
         pos_table = pos_table.to(table.dtype)
     args = (tokens, table, scale, pos_table, pad, pos_mode, fixed_pos, zero_pads)
-    backend, _ = choose(BACKENDS, *args)
+    backend = pick(BACKENDS, *args)
     return backend.run(*args)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from seqfuse.ops._layer_backends import needs_grad
-from seqfuse.ops.dispatch import Backend, choose, explain, ext_check
+from seqfuse.ops.dispatch import Backend, explain, ext_check, pick
 
 # id(weight) -> (weakref to weight, storage pointer, version, packed)
 _PACKS: dict[int, tuple] = {}
@@ -91,7 +91,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             f"linear: x [M, K] and weight [N, K] expected, got {tuple(x.shape)} and "
             f"{tuple(weight.shape)}"
         )
-    backend, _ = choose(BACKENDS, x, weight, bias)
+    backend = pick(BACKENDS, x, weight, bias)
     return backend.run(x, weight, bias)
 
 
