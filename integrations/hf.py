@@ -34,8 +34,11 @@ Anything else runs Hugging Face's own loop after one warning line naming the
 reason: beam sampling, ``synced_gpus``, a transformers version whose beam
 search this module does not mirror. Greedy search and sampling
 (``num_beams=1``) are Hugging Face's loop (one line says so).
-``SEQFUSE_DISABLE=1`` runs stock without a warning. Only ``generate`` changes:
-the model's layers, weights and ``forward`` are untouched.
+``SEQFUSE_DISABLE=1`` runs stock without a warning. The weights are
+untouched; the decoder of a BART-family model also runs the exact one-call
+step (``integrations.hf_exact_step``: transformers' own tensor ops, issued
+from C++, bit-identical), and ``fused_layers=True`` puts the linear layers on
+seqfuse's packed-weight GEMM (``integrations.hf_fused``, within 1e-5).
 """
 
 from __future__ import annotations
@@ -87,36 +90,51 @@ def _disabled() -> bool:
 _PATCHED: dict[type, type] = {}
 
 
-def optimize(model, **kwargs):
+def optimize(model, *, fused_layers: bool | None = None):
     """Patch ``model`` in place so ``model.generate`` runs seqfuse's beam search.
 
     Returns the same model object (a ``transformers.Pipeline`` is accepted too:
     its model is patched). Idempotent; ``restore(model)`` undoes it.
-    A model without ``generate`` (an encoder-only model) is returned unchanged
-    after one warning line; anything that is not a Hugging Face model raises
-    TypeError.
+
+    With ``fused_layers=True`` (default: the ``SEQFUSE_FUSED_LAYERS``
+    environment variable, off) every ``nn.Linear`` also runs seqfuse's
+    packed-weight GEMM (``integrations.hf_fused``): faster on the CPU, outputs
+    within 1e-5 of stock's rather than bit for bit. Without it, a BART-family
+    decoder gets the exact one-call step (``integrations.hf_exact_step``).
+
+    A model without ``generate`` (an encoder-only model) is returned with
+    only its fused layers when asked for them, else unchanged after one
+    warning line; anything that is not a Hugging Face model raises TypeError.
     """
-    if kwargs:
-        raise TypeError(f"seqfuse.optimize: unexpected keyword arguments {sorted(kwargs)}")
     try:
         from transformers import Pipeline, PreTrainedModel
         from transformers.generation.utils import GenerationMixin
     except ImportError as err:  # pragma: no cover - transformers is a dependency
         raise TypeError(f"seqfuse.optimize needs transformers: {err}") from None
     if isinstance(model, Pipeline):  # a pipeline: its model, the pipeline returned
-        optimize(model.model)
+        optimize(model.model, fused_layers=fused_layers)
         return model
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"seqfuse.optimize expects a Hugging Face PreTrainedModel, got {type(model).__name__}"
         )
+    if fused_layers is None:
+        fused_layers = os.environ.get("SEQFUSE_FUSED_LAYERS", "0") not in ("", "0")
+    fused_layers = bool(fused_layers) and not _disabled()
+    if fused_layers:
+        from integrations import hf_exact_step, hf_fused
+
+        hf_exact_step.disable(model)
+        n = hf_fused.enable(model)
+        logger.info("seqfuse: %d linear layers on the packed-weight GEMM", n)
     if not isinstance(model, GenerationMixin) or not model.can_generate():
-        # Encoder-only models (BERT & co.): their forward has no exact fused
-        # path in this version; it stays stock's.
-        _warn(
-            f"{type(model).__name__} has no generate() (an encoder-only model): its forward "
-            "runs unchanged"
-        )
+        if not fused_layers:
+            # Encoder-only models (BERT & co.): their forward has an exact
+            # fused path only for the asking (fused_layers=True).
+            _warn(
+                f"{type(model).__name__} has no generate() (an encoder-only model): its forward "
+                "runs unchanged (fused_layers=True runs its linear layers on seqfuse's GEMM)"
+            )
         return model
     base = type(model)
     if getattr(base, "_seqfuse_patched", False):
@@ -129,7 +147,8 @@ def optimize(model, **kwargs):
         )
         return model
     model.__class__ = _patched_class(base)
-    if os.environ.get("SEQFUSE_EXACT_STEP", "1") not in ("", "0"):
+    exact_step = os.environ.get("SEQFUSE_EXACT_STEP", "1") not in ("", "0")
+    if not fused_layers and exact_step and not _disabled():
         from integrations import hf_exact_step
 
         why = hf_exact_step.enable(model)
@@ -139,15 +158,20 @@ def optimize(model, **kwargs):
 
 
 def restore(model):
-    """Undo ``optimize``: the model's class is its own again."""
-    inner = getattr(model, "model", None)
-    if inner is not None and getattr(type(inner), "_seqfuse_base", None) is not None:
-        restore(inner)  # a pipeline
+    """Undo ``optimize``: the model's classes are its own again."""
+    from integrations import hf_exact_step, hf_fused
+
+    try:
+        from transformers import Pipeline
+    except ImportError:  # pragma: no cover
+        Pipeline = ()
+    if isinstance(model, Pipeline):
+        restore(model.model)
         return model
+    if isinstance(model, nn.Module):
+        hf_fused.disable(model)
     base = getattr(type(model), "_seqfuse_base", None)
     if base is not None:
-        from integrations import hf_exact_step
-
         hf_exact_step.disable(model)
         model.__class__ = base
     return model

@@ -228,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"speed ratio (stock time / seqfuse time): {stock.translation_seconds / fused.translation_seconds:.2f}x"
     )
+    fast = runs.get("seqfuse-fused")
+    if fast is not None:
+        fast_same, _ = bleu.identical_rate(stock.hypotheses, fast.hypotheses)
+        print(
+            "seqfuse-fused (SEQFUSE_FUSED_LAYERS=1: fused layers, scores within 1e-5, "
+            f"not bit for bit): {stock.translation_seconds / fast.translation_seconds:.2f}x, "
+            f"identical translations {fast_same}/{len(sources)}"
+        )
     print()
     for i in range(min(args.show, len(sources))):
         print(f"  src:     {sources[i]}")

@@ -27,7 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PROVIDERS = ("stock", "seqfuse")
+# "seqfuse-fused": the plugin with SEQFUSE_FUSED_LAYERS=1 (the fused layers:
+# same translations expected, scores within 1e-5 of stock's, not bit for bit).
+PROVIDERS = ("stock", "seqfuse", "seqfuse-fused")
 
 
 class BleuError(Exception):
@@ -234,8 +236,9 @@ def translate(
 ) -> Translation:
     """Translate ``lines`` with one ``fairseq-interactive`` subprocess.
 
-    ``provider`` is ``"stock"`` or ``"seqfuse"`` (the same command plus the
-    plugin's ``--user-dir``).
+    ``provider`` is ``"stock"``, ``"seqfuse"`` (the same command plus the
+    plugin's ``--user-dir``) or ``"seqfuse-fused"`` (that with
+    ``SEQFUSE_FUSED_LAYERS=1``).
     """
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -246,6 +249,7 @@ def translate(
     # unpickle it by default. Set for both runs so they differ only in --user-dir.
     env.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     env["PYTHONUNBUFFERED"] = "1"  # translations stream in for the progress bar
+    env["SEQFUSE_FUSED_LAYERS"] = "1" if provider == "seqfuse-fused" else "0"
     hyps: dict[int, str] = {}
     scores: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="seqfuse-bleu-") as tmp:
@@ -257,7 +261,7 @@ def translate(
             beam=beam,
             batch_size=batch_size,
             lenpen=lenpen,
-            seqfuse=provider == "seqfuse",
+            seqfuse=provider != "stock",
             input_path=str(src),
             extra=extra,
         )

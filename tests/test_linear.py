@@ -113,3 +113,13 @@ def test_bad_shapes_are_clear_errors():
             torch.ops.seqfuse.linear_packed(torch.randn(2, 8), p, None, 40)
         with pytest.raises(RuntimeError, match="packed weight must be"):
             torch.ops.seqfuse.linear_packed(torch.randn(2, 9), p, None, 20)
+
+
+@needs_kernel
+def test_inference_mode_weights():
+    with torch.inference_mode():
+        w = torch.randn(24, 16)
+        x = torch.randn(3, 16)
+        check(linear(x, w), x, w, None)
+    x2 = torch.randn(2, 16)
+    check(linear(x2, w), x2, w, None)  # an inference tensor used outside the mode

@@ -8,7 +8,8 @@ Contract::
 CPU backend (AVX2 / AVX-512, torch's CPU capability decides): the weight is
 packed into 16-column panels on first use and the pack is kept while the
 weight's storage and version counter are unchanged (an in-place update
-repacks). Each output is one sequential dot product over k, so a row's result
+repacks; an inference-mode tensor, which has no version counter, is assumed
+not to change in place). Each output is one sequential dot product over k, so a row's result
 depends neither on the other rows (batch composition) nor on the thread
 count. It differs from torch's BLAS in rounding only (about 1e-6 relative): the
 fused layers use it; the exact paths keep torch's GEMMs. Reference (also the
@@ -37,7 +38,10 @@ def packed(weight: Tensor) -> Tensor:
     """The weight's panel pack, built on first use and after any change."""
     key = id(weight)
     entry = _PACKS.get(key)
-    ptr, version = weight.data_ptr(), weight._version
+    # Inference tensors keep no version counter (and cannot change outside
+    # inference mode): their pack is keyed on the storage alone.
+    ptr = weight.data_ptr()
+    version = -1 if weight.is_inference() else weight._version
     if entry is not None and entry[0]() is weight and entry[1:3] == (ptr, version):
         return entry[3]
     with torch.no_grad():
