@@ -399,7 +399,7 @@ def test_optimize_api(tmp_path, caplog):
     with pytest.raises(TypeError, match="PreTrainedModel"):
         seqfuse.optimize(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="unexpected keyword"):
-        seqfuse.optimize(model, fused_layers=True)
+        seqfuse.optimize(model, fast=True)
     assert type(model) is BartForConditionalGeneration
 
 
