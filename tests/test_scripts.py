@@ -142,7 +142,7 @@ def test_bleu_eval_script(tmp_path):
     report = json.loads(out.read_text())
     assert report["sentences"] == 16
     refs = bleu.read_lines(DATA / "test_2016_flickr.de.gz")[:16]
-    for name in ("stock", "seqfuse"):
+    for name in ("stock", "seqfuse", "seqfuse-fused"):
         p = report["providers"][name]
         # The shared model scores 36.5 on the whole test set; 16 sentences vary.
         assert 15.0 < p["bleu"] < 70.0 and 40.0 < p["chrf"] < 85.0
@@ -171,6 +171,10 @@ def test_demo(tmp_path):
     # exit status 1 exactly when some line differs
     assert (r.returncode == 0) == (same == 12 and hf_same == 12)
     assert out.count("  stock:   ") == 1 and out.count("  seqfuse: ") == 1
+    # the fast mode's line: its ratio and identical translations
+    fast = next(x for x in out.splitlines() if x.startswith("seqfuse-fused (SEQFUSE_FUSED_LAYERS"))
+    assert 0 <= int(fast.rsplit(" ", 1)[1].split("/")[0]) <= 12
+    assert "optimize(fused_layers=True)" in out
 
 
 @pytest.mark.slow
