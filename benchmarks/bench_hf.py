@@ -131,6 +131,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument(
+        "--fused-layers",
+        action="store_true",
+        help="also time seqfuse.optimize(model, fused_layers=True) (within 1e-5, not bit for bit)",
+    )
     args = ap.parse_args(argv)
 
     import transformers
@@ -164,20 +169,23 @@ def main(argv=None) -> int:
                 mask = (ids != 1).long() if sources is not None else torch.ones_like(ids)
                 ids, mask = ids.to(args.device), mask.to(args.device)
                 run_once(model, ids, mask, beams, 2, forced)  # warm-up
-                times = {"stock": [], "seqfuse": []}
-                identical = True
+                sides = ("stock", "seqfuse") + (("fused",) if args.fused_layers else ())
+                times = {side: [] for side in sides}
+                identical = fused_identical = True
                 for r in range(args.repeats):
-                    order = ("stock", "seqfuse") if r % 2 == 0 else ("seqfuse", "stock")
+                    order = sides if r % 2 == 0 else sides[::-1]
                     outs = {}
                     for side in order:
-                        if side == "seqfuse":
-                            seqfuse.optimize(model)
+                        if side != "stock":
+                            seqfuse.optimize(model, fused_layers=side == "fused")
                         try:
                             t, outs[side] = run_once(model, ids, mask, beams, new_tokens, forced)
                         finally:
                             hf.restore(model)
                         times[side].append(t)
                     identical &= torch.equal(outs["stock"], outs["seqfuse"])
+                    if "fused" in outs:
+                        fused_identical &= torch.equal(outs["stock"], outs["fused"])
                 st, sf = statistics.median(times["stock"]), statistics.median(times["seqfuse"])
                 row = dict(
                     model=name,
@@ -190,12 +198,20 @@ def main(argv=None) -> int:
                     sent_s_stock=round(batch / st, 2),
                     sent_s_seqfuse=round(batch / sf, 2),
                 )
-                rows.append(row)
-                print(
+                line = (
                     f"{name:13s} batch {batch:3d} beam {beams}: stock {st:7.3f}s  "
-                    f"seqfuse {sf:7.3f}s  x{st / sf:5.2f}  identical={identical}",
-                    flush=True,
+                    f"seqfuse {sf:7.3f}s  x{st / sf:5.2f}  identical={identical}"
                 )
+                if args.fused_layers:
+                    fu = statistics.median(times["fused"])
+                    row.update(
+                        fused_s=round(fu, 4),
+                        fused_speedup=round(st / fu, 3),
+                        fused_identical_tokens=fused_identical,
+                    )
+                    line += f"  fused {fu:7.3f}s x{st / fu:5.2f} same tokens={fused_identical}"
+                rows.append(row)
+                print(line, flush=True)
     result = dict(
         what=f"HF generate beam search, stock vs seqfuse.optimize ({args.device}, {args.dtype})",
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

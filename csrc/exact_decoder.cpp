@@ -22,6 +22,7 @@
 // Returns (x, new self K per layer, new self V per layer, inner states, attn).
 #include <ATen/ATen.h>
 #include <ATen/ScalarOps.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -31,6 +32,7 @@ namespace seqfuse {
 namespace {
 
 constexpr int64_t kWeightsPerLayer = 22;
+constexpr int64_t kPackedPerLayer = 8;  // hf_decoder_stack_step's GEMM weight packs
 
 // One nn.Linear the way F.linear runs it.
 inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
@@ -223,31 +225,50 @@ decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorLis
 // of transformers' decoder layer, attention module, sdpa_attention_forward
 // and DynamicLayer.update for a one-token step. x is [bsz, 1, C]; caches are
 // [bsz, H, t, hd]; masks are what the decoder passes its layers (None or
-// 4-D); act: 0 relu, 2 tanh, 3 gelu, 4 silu. Returns (x, new K, new V).
+// 4-D); act: 0 relu, 2 tanh, 3 gelu, 4 silu. With `packed` (8 per layer:
+// q, k, v, out, cross q, cross out, fc1, fc2 panel packs) the projections run
+// seqfuse's packed-weight GEMM instead: the fused mode, within 1e-5 rather
+// than bit-identical. Returns (x, new K, new V).
 namespace {
+
+// A projection: torch's (exact) or, given the weight's panel pack, seqfuse's
+// packed-weight GEMM (seqfuse::linear_packed, the fused mode).
+inline at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                          const at::Tensor* packed) {
+  if (packed == nullptr) return linear(x, w, b);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("seqfuse::linear_packed", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, int64_t)>();
+  const at::Tensor y = op.call(x.reshape({-1, x.size(-1)}), *packed, b, w.size(0));
+  return y.view({x.size(0), x.size(1), w.size(0)});
+}
 
 // q/k/v projection to [bsz, H, 1, hd], as `proj(h).view(*shape, -1, hd).transpose(1, 2)`.
 inline at::Tensor project_heads(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                int64_t hd) {
-  return linear(x, w, b).view({x.size(0), x.size(1), -1, hd}).transpose(1, 2);
+                                int64_t hd, const at::Tensor* packed) {
+  return project(x, w, b, packed).view({x.size(0), x.size(1), -1, hd}).transpose(1, 2);
 }
 
 at::Tensor hf_attend(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const std::optional<at::Tensor>& mask, double scaling,
-                     const at::Tensor& wo, const at::Tensor& bo) {
+                     const at::Tensor& wo, const at::Tensor& bo, const at::Tensor* packed) {
   at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scaling);
   o = o.reshape({o.size(0), -1, q.size(2), v.size(-1)}).transpose(1, 2).contiguous();
   o = o.reshape({x.size(0), x.size(1), -1}).contiguous();
-  return linear(o, wo, bo);
+  return project(o, wo, bo, packed);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_decoder_stack_step(
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& self_mask,
     const std::optional<at::Tensor>& cross_mask, at::ArrayRef<double> eps, int64_t heads,
-    double scaling, int64_t act, bool normalize_before) {
+    double scaling, int64_t act, bool normalize_before, at::TensorList packed) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
   TORCH_CHECK(layers > 0, "hf_decoder_stack_step: no layers");
+  TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == layers * kPackedPerLayer,
+              "hf_decoder_stack_step: packed weights: none or ", layers * kPackedPerLayer, ", got ",
+              packed.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kWeightsPerLayer,
               "hf_decoder_stack_step: expected ", layers * kWeightsPerLayer, " weights, got ",
               weights.size());
@@ -270,6 +291,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* W = weights.data() + l * kWeightsPerLayer;
     const double* E = eps.data() + 3 * l;
+    // Packs of q, k, v, out, cross q, cross out, fc1, fc2 (fused mode), or none.
+    const at::Tensor* P = packed.empty() ? nullptr : packed.data() + l * kPackedPerLayer;
+    auto pk = [P](int i) { return P == nullptr ? nullptr : P + i; };
     for (const at::Tensor* t : {&self_k[l], &self_v[l], &cross_k[l], &cross_v[l]}) {
       TORCH_CHECK(t->dim() == 4 && t->size(0) == bsz && t->size(1) == heads && t->size(3) == hd,
                   "layer ", l, ": caches must be [", bsz, ", ", heads, ", t, ", hd, "], got ",
@@ -278,25 +302,25 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     // self-attention
     at::Tensor residual = x;
     if (normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
-    at::Tensor q = project_heads(x, W[0], W[1], hd);
-    at::Tensor k = at::cat({self_k[l], project_heads(x, W[2], W[3], hd)}, -2);
-    at::Tensor v = at::cat({self_v[l], project_heads(x, W[4], W[5], hd)}, -2);
+    at::Tensor q = project_heads(x, W[0], W[1], hd, pk(0));
+    at::Tensor k = at::cat({self_k[l], project_heads(x, W[2], W[3], hd, pk(1))}, -2);
+    at::Tensor v = at::cat({self_v[l], project_heads(x, W[4], W[5], hd, pk(2))}, -2);
     new_k.push_back(k);
     new_v.push_back(v);
-    x = at::add(residual, hf_attend(x, q, k, v, self_mask, scaling, W[6], W[7]));
+    x = at::add(residual, hf_attend(x, q, k, v, self_mask, scaling, W[6], W[7], pk(3)));
     if (!normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
     // encoder attention (K/V cached since the first step)
     residual = x;
     if (normalize_before) x = layer_norm(x, W[14], W[15], E[1]);
-    q = project_heads(x, W[10], W[11], hd);
+    q = project_heads(x, W[10], W[11], hd, pk(4));
     x = at::add(residual,
-                hf_attend(x, q, cross_k[l], cross_v[l], cross_mask, scaling, W[12], W[13]));
+                hf_attend(x, q, cross_k[l], cross_v[l], cross_mask, scaling, W[12], W[13], pk(5)));
     if (!normalize_before) x = layer_norm(x, W[14], W[15], E[1]);
     // feed-forward
     residual = x;
     if (normalize_before) x = layer_norm(x, W[20], W[21], E[2]);
-    x = activation(linear(x, W[16], W[17]), act);
-    x = at::add(residual, linear(x, W[18], W[19]));
+    x = activation(project(x, W[16], W[17], pk(6)), act);
+    x = at::add(residual, project(x, W[18], W[19], pk(7)));
     if (!normalize_before) x = layer_norm(x, W[20], W[21], E[2]);
   }
   return {x, new_k, new_v};
@@ -315,7 +339,8 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   m.def(
       "hf_decoder_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor[] cross_k, Tensor[] cross_v, Tensor? self_mask, Tensor? cross_mask, float[] eps, "
-      "int heads, float scaling, int act, bool normalize_before) -> (Tensor, Tensor[], Tensor[])");
+      "int heads, float scaling, int act, bool normalize_before, Tensor[] packed) -> "
+      "(Tensor, Tensor[], Tensor[])");
 }
 
 // Only ATen calls: one implementation serves every backend.

@@ -122,9 +122,8 @@ def optimize(model, *, fused_layers: bool | None = None):
         fused_layers = os.environ.get("SEQFUSE_FUSED_LAYERS", "0") not in ("", "0")
     fused_layers = bool(fused_layers) and not _disabled()
     if fused_layers:
-        from integrations import hf_exact_step, hf_fused
+        from integrations import hf_fused
 
-        hf_exact_step.disable(model)
         n = hf_fused.enable(model)
         logger.info("seqfuse: %d linear layers on the packed-weight GEMM", n)
     if not isinstance(model, GenerationMixin) or not model.can_generate():
@@ -148,7 +147,8 @@ def optimize(model, *, fused_layers: bool | None = None):
         return model
     model.__class__ = _patched_class(base)
     exact_step = os.environ.get("SEQFUSE_EXACT_STEP", "1") not in ("", "0")
-    if not fused_layers and exact_step and not _disabled():
+    if exact_step and not _disabled():
+        # (with fused layers the one-call step runs their packed GEMMs)
         from integrations import hf_exact_step
 
         why = hf_exact_step.enable(model)

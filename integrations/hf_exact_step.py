@@ -85,6 +85,12 @@ def _decoder(model):
     return dec if isinstance(dec, nn.Module) else None
 
 
+def _linear_types() -> tuple:
+    from integrations.hf_fused import PackedLinear
+
+    return (nn.Linear, PackedLinear)
+
+
 def problem(model) -> str | None:
     """Why the one-call step cannot reproduce this model's decoder, or None."""
     from seqfuse import _ext
@@ -106,6 +112,7 @@ def problem(model) -> str | None:
     if why is not None:
         return why
     first = layers[0]
+    _LINEARS = _linear_types()  # noqa: N806 (PackedLinear: the fused mode)
     for i, lay in enumerate(layers):
         where = f"decoder layer {i}"
         if type(lay) is not type(first):
@@ -122,7 +129,7 @@ def problem(model) -> str | None:
                 return f"{where}: layer norm {type(ln).__name__}"
         for attn in (lay.self_attn, lay.encoder_attn):
             for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
-                if type(p) is not nn.Linear or p.bias is None:
+                if type(p) not in _LINEARS or p.bias is None:
                     return f"{where}: projections must be biased nn.Linear"
             if (
                 attn.num_heads != first.self_attn.num_heads
@@ -132,7 +139,7 @@ def problem(model) -> str | None:
             if attn.head_dim * attn.num_heads != attn.embed_dim:
                 return f"{where}: heads do not split the embedding"
         for lin in (lay.fc1, lay.fc2):
-            if type(lin) is not nn.Linear or lin.bias is None:
+            if type(lin) not in _LINEARS or lin.bias is None:
                 return f"{where}: FFN projections must be biased nn.Linear"
         if type(lay.activation_fn) is not type(first.activation_fn):
             return "decoder layers differ in activation"
@@ -251,11 +258,31 @@ class _Runner:
             plan["scaling"],
             plan["act"],
             plan["pre_norm"],
+            self._packs(layers, x),
         )
         for i in range(n):  # where DynamicLayer.update leaves them
             sc.layers[i].keys = new_k[i]
             sc.layers[i].values = new_v[i]
         return x
+
+    @staticmethod
+    def _packs(layers, x) -> list:
+        """The GEMM weights' panel packs when the layers are in the fused mode
+        (their linear layers are ``hf_fused.PackedLinear``) and the packed
+        kernel takes this input; else none (torch's exact products)."""
+        if type(layers[0].fc1).__name__ != "PackedLinear":
+            return []
+        from seqfuse.ops import linear as packed_linear
+
+        if not packed_linear.kernel_takes(x.view(-1, x.size(-1)), layers[0].fc1.weight):
+            return []
+        out = []
+        for lay in layers:
+            sa, ea = lay.self_attn, lay.encoder_attn
+            for m in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ea.q_proj, ea.out_proj):
+                out.append(packed_linear.packed(m.weight))
+            out += [packed_linear.packed(lay.fc1.weight), packed_linear.packed(lay.fc2.weight)]
+        return out
 
 
 class ExactLayers(nn.ModuleList):

@@ -36,13 +36,17 @@ def test_generate_same_tokens_scores_close(kind):
     kw = dict(num_beams=4, max_new_tokens=12, attention_mask=mask)
     stock = _generate(model, ids, **kw)
     seqfuse.optimize(model, fused_layers=True)
+    one_call = kind in ("marian", "bart", "mbart")  # the one-call step, on packed GEMMs
+    for k in hf_exact_step.STATS:
+        hf_exact_step.STATS[k] = 0
     try:
         assert hf_fused.enabled(model)
-        assert not getattr(model.get_decoder(), "_seqfuse_hf_exact", False)
+        assert getattr(model.get_decoder(), "_seqfuse_hf_exact", False) == one_call
         ours = _generate(model, ids, **kw)
     finally:
         hf.restore(model)
     assert not hf_fused.enabled(model)
+    assert (hf_exact_step.STATS["exact"] > 0) == one_call
     assert torch.equal(stock.sequences, ours.sequences)
     torch.testing.assert_close(ours.sequences_scores, stock.sequences_scores, atol=1e-5, rtol=1e-5)
 
@@ -99,3 +103,29 @@ def test_env_and_disable(monkeypatch):
     assert hf_exact_step.problem(model) is None  # (the step itself would be possible)
     assert not getattr(model.get_decoder(), "_seqfuse_hf_exact", False)
     hf.restore(model)
+
+
+def test_one_call_step_runs_the_packed_gemm(monkeypatch):
+    """In the fused mode the C++ decoder step calls the packed GEMM itself:
+    the profiler sees more packed products than PackedLinear.forward calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_model("bart", seed=3)
+    ids, mask = make_inputs("bart", model, batch=2, seed=3)
+    calls = [0]
+    forward = hf_fused.PackedLinear.forward
+
+    def counting(self, x):
+        calls[0] += 1
+        return forward(self, x)
+
+    monkeypatch.setattr(hf_fused.PackedLinear, "forward", counting)
+    seqfuse.optimize(model, fused_layers=True)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _generate(model, ids, num_beams=2, max_new_tokens=6, min_new_tokens=6)
+    finally:
+        hf.restore(model)
+    packed = sum(e.count for e in prof.key_averages() if e.key == "seqfuse::linear_packed")
+    assert hf_exact_step.STATS["exact"] > 0
+    assert packed > calls[0] > 0

@@ -99,5 +99,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return backend.run(x, weight, bias)
 
 
+def kernel_takes(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether ``linear(x, weight, bias)`` would run the packed CPU kernel."""
+    return pick(BACKENDS, x, weight, bias).name == "cpu"
+
+
 def which_backend(x: Tensor, weight: Tensor) -> str:
     return explain(BACKENDS, x, weight, None)
