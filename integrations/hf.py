@@ -125,7 +125,7 @@ def optimize(model, *, fused_layers: bool | None = None):
         from integrations import hf_fused
 
         n = hf_fused.enable(model)
-        logger.info("seqfuse: %d linear layers on the packed-weight GEMM", n)
+        logger.debug("seqfuse: %d linear layers on the packed-weight GEMM", n)
     if not isinstance(model, GenerationMixin) or not model.can_generate():
         if not fused_layers:
             # Encoder-only models (BERT & co.): their forward has an exact

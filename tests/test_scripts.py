@@ -393,6 +393,7 @@ def test_bench_hf_smoke(tmp_path):
             "--beam", "3",
             "--new-tokens", "3",
             "--repeats", "1",
+            "--fused-layers",
             "--out", out,
         ]
     )  # fmt: skip
@@ -402,6 +403,7 @@ def test_bench_hf_smoke(tmp_path):
     assert all(
         row["identical"] and row["stock_s"] > 0 and row["seqfuse_s"] > 0 for row in res["rows"]
     )
+    assert all(row["fused_s"] > 0 and "fused_identical_tokens" in row for row in res["rows"])
     assert res["versions"]["transformers"] and res["device"]
     assert r.stdout.count("identical=True") == 2
 
