@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seqfuse._patching import mixed_subclass
 from seqfuse.source_shape import shape_of
 
 # Incremental steps run by the one-call path and by the stock layers.
@@ -312,9 +313,6 @@ class _ExactDecoder:
             layers.__dict__["_seqfuse_armed"] = armed
 
 
-_SUBCLASSES: dict[type, type] = {}
-
-
 def enable(model) -> str | None:
     """Give the model's decoder the one-call step (in place); returns why not,
     or None. Idempotent."""
@@ -324,19 +322,9 @@ def enable(model) -> str | None:
     why = problem(model)
     if why is not None:
         return why
-    base = type(dec)
-    sub = _SUBCLASSES.get(base)
-    if sub is None:
-        # Same name, module and qualname: transformers keys per-class
-        # registries (output capturing) by str(class).
-        sub = type(
-            base.__name__,
-            (_ExactDecoder, base),
-            {"__module__": base.__module__, "__qualname__": base.__qualname__},
-        )
-        _SUBCLASSES[base] = sub
     dec.layers.__class__ = ExactLayers
-    dec.__class__ = sub
+    # as_base: transformers keys per-class registries (output capturing) by str(class)
+    dec.__class__ = mixed_subclass(_ExactDecoder, type(dec), as_base=True)
     return None
 
 

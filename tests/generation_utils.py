@@ -65,10 +65,19 @@ def run_both(models, tgt_dict, sample, gen_kwargs=None, **generate_kwargs):
 
 
 def random_transformer(
-    vocab: int, seed: int, layers: int = 2, dim: int = 32, heads: int = 4, sharp: float = 4.0
+    vocab: int,
+    seed: int,
+    layers: int = 2,
+    dim: int = 32,
+    heads: int = 4,
+    sharp: float = 4.0,
+    perturb: bool = False,
+    **overrides,
 ):
     """A small random fairseq transformer; ``sharp`` scales the output projection
-    so that distributions are peaked (more realistic search than near-uniform)."""
+    so that distributions are peaked (more realistic search than near-uniform);
+    ``perturb`` moves layer norms and biases off their initial 1 / 0;
+    ``overrides`` are architecture arguments (activation_fn, ...)."""
     torch.manual_seed(seed)
     d = make_dictionary(vocab - 4)
     args = argparse.Namespace(
@@ -84,6 +93,7 @@ def random_transformer(
         dropout=0.0,
         max_source_positions=256,
         max_target_positions=256,
+        **overrides,
     )
     base_architecture(args)
 
@@ -94,7 +104,29 @@ def random_transformer(
     model = TransformerModel.build_model(args, _Task())
     with torch.no_grad():
         model.decoder.output_projection.weight.mul_(sharp)
+        if perturb:
+            for name, p in model.named_parameters():
+                if "layer_norm" in name or name.endswith("bias"):
+                    p.add_(0.1 * torch.randn_like(p))
     return model.eval(), d
+
+
+def load_multi30k():
+    """(model in eval mode, task) of ../shared/models/multi30k_en_de with its
+    test split loaded; skips the test when the model is not there."""
+    import pytest
+
+    if not os.path.exists(os.path.join(SHARED_MODEL, "checkpoint_best.pt")):
+        pytest.skip("../shared/models/multi30k_en_de not present")
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    from fairseq import checkpoint_utils
+
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [os.path.join(SHARED_MODEL, "checkpoint_best.pt")],
+        arg_overrides={"data": os.path.join(SHARED_MODEL, "data-bin")},
+    )
+    task.load_dataset("test")
+    return models[0].eval(), task
 
 
 def random_sample(d: Dictionary, bsz: int, seed: int, min_len: int = 3, max_len: int = 12):

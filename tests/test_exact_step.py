@@ -7,15 +7,13 @@ the same model in the same test.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 
 import pytest
 import torch
-from fairseq.models.transformer import TransformerDecoder, TransformerModel, base_architecture
+from fairseq.models.transformer import TransformerDecoder
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
-from generation_utils import SHARED_MODEL, make_dictionary, random_sample
+from generation_utils import load_multi30k, random_sample, random_transformer
 
 from seqfuse import _ext
 from seqfuse.generation import SequenceGenerator
@@ -29,37 +27,9 @@ from seqfuse.layers.exact_step import (
 pytestmark = pytest.mark.skipif(_ext._C is None, reason="seqfuse._C not built")
 
 
-def build(vocab=60, seed=0, layers=2, dim=32, heads=4, sharp=4.0, **overrides):
-    torch.manual_seed(seed)
-    d = make_dictionary(vocab - 4)
-    args = argparse.Namespace(
-        encoder_layers=layers,
-        decoder_layers=layers,
-        encoder_embed_dim=dim,
-        decoder_embed_dim=dim,
-        encoder_ffn_embed_dim=2 * dim,
-        decoder_ffn_embed_dim=2 * dim,
-        encoder_attention_heads=heads,
-        decoder_attention_heads=heads,
-        share_all_embeddings=True,
-        dropout=0.0,
-        max_source_positions=256,
-        max_target_positions=256,
-        **overrides,
-    )
-    base_architecture(args)
-
-    class _Task:
-        source_dictionary = d
-        target_dictionary = d
-
-    model = TransformerModel.build_model(args, _Task())
-    with torch.no_grad():
-        model.decoder.output_projection.weight.mul_(sharp)
-        for name, p in model.named_parameters():  # non-trivial layer norms and biases
-            if "layer_norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval(), d
+def build(vocab=60, seed=0, **kw):
+    """A random transformer with moved layer norms and biases."""
+    return random_transformer(vocab, seed, perturb=True, **kw)
 
 
 def pair(model):
@@ -278,18 +248,9 @@ def test_bad_arguments_are_clear_errors():
 def test_multi30k_bit_identical():
     """The real model: 48 test sentences, beam 5, stock generator over stock
     layers vs seqfuse's generator over the exact step."""
-    if not os.path.exists(os.path.join(SHARED_MODEL, "checkpoint_best.pt")):
-        pytest.skip("../shared/models/multi30k_en_de not present")
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    from fairseq import checkpoint_utils
-
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [os.path.join(SHARED_MODEL, "checkpoint_best.pt")],
-        arg_overrides={"data": os.path.join(SHARED_MODEL, "data-bin")},
-    )
-    task.load_dataset("test")
+    model, task = load_multi30k()
     ds = task.dataset("test")
-    stock, fast = pair(models[0].eval())
+    stock, fast = pair(model)
     d = task.target_dictionary
     before = exact_step.STATS["exact"]
     for start in (0, 24):

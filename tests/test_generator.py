@@ -17,11 +17,11 @@ from fairseq import search
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
 from generation_utils import (
     REPO,
-    SHARED_MODEL,
     ToyDecoder,
     ToyEncoder,
     ToyModel,
     compare_hypotheses,
+    load_multi30k,
     make_dictionary,
     random_sample,
     random_transformer,
@@ -286,21 +286,12 @@ def test_is_a_stock_generator_subclass():
 # ----------------------------------------------------------------- real model
 @pytest.fixture(scope="module")
 def multi30k():
-    if not os.path.exists(os.path.join(SHARED_MODEL, "checkpoint_best.pt")):
-        pytest.skip("../shared/models/multi30k_en_de not present")
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    from fairseq import checkpoint_utils
-
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [os.path.join(SHARED_MODEL, "checkpoint_best.pt")],
-        arg_overrides={"data": os.path.join(SHARED_MODEL, "data-bin")},
-    )
-    task.load_dataset("test")
+    model, task = load_multi30k()
     itr = task.get_batch_iterator(
         task.dataset("test"), max_sentences=24, required_batch_size_multiple=1
     ).next_epoch_itr(shuffle=False)
     batches = [b for _, b in zip(range(3), itr)]
-    return models[0].eval(), task.target_dictionary, batches
+    return model, task.target_dictionary, batches
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayer, Transform
 from torch import Tensor
 
 from seqfuse import _ext
+from seqfuse._patching import mixed_subclass, reorder_incremental_state
 from seqfuse.source_shape import shape_of
 
 _LAYER_TYPES = (TransformerDecoderLayerBase, TransformerDecoderLayer)
@@ -228,9 +229,6 @@ class ExactStepDecoder(TransformerDecoderBase):
                 "scaling": float(first.self_attn.scaling),
                 "act": _activation_code(first.activation_fn),
                 "pre_norm": bool(first.normalize_before),
-                # What stock's reorder_incremental_state_scripting visits, in
-                # its order, found once instead of by a module walk per step.
-                "reorder": [m for m in self.modules() if hasattr(m, "reorder_incremental_state")],
             }
             self.__dict__["_seqfuse_exact_plan"] = plan
         return plan
@@ -271,10 +269,7 @@ class ExactStepDecoder(TransformerDecoderBase):
         return out
 
     def reorder_incremental_state_scripting(self, incremental_state, new_order):
-        for module in self._exact_plan()["reorder"]:
-            result = module.reorder_incremental_state(incremental_state, new_order)
-            if result is not None:
-                incremental_state = result
+        reorder_incremental_state(self, incremental_state, new_order)
 
     def _exact_step(
         self, prev_output_tokens, encoder_out, incremental_state, alignment_layer, alignment_heads
@@ -354,9 +349,6 @@ class ExactStepDecoder(TransformerDecoderBase):
         return x, {"attn": [attn], "inner_states": list(inner)}
 
 
-_SUBCLASSES: dict[type, type] = {}
-
-
 def enable_exact_step(decoder) -> str | None:
     """Give ``decoder`` the one-call incremental step (in place); returns why
     not, or None. Idempotent."""
@@ -365,12 +357,7 @@ def enable_exact_step(decoder) -> str | None:
     why = exact_step_problem(decoder)
     if why is not None:
         return why
-    base = type(decoder)
-    sub = _SUBCLASSES.get(base)
-    if sub is None:
-        sub = type(base.__name__, (ExactStepDecoder, base), {"__module__": __name__})
-        _SUBCLASSES[base] = sub
-    decoder.__class__ = sub
+    decoder.__class__ = mixed_subclass(ExactStepDecoder, type(decoder))
     return None
 
 
@@ -379,3 +366,4 @@ def disable_exact_step(decoder) -> None:
     if getattr(decoder, "_seqfuse_exact_step", False):
         decoder.__class__ = type(decoder).__bases__[1]
         decoder.__dict__.pop("_seqfuse_exact_plan", None)
+        decoder.__dict__.pop("_seqfuse_reorder", None)

@@ -29,6 +29,7 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor
 
+from seqfuse._patching import reorder_incremental_state
 from seqfuse.layers.kv_cache import ROWS_PER_SOURCE
 from seqfuse.layers.transformer import (
     MAX_HEAD_DIM,
@@ -182,15 +183,7 @@ class FusedTransformerDecoder(TransformerDecoderBase):
         return None
 
     def reorder_incremental_state_scripting(self, incremental_state, new_order):
-        # Stock's walk over self.modules() every step, with the list found once.
-        mods = self.__dict__.get("_seqfuse_reorder")
-        if mods is None:
-            mods = [m for m in self.modules() if hasattr(m, "reorder_incremental_state")]
-            self.__dict__["_seqfuse_reorder"] = mods
-        for module in mods:
-            result = module.reorder_incremental_state(incremental_state, new_order)
-            if result is not None:
-                incremental_state = result
+        reorder_incremental_state(self, incremental_state, new_order)
 
     def output_layer(self, features):
         """The vocabulary projection through seqfuse's packed-weight GEMM."""
