@@ -304,3 +304,23 @@ def test_unverified_fairseq_code_is_refused(monkeypatch):
     monkeypatch.setattr(MultiheadAttention, "forward", forward)
     model, _ = build(seed=0)
     assert "MultiheadAttention.forward is not the verified one" in exact_step_problem(model.decoder)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_bit_identical(dtype):
+    """The step is device-generic (ATen calls only): on a GPU too, stock's bits."""
+    model, d = build(seed=9, layers=3)
+    model = model.to(device="cuda", dtype=dtype)
+    stock, fast = pair(model)
+    sample = random_sample(d, bsz=5, seed=9)
+    sample["net_input"] = {k: v.cuda() for k, v in sample["net_input"].items()}
+    kw = dict(beam_size=4, max_len_b=12)
+    before = exact_step.STATS["exact"]
+    assert_same_hypos(
+        generate(StockGenerator, stock, d, sample, **kw),
+        generate(StockGenerator, fast, d, sample, **kw),
+        f"cuda {dtype}",
+    )
+    assert exact_step.STATS["exact"] > before

@@ -150,3 +150,17 @@ def test_env_turns_it_off(monkeypatch):
         assert not getattr(model.get_decoder(), "_seqfuse_hf_exact", False)
     finally:
         hf.restore(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("kind", ("marian", "mbart"))
+def test_cuda_bit_identical(kind, dtype):
+    model = make_model(kind, seed=6).to(device="cuda", dtype=dtype)
+    ids, mask = make_inputs(kind, model, batch=4, seed=6)
+    stock, ours = both(
+        model, ids.cuda(), num_beams=4, max_new_tokens=12, attention_mask=mask.cuda()
+    )
+    assert_same(stock, ours, f"cuda {kind} {dtype}")
+    assert hf_exact_step.STATS["exact"] > 0
