@@ -29,6 +29,38 @@ def _hf_integration() -> str:
     return "available (seqfuse.optimize)"
 
 
+def _packed_gemm() -> str:
+    """Which ISA the fused layers' packed-weight GEMM runs with."""
+    from seqfuse import _ext
+
+    if _ext._C is None:
+        return "unavailable: no compiled extension (torch's F.linear runs)"
+    import torch
+
+    cap = torch.ops.seqfuse.linear_capability()
+    return f"available ({cap})" if cap else "unavailable: needs AVX2 or AVX-512 (F.linear runs)"
+
+
+def _exact_steps() -> str:
+    """Whether the code the exact one-call decoder steps mirror is the verified one."""
+    out = []
+    try:
+        from seqfuse.layers import exact_step
+
+        why = exact_step._library_problem()
+        out.append("fairseq: " + ("verified" if why is None else why))
+    except Exception as e:  # report, never fail
+        out.append(f"fairseq: unavailable ({type(e).__name__})")
+    try:
+        from integrations import hf_exact_step
+
+        why = hf_exact_step._library_problem()
+        out.append("transformers: " + ("verified" if why is None else why))
+    except Exception as e:  # report, never fail
+        out.append(f"transformers: unavailable ({type(e).__name__})")
+    return "; ".join(out)
+
+
 def collect() -> dict:
     import torch
 
@@ -50,6 +82,8 @@ def collect() -> dict:
         "backend cpu extension": "available" if cpu_ok else f"unavailable: {cpu_why}",
         "backend cuda extension": "available" if cuda_ok else f"unavailable: {cuda_why}",
         "hf integration": _hf_integration(),
+        "packed GEMM (fused layers)": _packed_gemm(),
+        "exact decoder steps": _exact_steps(),
         "SEQFUSE_DISABLE": "set" if _ext.disabled() else "unset",
     }
 

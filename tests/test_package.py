@@ -50,6 +50,10 @@ def test_info_lists_versions_and_backends():
     assert seqfuse.__version__ in out.stdout
     hf_line = next(x for x in out.stdout.splitlines() if x.startswith("hf integration"))
     assert hf_line.endswith("available (seqfuse.optimize)"), hf_line
+    steps = next(x for x in out.stdout.splitlines() if x.startswith("exact decoder steps"))
+    # the pinned fairseq and transformers are the versions the steps mirror
+    assert steps.endswith("fairseq: verified; transformers: verified"), steps
+    assert "packed GEMM (fused layers)" in out.stdout
 
 
 def test_import_without_extension_warns_once_and_uses_the_reference():
