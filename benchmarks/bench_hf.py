@@ -37,6 +37,8 @@ MODELS = {
     "t5-small": ("t5", dict(d=512, layers=6, heads=8, ffn=2048, vocab=32128)),
     # bart-base's size
     "bart-base": ("bart", dict(d=768, layers=6, heads=12, ffn=3072, vocab=50265)),
+    # distilgpt2's size (decoder-only; transformers' Conv1D projections)
+    "gpt2-distil": ("gpt2", dict(d=768, layers=6, heads=12, ffn=3072, vocab=50257)),
     # the trained Multi30k fairseq model as an HF FSMT model: real sentences,
     # natural output lengths (no forcing)
     "fsmt-multi30k": ("fsmt", {}),
@@ -98,6 +100,12 @@ def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int):
             decoder_start_token_id=0,
         )
         model = tf.T5ForConditionalGeneration(cfg)
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=512
+        )
+        cfg.pad_token_id = cfg.eos_token_id
+        model = tf.GPT2LMHeadModel(cfg)
     else:
         raise ValueError(kind)
     return model.eval()

@@ -3,7 +3,8 @@
 ``seqfuse.optimize(model, fused_layers=True)`` (or ``SEQFUSE_FUSED_LAYERS=1``)
 changes, in place, the class of each plain ``nn.Linear`` module of the model
 (attention projections, FFNs, the LM head; encoder-only models such as BERT
-included) to :class:`PackedLinear`, whose forward runs seqfuse's packed-weight
+included) to :class:`PackedLinear`, and of each transformers ``Conv1D``
+(GPT-2's projections) to a packed subclass of it, whose forward runs seqfuse's packed-weight
 GEMM (``seqfuse.ops.linear``) for fp32 CPU inputs without autograd and the
 stock ``F.linear`` otherwise. Parameters, ``state_dict`` and hooks are the
 module's own; :func:`disable` restores the class.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from seqfuse.ops.linear import linear
+from seqfuse.ops.linear import linear, linear_kn
 
 
 class PackedLinear(nn.Linear):
@@ -32,21 +33,48 @@ class PackedLinear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def _conv1d_types() -> dict:
+    """transformers' Conv1D (GPT-2's linear layer, weight ``[in, out]``) -> its packed class."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return {}
+    if _PACKED_CONV1D.get(Conv1D) is None:
+
+        class PackedConv1D(Conv1D):
+            """A ``Conv1D`` whose inference forward uses the packed-weight GEMM."""
+
+            _seqfuse_packed_linear = True
+
+            def forward(self, x: Tensor) -> Tensor:
+                y = linear_kn(x.reshape(-1, x.size(-1)), self.weight, self.bias)
+                return y.view(*x.shape[:-1], self.nf)
+
+        _PACKED_CONV1D[Conv1D] = PackedConv1D
+    return _PACKED_CONV1D
+
+
+_PACKED_CONV1D: dict[type, type] = {}
+
+
 def enable(model: nn.Module) -> int:
-    """Swap the class of every plain ``nn.Linear`` in ``model``; returns how many."""
+    """Swap the class of every plain ``nn.Linear`` (and transformers ``Conv1D``)
+    in ``model``; returns how many."""
+    swaps = {nn.Linear: PackedLinear, **_conv1d_types()}
     n = 0
     for m in model.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = PackedLinear
+        packed_cls = swaps.get(type(m))
+        if packed_cls is not None:
+            m.__class__ = packed_cls
             n += 1
     return n
 
 
 def disable(model: nn.Module) -> None:
     for m in model.modules():
-        if type(m) is PackedLinear:
-            m.__class__ = nn.Linear
+        if getattr(type(m), "_seqfuse_packed_linear", False):
+            m.__class__ = type(m).__bases__[0]
 
 
 def enabled(model: nn.Module) -> bool:
-    return any(type(m) is PackedLinear for m in model.modules())
+    return any(getattr(type(m), "_seqfuse_packed_linear", False) for m in model.modules())

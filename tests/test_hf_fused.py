@@ -42,11 +42,15 @@ def test_generate_same_tokens_scores_close(kind):
     try:
         assert hf_fused.enabled(model)
         assert getattr(model.get_decoder(), "_seqfuse_hf_exact", False) == one_call
+        if kind == "gpt2":
+            assert type(model.transformer.h[0].attn.c_attn).__name__ == "PackedConv1D"
         ours = _generate(model, ids, **kw)
     finally:
         hf.restore(model)
     assert not hf_fused.enabled(model)
     assert (hf_exact_step.STATS["exact"] > 0) == one_call
+    if kind == "gpt2":  # its projections are transformers' Conv1D
+        assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
     assert torch.equal(stock.sequences, ours.sequences)
     torch.testing.assert_close(ours.sequences_scores, stock.sequences_scores, atol=1e-5, rtol=1e-5)
 

@@ -123,3 +123,21 @@ def test_inference_mode_weights():
         check(linear(x, w), x, w, None)
     x2 = torch.randn(2, 16)
     check(linear(x2, w), x2, w, None)  # an inference tensor used outside the mode
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_weight_stored_k_by_n(with_bias):
+    """linear_kn: GPT-2's Conv1D layout, x @ W[K, N] + b, packed from W.t()."""
+    from seqfuse.ops.linear import linear_kn
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 48, generator=g)
+    w_kn = torch.randn(48, 70, generator=g)
+    b = torch.randn(70, generator=g) if with_bias else None
+    y = linear_kn(x, w_kn, b)
+    check(y, x, w_kn.t(), b)
+    assert torch.equal(y, linear(x, w_kn.t().contiguous(), b))  # the same panels
+    with torch.no_grad():
+        w_kn.add_(1.0)  # repacked after an in-place change
+    check(linear_kn(x, w_kn, b), x, w_kn.t(), b)

@@ -26,17 +26,19 @@ from torch import Tensor
 from seqfuse.ops._layer_backends import needs_grad
 from seqfuse.ops.dispatch import Backend, explain, ext_check, pick
 
-# id(weight) -> (weakref to weight, storage pointer, version, packed)
-_PACKS: dict[int, tuple] = {}
+# (id(weight), transposed) -> (weakref to weight, storage pointer, version, packed)
+_PACKS: dict[tuple[int, bool], tuple] = {}
 
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def packed(weight: Tensor) -> Tensor:
-    """The weight's panel pack, built on first use and after any change."""
-    key = id(weight)
+def packed(weight: Tensor, transposed: bool = False) -> Tensor:
+    """The weight's panel pack, built on first use and after any change.
+    ``transposed``: ``weight`` is stored ``[K, N]`` (GPT-2's Conv1D) and the
+    pack is that of ``weight.t()``."""
+    key = (id(weight), transposed)
     entry = _PACKS.get(key)
     # Inference tensors keep no version counter (and cannot change outside
     # inference mode): their pack is keyed on the storage alone.
@@ -45,7 +47,8 @@ def packed(weight: Tensor) -> Tensor:
     if entry is not None and entry[0]() is weight and entry[1:3] == (ptr, version):
         return entry[3]
     with torch.no_grad():
-        pack = torch.ops.seqfuse.pack_linear_weight(weight.detach())
+        w = weight.detach()
+        pack = torch.ops.seqfuse.pack_linear_weight(w.t() if transposed else w)
     ref = weakref.ref(weight, lambda _r, k=key: _PACKS.pop(k, None))
     _PACKS[key] = (ref, ptr, version, pack)
     return pack
@@ -86,6 +89,23 @@ BACKENDS = (
     Backend("cpu", _cpu_run, _cpu_check),
     Backend("reference", linear_reference, lambda *a: None),
 )
+
+
+def linear_kn(x: Tensor, weight_kn: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight_kn + bias`` for a weight stored ``[K, N]`` (GPT-2's Conv1D):
+    the packed kernel on the transpose's pack, else ``torch.addmm``."""
+    if x.dim() != 2 or weight_kn.dim() != 2 or x.size(1) != weight_kn.size(0):
+        raise ValueError(
+            f"linear_kn: x [M, K] and weight [K, N] expected, got {tuple(x.shape)} and "
+            f"{tuple(weight_kn.shape)}"
+        )
+    if pick(BACKENDS, x, weight_kn.t(), bias).name == "cpu":
+        b = bias.contiguous() if bias is not None else None
+        pack = packed(weight_kn, transposed=True)
+        return torch.ops.seqfuse.linear_packed(x, pack, b, weight_kn.size(1))
+    if bias is None:
+        return x @ weight_kn
+    return torch.addmm(bias, x, weight_kn)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
