@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from seqfuse.ops.linear import linear, linear_kn
+from seqfuse.ops.linear import drop_packs, linear, linear_kn
 
 
 class PackedLinear(nn.Linear):
@@ -71,9 +71,11 @@ def enable(model: nn.Module) -> int:
 
 
 def disable(model: nn.Module) -> None:
+    """Restore the classes and free the weight packs."""
     for m in model.modules():
         if getattr(type(m), "_seqfuse_packed_linear", False):
             m.__class__ = type(m).__bases__[0]
+            drop_packs([m.weight])
 
 
 def enabled(model: nn.Module) -> bool:

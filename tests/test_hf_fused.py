@@ -48,6 +48,9 @@ def test_generate_same_tokens_scores_close(kind):
     finally:
         hf.restore(model)
     assert not hf_fused.enabled(model)
+    from seqfuse.ops import linear as packed_linear
+
+    assert (id(model.lm_head.weight), False) not in packed_linear._PACKS  # restore freed it
     assert (hf_exact_step.STATS["exact"] > 0) == one_call
     if kind == "gpt2":  # its projections are transformers' Conv1D
         assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"

@@ -9,7 +9,7 @@ CPU backend (AVX2 / AVX-512, torch's CPU capability decides): the weight is
 packed into 16-column panels on first use and the pack is kept while the
 weight's storage and version counter are unchanged (an in-place update
 repacks; an inference-mode tensor, which has no version counter, is assumed
-not to change in place). Each output is one sequential dot product over k, so a row's result
+not to change in place). A pack is a second copy of its weight, freed with it. Each output is one sequential dot product over k, so a row's result
 depends neither on the other rows (batch composition) nor on the thread
 count. It differs from torch's BLAS in rounding only (about 1e-6 relative): the
 fused layers use it; the exact paths keep torch's GEMMs. Reference (also the
@@ -52,6 +52,13 @@ def packed(weight: Tensor, transposed: bool = False) -> Tensor:
     ref = weakref.ref(weight, lambda _r, k=key: _PACKS.pop(k, None))
     _PACKS[key] = (ref, ptr, version, pack)
     return pack
+
+
+def drop_packs(weights) -> None:
+    """Free the packs of these weights (they are rebuilt on next use)."""
+    for w in weights:
+        for transposed in (False, True):
+            _PACKS.pop((id(w), transposed), None)
 
 
 def _cpu_run(x, weight, bias):
