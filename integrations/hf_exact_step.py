@@ -14,10 +14,14 @@ per-op Python work.
   positions and masks stay transformers' own code;
 - the decoder's ``layers`` container's class to a ``ModuleList`` subclass that,
   only inside that forward, iterates as one runner: for a one-token step with
-  initialised caches and nothing recording the layers (no hooks, so no
-  ``output_hidden_states``/``output_attentions``), the runner makes the C++
-  call and writes the caches back where ``DynamicLayer.update`` would; for
-  anything else it calls the stock layers in order, as the loop would.
+  initialised caches and nothing recording the layers (transformers' output
+  collector idle, no other hooks), the runner makes the C++ call and writes
+  the caches back where ``DynamicLayer.update`` would; for anything else it
+  calls the stock layers in order, as the loop would.
+
+In the fused mode (``integrations.hf_fused``: the layers' linear modules are
+``PackedLinear``) the same call is given the weights' panel packs and runs the
+projections on seqfuse's packed GEMM: within 1e-5 of stock, not bit-identical.
 
 Supported: decoder layers whose code has the structure verified here (BART,
 Marian, PLBart, BlenderbotSmall post-norm; mBART, Pegasus, M2M100, Blenderbot
