@@ -157,6 +157,9 @@ def test_env_turns_it_off(monkeypatch):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("kind", ("marian", "mbart"))
 def test_cuda_bit_identical(kind, dtype):
+    why = hf_exact_step._library_problem()  # the GPU image's transformers may differ
+    if why is not None:
+        pytest.skip(why)
     model = make_model(kind, seed=6).to(device="cuda", dtype=dtype)
     ids, mask = make_inputs(kind, model, batch=4, seed=6)
     stock, ours = both(
