@@ -53,6 +53,16 @@ def assert_same_hypos(a, b, context=""):
                 assert torch.equal(x["attention"], y["attention"]), where
 
 
+def check_stock_generator(model, d, sample, context="", **kw):
+    """fairseq's generator over the stock layers vs over the exact step."""
+    stock, fast = pair(model)
+    assert_same_hypos(
+        generate(StockGenerator, stock, d, sample, **kw),
+        generate(StockGenerator, fast, d, sample, **kw),
+        context,
+    )
+
+
 def generate(gen_cls, model, d, sample, **kw):
     gen = gen_cls([model], d, **kw)
     with torch.no_grad():
@@ -91,15 +101,8 @@ def test_generate_bit_identical(variant, beam):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_bit_identical(dtype):
     model, d = build(seed=3)
-    model = model.to(dtype)
-    stock, fast = pair(model)
     sample = random_sample(d, bsz=4, seed=1)
-    kw = dict(beam_size=4, max_len_b=10)
-    assert_same_hypos(
-        generate(StockGenerator, stock, d, sample, **kw),
-        generate(StockGenerator, fast, d, sample, **kw),
-        str(dtype),
-    )
+    check_stock_generator(model.to(dtype), d, sample, str(dtype), beam_size=4, max_len_b=10)
 
 
 def _decoder_steps(decoder, enc, tokens, orders):
@@ -270,13 +273,8 @@ def test_layer_norm_eps_per_norm():
         norms = (layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm)
         for j, ln in enumerate(norms):
             ln.eps = 10.0 ** -(1 + 2 * i + j)
-    stock, fast = pair(model)
     sample = random_sample(d, bsz=3, seed=5)
-    kw = dict(beam_size=2, max_len_b=8)
-    assert_same_hypos(
-        generate(StockGenerator, stock, d, sample, **kw),
-        generate(StockGenerator, fast, d, sample, **kw),
-    )
+    check_stock_generator(model, d, sample, "eps", beam_size=2, max_len_b=8)
 
 
 def test_plugin_enables_it_by_default(monkeypatch):
@@ -312,15 +310,9 @@ def test_unverified_fairseq_code_is_refused(monkeypatch):
 def test_cuda_bit_identical(dtype):
     """The step is device-generic (ATen calls only): on a GPU too, stock's bits."""
     model, d = build(seed=9, layers=3)
-    model = model.to(device="cuda", dtype=dtype)
-    stock, fast = pair(model)
     sample = random_sample(d, bsz=5, seed=9)
     sample["net_input"] = {k: v.cuda() for k, v in sample["net_input"].items()}
-    kw = dict(beam_size=4, max_len_b=12)
     before = exact_step.STATS["exact"]
-    assert_same_hypos(
-        generate(StockGenerator, stock, d, sample, **kw),
-        generate(StockGenerator, fast, d, sample, **kw),
-        f"cuda {dtype}",
-    )
+    model = model.to(device="cuda", dtype=dtype)
+    check_stock_generator(model, d, sample, f"cuda {dtype}", beam_size=4, max_len_b=12)
     assert exact_step.STATS["exact"] > before
