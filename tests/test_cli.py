@@ -8,6 +8,7 @@ tests/test_plugin.py's subject); the tiny model comes from test_plugin.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 import types
@@ -107,6 +108,20 @@ def test_run_fairseq_restores_argv(monkeypatch):
     cli._run_fairseq("fake_fairseq_cli", ["data", "--beam", "2"])
     assert sys.argv == saved
     assert calls[0][1:] == ["--user-dir", seqfuse.fairseq_user_dir(), "data", "--beam", "2"]
+
+
+def test_fused_layers_flag_sets_the_env_for_the_run(monkeypatch):
+    seen = []
+    fake = types.ModuleType("fake_fairseq_cli")
+    fake.cli_main = lambda: seen.append((list(sys.argv), os.environ.get("SEQFUSE_FUSED_LAYERS")))
+    monkeypatch.setitem(sys.modules, "fake_fairseq_cli", fake)
+    monkeypatch.delenv("SEQFUSE_FUSED_LAYERS", raising=False)
+    cli._run_fairseq("fake_fairseq_cli", ["data", "--fused-layers", "--beam", "2"])
+    assert seen[0][0][1:] == ["--user-dir", seqfuse.fairseq_user_dir(), "data", "--beam", "2"]
+    assert seen[0][1] == "1"
+    assert "SEQFUSE_FUSED_LAYERS" not in os.environ  # restored after the run
+    cli._run_fairseq("fake_fairseq_cli", ["data"])
+    assert seen[1][1] is None
 
 
 @pytest.mark.slow
