@@ -44,11 +44,11 @@ seqfuse's packed-weight GEMM (``integrations.hf_fused``, within 1e-5).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import Tensor, nn
 
+from seqfuse import _ext
 from seqfuse.ops.beam_topk import EOS_ALLOW, beam_topk, beam_topk_reference
 
 logger = logging.getLogger("seqfuse.hf")
@@ -80,10 +80,6 @@ def _warn(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
         logger.warning("%s%s", FALLBACK_PREFIX, reason)
-
-
-def _disabled() -> bool:
-    return os.environ.get("SEQFUSE_DISABLE", "").strip() not in ("", "0")
 
 
 # ----------------------------------------------------------------- optimize
@@ -119,8 +115,8 @@ def optimize(model, *, fused_layers: bool | None = None):
             f"seqfuse.optimize expects a Hugging Face PreTrainedModel, got {type(model).__name__}"
         )
     if fused_layers is None:
-        fused_layers = os.environ.get("SEQFUSE_FUSED_LAYERS", "0") not in ("", "0")
-    fused_layers = bool(fused_layers) and not _disabled()
+        fused_layers = _ext.env_flag(_ext.FUSED_LAYERS_ENV, False)
+    fused_layers = bool(fused_layers) and not _ext.disabled()
     if fused_layers:
         from integrations import hf_fused
 
@@ -146,8 +142,7 @@ def optimize(model, *, fused_layers: bool | None = None):
         )
         return model
     model.__class__ = _patched_class(base)
-    exact_step = os.environ.get("SEQFUSE_EXACT_STEP", "1") not in ("", "0")
-    if exact_step and not _disabled():
+    if _ext.env_flag(_ext.EXACT_STEP_ENV, True) and not _ext.disabled():
         # (with fused layers the one-call step runs their packed GEMMs)
         from integrations import hf_exact_step
 
@@ -210,8 +205,8 @@ class _SeqfuseGeneration:
         synced_gpus: bool = False,
         **model_kwargs,
     ):
-        reason = None if _disabled() else _unsupported(generation_config, synced_gpus)
-        if _disabled() or reason is not None:
+        reason = None if _ext.disabled() else _unsupported(generation_config, synced_gpus)
+        if _ext.disabled() or reason is not None:
             if reason is not None:
                 _warn(reason)
             return super()._beam_search(
@@ -227,7 +222,7 @@ class _SeqfuseGeneration:
         )
 
     def _sample(self, *args, **kwargs):
-        if not _disabled():
+        if not _ext.disabled():
             _warn("num_beams=1 (greedy search or sampling): seqfuse accelerates beam search")
         return super()._sample(*args, **kwargs)
 

@@ -56,9 +56,23 @@ def cuda_available() -> tuple[bool, str]:
     return True, "ok"
 
 
+# Switches read by both integrations (fairseq plugin, Hugging Face optimize).
+DISABLE_ENV = "SEQFUSE_DISABLE"  # every seqfuse path off (stock behaviour)
+FUSED_LAYERS_ENV = "SEQFUSE_FUSED_LAYERS"  # the fused layers (within 1e-5, opt-in)
+EXACT_STEP_ENV = "SEQFUSE_EXACT_STEP"  # the exact one-call decoder step (on by default)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment switch: unset -> ``default``; empty or "0" -> off."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip() not in ("", "0")
+
+
 def disabled() -> bool:
     """SEQFUSE_DISABLE=1 turns every seqfuse path off (stock behaviour)."""
-    return os.environ.get("SEQFUSE_DISABLE", "0") not in ("", "0")
+    return env_flag(DISABLE_ENV, False)
 
 
 if _C is None:

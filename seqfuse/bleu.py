@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from seqfuse._ext import FUSED_LAYERS_ENV
+
 # "seqfuse-fused": the plugin with SEQFUSE_FUSED_LAYERS=1 (the fused layers:
 # same translations expected, scores within 1e-5 of stock's, not bit for bit).
 PROVIDERS = ("stock", "seqfuse", "seqfuse-fused")
@@ -249,7 +251,7 @@ def translate(
     # unpickle it by default. Set for both runs so they differ only in --user-dir.
     env.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     env["PYTHONUNBUFFERED"] = "1"  # translations stream in for the progress bar
-    env["SEQFUSE_FUSED_LAYERS"] = "1" if provider == "seqfuse-fused" else "0"
+    env[FUSED_LAYERS_ENV] = "1" if provider == "seqfuse-fused" else "0"
     hyps: dict[int, str] = {}
     scores: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="seqfuse-bleu-") as tmp:

@@ -17,6 +17,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from seqfuse._ext import FUSED_LAYERS_ENV
+
 
 def _has_user_dir(argv: Sequence[str]) -> bool:
     return any(a == "--user-dir" or a.startswith("--user-dir=") for a in argv)
@@ -46,19 +48,19 @@ def split_fused_flag(argv: Sequence[str]) -> tuple[list[str], bool]:
 def _run_fairseq(module: str, argv: Sequence[str] | None) -> None:
     argv, fused = split_fused_flag(sys.argv[1:] if argv is None else argv)
     argv = with_user_dir(argv)
-    saved, saved_env = sys.argv, os.environ.get("SEQFUSE_FUSED_LAYERS")
+    saved, saved_env = sys.argv, os.environ.get(FUSED_LAYERS_ENV)
     sys.argv = [saved[0] if saved else module, *argv]
     if fused:
-        os.environ["SEQFUSE_FUSED_LAYERS"] = "1"
+        os.environ[FUSED_LAYERS_ENV] = "1"
     try:
         importlib.import_module(module).cli_main()
     finally:
         sys.argv = saved
         if fused:
             if saved_env is None:
-                os.environ.pop("SEQFUSE_FUSED_LAYERS", None)
+                os.environ.pop(FUSED_LAYERS_ENV, None)
             else:
-                os.environ["SEQFUSE_FUSED_LAYERS"] = saved_env
+                os.environ[FUSED_LAYERS_ENV] = saved_env
 
 
 def generate(argv: Sequence[str] | None = None) -> None:

@@ -208,18 +208,16 @@ def fallback_reason(
 # The fused layers agree with fairseq's to 1e-5 in fp32, not bit for bit, so
 # printed scores can differ in their last digits: they are opt-in. The search
 # (seqfuse's generator) is exact either way and always on.
-FUSED_LAYERS_ENV = "SEQFUSE_FUSED_LAYERS"
-
-
 # The exact decoder step (seqfuse/layers/exact_step.py) is bit-identical to
 # the stock layers, so it is on by default; SEQFUSE_EXACT_STEP=0 turns it off.
-EXACT_STEP_ENV = "SEQFUSE_EXACT_STEP"
+FUSED_LAYERS_ENV = _ext.FUSED_LAYERS_ENV
+EXACT_STEP_ENV = _ext.EXACT_STEP_ENV
 
 
 def _exact_step(model) -> str | None:
     """Give the model's decoder the one-call exact incremental step; returns
     why not (the stock layers then run every step), or None."""
-    if os.environ.get(EXACT_STEP_ENV, "1") in ("", "0"):
+    if not _ext.env_flag(EXACT_STEP_ENV, True):
         return None
     decoder = getattr(model, "decoder", None)
     if decoder is None or getattr(decoder, "_seqfuse_exact_step", False):
@@ -239,7 +237,7 @@ def _fuse_layers(model) -> str | None:
     """
     if getattr(model, "_seqfuse_fused", False):
         return None
-    if model.training or os.environ.get(FUSED_LAYERS_ENV, "0") in ("", "0"):
+    if model.training or not _ext.env_flag(FUSED_LAYERS_ENV, False):
         why = _exact_step(model)
         if why is not None:
             logger.info("seqfuse: exact decoder step not used: %s", why)
