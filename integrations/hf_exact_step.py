@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from seqfuse._patching import mixed_subclass
+from seqfuse.layer_stack import gemm_modules, stack_eps, stack_weights
 from seqfuse.source_shape import shape_of
 
 # Incremental steps run by the one-call path and by the stock layers.
@@ -153,21 +154,9 @@ def problem(model) -> str | None:
 
 def _plan(layers) -> dict:
     first = layers[0]
-    weights, eps = [], []
-    for lay in layers:
-        sa, ea = lay.self_attn, lay.encoder_attn
-        weights += [sa.q_proj.weight, sa.q_proj.bias, sa.k_proj.weight, sa.k_proj.bias]
-        weights += [sa.v_proj.weight, sa.v_proj.bias, sa.out_proj.weight, sa.out_proj.bias]
-        weights += [lay.self_attn_layer_norm.weight, lay.self_attn_layer_norm.bias]
-        weights += [ea.q_proj.weight, ea.q_proj.bias, ea.out_proj.weight, ea.out_proj.bias]
-        weights += [lay.encoder_attn_layer_norm.weight, lay.encoder_attn_layer_norm.bias]
-        weights += [lay.fc1.weight, lay.fc1.bias, lay.fc2.weight, lay.fc2.bias]
-        weights += [lay.final_layer_norm.weight, lay.final_layer_norm.bias]
-        eps += [lay.self_attn_layer_norm.eps, lay.encoder_attn_layer_norm.eps]
-        eps += [lay.final_layer_norm.eps]
     return {
-        "weights": weights,
-        "eps": [float(e) for e in eps],
+        "weights": stack_weights(layers),
+        "eps": stack_eps(layers),
         "heads": first.self_attn.num_heads,
         "scaling": float(first.self_attn.scaling),
         "act": _activation_code(first.activation_fn),
@@ -281,13 +270,7 @@ class _Runner:
 
         if not packed_linear.kernel_takes(x.view(-1, x.size(-1)), layers[0].fc1.weight):
             return []
-        out = []
-        for lay in layers:
-            sa, ea = lay.self_attn, lay.encoder_attn
-            for m in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ea.q_proj, ea.out_proj):
-                out.append(packed_linear.packed(m.weight))
-            out += [packed_linear.packed(lay.fc1.weight), packed_linear.packed(lay.fc2.weight)]
-        return out
+        return [packed_linear.packed(m.weight) for lay in layers for m in gemm_modules(lay)]
 
 
 class ExactLayers(nn.ModuleList):

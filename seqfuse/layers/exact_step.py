@@ -31,10 +31,10 @@ from fairseq import utils
 from fairseq.models.transformer import TransformerDecoderBase
 from fairseq.modules import MultiheadAttention
 from fairseq.modules.transformer_layer import TransformerDecoderLayer, TransformerDecoderLayerBase
-from torch import Tensor
 
 from seqfuse import _ext
 from seqfuse._patching import mixed_subclass, reorder_incremental_state
+from seqfuse.layer_stack import stack_eps, stack_weights
 from seqfuse.source_shape import shape_of
 
 _LAYER_TYPES = (TransformerDecoderLayerBase, TransformerDecoderLayer)
@@ -80,30 +80,6 @@ def _activation_code(fn) -> int | None:
         if fn is utils.get_activation_fn(name):
             return code
     return None
-
-
-def _weights(layer) -> list[Tensor]:
-    """A layer's 22 tensors in the order decoder_stack_step reads them."""
-    sa, ea = layer.self_attn, layer.encoder_attn
-    out = [
-        sa.q_proj.weight,
-        sa.q_proj.bias,
-        sa.k_proj.weight,
-        sa.k_proj.bias,
-        sa.v_proj.weight,
-        sa.v_proj.bias,
-        sa.out_proj.weight,
-        sa.out_proj.bias,
-        layer.self_attn_layer_norm.weight,
-        layer.self_attn_layer_norm.bias,
-    ]
-    ln = layer.encoder_attn_layer_norm  # exact_step_problem: always present
-    out += [ea.q_proj.weight, ea.q_proj.bias, ea.out_proj.weight, ea.out_proj.bias]
-    out += [ln.weight, ln.bias]
-    fl = layer.final_layer_norm
-    out += [layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias]
-    out += [fl.weight, fl.bias]
-    return out
 
 
 def _mha_problem(mha, where: str, cross: bool) -> str | None:
@@ -212,19 +188,11 @@ class ExactStepDecoder(TransformerDecoderBase):
         if plan is None:
             layers = list(self.layers)
             first = layers[0]
-            eps = []
-            for lay in layers:
-                norms = (
-                    lay.self_attn_layer_norm,
-                    lay.encoder_attn_layer_norm,
-                    lay.final_layer_norm,
-                )
-                eps += [ln.eps for ln in norms]
             plan = {
-                "weights": [w for lay in layers for w in _weights(lay)],
+                "weights": stack_weights(layers),
                 "self": [lay.self_attn for lay in layers],
                 "cross": [lay.encoder_attn for lay in layers],
-                "eps": [float(e) for e in eps],
+                "eps": stack_eps(layers),
                 "heads": first.self_attn.num_heads,
                 "scaling": float(first.self_attn.scaling),
                 "act": _activation_code(first.activation_fn),
@@ -278,9 +246,9 @@ class ExactStepDecoder(TransformerDecoderBase):
         if len(encoder_out["encoder_out"]) == 0:
             return None
         plan = self._exact_plan()
+        self_bufs = [mha._get_input_buffer(incremental_state) for mha in plan["self"]]
         self_k, self_v, cross_k, cross_v, cross_pad = [], [], [], [], []
-        for mha in plan["self"]:
-            buf = mha._get_input_buffer(incremental_state)
+        for buf in self_bufs:
             k = buf.get("prev_key")
             if k is None or buf.get("prev_key_padding_mask") is not None:
                 return None
@@ -333,10 +301,9 @@ class ExactStepDecoder(TransformerDecoderBase):
             plan["pre_norm"],
             alignment_layer,
         )
-        for mha, k, v in zip(plan["self"], new_k, new_v):
-            buf = mha._get_input_buffer(incremental_state)
+        for buf, k, v in zip(self_bufs, new_k, new_v):  # the dicts held in incremental_state
             buf["prev_key"] = k
-            buf["prev_value"] = v  # the dictionary held in incremental_state
+            buf["prev_value"] = v
         if attn is not None:
             if alignment_heads is not None:
                 attn = attn[:alignment_heads]
