@@ -35,6 +35,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayer, Transform
 from seqfuse import _ext
 from seqfuse._patching import mixed_subclass, reorder_incremental_state
 from seqfuse.layer_stack import stack_eps, stack_weights
+from seqfuse.layers.fairseq import base_mha_problem, decoder_options_problem, ffn_problem
 from seqfuse.source_shape import shape_of
 
 _LAYER_TYPES = (TransformerDecoderLayerBase, TransformerDecoderLayer)
@@ -83,21 +84,15 @@ def _activation_code(fn) -> int | None:
 
 
 def _mha_problem(mha, where: str, cross: bool) -> str | None:
-    if type(mha) is not MultiheadAttention:
-        return f"{where}: attention class {type(mha).__name__}"
-    if mha.bias_k is not None or mha.add_zero_attn:
-        return f"{where}: add_bias_kv / add_zero_attn"
-    if getattr(mha, "skip_embed_dim_check", False) or mha.onnx_trace:
-        return f"{where}: skip_embed_dim_check / onnx_trace"
+    why = base_mha_problem(mha, where)
+    if why is not None:
+        return why
+    if mha.onnx_trace:
+        return f"{where}: onnx_trace"
     if mha.self_attention == cross or mha.encoder_decoder_attention != cross:
         return f"{where}: unexpected attention kind"
     if mha.head_dim * mha.num_heads != mha.embed_dim:
         return f"{where}: heads do not split the embedding"
-    for p in (mha.q_proj, mha.k_proj, mha.v_proj, mha.out_proj):
-        if type(p) is not torch.nn.Linear or p.bias is None:
-            return f"{where}: projections must be biased nn.Linear"
-    if getattr(mha.dropout_module, "apply_during_inference", False):
-        return f"{where}: dropout applied during inference"
     if type(mha).apply_sparse_mask is not MultiheadAttention.apply_sparse_mask:
         return f"{where}: sparse mask"
     return None
@@ -131,21 +126,13 @@ def exact_step_problem(decoder) -> str | None:
         where = f"decoder layer {i}"
         if type(layer) not in _LAYER_TYPES or type(layer).forward is not _LAYER_TYPES[0].forward:
             return f"{where}: class {type(layer).__name__}"
-        if layer.cross_self_attention or layer.onnx_trace:
-            return f"{where}: cross-self attention / onnx_trace"
-        if layer.c_attn is not None or layer.attn_ln is not None:
-            return f"{where}: scale_heads / scale_attn"
-        if layer.ffn_layernorm is not None or layer.w_resid is not None:
-            return f"{where}: scale_fc / scale_resids"
+        why = decoder_options_problem(layer, where) or ffn_problem(layer, where)
+        if why is not None:
+            return why
+        if layer.onnx_trace:
+            return f"{where}: onnx_trace"
         if _activation_code(layer.activation_fn) is None:
             return f"{where}: activation"
-        for d in (layer.dropout_module, layer.activation_dropout_module):
-            if getattr(d, "apply_during_inference", False):
-                return f"{where}: dropout applied during inference"
-        if type(layer.fc1) is not torch.nn.Linear or type(layer.fc2) is not torch.nn.Linear:
-            return f"{where}: FFN projections are not nn.Linear"
-        if layer.fc1.bias is None or layer.fc2.bias is None:
-            return f"{where}: FFN projections without bias"
         norms = [layer.self_attn_layer_norm, layer.final_layer_norm]
         if layer.encoder_attn is not None:
             norms.append(layer.encoder_attn_layer_norm)

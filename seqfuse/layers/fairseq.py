@@ -47,24 +47,55 @@ _ENCODER_LAYER_TYPES = (TransformerEncoderLayerBase, TransformerEncoderLayer)
 _DECODER_LAYER_TYPES = (TransformerDecoderLayerBase, TransformerDecoderLayer)
 
 
-def _mha_problem(mha, embed_dim: int, what: str) -> str | None:
-    if mha.bias_k is not None or mha.add_zero_attn:
-        return f"{what}: add_bias_kv / add_zero_attn"
-    if getattr(mha, "use_xformers", False):
-        return f"{what}: xformers attention config"
-    if getattr(mha, "skip_embed_dim_check", False):
-        return f"{what}: skip_embed_dim_check"
+def base_mha_problem(mha, what: str) -> str | None:
+    """What in a MultiheadAttention neither the fused layers nor the exact
+    one-call step (seqfuse.layers.exact_step) reproduce, or None."""
     if type(mha) is not MultiheadAttention:
         return f"{what}: custom attention class {type(mha).__name__}"
-    if mha.head_dim * mha.num_heads != embed_dim or mha.head_dim > MAX_HEAD_DIM:
-        return f"{what}: unsupported head size {mha.head_dim} (max {MAX_HEAD_DIM})"
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return f"{what}: add_bias_kv / add_zero_attn"
+    if getattr(mha, "skip_embed_dim_check", False):
+        return f"{what}: skip_embed_dim_check"
     for p in (mha.q_proj, mha.k_proj, mha.v_proj, mha.out_proj):
-        if not isinstance(p, torch.nn.Linear) or p.bias is None:
+        if type(p) is not torch.nn.Linear or p.bias is None:
             return f"{what}: projections must be biased nn.Linear (quant noise?)"
-    if mha.k_proj.in_features != mha.v_proj.in_features:
-        return f"{what}: kdim != vdim"
     if getattr(mha.dropout_module, "apply_during_inference", False):
         return f"{what}: dropout applied during inference"
+    return None
+
+
+def decoder_options_problem(layer, where: str) -> str | None:
+    """Decoder-layer options neither the fused layers nor the exact step reproduce."""
+    if layer.cross_self_attention:
+        return f"{where}: cross-self attention"
+    if layer.attn_ln is not None or layer.c_attn is not None:
+        return f"{where}: scale_heads / scale_attn"
+    if layer.ffn_layernorm is not None or layer.w_resid is not None:
+        return f"{where}: scale_fc / scale_resids"
+    return None
+
+
+def ffn_problem(layer, where: str) -> str | None:
+    """The FFN (and dropout) of an encoder or decoder layer, as both paths need it."""
+    for d in (layer.dropout_module, layer.activation_dropout_module):
+        if getattr(d, "apply_during_inference", False):
+            return f"{where}: dropout applied during inference"
+    for fc in (layer.fc1, layer.fc2):
+        if type(fc) is not torch.nn.Linear or fc.bias is None:
+            return f"{where}: FFN projections must be biased nn.Linear"
+    return None
+
+
+def _mha_problem(mha, embed_dim: int, what: str) -> str | None:
+    why = base_mha_problem(mha, what)
+    if why is not None:
+        return why
+    if getattr(mha, "use_xformers", False):
+        return f"{what}: xformers attention config"
+    if mha.head_dim * mha.num_heads != embed_dim or mha.head_dim > MAX_HEAD_DIM:
+        return f"{what}: unsupported head size {mha.head_dim} (max {MAX_HEAD_DIM})"
+    if mha.k_proj.in_features != mha.v_proj.in_features:
+        return f"{what}: kdim != vdim"
     return None
 
 
@@ -78,23 +109,16 @@ def _layer_problem(layer, i: int, kind: str) -> str | None:
     else:
         if type(layer) not in _DECODER_LAYER_TYPES:
             return f"{where}: unsupported class {type(layer).__name__}"
-        if layer.cross_self_attention:
-            return f"{where}: cross-self attention"
-        if layer.attn_ln is not None or layer.c_attn is not None:
-            return f"{where}: scale_attn / scale_heads"
-        if layer.ffn_layernorm is not None or layer.w_resid is not None:
-            return f"{where}: scale_fc / scale_resids"
+        why = decoder_options_problem(layer, where)
+        if why is not None:
+            return why
     if layer.quant_noise and layer.quant_noise > 0:
         return f"{where}: quant noise"
     if activation_name(layer.activation_fn) is None:
         return f"{where}: unsupported activation"
-    for d in (layer.dropout_module, layer.activation_dropout_module):
-        if getattr(d, "apply_during_inference", False):
-            return f"{where}: dropout applied during inference"
-    for fc in (layer.fc1, layer.fc2):
-        if type(fc) is not torch.nn.Linear or fc.bias is None:
-            return f"{where}: FFN projections must be biased nn.Linear"
-    why = _mha_problem(layer.self_attn, layer.embed_dim, f"{where} self-attention")
+    why = ffn_problem(layer, where) or _mha_problem(
+        layer.self_attn, layer.embed_dim, f"{where} self-attention"
+    )
     if why is None and kind == "decoder" and layer.encoder_attn is not None:
         why = _mha_problem(layer.encoder_attn, layer.embed_dim, f"{where} encoder attention")
     return why
