@@ -67,6 +67,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& key_pad,
                                                  int64_t heads, double scaling, int64_t q_per_kv,
                                                  int64_t causal_offset, bool need_weights);
+// y = x W^T + b with W packed by pack_linear_weight (float32; csrc/cpu/linear_cpu.cc).
+at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
+                             const std::optional<at::Tensor>& bias, int64_t n);
 at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, double scale,
                          const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode,
                          int64_t fixed_pos, bool zero_pads);

@@ -60,8 +60,10 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
   return padded.view({panels, kPanel, K}).transpose(1, 2).contiguous();
 }
 
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed,
-                         const std::optional<at::Tensor>& bias, int64_t n) {
+}  // namespace
+
+at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
+                             const std::optional<at::Tensor>& bias, int64_t n) {
   TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
               at::get_cpu_capability(), " (needs AVX2 or AVX512)");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
@@ -90,7 +92,6 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed,
   return y;
 }
 
-}  // namespace
 }  // namespace seqfuse
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
@@ -102,7 +103,7 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
 
 TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("pack_linear_weight", &seqfuse::pack_linear_weight);
-  m.impl("linear_packed", &seqfuse::linear_packed);
+  m.impl("linear_packed", &seqfuse::linear_packed_cpu);
 }
 
 TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {

@@ -30,6 +30,8 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from seqfuse._patching import reorder_incremental_state
+from seqfuse.layers.fused_step import STATS as FUSED_STEP_STATS
+from seqfuse.layers.fused_step import one_call_step
 from seqfuse.layers.kv_cache import ROWS_PER_SOURCE
 from seqfuse.layers.transformer import (
     MAX_HEAD_DIM,
@@ -303,22 +305,34 @@ class FusedTransformerDecoder(TransformerDecoderBase):
 
         attn = None
         inner_states = [x]
-        causal = incremental_state is None
-        for idx, layer in enumerate(self.layers):
-            align = idx == alignment_layer
-            x, layer_attn, _ = layer.fused_forward(
-                x,
-                enc,
-                padding_mask,
-                incremental_state,
-                causal,
-                self_attn_padding_mask,
-                align,
-                align,
+        one_call = None
+        if incremental_state is not None and enc is not None:
+            one_call = one_call_step(
+                self, x, incremental_state, self_attn_padding_mask, alignment_layer
             )
-            inner_states.append(x)
-            if layer_attn is not None and align:
+            FUSED_STEP_STATS["one_call" if one_call is not None else "layers"] += 1
+        if one_call is not None:
+            x, layer_attn, layer_outputs = one_call
+            inner_states += layer_outputs
+            if layer_attn is not None:
                 attn = layer_attn.float().to(x)
+        else:
+            causal = incremental_state is None
+            for idx, layer in enumerate(self.layers):
+                align = idx == alignment_layer
+                x, layer_attn, _ = layer.fused_forward(
+                    x,
+                    enc,
+                    padding_mask,
+                    incremental_state,
+                    causal,
+                    self_attn_padding_mask,
+                    align,
+                    align,
+                )
+                inner_states.append(x)
+                if layer_attn is not None and align:
+                    attn = layer_attn.float().to(x)
         if attn is not None:
             if alignment_heads is not None:
                 attn = attn[:alignment_heads]

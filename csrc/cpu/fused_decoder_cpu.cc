@@ -1,0 +1,195 @@
+// seqfuse::fused_decoder_step (CPU, float32): one incremental decoder step of
+// seqfuse's fused layers (seqfuse/layers/transformer.py,
+// FusedTransformerDecoderLayer.fused_forward) for every layer in one call.
+//
+// It runs the same kernels as the Python layer code, on the same tensors, in
+// the same order (packed-weight GEMMs, the attention core over the
+// preallocated caches, add + layernorm, bias + activation), so its output is
+// bit-identical to the layer-by-layer path (tested); what it removes is the
+// Python and dispatcher work between the ops, which dominates small-batch
+// steps. The caller (seqfuse/layers/fused_step.py) keeps the cache
+// bookkeeping (growth, repack, reorder) in Python and passes the buffers;
+// this call writes the step's K/V, parent-table column and key padding into
+// slot `slot` of each layer's self-attention cache.
+#include <cstring>
+#include <vector>
+
+#include "layer_ops.h"
+
+namespace seqfuse {
+namespace {
+
+// Per-layer parameter list (seqfuse/layers/fused_step.py builds it).
+enum Slot : int64_t {
+  kQkvPack,
+  kQkvBias,
+  kSelfOutPack,
+  kSelfOutBias,
+  kSelfLnW,
+  kSelfLnB,
+  kCrossQPack,
+  kCrossQBias,
+  kCrossOutPack,
+  kCrossOutBias,
+  kCrossLnW,
+  kCrossLnB,
+  kFc1Pack,
+  kFc1Bias,
+  kFc2Pack,
+  kFc2Bias,
+  kFinalLnW,
+  kFinalLnB,
+  kPerLayer
+};
+// Per-layer doubles: eps of the three norms, self and cross scaling.
+enum Num : int64_t { kSelfEps, kCrossEps, kFinalEps, kSelfScaling, kCrossScaling, kNumsPerLayer };
+
+void check_f32(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(
+      t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+      "fused_decoder_step: ", what, " must be a contiguous float32 CPU tensor");
+}
+
+// One layer's self-attention cache: write the step's K/V (columns [C, 3C) of
+// qkv), parent-table column and key padding at `slot`.
+void write_self_slot(const at::Tensor& qkv, const at::Tensor& kv, const at::Tensor& rows,
+                     const at::Tensor& pad, int64_t slot, const uint8_t* pad_new) {
+  const int64_t n = qkv.size(0), c3 = qkv.size(1), c = c3 / 3;
+  const int64_t slots = kv.size(0), phys = kv.size(1);
+  TORCH_CHECK(kv.dim() == 3 && kv.size(2) == 2 * c && slot < slots && n <= phys,
+              "fused_decoder_step: self cache ", kv.sizes(), " cannot take slot ", slot, " of ", n,
+              " rows");
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) >= n && rows.size(1) == slots &&
+                  rows.scalar_type() == at::kLong && rows.is_contiguous(),
+              "fused_decoder_step: parent table must be int64 [>=", n, ", ", slots, "]");
+  TORCH_CHECK(pad.dim() == 2 && pad.size(0) == slots && pad.size(1) == phys &&
+                  pad.scalar_type() == at::kBool && pad.is_contiguous(),
+              "fused_decoder_step: key padding must be bool [", slots, ", ", phys, "]");
+  const float* src = qkv.data_ptr<float>();
+  float* dst = kv.data_ptr<float>() + slot * phys * 2 * c;
+  int64_t* table = rows.data_ptr<int64_t>();
+  bool* p = pad.data_ptr<bool>() + slot * phys;
+  for (int64_t r = 0; r < n; ++r) {
+    std::memcpy(dst + r * 2 * c, src + r * c3 + c, sizeof(float) * 2 * c);
+    table[r * slots + slot] = r;
+    p[r] = pad_new != nullptr && pad_new[r] != 0;
+  }
+}
+
+}  // namespace
+
+// x: [n, C] (the embedded step, one token per row). Returns (each layer's
+// output [n, C], the alignment layer's cross-attention weights per head
+// [heads, n, 1, S], or an undefined tensor when align_layer is no layer).
+std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
+    const at::Tensor& x_in, at::TensorList params, at::ArrayRef<double> nums,
+    at::TensorList self_kv, at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
+    const std::optional<at::Tensor>& pad_new, at::TensorList cross_kv, at::TensorList cross_map,
+    const c10::List<std::optional<at::Tensor>>& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
+    bool normalize_before, int64_t act, int64_t align_layer) {
+  const int64_t layers = static_cast<int64_t>(self_kv.size());
+  TORCH_CHECK(layers > 0, "fused_decoder_step: no layers");
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == layers * kPerLayer &&
+                  static_cast<int64_t>(nums.size()) == layers * kNumsPerLayer &&
+                  static_cast<int64_t>(self_rows.size()) == layers &&
+                  static_cast<int64_t>(self_pad.size()) == layers &&
+                  static_cast<int64_t>(cross_kv.size()) == layers &&
+                  static_cast<int64_t>(cross_map.size()) == layers &&
+                  static_cast<int64_t>(cross_pad.size()) == layers &&
+                  static_cast<int64_t>(heads.size()) == layers,
+              "fused_decoder_step: per-layer lists of the wrong length");
+  check_f32(x_in, "x");
+  TORCH_CHECK(x_in.dim() == 2, "fused_decoder_step: x must be [rows, channels]");
+  const int64_t n = x_in.size(0), c = x_in.size(1);
+  TORCH_CHECK(slot >= 0, "fused_decoder_step: negative slot");
+  const uint8_t* pn = nullptr;
+  if (pad_new.has_value()) {
+    TORCH_CHECK(
+        pad_new->scalar_type() == at::kBool && pad_new->is_contiguous() && pad_new->numel() == n,
+        "fused_decoder_step: step padding must be a contiguous bool [", n, "]");
+    pn = reinterpret_cast<const uint8_t*>(pad_new->data_ptr<bool>());
+  }
+  for (const at::Tensor& t : params) check_f32(t, "a layer parameter");
+
+  at::Tensor x = x_in;
+  at::Tensor align;
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = params.data() + l * kPerLayer;
+    const double* num = nums.data() + l * kNumsPerLayer;
+    const int64_t h = heads[l];
+    const int64_t ffn = w[kFc1Bias].size(0);
+
+    // Self-attention over the cache (pre-norm: normalise x first).
+    at::Tensor hin = x;
+    if (normalize_before) {
+      hin = std::get<1>(add_layernorm_cpu(x, std::nullopt, std::nullopt, w[kSelfLnW], w[kSelfLnB],
+                                          num[kSelfEps], false));
+    }
+    at::Tensor qkv = linear_packed_cpu(hin, w[kQkvPack], w[kQkvBias], 3 * c);  // [n, 3C]
+    write_self_slot(qkv, self_kv[l], self_rows[l], self_pad[l], slot, pn);
+    const at::Tensor kv = self_kv[l].narrow(0, 0, slot + 1);
+    at::Tensor a = std::get<0>(
+        attention_cpu(qkv.view({1, n, 3 * c}).narrow(2, 0, c), kv.narrow(2, 0, c),
+                      kv.narrow(2, c, c), self_rows[l].narrow(0, 0, n),
+                      self_pad[l].narrow(0, 0, slot + 1).t(), h, num[kSelfScaling], 1, -1, false));
+    at::Tensor o = linear_packed_cpu(a.view({n, c}), w[kSelfOutPack], std::nullopt, c);
+    at::Tensor normed;
+    if (normalize_before) {
+      std::tie(x, normed) = add_layernorm_cpu(o, w[kSelfOutBias], x, w[kCrossLnW], w[kCrossLnB],
+                                              num[kCrossEps], true);
+    } else {
+      normed = std::get<1>(
+          add_layernorm_cpu(o, w[kSelfOutBias], x, w[kSelfLnW], w[kSelfLnB], num[kSelfEps], false));
+      x = normed;
+    }
+
+    // Cross-attention over the encoder K/V (one set per source sentence).
+    const at::Tensor& ckv = cross_kv[l];
+    TORCH_CHECK(ckv.dim() == 3 && ckv.size(2) == 2 * c && ckv.scalar_type() == at::kFloat,
+                "fused_decoder_step: encoder K/V must be float32 [S, sentences, ", 2 * c, "]");
+    at::Tensor q = linear_packed_cpu(normed, w[kCrossQPack], w[kCrossQBias], c);
+    const bool want_weights = l == align_layer;
+    at::Tensor cw;
+    std::tie(a, cw) =
+        attention_cpu(q.view({1, n, c}), ckv.narrow(2, 0, c), ckv.narrow(2, c, c), cross_map[l],
+                      cross_pad.get(l), h, num[kCrossScaling], q_per_kv, -1, want_weights);
+    if (want_weights) align = cw;
+    o = linear_packed_cpu(a.view({n, c}), w[kCrossOutPack], std::nullopt, c);
+    if (normalize_before) {
+      std::tie(x, normed) = add_layernorm_cpu(o, w[kCrossOutBias], x, w[kFinalLnW], w[kFinalLnB],
+                                              num[kFinalEps], true);
+    } else {
+      normed = std::get<1>(add_layernorm_cpu(o, w[kCrossOutBias], x, w[kCrossLnW], w[kCrossLnB],
+                                             num[kCrossEps], false));
+      x = normed;
+    }
+
+    // Feed-forward.
+    at::Tensor f = linear_packed_cpu(normed, w[kFc1Pack], std::nullopt, ffn);
+    bias_act_cpu(f, w[kFc1Bias], act);
+    o = linear_packed_cpu(f, w[kFc2Pack], std::nullopt, c);
+    if (normalize_before) {
+      x = std::get<0>(add_layernorm_cpu(o, w[kFc2Bias], x, std::nullopt, std::nullopt, 1e-5, true));
+    } else {
+      x = std::get<1>(
+          add_layernorm_cpu(o, w[kFc2Bias], x, w[kFinalLnW], w[kFinalLnB], num[kFinalEps], false));
+    }
+    outputs.push_back(x);
+  }
+  return {outputs, align};
+}
+
+}  // namespace seqfuse
+
+TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
+  // Contract: seqfuse/layers/fused_step.py.
+  m.def(
+      "fused_decoder_step(Tensor x, Tensor[] params, float[] nums, Tensor[] self_kv, "
+      "Tensor[] self_rows, Tensor[] self_pad, int slot, Tensor? pad_new, Tensor[] cross_kv, "
+      "Tensor[] cross_map, Tensor?[] cross_pad, int q_per_kv, int[] heads, bool normalize_before, "
+      "int act, int align_layer) -> (Tensor[], Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) { m.impl("fused_decoder_step", &seqfuse::fused_decoder_step); }

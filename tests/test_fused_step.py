@@ -1,0 +1,207 @@
+"""The fused one-call decoder step against the fused layers run one by one.
+
+The one-call step runs the layer path's kernels on the same tensors in the
+same order, so every comparison with that path is bit for bit (torch.equal);
+the fused layers' own agreement with stock fairseq is tested in test_layers,
+and here once more end to end against stock's generator.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from fairseq.sequence_generator import SequenceGenerator as StockGenerator
+from generation_utils import (
+    compare_hypotheses,
+    load_multi30k,
+    random_sample,
+    random_transformer,
+)
+
+from seqfuse import _ext
+from seqfuse.generation import SequenceGenerator
+from seqfuse.layers import fused_step
+from seqfuse.layers.fairseq import optimize_fairseq_model
+from seqfuse.ops.linear import kernel_takes
+
+pytestmark = pytest.mark.skipif(
+    _ext._C is None or not kernel_takes(torch.zeros(1, 8), torch.zeros(8, 8)),
+    reason="seqfuse._C or its packed GEMM kernel not available",
+)
+
+
+def fused(model):
+    model = copy.deepcopy(model)
+    ok, why = optimize_fairseq_model(model)
+    assert ok, why
+    return model
+
+
+def generate(model, d, sample, **kw):
+    gen = SequenceGenerator([model], d, **kw)
+    with torch.no_grad():
+        return gen.generate([model], sample)
+
+
+def assert_same_hypos(a, b, context=""):
+    for i, (ha, hb) in enumerate(zip(a, b)):
+        assert len(ha) == len(hb), context
+        for j, (x, y) in enumerate(zip(ha, hb)):
+            where = f"{context} sentence {i} hypothesis {j}"
+            for key in ("tokens", "score", "positional_scores", "attention"):
+                assert torch.equal(x[key], y[key]), f"{where}: {key}"
+
+
+def both_paths(monkeypatch, fn):
+    """(fn() over the layers, fn() over the one-call step, one-call steps taken)."""
+    monkeypatch.setenv(fused_step.FUSED_STEP_ENV, "0")
+    layers = fn()
+    monkeypatch.delenv(fused_step.FUSED_STEP_ENV)
+    before = fused_step.STATS["one_call"]
+    one_call = fn()
+    return layers, one_call, fused_step.STATS["one_call"] - before
+
+
+VARIANTS = {
+    "post-norm relu": {},
+    "pre-norm": dict(decoder_normalize_before=True, encoder_normalize_before=True),
+    "gelu": dict(activation_fn="gelu"),
+    "learned positions": dict(decoder_learned_pos=True, encoder_learned_pos=True),
+    "layernorm_embedding, no embed scale": dict(layernorm_embedding=True, no_scale_embedding=True),
+    "3 layers, 8 heads, dim 64": dict(layers=3, dim=64, heads=8),
+    "1 head": dict(heads=1),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("beam", [1, 5])
+def test_generate_bit_identical_to_layers(monkeypatch, variant, beam):
+    """Whole searches (reorders, finished sentences shrinking the batch, cache
+    growth past the initial slots): the one-call step is bit-identical to the
+    layer path, and the search agrees with stock fairseq's."""
+    model, d = random_transformer(60, len(variant) + beam, perturb=True, **VARIANTS[variant])
+    fast = fused(model)
+    sample = random_sample(d, bsz=6, seed=beam)
+    kw = dict(beam_size=beam, max_len_b=20)
+    layers, one_call, taken = both_paths(monkeypatch, lambda: generate(fast, d, sample, **kw))
+    assert taken > 0
+    assert_same_hypos(layers, one_call, variant)
+    with torch.no_grad():
+        stock = StockGenerator([model], d, **kw).generate([model], sample)
+    compare_hypotheses(stock, one_call, variant)
+
+
+def _decoder_steps(decoder, enc, tokens, orders):
+    """The decoder run incrementally over ``tokens``; before step t the caches
+    (and the encoder output) are reordered by ``orders[t]`` when given."""
+    state: dict = {}
+    outs = []
+    with torch.no_grad():
+        for t in range(1, tokens.size(1) + 1):
+            order = orders.get(t)
+            if order is not None:
+                decoder.reorder_incremental_state_scripting(state, order)
+                tokens = tokens.index_select(0, order)
+                enc = {
+                    "encoder_out": [enc["encoder_out"][0].index_select(1, order)],
+                    "encoder_padding_mask": [enc["encoder_padding_mask"][0].index_select(0, order)],
+                }
+            x, extra = decoder(tokens[:, :t], encoder_out=enc, incremental_state=state)
+            outs.append((x, extra["attn"][0], extra["inner_states"]))
+    return outs
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_decoder_steps_reorders_padding_growth(monkeypatch, pre_norm):
+    """Decoder level, step by step: logits, alignment attention and every
+    inner state, through beam reorders, a batch that shrinks, a padding
+    token (written into the cache's key padding) and cache growth."""
+    over = dict(decoder_normalize_before=pre_norm, encoder_normalize_before=pre_norm)
+    model, d = random_transformer(60, 7, layers=3, perturb=True, **over)
+    fast = fused(model)
+    fast.decoder.set_beam_size(4)
+    sample = random_sample(d, bsz=3, seed=2)
+    with torch.no_grad():
+        enc = fast.encoder(**sample["net_input"])
+        enc = fast.encoder.reorder_encoder_out(enc, torch.arange(3).repeat_interleave(4))
+    tokens = torch.randint(4, len(d), (12, 14), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = d.eos()
+    tokens[5, 6] = d.pad()
+    orders = {
+        3: torch.tensor([1, 1, 0, 2, 4, 4, 7, 5, 8, 8, 8, 9]),  # reorder within sentences
+        5: torch.tensor([4, 5, 6, 7, 8, 9, 10, 11]),  # sentence 0 finished: shrink
+        9: torch.tensor([3, 2, 1, 0, 4, 4, 4, 4]),
+    }
+    layers, one_call, taken = both_paths(
+        monkeypatch, lambda: _decoder_steps(fast.decoder, enc, tokens, orders)
+    )
+    assert taken == tokens.size(1) - 1  # all but the first step
+    for t, ((x0, a0, s0), (x1, a1, s1)) in enumerate(zip(layers, one_call)):
+        assert torch.equal(x0, x1), f"logits, step {t}"
+        assert torch.equal(a0, a1), f"attention, step {t}"
+        assert len(s0) == len(s1)
+        for i, (u, v) in enumerate(zip(s0, s1)):
+            assert torch.equal(u, v), f"inner state {i}, step {t}"
+
+
+def test_alignment_heads_and_layer(monkeypatch):
+    """A chosen alignment layer and head count reach the one-call step."""
+    model, d = random_transformer(60, 3, layers=3, perturb=True)
+    fast = fused(model)
+    sample = random_sample(d, bsz=2, seed=1)
+    with torch.no_grad():
+        enc = fast.encoder(**sample["net_input"])
+    tokens = torch.randint(4, len(d), (2, 5), generator=torch.Generator().manual_seed(3))
+
+    def run():
+        state: dict = {}
+        out = []
+        with torch.no_grad():
+            for t in range(1, 6):
+                x, extra = fast.decoder(
+                    tokens[:, :t],
+                    encoder_out=enc,
+                    incremental_state=state,
+                    alignment_layer=1,
+                    alignment_heads=2,
+                )
+                out.append(extra["attn"][0])
+        return out
+
+    layers, one_call, taken = both_paths(monkeypatch, run)
+    assert taken == 4
+    for a0, a1 in zip(layers, one_call):
+        assert torch.equal(a0, a1)
+
+
+def test_not_taken_without_float32_or_when_off(monkeypatch):
+    model, d = random_transformer(60, 1)
+    sample = random_sample(d, bsz=2, seed=0)
+    kw = dict(beam_size=2, max_len_b=6)
+    before = dict(fused_step.STATS)
+    generate(fused(model).to(torch.bfloat16), d, sample, **kw)
+    assert fused_step.STATS["one_call"] == before["one_call"]
+    assert fused_step.STATS["layers"] > before["layers"]
+    monkeypatch.setenv(fused_step.FUSED_STEP_ENV, "0")
+    before = dict(fused_step.STATS)
+    generate(fused(model), d, sample, **kw)
+    assert fused_step.STATS["one_call"] == before["one_call"]
+    assert "SEQFUSE_FUSED_STEP=0" in fused_step.step_plan(
+        fused(model).decoder, torch.zeros(1, 2, 32)
+    )
+
+
+def test_multi30k_bit_identical_to_layers(monkeypatch):
+    """The real model, beam 5, a batch of 16 test sentences."""
+    model, task = load_multi30k()
+    fast = fused(model)
+    ds = task.dataset("test")
+    sample = ds.collater([ds[i] for i in range(16)])
+    d = task.target_dictionary
+    layers, one_call, taken = both_paths(
+        monkeypatch, lambda: generate(fast, d, sample, beam_size=5, max_len_b=200)
+    )
+    assert taken > 0
+    assert_same_hypos(layers, one_call, "multi30k")
