@@ -205,3 +205,25 @@ def test_multi30k_bit_identical_to_layers(monkeypatch):
     )
     assert taken > 0
     assert_same_hypos(layers, one_call, "multi30k")
+
+
+def test_plan_follows_weight_changes(monkeypatch):
+    """The plan (weight packs) is reused across generations and rebuilt after
+    an in-place weight update: the one-call step then matches the layers on
+    the new weights."""
+    model, d = random_transformer(60, 4, perturb=True)
+    fast = fused(model)
+    sample = random_sample(d, bsz=3, seed=2)
+    kw = dict(beam_size=3, max_len_b=10)
+    generate(fast, d, sample, **kw)
+    plan = fast.decoder.__dict__["_seqfuse_fused_step_plan"]
+    generate(fast, d, sample, **kw)
+    assert fast.decoder.__dict__["_seqfuse_fused_step_plan"] is plan
+    with torch.no_grad():
+        for layer in fast.decoder.layers:
+            layer.fc1.weight.mul_(1.5)
+            layer.self_attn.k_proj.weight.add_(0.05)
+    layers, one_call, taken = both_paths(monkeypatch, lambda: generate(fast, d, sample, **kw))
+    assert taken > 0
+    assert fast.decoder.__dict__["_seqfuse_fused_step_plan"] is not plan
+    assert_same_hypos(layers, one_call, "after an in-place update")

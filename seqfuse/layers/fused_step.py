@@ -37,8 +37,25 @@ FUSED_STEP_ENV = "SEQFUSE_FUSED_STEP"
 # Incremental steps taken by the one-call path ("one_call") and by the layers
 # ("layers") of fused decoders: tests and benchmarks read them.
 STATS = {"one_call": 0, "layers": 0}
-# incremental_state key of the step's plan (built once per generation).
+# incremental_state key of the step's plan (looked up once per generation).
 PLAN_KEY = "seqfuse.fused_step_plan"
+
+
+def cached_plan(decoder, x: Tensor) -> dict | str:
+    """:func:`step_plan`, reused while the layers' parameters (storage and
+    version counter), the step's dtype and device are unchanged."""
+    if not _ext.env_flag(FUSED_STEP_ENV, True):
+        return f"{FUSED_STEP_ENV}=0"
+    params = tuple(
+        (p.data_ptr(), -1 if p.is_inference() else p._version) for p in decoder.layers.parameters()
+    )
+    key = (x.dtype, x.device, params)
+    hit = decoder.__dict__.get("_seqfuse_fused_step_plan")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    plan = step_plan(decoder, x)
+    decoder.__dict__["_seqfuse_fused_step_plan"] = (key, plan)
+    return plan
 
 
 def step_plan(decoder, x: Tensor) -> dict | str:
@@ -112,7 +129,7 @@ def one_call_step(decoder, x: Tensor, incremental_state, step_pad: Tensor, align
         return None  # the first step: the layers build the caches
     plan = incremental_state.get(PLAN_KEY)
     if plan is None:
-        plan = step_plan(decoder, x)
+        plan = cached_plan(decoder, x)
         incremental_state[PLAN_KEY] = plan
     if isinstance(plan, str):
         return None
