@@ -1,0 +1,233 @@
+"""fairseq's own command lines, stock vs with the seqfuse plugin, side by side.
+
+Runs ``fairseq-generate`` (the Multi30k test split, binarised) and
+``fairseq-interactive`` (its raw English side through SentencePiece) on the
+Multi30k model with beam 5, each command three ways, interleaved, in one run:
+
+- ``stock``: the command as a user has it;
+- ``seqfuse``: the same command plus ``--user-dir`` (exact mode: every
+  S/H/D/P line is expected to equal stock's);
+- ``seqfuse-fused``: that with ``SEQFUSE_FUSED_LAYERS=1`` (same translations,
+  scores within 1e-5: the printed score digits may differ).
+
+Times are fairseq's own translation time (``Translated ... in Xs`` and
+``translation time: X``), the median of ``--repeats`` runs; ratios are stock's
+time over the provider's. Output: a table, and JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from seqfuse import bleu  # noqa: E402
+from seqfuse._ext import FUSED_LAYERS_ENV  # noqa: E402
+
+SHARED = Path(os.environ.get("SEQFUSE_SHARED", ROOT.parent / "shared"))
+PROVIDERS = ("stock", "seqfuse", "seqfuse-fused")
+_GENERATE_TIME = re.compile(r"Translated [0-9,]+ sentences \([0-9,]+ tokens\) in ([0-9.]+)s")
+_INTERACTIVE_TIME = re.compile(r"translation time:\s*([0-9.]+)")
+
+
+def generate_command(model_dir: Path, batch: int, beam: int) -> list[str]:
+    return [
+        bleu._fairseq_tool("fairseq-generate"),
+        str(model_dir / "data-bin"),
+        "--path",
+        str(model_dir / "checkpoint_best.pt"),
+        "--gen-subset",
+        "test",
+        "--beam",
+        str(beam),
+        "--batch-size",
+        str(batch),
+        "--required-batch-size-multiple",
+        "1",
+        "--post-process",
+        "sentencepiece",
+    ]
+
+
+def interactive_command(model_dir: Path, batch: int, beam: int, input_path: Path) -> list[str]:
+    return [
+        bleu._fairseq_tool("fairseq-interactive"),
+        str(model_dir),
+        "--path",
+        str(model_dir / "checkpoint_best.pt"),
+        "--source-lang",
+        "en",
+        "--target-lang",
+        "de",
+        "--bpe",
+        "sentencepiece",
+        "--sentencepiece-model",
+        str(model_dir / "spm8k.model"),
+        "--beam",
+        str(beam),
+        "--batch-size",
+        str(batch),
+        "--buffer-size",
+        str(batch),
+        "--input",
+        str(input_path),
+    ]
+
+
+def run(cmd: list[str], provider: str, threads: int) -> tuple[list[str], float, float]:
+    """(output lines without timing lines, fairseq's translation time, wall)."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # stock needs it, set for all
+    env["OMP_NUM_THREADS"] = str(threads)
+    env[FUSED_LAYERS_ENV] = "1" if provider == "seqfuse-fused" else "0"
+    if provider != "stock":
+        cmd = cmd + ["--user-dir", bleu.seqfuse_user_dir()]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.splitlines()[-20:])
+        raise SystemExit(f"{provider}: {' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+    both = proc.stdout + proc.stderr
+    match = _GENERATE_TIME.search(both) or _INTERACTIVE_TIME.search(both)
+    if match is None:
+        raise SystemExit(f"{provider}: no translation time in the output of {cmd[0]}")
+    lines = [
+        line
+        for line in proc.stdout.splitlines()
+        if line[:2] in ("S-", "T-", "H-", "D-", "P-") and not line.startswith("W-")
+    ]
+    return lines, float(match.group(1)), wall
+
+
+def _by_kind(lines: list[str], kind: str) -> dict[str, list[str]]:
+    out = {}
+    for line in lines:
+        if line.startswith(kind + "-"):
+            head, *rest = line.split("\t")
+            out[head] = rest
+    return out
+
+
+def compare(stock: list[str], other: list[str]) -> dict:
+    """Line-by-line agreement with stock's output."""
+    same_lines = sum(a == b for a, b in zip(stock, other)) if len(stock) == len(other) else 0
+    d0, d1 = _by_kind(stock, "D"), _by_kind(other, "D")
+    same_text = sum(1 for k, v in d0.items() if k in d1 and d1[k][-1] == v[-1])
+    h0, h1 = _by_kind(stock, "H"), _by_kind(other, "H")
+    diffs = [abs(float(h0[k][0]) - float(h1[k][0])) for k in h0 if k in h1]
+    return {
+        "lines": len(stock),
+        "identical_lines": same_lines,
+        "translations": len(d0),
+        "identical_translations": same_text,
+        "max_score_diff": max(diffs) if diffs else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=SHARED / "models" / "multi30k_en_de")
+    ap.add_argument("--data", type=Path, default=SHARED / "data" / "multi30k")
+    ap.add_argument("--generate-batches", default="16,64", help="fairseq-generate --batch-size")
+    ap.add_argument("--interactive-batches", default="1,16", help="fairseq-interactive batches")
+    ap.add_argument("--lines", type=int, default=400, help="interactive input lines")
+    ap.add_argument("--beam", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--name", default=None, help="result file stem")
+    args = ap.parse_args(argv)
+    providers = [p for p in args.providers.split(",") if p]
+    if providers[0] != "stock" or any(p not in PROVIDERS for p in providers):
+        ap.error(f"--providers: 'stock' first, then any of {PROVIDERS[1:]}")
+    if not (args.model / "checkpoint_best.pt").is_file():
+        ap.error(f"no checkpoint_best.pt in {args.model}")
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="seqfuse-bench-cli-") as tmp:
+        src = Path(tmp) / "input.en"
+        with gzip.open(args.data / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f][: args.lines]
+        src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        jobs = [
+            ("fairseq-generate", int(b), generate_command(args.model, int(b), args.beam))
+            for b in args.generate_batches.split(",")
+            if b
+        ]
+        jobs += [
+            ("fairseq-interactive", int(b), interactive_command(args.model, int(b), args.beam, src))
+            for b in args.interactive_batches.split(",")
+            if b
+        ]
+        rows = []
+        for cli, batch, cmd in jobs:
+            times: dict[str, list[float]] = {p: [] for p in providers}
+            outputs: dict[str, list[str]] = {}
+            for r in range(args.repeats):
+                order = providers if r % 2 == 0 else providers[::-1]
+                for p in order:
+                    out, seconds, _wall = run(cmd, p, args.threads)
+                    times[p].append(seconds)
+                    outputs.setdefault(p, out)
+            med = {p: statistics.median(v) for p, v in times.items()}
+            row = {"cli": cli, "batch": batch, "beam": args.beam, "seconds": med}
+            for p in providers[1:]:
+                row[p] = {"speedup": med["stock"] / med[p], **compare(outputs["stock"], outputs[p])}
+            rows.append(row)
+            print(_format_row(row, providers), flush=True)
+
+    result = {
+        "date": date.today().isoformat(),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": str(args.model.name),
+        "interactive_lines": args.lines,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"cli-cpu-{args.threads}thread-{result['date']}"
+    path = args.results_dir / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+
+
+def _format_row(row: dict, providers: list[str]) -> str:
+    parts = [f"{row['cli']:20s} batch {row['batch']:3d}  stock {row['seconds']['stock']:.2f}s"]
+    for p in providers[1:]:
+        r = row[p]
+        diff = r["max_score_diff"]
+        parts.append(
+            f"{p} {row['seconds'][p]:.2f}s {r['speedup']:.2f}x "
+            f"(lines {r['identical_lines']}/{r['lines']}, "
+            f"translations {r['identical_translations']}/{r['translations']}, "
+            f"max score diff {diff:.1e})"
+            if diff is not None
+            else f"{p} {row['seconds'][p]:.2f}s {r['speedup']:.2f}x"
+        )
+    return "  ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
