@@ -188,7 +188,7 @@ def test_not_taken_without_float32_or_when_off(monkeypatch):
     before = dict(fused_step.STATS)
     generate(fused(model), d, sample, **kw)
     assert fused_step.STATS["one_call"] == before["one_call"]
-    assert "SEQFUSE_FUSED_STEP=0" in fused_step.step_plan(
+    assert "SEQFUSE_FUSED_STEP=0" in fused_step.cached_plan(
         fused(model).decoder, torch.zeros(1, 2, 32)
     )
 
@@ -227,3 +227,35 @@ def test_plan_follows_weight_changes(monkeypatch):
     assert taken > 0
     assert fast.decoder.__dict__["_seqfuse_fused_step_plan"] is not plan
     assert_same_hypos(layers, one_call, "after an in-place update")
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_encoder_stack_bit_identical_to_layers(monkeypatch, pre_norm):
+    """The fused encoder in one call vs its layers one by one, on a padded
+    batch: every output of fairseq's encoder dict; all hidden states asked
+    for runs the layers."""
+    over = dict(decoder_normalize_before=pre_norm, encoder_normalize_before=pre_norm)
+    model, d = random_transformer(60, 11, layers=3, perturb=True, **over)
+    fast = fused(model)
+    sample = random_sample(d, bsz=5, seed=3)
+    assert bool(sample["net_input"]["src_tokens"].eq(d.pad()).any())  # padded
+
+    def encode():
+        with torch.no_grad():
+            return fast.encoder(**sample["net_input"])
+
+    before = fused_step.STATS["encoder"]
+    layers, one_call, _ = both_paths(monkeypatch, encode)
+    assert fused_step.STATS["encoder"] - before == 1
+    assert layers.keys() == one_call.keys()
+    for key, value in layers.items():
+        assert len(value) == len(one_call[key]), key
+        for u, v in zip(value, one_call[key]):
+            assert torch.equal(u, v), key
+    with torch.no_grad():
+        stock = model.encoder(**sample["net_input"])["encoder_out"][0]
+    torch.testing.assert_close(one_call["encoder_out"][0], stock, atol=1e-5, rtol=1e-5)
+    before = fused_step.STATS["encoder"]
+    with torch.no_grad():
+        states = fast.encoder(**sample["net_input"], return_all_hiddens=True)["encoder_states"]
+    assert len(states) == 4 and fused_step.STATS["encoder"] == before

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from seqfuse._patching import reorder_incremental_state
 from seqfuse.layers.fused_step import STATS as FUSED_STEP_STATS
-from seqfuse.layers.fused_step import one_call_step
+from seqfuse.layers.fused_step import encoder_stack, encoder_stack_takes, one_call_step
 from seqfuse.layers.kv_cache import ROWS_PER_SOURCE
 from seqfuse.layers.transformer import (
     MAX_HEAD_DIM,
@@ -173,10 +173,59 @@ def optimize_fairseq_model(model: torch.nn.Module) -> tuple[bool, str]:
         enc.layers[i] = FusedTransformerEncoderLayer.from_layer(layer)
     for i, layer in enumerate(dec.layers):
         dec.layers[i] = FusedTransformerDecoderLayer.from_layer(layer)
+    model.encoder = FusedTransformerEncoder.from_encoder(enc)
     model.decoder = FusedTransformerDecoder.from_decoder(dec)
     fast = model.decoder._fast_path_problem()
     note = "decoder fast path" if fast is None else f"decoder uses stock embedding/output ({fast})"
     return True, f"fused {len(enc.layers)} encoder + {len(dec.layers)} decoder layers; {note}"
+
+
+class FusedTransformerEncoder(TransformerEncoderBase):
+    """fairseq ``TransformerEncoderBase`` whose inference forward runs the
+    fused layers in one call (seqfuse.layers.fused_step.encoder_stack); the
+    embedding, masks, final norm and output dict are fairseq's own code."""
+
+    @classmethod
+    def from_encoder(cls, enc: TransformerEncoderBase) -> FusedTransformerEncoder:
+        sub = cls if type(enc) is TransformerEncoderBase else _fused_subclass(type(enc), cls)
+        return _adopt(sub, enc)
+
+    def forward_scriptable(
+        self,
+        src_tokens,
+        src_lengths: Tensor | None = None,
+        return_all_hiddens: bool = False,
+        token_embeddings: Tensor | None = None,
+    ):
+        if return_all_hiddens or not encoder_stack_takes(self, src_tokens):
+            return super().forward_scriptable(
+                src_tokens, src_lengths, return_all_hiddens, token_embeddings
+            )
+        # fairseq 0.12's forward_scriptable (verified by encoder_stack_takes),
+        # with the layer loop as one call.
+        encoder_padding_mask = src_tokens.eq(self.padding_idx)
+        has_pads = encoder_padding_mask.any()
+        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)
+        x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x) * has_pads.type_as(x))
+        x = x.transpose(0, 1)
+        x = encoder_stack(self, x, encoder_padding_mask if has_pads else None)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        src_lengths = (
+            src_tokens.ne(self.padding_idx)
+            .sum(dim=1, dtype=torch.int32)
+            .reshape(-1, 1)
+            .contiguous()
+        )
+        return {
+            "encoder_out": [x],
+            "encoder_padding_mask": [encoder_padding_mask],
+            "encoder_embedding": [encoder_embedding],
+            "encoder_states": [],
+            "fc_results": [],
+            "src_tokens": [],
+            "src_lengths": [src_lengths],
+        }
 
 
 class FusedTransformerDecoder(TransformerDecoderBase):
@@ -364,13 +413,15 @@ def _copies_per_row(encoder_out, incremental_state, rows: int):
     return out
 
 
-_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-def _fused_subclass(base: type) -> type:
-    """``FusedTransformerDecoder`` behaviour on top of a TransformerDecoderBase subclass."""
-    sub = _SUBCLASSES.get(base)
+def _fused_subclass(base: type, mixin: type = None) -> type:
+    """``mixin`` (default ``FusedTransformerDecoder``) behaviour on top of a
+    fairseq encoder/decoder subclass."""
+    mixin = mixin or FusedTransformerDecoder
+    sub = _SUBCLASSES.get((mixin, base))
     if sub is None:
-        sub = type(f"Fused{base.__name__}", (FusedTransformerDecoder, base), {})
-        _SUBCLASSES[base] = sub
+        sub = type(f"Fused{base.__name__}", (mixin, base), {})
+        _SUBCLASSES[(mixin, base)] = sub
     return sub

@@ -1,4 +1,4 @@
-"""The fused one-call decoder step: all fused decoder layers in one C++ call.
+"""One C++ call for a whole stack of fused layers: the decoder step, the encoder.
 
 ``FusedTransformerDecoder`` (seqfuse.layers.fairseq) runs an incremental step
 layer by layer, each ``FusedTransformerDecoderLayer.fused_forward`` issuing a
@@ -21,7 +21,15 @@ It takes a step when
 
 The cache bookkeeping (growth, repack, reorder) stays in
 ``seqfuse.layers.kv_cache``; this call writes the step's K/V into the caches'
-next slot. Anything else, or ``SEQFUSE_FUSED_STEP=0``, runs the layers.
+next slot.
+
+The encoder likewise: ``fused_encoder_stack`` runs every fused encoder layer
+over the embedded source in one call (``FusedTransformerEncoder``), when the
+encoder's ``forward_scriptable`` is fairseq 0.12's (whose code around the
+layer loop the fused encoder repeats), no intermediate states are asked for,
+and the source is float32 on the CPU.
+
+Anything else, or ``SEQFUSE_FUSED_STEP=0``, runs the layers one by one.
 """
 
 from __future__ import annotations
@@ -32,56 +40,154 @@ from torch import Tensor
 from seqfuse import _ext
 from seqfuse.ops.bias_act import ACTIVATIONS
 from seqfuse.ops.linear import kernel_takes, packed
+from seqfuse.source_shape import shape_of
 
 FUSED_STEP_ENV = "SEQFUSE_FUSED_STEP"
 # Incremental steps taken by the one-call path ("one_call") and by the layers
-# ("layers") of fused decoders: tests and benchmarks read them.
-STATS = {"one_call": 0, "layers": 0}
+# ("layers") of fused decoders, and one-call encoder runs ("encoder"): tests
+# and benchmarks read them.
+STATS = {"one_call": 0, "layers": 0, "encoder": 0}
 # incremental_state key of the step's plan (looked up once per generation).
 PLAN_KEY = "seqfuse.fused_step_plan"
 
 
-def cached_plan(decoder, x: Tensor) -> dict | str:
-    """:func:`step_plan`, reused while the layers' parameters (storage and
-    version counter), the step's dtype and device are unchanged."""
+def _cached(stack, x: Tensor, attr: str, build) -> dict | str:
+    """``build(stack, x)``, reused while the layers' parameters (storage and
+    version counter), the input's dtype and device are unchanged."""
     if not _ext.env_flag(FUSED_STEP_ENV, True):
         return f"{FUSED_STEP_ENV}=0"
     params = tuple(
-        (p.data_ptr(), -1 if p.is_inference() else p._version) for p in decoder.layers.parameters()
+        (p.data_ptr(), -1 if p.is_inference() else p._version) for p in stack.layers.parameters()
     )
     key = (x.dtype, x.device, params)
-    hit = decoder.__dict__.get("_seqfuse_fused_step_plan")
+    hit = stack.__dict__.get(attr)
     if hit is not None and hit[0] == key:
         return hit[1]
-    plan = step_plan(decoder, x)
-    decoder.__dict__["_seqfuse_fused_step_plan"] = (key, plan)
+    plan = build(stack, x)
+    stack.__dict__[attr] = (key, plan)
     return plan
 
 
-def step_plan(decoder, x: Tensor) -> dict | str:
-    """The per-generation constants of the one-call step (weight packs, eps,
-    scalings, heads), or why the layers must run instead."""
-    if not _ext.env_flag(FUSED_STEP_ENV, True):
-        return f"{FUSED_STEP_ENV}=0"
+def cached_plan(decoder, x: Tensor) -> dict | str:
+    """:func:`step_plan`, reused while nothing it depends on changes."""
+    return _cached(decoder, x, "_seqfuse_fused_step_plan", step_plan)
+
+
+def _common_problem(layers, x: Tensor) -> str | None:
     if not _ext.cpu_available()[0]:
         return "the extension is not available"
     if x.device.type != "cpu" or x.dtype != torch.float32:
-        return "not a float32 CPU step"
-    layers = list(decoder.layers)
+        return "not a float32 CPU input"
     first = layers[0]
-    params: list[Tensor] = []
-    nums: list[float] = []
-    heads: list[int] = []
     for layer in layers:
-        sa, ea = layer.self_attn, layer.encoder_attn
-        if ea is None:
-            return "a layer without cross-attention"
         if (
             layer.normalize_before != first.normalize_before
             or layer._fused_act != first._fused_act
             or layer._fused_act not in ACTIVATIONS
         ):
             return "layers differ in norm placement or activation"
+    return None
+
+
+def _packs_and_biases(x2d: Tensor, weights, biases) -> tuple[list, list] | str:
+    if any(b is None for b in biases):
+        return "a projection without bias"
+    if not all(kernel_takes(x2d, w, b) for w, b in zip(weights, biases)):
+        return "the packed GEMM does not take these parameters here"
+    return [packed(w) for w in weights], [b.detach().contiguous() for b in biases]
+
+
+def _norm_params(norms) -> list | str:
+    if any(type(n) is not torch.nn.LayerNorm or n.weight is None or n.bias is None for n in norms):
+        return "a norm without affine parameters"
+    return [(n.weight.detach(), n.bias.detach()) for n in norms]
+
+
+# fairseq's TransformerEncoderBase.forward_scriptable as the fused encoder
+# repeats it around the layer loop (fairseq 0.12), by the shape of its source.
+_ENCODER_FORWARD = "f3328021cf33d158"
+
+
+def encoder_plan(encoder, x: Tensor) -> dict | str:
+    """The constants of the one-call encoder stack, or why the layers run."""
+    from fairseq.models.transformer import TransformerEncoderBase
+
+    from seqfuse.layers.transformer import FusedTransformerEncoderLayer
+
+    if shape_of(TransformerEncoderBase.forward_scriptable) != _ENCODER_FORWARD:
+        return "this fairseq's TransformerEncoderBase.forward_scriptable is not the verified one"
+    layers = list(encoder.layers)
+    if not layers or not all(type(layer) is FusedTransformerEncoderLayer for layer in layers):
+        return "not every encoder layer is a fused layer"
+    why = _common_problem(layers, x)
+    if why is not None:
+        return why
+    params: list[Tensor] = []
+    nums: list[float] = []
+    for layer in layers:
+        sa = layer.self_attn
+        if layer.return_fc:
+            return "return_fc"
+        w_qkv, b_qkv = layer._fused_packed.get(
+            (sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight),
+            (sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias),
+        )
+        got = _packs_and_biases(
+            x[0],
+            (w_qkv, sa.out_proj.weight, layer.fc1.weight, layer.fc2.weight),
+            (b_qkv, sa.out_proj.bias, layer.fc1.bias, layer.fc2.bias),
+        )
+        ln = _norm_params((layer.self_attn_layer_norm, layer.final_layer_norm))
+        if isinstance(got, str) or isinstance(ln, str):
+            return got if isinstance(got, str) else ln
+        packs, b = got
+        params += [packs[0], b[0], packs[1], b[1], *ln[0]]
+        params += [packs[2], b[2], packs[3], b[3], *ln[1]]
+        nums += [float(layer.self_attn_layer_norm.eps), float(layer.final_layer_norm.eps)]
+        nums.append(float(sa.scaling))
+    return {
+        "params": params,
+        "nums": nums,
+        "heads": [int(layer.self_attn.num_heads) for layer in layers],
+        "pre_norm": bool(layers[0].normalize_before),
+        "act": ACTIVATIONS[layers[0]._fused_act],
+    }
+
+
+def encoder_stack_takes(encoder, src_tokens: Tensor) -> bool:
+    """Whether the fused encoder runs its layers in one call for this input."""
+    if encoder.training or src_tokens.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters()):
+        return False
+    probe = encoder.embed_tokens.weight[:1].unsqueeze(0)  # [1, 1, C]: dtype and device
+    plan = _cached(encoder, probe, "_seqfuse_fused_encoder_plan", encoder_plan)
+    return isinstance(plan, dict)
+
+
+def encoder_stack(encoder, x: Tensor, key_pad: Tensor | None) -> Tensor:
+    """Every fused encoder layer over ``x [T, B, C]`` in one call (after
+    :func:`encoder_stack_takes` said yes)."""
+    plan = encoder.__dict__["_seqfuse_fused_encoder_plan"][1]
+    STATS["encoder"] += 1
+    return torch.ops.seqfuse.fused_encoder_stack(
+        x, plan["params"], plan["nums"], key_pad, plan["heads"], plan["pre_norm"], plan["act"]
+    )
+
+
+def step_plan(decoder, x: Tensor) -> dict | str:
+    """The constants of the one-call decoder step (weight packs, eps,
+    scalings, heads), or why the layers must run instead."""
+    layers = list(decoder.layers)
+    why = _common_problem(layers, x)
+    if why is not None:
+        return why
+    params: list[Tensor] = []
+    nums: list[float] = []
+    for layer in layers:
+        sa, ea = layer.self_attn, layer.encoder_attn
+        if ea is None:
+            return "a layer without cross-attention"
         if sa.num_heads != ea.num_heads:
             return "self- and cross-attention head counts differ"
         if getattr(layer, "attn_ln", None) is not None or getattr(layer, "ffn_layernorm", None):
@@ -90,33 +196,29 @@ def step_plan(decoder, x: Tensor) -> dict | str:
             (sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight),
             (sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias),
         )
-        gemms = (w_qkv, sa.out_proj.weight, ea.q_proj.weight, ea.out_proj.weight)
-        gemms += (layer.fc1.weight, layer.fc2.weight)
-        biases = (b_qkv, sa.out_proj.bias, ea.q_proj.bias, ea.out_proj.bias)
-        biases += (layer.fc1.bias, layer.fc2.bias)
-        norms = (layer.self_attn_layer_norm, layer.encoder_attn_layer_norm)
-        norms += (layer.final_layer_norm,)
-        if any(b is None for b in biases) or any(
-            type(n) is not torch.nn.LayerNorm or n.weight is None or n.bias is None for n in norms
-        ):
-            return "a projection without bias or a norm without affine parameters"
-        if not all(kernel_takes(x[0], w, b) for w, b in zip(gemms, biases)):
-            return "the packed GEMM does not take these parameters here"
-        ln = [(n.weight.detach(), n.bias.detach()) for n in norms]
-        packs = [packed(w) for w in gemms]
-        b = [t.detach().contiguous() for t in biases]
+        got = _packs_and_biases(
+            x[0],
+            (w_qkv, sa.out_proj.weight, ea.q_proj.weight, ea.out_proj.weight)
+            + (layer.fc1.weight, layer.fc2.weight),
+            (b_qkv, sa.out_proj.bias, ea.q_proj.bias, ea.out_proj.bias)
+            + (layer.fc1.bias, layer.fc2.bias),
+        )
+        norms = (layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm)
+        ln = _norm_params(norms)
+        if isinstance(got, str) or isinstance(ln, str):
+            return got if isinstance(got, str) else ln
+        packs, b = got
         params += [packs[0], b[0], packs[1], b[1], *ln[0]]
         params += [packs[2], b[2], packs[3], b[3], *ln[1]]
         params += [packs[4], b[4], packs[5], b[5], *ln[2]]
         nums += [float(n.eps) for n in norms]
         nums += [float(sa.scaling), float(ea.scaling)]
-        heads.append(int(sa.num_heads))
     return {
         "params": params,
         "nums": nums,
-        "heads": heads,
-        "pre_norm": bool(first.normalize_before),
-        "act": ACTIVATIONS[first._fused_act],
+        "heads": [int(layer.self_attn.num_heads) for layer in layers],
+        "pre_norm": bool(layers[0].normalize_before),
+        "act": ACTIVATIONS[layers[0]._fused_act],
     }
 
 

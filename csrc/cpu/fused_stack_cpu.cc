@@ -1,6 +1,8 @@
 // seqfuse::fused_decoder_step (CPU, float32): one incremental decoder step of
 // seqfuse's fused layers (seqfuse/layers/transformer.py,
-// FusedTransformerDecoderLayer.fused_forward) for every layer in one call.
+// FusedTransformerDecoderLayer.fused_forward) for every layer in one call;
+// seqfuse::fused_encoder_stack: the fused encoder layers
+// (FusedTransformerEncoderLayer.forward) over a whole source batch, likewise.
 //
 // It runs the same kernels as the Python layer code, on the same tensors, in
 // the same order (packed-weight GEMMs, the attention core over the
@@ -44,10 +46,28 @@ enum Slot : int64_t {
 // Per-layer doubles: eps of the three norms, self and cross scaling.
 enum Num : int64_t { kSelfEps, kCrossEps, kFinalEps, kSelfScaling, kCrossScaling, kNumsPerLayer };
 
+// Per-layer encoder parameters and doubles (seqfuse/layers/fused_step.py).
+enum EncSlot : int64_t {
+  kEQkvPack,
+  kEQkvBias,
+  kEOutPack,
+  kEOutBias,
+  kESelfLnW,
+  kESelfLnB,
+  kEFc1Pack,
+  kEFc1Bias,
+  kEFc2Pack,
+  kEFc2Bias,
+  kEFinalLnW,
+  kEFinalLnB,
+  kEncPerLayer
+};
+enum EncNum : int64_t { kESelfEps, kEFinalEps, kEScaling, kEncNumsPerLayer };
+
 void check_f32(const at::Tensor& t, const char* what) {
   TORCH_CHECK(
       t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-      "fused_decoder_step: ", what, " must be a contiguous float32 CPU tensor");
+      "fused layer stack: ", what, " must be a contiguous float32 CPU tensor");
 }
 
 // One layer's self-attention cache: write the step's K/V (columns [C, 3C) of
@@ -181,6 +201,58 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
   return {outputs, align};
 }
 
+// x: [T, B, C] (the embedded source, any strides); key_pad: [B, T] or None.
+// Returns the last layer's output [T, B, C].
+at::Tensor fused_encoder_stack(const at::Tensor& x_in, at::TensorList params,
+                               at::ArrayRef<double> nums, const std::optional<at::Tensor>& key_pad,
+                               at::IntArrayRef heads, bool normalize_before, int64_t act) {
+  const int64_t layers = static_cast<int64_t>(heads.size());
+  TORCH_CHECK(layers > 0, "fused_encoder_stack: no layers");
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == layers * kEncPerLayer &&
+                  static_cast<int64_t>(nums.size()) == layers * kEncNumsPerLayer,
+              "fused_encoder_stack: per-layer lists of the wrong length");
+  TORCH_CHECK(x_in.dim() == 3 && x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
+              "fused_encoder_stack: x must be a float32 CPU [time, batch, channels] tensor");
+  for (const at::Tensor& t : params) check_f32(t, "a layer parameter");
+  const int64_t t = x_in.size(0), n = x_in.size(1), c = x_in.size(2);
+  at::Tensor x = x_in.reshape({t * n, c});
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = params.data() + l * kEncPerLayer;
+    const double* num = nums.data() + l * kEncNumsPerLayer;
+    at::Tensor hin = x;
+    if (normalize_before) {
+      hin = std::get<1>(add_layernorm_cpu(x, std::nullopt, std::nullopt, w[kESelfLnW], w[kESelfLnB],
+                                          num[kESelfEps], false));
+    }
+    const at::Tensor qkv =
+        linear_packed_cpu(hin, w[kEQkvPack], w[kEQkvBias], 3 * c).view({t, n, 3 * c});
+    const at::Tensor a =
+        std::get<0>(attention_cpu(qkv.narrow(2, 0, c), qkv.narrow(2, c, c), qkv.narrow(2, 2 * c, c),
+                                  std::nullopt, key_pad, heads[l], num[kEScaling], 1, -1, false));
+    at::Tensor o = linear_packed_cpu(a.view({t * n, c}), w[kEOutPack], std::nullopt, c);
+    at::Tensor normed;
+    if (normalize_before) {
+      std::tie(x, normed) = add_layernorm_cpu(o, w[kEOutBias], x, w[kEFinalLnW], w[kEFinalLnB],
+                                              num[kEFinalEps], true);
+    } else {
+      normed = std::get<1>(
+          add_layernorm_cpu(o, w[kEOutBias], x, w[kESelfLnW], w[kESelfLnB], num[kESelfEps], false));
+      x = normed;
+    }
+    at::Tensor f = linear_packed_cpu(normed, w[kEFc1Pack], std::nullopt, w[kEFc1Bias].size(0));
+    bias_act_cpu(f, w[kEFc1Bias], act);
+    o = linear_packed_cpu(f, w[kEFc2Pack], std::nullopt, c);
+    if (normalize_before) {
+      x = std::get<0>(
+          add_layernorm_cpu(o, w[kEFc2Bias], x, std::nullopt, std::nullopt, 1e-5, true));
+    } else {
+      x = std::get<1>(add_layernorm_cpu(o, w[kEFc2Bias], x, w[kEFinalLnW], w[kEFinalLnB],
+                                        num[kEFinalEps], false));
+    }
+  }
+  return x.view({t, n, c});
+}
+
 }  // namespace seqfuse
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
@@ -190,6 +262,12 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "Tensor[] self_rows, Tensor[] self_pad, int slot, Tensor? pad_new, Tensor[] cross_kv, "
       "Tensor[] cross_map, Tensor?[] cross_pad, int q_per_kv, int[] heads, bool normalize_before, "
       "int act, int align_layer) -> (Tensor[], Tensor)");
+  m.def(
+      "fused_encoder_stack(Tensor x, Tensor[] params, float[] nums, Tensor? key_pad, int[] heads, "
+      "bool normalize_before, int act) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(seqfuse, CPU, m) { m.impl("fused_decoder_step", &seqfuse::fused_decoder_step); }
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
+  m.impl("fused_decoder_step", &seqfuse::fused_decoder_step);
+  m.impl("fused_encoder_stack", &seqfuse::fused_encoder_stack);
+}
