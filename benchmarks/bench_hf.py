@@ -39,6 +39,8 @@ MODELS = {
     "bart-base": ("bart", dict(d=768, layers=6, heads=12, ffn=3072, vocab=50265)),
     # distilgpt2's size (decoder-only; transformers' Conv1D projections)
     "gpt2-distil": ("gpt2", dict(d=768, layers=6, heads=12, ffn=3072, vocab=50257)),
+    # a small GPT-2 (the Multi30k model's decoder size)
+    "gpt2-small": ("gpt2", dict(d=256, layers=3, heads=4, ffn=1024, vocab=8000)),
     # the trained Multi30k fairseq model as an HF FSMT model: real sentences,
     # natural output lengths (no forcing)
     "fsmt-multi30k": ("fsmt", {}),

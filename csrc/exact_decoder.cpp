@@ -25,6 +25,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -94,8 +95,25 @@ AttnOut attend(at::Tensor q, const at::Tensor& k, const at::Tensor& v,
   return {linear(o, wo, bo), pf};
 }
 
+constexpr double kPi = 3.141592653589793;  // Python's math.pi
+
+// A Python float operand as Python passes it to a tensor op: a wrapped number.
+inline at::Tensor wrapped(double v) {
+  at::Tensor t = at::scalar_to_tensor(at::Scalar(v));
+  t.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return t;
+}
+
 at::Tensor activation(const at::Tensor& x, int64_t act) {
   switch (act) {
+    case 5: {
+      // transformers' NewGELUActivation (GPT-2's gelu_new), op for op:
+      // 0.5 * x * (1.0 + tanh(sqrt(2 / pi) * (x + 0.044715 * pow(x, 3.0))))
+      const at::Tensor half = at::mul(x, wrapped(0.5));
+      const at::Tensor inner = at::add(x, at::mul(at::pow(x, 3.0), wrapped(0.044715)));
+      const at::Tensor t = at::tanh(at::mul(inner, wrapped(std::sqrt(2.0 / kPi))));
+      return at::mul(half, at::add(t, wrapped(1.0)));
+    }
     case 0:
       return at::relu(x);
     case 1:
@@ -233,15 +251,32 @@ namespace {
 
 // A projection: torch's (exact) or, given the weight's panel pack, seqfuse's
 // packed-weight GEMM (seqfuse::linear_packed, the fused mode).
-inline at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                          const at::Tensor* packed) {
-  if (packed == nullptr) return linear(x, w, b);
+inline at::Tensor packed_linear(const at::Tensor& x2d, const at::Tensor& packed,
+                                const at::Tensor& b, int64_t n) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("seqfuse::linear_packed", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                const std::optional<at::Tensor>&, int64_t)>();
-  const at::Tensor y = op.call(x.reshape({-1, x.size(-1)}), *packed, b, w.size(0));
+  return op.call(x2d, packed, b, n);
+}
+
+inline at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                          const at::Tensor* packed) {
+  if (packed == nullptr) return linear(x, w, b);
+  const at::Tensor y = packed_linear(x.reshape({-1, x.size(-1)}), *packed, b, w.size(0));
   return y.view({x.size(0), x.size(1), w.size(0)});
+}
+
+// GPT-2's Conv1D (weight [in, out]): `torch.addmm(bias, x.view(-1, nx), weight)
+// .view(size_out)`; given the pack of weight^T, seqfuse's packed GEMM as
+// hf_fused.PackedConv1D runs it (the fused mode).
+inline at::Tensor conv1d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                         const at::Tensor* packed) {
+  const int64_t nf = w.size(1);
+  const at::Tensor y =
+      packed == nullptr ? at::addmm(b, x.view({-1, x.size(-1)}), w)
+                        : packed_linear(x.reshape({-1, x.size(-1)}), *packed, b.contiguous(), nf);
+  return y.view({x.size(0), x.size(1), nf});
 }
 
 // q/k/v projection to [bsz, H, 1, hd], as `proj(h).view(*shape, -1, hd).transpose(1, 2)`.
@@ -327,6 +362,73 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
 }
 
 }  // namespace
+// One incremental step of a GPT-2 block stack (transformers 5.x GPT2Block,
+// GPT2Attention with sdpa, GPT2MLP, Conv1D, DynamicLayer.update), op for op.
+// weights: 12 per layer (ln_1 w/b, c_attn w/b, attn.c_proj w/b, ln_2 w/b,
+// mlp.c_fc w/b, mlp.c_proj w/b); eps: 2 per layer; scalings: 1 per layer;
+// packed: none or 4 per layer (packs of the Conv1D weights' transposes).
+// Returns (x, new K, new V).
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2_stack_step(
+    const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
+    const std::optional<at::Tensor>& mask, at::ArrayRef<double> eps, at::ArrayRef<double> scalings,
+    int64_t heads, int64_t act, at::TensorList packed) {
+  constexpr int64_t kPer = 12, kPacks = 4;
+  const int64_t layers = static_cast<int64_t>(self_k.size());
+  TORCH_CHECK(layers > 0, "hf_gpt2_stack_step: no layers");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kPer &&
+                  static_cast<int64_t>(self_v.size()) == layers &&
+                  static_cast<int64_t>(eps.size()) == 2 * layers &&
+                  static_cast<int64_t>(scalings.size()) == layers,
+              "hf_gpt2_stack_step: per-layer lists of the wrong length");
+  TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == layers * kPacks,
+              "hf_gpt2_stack_step: packed weights: none or ", layers * kPacks);
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1, "x must be [bsz, 1, C], got ", x_in.sizes());
+  TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4 || act == 5,
+              "hf_gpt2_stack_step: unknown activation code ", act);
+  const int64_t bsz = x_in.size(0), embed = x_in.size(2);
+  TORCH_CHECK(heads > 0 && embed % heads == 0, "embed dim ", embed, " not divisible by ", heads,
+              " heads");
+  const int64_t hd = embed / heads;
+  std::vector<at::Tensor> new_k, new_v;
+  new_k.reserve(layers);
+  new_v.reserve(layers);
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* W = weights.data() + l * kPer;
+    const double* E = eps.data() + 2 * l;
+    const at::Tensor* P = packed.empty() ? nullptr : packed.data() + l * kPacks;
+    auto pk = [P](int i) { return P == nullptr ? nullptr : P + i; };
+    for (const at::Tensor* t : {&self_k[l], &self_v[l]}) {
+      TORCH_CHECK(t->dim() == 4 && t->size(0) == bsz && t->size(1) == heads && t->size(3) == hd,
+                  "layer ", l, ": caches must be [", bsz, ", ", heads, ", t, ", hd, "], got ",
+                  t->sizes());
+    }
+    // attention: split of c_attn's output, heads, cache append, sdpa, c_proj
+    at::Tensor residual = x;
+    const at::Tensor h = layer_norm(x, W[0], W[1], E[0]);
+    const std::vector<at::Tensor> qkv = conv1d(h, W[2], W[3], pk(0)).split(embed, 2);
+    auto heads_of = [&](const at::Tensor& t) {
+      return t.view({t.size(0), t.size(1), -1, hd}).transpose(1, 2);
+    };
+    const at::Tensor q = heads_of(qkv[0]);
+    const at::Tensor k = at::cat({self_k[l], heads_of(qkv[1])}, -2);
+    const at::Tensor v = at::cat({self_v[l], heads_of(qkv[2])}, -2);
+    new_k.push_back(k);
+    new_v.push_back(v);
+    at::Tensor o =
+        at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scalings[l]);
+    o = o.reshape({o.size(0), -1, q.size(2), v.size(-1)}).transpose(1, 2).contiguous();
+    o = o.reshape({o.size(0), o.size(1), -1}).contiguous();
+    x = at::add(conv1d(o, W[4], W[5], pk(1)), residual);  // attn_output + residual
+    // MLP
+    residual = x;
+    const at::Tensor f =
+        activation(conv1d(layer_norm(x, W[6], W[7], E[1]), W[8], W[9], pk(2)), act);
+    x = at::add(residual, conv1d(f, W[10], W[11], pk(3)));
+  }
+  return {x, new_k, new_v};
+}
+
 }  // namespace seqfuse
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
@@ -341,10 +443,15 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "Tensor[] cross_k, Tensor[] cross_v, Tensor? self_mask, Tensor? cross_mask, float[] eps, "
       "int heads, float scaling, int act, bool normalize_before, Tensor[] packed) -> "
       "(Tensor, Tensor[], Tensor[])");
+  m.def(
+      "hf_gpt2_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
+      "Tensor? mask, float[] eps, float[] scalings, int heads, int act, Tensor[] packed) -> "
+      "(Tensor, Tensor[], Tensor[])");
 }
 
 // Only ATen calls: one implementation serves every backend.
 TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {
   m.impl("decoder_stack_step", &seqfuse::decoder_stack_step);
   m.impl("hf_decoder_stack_step", &seqfuse::hf_decoder_stack_step);
+  m.impl("hf_gpt2_stack_step", &seqfuse::hf_gpt2_stack_step);
 }

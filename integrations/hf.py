@@ -144,9 +144,10 @@ def optimize(model, *, fused_layers: bool | None = None):
     model.__class__ = _patched_class(base)
     if _ext.env_flag(_ext.EXACT_STEP_ENV, True) and not _ext.disabled():
         # (with fused layers the one-call step runs their packed GEMMs)
-        from integrations import hf_exact_step
+        from integrations import hf_exact_step, hf_gpt2_step
 
-        why = hf_exact_step.enable(model)
+        step = hf_gpt2_step if hf_gpt2_step._transformer(model) is not None else hf_exact_step
+        why = step.enable(model)
         if why is not None:  # the stock layers run: exact either way
             logger.debug("seqfuse: exact decoder step not used: %s", why)
     return model
@@ -154,7 +155,7 @@ def optimize(model, *, fused_layers: bool | None = None):
 
 def restore(model):
     """Undo ``optimize``: the model's classes are its own again."""
-    from integrations import hf_exact_step, hf_fused
+    from integrations import hf_exact_step, hf_fused, hf_gpt2_step
 
     try:
         from transformers import Pipeline
@@ -168,6 +169,7 @@ def restore(model):
     base = getattr(type(model), "_seqfuse_base", None)
     if base is not None:
         hf_exact_step.disable(model)
+        hf_gpt2_step.disable(model)
         model.__class__ = base
     return model
 

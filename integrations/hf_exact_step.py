@@ -176,9 +176,10 @@ def _capturing_hook(hook) -> bool:
     ).startswith("transformers.")
 
 
-def _recorded(layers) -> bool:
+def _recorded(layers, parts=lambda lay: (lay, lay.self_attn, lay.encoder_attn)) -> bool:
     """Whether anything would see the layers' calls: transformers collecting
-    hidden states or attentions (with its hooks), or any other hook."""
+    hidden states or attentions (with its hooks), or any other hook on a
+    layer or on its ``parts``."""
     try:
         from transformers.utils.output_capturing import _active_collector
 
@@ -187,7 +188,7 @@ def _recorded(layers) -> bool:
     except ImportError:  # a transformers without output capturing: hooks decide
         pass
     for lay in layers:
-        for m in (lay, lay.self_attn, lay.encoder_attn):
+        for m in parts(lay):
             if m._forward_pre_hooks or not all(map(_capturing_hook, m._forward_hooks.values())):
                 return True
     return bool(nn.modules.module._global_forward_hooks) or bool(
