@@ -134,3 +134,19 @@ def test_problems(change, reason):
     else:
         model = _gpt2(1, **change)
     assert reason in hf_gpt2_step.problem(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_cuda_bit_identical(dtype):
+    why = hf_gpt2_step._gpt2_library_problem()  # the GPU image's transformers may differ
+    if why is not None:
+        pytest.skip(why)
+    model = _gpt2(8).to(device="cuda", dtype=dtype)
+    ids, mask = make_inputs("gpt2", model, batch=4, seed=8)
+    stock, ours = both(
+        model, ids.cuda(), num_beams=4, max_new_tokens=12, attention_mask=mask.cuda()
+    )
+    assert_same(stock, ours, f"cuda gpt2 {dtype}")
+    assert hf_exact_step.STATS["exact"] > 0
