@@ -17,18 +17,53 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Dot product over n: 16 lane sums (lane l takes d = l mod 16, one vector
+// register), then a pairwise tree over the lanes (depth 4). A sequential
+// combine of the lanes was a 16-add latency chain per score, most of a
+// decoding step's attention time.
+constexpr int kLanes = 16;
+
 template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += a[d] * static_cast<float>(b[d]);
-  return s;
+__attribute__((always_inline)) inline float dot(const float* a, const T* b, int64_t n) {
+  float part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) part[l] += a[d + l] * static_cast<float>(b[d + l]);
+  }
+  for (int l = 0; d < n; ++d, ++l) part[l] += a[d] * static_cast<float>(b[d]);
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
+#pragma omp simd
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  }
+  return part[0];
 }
 
 template <typename T>
 inline void axpy(float a, const T* x, float* y, int64_t n) {
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) y[d] += a * static_cast<float>(x[d]);
+}
+
+// out[d] += sum_j p[j] * v(j)[d] for one head of D channels, j in order
+// (keys with p[j] == 0 skipped, as axpy's callers do), sums in registers.
+template <typename T, int D>
+__attribute__((always_inline)) inline void weighted_sum(const float* pr, int64_t s, const T* v,
+                                                        const int64_t* phys, int64_t v_ss,
+                                                        int64_t v_sm, int64_t offset, float* out) {
+  float a[D];
+#pragma omp simd
+  for (int d = 0; d < D; ++d) a[d] = out[d];
+  for (int64_t j = 0; j < s; ++j) {
+    const float pt = pr[j];
+    if (pt != 0.0f || pt != pt) {
+      const T* vr = v + j * v_ss + phys[j] * v_sm + offset;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) a[d] += pt * static_cast<float>(vr[d]);
+    }
+  }
+#pragma omp simd
+  for (int d = 0; d < D; ++d) out[d] = a[d];
 }
 
 // Tasks [t0, t1) of (query row, query time); all heads of a task together so
@@ -80,11 +115,17 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
         sc[j] = cpu::round_as<T>(pj);
       }
     }
-    for (int64_t j = 0; j < s; ++j) {
-      const T* vr = v + j * p.v_ss + phys[j] * p.v_sm;
-      for (int64_t h = 0; h < heads; ++h) {
-        const float pt = scores[h * s + j];
-        if (pt != 0.0f || pt != pt) axpy(pt, vr + h * dim, acc + h * dim, dim);
+    // Weighted sum of values, head by head (each output element sums over
+    // the keys in key order); a 64-wide head keeps its sums in registers.
+    for (int64_t h = 0; h < heads; ++h) {
+      if (dim == 64) {
+        weighted_sum<T, 64>(scores + h * s, s, v, phys, p.v_ss, p.v_sm, h * dim, acc + h * dim);
+      } else {
+        for (int64_t j = 0; j < s; ++j) {
+          const float pt = scores[h * s + j];
+          if (pt != 0.0f || pt != pt)
+            axpy(pt, v + j * p.v_ss + phys[j] * p.v_sm + h * dim, acc + h * dim, dim);
+        }
       }
     }
     T* o = out + (i * n + row) * c;
