@@ -192,13 +192,23 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(_format_row(row, providers), flush=True)
 
+    import fairseq
+
+    import seqfuse
+
     result = {
         "date": date.today().isoformat(),
+        "git_revision": _git_revision(),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
             "threads": args.threads,
-            "torch": torch.__version__,
+        },
+        "versions": {
             "python": platform.python_version(),
+            "torch": torch.__version__,
+            "fairseq": fairseq.__version__,
+            "seqfuse": seqfuse.__version__,
         },
         "model": str(args.model.name),
         "interactive_lines": args.lines,
@@ -211,6 +221,30 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_revision() -> str | None:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _format_row(row: dict, providers: list[str]) -> str:
