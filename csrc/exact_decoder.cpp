@@ -294,6 +294,21 @@ at::Tensor hf_attend(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return project(o, wo, bo, packed);
 }
 
+// A one-token step's input [bsz, 1, C] split into `heads`: the head size.
+inline int64_t step_head_dim(const at::Tensor& x, int64_t heads) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "x must be [bsz, 1, C], got ", x.sizes());
+  TORCH_CHECK(heads > 0 && x.size(2) % heads == 0, "embed dim ", x.size(2), " not divisible by ",
+              heads, " heads");
+  return x.size(2) / heads;
+}
+
+// A layer's cached K or V: [bsz, heads, t, hd].
+inline void check_cache(const at::Tensor& t, int64_t layer, int64_t bsz, int64_t heads,
+                        int64_t hd) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == bsz && t.size(1) == heads && t.size(3) == hd, "layer ",
+              layer, ": caches must be [", bsz, ", ", heads, ", t, ", hd, "], got ", t.sizes());
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_decoder_stack_step(
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& self_mask,
@@ -312,13 +327,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
                   static_cast<int64_t>(cross_v.size()) == layers,
               "self_v, cross_k, cross_v: one per layer");
   TORCH_CHECK(static_cast<int64_t>(eps.size()) == 3 * layers, "eps: three per layer");
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1, "x must be [bsz, 1, C], got ", x_in.sizes());
   TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4,
               "hf_decoder_stack_step: unknown activation code ", act);
-  const int64_t bsz = x_in.size(0), embed = x_in.size(2);
-  TORCH_CHECK(heads > 0 && embed % heads == 0, "embed dim ", embed, " not divisible by ", heads,
-              " heads");
-  const int64_t hd = embed / heads;
+  const int64_t hd = step_head_dim(x_in, heads), bsz = x_in.size(0);
   std::vector<at::Tensor> new_k, new_v;
   new_k.reserve(layers);
   new_v.reserve(layers);
@@ -330,9 +341,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     const at::Tensor* P = packed.empty() ? nullptr : packed.data() + l * kPackedPerLayer;
     auto pk = [P](int i) { return P == nullptr ? nullptr : P + i; };
     for (const at::Tensor* t : {&self_k[l], &self_v[l], &cross_k[l], &cross_v[l]}) {
-      TORCH_CHECK(t->dim() == 4 && t->size(0) == bsz && t->size(1) == heads && t->size(3) == hd,
-                  "layer ", l, ": caches must be [", bsz, ", ", heads, ", t, ", hd, "], got ",
-                  t->sizes());
+      check_cache(*t, l, bsz, heads, hd);
     }
     // self-attention
     at::Tensor residual = x;
@@ -382,13 +391,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
               "hf_gpt2_stack_step: per-layer lists of the wrong length");
   TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == layers * kPacks,
               "hf_gpt2_stack_step: packed weights: none or ", layers * kPacks);
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1, "x must be [bsz, 1, C], got ", x_in.sizes());
   TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4 || act == 5,
               "hf_gpt2_stack_step: unknown activation code ", act);
-  const int64_t bsz = x_in.size(0), embed = x_in.size(2);
-  TORCH_CHECK(heads > 0 && embed % heads == 0, "embed dim ", embed, " not divisible by ", heads,
-              " heads");
-  const int64_t hd = embed / heads;
+  const int64_t hd = step_head_dim(x_in, heads), bsz = x_in.size(0), embed = x_in.size(2);
   std::vector<at::Tensor> new_k, new_v;
   new_k.reserve(layers);
   new_v.reserve(layers);
@@ -398,11 +403,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
     const double* E = eps.data() + 2 * l;
     const at::Tensor* P = packed.empty() ? nullptr : packed.data() + l * kPacks;
     auto pk = [P](int i) { return P == nullptr ? nullptr : P + i; };
-    for (const at::Tensor* t : {&self_k[l], &self_v[l]}) {
-      TORCH_CHECK(t->dim() == 4 && t->size(0) == bsz && t->size(1) == heads && t->size(3) == hd,
-                  "layer ", l, ": caches must be [", bsz, ", ", heads, ", t, ", hd, "], got ",
-                  t->sizes());
-    }
+    check_cache(self_k[l], l, bsz, heads, hd);
+    check_cache(self_v[l], l, bsz, heads, hd);
     // attention: split of c_attn's output, heads, cache append, sdpa, c_proj
     at::Tensor residual = x;
     const at::Tensor h = layer_norm(x, W[0], W[1], E[0]);

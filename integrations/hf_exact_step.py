@@ -276,29 +276,49 @@ class _Runner:
 
 class ExactLayers(nn.ModuleList):
     """The decoder's own layer list (same modules); inside the decoder's
-    forward it iterates as one :class:`_Runner`."""
+    forward it iterates as one runner (``runner``, a :class:`_Runner`)."""
 
     _seqfuse_armed = False
+    runner = _Runner
 
     def __iter__(self):
         if self.__dict__.get("_seqfuse_armed"):
-            return iter((_Runner(self),))
+            return iter((self.runner(self),))
         return super().__iter__()
 
 
 class _ExactDecoder:
-    """Mixed into the decoder's own class: arms the layer list during forward."""
+    """Mixed into the decoder's own class: arms its layer list (the attribute
+    ``_seqfuse_layer_list``) during forward."""
 
     _seqfuse_hf_exact = True
+    _seqfuse_layer_list = "layers"
 
     def forward(self, *args, **kwargs):
-        layers = self.layers
+        layers = getattr(self, self._seqfuse_layer_list)
         armed = layers.__dict__.get("_seqfuse_armed", False)
         layers.__dict__["_seqfuse_armed"] = not self.training
         try:
             return super().forward(*args, **kwargs)
         finally:
             layers.__dict__["_seqfuse_armed"] = armed
+
+
+def install(module, layer_list: str, list_cls: type, mixin: type) -> None:
+    """Arm ``module``'s ``layer_list`` (a ModuleList) as ``list_cls`` and mix
+    ``mixin`` into ``module``'s class (in place)."""
+    getattr(module, layer_list).__class__ = list_cls
+    # as_base: transformers keys per-class registries (output capturing) by str(class)
+    module.__class__ = mixed_subclass(mixin, type(module), as_base=True)
+
+
+def uninstall(module, layer_list: str) -> None:
+    """Undo :func:`install`."""
+    module.__class__ = type(module).__bases__[1]
+    layers = getattr(module, layer_list)
+    layers.__class__ = nn.ModuleList
+    layers.__dict__.pop("_seqfuse_plan", None)
+    layers.__dict__.pop("_seqfuse_armed", None)
 
 
 def enable(model) -> str | None:
@@ -310,9 +330,7 @@ def enable(model) -> str | None:
     why = problem(model)
     if why is not None:
         return why
-    dec.layers.__class__ = ExactLayers
-    # as_base: transformers keys per-class registries (output capturing) by str(class)
-    dec.__class__ = mixed_subclass(_ExactDecoder, type(dec), as_base=True)
+    install(dec, "layers", ExactLayers, _ExactDecoder)
     return None
 
 
@@ -321,7 +339,4 @@ def disable(model) -> None:
     dec = _decoder(model)
     if dec is None or not getattr(dec, "_seqfuse_hf_exact", False):
         return
-    dec.__class__ = type(dec).__bases__[1]
-    dec.layers.__class__ = nn.ModuleList
-    dec.layers.__dict__.pop("_seqfuse_plan", None)
-    dec.layers.__dict__.pop("_seqfuse_armed", None)
+    uninstall(dec, "layers")

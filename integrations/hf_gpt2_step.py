@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from integrations.hf_exact_step import STATS, _activation_code, _library_problem, _recorded
-from seqfuse._patching import mixed_subclass
+from integrations import hf_exact_step
+from integrations.hf_exact_step import _activation_code, _library_problem, _recorded
 from seqfuse.source_shape import shape_of
 
 # transformers 5.x code the C++ step mirrors, by the shape of its source.
@@ -160,26 +160,13 @@ def _plan(blocks) -> dict:
 _QUIET_KWARGS = {"encoder_attention_mask", "use_cache", "position_ids", "cache_position"}
 
 
-class _Runner:
+class _Runner(hf_exact_step._Runner):
     """What the block loop gets instead of its blocks (one item)."""
-
-    def __init__(self, blocks: ExactBlocks):
-        self.blocks = blocks
-
-    def __call__(self, hidden_states, *args, **kwargs):
-        out = self._exact(hidden_states, args, kwargs)
-        if out is not None:
-            STATS["exact"] += 1
-            return out
-        STATS["stock"] += hidden_states.dim() == 3 and hidden_states.size(1) == 1
-        for block in nn.ModuleList.__iter__(self.blocks):
-            hidden_states = block(hidden_states, *args, **kwargs)
-        return hidden_states
 
     def _exact(self, x, args, kwargs):
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        blocks = list(nn.ModuleList.__iter__(self.blocks))
+        blocks = list(nn.ModuleList.__iter__(self.layers))
         if len(args) != 3 or not set(kwargs) <= _QUIET_KWARGS:
             return None
         cache, mask, enc = args
@@ -197,9 +184,9 @@ class _Runner:
                 return None
         if _recorded(blocks, lambda b: (b, b.ln_1, b.attn, b.ln_2, b.mlp)):
             return None
-        plan = self.blocks.__dict__.get("_seqfuse_plan")
+        plan = self.layers.__dict__.get("_seqfuse_plan")
         if plan is None:
-            plan = self.blocks.__dict__["_seqfuse_plan"] = _plan(blocks)
+            plan = self.layers.__dict__["_seqfuse_plan"] = _plan(blocks)
         n = len(blocks)
         x, new_k, new_v = torch.ops.seqfuse.hf_gpt2_stack_step(
             x,
@@ -236,29 +223,19 @@ class _Runner:
         ]
 
 
-class ExactBlocks(nn.ModuleList):
+class ExactBlocks(hf_exact_step.ExactLayers):
     """The model's own block list (same modules); inside the model's forward it
     iterates as one :class:`_Runner`."""
 
-    def __iter__(self):
-        if self.__dict__.get("_seqfuse_armed"):
-            return iter((_Runner(self),))
-        return super().__iter__()
+    runner = _Runner
 
 
-class _ExactGPT2:
+class _ExactGPT2(hf_exact_step._ExactDecoder):
     """Mixed into the GPT2Model's own class: arms the block list during forward."""
 
+    _seqfuse_hf_exact = False  # (hf_exact_step's BART-family marker)
     _seqfuse_hf_gpt2_exact = True
-
-    def forward(self, *args, **kwargs):
-        blocks = self.h
-        armed = blocks.__dict__.get("_seqfuse_armed", False)
-        blocks.__dict__["_seqfuse_armed"] = not self.training
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            blocks.__dict__["_seqfuse_armed"] = armed
+    _seqfuse_layer_list = "h"
 
 
 def enable(model) -> str | None:
@@ -270,17 +247,12 @@ def enable(model) -> str | None:
     why = problem(model)
     if why is not None:
         return why
-    tr.h.__class__ = ExactBlocks
-    tr.__class__ = mixed_subclass(_ExactGPT2, type(tr), as_base=True)
+    hf_exact_step.install(tr, "h", ExactBlocks, _ExactGPT2)
     return None
 
 
 def disable(model) -> None:
     """Undo :func:`enable`."""
     tr = _transformer(model)
-    if tr is None or not getattr(tr, "_seqfuse_hf_gpt2_exact", False):
-        return
-    tr.__class__ = type(tr).__bases__[1]
-    tr.h.__class__ = nn.ModuleList
-    tr.h.__dict__.pop("_seqfuse_plan", None)
-    tr.h.__dict__.pop("_seqfuse_armed", None)
+    if tr is not None and getattr(tr, "_seqfuse_hf_gpt2_exact", False):
+        hf_exact_step.uninstall(tr, "h")

@@ -200,3 +200,37 @@ class ToyDecoder(FairseqIncrementalDecoder):
 class ToyModel(FairseqEncoderDecoderModel):
     def max_decoder_positions(self):
         return 1024
+
+
+def assert_bit_identical_hypos(a, b, context: str = "") -> None:
+    """Same hypotheses, every tensor equal bit for bit (torch.equal)."""
+    for i, (ha, hb) in enumerate(zip(a, b)):
+        assert len(ha) == len(hb), context
+        for j, (x, y) in enumerate(zip(ha, hb)):
+            where = f"{context} sentence {i} hypothesis {j}"
+            for key in ("tokens", "score", "positional_scores", "attention"):
+                if x[key] is None:
+                    assert y[key] is None, f"{where}: {key}"
+                else:
+                    assert torch.equal(x[key], y[key]), f"{where}: {key}"
+
+
+def decoder_steps(decoder, enc, tokens, orders):
+    """Run ``decoder`` incrementally over ``tokens``; before step t the caches
+    (and the encoder output) are reordered by ``orders[t]`` when given.
+    Returns each step's (logits, alignment attention, inner states)."""
+    state: dict = {}
+    outs = []
+    with torch.no_grad():
+        for t in range(1, tokens.size(1) + 1):
+            order = orders.get(t)
+            if order is not None:
+                decoder.reorder_incremental_state_scripting(state, order)
+                tokens = tokens.index_select(0, order)
+                enc = {
+                    "encoder_out": [enc["encoder_out"][0].index_select(1, order)],
+                    "encoder_padding_mask": [enc["encoder_padding_mask"][0].index_select(0, order)],
+                }
+            x, extra = decoder(tokens[:, :t], encoder_out=enc, incremental_state=state)
+            outs.append((x, extra["attn"][0], extra["inner_states"]))
+    return outs

@@ -13,7 +13,13 @@ import pytest
 import torch
 from fairseq.models.transformer import TransformerDecoder
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
-from generation_utils import load_multi30k, random_sample, random_transformer
+from generation_utils import (
+    assert_bit_identical_hypos,
+    decoder_steps,
+    load_multi30k,
+    random_sample,
+    random_transformer,
+)
 
 from seqfuse import _ext
 from seqfuse.generation import SequenceGenerator
@@ -39,24 +45,10 @@ def pair(model):
     return model, fast
 
 
-def assert_same_hypos(a, b, context=""):
-    for i, (ha, hb) in enumerate(zip(a, b)):
-        assert len(ha) == len(hb), context
-        for j, (x, y) in enumerate(zip(ha, hb)):
-            where = f"{context} sentence {i} hypothesis {j}"
-            assert torch.equal(x["tokens"], y["tokens"]), where
-            assert torch.equal(x["score"], y["score"]), where
-            assert torch.equal(x["positional_scores"], y["positional_scores"]), where
-            if x["attention"] is None:
-                assert y["attention"] is None, where
-            else:
-                assert torch.equal(x["attention"], y["attention"]), where
-
-
 def check_stock_generator(model, d, sample, context="", **kw):
     """fairseq's generator over the stock layers vs over the exact step."""
     stock, fast = pair(model)
-    assert_same_hypos(
+    assert_bit_identical_hypos(
         generate(StockGenerator, stock, d, sample, **kw),
         generate(StockGenerator, fast, d, sample, **kw),
         context,
@@ -93,8 +85,8 @@ def test_generate_bit_identical(variant, beam):
     kw = dict(beam_size=beam, max_len_b=14)
     ref = generate(StockGenerator, stock, d, sample, **kw)
     before = exact_step.STATS["exact"]
-    assert_same_hypos(ref, generate(StockGenerator, fast, d, sample, **kw), variant)
-    assert_same_hypos(ref, generate(SequenceGenerator, fast, d, sample, **kw), variant)
+    assert_bit_identical_hypos(ref, generate(StockGenerator, fast, d, sample, **kw), variant)
+    assert_bit_identical_hypos(ref, generate(SequenceGenerator, fast, d, sample, **kw), variant)
     assert exact_step.STATS["exact"] > before
 
 
@@ -103,26 +95,6 @@ def test_half_precision_bit_identical(dtype):
     model, d = build(seed=3)
     sample = random_sample(d, bsz=4, seed=1)
     check_stock_generator(model.to(dtype), d, sample, str(dtype), beam_size=4, max_len_b=10)
-
-
-def _decoder_steps(decoder, enc, tokens, orders):
-    """Run the decoder incrementally over ``tokens``; before step t, reorder
-    the caches (and the encoder output) by ``orders[t]`` when given."""
-    state: dict = {}
-    outs = []
-    with torch.no_grad():
-        for t in range(1, tokens.size(1) + 1):
-            order = orders.get(t)
-            if order is not None:
-                decoder.reorder_incremental_state_scripting(state, order)
-                tokens = tokens.index_select(0, order)
-                enc = {
-                    "encoder_out": [enc["encoder_out"][0].index_select(1, order)],
-                    "encoder_padding_mask": [enc["encoder_padding_mask"][0].index_select(0, order)],
-                }
-            x, extra = decoder(tokens[:, :t], encoder_out=enc, incremental_state=state)
-            outs.append((x, extra["attn"][0], extra["inner_states"]))
-    return outs
 
 
 def test_decoder_steps_with_reorders_and_shrinking():
@@ -145,9 +117,9 @@ def test_decoder_steps_with_reorders_and_shrinking():
         3: torch.tensor([1, 1, 0, 2, 4, 4, 7, 5, 8, 8, 8, 9]),  # reorder within sentences
         5: torch.tensor([4, 5, 6, 7, 8, 9, 10, 11]),  # sentence 0 finished: shrink
     }
-    ref = _decoder_steps(stock.decoder, enc, tokens, orders)
+    ref = decoder_steps(stock.decoder, enc, tokens, orders)
     before = dict(exact_step.STATS)
-    got = _decoder_steps(fast.decoder, enc, tokens, orders)
+    got = decoder_steps(fast.decoder, enc, tokens, orders)
     assert exact_step.STATS["exact"] - before["exact"] == tokens.size(1) - 1  # all but the first
     for t, ((x0, a0, s0), (x1, a1, s1)) in enumerate(zip(ref, got)):
         assert torch.equal(x0, x1), f"logits, step {t}"
@@ -168,9 +140,9 @@ def test_padding_token_runs_stock_and_stays_exact():
     tokens = torch.randint(4, len(d), (2, 6), generator=torch.Generator().manual_seed(1))
     tokens[:, 0] = d.eos()
     tokens[1, 3] = d.pad()
-    ref = _decoder_steps(stock.decoder, enc, tokens, {})
+    ref = decoder_steps(stock.decoder, enc, tokens, {})
     before = dict(exact_step.STATS)
-    got = _decoder_steps(fast.decoder, enc, tokens, {})
+    got = decoder_steps(fast.decoder, enc, tokens, {})
     assert exact_step.STATS["exact"] - before["exact"] == 2  # steps 2 and 3
     assert exact_step.STATS["stock"] - before["stock"] == 4  # 1, 4 (pad), 5, 6
     for (x0, a0, _), (x1, a1, _) in zip(ref, got):
@@ -258,7 +230,7 @@ def test_multi30k_bit_identical():
     before = exact_step.STATS["exact"]
     for start in (0, 24):
         sample = ds.collater([ds[i] for i in range(start, start + 24)])
-        assert_same_hypos(
+        assert_bit_identical_hypos(
             generate(StockGenerator, stock, d, sample, beam_size=5),
             generate(SequenceGenerator, fast, d, sample, beam_size=5),
             f"multi30k from {start}",

@@ -14,7 +14,9 @@ import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
 from generation_utils import (
+    assert_bit_identical_hypos,
     compare_hypotheses,
+    decoder_steps,
     load_multi30k,
     random_sample,
     random_transformer,
@@ -43,15 +45,6 @@ def generate(model, d, sample, **kw):
     gen = SequenceGenerator([model], d, **kw)
     with torch.no_grad():
         return gen.generate([model], sample)
-
-
-def assert_same_hypos(a, b, context=""):
-    for i, (ha, hb) in enumerate(zip(a, b)):
-        assert len(ha) == len(hb), context
-        for j, (x, y) in enumerate(zip(ha, hb)):
-            where = f"{context} sentence {i} hypothesis {j}"
-            for key in ("tokens", "score", "positional_scores", "attention"):
-                assert torch.equal(x[key], y[key]), f"{where}: {key}"
 
 
 def both_paths(monkeypatch, fn):
@@ -87,30 +80,10 @@ def test_generate_bit_identical_to_layers(monkeypatch, variant, beam):
     kw = dict(beam_size=beam, max_len_b=20)
     layers, one_call, taken = both_paths(monkeypatch, lambda: generate(fast, d, sample, **kw))
     assert taken > 0
-    assert_same_hypos(layers, one_call, variant)
+    assert_bit_identical_hypos(layers, one_call, variant)
     with torch.no_grad():
         stock = StockGenerator([model], d, **kw).generate([model], sample)
     compare_hypotheses(stock, one_call, variant)
-
-
-def _decoder_steps(decoder, enc, tokens, orders):
-    """The decoder run incrementally over ``tokens``; before step t the caches
-    (and the encoder output) are reordered by ``orders[t]`` when given."""
-    state: dict = {}
-    outs = []
-    with torch.no_grad():
-        for t in range(1, tokens.size(1) + 1):
-            order = orders.get(t)
-            if order is not None:
-                decoder.reorder_incremental_state_scripting(state, order)
-                tokens = tokens.index_select(0, order)
-                enc = {
-                    "encoder_out": [enc["encoder_out"][0].index_select(1, order)],
-                    "encoder_padding_mask": [enc["encoder_padding_mask"][0].index_select(0, order)],
-                }
-            x, extra = decoder(tokens[:, :t], encoder_out=enc, incremental_state=state)
-            outs.append((x, extra["attn"][0], extra["inner_states"]))
-    return outs
 
 
 @pytest.mark.parametrize("pre_norm", [False, True])
@@ -135,7 +108,7 @@ def test_decoder_steps_reorders_padding_growth(monkeypatch, pre_norm):
         9: torch.tensor([3, 2, 1, 0, 4, 4, 4, 4]),
     }
     layers, one_call, taken = both_paths(
-        monkeypatch, lambda: _decoder_steps(fast.decoder, enc, tokens, orders)
+        monkeypatch, lambda: decoder_steps(fast.decoder, enc, tokens, orders)
     )
     assert taken == tokens.size(1) - 1  # all but the first step
     for t, ((x0, a0, s0), (x1, a1, s1)) in enumerate(zip(layers, one_call)):
@@ -204,7 +177,7 @@ def test_multi30k_bit_identical_to_layers(monkeypatch):
         monkeypatch, lambda: generate(fast, d, sample, beam_size=5, max_len_b=200)
     )
     assert taken > 0
-    assert_same_hypos(layers, one_call, "multi30k")
+    assert_bit_identical_hypos(layers, one_call, "multi30k")
 
 
 def test_plan_follows_weight_changes(monkeypatch):
@@ -226,7 +199,7 @@ def test_plan_follows_weight_changes(monkeypatch):
     layers, one_call, taken = both_paths(monkeypatch, lambda: generate(fast, d, sample, **kw))
     assert taken > 0
     assert fast.decoder.__dict__["_seqfuse_fused_step_plan"] is not plan
-    assert_same_hypos(layers, one_call, "after an in-place update")
+    assert_bit_identical_hypos(layers, one_call, "after an in-place update")
 
 
 @pytest.mark.parametrize("pre_norm", [False, True])
