@@ -58,7 +58,34 @@ def _exact_steps() -> str:
         out.append("transformers: " + ("verified" if why is None else why))
     except Exception as e:  # report, never fail
         out.append(f"transformers: unavailable ({type(e).__name__})")
+    try:
+        from integrations import hf_gpt2_step
+
+        why = hf_gpt2_step._gpt2_library_problem()
+        out.append("GPT-2: " + ("verified" if why is None else why))
+    except Exception as e:  # report, never fail
+        out.append(f"GPT-2: unavailable ({type(e).__name__})")
     return "; ".join(out)
+
+
+def _fused_stacks() -> str:
+    """Whether the fused mode runs its layer stacks in one C++ call."""
+    from seqfuse import _ext
+    from seqfuse.layers import fused_step
+
+    if not _ext.env_flag(fused_step.FUSED_STEP_ENV, True):
+        return f"off ({fused_step.FUSED_STEP_ENV}=0)"
+    if not _ext.cpu_available()[0]:
+        return "unavailable (no extension)"
+    try:
+        from fairseq.models.transformer import TransformerEncoderBase
+
+        from seqfuse.source_shape import shape_of
+
+        encoder = shape_of(TransformerEncoderBase.forward_scriptable) == fused_step._ENCODER_FORWARD
+    except Exception as e:  # report, never fail
+        return f"decoder step; encoder unavailable ({type(e).__name__})"
+    return "decoder step and encoder" + ("" if encoder else " (encoder: fairseq code not verified)")
 
 
 def collect() -> dict:
@@ -84,6 +111,7 @@ def collect() -> dict:
         "hf integration": _hf_integration(),
         "packed GEMM (fused layers)": _packed_gemm(),
         "exact decoder steps": _exact_steps(),
+        "fused stacks, one call": _fused_stacks(),
         "SEQFUSE_DISABLE": "set" if _ext.disabled() else "unset",
     }
 

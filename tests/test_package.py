@@ -52,8 +52,10 @@ def test_info_lists_versions_and_backends():
     assert hf_line.endswith("available (seqfuse.optimize)"), hf_line
     steps = next(x for x in out.stdout.splitlines() if x.startswith("exact decoder steps"))
     # the pinned fairseq and transformers are the versions the steps mirror
-    assert steps.endswith("fairseq: verified; transformers: verified"), steps
+    assert steps.endswith("fairseq: verified; transformers: verified; GPT-2: verified"), steps
     assert "packed GEMM (fused layers)" in out.stdout
+    stacks = next(x for x in out.stdout.splitlines() if x.startswith("fused stacks, one call"))
+    assert stacks.endswith("decoder step and encoder"), stacks
 
 
 def test_import_without_extension_warns_once_and_uses_the_reference():
