@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -66,6 +67,66 @@ __attribute__((always_inline)) inline void weighted_sum(const float* pr, int64_t
   for (int d = 0; d < D; ++d) out[d] = a[d];
 }
 
+// 16 scores of one 64-wide head at once (fp32): 16 lane sums per key (lane l
+// takes d = l mod 16, as dot() does), then one transposed pairwise tree over
+// the 16 key vectors (lanes l + 8, then + 4, + 2, + 1) instead of 16
+// horizontal reductions. GCC vector extensions, so every target_clones clone
+// compiles it. Rounding differs from dot()'s by the order of its last adds
+// (a few 1e-7 relative).
+// (GCC notes that a 64-byte vector argument's ABI differs without AVX-512:
+// these helpers are always inlined, so no such call exists.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v16f __attribute__((vector_size(64)));
+typedef int v16i __attribute__((vector_size(64)));
+
+__attribute__((always_inline)) inline v16f load16(const float* p) {
+  v16f x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+// a and b each hold 16 / w groups of w lanes (one row's partial sums per
+// group, rows in order, a's before b's): the result holds 32 / w groups of
+// w / 2 lanes, lane l of a group being its lanes l + (l + w / 2).
+template <int W>
+__attribute__((always_inline)) inline v16f pair_sum(v16f a, v16f b) {
+  constexpr int kHalf = W / 2, kGroups = 16 / W;
+  v16i lo, hi;
+  for (int l = 0; l < 16; ++l) {
+    const int g = l / kHalf, off = l % kHalf;
+    const int src = (g < kGroups ? 0 : 16) + (g % kGroups) * W + off;
+    lo[l] = src;
+    hi[l] = src + kHalf;
+  }
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+// scores[j] = round(q . k_j) for keys j0 .. j0 + cnt - 1 (cnt <= 16) of one head.
+__attribute__((always_inline)) inline void scores16(const float* qh, const float* k, int64_t k_ss,
+                                                    int64_t k_sm, const int64_t* phys, int64_t j0,
+                                                    int cnt, int64_t offset, float* out) {
+  const v16f q0 = load16(qh), q1 = load16(qh + 16), q2 = load16(qh + 32), q3 = load16(qh + 48);
+  v16f part[16];
+  for (int r = 0; r < 16; ++r) {
+    if (r < cnt) {
+      const float* kr = k + (j0 + r) * k_ss + phys[j0 + r] * k_sm + offset;
+      v16f a = q0 * load16(kr);
+      a += q1 * load16(kr + 16);
+      a += q2 * load16(kr + 32);
+      a += q3 * load16(kr + 48);
+      part[r] = a;
+    } else {
+      part[r] = v16f{};
+    }
+  }
+  v16f t8[8], t4[4], t2[2];
+  for (int r = 0; r < 8; ++r) t8[r] = pair_sum<16>(part[2 * r], part[2 * r + 1]);
+  for (int r = 0; r < 4; ++r) t4[r] = pair_sum<8>(t8[2 * r], t8[2 * r + 1]);
+  for (int r = 0; r < 2; ++r) t2[r] = pair_sum<4>(t4[2 * r], t4[2 * r + 1]);
+  const v16f sums = pair_sum<2>(t2[0], t2[1]);
+  for (int r = 0; r < cnt; ++r) out[r] = sums[r];
+}
+
 // Tasks [t0, t1) of (query row, query time); all heads of a task together so
 // that each key row (all heads, contiguous) is read once. Scratch: scores
 // [heads, s], phys [s], qs/acc [heads * dim].
@@ -86,7 +147,29 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
     const T* qp = q + i * p.q_st + row * p.q_sn;
     for (int64_t d = 0; d < c; ++d) qs[d] = cpu::round_as<T>(static_cast<float>(qp[d]) * p.scaling);
     const int64_t jend = p.causal_offset >= 0 ? std::min(s, p.causal_offset + i + 1) : s;
-    for (int64_t j = 0; j < s; ++j) {
+    bool scored = false;
+    if constexpr (std::is_same<T, float>::value) {
+      if (dim == 64) {
+        for (int64_t j = 0; j < s; ++j) {
+          phys[j] = p.rows != nullptr ? p.rows[g * p.rows_sg + j * p.rows_sj] : g;
+        }
+        for (int64_t h = 0; h < heads; ++h) {
+          for (int64_t j0 = 0; j0 < s; j0 += 16) {
+            const int cnt = static_cast<int>(std::min<int64_t>(16, s - j0));
+            scores16(qs + h * 64, k, p.k_ss, p.k_sm, phys, j0, cnt, h * 64, scores + h * s + j0);
+          }
+        }
+        for (int64_t j = 0; j < s; ++j) {
+          bool masked = j >= jend;
+          if (!masked && p.pad != nullptr) masked = p.pad[phys[j] * p.pad_sm + j * p.pad_sj] != 0;
+          if (masked) {
+            for (int64_t h = 0; h < heads; ++h) scores[h * s + j] = kNegInf;
+          }
+        }
+        scored = true;
+      }
+    }
+    for (int64_t j = 0; j < s && !scored; ++j) {
       const int64_t m = p.rows != nullptr ? p.rows[g * p.rows_sg + j * p.rows_sj] : g;
       phys[j] = m;
       bool masked = j >= jend;
