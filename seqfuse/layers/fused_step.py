@@ -236,6 +236,8 @@ def one_call_step(decoder, x: Tensor, incremental_state, step_pad: Tensor, align
     if isinstance(plan, str):
         return None
     t, n, c = x.shape
+    if t != 1:
+        return None
     selfs = [cs["self"] for cs in caches]
     crosses = [cs["cross"] for cs in caches]
     slot = selfs[0].length
@@ -256,7 +258,7 @@ def one_call_step(decoder, x: Tensor, incremental_state, step_pad: Tensor, align
         [cache.rows for cache in selfs],
         [cache.pad for cache in selfs],
         slot,
-        step_pad.view(n),
+        None if step_pad is None else step_pad.reshape(n),
         [cc.kv for cc in crosses],
         [cc.map[: cc.n] for cc in crosses],
         [cc.pad for cc in crosses],
