@@ -70,6 +70,47 @@ void check_f32(const at::Tensor& t, const char* what) {
       "fused layer stack: ", what, " must be a contiguous float32 CPU tensor");
 }
 
+// A LayerNorm's parameters.
+struct Norm {
+  const at::Tensor& weight;
+  const at::Tensor& bias;
+  double eps;
+};
+
+at::Tensor layer_norm(const at::Tensor& x, const Norm& norm) {
+  return std::get<1>(
+      add_layernorm_cpu(x, std::nullopt, std::nullopt, norm.weight, norm.bias, norm.eps, false));
+}
+
+// The layers' _residual_norm (seqfuse/layers/transformer.py): post-norm
+// (y, y) with y = LN_own(residual + o + bias); pre-norm (s, LN_next(s)) with
+// s = residual + o + bias. Returns (new x, normalised input of the next block).
+std::tuple<at::Tensor, at::Tensor> residual_norm(const at::Tensor& o, const at::Tensor& bias,
+                                                 const at::Tensor& residual, const Norm& own,
+                                                 const Norm& next, bool pre_norm) {
+  if (pre_norm) {
+    return add_layernorm_cpu(o, bias, residual, next.weight, next.bias, next.eps, true);
+  }
+  at::Tensor y =
+      std::get<1>(add_layernorm_cpu(o, bias, residual, own.weight, own.bias, own.eps, false));
+  return {y, y};
+}
+
+// The layers' _ffn: fc2(act(fc1(h) + b1)) + b2 + residual, then (post-norm)
+// LN_final.
+at::Tensor feed_forward(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& fc1,
+                        const at::Tensor& b1, const at::Tensor& fc2, const at::Tensor& b2,
+                        const Norm& final_norm, int64_t act, bool pre_norm) {
+  at::Tensor f = linear_packed_cpu(h, fc1, std::nullopt, b1.size(0));
+  bias_act_cpu(f, b1, act);
+  const at::Tensor o = linear_packed_cpu(f, fc2, std::nullopt, residual.size(1));
+  if (pre_norm) {
+    return std::get<0>(add_layernorm_cpu(o, b2, residual, std::nullopt, std::nullopt, 1e-5, true));
+  }
+  return std::get<1>(add_layernorm_cpu(o, b2, residual, final_norm.weight, final_norm.bias,
+                                       final_norm.eps, false));
+}
+
 // One layer's self-attention cache: write the step's K/V (columns [C, 3C) of
 // qkv), parent-table column and key padding at `slot`.
 void write_self_slot(const at::Tensor& qkv, const at::Tensor& kv, const at::Tensor& rows,
@@ -139,14 +180,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
     const at::Tensor* w = params.data() + l * kPerLayer;
     const double* num = nums.data() + l * kNumsPerLayer;
     const int64_t h = heads[l];
-    const int64_t ffn = w[kFc1Bias].size(0);
+    const Norm self_norm{w[kSelfLnW], w[kSelfLnB], num[kSelfEps]};
+    const Norm cross_norm{w[kCrossLnW], w[kCrossLnB], num[kCrossEps]};
+    const Norm final_norm{w[kFinalLnW], w[kFinalLnB], num[kFinalEps]};
 
     // Self-attention over the cache (pre-norm: normalise x first).
-    at::Tensor hin = x;
-    if (normalize_before) {
-      hin = std::get<1>(add_layernorm_cpu(x, std::nullopt, std::nullopt, w[kSelfLnW], w[kSelfLnB],
-                                          num[kSelfEps], false));
-    }
+    const at::Tensor hin = normalize_before ? layer_norm(x, self_norm) : x;
     at::Tensor qkv = linear_packed_cpu(hin, w[kQkvPack], w[kQkvBias], 3 * c);  // [n, 3C]
     write_self_slot(qkv, self_kv[l], self_rows[l], self_pad[l], slot, pn);
     const at::Tensor kv = self_kv[l].narrow(0, 0, slot + 1);
@@ -156,14 +195,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
                       self_pad[l].narrow(0, 0, slot + 1).t(), h, num[kSelfScaling], 1, -1, false));
     at::Tensor o = linear_packed_cpu(a.view({n, c}), w[kSelfOutPack], std::nullopt, c);
     at::Tensor normed;
-    if (normalize_before) {
-      std::tie(x, normed) = add_layernorm_cpu(o, w[kSelfOutBias], x, w[kCrossLnW], w[kCrossLnB],
-                                              num[kCrossEps], true);
-    } else {
-      normed = std::get<1>(
-          add_layernorm_cpu(o, w[kSelfOutBias], x, w[kSelfLnW], w[kSelfLnB], num[kSelfEps], false));
-      x = normed;
-    }
+    std::tie(x, normed) =
+        residual_norm(o, w[kSelfOutBias], x, self_norm, cross_norm, normalize_before);
 
     // Cross-attention over the encoder K/V (one set per source sentence).
     const at::Tensor& ckv = cross_kv[l];
@@ -177,25 +210,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
                       cross_pad.get(l), h, num[kCrossScaling], q_per_kv, -1, want_weights);
     if (want_weights) align = cw;
     o = linear_packed_cpu(a.view({n, c}), w[kCrossOutPack], std::nullopt, c);
-    if (normalize_before) {
-      std::tie(x, normed) = add_layernorm_cpu(o, w[kCrossOutBias], x, w[kFinalLnW], w[kFinalLnB],
-                                              num[kFinalEps], true);
-    } else {
-      normed = std::get<1>(add_layernorm_cpu(o, w[kCrossOutBias], x, w[kCrossLnW], w[kCrossLnB],
-                                             num[kCrossEps], false));
-      x = normed;
-    }
+    std::tie(x, normed) =
+        residual_norm(o, w[kCrossOutBias], x, cross_norm, final_norm, normalize_before);
 
-    // Feed-forward.
-    at::Tensor f = linear_packed_cpu(normed, w[kFc1Pack], std::nullopt, ffn);
-    bias_act_cpu(f, w[kFc1Bias], act);
-    o = linear_packed_cpu(f, w[kFc2Pack], std::nullopt, c);
-    if (normalize_before) {
-      x = std::get<0>(add_layernorm_cpu(o, w[kFc2Bias], x, std::nullopt, std::nullopt, 1e-5, true));
-    } else {
-      x = std::get<1>(
-          add_layernorm_cpu(o, w[kFc2Bias], x, w[kFinalLnW], w[kFinalLnB], num[kFinalEps], false));
-    }
+    x = feed_forward(normed, x, w[kFc1Pack], w[kFc1Bias], w[kFc2Pack], w[kFc2Bias], final_norm, act,
+                     normalize_before);
     outputs.push_back(x);
   }
   return {outputs, align};
@@ -219,36 +238,20 @@ at::Tensor fused_encoder_stack(const at::Tensor& x_in, at::TensorList params,
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = params.data() + l * kEncPerLayer;
     const double* num = nums.data() + l * kEncNumsPerLayer;
-    at::Tensor hin = x;
-    if (normalize_before) {
-      hin = std::get<1>(add_layernorm_cpu(x, std::nullopt, std::nullopt, w[kESelfLnW], w[kESelfLnB],
-                                          num[kESelfEps], false));
-    }
+    const Norm self_norm{w[kESelfLnW], w[kESelfLnB], num[kESelfEps]};
+    const Norm final_norm{w[kEFinalLnW], w[kEFinalLnB], num[kEFinalEps]};
+    const at::Tensor hin = normalize_before ? layer_norm(x, self_norm) : x;
     const at::Tensor qkv =
         linear_packed_cpu(hin, w[kEQkvPack], w[kEQkvBias], 3 * c).view({t, n, 3 * c});
     const at::Tensor a =
         std::get<0>(attention_cpu(qkv.narrow(2, 0, c), qkv.narrow(2, c, c), qkv.narrow(2, 2 * c, c),
                                   std::nullopt, key_pad, heads[l], num[kEScaling], 1, -1, false));
-    at::Tensor o = linear_packed_cpu(a.view({t * n, c}), w[kEOutPack], std::nullopt, c);
+    const at::Tensor o = linear_packed_cpu(a.view({t * n, c}), w[kEOutPack], std::nullopt, c);
     at::Tensor normed;
-    if (normalize_before) {
-      std::tie(x, normed) = add_layernorm_cpu(o, w[kEOutBias], x, w[kEFinalLnW], w[kEFinalLnB],
-                                              num[kEFinalEps], true);
-    } else {
-      normed = std::get<1>(
-          add_layernorm_cpu(o, w[kEOutBias], x, w[kESelfLnW], w[kESelfLnB], num[kESelfEps], false));
-      x = normed;
-    }
-    at::Tensor f = linear_packed_cpu(normed, w[kEFc1Pack], std::nullopt, w[kEFc1Bias].size(0));
-    bias_act_cpu(f, w[kEFc1Bias], act);
-    o = linear_packed_cpu(f, w[kEFc2Pack], std::nullopt, c);
-    if (normalize_before) {
-      x = std::get<0>(
-          add_layernorm_cpu(o, w[kEFc2Bias], x, std::nullopt, std::nullopt, 1e-5, true));
-    } else {
-      x = std::get<1>(add_layernorm_cpu(o, w[kEFc2Bias], x, w[kEFinalLnW], w[kEFinalLnB],
-                                        num[kEFinalEps], false));
-    }
+    std::tie(x, normed) =
+        residual_norm(o, w[kEOutBias], x, self_norm, final_norm, normalize_before);
+    x = feed_forward(normed, x, w[kEFc1Pack], w[kEFc1Bias], w[kEFc2Pack], w[kEFc2Bias], final_norm,
+                     act, normalize_before);
   }
   return x.view({t, n, c});
 }
