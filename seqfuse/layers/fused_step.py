@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from seqfuse import _ext
+from seqfuse.layers.transformer import FusedTransformerEncoderLayer, qkv_weights
 from seqfuse.ops.bias_act import ACTIVATIONS
 from seqfuse.ops.linear import kernel_takes, packed
 from seqfuse.source_shape import shape_of
@@ -89,18 +90,32 @@ def _common_problem(layers, x: Tensor) -> str | None:
     return None
 
 
-def _packs_and_biases(x2d: Tensor, weights, biases) -> tuple[list, list] | str:
-    if any(b is None for b in biases):
-        return "a projection without bias"
-    if not all(kernel_takes(x2d, w, b) for w, b in zip(weights, biases)):
-        return "the packed GEMM does not take these parameters here"
-    return [packed(w) for w in weights], [b.detach().contiguous() for b in biases]
+def _blocks(x2d: Tensor, blocks) -> list[Tensor] | str:
+    """The C++ stacks' parameter list for ``blocks`` of ((weight, bias),
+    (weight, bias), LayerNorm): per block the two GEMMs' packs and biases, then
+    the norm's weight and bias; or why the stack cannot take them."""
+    out: list[Tensor] = []
+    for first, second, norm in blocks:
+        for w, b in (first, second):
+            if b is None:
+                return "a projection without bias"
+            if not kernel_takes(x2d, w, b):
+                return "the packed GEMM does not take these parameters here"
+            out += [packed(w), b.detach().contiguous()]
+        if type(norm) is not torch.nn.LayerNorm or norm.weight is None or norm.bias is None:
+            return "a norm without affine parameters"
+        out += [norm.weight.detach(), norm.bias.detach()]
+    return out
 
 
-def _norm_params(norms) -> list | str:
-    if any(type(n) is not torch.nn.LayerNorm or n.weight is None or n.bias is None for n in norms):
-        return "a norm without affine parameters"
-    return [(n.weight.detach(), n.bias.detach()) for n in norms]
+def _plan(layers, params: list[Tensor], nums: list[float]) -> dict:
+    return {
+        "params": params,
+        "nums": nums,
+        "heads": [int(layer.self_attn.num_heads) for layer in layers],
+        "pre_norm": bool(layers[0].normalize_before),
+        "act": ACTIVATIONS[layers[0]._fused_act],
+    }
 
 
 # fairseq's TransformerEncoderBase.forward_scriptable as the fused encoder
@@ -111,8 +126,6 @@ _ENCODER_FORWARD = "f3328021cf33d158"
 def encoder_plan(encoder, x: Tensor) -> dict | str:
     """The constants of the one-call encoder stack, or why the layers run."""
     from fairseq.models.transformer import TransformerEncoderBase
-
-    from seqfuse.layers.transformer import FusedTransformerEncoderLayer
 
     if shape_of(TransformerEncoderBase.forward_scriptable) != _ENCODER_FORWARD:
         return "this fairseq's TransformerEncoderBase.forward_scriptable is not the verified one"
@@ -125,33 +138,24 @@ def encoder_plan(encoder, x: Tensor) -> dict | str:
     params: list[Tensor] = []
     nums: list[float] = []
     for layer in layers:
-        sa = layer.self_attn
         if layer.return_fc:
             return "return_fc"
-        w_qkv, b_qkv = layer._fused_packed.get(
-            (sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight),
-            (sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias),
-        )
-        got = _packs_and_biases(
+        sa = layer.self_attn
+        flat = _blocks(
             x[0],
-            (w_qkv, sa.out_proj.weight, layer.fc1.weight, layer.fc2.weight),
-            (b_qkv, sa.out_proj.bias, layer.fc1.bias, layer.fc2.bias),
-        )
-        ln = _norm_params((layer.self_attn_layer_norm, layer.final_layer_norm))
-        if isinstance(got, str) or isinstance(ln, str):
-            return got if isinstance(got, str) else ln
-        packs, b = got
-        params += [packs[0], b[0], packs[1], b[1], *ln[0]]
-        params += [packs[2], b[2], packs[3], b[3], *ln[1]]
+            [
+                (qkv_weights(layer, layer._fused_packed), (sa.out_proj.weight, sa.out_proj.bias),
+                 layer.self_attn_layer_norm),
+                ((layer.fc1.weight, layer.fc1.bias), (layer.fc2.weight, layer.fc2.bias),
+                 layer.final_layer_norm),
+            ],
+        )  # fmt: skip
+        if isinstance(flat, str):
+            return flat
+        params += flat
         nums += [float(layer.self_attn_layer_norm.eps), float(layer.final_layer_norm.eps)]
         nums.append(float(sa.scaling))
-    return {
-        "params": params,
-        "nums": nums,
-        "heads": [int(layer.self_attn.num_heads) for layer in layers],
-        "pre_norm": bool(layers[0].normalize_before),
-        "act": ACTIVATIONS[layers[0]._fused_act],
-    }
+    return _plan(layers, params, nums)
 
 
 def encoder_stack_takes(encoder, src_tokens: Tensor) -> bool:
@@ -192,34 +196,24 @@ def step_plan(decoder, x: Tensor) -> dict | str:
             return "self- and cross-attention head counts differ"
         if getattr(layer, "attn_ln", None) is not None or getattr(layer, "ffn_layernorm", None):
             return "extra layer norms (NormFormer)"
-        w_qkv, b_qkv = layer._fused_packed_self.get(
-            (sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight),
-            (sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias),
-        )
-        got = _packs_and_biases(
+        flat = _blocks(
             x[0],
-            (w_qkv, sa.out_proj.weight, ea.q_proj.weight, ea.out_proj.weight)
-            + (layer.fc1.weight, layer.fc2.weight),
-            (b_qkv, sa.out_proj.bias, ea.q_proj.bias, ea.out_proj.bias)
-            + (layer.fc1.bias, layer.fc2.bias),
-        )
+            [
+                (qkv_weights(layer, layer._fused_packed_self),
+                 (sa.out_proj.weight, sa.out_proj.bias), layer.self_attn_layer_norm),
+                ((ea.q_proj.weight, ea.q_proj.bias), (ea.out_proj.weight, ea.out_proj.bias),
+                 layer.encoder_attn_layer_norm),
+                ((layer.fc1.weight, layer.fc1.bias), (layer.fc2.weight, layer.fc2.bias),
+                 layer.final_layer_norm),
+            ],
+        )  # fmt: skip
+        if isinstance(flat, str):
+            return flat
+        params += flat
         norms = (layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm)
-        ln = _norm_params(norms)
-        if isinstance(got, str) or isinstance(ln, str):
-            return got if isinstance(got, str) else ln
-        packs, b = got
-        params += [packs[0], b[0], packs[1], b[1], *ln[0]]
-        params += [packs[2], b[2], packs[3], b[3], *ln[1]]
-        params += [packs[4], b[4], packs[5], b[5], *ln[2]]
         nums += [float(n.eps) for n in norms]
         nums += [float(sa.scaling), float(ea.scaling)]
-    return {
-        "params": params,
-        "nums": nums,
-        "heads": [int(layer.self_attn.num_heads) for layer in layers],
-        "pre_norm": bool(layers[0].normalize_before),
-        "act": ACTIVATIONS[layers[0]._fused_act],
-    }
+    return _plan(layers, params, nums)
 
 
 def one_call_step(decoder, x: Tensor, incremental_state, step_pad: Tensor, align_layer: int):

@@ -133,15 +133,21 @@ class FusedTransformerEncoderLayer(TransformerEncoderLayerBase):
         return x2.view(t, n, c)
 
 
+def qkv_weights(layer, packed: _Packed) -> tuple[Tensor, Tensor]:
+    """``layer.self_attn``'s Q, K and V weights and biases, each concatenated
+    (kept in ``packed`` while the sources are unchanged)."""
+    sa = layer.self_attn
+    return packed.get(
+        (sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight),
+        (sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias),
+    )
+
+
 def _self_attn_qkv(layer, packed, x: Tensor) -> tuple[Tensor, Tensor]:
     """Q, K and V of ``layer.self_attn`` in one GEMM (after the pre-norm when
     ``normalize_before``): ``x [T, N, C]`` -> ``(x as [T*N, C], qkv [T, N, 3C])``."""
     t, n, c = x.shape
-    sa = layer.self_attn
-    w_qkv, b_qkv = packed.get(
-        (sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight),
-        (sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias),
-    )
+    w_qkv, b_qkv = qkv_weights(layer, packed)
     x2 = x.reshape(t * n, c)
     h = x2
     if layer.normalize_before:
