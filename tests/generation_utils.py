@@ -64,6 +64,20 @@ def run_both(models, tgt_dict, sample, gen_kwargs=None, **generate_kwargs):
     return results
 
 
+# Architecture overrides of random_transformer that every layer path must
+# reproduce (norm placement, activations, positions, embedding options, heads).
+LAYER_VARIANTS = {
+    "post-norm relu": {},
+    "pre-norm": dict(decoder_normalize_before=True, encoder_normalize_before=True),
+    "gelu": dict(activation_fn="gelu"),
+    "tanh": dict(activation_fn="tanh"),
+    "learned positions": dict(decoder_learned_pos=True, encoder_learned_pos=True),
+    "layernorm_embedding, no embed scale": dict(layernorm_embedding=True, no_scale_embedding=True),
+    "3 layers, 8 heads, dim 64": dict(layers=3, dim=64, heads=8),
+    "1 head": dict(heads=1),
+}
+
+
 def random_transformer(
     vocab: int,
     seed: int,

@@ -14,6 +14,7 @@ import torch
 from fairseq.models.transformer import TransformerDecoder
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
 from generation_utils import (
+    LAYER_VARIANTS,
     assert_bit_identical_hypos,
     decoder_steps,
     load_multi30k,
@@ -61,25 +62,13 @@ def generate(gen_cls, model, d, sample, **kw):
         return gen.generate([model], sample)
 
 
-VARIANTS = {
-    "post-norm relu": {},
-    "pre-norm": dict(decoder_normalize_before=True, encoder_normalize_before=True),
-    "gelu": dict(activation_fn="gelu"),
-    "tanh": dict(activation_fn="tanh"),
-    "learned positions": dict(decoder_learned_pos=True, encoder_learned_pos=True),
-    "layernorm_embedding, no embed scale": dict(layernorm_embedding=True, no_scale_embedding=True),
-    "3 layers, 8 heads, dim 64": dict(layers=3, dim=64, heads=8),
-    "1 head": dict(heads=1),
-}
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(LAYER_VARIANTS))
 @pytest.mark.parametrize("beam", [1, 3, 5])
 def test_generate_bit_identical(variant, beam):
     """Stock's generator over stock layers vs stock's and seqfuse's generators
     over the exact step: beam 1 takes the bmm cross attention, beam > 1 the
     per-sentence einsum; finished sentences shrink the batch."""
-    model, d = build(seed=len(variant) + beam, **VARIANTS[variant])
+    model, d = build(seed=len(variant) + beam, **LAYER_VARIANTS[variant])
     stock, fast = pair(model)
     sample = random_sample(d, bsz=6, seed=beam)
     kw = dict(beam_size=beam, max_len_b=14)

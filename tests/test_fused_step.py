@@ -14,6 +14,7 @@ import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
 from generation_utils import (
+    LAYER_VARIANTS,
     assert_bit_identical_hypos,
     compare_hypotheses,
     decoder_steps,
@@ -57,24 +58,13 @@ def both_paths(monkeypatch, fn):
     return layers, one_call, fused_step.STATS["one_call"] - before
 
 
-VARIANTS = {
-    "post-norm relu": {},
-    "pre-norm": dict(decoder_normalize_before=True, encoder_normalize_before=True),
-    "gelu": dict(activation_fn="gelu"),
-    "learned positions": dict(decoder_learned_pos=True, encoder_learned_pos=True),
-    "layernorm_embedding, no embed scale": dict(layernorm_embedding=True, no_scale_embedding=True),
-    "3 layers, 8 heads, dim 64": dict(layers=3, dim=64, heads=8),
-    "1 head": dict(heads=1),
-}
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(LAYER_VARIANTS))
 @pytest.mark.parametrize("beam", [1, 5])
 def test_generate_bit_identical_to_layers(monkeypatch, variant, beam):
     """Whole searches (reorders, finished sentences shrinking the batch, cache
     growth past the initial slots): the one-call step is bit-identical to the
     layer path, and the search agrees with stock fairseq's."""
-    model, d = random_transformer(60, len(variant) + beam, perturb=True, **VARIANTS[variant])
+    model, d = random_transformer(60, len(variant) + beam, perturb=True, **LAYER_VARIANTS[variant])
     fast = fused(model)
     sample = random_sample(d, bsz=6, seed=beam)
     kw = dict(beam_size=beam, max_len_b=20)
