@@ -52,33 +52,41 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kMaxLanes = 16;  // one AVX-512 vector or two AVX2 vectors
 
 // Chunk maxima of one row ([V] -> [nchunks]) and whether any logit is NaN.
-// The maximum ignores NaN (a NaN never compares greater).
+// The maximum ignores NaN (a NaN never compares greater). Each chunk keeps 16
+// running lane maxima (a GCC vector, so every target clone gets real vector
+// compares and selects; max is exact, so the lane order changes no result).
+typedef float SfV16f __attribute__((vector_size(64)));
+typedef int SfV16i __attribute__((vector_size(64)));
+
 SF_MULTIVERSION bool row_chunk_max(const float* __restrict x, int64_t V,
                                    float* __restrict chunk_max) {
-  int nan_seen = 0;
+  static_assert(kChunk % kMaxLanes == 0, "a chunk is a whole number of lane groups");
+  SfV16i nan_seen = {};
   const int64_t nch = num_chunks(V);
   for (int64_t c = 0; c < nch; ++c) {
     const int64_t lo = c * kChunk, n = std::min<int64_t>(kChunk, V - lo);
     const float* xc = x + lo;
-    float lane[kMaxLanes];
+    SfV16f lane;
     for (int l = 0; l < kMaxLanes; ++l) lane[l] = kNegInf;
     int64_t v = 0;
-    for (; v + kMaxLanes <= n; v += kMaxLanes)
-      for (int l = 0; l < kMaxLanes; ++l) {
-        const float xv = xc[v + l];
-        nan_seen |= (xv != xv);
-        lane[l] = xv > lane[l] ? xv : lane[l];
-      }
-    for (; v < n; ++v) {
-      const float xv = xc[v];
+    for (; v + kMaxLanes <= n; v += kMaxLanes) {
+      SfV16f xv;
+      __builtin_memcpy(&xv, xc + v, sizeof(xv));
       nan_seen |= (xv != xv);
-      lane[0] = xv > lane[0] ? xv : lane[0];
+      lane = xv > lane ? xv : lane;
     }
     float cm = lane[0];
     for (int l = 1; l < kMaxLanes; ++l) cm = lane[l] > cm ? lane[l] : cm;
+    for (; v < n; ++v) {
+      const float xv = xc[v];
+      nan_seen[0] |= (xv != xv);
+      cm = xv > cm ? xv : cm;
+    }
     chunk_max[c] = cm;
   }
-  return nan_seen != 0;
+  int any = 0;
+  for (int l = 0; l < kMaxLanes; ++l) any |= nan_seen[l];
+  return any != 0;
 }
 
 // Appends to `hits` the tokens v of a row whose unedited score is >= tau. A
