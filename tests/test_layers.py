@@ -482,9 +482,9 @@ def test_seqfuse_generator_gives_one_encoder_row_per_sentence(beam, monkeypatch)
     seen = []
     orig = FusedTransformerDecoderLayer._cross_cache
 
-    def spy(self, enc, enc_pad, n, per_source=None):
-        cache = orig(self, enc, enc_pad, n, per_source)
-        seen.append((enc.size(1), n, cache.kv.size(1), cache.q_per_kv))
+    def spy(self, enc, enc_pad, n, per_source=None, shared=None):
+        cache = orig(self, enc, enc_pad, n, per_source, shared)
+        seen.append((enc.size(1), n, cache.kv.size(1), cache.q_per_kv, cache.later_q_per_kv))
         return cache
 
     monkeypatch.setattr(FusedTransformerDecoderLayer, "_cross_cache", spy)
@@ -492,7 +492,10 @@ def test_seqfuse_generator_gives_one_encoder_row_per_sentence(beam, monkeypatch)
     src[6, :3] = d.pad()
     hypos = _seqfuse_vs_stock(model, ref, d, src, beam)
     assert len({len(h[0]["tokens"]) for h in hypos}) > 1  # batch shrinks happened
-    assert seen == [(8, 8 * beam, 8, beam)] * len(model.decoder.layers)
+    # Beam search's first step decodes one row per sentence (the beams share
+    # it), then `beam` query rows per sentence share the K/V.
+    later = beam if beam > 1 else 0
+    assert seen == [(8, 8, 8, 1, later)] * len(model.decoder.layers)
 
 
 def test_fused_decoder_fallback_repeats_a_per_source_encoder_output(monkeypatch):

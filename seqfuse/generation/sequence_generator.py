@@ -39,7 +39,7 @@ from fairseq.sequence_generator import SequenceGenerator as StockSequenceGenerat
 from torch import Tensor
 
 from seqfuse import _ext
-from seqfuse.layers.kv_cache import ROWS_PER_SOURCE
+from seqfuse.layers.kv_cache import FIRST_STEP_SHARED, ROWS_PER_SOURCE
 from seqfuse.ops.beam_topk import (
     EOS_ALLOW,
     EOS_FORBID,
@@ -61,6 +61,15 @@ FALLBACK_PREFIX = "seqfuse: falling back to stock SequenceGenerator: "
 # decoder layers: its rows come in groups of `beam` rows of one source, so the
 # layers keep the cross-attention K/V once per sentence; a fused decoder on its
 # fast path gets one encoder row per sentence.
+#
+# Beam search's first step decodes `beam` identical rows per sentence (all
+# start from BOS; stock keeps the first row's candidates). A fused decoder on
+# its fast path computes every row independently of the others, so it decodes
+# one row per sentence there (FIRST_STEP_SHARED) with the same result bit for
+# bit; SHARED_FIRST_STEP_ENV=0 decodes all rows.
+SHARED_FIRST_STEP_ENV = "SEQFUSE_SHARED_FIRST_STEP"
+# First steps decoded on one row per sentence (tests and benchmarks read it).
+STATS = {"shared_first_steps": 0}
 
 # attn / finished attention buffers: time columns allocated at first, then
 # grown by doubling (up to max_len) instead of max_len columns up front.
@@ -227,7 +236,7 @@ class SequenceGenerator(StockSequenceGenerator):
         rows = 1 if step == 0 else beam_size
         k = min(2 * beam_size, rows * V - 1)
         src, ban = logits, banned
-        if step == 0:
+        if step == 0 and logits.size(0) != bsz:  # all beams decoded: keep the first
             src = logits.view(bsz, beam_size, V)[:, 0]
             ban = None if banned is None else banned.view(bsz, beam_size, -1)[:, 0]
         cum = None if step == 0 else scores[:, step - 1]
@@ -329,6 +338,19 @@ class SequenceGenerator(StockSequenceGenerator):
         if not per_source:
             new_order = torch.arange(bsz, device=device).repeat_interleave(beam_size)
             encoder_outs = model.reorder_encoder_out(encoder_outs, new_order)
+        beam_search = type(self.search) is search.BeamSearch
+        # The first step on one row per sentence (see SHARED_FIRST_STEP_ENV):
+        # candidates from the fused op, rows that cannot differ.
+        shared_first = (
+            per_source
+            and fused_logits
+            and beam_search
+            and self.lm_model is None
+            and prefix_tokens is None
+            and model.has_incremental_states()
+            and not torch.is_grad_enabled()
+            and _ext.env_flag(SHARED_FIRST_STEP_ENV, True)
+        )
 
         long_opts = {"device": device, "dtype": torch.long}
         scores = torch.zeros(bsz * beam_size, max_len + 1, device=device, dtype=torch.float)
@@ -344,7 +366,6 @@ class SequenceGenerator(StockSequenceGenerator):
             original_batch_idxs = sample["id"]
         else:
             original_batch_idxs = torch.arange(bsz, device=device)
-        beam_search = type(self.search) is search.BeamSearch
         suppress = self.token_indices_to_suppress
         ngram = self.repeat_ngram_blocker.no_repeat_ngram_size if self.repeat_ngram_blocker else 0
 
@@ -378,9 +399,21 @@ class SequenceGenerator(StockSequenceGenerator):
                         rows = sent_ids if per_source else sent_ids.repeat_interleave(beam_size)
                         encoder_outs = model.reorder_encoder_out(source_outs, rows)
 
+            step_tokens = tokens[:, : step + 1]
+            shared = shared_first and step == 0
+            if shared:
+                step_tokens = tokens[::beam_size, :1]
+                for state in incremental_states:
+                    state[FIRST_STEP_SHARED] = beam_size
             out, is_logprobs, avg_attn_scores = self._decoder_step(
-                tokens[:, : step + 1], encoder_outs, incremental_states, fused_logits
+                step_tokens, encoder_outs, incremental_states, fused_logits
             )
+            if shared:
+                STATS["shared_first_steps"] += 1
+                for state in incremental_states:
+                    del state[FIRST_STEP_SHARED]
+                if avg_attn_scores is not None:
+                    avg_attn_scores = avg_attn_scores.repeat_interleave(beam_size, dim=0)
             prefix_step = (
                 prefix_tokens is not None and step < prefix_tokens.size(1) and step < max_len
             )
@@ -397,7 +430,9 @@ class SequenceGenerator(StockSequenceGenerator):
                 banned = suppress.to(device).unsqueeze(0).expand(out.size(0), -1)
             if fused:
                 if ngram:
-                    grams = ngram_banned_tokens(tokens, step, ngram)
+                    grams = ngram_banned_tokens(
+                        tokens[::beam_size] if shared else tokens, step, ngram
+                    )
                     if grams is not None:
                         banned = grams if banned is None else torch.cat([grams, banned], dim=1)
                 cand_scores, cand_indices, cand_beams = self._fused_candidates(

@@ -385,7 +385,7 @@ class FusedTransformerDecoder(TransformerDecoderBase):
         if attn is not None:
             if alignment_heads is not None:
                 attn = attn[:alignment_heads]
-            attn = attn.mean(dim=0)
+            attn = _head_mean(attn)
         if self.layer_norm is not None:
             ln = self.layer_norm
             x = add_layernorm(x.view(t * bs, c), None, None, ln.weight, ln.bias, ln.eps)[1].view(
@@ -393,6 +393,17 @@ class FusedTransformerDecoder(TransformerDecoderBase):
             )
         x = x.transpose(0, 1)
         return x, {"attn": [attn], "inner_states": inner_states}
+
+
+def _head_mean(attn: Tensor) -> Tensor:
+    """``attn [heads, ...]`` averaged over heads, summed head by head: the same
+    order for every element whatever the row count (torch's mean over dim 0
+    picks its order by the inner size), so a row's weights do not depend on
+    the batch it is decoded in."""
+    acc = attn[0].clone()
+    for h in range(1, attn.size(0)):
+        acc.add_(attn[h])
+    return acc.div_(attn.size(0))
 
 
 def _copies_per_row(encoder_out, incremental_state, rows: int):

@@ -33,6 +33,13 @@ from torch import Tensor
 # takes_encoder_out_per_source() says so, one. seqfuse's generator sets it.
 ROWS_PER_SOURCE = "seqfuse.rows_per_source"
 
+# incremental_state[FIRST_STEP_SHARED] = k, set with ROWS_PER_SOURCE = k for
+# the first decoder call only: the k rows of each source would be identical
+# there (beam search's first step), so the call gets one row per source; the
+# caches it creates hold that row once, and the first reorder (addressing k
+# rows per source) maps each row to its source's row.
+FIRST_STEP_SHARED = "seqfuse.first_step_shared"
+
 INITIAL_SLOTS = 8  # self-attention slots allocated at the first step
 MIN_GROWTH = 4  # a growth adds a quarter of the slots, at least this many
 
@@ -45,8 +52,11 @@ def next_slots(need: int, have: int) -> int:
 class SelfAttnCache:
     """K/V of the decoded prefix for ``n`` logical rows, written in place."""
 
-    def __init__(self, rows: int, slots: int, channels: int, like: Tensor):
+    def __init__(self, rows: int, slots: int, channels: int, like: Tensor, expand: int = 1):
         self.channels = channels
+        # > 1 until the first reorder: that reorder's indices address `expand`
+        # rows per row written (FIRST_STEP_SHARED).
+        self.expand = expand
         self.kv = like.new_empty((slots, rows, 2 * channels))  # [L, R, 2C]
         self.rows = torch.empty((rows, slots), dtype=torch.long, device=like.device)  # [R, L]
         self.rows_alt = torch.empty_like(self.rows)
@@ -122,6 +132,9 @@ class SelfAttnCache:
 
     def reorder(self, new_order: Tensor) -> None:
         n_new = new_order.numel()
+        if self.expand > 1:
+            new_order = torch.div(new_order, self.expand, rounding_mode="floor")
+            self.expand = 1
         if self.length == 0:
             self.n = n_new
             return
@@ -135,11 +148,16 @@ class SelfAttnCache:
 class CrossAttnCache:
     """Encoder K/V per sentence, shared by ``q_per_kv`` query rows."""
 
-    def __init__(self, kv: Tensor, pad: Tensor | None, q_per_kv: int, beam: int):
+    def __init__(
+        self, kv: Tensor, pad: Tensor | None, q_per_kv: int, beam: int, later_q_per_kv: int = 0
+    ):
         self.kv = kv  # [S, sentences, 2C]
         self.pad = pad  # [sentences, S] or None
         self.q_per_kv = q_per_kv
         self.beam = beam
+        # Query rows per kv row from the first reorder on, when the first step
+        # had one row per source (FIRST_STEP_SHARED); 0: unchanged.
+        self.later_q_per_kv = later_q_per_kv
         sent = kv.size(1)
         self.map = torch.arange(sent, device=kv.device)
         self.map_alt = torch.empty_like(self.map)
@@ -150,6 +168,8 @@ class CrossAttnCache:
         return self.kv[..., :c], self.kv[..., c:], self.map[: self.n], self.pad
 
     def reorder(self, new_order: Tensor) -> None:
+        if self.later_q_per_kv:
+            self.q_per_kv, self.later_q_per_kv = self.later_q_per_kv, 0
         # fairseq's rule (MultiheadAttention.reorder_incremental_state): same
         # row count means a reorder inside sentences, which shared K/V ignore.
         if self.n * self.beam == new_order.numel():

@@ -30,6 +30,7 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from seqfuse.layers.kv_cache import (
+    FIRST_STEP_SHARED,
     INITIAL_SLOTS,
     ROWS_PER_SOURCE,
     CrossAttnCache,
@@ -275,7 +276,8 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
         if caches is not None:
             cache = caches.get("self")
             if cache is None:
-                cache = SelfAttnCache(n, max(INITIAL_SLOTS, 2 * t), c, qkv)
+                expand = int(incremental_state.get(FIRST_STEP_SHARED) or 1)
+                cache = SelfAttnCache(n * expand, max(INITIAL_SLOTS, 2 * t), c, qkv, expand)
                 caches["self"] = cache
             cache.append(qkv[..., c:], self_attn_padding_mask)
             k, v, rows, pad = cache.views()
@@ -303,8 +305,11 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
             ea = self.encoder_attn
             cache = caches.get("cross") if caches is not None else None
             if cache is None:
-                per_source = incremental_state.get(ROWS_PER_SOURCE) if caches is not None else None
-                cache = self._cross_cache(encoder_out, encoder_padding_mask, n, per_source)
+                per_source = shared = None
+                if caches is not None:
+                    per_source = incremental_state.get(ROWS_PER_SOURCE)
+                    shared = incremental_state.get(FIRST_STEP_SHARED)
+                cache = self._cross_cache(encoder_out, encoder_padding_mask, n, per_source, shared)
                 if caches is not None:
                     caches["cross"] = cache
             q = linear(h, ea.q_proj.weight, ea.q_proj.bias).view(t, n, c)
@@ -322,17 +327,27 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
         return x2.view(t, n, c), attn, None
 
     def _cross_cache(
-        self, enc: Tensor, enc_pad: Tensor | None, n: int, per_source: int | None = None
+        self,
+        enc: Tensor,
+        enc_pad: Tensor | None,
+        n: int,
+        per_source: int | None = None,
+        shared: int | None = None,
     ) -> CrossAttnCache:
         """K/V of the encoder output, once per source when ``n`` query rows
         share a source: with ``per_source = k`` (the incremental state's
         ``ROWS_PER_SOURCE``) ``enc`` has one row per source or k copies of
         each; without it, copies as many as fairseq's ``set_beam_size`` gave
-        the encoder attention."""
+        the encoder attention. With ``shared = k`` (``FIRST_STEP_SHARED``) the
+        ``n`` rows are one per source now and ``k`` per source from the first
+        reorder on."""
         ea = self.encoder_attn
         s, rows, ce = enc.shape
         k = int(per_source or 0)
-        if k > 1 and rows * k == n:  # one encoder row per source
+        later = 0
+        if shared and int(shared) > 1 and rows == n:  # one row per source, for now
+            beam, q_per_kv, later = int(shared), 1, int(shared)
+        elif k > 1 and rows * k == n:  # one encoder row per source
             beam = q_per_kv = k
         else:
             beam = int(getattr(ea, "beam_size", 1))
@@ -349,4 +364,4 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
         sent = enc.size(1)
         kv = linear(enc.reshape(s * sent, ce), w_kv, b_kv).view(s, sent, -1)
         pad = enc_pad.bool() if enc_pad is not None else None
-        return CrossAttnCache(kv, pad, q_per_kv, beam)
+        return CrossAttnCache(kv, pad, q_per_kv, beam, later)
