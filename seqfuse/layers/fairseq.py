@@ -357,7 +357,13 @@ class FusedTransformerDecoder(TransformerDecoderBase):
         one_call = None
         if incremental_state is not None and enc is not None:
             one_call = one_call_step(
-                self, x, incremental_state, self_attn_padding_mask, alignment_layer
+                self,
+                x,
+                incremental_state,
+                self_attn_padding_mask,
+                alignment_layer,
+                enc,
+                padding_mask,
             )
             FUSED_STEP_STATS["one_call" if one_call is not None else "layers"] += 1
         if one_call is not None:

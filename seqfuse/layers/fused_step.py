@@ -11,9 +11,9 @@ the ops that dominates small-batch steps.
 
 It takes a step when
 
-- the decoder is in incremental decoding and every layer's caches exist (the
-  first step runs the layers: it allocates the caches and computes the
-  encoder K/V once per sentence);
+- the decoder is in incremental decoding, one token per row (the first step
+  creates every layer's caches first, as the layers would: empty
+  self-attention caches and the encoder K/V once per sentence);
 - the step is float32 on the CPU and the packed GEMM kernel runs there;
 - every layer is a fused layer with cross-attention, biased projections and
   the same heads, norm placement and activation (checked once per generation,
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from seqfuse import _ext
+from seqfuse.layers.kv_cache import FIRST_STEP_SHARED, INITIAL_SLOTS, ROWS_PER_SOURCE, SelfAttnCache
 from seqfuse.layers.transformer import FusedTransformerEncoderLayer, qkv_weights
 from seqfuse.ops.bias_act import ACTIVATIONS
 from seqfuse.ops.linear import kernel_takes, packed
@@ -52,15 +53,27 @@ STATS = {"one_call": 0, "layers": 0, "encoder": 0}
 PLAN_KEY = "seqfuse.fused_step_plan"
 
 
+def _params_key(module: torch.nn.Module) -> tuple:
+    """(storage, version counter) of every parameter under ``module``: a walk
+    over the modules' own dicts (what ``parameters()`` visits, without its
+    generator machinery; this runs once per generation)."""
+    key = []
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        for p in m._parameters.values():
+            if p is not None:
+                key.append((p.data_ptr(), -1 if p.is_inference() else p._version))
+        todo.extend(sub for sub in m._modules.values() if sub is not None)
+    return tuple(key)
+
+
 def _cached(stack, x: Tensor, attr: str, build) -> dict | str:
     """``build(stack, x)``, reused while the layers' parameters (storage and
     version counter), the input's dtype and device are unchanged."""
     if not _ext.env_flag(FUSED_STEP_ENV, True):
         return f"{FUSED_STEP_ENV}=0"
-    params = tuple(
-        (p.data_ptr(), -1 if p.is_inference() else p._version) for p in stack.layers.parameters()
-    )
-    key = (x.dtype, x.device, params)
+    key = (x.dtype, x.device, _params_key(stack.layers))
     hit = stack.__dict__.get(attr)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -216,22 +229,51 @@ def step_plan(decoder, x: Tensor) -> dict | str:
     return _plan(layers, params, nums)
 
 
-def one_call_step(decoder, x: Tensor, incremental_state, step_pad: Tensor, align_layer: int):
+def _first_step_caches(layers, x: Tensor, incremental_state, enc: Tensor, enc_pad) -> list:
+    """The caches the layer path's first step would create: empty self-attention
+    caches and the encoder K/V (``FusedTransformerDecoderLayer._cross_cache``)."""
+    _, n, c = x.shape
+    per_source = incremental_state.get(ROWS_PER_SOURCE)
+    shared = incremental_state.get(FIRST_STEP_SHARED)
+    expand = int(shared or 1)
+    caches = []
+    for layer in layers:
+        state = layer._caches(incremental_state)
+        cache = SelfAttnCache(n * expand, INITIAL_SLOTS, c, x, expand)
+        cache.n = n  # the rows this step writes (append would set it)
+        state["self"] = cache
+        state["cross"] = layer._cross_cache(enc, enc_pad, n, per_source, shared)
+        caches.append(state)
+    return caches
+
+
+def one_call_step(
+    decoder,
+    x: Tensor,
+    incremental_state,
+    step_pad: Tensor,
+    align_layer: int,
+    enc: Tensor,
+    enc_pad: Tensor | None,
+):
     """Every layer of an incremental step in one call: ``x [1, n, C]`` ->
     ``(x [1, n, C], attn weights of align_layer [heads, n, 1, S] or None,
-    per-layer outputs)``, or None when the layers must run."""
-    caches = [incremental_state.get(layer._fused_key) for layer in decoder.layers]
-    if any(c is None or "self" not in c or "cross" not in c for c in caches):
-        return None  # the first step: the layers build the caches
+    per-layer outputs)``, or None when the layers must run. The first step
+    creates the caches first, as the layers would."""
+    t, n, c = x.shape
+    if t != 1:
+        return None
     plan = incremental_state.get(PLAN_KEY)
     if plan is None:
         plan = cached_plan(decoder, x)
         incremental_state[PLAN_KEY] = plan
     if isinstance(plan, str):
         return None
-    t, n, c = x.shape
-    if t != 1:
-        return None
+    caches = [incremental_state.get(layer._fused_key) for layer in decoder.layers]
+    if all(c is None for c in caches):
+        caches = _first_step_caches(decoder.layers, x, incremental_state, enc, enc_pad)
+    elif any(c is None or "self" not in c or "cross" not in c for c in caches):
+        return None  # caches the layers made (the layers keep them in step)
     selfs = [cs["self"] for cs in caches]
     crosses = [cs["cross"] for cs in caches]
     slot = selfs[0].length
