@@ -49,6 +49,7 @@ from seqfuse.ops.beam_topk import (
     beam_topk,
     beam_topk_reference,
 )
+from seqfuse.ops.search import select_active
 
 logger = logging.getLogger("seqfuse.generation")
 _warned: set[str] = set()
@@ -361,9 +362,7 @@ class SequenceGenerator(StockSequenceGenerator):
         tokens[:, 0] = self.eos if bos_token is None else bos_token
         attn: Optional[Tensor] = None
         cands_to_ignore = torch.zeros(bsz, beam_size, device=device, dtype=torch.bool)
-        cand_size = 2 * beam_size
         bbsz_offsets = (torch.arange(bsz, device=device) * beam_size).unsqueeze(1)
-        cand_offsets = torch.arange(cand_size, device=device)
         beam_arange = torch.arange(beam_size, device=device)
         if "id" in sample and isinstance(sample["id"], Tensor):
             original_batch_idxs = sample["id"]
@@ -538,30 +537,11 @@ class SequenceGenerator(StockSequenceGenerator):
             else:
                 prev_rows = None
 
-            eos_mask[:, :beam_size] = ~((~cands_to_ignore) & (~eos_mask[:, :beam_size]))
-            active_mask = torch.add(
-                eos_mask.type_as(cand_offsets) * cand_size, cand_offsets[: eos_mask.size(1)]
-            )
-            new_cands_to_ignore, active_hypos = torch.topk(
-                active_mask, k=beam_size, dim=1, largest=False
-            )
-            cands_to_ignore = new_cands_to_ignore.ge(cand_size)[:, :beam_size]
-            active_bbsz_idx = torch.gather(cand_bbsz_idx, dim=1, index=active_hypos).view(-1)
-
-            tokens[:, : step + 1] = torch.index_select(tokens[:, : step + 1], 0, active_bbsz_idx)
-            tokens.view(bsz, beam_size, -1)[:, :, step + 1] = torch.gather(
-                cand_indices, dim=1, index=active_hypos
-            )
-            if step > 0:
-                scores[:, :step] = torch.index_select(scores[:, :step], 0, active_bbsz_idx)
-            scores.view(bsz, beam_size, -1)[:, :, step] = torch.gather(
-                cand_scores, dim=1, index=active_hypos
-            )
+            active_bbsz_idx, active_hypos, cands_to_ignore = select_active(
+                eos_mask, cands_to_ignore, cand_bbsz_idx, cand_indices, cand_scores,
+                tokens, scores, attn, step,
+            )  # fmt: skip
             self.search.update_constraints(active_hypos)
-            if attn is not None:
-                attn[:, :, : step + 2] = torch.index_select(
-                    attn[:, :, : step + 2], 0, active_bbsz_idx
-                )
             reorder_state = active_bbsz_idx
 
         return self._collect(n_fin, fin_tokens, fin_len, fin_score, fin_pos, fin_attn)

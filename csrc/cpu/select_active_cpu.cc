@@ -1,0 +1,142 @@
+// seqfuse::select_active (CPU): the end of a beam-search step, after the
+// finished hypotheses are taken: which candidates continue, and the token,
+// score and attention histories gathered for them. One call instead of a
+// dozen small torch ops per step (fairseq's SequenceGenerator does, per
+// sentence s with candidates j < 2k and beams k):
+//
+//   mask[s, j]    = eos[s, j] | (j < k & ignore[s, j])
+//   hypos[s, :]   = the k smallest of mask * 2k + j (ascending): the first
+//                   unmasked candidates in candidate order, then masked ones
+//   new_ignore    = mask at those candidates
+//   bbsz[s * k + i] = cand_bbsz[s, hypos[s, i]]
+//   tokens[:, :step + 1] = tokens[bbsz, :step + 1]; tokens[:, step + 1] = the
+//   candidates' tokens; scores[:, :step] = scores[bbsz, :step]; scores[:, step]
+//   = the candidates' scores; attn[:, :, :step + 2] = attn[bbsz, :, :step + 2]
+//
+// Only copies and integer compares: the results equal the torch ops' exactly.
+// The contract and the torch version (other devices): seqfuse/ops/search.py.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace seqfuse {
+namespace {
+
+// rows[r] <- rows[order[r]] for the first `width` elements of each row of a
+// [n, ld] buffer (order may repeat and permute rows: read from a copy).
+template <typename T>
+void gather_rows(T* data, int64_t n, int64_t ld, int64_t width, const int64_t* order) {
+  if (width <= 0 || n == 0) return;
+  std::vector<T> old(static_cast<size_t>(n * width));
+  for (int64_t r = 0; r < n; ++r) std::memcpy(&old[r * width], data + r * ld, width * sizeof(T));
+  for (int64_t r = 0; r < n; ++r)
+    std::memcpy(data + r * ld, &old[order[r] * width], width * sizeof(T));
+}
+
+void check_2d(const at::Tensor& t, const char* name, at::ScalarType type, int64_t rows,
+              int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.dim() == 2 && t.is_contiguous() &&
+                  t.size(0) == rows && (cols < 0 || t.size(1) == cols),
+              "select_active: ", name, " must be a contiguous ", type, " CPU tensor [", rows, ", ",
+              cols, "], got ", t.sizes(), " ", t.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_active_cpu(
+    const at::Tensor& eos_mask, const at::Tensor& ignore, const at::Tensor& cand_bbsz,
+    const at::Tensor& cand_tokens, const at::Tensor& cand_scores, at::Tensor tokens,
+    at::Tensor scores, const std::optional<at::Tensor>& attn, int64_t step) {
+  TORCH_CHECK(eos_mask.dim() == 2 && ignore.dim() == 2, "select_active: 2-D masks expected");
+  const int64_t bsz = eos_mask.size(0), c2 = eos_mask.size(1), k = ignore.size(1);
+  TORCH_CHECK(k > 0 && c2 >= k, "select_active: ", c2, " candidates for ", k, " beams");
+  check_2d(eos_mask, "eos_mask", at::kBool, bsz, c2);
+  check_2d(ignore, "cands_to_ignore", at::kBool, bsz, k);
+  check_2d(cand_bbsz, "cand_bbsz_idx", at::kLong, bsz, c2);
+  check_2d(cand_tokens, "cand_indices", at::kLong, bsz, c2);
+  check_2d(cand_scores, "cand_scores", at::kFloat, bsz, c2);
+  const int64_t rows = bsz * k;
+  check_2d(tokens, "tokens", at::kLong, rows, -1);
+  check_2d(scores, "scores", at::kFloat, rows, -1);
+  TORCH_CHECK(step >= 0 && step + 2 <= tokens.size(1) && step + 1 <= scores.size(1),
+              "select_active: step ", step, " outside the buffers");
+  if (attn.has_value()) {
+    TORCH_CHECK(attn->device().is_cpu() && attn->scalar_type() == at::kFloat && attn->dim() == 3 &&
+                    attn->is_contiguous() && attn->size(0) == rows && step + 2 <= attn->size(2),
+                "select_active: attn must be a contiguous float32 CPU tensor [", rows,
+                ", S, >= ", step + 2, "], got ", attn->sizes());
+  }
+
+  at::Tensor hypos = at::empty({bsz, k}, cand_bbsz.options());
+  at::Tensor new_ignore = at::empty({bsz, k}, ignore.options());
+  at::Tensor bbsz = at::empty({rows}, cand_bbsz.options());
+  const bool* eos = eos_mask.data_ptr<bool>();
+  const bool* ign = ignore.data_ptr<bool>();
+  const int64_t* cb = cand_bbsz.data_ptr<int64_t>();
+  const int64_t* ct = cand_tokens.data_ptr<int64_t>();
+  const float* cs = cand_scores.data_ptr<float>();
+  int64_t* hy = hypos.data_ptr<int64_t>();
+  bool* ni = new_ignore.data_ptr<bool>();
+  int64_t* bb = bbsz.data_ptr<int64_t>();
+  for (int64_t s = 0; s < bsz; ++s) {
+    int64_t n = 0;
+    for (int pass = 0; pass < 2 && n < k; ++pass) {
+      for (int64_t j = 0; j < c2 && n < k; ++j) {
+        const bool masked = eos[s * c2 + j] || (j < k && ign[s * k + j]);
+        if (masked != (pass == 1)) continue;
+        hy[s * k + n] = j;
+        ni[s * k + n] = masked;
+        ++n;
+      }
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t b = cb[s * c2 + hy[s * k + i]];
+      TORCH_CHECK(b >= 0 && b < rows, "select_active: candidate row ", b, " outside ", rows);
+      bb[s * k + i] = b;
+    }
+  }
+
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  const int64_t ld_tok = tokens.size(1);
+  gather_rows(tok, rows, ld_tok, step + 1, bb);
+  float* sc = scores.data_ptr<float>();
+  const int64_t ld_sc = scores.size(1);
+  gather_rows(sc, rows, ld_sc, step, bb);
+  for (int64_t s = 0; s < bsz; ++s) {
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t r = s * k + i, j = hy[r];
+      tok[r * ld_tok + step + 1] = ct[s * c2 + j];
+      sc[r * ld_sc + step] = cs[s * c2 + j];
+    }
+  }
+  if (attn.has_value()) {
+    // [rows, S, T] -> rows of S blocks of step + 2 columns: one "row" per (r, src).
+    at::Tensor a = *attn;
+    const int64_t S = a.size(1), T = a.size(2), width = step + 2;
+    float* ap = a.data_ptr<float>();
+    std::vector<float> old(static_cast<size_t>(rows * S * width));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t q = 0; q < S; ++q)
+        std::memcpy(&old[(r * S + q) * width], ap + (r * S + q) * T, width * sizeof(float));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t q = 0; q < S; ++q)
+        std::memcpy(ap + (r * S + q) * T, &old[(bb[r] * S + q) * width], width * sizeof(float));
+  }
+  return {bbsz, hypos, new_ignore};
+}
+
+}  // namespace seqfuse
+
+TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
+  // Contract: seqfuse/ops/search.py.
+  m.def(
+      "select_active(Tensor eos_mask, Tensor cands_to_ignore, Tensor cand_bbsz_idx, "
+      "Tensor cand_indices, Tensor cand_scores, Tensor(a!) tokens, Tensor(b!) scores, "
+      "Tensor(c!)? attn, int step) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) { m.impl("select_active", &seqfuse::select_active_cpu); }

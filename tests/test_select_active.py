@@ -1,0 +1,94 @@
+"""seqfuse::select_active (the end of a beam-search step) against fairseq's
+own operations (seqfuse.ops.search.select_active_torch), exactly: the op is
+copies and integer compares only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from generation_utils import assert_bit_identical_hypos, random_sample, random_transformer
+
+from seqfuse import _ext
+from seqfuse.generation import SequenceGenerator
+from seqfuse.layers.fairseq import optimize_fairseq_model
+from seqfuse.ops import search
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="seqfuse._C not built")
+
+
+def make_case(bsz, beam, step, src, seed, eos_rate):
+    g = torch.Generator().manual_seed(seed)
+    rows, c2 = bsz * beam, 2 * beam
+    eos_mask = torch.rand(bsz, c2, generator=g) < eos_rate
+    ignore = torch.rand(bsz, beam, generator=g) < 0.2
+    cand_beams = torch.randint(0, beam, (bsz, c2), generator=g)
+    cand_bbsz = cand_beams + (torch.arange(bsz) * beam).unsqueeze(1)
+    cand_tokens = torch.randint(0, 1000, (bsz, c2), generator=g)
+    cand_scores = torch.randn(bsz, c2, generator=g)
+    tokens = torch.randint(0, 1000, (rows, step + 5), generator=g)
+    scores = torch.randn(rows, step + 3, generator=g)
+    attn = None if src == 0 else torch.rand(rows, src, step + 4, generator=g)
+    return eos_mask, ignore, cand_bbsz, cand_tokens, cand_scores, tokens, scores, attn
+
+
+@pytest.mark.parametrize("bsz,beam", [(1, 1), (1, 5), (3, 4), (17, 5)])
+@pytest.mark.parametrize("step", [0, 1, 7])
+@pytest.mark.parametrize("src", [0, 6])
+@pytest.mark.parametrize("eos_rate", [0.0, 0.3, 0.9])
+def test_op_equals_fairseq_ops(bsz, beam, step, src, eos_rate):
+    case = make_case(bsz, beam, step, src, seed=bsz * 100 + beam * 10 + step, eos_rate=eos_rate)
+    ref = copy.deepcopy(case)
+    assert search._op_takes(case[0], case[4], case[5], case[6], case[7])
+    masks = (case[0].clone(), case[1].clone())
+    got = search.select_active(*case, step)
+    want = search.select_active_torch(*ref, step)
+    for a, b, name in zip(got, want, ("active_bbsz_idx", "active_hypos", "cands_to_ignore")):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    for i, name in ((5, "tokens"), (6, "scores"), (7, "attn")):
+        if case[i] is not None:
+            assert torch.equal(case[i], ref[i]), name
+    assert torch.equal(case[0], masks[0]) and torch.equal(case[1], masks[1])  # masks untouched
+    assert torch.equal(ref[0], masks[0])
+
+
+def test_bad_input_is_refused():
+    case = list(make_case(2, 3, 2, 4, seed=0, eos_rate=0.3))
+    case[2] = case[2] + 100  # a candidate row outside the batch
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.seqfuse.select_active(*case, 2)
+    case = list(make_case(2, 3, 2, 4, seed=0, eos_rate=0.3))
+    with pytest.raises(RuntimeError, match="step"):
+        torch.ops.seqfuse.select_active(*case, 50)
+    case[4] = case[4].double()
+    assert not search._op_takes(case[0], case[4], case[5], case[6], case[7])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_whole_search_op_vs_torch(monkeypatch, fused):
+    """Whole searches (finished hypotheses, shrinking batches, alignment) with
+    the op and with fairseq's ops: bit-identical."""
+    model, d = random_transformer(50, 4, layers=2, perturb=True)
+    if fused:
+        assert optimize_fairseq_model(model)[0]
+    sample = random_sample(d, bsz=9, seed=2)
+
+    def run():
+        gen = SequenceGenerator([model], d, beam_size=4, max_len_b=15, min_len=0)
+        with torch.no_grad():
+            return gen.generate([model], sample)
+
+    calls = []
+    op = search.select_active_torch
+
+    def spy(*a):
+        calls.append(1)
+        return op(*a)
+
+    with_op = run()
+    monkeypatch.setattr(search, "_op_takes", lambda *a: False)
+    monkeypatch.setattr(search, "select_active_torch", spy)
+    with_torch = run()
+    assert calls
+    assert_bit_identical_hypos(with_torch, with_op, f"fused={fused}")
