@@ -65,9 +65,10 @@ FALLBACK_PREFIX = "seqfuse: falling back to stock SequenceGenerator: "
 #
 # Beam search's first step decodes `beam` identical rows per sentence (all
 # start from BOS; stock keeps the first row's candidates). A fused decoder on
-# its fast path computes every row independently of the others, so it decodes
-# one row per sentence there (FIRST_STEP_SHARED) with the same result bit for
-# bit; SHARED_FIRST_STEP_ENV=0 decodes all rows.
+# its fast path on the CPU computes every row independently of the others (the
+# packed GEMM's rows do not depend on the batch), so it decodes one row per
+# sentence there (FIRST_STEP_SHARED) with the same result bit for bit;
+# SHARED_FIRST_STEP_ENV=0 decodes all rows.
 SHARED_FIRST_STEP_ENV = "SEQFUSE_SHARED_FIRST_STEP"
 # First steps decoded on one row per sentence (tests and benchmarks read it).
 STATS = {"shared_first_steps": 0}
@@ -346,7 +347,8 @@ class SequenceGenerator(StockSequenceGenerator):
         # The first step on one row per sentence (see SHARED_FIRST_STEP_ENV):
         # candidates from the fused op, rows that cannot differ.
         shared_first = (
-            per_source
+            device.type == "cpu"  # row-independent kernels (a GPU's GEMM may pick by batch)
+            and per_source
             and fused_logits
             and beam_search
             and self.lm_model is None
