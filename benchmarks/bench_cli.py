@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from seqfuse import bleu  # noqa: E402
 from seqfuse._ext import FUSED_LAYERS_ENV  # noqa: E402
+from seqfuse.info import cpu_description  # noqa: E402
 
 SHARED = Path(os.environ.get("SEQFUSE_SHARED", ROOT.parent / "shared"))
 PROVIDERS = ("stock", "seqfuse", "seqfuse-fused")
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": date.today().isoformat(),
         "git_revision": _git_revision(),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_description(),
             "cpu_count": os.cpu_count(),
             "threads": args.threads,
         },
@@ -221,17 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_revision() -> str | None:

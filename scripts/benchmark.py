@@ -701,18 +701,12 @@ def context(devices: list, threads: int | None) -> dict:
         versions["seqfuse"] = sv
     except Exception:
         versions["seqfuse"] = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from seqfuse.info import cpu_description
+
     ctx = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_revision": _git_revision(),
-        "cpu": cpu,
+        "cpu": cpu_description(),
         "cpu_count": os.cpu_count(),
         "threads": threads or torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if "cuda" in devices else None,

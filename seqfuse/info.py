@@ -7,6 +7,34 @@ import platform
 import sys
 
 
+def cpu_description() -> str:
+    """The CPU as benchmarks record it: model name, x86 family/model (which
+    tells CPU generations with one model name apart, e.g. AMD EPYC Zen 4 =
+    family 25, Zen 5 = family 26), widest vector extension, logical CPUs."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first CPU's block
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    parts = []
+    if "cpu family" in fields and "model" in fields:
+        parts.append(f"family {fields['cpu family']} model {fields['model']}")
+    flags = fields.get("flags", "").split()
+    isa = next((f for f in ("avx512f", "avx2") if f in flags), None)
+    if isa:
+        parts.append(isa + (" avx512_bf16" if "avx512_bf16" in flags else ""))
+    import os
+
+    parts.append(f"{os.cpu_count()} CPUs")
+    return f"{name} ({', '.join(parts)})"
+
+
 def _version(mod: str) -> str:
     try:
         m = __import__(mod)
