@@ -482,8 +482,8 @@ def test_seqfuse_generator_gives_one_encoder_row_per_sentence(beam, monkeypatch)
     seen = []
     orig = FusedTransformerDecoderLayer._cross_cache
 
-    def spy(self, enc, enc_pad, n, per_source=None, shared=None):
-        cache = orig(self, enc, enc_pad, n, per_source, shared)
+    def spy(self, enc, enc_pad, n, incremental_state=None):
+        cache = orig(self, enc, enc_pad, n, incremental_state)
         seen.append((enc.size(1), n, cache.kv.size(1), cache.q_per_kv, cache.later_q_per_kv))
         return cache
 

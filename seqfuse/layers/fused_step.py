@@ -38,7 +38,6 @@ import torch
 from torch import Tensor
 
 from seqfuse import _ext
-from seqfuse.layers.kv_cache import FIRST_STEP_SHARED, INITIAL_SLOTS, ROWS_PER_SOURCE, SelfAttnCache
 from seqfuse.layers.transformer import FusedTransformerEncoderLayer, qkv_weights
 from seqfuse.ops.bias_act import ACTIVATIONS
 from seqfuse.ops.linear import kernel_takes, packed
@@ -230,19 +229,14 @@ def step_plan(decoder, x: Tensor) -> dict | str:
 
 
 def _first_step_caches(layers, x: Tensor, incremental_state, enc: Tensor, enc_pad) -> list:
-    """The caches the layer path's first step would create: empty self-attention
-    caches and the encoder K/V (``FusedTransformerDecoderLayer._cross_cache``)."""
+    """The caches the layer path's first step creates (its layers' own
+    ``_self_cache`` and ``_cross_cache``)."""
     _, n, c = x.shape
-    per_source = incremental_state.get(ROWS_PER_SOURCE)
-    shared = incremental_state.get(FIRST_STEP_SHARED)
-    expand = int(shared or 1)
     caches = []
     for layer in layers:
         state = layer._caches(incremental_state)
-        cache = SelfAttnCache(n * expand, INITIAL_SLOTS, c, x, expand)
-        cache.n = n  # the rows this step writes (append would set it)
-        state["self"] = cache
-        state["cross"] = layer._cross_cache(enc, enc_pad, n, per_source, shared)
+        state["self"] = layer._self_cache(incremental_state, n, 1, c, x)
+        state["cross"] = layer._cross_cache(enc, enc_pad, n, incremental_state)
         caches.append(state)
     return caches
 

@@ -63,7 +63,7 @@ class SelfAttnCache:
         self.pad = torch.zeros((slots, rows), dtype=torch.bool, device=like.device)  # [L, R]
         self.arange = torch.arange(rows, device=like.device)
         self.length = 0  # slots written
-        self.n = rows  # logical rows
+        self.n = rows // expand  # logical rows (before the first reorder: rows written)
 
     @property
     def capacity(self) -> tuple[int, int]:

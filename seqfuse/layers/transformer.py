@@ -276,8 +276,7 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
         if caches is not None:
             cache = caches.get("self")
             if cache is None:
-                expand = int(incremental_state.get(FIRST_STEP_SHARED) or 1)
-                cache = SelfAttnCache(n * expand, max(INITIAL_SLOTS, 2 * t), c, qkv, expand)
+                cache = self._self_cache(incremental_state, n, t, c, qkv)
                 caches["self"] = cache
             cache.append(qkv[..., c:], self_attn_padding_mask)
             k, v, rows, pad = cache.views()
@@ -305,11 +304,7 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
             ea = self.encoder_attn
             cache = caches.get("cross") if caches is not None else None
             if cache is None:
-                per_source = shared = None
-                if caches is not None:
-                    per_source = incremental_state.get(ROWS_PER_SOURCE)
-                    shared = incremental_state.get(FIRST_STEP_SHARED)
-                cache = self._cross_cache(encoder_out, encoder_padding_mask, n, per_source, shared)
+                cache = self._cross_cache(encoder_out, encoder_padding_mask, n, incremental_state)
                 if caches is not None:
                     caches["cross"] = cache
             q = linear(h, ea.q_proj.weight, ea.q_proj.bias).view(t, n, c)
@@ -326,21 +321,26 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
         x2 = _ffn(self, h, x2)
         return x2.view(t, n, c), attn, None
 
+    def _self_cache(self, incremental_state, n: int, t: int, c: int, like: Tensor):
+        """An empty self-attention cache for a first call of ``n`` rows and
+        ``t`` tokens; with ``FIRST_STEP_SHARED = k`` in the incremental state
+        it has room for the k rows per row that follow the first reorder."""
+        expand = int(incremental_state.get(FIRST_STEP_SHARED) or 1)
+        return SelfAttnCache(n * expand, max(INITIAL_SLOTS, 2 * t), c, like, expand)
+
     def _cross_cache(
-        self,
-        enc: Tensor,
-        enc_pad: Tensor | None,
-        n: int,
-        per_source: int | None = None,
-        shared: int | None = None,
+        self, enc: Tensor, enc_pad: Tensor | None, n: int, incremental_state=None
     ) -> CrossAttnCache:
         """K/V of the encoder output, once per source when ``n`` query rows
-        share a source: with ``per_source = k`` (the incremental state's
-        ``ROWS_PER_SOURCE``) ``enc`` has one row per source or k copies of
-        each; without it, copies as many as fairseq's ``set_beam_size`` gave
-        the encoder attention. With ``shared = k`` (``FIRST_STEP_SHARED``) the
-        ``n`` rows are one per source now and ``k`` per source from the first
-        reorder on."""
+        share a source: with the incremental state's ``ROWS_PER_SOURCE = k``
+        ``enc`` has one row per source or k copies of each; without it, copies
+        as many as fairseq's ``set_beam_size`` gave the encoder attention.
+        With its ``FIRST_STEP_SHARED = k`` the ``n`` rows are one per source
+        now and ``k`` per source from the first reorder on."""
+        per_source = shared = None
+        if incremental_state is not None:
+            per_source = incremental_state.get(ROWS_PER_SOURCE)
+            shared = incremental_state.get(FIRST_STEP_SHARED)
         ea = self.encoder_attn
         s, rows, ce = enc.shape
         k = int(per_source or 0)
