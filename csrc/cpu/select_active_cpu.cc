@@ -26,15 +26,18 @@
 namespace seqfuse {
 namespace {
 
-// rows[r] <- rows[order[r]] for the first `width` elements of each row of a
-// [n, ld] buffer (order may repeat and permute rows: read from a copy).
+// Row r of a [n, sub, ld] buffer <- row order[r], for the first `width`
+// elements of each of its `sub` sub-rows (order may repeat and permute rows:
+// read from a copy). tokens and scores are sub = 1; attn [rows, S, T] is S.
 template <typename T>
-void gather_rows(T* data, int64_t n, int64_t ld, int64_t width, const int64_t* order) {
+void gather_rows(T* data, int64_t n, int64_t sub, int64_t ld, int64_t width, const int64_t* order) {
   if (width <= 0 || n == 0) return;
-  std::vector<T> old(static_cast<size_t>(n * width));
-  for (int64_t r = 0; r < n; ++r) std::memcpy(&old[r * width], data + r * ld, width * sizeof(T));
+  std::vector<T> old(static_cast<size_t>(n * sub * width));
+  for (int64_t i = 0; i < n * sub; ++i)
+    std::memcpy(&old[i * width], data + i * ld, width * sizeof(T));
   for (int64_t r = 0; r < n; ++r)
-    std::memcpy(data + r * ld, &old[order[r] * width], width * sizeof(T));
+    for (int64_t q = 0; q < sub; ++q)
+      std::memcpy(data + (r * sub + q) * ld, &old[(order[r] * sub + q) * width], width * sizeof(T));
 }
 
 void check_2d(const at::Tensor& t, const char* name, at::ScalarType type, int64_t rows,
@@ -102,10 +105,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_active_cpu(
 
   int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t ld_tok = tokens.size(1);
-  gather_rows(tok, rows, ld_tok, step + 1, bb);
+  gather_rows(tok, rows, 1, ld_tok, step + 1, bb);
   float* sc = scores.data_ptr<float>();
   const int64_t ld_sc = scores.size(1);
-  gather_rows(sc, rows, ld_sc, step, bb);
+  gather_rows(sc, rows, 1, ld_sc, step, bb);
   for (int64_t s = 0; s < bsz; ++s) {
     for (int64_t i = 0; i < k; ++i) {
       const int64_t r = s * k + i, j = hy[r];
@@ -114,17 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_active_cpu(
     }
   }
   if (attn.has_value()) {
-    // [rows, S, T] -> rows of S blocks of step + 2 columns: one "row" per (r, src).
     at::Tensor a = *attn;
-    const int64_t S = a.size(1), T = a.size(2), width = step + 2;
-    float* ap = a.data_ptr<float>();
-    std::vector<float> old(static_cast<size_t>(rows * S * width));
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t q = 0; q < S; ++q)
-        std::memcpy(&old[(r * S + q) * width], ap + (r * S + q) * T, width * sizeof(float));
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t q = 0; q < S; ++q)
-        std::memcpy(ap + (r * S + q) * T, &old[(bb[r] * S + q) * width], width * sizeof(float));
+    gather_rows(a.data_ptr<float>(), rows, a.size(1), a.size(2), step + 2, bb);
   }
   return {bbsz, hypos, new_ignore};
 }
