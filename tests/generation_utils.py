@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 
 import torch
@@ -11,7 +12,10 @@ from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, FairseqIn
 from fairseq.models.transformer import TransformerModel, base_architecture
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
 
+from seqfuse import _ext
 from seqfuse.generation import SequenceGenerator
+from seqfuse.layers.fairseq import optimize_fairseq_model
+from seqfuse.ops.linear import kernel_takes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MODEL = os.path.join(REPO, "..", "shared", "models", "multi30k_en_de")
@@ -19,6 +23,26 @@ SHARED_MODEL = os.path.join(REPO, "..", "shared", "models", "multi30k_en_de")
 # Hypothesis scores: fp32 parity tolerance (absolute + relative to the stock value).
 SCORE_ATOL = 1e-5
 SCORE_RTOL = 1e-5
+
+
+def packed_gemm_missing() -> bool:
+    """seqfuse._C or its packed GEMM kernel (the fused one-call paths) is not here."""
+    return _ext._C is None or not kernel_takes(torch.zeros(1, 8), torch.zeros(8, 8))
+
+
+def fused(model):
+    """A copy of ``model`` with seqfuse's fused layers swapped in."""
+    model = copy.deepcopy(model)
+    ok, why = optimize_fairseq_model(model)
+    assert ok, why
+    return model
+
+
+def generate(model, d, sample, **kw):
+    """seqfuse's generator on ``model`` (no grad)."""
+    gen = SequenceGenerator([model], d, **kw)
+    with torch.no_grad():
+        return gen.generate([model], sample)
 
 
 def make_dictionary(n_symbols: int) -> Dictionary:

@@ -8,8 +8,6 @@ and here once more end to end against stock's generator.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
@@ -18,34 +16,19 @@ from generation_utils import (
     assert_bit_identical_hypos,
     compare_hypotheses,
     decoder_steps,
+    fused,
+    generate,
     load_multi30k,
+    packed_gemm_missing,
     random_sample,
     random_transformer,
 )
 
-from seqfuse import _ext
-from seqfuse.generation import SequenceGenerator
 from seqfuse.layers import fused_step
-from seqfuse.layers.fairseq import optimize_fairseq_model
-from seqfuse.ops.linear import kernel_takes
 
 pytestmark = pytest.mark.skipif(
-    _ext._C is None or not kernel_takes(torch.zeros(1, 8), torch.zeros(8, 8)),
-    reason="seqfuse._C or its packed GEMM kernel not available",
+    packed_gemm_missing(), reason="seqfuse._C or its packed GEMM kernel not available"
 )
-
-
-def fused(model):
-    model = copy.deepcopy(model)
-    ok, why = optimize_fairseq_model(model)
-    assert ok, why
-    return model
-
-
-def generate(model, d, sample, **kw):
-    gen = SequenceGenerator([model], d, **kw)
-    with torch.no_grad():
-        return gen.generate([model], sample)
 
 
 def both_paths(monkeypatch, fn):
