@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -29,8 +30,6 @@ def cpu_description() -> str:
     isa = next((f for f in ("avx512f", "avx2") if f in flags), None)
     if isa:
         parts.append(isa + (" avx512_bf16" if "avx512_bf16" in flags else ""))
-    import os
-
     parts.append(f"{os.cpu_count()} CPUs")
     return f"{name} ({', '.join(parts)})"
 

@@ -250,10 +250,8 @@ class SequenceGenerator(StockSequenceGenerator):
             src, cum, rows, k_op, self.pad, self.unk, self.eos, self.unk_penalty, eos_mode, ban
         )
         if check_ties and k_op > 1:
-            eq = cs[:, 1:] == cs[:, :-1]
-            tie = None
-            if bool(eq.any()):  # rare: look closer (equal -inf scores are no tie)
-                tie = (eq & torch.isfinite(cs[:, 1:])).any(dim=1)
+            eq = cs[:, 1:] == cs[:, :-1]  # rarely any: then look closer (-inf pairs are no tie)
+            tie = (eq & torch.isfinite(cs[:, 1:])).any(dim=1) if bool(eq.any()) else None
             if tie is not None and bool(tie.any()):
                 sents = tie.nonzero().view(-1)
                 row_idx = sents.unsqueeze(1) * rows + torch.arange(rows, device=sents.device)
