@@ -29,12 +29,28 @@ def mixed_subclass(mixin: type, base: type, *, as_base: bool = False) -> type:
 def reorder_incremental_state(decoder, incremental_state, new_order):
     """fairseq's ``reorder_incremental_state_scripting`` (every module with a
     ``reorder_incremental_state``, in ``modules()`` order), the module list
-    found once per decoder instead of by a walk per step."""
+    found once per decoder instead of by a walk per step. A fairseq
+    ``MultiheadAttention`` that holds no state in ``incremental_state`` (the
+    ones inside seqfuse's fused layers, which keep their own caches) is
+    skipped: its reorder would only store an empty buffer, which reads back
+    the same as none."""
     mods = decoder.__dict__.get("_seqfuse_reorder")
     if mods is None:
-        mods = [m for m in decoder.modules() if hasattr(m, "reorder_incremental_state")]
+        from fairseq.modules.multihead_attention import MultiheadAttention
+
+        stock = MultiheadAttention.reorder_incremental_state
+        mods = [
+            (m, getattr(type(m), "reorder_incremental_state", None) is stock)
+            for m in decoder.modules()
+            if hasattr(m, "reorder_incremental_state")
+        ]
         decoder.__dict__["_seqfuse_reorder"] = mods
-    for module in mods:
+    for module, stateless_skip in mods:
+        if stateless_skip and (
+            incremental_state is None
+            or f"{module._incremental_state_id}.attn_state" not in incremental_state
+        ):
+            continue
         result = module.reorder_incremental_state(incremental_state, new_order)
         if result is not None:
             incremental_state = result

@@ -24,7 +24,7 @@ from generation_utils import (
     random_transformer,
 )
 
-from seqfuse.layers import fused_step
+from seqfuse.layers import fused_step, kv_cache
 
 pytestmark = pytest.mark.skipif(
     packed_gemm_missing(), reason="seqfuse._C or its packed GEMM kernel not available"
@@ -47,6 +47,7 @@ def test_generate_bit_identical_to_layers(monkeypatch, variant, beam):
     """Whole searches (reorders, finished sentences shrinking the batch, cache
     growth past the initial slots): the one-call step is bit-identical to the
     layer path, and the search agrees with stock fairseq's."""
+    monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # start small: growth happens
     model, d = random_transformer(60, len(variant) + beam, perturb=True, **LAYER_VARIANTS[variant])
     fast = fused(model)
     sample = random_sample(d, bsz=6, seed=beam)
@@ -64,6 +65,7 @@ def test_decoder_steps_reorders_padding_growth(monkeypatch, pre_norm):
     """Decoder level, step by step: logits, alignment attention and every
     inner state, through beam reorders, a batch that shrinks, a padding
     token (written into the cache's key padding) and cache growth."""
+    monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # start small: growth happens
     over = dict(decoder_normalize_before=pre_norm, encoder_normalize_before=pre_norm)
     model, d = random_transformer(60, 7, layers=3, perturb=True, **over)
     fast = fused(model)
@@ -205,3 +207,23 @@ def test_encoder_stack_bit_identical_to_layers(monkeypatch, pre_norm):
     with torch.no_grad():
         states = fast.encoder(**sample["net_input"], return_all_hiddens=True)["encoder_states"]
     assert len(states) == 4 and fused_step.STATS["encoder"] == before
+
+
+def test_initial_slots_do_not_change_results(monkeypatch):
+    """Few rows start with room for a whole sentence (no growth on the way),
+    many rows with the small default; either way every bit is the same."""
+    assert kv_cache.initial_slots(5, 2) == kv_cache.MAX_INITIAL_SLOTS
+    assert kv_cache.initial_slots(640, 2) == kv_cache.INITIAL_SLOTS
+    assert kv_cache.initial_slots(640, 40) == 40
+    for rows in (1, 5, 80, 200, 640):
+        slots = kv_cache.initial_slots(rows, 2)
+        assert rows * slots <= max(kv_cache.INITIAL_ROW_SLOTS, rows * kv_cache.INITIAL_SLOTS)
+    model, d = random_transformer(60, 5, perturb=True)
+    fast = fused(model)
+    sample = random_sample(d, bsz=1, seed=4)
+    kw = dict(beam_size=5, max_len_b=40)
+    roomy = generate(fast, d, sample, **kw)
+    monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)
+    small = generate(fast, d, sample, **kw)
+    assert max(len(h["tokens"]) for h in small[0]) > kv_cache.INITIAL_SLOTS  # it grew
+    assert_bit_identical_hypos(small, roomy, "initial slots")

@@ -13,6 +13,7 @@
 // bookkeeping (growth, repack, reorder) in Python and passes the buffers;
 // this call writes the step's K/V, parent-table column and key padding into
 // slot `slot` of each layer's self-attention cache.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -140,14 +141,18 @@ void write_self_slot(const at::Tensor& qkv, const at::Tensor& kv, const at::Tens
 }  // namespace
 
 // x: [n, C] (the embedded step, one token per row). Returns (each layer's
-// output [n, C], the alignment layer's cross-attention weights per head
-// [heads, n, 1, S], or an undefined tensor when align_layer is no layer).
+// output [n, C], the alignment layer's cross-attention weights, or an
+// undefined tensor when align_layer is no layer). The weights are per head,
+// [heads, n, 1, S], when mean_heads < 0; otherwise their mean over the first
+// mean_heads heads (all when more), [n, 1, S], summed head by head and
+// divided by the head count as the decoder's _head_mean does
+// (seqfuse/layers/fairseq.py), with the same ATen calls.
 std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
     const at::Tensor& x_in, at::TensorList params, at::ArrayRef<double> nums,
     at::TensorList self_kv, at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
     const std::optional<at::Tensor>& pad_new, at::TensorList cross_kv, at::TensorList cross_map,
     const c10::List<std::optional<at::Tensor>>& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
-    bool normalize_before, int64_t act, int64_t align_layer) {
+    bool normalize_before, int64_t act, int64_t align_layer, int64_t mean_heads) {
   const int64_t layers = static_cast<int64_t>(self_kv.size());
   TORCH_CHECK(layers > 0, "fused_decoder_step: no layers");
   TORCH_CHECK(static_cast<int64_t>(params.size()) == layers * kPerLayer &&
@@ -217,6 +222,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
                      normalize_before);
     outputs.push_back(x);
   }
+  if (align.defined() && mean_heads >= 0) {
+    const int64_t count = std::min(mean_heads, align.size(0));
+    TORCH_CHECK(count > 0, "fused_decoder_step: no heads to average");
+    at::Tensor acc = align.select(0, 0).clone();
+    for (int64_t h = 1; h < count; ++h) acc.add_(align.select(0, h));
+    align = acc.div_(count);
+  }
   return {outputs, align};
 }
 
@@ -264,7 +276,7 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "fused_decoder_step(Tensor x, Tensor[] params, float[] nums, Tensor[] self_kv, "
       "Tensor[] self_rows, Tensor[] self_pad, int slot, Tensor? pad_new, Tensor[] cross_kv, "
       "Tensor[] cross_map, Tensor?[] cross_pad, int q_per_kv, int[] heads, bool normalize_before, "
-      "int act, int align_layer) -> (Tensor[], Tensor)");
+      "int act, int align_layer, int mean_heads) -> (Tensor[], Tensor)");
   m.def(
       "fused_encoder_stack(Tensor x, Tensor[] params, float[] nums, Tensor? key_pad, int[] heads, "
       "bool normalize_before, int act) -> Tensor");

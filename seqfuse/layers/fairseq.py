@@ -31,7 +31,12 @@ from torch import Tensor
 
 from seqfuse._patching import reorder_incremental_state
 from seqfuse.layers.fused_step import STATS as FUSED_STEP_STATS
-from seqfuse.layers.fused_step import encoder_stack, encoder_stack_takes, one_call_step
+from seqfuse.layers.fused_step import (
+    ALL_HEADS,
+    encoder_stack,
+    encoder_stack_takes,
+    one_call_step,
+)
 from seqfuse.layers.kv_cache import ROWS_PER_SOURCE
 from seqfuse.layers.transformer import (
     MAX_HEAD_DIM,
@@ -353,8 +358,11 @@ class FusedTransformerDecoder(TransformerDecoderBase):
             self_attn_padding_mask = tokens.eq(pad)
 
         attn = None
+        averaged = False
         inner_states = [x]
         one_call = None
+        # The one-call step averages the alignment heads itself.
+        mean_heads = ALL_HEADS if alignment_heads is None else alignment_heads
         if incremental_state is not None and enc is not None:
             one_call = one_call_step(
                 self,
@@ -364,6 +372,7 @@ class FusedTransformerDecoder(TransformerDecoderBase):
                 alignment_layer,
                 enc,
                 padding_mask,
+                mean_heads if mean_heads > 0 else -1,
             )
             FUSED_STEP_STATS["one_call" if one_call is not None else "layers"] += 1
         if one_call is not None:
@@ -371,6 +380,7 @@ class FusedTransformerDecoder(TransformerDecoderBase):
             inner_states += layer_outputs
             if layer_attn is not None:
                 attn = layer_attn.float().to(x)
+                averaged = mean_heads > 0
         else:
             causal = incremental_state is None
             for idx, layer in enumerate(self.layers):
@@ -388,7 +398,7 @@ class FusedTransformerDecoder(TransformerDecoderBase):
                 inner_states.append(x)
                 if layer_attn is not None and align:
                     attn = layer_attn.float().to(x)
-        if attn is not None:
+        if attn is not None and not averaged:
             if alignment_heads is not None:
                 attn = attn[:alignment_heads]
             attn = _head_mean(attn)

@@ -50,6 +50,8 @@ FUSED_STEP_ENV = "SEQFUSE_FUSED_STEP"
 STATS = {"one_call": 0, "layers": 0, "encoder": 0}
 # incremental_state key of the step's plan (looked up once per generation).
 PLAN_KEY = "seqfuse.fused_step_plan"
+# one_call_step's mean_heads for "every head".
+ALL_HEADS = 2**31 - 1
 
 
 def _params_key(module: torch.nn.Module) -> tuple:
@@ -249,11 +251,15 @@ def one_call_step(
     align_layer: int,
     enc: Tensor,
     enc_pad: Tensor | None,
+    mean_heads: int = -1,
 ):
     """Every layer of an incremental step in one call: ``x [1, n, C]`` ->
-    ``(x [1, n, C], attn weights of align_layer [heads, n, 1, S] or None,
-    per-layer outputs)``, or None when the layers must run. The first step
-    creates the caches first, as the layers would."""
+    ``(x [1, n, C], attn weights of align_layer or None, per-layer outputs)``,
+    or None when the layers must run. The weights are per head,
+    ``[heads, n, 1, S]``, or with ``mean_heads >= 0`` their mean over the
+    first ``mean_heads`` heads, ``[n, 1, S]`` (the decoder's ``_head_mean``,
+    the same operations). The first step creates the caches first, as the
+    layers would."""
     t, n, c = x.shape
     if t != 1:
         return None
@@ -297,6 +303,7 @@ def one_call_step(
         plan["pre_norm"],
         plan["act"],
         align_layer,
+        mean_heads,
     )
     for cache in selfs:
         cache.length = slot + 1

@@ -6,7 +6,8 @@ projection is one contiguous write). A beam-search reorder never moves K/V:
 each logical row keeps a table ``rows[row, slot]`` of the physical row that
 holds its slot (parent pointers), and a reorder gathers that small int table
 into a second preallocated table and swaps the two. The buffers start at
-``INITIAL_SLOTS`` slots and grow by a quarter (at least ``MIN_GROWTH`` slots)
+``initial_slots(rows)`` slots (``INITIAL_SLOTS``, more for few rows, up to
+``INITIAL_ROW_SLOTS`` row-slots in all) and grow by a quarter (at least ``MIN_GROWTH`` slots)
 when the length outgrows them; a growth, and a batch shrink to half the
 physical rows or less, repack the K/V of the live rows only
 (``SelfAttnCache.repack``), so memory follows the rows still decoding, as
@@ -40,8 +41,20 @@ ROWS_PER_SOURCE = "seqfuse.rows_per_source"
 # rows per source) maps each row to its source's row.
 FIRST_STEP_SHARED = "seqfuse.first_step_shared"
 
-INITIAL_SLOTS = 8  # self-attention slots allocated at the first step
+INITIAL_SLOTS = 8  # self-attention slots allocated at the first step, at least
+# A first allocation may hold this many row-slots (rows x slots), up to
+# MAX_INITIAL_SLOTS slots: few rows (small batches) start with room for a
+# typical sentence instead of growing (a repack each time) on the way.
+INITIAL_ROW_SLOTS = 512
+MAX_INITIAL_SLOTS = 32
 MIN_GROWTH = 4  # a growth adds a quarter of the slots, at least this many
+
+
+def initial_slots(rows: int, need: int) -> int:
+    """Self-attention slot capacity of a first allocation for ``rows`` rows
+    and ``need`` slots."""
+    room = min(MAX_INITIAL_SLOTS, INITIAL_ROW_SLOTS // max(rows, 1))
+    return max(need, INITIAL_SLOTS, room)
 
 
 def next_slots(need: int, have: int) -> int:

@@ -31,10 +31,10 @@ from torch import Tensor
 
 from seqfuse.layers.kv_cache import (
     FIRST_STEP_SHARED,
-    INITIAL_SLOTS,
     ROWS_PER_SOURCE,
     CrossAttnCache,
     SelfAttnCache,
+    initial_slots,
 )
 from seqfuse.ops.add_layernorm import add_layernorm
 from seqfuse.ops.attention import attention
@@ -326,7 +326,8 @@ class FusedTransformerDecoderLayer(TransformerDecoderLayerBase):
         ``t`` tokens; with ``FIRST_STEP_SHARED = k`` in the incremental state
         it has room for the k rows per row that follow the first reorder."""
         expand = int(incremental_state.get(FIRST_STEP_SHARED) or 1)
-        return SelfAttnCache(n * expand, max(INITIAL_SLOTS, 2 * t), c, like, expand)
+        rows = n * expand
+        return SelfAttnCache(rows, initial_slots(rows, 2 * t), c, like, expand)
 
     def _cross_cache(
         self, enc: Tensor, enc_pad: Tensor | None, n: int, incremental_state=None
