@@ -30,13 +30,13 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from seqfuse._patching import reorder_incremental_state
-from seqfuse.layers.fused_step import STATS as FUSED_STEP_STATS
 from seqfuse.layers.fused_step import (
     ALL_HEADS,
     encoder_stack,
     encoder_stack_takes,
     one_call_step,
 )
+from seqfuse.layers.fused_step import STATS as FUSED_STEP_STATS
 from seqfuse.layers.kv_cache import ROWS_PER_SOURCE
 from seqfuse.layers.transformer import (
     MAX_HEAD_DIM,
