@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SEQFUSE_SHARED", ROOT.parent / "shared"))
@@ -426,3 +427,45 @@ def test_bleu_dtypes_smoke(tmp_path):
     assert rows[1]["bleu_change_vs_fp32"]["stock"] == pytest.approx(
         rows[1]["stock"]["bleu"] - rows[0]["stock"]["bleu"], abs=0.011
     )
+
+
+# ------------------------------------------------ benchmarks/flop_bound.py: the count
+
+
+def test_flop_bound_counts_what_torch_counts():
+    """flop_bound's multiply-add count of an encoder pass and of incremental
+    decoder steps equals torch's FlopCounterMode on stock fairseq doing them."""
+    from generation_utils import random_sample, random_transformer
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import flop_bound
+
+    model, d = random_transformer(60, 1, layers=2, dim=32, heads=4)
+    sample = random_sample(d, bsz=3, seed=0)
+    src = sample["net_input"]["src_tokens"]
+    b, s = src.shape
+    steps = 6
+    tokens = torch.randint(4, len(d), (b, steps), generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        enc = model.encoder(**sample["net_input"])
+        state: dict = {}
+        for t in range(1, steps + 1):
+            model.decoder(tokens[:, :t], encoder_out=enc, incremental_state=state)
+    tally = {
+        "rows": b * steps,
+        "self_keys": sum(b * t for t in range(1, steps + 1)),
+        "cross_keys": b * s * steps,
+        "src_tokens": b * s,
+        "src_attn": b * s * s,
+    }
+    ours = flop_bound.flops(model, tally)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    # The decoder's incremental attention is torch.bmm; the encoder's runs
+    # through scaled_dot_product_attention, which the counter does not count
+    # on the CPU: every other flop is a matrix product it sees.
+    assert counts.get("aten.bmm", 0) == ours["decoder_attention"], (ours, counts)
+    assert ours["encoder_attention"] > 0
+    seen = ours["total"] - ours["encoder_attention"]
+    assert seen == counter.get_total_flops(), (ours, counts)
