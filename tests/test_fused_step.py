@@ -227,3 +227,89 @@ def test_initial_slots_do_not_change_results(monkeypatch):
     small = generate(fast, d, sample, **kw)
     assert max(len(h["tokens"]) for h in small[0]) > kv_cache.INITIAL_SLOTS  # it grew
     assert_bit_identical_hypos(small, roomy, "initial slots")
+
+
+def _logits_steps(decoder, enc, tokens, orders):
+    """decoder_steps through the whole-network step: (logits, attention) per step."""
+    state: dict = {}
+    outs = []
+    with torch.no_grad():
+        for t in range(1, tokens.size(1) + 1):
+            order = orders.get(t)
+            if order is not None:
+                decoder.reorder_incremental_state_scripting(state, order)
+                tokens = tokens.index_select(0, order)
+                enc = {
+                    "encoder_out": [enc["encoder_out"][0].index_select(1, order)],
+                    "encoder_padding_mask": [enc["encoder_padding_mask"][0].index_select(0, order)],
+                }
+            got = decoder.step_logits(tokens[:, :t], enc, state)
+            assert got is not None, (t, state.get(fused_step.LOGITS_PLAN_KEY))
+            outs.append(got)
+    return outs
+
+
+@pytest.mark.parametrize("variant", list(LAYER_VARIANTS))
+def test_step_logits_bit_identical_to_forward(monkeypatch, variant):
+    """The whole network of a step in one call (embedding, layers, final norm,
+    vocabulary projection) equals the decoder's forward at the last position,
+    logits and alignment attention, step by step through reorders, a batch
+    that shrinks, a padding token and cache growth."""
+    monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # start small: growth happens
+    model, d = random_transformer(60, 11, perturb=True, **LAYER_VARIANTS[variant])
+    fast = fused(model)
+    fast.decoder.set_beam_size(4)
+    sample = random_sample(d, bsz=3, seed=5)
+    with torch.no_grad():
+        enc = fast.encoder(**sample["net_input"])
+        enc = fast.encoder.reorder_encoder_out(enc, torch.arange(3).repeat_interleave(4))
+    tokens = torch.randint(4, len(d), (12, 12), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = d.eos()
+    tokens[7, 5] = d.pad()
+    orders = {
+        3: torch.tensor([1, 1, 0, 2, 4, 4, 7, 5, 8, 8, 8, 9]),
+        6: torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]),  # sentence 1 finished: shrink
+        9: torch.tensor([3, 2, 1, 0, 4, 4, 4, 4]),
+    }
+    forward = decoder_steps(fast.decoder, enc, tokens, orders)
+    whole = _logits_steps(fast.decoder, enc, tokens, orders)
+    for t, ((x, a, _), (logits, attn)) in enumerate(zip(forward, whole)):
+        assert torch.equal(x[:, -1, :], logits), f"logits, step {t}"
+        assert torch.equal(a[:, -1, :], attn), f"attention, step {t}"
+
+
+def test_step_logits_leaves_a_wrapped_or_overridden_decoder_to_its_forward():
+    """A wrapper set on the decoder instance, or a subclass's own
+    output_layer, is what the user runs: the whole-network step steps aside
+    and the search still agrees with stock's."""
+    model, d = random_transformer(60, 12, perturb=True)
+    sample = random_sample(d, bsz=2, seed=6)
+    with torch.no_grad():
+        stock = StockGenerator([model], d, beam_size=3).generate([model], sample)
+
+    fast = fused(model)
+    calls = []
+    real_forward = fast.decoder.forward
+
+    def wrapped(*a, **kw):
+        calls.append(1)
+        return real_forward(*a, **kw)
+
+    fast.decoder.forward = wrapped
+    with torch.no_grad():
+        enc = fast.encoder(**sample["net_input"])
+    assert fast.decoder.step_logits(sample["net_input"]["src_tokens"][:, :1], enc, {}) is None
+    compare_hypotheses(stock, generate(fast, d, sample, beam_size=3), "wrapped forward")
+    assert calls
+
+    fast = fused(model)
+    cls = type(fast.decoder)
+    sub = type("Custom", (cls,), {"output_layer": lambda self, f: cls.output_layer(self, f)})
+    fast.decoder.__class__ = sub
+    state: dict = {}
+    tokens = torch.full((2, 1), d.eos())
+    with torch.no_grad():
+        enc = fast.encoder(**sample["net_input"])
+        assert fast.decoder.step_logits(tokens, enc, state) is None
+    assert "output_layer" in state[fused_step.LOGITS_PLAN_KEY]
+    compare_hypotheses(stock, generate(fast, d, sample, beam_size=3), "own output_layer")

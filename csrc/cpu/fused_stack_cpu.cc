@@ -232,6 +232,54 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
   return {outputs, align};
 }
 
+// The whole network of an incremental decoder step (the fused decoder's
+// extract_features_scriptable + output_layer, seqfuse/layers/fairseq.py):
+// tokens [n, 1] -> embedding (scale, positions at fixed_pos) -> optional
+// embedding layer norm -> fused_decoder_step (the step's key padding is
+// tokens == pad) -> optional final layer norm -> vocabulary projection with
+// the packed weight. The same kernels in the same order as that Python path,
+// so bit-identical. `norms` holds the embedding norm's weight and bias (or
+// nothing), then the final norm's (or nothing): has_emb_ln / has_final_ln say
+// which. Returns (logits [n, vocab], fused_decoder_step's attention).
+std::tuple<at::Tensor, at::Tensor> fused_decoder_logits(
+    const at::Tensor& tokens, const at::Tensor& embed, double embed_scale,
+    const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode, int64_t fixed_pos,
+    at::TensorList norms, bool has_emb_ln, bool has_final_ln, at::ArrayRef<double> norm_eps,
+    at::TensorList params, at::ArrayRef<double> nums, at::TensorList self_kv,
+    at::TensorList self_rows, at::TensorList self_pad, int64_t slot, at::TensorList cross_kv,
+    at::TensorList cross_map, const c10::List<std::optional<at::Tensor>>& cross_pad,
+    int64_t q_per_kv, at::IntArrayRef heads, bool normalize_before, int64_t act,
+    int64_t align_layer, int64_t mean_heads, const at::Tensor& out_pack,
+    const std::optional<at::Tensor>& out_bias, int64_t vocab) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1 && tokens.scalar_type() == at::kLong,
+              "fused_decoder_logits: tokens must be int64 [rows, 1]");
+  const int64_t n_norms = (has_emb_ln ? 2 : 0) + (has_final_ln ? 2 : 0);
+  TORCH_CHECK(static_cast<int64_t>(norms.size()) == n_norms &&
+                  static_cast<int64_t>(norm_eps.size()) == n_norms / 2,
+              "fused_decoder_logits: norm lists of the wrong length");
+  const int64_t n = tokens.size(0);
+  at::Tensor x = embedding_cpu(tokens, embed, embed_scale, pos_table, pad, pos_mode, fixed_pos,
+                               false);  // [1, n, C]
+  const int64_t c = x.size(2);
+  x = x.view({n, c});
+  int64_t k = 0;
+  if (has_emb_ln) {
+    check_f32(norms[0], "the embedding norm weight");
+    x = layer_norm(x, Norm{norms[0], norms[1], norm_eps[0]});
+    k = 2;
+  }
+  const at::Tensor step_pad = tokens.view({n}).eq(pad);
+  auto [outs, align] = fused_decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot,
+                                          step_pad, cross_kv, cross_map, cross_pad, q_per_kv, heads,
+                                          normalize_before, act, align_layer, mean_heads);
+  x = outs.back();
+  if (has_final_ln) {
+    check_f32(norms[k], "the final norm weight");
+    x = layer_norm(x, Norm{norms[k], norms[k + 1], norm_eps[k / 2]});
+  }
+  return {linear_packed_cpu(x, out_pack, out_bias, vocab), align};
+}
+
 // x: [T, B, C] (the embedded source, any strides); key_pad: [B, T] or None.
 // Returns the last layer's output [T, B, C].
 at::Tensor fused_encoder_stack(const at::Tensor& x_in, at::TensorList params,
@@ -278,11 +326,19 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "Tensor[] cross_map, Tensor?[] cross_pad, int q_per_kv, int[] heads, bool normalize_before, "
       "int act, int align_layer, int mean_heads) -> (Tensor[], Tensor)");
   m.def(
+      "fused_decoder_logits(Tensor tokens, Tensor embed, float embed_scale, Tensor? pos_table, "
+      "int pad, int pos_mode, int fixed_pos, Tensor[] norms, bool has_emb_ln, bool has_final_ln, "
+      "float[] norm_eps, Tensor[] params, float[] nums, Tensor[] self_kv, Tensor[] self_rows, "
+      "Tensor[] self_pad, int slot, Tensor[] cross_kv, Tensor[] cross_map, Tensor?[] cross_pad, "
+      "int q_per_kv, int[] heads, bool normalize_before, int act, int align_layer, "
+      "int mean_heads, Tensor out_pack, Tensor? out_bias, int vocab) -> (Tensor, Tensor)");
+  m.def(
       "fused_encoder_stack(Tensor x, Tensor[] params, float[] nums, Tensor? key_pad, int[] heads, "
       "bool normalize_before, int act) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("fused_decoder_step", &seqfuse::fused_decoder_step);
+  m.impl("fused_decoder_logits", &seqfuse::fused_decoder_logits);
   m.impl("fused_encoder_stack", &seqfuse::fused_encoder_stack);
 }

@@ -202,6 +202,14 @@ class SequenceGenerator(StockSequenceGenerator):
         m = model.single_model
         enc = encoder_outs[0] if model.has_encoder() else None
         if model.has_incremental_states():
+            # seqfuse's fused decoder: the whole network in one call when it can
+            fast = getattr(m.decoder, "step_logits", None)
+            got = fast(tokens, enc, incremental_states[0]) if fast is not None else None
+            if got is not None:
+                logits, attn = got
+                if self.temperature != 1.0:
+                    logits = logits / self.temperature
+                return logits, False, attn
             out = m.decoder.forward(
                 tokens, encoder_out=enc, incremental_state=incremental_states[0]
             )

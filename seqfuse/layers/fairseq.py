@@ -35,6 +35,7 @@ from seqfuse.layers.fused_step import (
     encoder_stack,
     encoder_stack_takes,
     one_call_step,
+    step_logits,
 )
 from seqfuse.layers.fused_step import STATS as FUSED_STEP_STATS
 from seqfuse.layers.kv_cache import ROWS_PER_SOURCE
@@ -277,6 +278,11 @@ class FusedTransformerDecoder(TransformerDecoderBase):
             return super().output_layer(features)
         b, t, c = features.shape
         return linear(features.reshape(b * t, c), proj.weight, proj.bias).view(b, t, -1)
+
+    def step_logits(self, prev_output_tokens, encoder_out, incremental_state):
+        """An incremental step of the whole network in one C++ call, or None
+        (see ``seqfuse.layers.fused_step.step_logits``)."""
+        return step_logits(self, prev_output_tokens, encoder_out, incremental_state)
 
     def takes_encoder_out_per_source(self) -> bool:
         """Whether an incremental call may get one encoder output row per

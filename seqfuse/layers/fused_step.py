@@ -30,6 +30,14 @@ layer loop the fused encoder repeats), no intermediate states are asked for,
 and the source is float32 on the CPU.
 
 Anything else, or ``SEQFUSE_FUSED_STEP=0``, runs the layers one by one.
+
+seqfuse's generator goes one further on a fused decoder: ``step_logits`` runs
+the whole network of a step (the embedding with its scale and positions, the
+layers as above, the final norm and the vocabulary projection) in one call,
+``fused_decoder_logits``, bit-identical to the decoder's forward (the same
+kernels in the same order), when the decoder's forward, extract_features and
+output_layer are fairseq 0.12's and the fused decoder's, unreplaced on the
+instance.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from torch import Tensor
 from seqfuse import _ext
 from seqfuse.layers.transformer import FusedTransformerEncoderLayer, qkv_weights
 from seqfuse.ops.bias_act import ACTIVATIONS
+from seqfuse.ops.embedding import POS_FIXED, POS_NONE
 from seqfuse.ops.linear import kernel_takes, packed
 from seqfuse.source_shape import shape_of
 
@@ -243,6 +252,46 @@ def _first_step_caches(layers, x: Tensor, incremental_state, enc: Tensor, enc_pa
     return caches
 
 
+def _step_caches(decoder, x: Tensor, incremental_state, enc: Tensor, enc_pad):
+    """(self caches, cross caches, slot) of the layers for a step of
+    ``x [1, n, C]``, grown to take it; created first on the first step (as
+    the layers would); None when the layers must run."""
+    n = x.size(1)
+    caches = [incremental_state.get(layer._fused_key) for layer in decoder.layers]
+    if all(c is None for c in caches):
+        caches = _first_step_caches(decoder.layers, x, incremental_state, enc, enc_pad)
+    elif any(c is None or "self" not in c or "cross" not in c for c in caches):
+        return None  # caches the layers made (the layers keep them in step)
+    selfs = [cs["self"] for cs in caches]
+    crosses = [cs["cross"] for cs in caches]
+    slot = selfs[0].length
+    for cache in selfs:
+        if cache.n != n or cache.length != slot:
+            return None  # not in step with the rows (the layers raise the error)
+        r_cap, l_cap = cache.capacity
+        if n > r_cap or slot + 1 > l_cap:
+            cache._grow(n, slot + 1)
+    q_per_kv = crosses[0].q_per_kv
+    if any(cc.q_per_kv != q_per_kv for cc in crosses):
+        return None
+    return selfs, crosses, slot
+
+
+def _cache_args(selfs, crosses, slot) -> list:
+    """The caches' part of the C++ step's arguments, from ``self_kv`` to ``q_per_kv``."""
+    return [
+        [cache.kv for cache in selfs],
+        [cache.rows for cache in selfs],
+        [cache.pad for cache in selfs],
+        slot,
+    ], [
+        [cc.kv for cc in crosses],
+        [cc.map[: cc.n] for cc in crosses],
+        [cc.pad for cc in crosses],
+        crosses[0].q_per_kv,
+    ]
+
+
 def one_call_step(
     decoder,
     x: Tensor,
@@ -269,36 +318,18 @@ def one_call_step(
         incremental_state[PLAN_KEY] = plan
     if isinstance(plan, str):
         return None
-    caches = [incremental_state.get(layer._fused_key) for layer in decoder.layers]
-    if all(c is None for c in caches):
-        caches = _first_step_caches(decoder.layers, x, incremental_state, enc, enc_pad)
-    elif any(c is None or "self" not in c or "cross" not in c for c in caches):
-        return None  # caches the layers made (the layers keep them in step)
-    selfs = [cs["self"] for cs in caches]
-    crosses = [cs["cross"] for cs in caches]
-    slot = selfs[0].length
-    for cache in selfs:
-        if cache.n != n or cache.length != slot:
-            return None  # not in step with the rows (the layers raise the error)
-        r_cap, l_cap = cache.capacity
-        if n > r_cap or slot + 1 > l_cap:
-            cache._grow(n, slot + 1)
-    q_per_kv = crosses[0].q_per_kv
-    if any(cc.q_per_kv != q_per_kv for cc in crosses):
+    found = _step_caches(decoder, x, incremental_state, enc, enc_pad)
+    if found is None:
         return None
+    selfs = found[0]
+    self_args, cross_args = _cache_args(*found)
     outs, attn = torch.ops.seqfuse.fused_decoder_step(
         x.view(n, c),
         plan["params"],
         plan["nums"],
-        [cache.kv for cache in selfs],
-        [cache.rows for cache in selfs],
-        [cache.pad for cache in selfs],
-        slot,
+        *self_args,
         None if step_pad is None else step_pad.reshape(n),
-        [cc.kv for cc in crosses],
-        [cc.map[: cc.n] for cc in crosses],
-        [cc.pad for cc in crosses],
-        q_per_kv,
+        *cross_args,
         plan["heads"],
         plan["pre_norm"],
         plan["act"],
@@ -306,6 +337,159 @@ def one_call_step(
         mean_heads,
     )
     for cache in selfs:
-        cache.length = slot + 1
+        cache.length = found[2] + 1
     inner = [o.view(1, n, c) for o in outs]
     return inner[-1], attn, inner
+
+
+# incremental_state key of the whole-network step's plan (once per generation).
+LOGITS_PLAN_KEY = "seqfuse.fused_logits_plan"
+# fairseq's TransformerDecoderBase.forward and extract_features (0.12), whose
+# "extract_features, then output_layer" the whole-network step stands for.
+_DECODER_FORWARD = "2ab83ff1132f9a5e"
+_DECODER_EXTRACT = "5f3895a267805d7f"
+
+
+def _affine_norm(norm) -> list[Tensor] | str | None:
+    if norm is None:
+        return None
+    if type(norm) is not torch.nn.LayerNorm or norm.weight is None or norm.bias is None:
+        return "a layer norm without affine parameters"
+    return [norm.weight.detach(), norm.bias.detach()]
+
+
+def logits_plan(decoder, x: Tensor) -> dict | str:
+    """What the whole-network step needs besides the layers' plan (the
+    output projection's pack, the embedding and final norms), or why the
+    decoder's own forward must run."""
+    from fairseq.models.transformer import TransformerDecoderBase
+
+    from seqfuse.layers.fairseq import FusedTransformerDecoder
+
+    cls = type(decoder)
+    if (
+        cls.forward is not TransformerDecoderBase.forward
+        or cls.extract_features is not TransformerDecoderBase.extract_features
+        or cls.extract_features_scriptable
+        is not FusedTransformerDecoder.extract_features_scriptable
+        or cls.output_layer is not FusedTransformerDecoder.output_layer
+    ):
+        return "the decoder overrides forward, extract_features or output_layer"
+    if (
+        shape_of(TransformerDecoderBase.forward) != _DECODER_FORWARD
+        or shape_of(TransformerDecoderBase.extract_features) != _DECODER_EXTRACT
+    ):
+        return "this fairseq's TransformerDecoderBase.forward is not the verified one"
+    why = decoder._fast_path_problem()
+    if why is not None:
+        return why
+    proj = getattr(decoder, "output_projection", None)
+    if decoder.adaptive_softmax is not None or type(proj) is not torch.nn.Linear:
+        return "no plain output projection"
+    if not kernel_takes(x[0], proj.weight, proj.bias):
+        return "the packed GEMM does not take the output projection here"
+    table = decoder.embed_tokens.weight
+    if table.dtype != torch.float32 or table.device.type != "cpu":
+        return "not a float32 CPU embedding"
+    norms: list[Tensor] = []
+    eps: list[float] = []
+    flags = []
+    for norm in (decoder.layernorm_embedding, decoder.layer_norm):
+        got = _affine_norm(norm)
+        if isinstance(got, str):
+            return got
+        flags.append(got is not None)
+        if got is not None:
+            norms += got
+            eps.append(float(norm.eps))
+    step = cached_plan(decoder, x)
+    if isinstance(step, str):
+        return step
+    bias = proj.bias
+    return {
+        "step": step,
+        "norms": norms,
+        "flags": flags,
+        "eps": eps,
+        "out_pack": packed(proj.weight),
+        "out_bias": None if bias is None else bias.detach().contiguous(),
+        "vocab": int(proj.weight.size(0)),
+    }
+
+
+# Attributes that, set on a decoder instance, replace what the whole-network
+# step stands for (a wrapper around forward, say): the decoder's forward runs.
+_INSTANCE_OVERRIDES = ("forward", "extract_features", "extract_features_scriptable", "output_layer")
+
+
+def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_state):
+    """An incremental step of the whole network (embedding, every layer, the
+    final norm, the vocabulary projection) in one C++ call: ``(logits
+    [n, vocab], the alignment weights averaged over heads [n, S])``,
+    bit-identical to ``decoder(prev_output_tokens, encoder_out,
+    incremental_state)``'s output and attention at the last position; or
+    None, and then that call must run. One call instead of the forward's
+    dozen ops from Python: most of a small-batch step's time outside the
+    kernels."""
+    if incremental_state is None or decoder.training or encoder_out is None:
+        return None
+    if not encoder_out["encoder_out"] or any(a in decoder.__dict__ for a in _INSTANCE_OVERRIDES):
+        return None
+    plan = incremental_state.get(LOGITS_PLAN_KEY)
+    if plan is None:
+        probe = decoder.embed_tokens.weight[:1].unsqueeze(0)  # [1, 1, C]
+        plan = logits_plan(decoder, probe)
+        if isinstance(plan, dict) and torch.is_grad_enabled():
+            if any(p.requires_grad for p in decoder.parameters()):
+                plan = "autograd requested"
+        incremental_state[LOGITS_PLAN_KEY] = plan
+    if isinstance(plan, str) or torch.is_grad_enabled():
+        return None
+    enc = encoder_out["encoder_out"][0]
+    enc_pad = None
+    if len(encoder_out["encoder_padding_mask"]) > 0:
+        enc_pad = encoder_out["encoder_padding_mask"][0]
+    if enc.dtype != torch.float32 or enc.device.type != "cpu":
+        return None
+    n, slen = prev_output_tokens.shape
+    table = decoder.embed_tokens.weight
+    # [1, n, C] for the caches' shapes, dtype and device (no data read)
+    like = table[:1].unsqueeze(0).expand(1, n, table.size(1))
+    found = _step_caches(decoder, like, incremental_state, enc, enc_pad)
+    if found is None:
+        return None
+    pos_table = decoder._pos_table(slen)  # grows a sinusoidal table as the forward does
+    if pos_table is not None and pos_table.dtype != table.dtype:
+        return None  # (after _step_caches: the forward that runs instead finds them)
+    pad = decoder.padding_idx
+    step = plan["step"]
+    self_args, cross_args = _cache_args(*found)
+    logits, attn = torch.ops.seqfuse.fused_decoder_logits(
+        prev_output_tokens[:, -1:],
+        table.contiguous(),
+        float(decoder.embed_scale),
+        None if pos_table is None else pos_table.contiguous(),
+        pad,
+        POS_NONE if pos_table is None else POS_FIXED,
+        pad + slen,
+        plan["norms"],
+        plan["flags"][0],
+        plan["flags"][1],
+        plan["eps"],
+        step["params"],
+        step["nums"],
+        *self_args,
+        *cross_args,
+        step["heads"],
+        step["pre_norm"],
+        step["act"],
+        len(step["heads"]) - 1,
+        ALL_HEADS,
+        plan["out_pack"],
+        plan["out_bias"],
+        plan["vocab"],
+    )
+    for cache in found[0]:
+        cache.length = found[2] + 1
+    STATS["one_call"] += 1
+    return logits, attn.select(1, 0)
