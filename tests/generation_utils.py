@@ -253,10 +253,16 @@ def assert_bit_identical_hypos(a, b, context: str = "") -> None:
                     assert torch.equal(x[key], y[key]), f"{where}: {key}"
 
 
-def decoder_steps(decoder, enc, tokens, orders):
+def _forward_step(decoder, tokens, enc, state):
+    x, extra = decoder(tokens, encoder_out=enc, incremental_state=state)
+    return x, extra["attn"][0], extra["inner_states"]
+
+
+def decoder_steps(decoder, enc, tokens, orders, step=_forward_step):
     """Run ``decoder`` incrementally over ``tokens``; before step t the caches
     (and the encoder output) are reordered by ``orders[t]`` when given.
-    Returns each step's (logits, alignment attention, inner states)."""
+    Returns each step's ``step(decoder, tokens[:, :t], enc, state)``: by
+    default the forward's (logits, alignment attention, inner states)."""
     state: dict = {}
     outs = []
     with torch.no_grad():
@@ -269,6 +275,27 @@ def decoder_steps(decoder, enc, tokens, orders):
                     "encoder_out": [enc["encoder_out"][0].index_select(1, order)],
                     "encoder_padding_mask": [enc["encoder_padding_mask"][0].index_select(0, order)],
                 }
-            x, extra = decoder(tokens[:, :t], encoder_out=enc, incremental_state=state)
-            outs.append((x, extra["attn"][0], extra["inner_states"]))
+            outs.append(step(decoder, tokens[:, :t], enc, state))
     return outs
+
+
+def reorder_scenario(model, d, n_tokens: int, seed: int):
+    """(fused copy of ``model``, encoder output with 4 beam copies of 3
+    sentences, tokens [12, n_tokens] with one padding token, reorders: inside
+    sentences at step 3, sentence 0 finished at step 5, inside again at 9)."""
+    fast = fused(model)
+    fast.decoder.set_beam_size(4)
+    sample = random_sample(d, bsz=3, seed=seed)
+    with torch.no_grad():
+        enc = fast.encoder(**sample["net_input"])
+        enc = fast.encoder.reorder_encoder_out(enc, torch.arange(3).repeat_interleave(4))
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, len(d), (12, n_tokens), generator=gen)
+    tokens[:, 0] = d.eos()
+    tokens[5, 6] = d.pad()
+    orders = {
+        3: torch.tensor([1, 1, 0, 2, 4, 4, 7, 5, 8, 8, 8, 9]),  # reorder within sentences
+        5: torch.tensor([4, 5, 6, 7, 8, 9, 10, 11]),  # sentence 0 finished: shrink
+        9: torch.tensor([3, 2, 1, 0, 4, 4, 4, 4]),
+    }
+    return fast, enc, tokens, orders

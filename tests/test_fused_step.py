@@ -22,6 +22,7 @@ from generation_utils import (
     packed_gemm_missing,
     random_sample,
     random_transformer,
+    reorder_scenario,
 )
 
 from seqfuse.layers import fused_step, kv_cache
@@ -68,20 +69,7 @@ def test_decoder_steps_reorders_padding_growth(monkeypatch, pre_norm):
     monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # start small: growth happens
     over = dict(decoder_normalize_before=pre_norm, encoder_normalize_before=pre_norm)
     model, d = random_transformer(60, 7, layers=3, perturb=True, **over)
-    fast = fused(model)
-    fast.decoder.set_beam_size(4)
-    sample = random_sample(d, bsz=3, seed=2)
-    with torch.no_grad():
-        enc = fast.encoder(**sample["net_input"])
-        enc = fast.encoder.reorder_encoder_out(enc, torch.arange(3).repeat_interleave(4))
-    tokens = torch.randint(4, len(d), (12, 14), generator=torch.Generator().manual_seed(0))
-    tokens[:, 0] = d.eos()
-    tokens[5, 6] = d.pad()
-    orders = {
-        3: torch.tensor([1, 1, 0, 2, 4, 4, 7, 5, 8, 8, 8, 9]),  # reorder within sentences
-        5: torch.tensor([4, 5, 6, 7, 8, 9, 10, 11]),  # sentence 0 finished: shrink
-        9: torch.tensor([3, 2, 1, 0, 4, 4, 4, 4]),
-    }
+    fast, enc, tokens, orders = reorder_scenario(model, d, 14, seed=2)
     layers, one_call, taken = both_paths(
         monkeypatch, lambda: decoder_steps(fast.decoder, enc, tokens, orders)
     )
@@ -229,24 +217,10 @@ def test_initial_slots_do_not_change_results(monkeypatch):
     assert_bit_identical_hypos(small, roomy, "initial slots")
 
 
-def _logits_steps(decoder, enc, tokens, orders):
-    """decoder_steps through the whole-network step: (logits, attention) per step."""
-    state: dict = {}
-    outs = []
-    with torch.no_grad():
-        for t in range(1, tokens.size(1) + 1):
-            order = orders.get(t)
-            if order is not None:
-                decoder.reorder_incremental_state_scripting(state, order)
-                tokens = tokens.index_select(0, order)
-                enc = {
-                    "encoder_out": [enc["encoder_out"][0].index_select(1, order)],
-                    "encoder_padding_mask": [enc["encoder_padding_mask"][0].index_select(0, order)],
-                }
-            got = decoder.step_logits(tokens[:, :t], enc, state)
-            assert got is not None, (t, state.get(fused_step.LOGITS_PLAN_KEY))
-            outs.append(got)
-    return outs
+def _whole_network_step(decoder, tokens, enc, state):
+    got = decoder.step_logits(tokens, enc, state)
+    assert got is not None, (tokens.size(1), state.get(fused_step.LOGITS_PLAN_KEY))
+    return got
 
 
 @pytest.mark.parametrize("variant", list(LAYER_VARIANTS))
@@ -257,22 +231,9 @@ def test_step_logits_bit_identical_to_forward(monkeypatch, variant):
     that shrinks, a padding token and cache growth."""
     monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # start small: growth happens
     model, d = random_transformer(60, 11, perturb=True, **LAYER_VARIANTS[variant])
-    fast = fused(model)
-    fast.decoder.set_beam_size(4)
-    sample = random_sample(d, bsz=3, seed=5)
-    with torch.no_grad():
-        enc = fast.encoder(**sample["net_input"])
-        enc = fast.encoder.reorder_encoder_out(enc, torch.arange(3).repeat_interleave(4))
-    tokens = torch.randint(4, len(d), (12, 12), generator=torch.Generator().manual_seed(1))
-    tokens[:, 0] = d.eos()
-    tokens[7, 5] = d.pad()
-    orders = {
-        3: torch.tensor([1, 1, 0, 2, 4, 4, 7, 5, 8, 8, 8, 9]),
-        6: torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]),  # sentence 1 finished: shrink
-        9: torch.tensor([3, 2, 1, 0, 4, 4, 4, 4]),
-    }
+    fast, enc, tokens, orders = reorder_scenario(model, d, 12, seed=5)
     forward = decoder_steps(fast.decoder, enc, tokens, orders)
-    whole = _logits_steps(fast.decoder, enc, tokens, orders)
+    whole = decoder_steps(fast.decoder, enc, tokens, orders, _whole_network_step)
     for t, ((x, a, _), (logits, attn)) in enumerate(zip(forward, whole)):
         assert torch.equal(x[:, -1, :], logits), f"logits, step {t}"
         assert torch.equal(a[:, -1, :], attn), f"attention, step {t}"
