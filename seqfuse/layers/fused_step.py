@@ -277,8 +277,9 @@ def _step_caches(decoder, x: Tensor, incremental_state, enc: Tensor, enc_pad):
     return selfs, crosses, slot
 
 
-def _cache_args(selfs, crosses, slot) -> list:
-    """The caches' part of the C++ step's arguments, from ``self_kv`` to ``q_per_kv``."""
+def _cache_args(selfs, crosses, slot) -> tuple[list, list]:
+    """The caches' two runs of the C++ step's arguments: ``self_kv`` to ``slot``
+    and ``cross_kv`` to ``q_per_kv``."""
     return [
         [cache.kv for cache in selfs],
         [cache.rows for cache in selfs],
