@@ -71,7 +71,7 @@ def count_work(model, task, samples, beam: int) -> dict:
     if not ok:
         raise SystemExit(f"optimize_fairseq_model refused: {why}")
     dec = model.decoder
-    tally = {"rows": 0, "self_keys": 0, "cross_keys": 0, "src_tokens": 0, "steps": 0}
+    tally = {"rows": 0, "self_keys": 0, "cross_keys": 0, "src_tokens": 0, "src_attn": 0, "steps": 0}
     src_len = {"S": 0}
     real = type(dec).extract_features_scriptable
 
@@ -91,7 +91,7 @@ def count_work(model, task, samples, beam: int) -> dict:
                 src = s["net_input"]["src_tokens"]
                 src_len["S"] = src.size(1)
                 tally["src_tokens"] += src.numel()
-                tally["src_attn"] = tally.get("src_attn", 0) + src.size(0) * src.size(1) ** 2
+                tally["src_attn"] += src.size(0) * src.size(1) ** 2
                 gen.generate([model], s)
     finally:
         del dec.extract_features_scriptable

@@ -454,14 +454,14 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
         return None
     n, slen = prev_output_tokens.shape
     table = decoder.embed_tokens.weight
+    pos_table = decoder._pos_table(slen)  # grows a sinusoidal table as the forward does
+    if pos_table is not None and pos_table.dtype != table.dtype:
+        return None
     # [1, n, C] for the caches' shapes, dtype and device (no data read)
     like = table[:1].unsqueeze(0).expand(1, n, table.size(1))
     found = _step_caches(decoder, like, incremental_state, enc, enc_pad)
     if found is None:
         return None
-    pos_table = decoder._pos_table(slen)  # grows a sinusoidal table as the forward does
-    if pos_table is not None and pos_table.dtype != table.dtype:
-        return None  # (after _step_caches: the forward that runs instead finds them)
     pad = decoder.padding_idx
     step = plan["step"]
     self_args, cross_args = _cache_args(*found)

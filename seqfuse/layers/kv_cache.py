@@ -6,12 +6,12 @@ projection is one contiguous write). A beam-search reorder never moves K/V:
 each logical row keeps a table ``rows[row, slot]`` of the physical row that
 holds its slot (parent pointers), and a reorder gathers that small int table
 into a second preallocated table and swaps the two. The buffers start at
-``initial_slots(rows)`` slots (``INITIAL_SLOTS``, more for few rows, up to
-``INITIAL_ROW_SLOTS`` row-slots in all) and grow by a quarter (at least ``MIN_GROWTH`` slots)
-when the length outgrows them; a growth, and a batch shrink to half the
-physical rows or less, repack the K/V of the live rows only
-(``SelfAttnCache.repack``), so memory follows the rows still decoding, as
-stock's per-step reorder does.
+``initial_slots(rows, need)`` slots (``INITIAL_SLOTS``, more for few rows, up
+to ``INITIAL_ROW_SLOTS`` row-slots in all) and grow by a quarter (at least
+``MIN_GROWTH`` slots) when the length outgrows them; a growth, and a batch
+shrink to half the physical rows or less, repack the K/V of the live rows
+only (``SelfAttnCache.repack``), so memory follows the rows still decoding,
+as stock's per-step reorder does.
 
 Cross-attention: K/V of the encoder output are computed once per sentence
 (``q_per_kv = beam`` query rows share them) when the rows of one sentence are
