@@ -74,4 +74,16 @@ at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, doub
                          const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode,
                          int64_t fixed_pos, bool zero_pads);
 
+// The float32 CPU kernels on parameters already checked (the one-call layer
+// stacks of csrc/cpu/fused_stack_cpu.cc): no tensor is made or inspected.
+void add_layernorm_run_f32(const kernels::AddLayerNormParams& p);
+void bias_act_run_f32(const kernels::BiasActParams& p);
+void attention_run_f32(const kernels::AttentionParams& p);
+// Raises when a physical row of p.rows (the first p.s slots of each logical
+// row) lies outside [0, m).
+void check_attention_rows(const kernels::AttentionParams& p, int64_t m);
+// y [M, N] = x W^T + b, W packed as linear_packed_cpu takes it.
+void linear_packed_run(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
+                       int64_t N, const float* bias, float* y);
+
 }  // namespace seqfuse

@@ -274,3 +274,29 @@ def test_step_logits_leaves_a_wrapped_or_overridden_decoder_to_its_forward():
         assert fast.decoder.step_logits(tokens, enc, state) is None
     assert "output_layer" in state[fused_step.LOGITS_PLAN_KEY]
     compare_hypotheses(stock, generate(fast, d, sample, beam_size=3), "own output_layer")
+
+
+def test_whole_network_step_checks_its_caches_and_weights():
+    """The one-call step runs its kernels on raw pointers after one round of
+    checks: a parent-table entry outside the cache's rows, or a packed weight
+    of the wrong shape, is refused with a clear error instead of being read
+    out of bounds."""
+    model, d = random_transformer(60, 13, perturb=True)
+    fast, enc, tokens, _ = reorder_scenario(model, d, 8, seed=7)
+    state: dict = {}
+    with torch.no_grad():
+        _whole_network_step(fast.decoder, tokens[:, :1], enc, state)
+        _whole_network_step(fast.decoder, tokens[:, :2], enc, state)
+        cache = state[fast.decoder.layers[1]._fused_key]["self"]
+        good = cache.rows[3, 0].item()
+        cache.rows[3, 0] = cache.capacity[0] + 7  # a physical row that does not exist
+        with pytest.raises(RuntimeError, match="kv_rows outside"):
+            fast.decoder.step_logits(tokens[:, :3], enc, state)
+        cache.rows[3, 0] = good
+        plan = dict(state[fused_step.LOGITS_PLAN_KEY])
+        params = list(plan["step"]["params"])
+        params[12] = params[12][:, :-1].contiguous()  # fc1's pack, one input column short
+        plan["step"] = dict(plan["step"], params=params)
+        state[fused_step.LOGITS_PLAN_KEY] = plan
+        with pytest.raises(RuntimeError, match="fc1 weight must be packed"):
+            fast.decoder.step_logits(tokens[:, :3], enc, state)

@@ -207,3 +207,23 @@ def test_embedding_rejects_out_of_range_tokens():
         pytest.skip("no CPU extension")
     with pytest.raises(RuntimeError):
         _run(emb_mod, "cpu", torch.tensor([[7]]), torch.randn(5, 4), 1.0, None, 1, 0, 0, False)
+
+
+@pytest.mark.parametrize("table", ["per_slot", "per_row"])
+def test_attention_rejects_out_of_range_kv_rows(table):
+    """Physical rows come from the caller: one outside k's rows is refused
+    before any key is read."""
+    if not _ext.cpu_available()[0]:
+        pytest.skip("no CPU extension")
+    q = torch.randn(1, 4, 8)
+    k = torch.randn(3, 2, 8)
+    rows = (
+        torch.zeros(4, 3, dtype=torch.long)
+        if table == "per_slot"
+        else torch.zeros(4, dtype=torch.long)
+    )
+    _run(attn_mod, "cpu", q, k, k, rows, None, 2, 1.0, 1, -1, False)  # in range: runs
+    bad = rows.clone()
+    bad.view(-1)[-1] = 2
+    with pytest.raises(RuntimeError, match="kv_rows outside"):
+        _run(attn_mod, "cpu", q, k, k, bad, None, 2, 1.0, 1, -1, False)

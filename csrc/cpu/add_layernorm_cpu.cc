@@ -91,6 +91,10 @@ void add_layernorm_rows(const kernels::AddLayerNormParams& p) {
 
 }  // namespace
 
+void add_layernorm_run_f32(const kernels::AddLayerNormParams& p) {
+  if (p.rows > 0 && p.cols > 0) add_layernorm_rows<float>(p);
+}
+
 std::tuple<at::Tensor, at::Tensor> add_layernorm_cpu(const at::Tensor& x,
                                                      const std::optional<at::Tensor>& bias,
                                                      const std::optional<at::Tensor>& residual,

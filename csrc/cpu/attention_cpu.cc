@@ -244,6 +244,24 @@ void attention_tasks(const kernels::AttentionParams& p) {
 
 }  // namespace
 
+void check_attention_rows(const kernels::AttentionParams& p, int64_t m) {
+  if (p.rows == nullptr) return;
+  const int64_t g = p.n / p.q_per_kv, s = p.rows_sj == 0 ? std::min<int64_t>(p.s, 1) : p.s;
+  bool ok = true;
+  for (int64_t r = 0; r < g; ++r) {
+    const int64_t* row = p.rows + r * p.rows_sg;
+    for (int64_t j = 0; j < s; ++j) {
+      const int64_t v = row[j * p.rows_sj];
+      ok &= v >= 0 && v < m;
+    }
+  }
+  TORCH_CHECK(ok, "kv_rows outside [0, ", m, ")");
+}
+
+void attention_run_f32(const kernels::AttentionParams& p) {
+  if (p.tq > 0 && p.n > 0) attention_tasks<float>(p);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v,
                                                  const std::optional<at::Tensor>& kv_rows,
@@ -255,13 +273,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   auto out = attention_prepare(q, k, v, kv_rows, key_pad, heads, scaling, q_per_kv, causal_offset,
                                need_weights, &p);
   if (p.tq > 0 && p.n > 0) {
-    if (p.rows != nullptr && p.s > 0) {
-      // Physical rows come from the caller: bound-check them once.
-      const int64_t m = k.size(1);
-      const at::Tensor r = kv_rows->dim() == 1 ? *kv_rows : kv_rows->narrow(1, 0, p.s);
-      TORCH_CHECK(r.numel() == 0 || (r.min().item<int64_t>() >= 0 && r.max().item<int64_t>() < m),
-                  "kv_rows outside [0, ", m, ")");
-    }
+    // Physical rows come from the caller: bound-check them once.
+    check_attention_rows(p, k.size(1));
     SEQFUSE_DISPATCH_FLOAT(q.scalar_type(), "attention_cpu", [&] { attention_tasks<scalar_t>(p); });
   }
   return out;

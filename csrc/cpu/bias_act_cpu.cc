@@ -78,6 +78,10 @@ void bias_act_dispatch(const kernels::BiasActParams& p) {
 
 }  // namespace
 
+void bias_act_run_f32(const kernels::BiasActParams& p) {
+  if (p.rows > 0 && p.cols > 0) bias_act_dispatch<float>(p);
+}
+
 at::Tensor bias_act_cpu(at::Tensor x, const std::optional<at::Tensor>& bias, int64_t act) {
   TORCH_CHECK(x.device().is_cpu(), "bias_act_cpu: x must be on the CPU");
   kernels::BiasActParams p;

@@ -51,8 +51,14 @@ at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, doub
   at::Tensor out =
       embedding_prepare(tokens, table, scale, pos_table, pad, pos_mode, fixed_pos, zero_pads, &p);
   if (tokens.numel() > 0) {
-    const int64_t lo = tokens.min().item<int64_t>(), hi = tokens.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < p.vocab, "token ids must lie in [0, ", p.vocab, ")");
+    bool ok = true;
+    for (int64_t b = 0; b < p.b; ++b) {
+      for (int64_t t = 0; t < p.t; ++t) {
+        const int64_t tok = p.tokens[b * p.tok_sb + t * p.tok_st];
+        ok &= tok >= 0 && tok < p.vocab;
+      }
+    }
+    TORCH_CHECK(ok, "token ids must lie in [0, ", p.vocab, ")");
     SEQFUSE_DISPATCH_FLOAT(table.scalar_type(), "embedding_cpu",
                            [&] { embedding_rows<scalar_t>(p); });
   }

@@ -112,22 +112,31 @@ at::Tensor feed_forward(const at::Tensor& h, const at::Tensor& residual, const a
                                        final_norm.eps, false));
 }
 
-// One layer's self-attention cache: write the step's K/V (columns [C, 3C) of
-// qkv), parent-table column and key padding at `slot`.
-void write_self_slot(const at::Tensor& qkv, const at::Tensor& kv, const at::Tensor& rows,
-                     const at::Tensor& pad, int64_t slot, const uint8_t* pad_new) {
-  const int64_t n = qkv.size(0), c3 = qkv.size(1), c = c3 / 3;
+// One layer's self-attention cache must take `n` rows at `slot`.
+void check_self_cache(const at::Tensor& kv, const at::Tensor& rows, const at::Tensor& pad,
+                      int64_t slot, int64_t n, int64_t c) {
+  check_f32(kv, "a self-attention cache");
   const int64_t slots = kv.size(0), phys = kv.size(1);
   TORCH_CHECK(kv.dim() == 3 && kv.size(2) == 2 * c && slot < slots && n <= phys,
               "fused_decoder_step: self cache ", kv.sizes(), " cannot take slot ", slot, " of ", n,
               " rows");
   TORCH_CHECK(rows.dim() == 2 && rows.size(0) >= n && rows.size(1) == slots &&
-                  rows.scalar_type() == at::kLong && rows.is_contiguous(),
+                  rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.is_cpu(),
               "fused_decoder_step: parent table must be int64 [>=", n, ", ", slots, "]");
   TORCH_CHECK(pad.dim() == 2 && pad.size(0) == slots && pad.size(1) == phys &&
-                  pad.scalar_type() == at::kBool && pad.is_contiguous(),
+                  pad.scalar_type() == at::kBool && pad.is_contiguous() && pad.is_cpu(),
               "fused_decoder_step: key padding must be bool [", slots, ", ", phys, "]");
-  const float* src = qkv.data_ptr<float>();
+}
+
+// One layer's self-attention cache (checked by check_self_cache): write the
+// step's K/V (columns [C, 3C) of qkv), parent-table column and key padding at
+// `slot`.
+void write_self_slot(const float* qkv, int64_t n, int64_t c, const at::Tensor& kv,
+                     const at::Tensor& rows, const at::Tensor& pad, int64_t slot,
+                     const uint8_t* pad_new) {
+  const int64_t c3 = 3 * c;
+  const int64_t slots = kv.size(0), phys = kv.size(1);
+  const float* src = qkv;
   float* dst = kv.data_ptr<float>() + slot * phys * 2 * c;
   int64_t* table = rows.data_ptr<int64_t>();
   bool* p = pad.data_ptr<bool>() + slot * phys;
@@ -138,6 +147,45 @@ void write_self_slot(const at::Tensor& qkv, const at::Tensor& kv, const at::Tens
   }
 }
 
+// A float32 tensor's data (checked by check_f32 or made here).
+inline const float* fp(const at::Tensor& t) { return t.data_ptr<float>(); }
+
+// A packed weight (pack_linear_weight) of an [n, k] projection.
+void check_pack(const at::Tensor& pack, int64_t k, int64_t n, const char* what) {
+  TORCH_CHECK(
+      pack.dim() == 3 && pack.size(1) == k && pack.size(2) == 16 && pack.size(0) == (n + 15) / 16,
+      "fused_decoder_step: ", what, " must be packed [", (n + 15) / 16, ", ", k, ", 16], got ",
+      pack.sizes());
+}
+void check_vec(const at::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fused_decoder_step: ", what, " must be [", n,
+              "], got ", t.sizes());
+}
+
+// add_layernorm's kernel on [rows, cols] float32 rows: sum = x + bias + res
+// (bias, res optional), normed = LN(sum) with (w, b) (optional).
+void add_ln(int64_t rows, int64_t cols, const float* x, const float* bias, const float* res,
+            const float* w, const float* b, double eps, float* sum, float* normed) {
+  kernels::AddLayerNormParams p{x,   bias,   res,  w,    b,
+                                sum, normed, rows, cols, static_cast<float>(eps)};
+  add_layernorm_run_f32(p);
+}
+
+// The layers' _residual_norm on raw rows (see residual_norm): writes the new
+// x to `x_out` and the next block's normalised input to `normed` (post-norm:
+// both are LN_own(residual + o + bias), written once to x_out; `normed` then
+// points there).
+const float* residual_norm_raw(int64_t n, int64_t c, const float* o, const float* bias,
+                               const float* residual, const Norm& own, const Norm& next,
+                               bool pre_norm, float* x_out, float* normed) {
+  if (pre_norm) {
+    add_ln(n, c, o, bias, residual, fp(next.weight), fp(next.bias), next.eps, x_out, normed);
+    return normed;
+  }
+  add_ln(n, c, o, bias, residual, fp(own.weight), fp(own.bias), own.eps, nullptr, x_out);
+  return x_out;
+}
+
 }  // namespace
 
 // x: [n, C] (the embedded step, one token per row). Returns (each layer's
@@ -146,11 +194,17 @@ void write_self_slot(const at::Tensor& qkv, const at::Tensor& kv, const at::Tens
 // [heads, n, 1, S], when mean_heads < 0; otherwise their mean over the first
 // mean_heads heads (all when more), [n, 1, S], summed head by head and
 // divided by the head count as the decoder's _head_mean does
-// (seqfuse/layers/fairseq.py), with the same ATen calls.
-std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
+// (seqfuse/layers/fairseq.py).
+//
+// Every argument is checked first; the kernels then run on raw pointers into
+// one workspace (no tensor is made, sliced or inspected between them: at a
+// few rows per step that dispatcher work cost as much as a layer's GEMMs).
+namespace {
+// fused_decoder_step with the step's key padding as bytes (pn: [n] or null).
+std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     const at::Tensor& x_in, at::TensorList params, at::ArrayRef<double> nums,
     at::TensorList self_kv, at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
-    const std::optional<at::Tensor>& pad_new, at::TensorList cross_kv, at::TensorList cross_map,
+    const uint8_t* pn, at::TensorList cross_kv, at::TensorList cross_map,
     const c10::List<std::optional<at::Tensor>>& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
     bool normalize_before, int64_t act, int64_t align_layer, int64_t mean_heads) {
   const int64_t layers = static_cast<int64_t>(self_kv.size());
@@ -168,68 +222,212 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
   TORCH_CHECK(x_in.dim() == 2, "fused_decoder_step: x must be [rows, channels]");
   const int64_t n = x_in.size(0), c = x_in.size(1);
   TORCH_CHECK(slot >= 0, "fused_decoder_step: negative slot");
-  const uint8_t* pn = nullptr;
-  if (pad_new.has_value()) {
-    TORCH_CHECK(
-        pad_new->scalar_type() == at::kBool && pad_new->is_contiguous() && pad_new->numel() == n,
-        "fused_decoder_step: step padding must be a contiguous bool [", n, "]");
-    pn = reinterpret_cast<const uint8_t*>(pad_new->data_ptr<bool>());
-  }
+  TORCH_CHECK(q_per_kv >= 1 && n % q_per_kv == 0, "fused_decoder_step: rows ", n,
+              " not a multiple of q_per_kv ", q_per_kv);
   for (const at::Tensor& t : params) check_f32(t, "a layer parameter");
+  int64_t ffn = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = params.data() + l * kPerLayer;
+    const int64_t f = w[kFc1Bias].dim() == 1 ? w[kFc1Bias].size(0) : 0;
+    TORCH_CHECK(f > 0, "fused_decoder_step: fc1 bias must be [ffn]");
+    ffn = std::max(ffn, f);
+    TORCH_CHECK(heads[l] >= 1 && c % heads[l] == 0, "fused_decoder_step: channels ", c,
+                " not divisible by heads ", heads[l]);
+    check_pack(w[kQkvPack], c, 3 * c, "the QKV weight");
+    check_vec(w[kQkvBias], 3 * c, "the QKV bias");
+    check_pack(w[kSelfOutPack], c, c, "the self-attention output weight");
+    check_pack(w[kCrossQPack], c, c, "the cross-attention query weight");
+    check_pack(w[kCrossOutPack], c, c, "the cross-attention output weight");
+    check_pack(w[kFc1Pack], c, f, "the fc1 weight");
+    check_pack(w[kFc2Pack], f, c, "the fc2 weight");
+    for (Slot v : {kSelfOutBias, kSelfLnW, kSelfLnB, kCrossQBias, kCrossOutBias, kCrossLnW,
+                   kCrossLnB, kFc2Bias, kFinalLnW, kFinalLnB}) {
+      check_vec(w[v], c, "a layer bias or norm parameter");
+    }
+    check_self_cache(self_kv[l], self_rows[l], self_pad[l], slot, n, c);
+    const at::Tensor& ckv = cross_kv[l];
+    TORCH_CHECK(ckv.dim() == 3 && ckv.size(2) == 2 * c && ckv.scalar_type() == at::kFloat &&
+                    ckv.device().is_cpu() && ckv.stride(2) == 1,
+                "fused_decoder_step: encoder K/V must be float32 [S, sentences, ", 2 * c, "]");
+    const at::Tensor& map = cross_map[l];
+    TORCH_CHECK(map.scalar_type() == at::kLong && map.dim() == 1 && map.size(0) == n / q_per_kv &&
+                    map.is_cpu(),
+                "fused_decoder_step: cross-attention row map must be int64 [", n / q_per_kv, "]");
+    const std::optional<at::Tensor> cp = cross_pad.get(l);
+    if (cp.has_value()) {
+      TORCH_CHECK((cp->scalar_type() == at::kBool || cp->scalar_type() == at::kByte) &&
+                      cp->device().is_cpu() && cp->dim() == 2 && cp->size(0) == ckv.size(1) &&
+                      cp->size(1) == ckv.size(0),
+                  "fused_decoder_step: encoder padding must be bool [", ckv.size(1), ", ",
+                  ckv.size(0), "], got ", cp->sizes());
+    }
+  }
 
-  at::Tensor x = x_in;
+  // Workspace: qkv [n, 3C], then [n, C] each: hin, attention output, GEMM
+  // output, x after self- and cross-attention, their normalised copies, the
+  // cross query; then fc1's [n, F]. Layer outputs go to `out` [layers, n, C].
+  const int64_t nc = n * c;
+  at::Tensor ws = at::empty({n * (3 * c + 8 * c + ffn)}, x_in.options());
+  float* qkv = ws.data_ptr<float>();
+  float* hin = qkv + 3 * nc;
+  float* attn_out = hin + nc;
+  float* gemm_out = attn_out + nc;
+  float* x_self = gemm_out + nc;
+  float* n_self = x_self + nc;
+  float* x_cross = n_self + nc;
+  float* n_cross = x_cross + nc;
+  float* q = n_cross + nc;
+  float* fc1 = q + nc;
+  at::Tensor out = at::empty({layers, n, c}, x_in.options());
+
+  const float* x = fp(x_in);
   at::Tensor align;
-  std::vector<at::Tensor> outputs;
-  outputs.reserve(layers);
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = params.data() + l * kPerLayer;
     const double* num = nums.data() + l * kNumsPerLayer;
-    const int64_t h = heads[l];
+    const int64_t h = heads[l], f = w[kFc1Bias].size(0);
     const Norm self_norm{w[kSelfLnW], w[kSelfLnB], num[kSelfEps]};
     const Norm cross_norm{w[kCrossLnW], w[kCrossLnB], num[kCrossEps]};
     const Norm final_norm{w[kFinalLnW], w[kFinalLnB], num[kFinalEps]};
+    float* x_out = out.data_ptr<float>() + l * nc;
 
     // Self-attention over the cache (pre-norm: normalise x first).
-    const at::Tensor hin = normalize_before ? layer_norm(x, self_norm) : x;
-    at::Tensor qkv = linear_packed_cpu(hin, w[kQkvPack], w[kQkvBias], 3 * c);  // [n, 3C]
-    write_self_slot(qkv, self_kv[l], self_rows[l], self_pad[l], slot, pn);
-    const at::Tensor kv = self_kv[l].narrow(0, 0, slot + 1);
-    at::Tensor a = std::get<0>(
-        attention_cpu(qkv.view({1, n, 3 * c}).narrow(2, 0, c), kv.narrow(2, 0, c),
-                      kv.narrow(2, c, c), self_rows[l].narrow(0, 0, n),
-                      self_pad[l].narrow(0, 0, slot + 1).t(), h, num[kSelfScaling], 1, -1, false));
-    at::Tensor o = linear_packed_cpu(a.view({n, c}), w[kSelfOutPack], std::nullopt, c);
-    at::Tensor normed;
-    std::tie(x, normed) =
-        residual_norm(o, w[kSelfOutBias], x, self_norm, cross_norm, normalize_before);
+    const float* in = x;
+    if (normalize_before) {
+      add_ln(n, c, x, nullptr, nullptr, fp(self_norm.weight), fp(self_norm.bias), self_norm.eps,
+             nullptr, hin);
+      in = hin;
+    }
+    linear_packed_run(in, n, c, c, fp(w[kQkvPack]), 3 * c, fp(w[kQkvBias]), qkv);
+    write_self_slot(qkv, n, c, self_kv[l], self_rows[l], self_pad[l], slot, pn);
+    const at::Tensor& kv = self_kv[l];
+    const int64_t phys = kv.size(1), slots = kv.size(0);
+    kernels::AttentionParams sa{};
+    sa.q = qkv;
+    sa.q_st = n * 3 * c;
+    sa.q_sn = 3 * c;
+    sa.k = fp(kv);
+    sa.k_ss = phys * 2 * c;
+    sa.k_sm = 2 * c;
+    sa.v = fp(kv) + c;
+    sa.v_ss = phys * 2 * c;
+    sa.v_sm = 2 * c;
+    sa.rows = self_rows[l].data_ptr<int64_t>();
+    sa.rows_sg = slots;
+    sa.rows_sj = 1;
+    sa.pad = reinterpret_cast<const uint8_t*>(self_pad[l].data_ptr<bool>());
+    sa.pad_sm = 1;
+    sa.pad_sj = phys;
+    sa.out = attn_out;
+    sa.weights = nullptr;
+    sa.tq = 1;
+    sa.n = n;
+    sa.s = slot + 1;
+    sa.heads = h;
+    sa.dim = c / h;
+    sa.q_per_kv = 1;
+    sa.causal_offset = -1;
+    sa.scaling = static_cast<float>(num[kSelfScaling]);
+    check_attention_rows(sa, phys);
+    attention_run_f32(sa);
+    linear_packed_run(attn_out, n, c, c, fp(w[kSelfOutPack]), c, nullptr, gemm_out);
+    const float* normed = residual_norm_raw(n, c, gemm_out, fp(w[kSelfOutBias]), x, self_norm,
+                                            cross_norm, normalize_before, x_self, n_self);
+    x = x_self;
 
     // Cross-attention over the encoder K/V (one set per source sentence).
     const at::Tensor& ckv = cross_kv[l];
-    TORCH_CHECK(ckv.dim() == 3 && ckv.size(2) == 2 * c && ckv.scalar_type() == at::kFloat,
-                "fused_decoder_step: encoder K/V must be float32 [S, sentences, ", 2 * c, "]");
-    at::Tensor q = linear_packed_cpu(normed, w[kCrossQPack], w[kCrossQBias], c);
+    const int64_t src = ckv.size(0), sents = ckv.size(1);
+    linear_packed_run(normed, n, c, c, fp(w[kCrossQPack]), c, fp(w[kCrossQBias]), q);
     const bool want_weights = l == align_layer;
-    at::Tensor cw;
-    std::tie(a, cw) =
-        attention_cpu(q.view({1, n, c}), ckv.narrow(2, 0, c), ckv.narrow(2, c, c), cross_map[l],
-                      cross_pad.get(l), h, num[kCrossScaling], q_per_kv, -1, want_weights);
-    if (want_weights) align = cw;
-    o = linear_packed_cpu(a.view({n, c}), w[kCrossOutPack], std::nullopt, c);
-    std::tie(x, normed) =
-        residual_norm(o, w[kCrossOutBias], x, cross_norm, final_norm, normalize_before);
+    if (want_weights) align = at::empty({h, n, 1, src}, x_in.options());
+    kernels::AttentionParams ca{};
+    ca.q = q;
+    ca.q_st = nc;
+    ca.q_sn = c;
+    ca.k = fp(ckv);
+    ca.k_ss = ckv.stride(0);
+    ca.k_sm = ckv.stride(1);
+    ca.v = fp(ckv) + c;
+    ca.v_ss = ckv.stride(0);
+    ca.v_sm = ckv.stride(1);
+    ca.rows = cross_map[l].data_ptr<int64_t>();
+    ca.rows_sg = cross_map[l].stride(0);
+    ca.rows_sj = 0;
+    const std::optional<at::Tensor> cp = cross_pad.get(l);
+    ca.pad = cp.has_value() ? reinterpret_cast<const uint8_t*>(cp->data_ptr()) : nullptr;
+    ca.pad_sm = cp.has_value() ? cp->stride(0) : 0;
+    ca.pad_sj = cp.has_value() ? cp->stride(1) : 0;
+    ca.out = attn_out;
+    ca.weights = want_weights ? align.data_ptr<float>() : nullptr;
+    ca.tq = 1;
+    ca.n = n;
+    ca.s = src;
+    ca.heads = h;
+    ca.dim = c / h;
+    ca.q_per_kv = q_per_kv;
+    ca.causal_offset = -1;
+    ca.scaling = static_cast<float>(num[kCrossScaling]);
+    check_attention_rows(ca, sents);
+    attention_run_f32(ca);
+    linear_packed_run(attn_out, n, c, c, fp(w[kCrossOutPack]), c, nullptr, gemm_out);
+    normed = residual_norm_raw(n, c, gemm_out, fp(w[kCrossOutBias]), x, cross_norm, final_norm,
+                               normalize_before, x_cross, n_cross);
+    x = x_cross;
 
-    x = feed_forward(normed, x, w[kFc1Pack], w[kFc1Bias], w[kFc2Pack], w[kFc2Bias], final_norm, act,
-                     normalize_before);
-    outputs.push_back(x);
+    // FFN: fc2(act(fc1(h) + b1)) + b2 + residual, then (post-norm) LN_final.
+    linear_packed_run(normed, n, c, c, fp(w[kFc1Pack]), f, nullptr, fc1);
+    kernels::BiasActParams ba{fc1, fp(w[kFc1Bias]), n, f, static_cast<int>(act)};
+    bias_act_run_f32(ba);
+    linear_packed_run(fc1, n, f, f, fp(w[kFc2Pack]), c, nullptr, gemm_out);
+    if (normalize_before) {
+      add_ln(n, c, gemm_out, fp(w[kFc2Bias]), x, nullptr, nullptr, 1e-5, x_out, nullptr);
+    } else {
+      add_ln(n, c, gemm_out, fp(w[kFc2Bias]), x, fp(final_norm.weight), fp(final_norm.bias),
+             final_norm.eps, nullptr, x_out);
+    }
+    x = x_out;
   }
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(layers);
+  for (int64_t l = 0; l < layers; ++l) outputs.push_back(out[l]);
   if (align.defined() && mean_heads >= 0) {
+    // The decoder's _head_mean: head 0, plus each further head in order,
+    // then divided by the count.
     const int64_t count = std::min(mean_heads, align.size(0));
     TORCH_CHECK(count > 0, "fused_decoder_step: no heads to average");
-    at::Tensor acc = align.select(0, 0).clone();
-    for (int64_t h = 1; h < count; ++h) acc.add_(align.select(0, h));
-    align = acc.div_(count);
+    const int64_t per = align.numel() / align.size(0);
+    at::Tensor mean = at::empty({n, 1, align.size(3)}, align.options());
+    const float* a = align.data_ptr<float>();
+    float* m = mean.data_ptr<float>();
+    const float div = static_cast<float>(count);
+    for (int64_t i = 0; i < per; ++i) {
+      float acc = a[i];
+      for (int64_t hh = 1; hh < count; ++hh) acc += a[hh * per + i];
+      m[i] = acc / div;
+    }
+    align = mean;
   }
   return {outputs, align};
+}
+}  // namespace
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
+    const at::Tensor& x_in, at::TensorList params, at::ArrayRef<double> nums,
+    at::TensorList self_kv, at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
+    const std::optional<at::Tensor>& pad_new, at::TensorList cross_kv, at::TensorList cross_map,
+    const c10::List<std::optional<at::Tensor>>& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
+    bool normalize_before, int64_t act, int64_t align_layer, int64_t mean_heads) {
+  const uint8_t* pn = nullptr;
+  if (pad_new.has_value()) {
+    TORCH_CHECK(pad_new->scalar_type() == at::kBool && pad_new->is_contiguous() &&
+                    pad_new->numel() == x_in.size(0),
+                "fused_decoder_step: step padding must be a contiguous bool [", x_in.size(0), "]");
+    pn = reinterpret_cast<const uint8_t*>(pad_new->data_ptr<bool>());
+  }
+  return decoder_step(x_in, params, nums, self_kv, self_rows, self_pad, slot, pn, cross_kv,
+                      cross_map, cross_pad, q_per_kv, heads, normalize_before, act, align_layer,
+                      mean_heads);
 }
 
 // The whole network of an incremental decoder step (the fused decoder's
@@ -268,10 +466,12 @@ std::tuple<at::Tensor, at::Tensor> fused_decoder_logits(
     x = layer_norm(x, Norm{norms[0], norms[1], norm_eps[0]});
     k = 2;
   }
-  const at::Tensor step_pad = tokens.view({n}).eq(pad);
-  auto [outs, align] = fused_decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot,
-                                          step_pad, cross_kv, cross_map, cross_pad, q_per_kv, heads,
-                                          normalize_before, act, align_layer, mean_heads);
+  std::vector<uint8_t> step_pad(static_cast<size_t>(n));
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) step_pad[r] = tok[r * tokens.stride(0)] == pad;
+  auto [outs, align] = decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot,
+                                    step_pad.data(), cross_kv, cross_map, cross_pad, q_per_kv,
+                                    heads, normalize_before, act, align_layer, mean_heads);
   x = outs.back();
   if (has_final_ln) {
     check_f32(norms[k], "the final norm weight");

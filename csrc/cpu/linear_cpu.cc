@@ -62,6 +62,13 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
 
 }  // namespace
 
+void linear_packed_run(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
+                       int64_t N, const float* bias, float* y) {
+  TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
+              at::get_cpu_capability(), " (needs AVX2 or AVX512)");
+  if (M > 0) kernel()(x, M, K, ldx, packed, N, bias, y);
+}
+
 at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
                              const std::optional<at::Tensor>& bias, int64_t n) {
   TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
