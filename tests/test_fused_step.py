@@ -165,6 +165,38 @@ def test_plan_follows_weight_changes(monkeypatch):
     assert_bit_identical_hypos(layers, one_call, "after an in-place update")
 
 
+@pytest.mark.parametrize("change", ["parameter", "module"])
+def test_plan_follows_replaced_parameters_and_modules(monkeypatch, change):
+    """A parameter or a submodule assigned anew (not updated in place) after
+    a generation is seen too: the next one-call step runs on it, as the
+    layers do."""
+    model, d = random_transformer(60, 4, perturb=True)
+    fast = fused(model)
+    sample = random_sample(d, bsz=3, seed=2)
+    kw = dict(beam_size=3, max_len_b=10)
+    before = generate(fast, d, sample, **kw)
+    plan = fast.decoder.__dict__["_seqfuse_fused_step_plan"]
+    layer = fast.decoder.layers[1]
+    g = torch.Generator().manual_seed(9)
+    if change == "parameter":
+        layer.fc2.weight = torch.nn.Parameter(torch.randn(layer.fc2.weight.shape, generator=g))
+    else:
+        fc2 = torch.nn.Linear(layer.fc2.in_features, layer.fc2.out_features)
+        with torch.no_grad():
+            fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=g))
+            fc2.bias.copy_(layer.fc2.bias)
+        layer.fc2 = fc2
+    layers, one_call, taken = both_paths(monkeypatch, lambda: generate(fast, d, sample, **kw))
+    assert taken > 0
+    assert fast.decoder.__dict__["_seqfuse_fused_step_plan"] is not plan
+    assert_bit_identical_hypos(layers, one_call, f"after a new {change}")
+    assert any(
+        not torch.equal(a["tokens"], b["tokens"]) or a["score"] != b["score"]
+        for x, y in zip(before, one_call)
+        for a, b in zip(x, y)
+    ), "the change made no difference: the test proves nothing"
+
+
 @pytest.mark.parametrize("pre_norm", [False, True])
 def test_encoder_stack_bit_identical_to_layers(monkeypatch, pre_norm):
     """The fused encoder in one call vs its layers one by one, on a padded

@@ -5,6 +5,7 @@ copies and integer compares only."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -92,3 +93,67 @@ def test_whole_search_op_vs_torch(monkeypatch, fused):
     with_torch = run()
     assert calls
     assert_bit_identical_hypos(with_torch, with_op, f"fused={fused}")
+
+
+@pytest.mark.parametrize("bsz,beam", [(1, 1), (1, 5), (3, 4), (17, 5)])
+@pytest.mark.parametrize("eos_rate", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("strided", [False, True])
+def test_finished_candidates_op_equals_fairseq_ops(bsz, beam, eos_rate, strided):
+    """Which EOS candidates finish (eos mask, take, rank, rows), against
+    fairseq's operations: -inf and NaN scores, ignored candidates, finished
+    sentences and sentences close to full; candidates as the fused top-k
+    leaves them (a column slice) or contiguous."""
+    g = torch.Generator().manual_seed(bsz * 10 + beam + int(10 * eos_rate))
+    c2, n_sent = 2 * beam, bsz + 3
+    eos = 2
+    wide = 2 * beam + 1 if strided else 2 * beam
+    scores = torch.randn(bsz, wide, generator=g)
+    scores[torch.rand(bsz, wide, generator=g) < 0.15] = -math.inf
+    scores[torch.rand(bsz, wide, generator=g) < 0.05] = math.nan
+    tokens = torch.randint(3, 50, (bsz, wide), generator=g)
+    tokens[torch.rand(bsz, wide, generator=g) < eos_rate] = eos
+    beams = torch.randint(0, beam, (bsz, wide), generator=g)
+    ignore = torch.rand(bsz, beam, generator=g) < 0.2
+    done = torch.rand(bsz, generator=g) < 0.2
+    n_fin = torch.randint(0, beam + 1, (n_sent,), generator=g)
+    sent_ids = torch.randperm(n_sent, generator=g)[:bsz].contiguous()
+    args = (scores[:, :c2], tokens[:, :c2], beams[:, :c2], ignore, done, n_fin, sent_ids)
+    assert args[0].is_contiguous() != strided or bsz == 1
+    got = torch.ops.seqfuse.finished_candidates(*args, eos)
+    want = search.finished_candidates_torch(*(a.clone() for a in args), eos)
+    names = ("cand_bbsz_idx", "eos_mask", "take", "rank", "sent_n_fin")
+    for a, b, name in zip(got, want, names):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert got[5] == bool(want[5])
+    assert torch.equal(search.finished_candidates(*args, eos)[2], want[2])
+
+
+def test_finished_candidates_refuses_a_sentence_outside_the_buffers():
+    args = [torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long)]
+    args += [torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 2, dtype=torch.bool)]
+    args += [torch.zeros(2, dtype=torch.bool), torch.zeros(3, dtype=torch.long)]
+    args += [torch.tensor([0, 3])]  # sentence 3 of 3
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.seqfuse.finished_candidates(*args, 2)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_finite_ties_op_equals_torch(strided):
+    """Rows with two equal finite neighbours (exact ties among the fused
+    top-k's candidates), against the torch version: -inf pairs and NaN are
+    no tie."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(40, 12, generator=g).sort(dim=1, descending=True).values
+    scores[3, 4] = scores[3, 5]  # a tie
+    scores[7, 9:] = -math.inf  # -inf pairs: none
+    scores[9, 2] = scores[9, 3] = math.nan  # NaN pairs: none
+    scores[11, 0] = scores[11, 1] = math.inf  # +inf pairs: none either
+    scores[13, 10] = scores[13, 11]  # at the end
+    x = scores[:, :11] if strided else scores
+    got, any_tie = torch.ops.seqfuse.finite_ties(x)
+    want, want_any = search.finite_ties_torch(x)
+    assert torch.equal(got, want) and any_tie == bool(want_any)
+    assert bool(got[3]) and not bool(got[7]) and not bool(got[9]) and not bool(got[11])
+    assert bool(got[13]) != strided
+    none, any_none = torch.ops.seqfuse.finite_ties(x[[0, 1, 2, 7, 9]])
+    assert not any_none and not bool(none.any())

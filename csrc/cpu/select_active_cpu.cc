@@ -18,7 +18,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -40,12 +43,19 @@ void gather_rows(T* data, int64_t n, int64_t sub, int64_t ld, int64_t width, con
       std::memcpy(data + (r * sub + q) * ld, &old[(order[r] * sub + q) * width], width * sizeof(T));
 }
 
-void check_2d(const at::Tensor& t, const char* name, at::ScalarType type, int64_t rows,
-              int64_t cols) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.dim() == 2 && t.is_contiguous() &&
-                  t.size(0) == rows && (cols < 0 || t.size(1) == cols),
-              "select_active: ", name, " must be a contiguous ", type, " CPU tensor [", rows, ", ",
-              cols, "], got ", t.sizes(), " ", t.scalar_type());
+// A [rows, cols] CPU tensor of `type` whose rows are contiguous (with
+// `strided`, rows may lie apart: a slice of wider rows); returns its row
+// stride.
+int64_t check_2d(const at::Tensor& t, const char* name, at::ScalarType type, int64_t rows,
+                 int64_t cols, bool strided = false) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.dim() == 2 && t.size(0) == rows &&
+                  (cols < 0 || t.size(1) == cols) &&
+                  (strided ? (t.stride(1) == 1 || t.size(1) <= 1) && t.stride(0) >= t.size(1)
+                           : t.is_contiguous()),
+              "beam search step: ", name, " must be a ",
+              strided ? "row-contiguous " : "contiguous ", type, " CPU tensor [", rows, ", ", cols,
+              "], got ", t.sizes(), " ", t.scalar_type());
+  return t.size(1) <= 1 && strided ? std::max<int64_t>(t.stride(0), t.size(1)) : t.stride(0);
 }
 
 }  // namespace
@@ -60,8 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_active_cpu(
   check_2d(eos_mask, "eos_mask", at::kBool, bsz, c2);
   check_2d(ignore, "cands_to_ignore", at::kBool, bsz, k);
   check_2d(cand_bbsz, "cand_bbsz_idx", at::kLong, bsz, c2);
-  check_2d(cand_tokens, "cand_indices", at::kLong, bsz, c2);
-  check_2d(cand_scores, "cand_scores", at::kFloat, bsz, c2);
+  const int64_t ld_ct = check_2d(cand_tokens, "cand_indices", at::kLong, bsz, c2, true);
+  const int64_t ld_cs = check_2d(cand_scores, "cand_scores", at::kFloat, bsz, c2, true);
   const int64_t rows = bsz * k;
   check_2d(tokens, "tokens", at::kLong, rows, -1);
   check_2d(scores, "scores", at::kFloat, rows, -1);
@@ -112,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_active_cpu(
   for (int64_t s = 0; s < bsz; ++s) {
     for (int64_t i = 0; i < k; ++i) {
       const int64_t r = s * k + i, j = hy[r];
-      tok[r * ld_tok + step + 1] = ct[s * c2 + j];
-      sc[r * ld_sc + step] = cs[s * c2 + j];
+      tok[r * ld_tok + step + 1] = ct[s * ld_ct + j];
+      sc[r * ld_sc + step] = cs[s * ld_cs + j];
     }
   }
   if (attn.has_value()) {
@@ -123,14 +133,122 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_active_cpu(
   return {bbsz, hypos, new_ignore};
 }
 
+// seqfuse::finished_candidates (CPU): which EOS candidates of this step
+// become finished hypotheses, before select_active. The torch version and the
+// contract (seqfuse/ops/search.py, finished_candidates_torch):
+//
+//   cand_bbsz[s, j] = s * k + cand_beams[s, j]
+//   eos_mask[s, j]  = cand_tokens[s, j] == eos & cand_scores[s, j] != -inf,
+//                     false for j < k where ignore[s, j]
+//   take[s, j]      = eos_mask[s, j] & !done[s]   (j < k)
+//   rank[s, j]      = n_fin[sent_ids[s]] + (takes at or before j) - 1
+//   take[s, j]     &= rank[s, j] < k
+//
+// Integer compares and counts only: equal to the torch ops exactly.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool>
+finished_candidates_cpu(const at::Tensor& cand_scores, const at::Tensor& cand_tokens,
+                        const at::Tensor& cand_beams, const at::Tensor& ignore,
+                        const at::Tensor& done, const at::Tensor& n_fin, const at::Tensor& sent_ids,
+                        int64_t eos) {
+  TORCH_CHECK(cand_scores.dim() == 2 && ignore.dim() == 2,
+              "finished_candidates: 2-D candidates expected");
+  const int64_t bsz = cand_scores.size(0), c2 = cand_scores.size(1), k = ignore.size(1);
+  TORCH_CHECK(k > 0 && c2 >= k, "finished_candidates: ", c2, " candidates for ", k, " beams");
+  const int64_t ld_cs = check_2d(cand_scores, "cand_scores", at::kFloat, bsz, c2, true);
+  const int64_t ld_ct = check_2d(cand_tokens, "cand_indices", at::kLong, bsz, c2, true);
+  const int64_t ld_cb = check_2d(cand_beams, "cand_beams", at::kLong, bsz, c2, true);
+  check_2d(ignore, "cands_to_ignore", at::kBool, bsz, k);
+  TORCH_CHECK(done.device().is_cpu() && done.scalar_type() == at::kBool && done.dim() == 1 &&
+                  done.size(0) == bsz && done.is_contiguous(),
+              "finished_candidates: done must be a contiguous bool CPU tensor [", bsz, "]");
+  TORCH_CHECK(sent_ids.device().is_cpu() && sent_ids.scalar_type() == at::kLong &&
+                  sent_ids.dim() == 1 && sent_ids.size(0) == bsz && sent_ids.is_contiguous(),
+              "finished_candidates: sent_ids must be a contiguous int64 CPU tensor [", bsz, "]");
+  TORCH_CHECK(n_fin.device().is_cpu() && n_fin.scalar_type() == at::kLong && n_fin.dim() == 1 &&
+                  n_fin.is_contiguous(),
+              "finished_candidates: n_fin must be a contiguous int64 CPU tensor");
+  const float* cs = cand_scores.data_ptr<float>();
+  const int64_t* ct = cand_tokens.data_ptr<int64_t>();
+  const int64_t* cb = cand_beams.data_ptr<int64_t>();
+  const bool* ign = ignore.data_ptr<bool>();
+  const bool* dn = done.data_ptr<bool>();
+  const int64_t* sid = sent_ids.data_ptr<int64_t>();
+  const int64_t* nf = n_fin.data_ptr<int64_t>();
+  const int64_t n_sent = n_fin.size(0);
+  at::Tensor bbsz = at::empty({bsz, c2}, cand_beams.options());
+  at::Tensor eos_mask = at::empty({bsz, c2}, ignore.options());
+  at::Tensor take = at::empty({bsz, k}, ignore.options());
+  at::Tensor rank = at::empty({bsz, k}, cand_beams.options());
+  at::Tensor sent_n_fin = at::empty({bsz}, cand_beams.options());
+  int64_t* bb = bbsz.data_ptr<int64_t>();
+  bool* em = eos_mask.data_ptr<bool>();
+  bool* tk = take.data_ptr<bool>();
+  int64_t* rk = rank.data_ptr<int64_t>();
+  int64_t* snf = sent_n_fin.data_ptr<int64_t>();
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  bool any = false;
+  for (int64_t s = 0; s < bsz; ++s) {
+    TORCH_CHECK(sid[s] >= 0 && sid[s] < n_sent, "finished_candidates: sentence ", sid[s],
+                " outside ", n_sent);
+    snf[s] = nf[sid[s]];
+    int64_t count = 0;
+    for (int64_t j = 0; j < c2; ++j) {
+      bb[s * c2 + j] = cb[s * ld_cb + j] + s * k;
+      bool e = ct[s * ld_ct + j] == eos && cs[s * ld_cs + j] != kNegInf;
+      if (j < k) {
+        e = e && !ign[s * k + j];
+        bool t = e && !dn[s];
+        count += t ? 1 : 0;
+        rk[s * k + j] = snf[s] + count - 1;
+        t = t && rk[s * k + j] < k;
+        tk[s * k + j] = t;
+        any = any || t;
+      }
+      em[s * c2 + j] = e;
+    }
+  }
+  return {bbsz, eos_mask, take, rank, sent_n_fin, any};
+}
+
+// seqfuse::finite_ties (CPU): rows of `scores` [bsz, c] (rows contiguous)
+// where two neighbouring entries are equal and finite (the fused top-k's
+// candidates: an exact tie, whose order torch.topk's selection decides), and
+// whether any row has one. The torch version: seqfuse/ops/search.py.
+std::tuple<at::Tensor, bool> finite_ties_cpu(const at::Tensor& scores) {
+  TORCH_CHECK(scores.dim() == 2, "finite_ties: scores must be [rows, candidates]");
+  const int64_t bsz = scores.size(0), c = scores.size(1);
+  const int64_t ld = check_2d(scores, "scores", at::kFloat, bsz, c, true);
+  at::Tensor rows = at::empty({bsz}, scores.options().dtype(at::kBool));
+  const float* sc = scores.data_ptr<float>();
+  bool* out = rows.data_ptr<bool>();
+  bool any = false;
+  for (int64_t s = 0; s < bsz; ++s) {
+    bool tie = false;
+    for (int64_t j = 1; j < c; ++j)
+      tie = tie || (sc[s * ld + j] == sc[s * ld + j - 1] && std::isfinite(sc[s * ld + j]));
+    out[s] = tie;
+    any = any || tie;
+  }
+  return {rows, any};
+}
+
 }  // namespace seqfuse
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
+  m.def("finite_ties(Tensor scores) -> (Tensor, bool)");
   // Contract: seqfuse/ops/search.py.
+  m.def(
+      "finished_candidates(Tensor cand_scores, Tensor cand_indices, Tensor cand_beams, "
+      "Tensor cands_to_ignore, Tensor done, Tensor n_fin, Tensor sent_ids, int eos) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, bool)");
   m.def(
       "select_active(Tensor eos_mask, Tensor cands_to_ignore, Tensor cand_bbsz_idx, "
       "Tensor cand_indices, Tensor cand_scores, Tensor(a!) tokens, Tensor(b!) scores, "
       "Tensor(c!)? attn, int step) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(seqfuse, CPU, m) { m.impl("select_active", &seqfuse::select_active_cpu); }
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
+  m.impl("select_active", &seqfuse::select_active_cpu);
+  m.impl("finished_candidates", &seqfuse::finished_candidates_cpu);
+  m.impl("finite_ties", &seqfuse::finite_ties_cpu);
+}

@@ -49,7 +49,7 @@ from seqfuse.ops.beam_topk import (
     beam_topk,
     beam_topk_reference,
 )
-from seqfuse.ops.search import select_active
+from seqfuse.ops.search import finished_candidates, finite_ties, select_active
 
 logger = logging.getLogger("seqfuse.generation")
 _warned: set[str] = set()
@@ -258,9 +258,8 @@ class SequenceGenerator(StockSequenceGenerator):
             src, cum, rows, k_op, self.pad, self.unk, self.eos, self.unk_penalty, eos_mode, ban
         )
         if check_ties and k_op > 1:
-            eq = cs[:, 1:] == cs[:, :-1]  # rarely any: then look closer (-inf pairs are no tie)
-            tie = (eq & torch.isfinite(cs[:, 1:])).any(dim=1) if bool(eq.any()) else None
-            if tie is not None and bool(tie.any()):
+            tie, any_tie = finite_ties(cs)  # rarely any (-inf pairs are no tie)
+            if bool(any_tie):
                 sents = tie.nonzero().view(-1)
                 row_idx = sents.unsqueeze(1) * rows + torch.arange(rows, device=sents.device)
                 row_idx = row_idx.view(-1)
@@ -485,19 +484,15 @@ class SequenceGenerator(StockSequenceGenerator):
             # next step's reorders and decoder call instead of after.
             out = lprobs = avg_attn_scores = None
 
-            cand_bbsz_idx = cand_beams.add(bbsz_offsets)
-            eos_mask = cand_indices.eq(self.eos) & cand_scores.ne(-math.inf)
-            eos_mask[:, :beam_size][cands_to_ignore] = False
-
             # Finalise: EOS among the first `beam` candidates of unfinished
             # sentences, in candidate order, while the sentence has room.
-            take = eos_mask[:, :beam_size] & ~done.unsqueeze(1)
-            sent_n_fin = n_fin[sent_ids]
-            rank = sent_n_fin.unsqueeze(1) + take.long().cumsum(1) - 1
-            take &= rank < beam_size
+            cand_bbsz_idx, eos_mask, take, rank, sent_n_fin, any_taken = finished_candidates(
+                cand_scores, cand_indices, cand_beams, cands_to_ignore, done, n_fin, sent_ids,
+                self.eos,
+            )  # fmt: skip
             # On the CPU host reads are free: skip the bookkeeping on steps
             # where no hypothesis ends (no sentence can finish on those).
-            taken = device.type != "cpu" or bool(take.any())
+            taken = device.type != "cpu" or bool(any_taken)
             if taken:
                 if fin_attn is not None:
                     fin_attn = _grow_time(fin_attn, step + 1, max_len + 1, zero=True)

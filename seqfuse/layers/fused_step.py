@@ -42,6 +42,8 @@ instance.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -63,19 +65,45 @@ PLAN_KEY = "seqfuse.fused_step_plan"
 ALL_HEADS = 2**31 - 1
 
 
-def _params_key(module: torch.nn.Module) -> tuple:
-    """(storage, version counter) of every parameter under ``module``: a walk
-    over the modules' own dicts (what ``parameters()`` visits, without its
-    generator machinery; this runs once per generation)."""
-    key = []
+# Bumped whenever a parameter or submodule is registered on any module (torch
+# calls these global hooks from register_parameter / add_module, which
+# attribute assignment goes through): the parameter lists cached below are
+# rebuilt after any such change.
+_structure = [0]
+
+
+def _structure_changed(*_args) -> None:
+    _structure[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
+torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
+_flat_params: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _parameters_of(module: torch.nn.Module) -> list[Tensor]:
+    """Every parameter under ``module`` (what ``parameters()`` visits), from a
+    walk over the modules' own dicts, redone only after a registration."""
+    hit = _flat_params.get(module)
+    if hit is not None and hit[0] == _structure[0]:
+        return hit[1]
+    params = []
     todo = [module]
     while todo:
         m = todo.pop()
-        for p in m._parameters.values():
-            if p is not None:
-                key.append((p.data_ptr(), -1 if p.is_inference() else p._version))
+        params += [p for p in m._parameters.values() if p is not None]
         todo.extend(sub for sub in m._modules.values() if sub is not None)
-    return tuple(key)
+    _flat_params[module] = (_structure[0], params)
+    return params
+
+
+def _params_key(module: torch.nn.Module) -> tuple:
+    """(storage, version counter) of every parameter under ``module``: in-place
+    updates bump the version, ``.data`` swaps and conversions move the storage
+    (this runs once per generation)."""
+    return tuple(
+        (p.data_ptr(), -1 if p.is_inference() else p._version) for p in _parameters_of(module)
+    )
 
 
 def _cached(stack, x: Tensor, attr: str, build) -> dict | str:

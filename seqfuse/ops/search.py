@@ -1,5 +1,9 @@
-"""The end of a beam-search step: the candidates that continue, and the
-histories gathered for them (fairseq's SequenceGenerator, after finalize).
+"""The end of a beam-search step: the EOS candidates that become finished
+hypotheses (:func:`finished_candidates`), then the candidates that continue
+and the histories gathered for them (:func:`select_active`), as fairseq's
+SequenceGenerator does after finalize.
+
+select_active's contract:
 
 Contract, per sentence ``s`` (``2k`` candidates, ``k`` beams)::
 
@@ -23,6 +27,7 @@ exactly.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -57,6 +62,12 @@ def select_active_torch(eos_mask, cands_to_ignore, cand_bbsz_idx, cand_indices, 
     return active_bbsz_idx, active_hypos, new_ignore
 
 
+def _rows_contiguous(t: Tensor) -> bool:
+    """A 2-D tensor whose rows are contiguous (a column slice of one is):
+    the CPU ops read candidates with a row stride."""
+    return t.dim() == 2 and (t.stride(1) == 1 or t.size(1) <= 1) and t.stride(0) >= t.size(1)
+
+
 def _op_takes(eos_mask, cand_scores, tokens, scores, attn) -> bool:
     if _ext._C is None or tokens.device.type != "cpu":
         return False
@@ -73,7 +84,70 @@ def select_active(eos_mask, cands_to_ignore, cand_bbsz_idx, cand_indices, cand_s
     if not _op_takes(eos_mask, cand_scores, tokens, scores, attn):
         return select_active_torch(eos_mask, cands_to_ignore, cand_bbsz_idx, cand_indices,
                                    cand_scores, tokens, scores, attn, step)  # fmt: skip
+    if not _rows_contiguous(cand_indices):
+        cand_indices = cand_indices.contiguous()
+    if not _rows_contiguous(cand_scores):
+        cand_scores = cand_scores.contiguous()
     return torch.ops.seqfuse.select_active(
         eos_mask.contiguous(), cands_to_ignore.contiguous(), cand_bbsz_idx.contiguous(),
-        cand_indices.contiguous(), cand_scores.contiguous(), tokens, scores, attn, step,
+        cand_indices, cand_scores, tokens, scores, attn, step,
     )  # fmt: skip
+
+
+def finished_candidates_torch(cand_scores, cand_indices, cand_beams, cands_to_ignore, done, n_fin,
+                              sent_ids, eos: int):  # fmt: skip
+    """Which EOS candidates finish this step (the torch reference). With
+    ``bsz`` sentences, ``2k`` candidates and ``k`` beams, returns
+    ``(cand_bbsz_idx [bsz, 2k], eos_mask [bsz, 2k], take [bsz, k],
+    rank [bsz, k], sent_n_fin [bsz], any take)``: the candidates' rows, the
+    EOS candidates that are not -inf (nor ignored among the first ``k``), the
+    ones taken (in unfinished sentences, while the sentence has room) and the
+    slot each would take among its sentence's ``n_fin`` finished ones. "any
+    take" is a bool tensor here (no host read), a bool from the CPU op."""
+    bsz, beam_size = cands_to_ignore.shape
+    offsets = (torch.arange(bsz, device=cand_beams.device) * beam_size).unsqueeze(1)
+    cand_bbsz_idx = cand_beams.add(offsets)
+    eos_mask = cand_indices.eq(eos) & cand_scores.ne(-math.inf)
+    eos_mask[:, :beam_size][cands_to_ignore] = False
+    take = eos_mask[:, :beam_size] & ~done.unsqueeze(1)
+    sent_n_fin = n_fin[sent_ids]
+    rank = sent_n_fin.unsqueeze(1) + take.long().cumsum(1) - 1
+    take &= rank < beam_size
+    return cand_bbsz_idx, eos_mask, take, rank, sent_n_fin, take.any()
+
+
+def finished_candidates(cand_scores, cand_indices, cand_beams, cands_to_ignore, done, n_fin,
+                        sent_ids, eos: int):  # fmt: skip
+    """See :func:`finished_candidates_torch`; one CPU op call where it takes
+    the inputs (the same results exactly: integer compares and counts)."""
+    args = (cand_scores, cand_indices, cand_beams, cands_to_ignore, done, n_fin, sent_ids)
+    if (
+        _ext._C is None
+        or cand_scores.device.type != "cpu"
+        or cand_scores.dtype != torch.float32
+        or not all(_rows_contiguous(t) for t in args[:3])
+        or not all(t.is_contiguous() for t in args[3:])
+    ):
+        return finished_candidates_torch(*args, eos)
+    return torch.ops.seqfuse.finished_candidates(*args, eos)
+
+
+def finite_ties_torch(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows, any)``: the rows of ``scores [bsz, c]`` where two neighbouring
+    entries are equal and finite, and whether there is one (a tensor)."""
+    eq = (scores[:, 1:] == scores[:, :-1]) & torch.isfinite(scores[:, 1:])
+    rows = eq.any(dim=1)
+    return rows, rows.any()
+
+
+def finite_ties(scores: Tensor):
+    """See :func:`finite_ties_torch`; one CPU op call (``any`` a bool) where it
+    takes the input."""
+    if (
+        _ext._C is None
+        or scores.device.type != "cpu"
+        or scores.dtype != torch.float32
+        or not _rows_contiguous(scores)
+    ):
+        return finite_ties_torch(scores)
+    return torch.ops.seqfuse.finite_ties(scores)
