@@ -39,16 +39,22 @@ def reorder_incremental_state(decoder, incremental_state, new_order):
         from fairseq.modules.multihead_attention import MultiheadAttention
 
         stock = MultiheadAttention.reorder_incremental_state
+        # (module, the incremental_state key of its state when it is a stock
+        # MultiheadAttention, else None)
         mods = [
-            (m, getattr(type(m), "reorder_incremental_state", None) is stock)
+            (
+                m,
+                f"{m._incremental_state_id}.attn_state"
+                if getattr(type(m), "reorder_incremental_state", None) is stock
+                else None,
+            )
             for m in decoder.modules()
             if hasattr(m, "reorder_incremental_state")
         ]
         decoder.__dict__["_seqfuse_reorder"] = mods
-    for module, stateless_skip in mods:
-        if stateless_skip and (
-            incremental_state is None
-            or f"{module._incremental_state_id}.attn_state" not in incremental_state
+    for module, state_key in mods:
+        if state_key is not None and (
+            incremental_state is None or state_key not in incremental_state
         ):
             continue
         result = module.reorder_incremental_state(incremental_state, new_order)

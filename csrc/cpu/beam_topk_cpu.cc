@@ -243,7 +243,7 @@ void beam_topk_cpu_kernel(const T* logits,  // [bsz * rows_per_sent, vocab]
   std::vector<float> chunk_scores(rows * nch);  // [rows, nchunks] edited, of the maxima
   std::vector<float> chunk_max(rows * nch);     // [rows, nchunks] logits
   // Rows cost ~3 passes over V floats: a grain of a few rows keeps threads busy.
-  const int64_t row_grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.vocab, 1));
+  const int64_t row_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
   at::parallel_for(0, rows, row_grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     std::vector<uint8_t> special;

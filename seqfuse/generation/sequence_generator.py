@@ -391,6 +391,14 @@ class SequenceGenerator(StockSequenceGenerator):
         reorder_state: Optional[Tensor] = None
         prev_rows: Optional[Tensor] = None  # rows kept by the last compaction
 
+        stop_on_max_len = self.search.stop_on_max_len
+        # Search.update_constraints is a no-op: not called per step then.
+        update_constraints = (
+            None
+            if type(self.search).update_constraints is search.Search.update_constraints
+            else self.search.update_constraints
+        )
+
         for step in range(max_len + 1):
             if reorder_state is not None:
                 if prev_rows is not None:
@@ -506,7 +514,7 @@ class SequenceGenerator(StockSequenceGenerator):
             if step >= max_len:
                 done = torch.ones_like(done)
 
-            stop_now = self.search.stop_on_max_len and step >= max_len
+            stop_now = stop_on_max_len and step >= max_len
             if step >= max_len or stop_now or (taken and (step + 1) % compact_every == 0):
                 if bool(done.all()) or stop_now:
                     break
@@ -544,7 +552,8 @@ class SequenceGenerator(StockSequenceGenerator):
                 eos_mask, cands_to_ignore, cand_bbsz_idx, cand_indices, cand_scores,
                 tokens, scores, attn, step,
             )  # fmt: skip
-            self.search.update_constraints(active_hypos)
+            if update_constraints is not None:
+                update_constraints(active_hypos)
             reorder_state = active_bbsz_idx
 
         return self._collect(n_fin, fin_tokens, fin_len, fin_score, fin_pos, fin_attn)
