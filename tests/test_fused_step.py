@@ -165,10 +165,12 @@ def test_plan_follows_weight_changes(monkeypatch):
     assert_bit_identical_hypos(layers, one_call, "after an in-place update")
 
 
-@pytest.mark.parametrize("change", ["parameter", "module"])
+@pytest.mark.parametrize("change", ["parameter", "module", "dict"])
 def test_plan_follows_replaced_parameters_and_modules(monkeypatch, change):
     """A parameter or a submodule assigned anew (not updated in place) after
-    a generation is seen too: the next one-call step runs on it, as the
+    a generation is seen too, also a parameter written into its module's
+    dict directly (what a module conversion does under torch's
+    overwrite-on-conversion flag): the next one-call step runs on it, as the
     layers do."""
     model, d = random_transformer(60, 4, perturb=True)
     fast = fused(model)
@@ -178,14 +180,20 @@ def test_plan_follows_replaced_parameters_and_modules(monkeypatch, change):
     plan = fast.decoder.__dict__["_seqfuse_fused_step_plan"]
     layer = fast.decoder.layers[1]
     g = torch.Generator().manual_seed(9)
+    new_weight = torch.nn.Parameter(torch.randn(layer.fc2.weight.shape, generator=g))
+    key = fused_step._params_key(fast.decoder.layers)
+    assert fused_step._params_key(fast.decoder.layers) == key  # nothing changed: the same
     if change == "parameter":
-        layer.fc2.weight = torch.nn.Parameter(torch.randn(layer.fc2.weight.shape, generator=g))
+        layer.fc2.weight = new_weight
+    elif change == "dict":
+        layer.fc2._parameters["weight"] = new_weight
     else:
         fc2 = torch.nn.Linear(layer.fc2.in_features, layer.fc2.out_features)
         with torch.no_grad():
             fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=g))
             fc2.bias.copy_(layer.fc2.bias)
         layer.fc2 = fc2
+    assert fused_step._params_key(fast.decoder.layers) != key
     layers, one_call, taken = both_paths(monkeypatch, lambda: generate(fast, d, sample, **kw))
     assert taken > 0
     assert fast.decoder.__dict__["_seqfuse_fused_step_plan"] is not plan

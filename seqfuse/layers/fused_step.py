@@ -78,32 +78,40 @@ def _structure_changed(*_args) -> None:
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
 torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
+# module -> (structure count, [(owner's _parameters dict, name, parameter)])
 _flat_params: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _parameters_of(module: torch.nn.Module) -> list[Tensor]:
-    """Every parameter under ``module`` (what ``parameters()`` visits), from a
-    walk over the modules' own dicts, redone only after a registration."""
-    hit = _flat_params.get(module)
-    if hit is not None and hit[0] == _structure[0]:
-        return hit[1]
-    params = []
+def _walk_parameters(module: torch.nn.Module) -> list[tuple[dict, str, Tensor]]:
+    """Every parameter under ``module`` (what ``parameters()`` visits) with the
+    dict that holds it, from a walk over the modules' own dicts."""
+    found = []
     todo = [module]
     while todo:
         m = todo.pop()
-        params += [p for p in m._parameters.values() if p is not None]
+        own = m._parameters
+        found += [(own, name, p) for name, p in own.items() if p is not None]
         todo.extend(sub for sub in m._modules.values() if sub is not None)
-    _flat_params[module] = (_structure[0], params)
-    return params
+    return found
 
 
 def _params_key(module: torch.nn.Module) -> tuple:
     """(storage, version counter) of every parameter under ``module``: in-place
     updates bump the version, ``.data`` swaps and conversions move the storage
-    (this runs once per generation)."""
-    return tuple(
-        (p.data_ptr(), -1 if p.is_inference() else p._version) for p in _parameters_of(module)
-    )
+    (this runs once per generation). The parameter list is walked once and
+    reused until a registration anywhere, or a parameter no longer held where
+    it was found (a conversion that writes a module's dict directly)."""
+    hit = _flat_params.get(module)
+    if (
+        hit is not None
+        and hit[0] == _structure[0]
+        and all(own.get(name) is p for own, name, p in hit[1])
+    ):
+        params = hit[1]
+    else:
+        params = _walk_parameters(module)
+        _flat_params[module] = (_structure[0], params)
+    return tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for _, _, p in params)
 
 
 def _cached(stack, x: Tensor, attr: str, build) -> dict | str:
