@@ -116,10 +116,10 @@ at::Tensor feed_forward(const at::Tensor& h, const at::Tensor& residual, const a
 void check_self_cache(const at::Tensor& kv, const at::Tensor& rows, const at::Tensor& pad,
                       int64_t slot, int64_t n, int64_t c) {
   check_f32(kv, "a self-attention cache");
+  TORCH_CHECK(kv.dim() == 3, "fused_decoder_step: self cache must be [slots, rows, 2C]");
   const int64_t slots = kv.size(0), phys = kv.size(1);
-  TORCH_CHECK(kv.dim() == 3 && kv.size(2) == 2 * c && slot < slots && n <= phys,
-              "fused_decoder_step: self cache ", kv.sizes(), " cannot take slot ", slot, " of ", n,
-              " rows");
+  TORCH_CHECK(kv.size(2) == 2 * c && slot < slots && n <= phys, "fused_decoder_step: self cache ",
+              kv.sizes(), " cannot take slot ", slot, " of ", n, " rows");
   TORCH_CHECK(rows.dim() == 2 && rows.size(0) >= n && rows.size(1) == slots &&
                   rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.is_cpu(),
               "fused_decoder_step: parent table must be int64 [>=", n, ", ", slots, "]");

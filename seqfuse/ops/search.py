@@ -3,9 +3,7 @@ hypotheses (:func:`finished_candidates`), then the candidates that continue
 and the histories gathered for them (:func:`select_active`), as fairseq's
 SequenceGenerator does after finalize.
 
-select_active's contract:
-
-Contract, per sentence ``s`` (``2k`` candidates, ``k`` beams)::
+select_active's contract, per sentence ``s`` (``2k`` candidates, ``k`` beams)::
 
     mask[s, j]    = eos_mask[s, j] | (j < k & cands_to_ignore[s, j])
     active_hypos  = the k smallest of mask * 2k + j, ascending
@@ -19,10 +17,11 @@ Contract, per sentence ``s`` (``2k`` candidates, ``k`` beams)::
 
 ``tokens``, ``scores`` and ``attn`` are updated in place; returns
 ``(active_bbsz_idx [bsz * k], active_hypos [bsz, k], new_ignore [bsz, k])``;
-the masks are left as they were. The CPU op (seqfuse._C ``select_active``) does it in one call
-with copies and integer compares only, so it equals the torch version
-(:func:`select_active_torch`, also the path for other devices and layouts)
-exactly.
+the masks are left as they were. The CPU op (seqfuse._C ``select_active``)
+does it in one call with copies and integer compares only, so it equals the
+torch version (:func:`select_active_torch`, also the path for other devices
+and layouts) exactly. The CPU ops read the candidate tensors with a row
+stride: the fused top-k's column slices go in without a copy.
 """
 
 from __future__ import annotations
