@@ -996,9 +996,11 @@ def plot(report: dict, path: Path) -> Path | None:
     try:
         import logging
 
+        # before the import: it logs its set-up at DEBUG, and fairseq's
+        # logging configuration lets DEBUG through
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
         import matplotlib
 
-        logging.getLogger("matplotlib").setLevel(logging.WARNING)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
