@@ -13,6 +13,7 @@ from generation_utils import assert_bit_identical_hypos, random_sample, random_t
 
 from seqfuse import _ext
 from seqfuse.generation import SequenceGenerator
+from seqfuse.generation import sequence_generator as sg
 from seqfuse.layers.fairseq import optimize_fairseq_model
 from seqfuse.ops import search
 
@@ -69,7 +70,8 @@ def test_bad_input_is_refused():
 @pytest.mark.parametrize("fused", [False, True])
 def test_whole_search_op_vs_torch(monkeypatch, fused):
     """Whole searches (finished hypotheses, shrinking batches, alignment) with
-    the op and with fairseq's ops: bit-identical."""
+    the CPU ops (select_active, finished_candidates, finite_ties) and with the
+    torch versions (the path of other devices): bit-identical."""
     model, d = random_transformer(50, 4, layers=2, perturb=True)
     if fused:
         assert optimize_fairseq_model(model)[0]
@@ -87,11 +89,22 @@ def test_whole_search_op_vs_torch(monkeypatch, fused):
         calls.append(1)
         return op(*a)
 
+    def counted(name, fn):
+        def f(*a):
+            calls.append(name)
+            return fn(*a)
+
+        return f
+
     with_op = run()
     monkeypatch.setattr(search, "_op_takes", lambda *a: False)
     monkeypatch.setattr(search, "select_active_torch", spy)
+    monkeypatch.setattr(
+        sg, "finished_candidates", counted("finished", search.finished_candidates_torch)
+    )
+    monkeypatch.setattr(sg, "finite_ties", counted("ties", search.finite_ties_torch))
     with_torch = run()
-    assert calls
+    assert {1, "finished", "ties"} <= set(calls)
     assert_bit_identical_hypos(with_torch, with_op, f"fused={fused}")
 
 
