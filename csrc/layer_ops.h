@@ -74,16 +74,23 @@ at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, doub
                          const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode,
                          int64_t fixed_pos, bool zero_pads);
 
-// The float32 CPU kernels on parameters already checked (the one-call layer
-// stacks of csrc/cpu/fused_stack_cpu.cc): no tensor is made or inspected.
-void add_layernorm_run_f32(const kernels::AddLayerNormParams& p);
-void bias_act_run_f32(const kernels::BiasActParams& p);
-void attention_run_f32(const kernels::AttentionParams& p);
+// The float32 CPU kernels on parameters already checked, for callers that run
+// one parallel region over several ops (the one-call layer stacks of
+// csrc/cpu/fused_stack_cpu.cc): no tensor is made or inspected. Each splits its
+// work in tasks and runs tasks [begin, end) on the calling thread: GEMM tasks
+// (linear_packed_task_count), rows (add_layernorm, bias_act), attention rows
+// (query rows x query times, with the caller's scratch: scores [heads * s],
+// phys [s], qs and acc [heads * dim]). Each output is computed as by the
+// whole op, whichever thread takes it.
+int64_t linear_packed_task_count(int64_t M, int64_t N);  // raises without a packed kernel
+void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
+                             int64_t N, const float* bias, float* y, int64_t begin, int64_t end);
+void add_layernorm_range_f32(const kernels::AddLayerNormParams& p, int64_t r0, int64_t r1);
+void bias_act_range_f32(const kernels::BiasActParams& p, int64_t r0, int64_t r1);
+void attention_range_run_f32(const kernels::AttentionParams& p, int64_t t0, int64_t t1,
+                             float* scores, int64_t* phys, float* qs, float* acc);
 // Raises when a physical row of p.rows (the first p.s slots of each logical
 // row) lies outside [0, m).
 void check_attention_rows(const kernels::AttentionParams& p, int64_t m);
-// y [M, N] = x W^T + b, W packed as linear_packed_cpu takes it.
-void linear_packed_run(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                       int64_t N, const float* bias, float* y);
 
 }  // namespace seqfuse

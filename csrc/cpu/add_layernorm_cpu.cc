@@ -91,8 +91,20 @@ void add_layernorm_rows(const kernels::AddLayerNormParams& p) {
 
 }  // namespace
 
-void add_layernorm_run_f32(const kernels::AddLayerNormParams& p) {
-  if (p.rows > 0 && p.cols > 0) add_layernorm_rows<float>(p);
+void add_layernorm_range_f32(const kernels::AddLayerNormParams& p, int64_t r0, int64_t r1) {
+  const float* x = static_cast<const float*>(p.x);
+  const float* res = static_cast<const float*>(p.residual);
+  float* sum = static_cast<float*>(p.sum);
+  float* normed = static_cast<float*>(p.normed);
+  const int64_t cols = p.cols;
+  for (int64_t r = r0; r < r1; ++r) {
+    // as add_layernorm_rows: the sum stored first (in `sum`, else in `normed`)
+    float* s = sum != nullptr ? sum + r * cols : normed + r * cols;
+    add_layernorm_row_f32(x + r * cols, static_cast<const float*>(p.bias),
+                          res != nullptr ? res + r * cols : nullptr,
+                          static_cast<const float*>(p.weight), static_cast<const float*>(p.beta), s,
+                          normed != nullptr ? normed + r * cols : nullptr, cols, p.eps);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> add_layernorm_cpu(const at::Tensor& x,

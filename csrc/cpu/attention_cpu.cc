@@ -258,8 +258,9 @@ void check_attention_rows(const kernels::AttentionParams& p, int64_t m) {
   TORCH_CHECK(ok, "kv_rows outside [0, ", m, ")");
 }
 
-void attention_run_f32(const kernels::AttentionParams& p) {
-  if (p.tq > 0 && p.n > 0) attention_tasks<float>(p);
+void attention_range_run_f32(const kernels::AttentionParams& p, int64_t t0, int64_t t1,
+                             float* scores, int64_t* phys, float* qs, float* acc) {
+  if (t0 < t1) attention_range_f32(p, t0, t1, scores, phys, qs, acc);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,

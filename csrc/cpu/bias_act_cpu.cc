@@ -27,37 +27,41 @@ inline float activate(float v, int act) {
   }
 }
 
+// Rows [r0, r1) on the calling thread.
 template <typename T, int Act>
-void bias_act_rows(const kernels::BiasActParams& p) {
+void bias_act_range(const kernels::BiasActParams& p, int64_t r0, int64_t r1) {
   T* x = static_cast<T*>(p.x);
   const T* bias = static_cast<const T*>(p.bias);
   const int64_t cols = p.cols;
-  at::parallel_for(0, p.rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / cols),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r) {
-                       T* xr = x + r * cols;
-                       if (Act == kernels::kActRelu && std::is_same<T, float>::value) {
-                         float* xf = reinterpret_cast<float*>(xr);
-                         const float* bf = reinterpret_cast<const float*>(bias);
-                         if (bf != nullptr) {
+  for (int64_t r = r0; r < r1; ++r) {
+    T* xr = x + r * cols;
+    if (Act == kernels::kActRelu && std::is_same<T, float>::value) {
+      float* xf = reinterpret_cast<float*>(xr);
+      const float* bf = reinterpret_cast<const float*>(bias);
+      if (bf != nullptr) {
 #pragma omp simd
-                           for (int64_t c = 0; c < cols; ++c) {
-                             const float v = xf[c] + bf[c];
-                             xf[c] = v > 0.0f ? v : 0.0f;
-                           }
-                         } else {
+        for (int64_t c = 0; c < cols; ++c) {
+          const float v = xf[c] + bf[c];
+          xf[c] = v > 0.0f ? v : 0.0f;
+        }
+      } else {
 #pragma omp simd
-                           for (int64_t c = 0; c < cols; ++c) xf[c] = xf[c] > 0.0f ? xf[c] : 0.0f;
-                         }
-                         continue;
-                       }
-                       for (int64_t c = 0; c < cols; ++c) {
-                         float v = static_cast<float>(xr[c]);
-                         if (bias != nullptr) v = cpu::round_as<T>(v + static_cast<float>(bias[c]));
-                         xr[c] = static_cast<T>(activate(v, Act));
-                       }
-                     }
-                   });
+        for (int64_t c = 0; c < cols; ++c) xf[c] = xf[c] > 0.0f ? xf[c] : 0.0f;
+      }
+      continue;
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = static_cast<float>(xr[c]);
+      if (bias != nullptr) v = cpu::round_as<T>(v + static_cast<float>(bias[c]));
+      xr[c] = static_cast<T>(activate(v, Act));
+    }
+  }
+}
+
+template <typename T, int Act>
+void bias_act_rows(const kernels::BiasActParams& p) {
+  at::parallel_for(0, p.rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / p.cols),
+                   [&](int64_t r0, int64_t r1) { bias_act_range<T, Act>(p, r0, r1); });
 }
 
 template <typename T>
@@ -78,8 +82,19 @@ void bias_act_dispatch(const kernels::BiasActParams& p) {
 
 }  // namespace
 
-void bias_act_run_f32(const kernels::BiasActParams& p) {
-  if (p.rows > 0 && p.cols > 0) bias_act_dispatch<float>(p);
+void bias_act_range_f32(const kernels::BiasActParams& p, int64_t r0, int64_t r1) {
+  switch (p.act) {
+    case kernels::kActRelu:
+      return bias_act_range<float, kernels::kActRelu>(p, r0, r1);
+    case kernels::kActGelu:
+      return bias_act_range<float, kernels::kActGelu>(p, r0, r1);
+    case kernels::kActGeluAccurate:
+      return bias_act_range<float, kernels::kActGeluAccurate>(p, r0, r1);
+    case kernels::kActTanh:
+      return bias_act_range<float, kernels::kActTanh>(p, r0, r1);
+    default:
+      return bias_act_range<float, kernels::kActLinear>(p, r0, r1);
+  }
 }
 
 at::Tensor bias_act_cpu(at::Tensor x, const std::optional<at::Tensor>& bias, int64_t act) {

@@ -9,15 +9,21 @@
 // preallocated caches, add + layernorm, bias + activation), so its output is
 // bit-identical to the layer-by-layer path (tested); what it removes is the
 // Python and dispatcher work between the ops, which dominates small-batch
-// steps. The caller (seqfuse/layers/fused_step.py) keeps the cache
-// bookkeeping (growth, repack, reorder) in Python and passes the buffers;
-// this call writes the step's K/V, parent-table column and key padding into
+// steps, and (in the decoder step) a thread fork and join per op. The caller
+// (seqfuse/layers/fused_step.py) keeps the cache bookkeeping (growth, repack, reorder) in Python
+// and passes the buffers; this call writes the step's K/V, parent-table column and key padding into
 // slot `slot` of each layer's self-attention cache.
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "layer_ops.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace seqfuse {
 namespace {
@@ -162,30 +168,6 @@ void check_vec(const at::Tensor& t, int64_t n, const char* what) {
               "], got ", t.sizes());
 }
 
-// add_layernorm's kernel on [rows, cols] float32 rows: sum = x + bias + res
-// (bias, res optional), normed = LN(sum) with (w, b) (optional).
-void add_ln(int64_t rows, int64_t cols, const float* x, const float* bias, const float* res,
-            const float* w, const float* b, double eps, float* sum, float* normed) {
-  kernels::AddLayerNormParams p{x,   bias,   res,  w,    b,
-                                sum, normed, rows, cols, static_cast<float>(eps)};
-  add_layernorm_run_f32(p);
-}
-
-// The layers' _residual_norm on raw rows (see residual_norm): writes the new
-// x to `x_out` and the next block's normalised input to `normed` (post-norm:
-// both are LN_own(residual + o + bias), written once to x_out; `normed` then
-// points there).
-const float* residual_norm_raw(int64_t n, int64_t c, const float* o, const float* bias,
-                               const float* residual, const Norm& own, const Norm& next,
-                               bool pre_norm, float* x_out, float* normed) {
-  if (pre_norm) {
-    add_ln(n, c, o, bias, residual, fp(next.weight), fp(next.bias), next.eps, x_out, normed);
-    return normed;
-  }
-  add_ln(n, c, o, bias, residual, fp(own.weight), fp(own.bias), own.eps, nullptr, x_out);
-  return x_out;
-}
-
 }  // namespace
 
 // x: [n, C] (the embedded step, one token per row). Returns (each layer's
@@ -198,7 +180,8 @@ const float* residual_norm_raw(int64_t n, int64_t c, const float* o, const float
 //
 // Every argument is checked first; the kernels then run on raw pointers into
 // one workspace (no tensor is made, sliced or inspected between them: at a
-// few rows per step that dispatcher work cost as much as a layer's GEMMs).
+// few rows per step that dispatcher work cost as much as a layer's GEMMs),
+// inside one parallel region with a barrier between dependent ops.
 namespace {
 // fused_decoder_step with the step's key padding as bytes (pn: [n] or null).
 std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
@@ -280,29 +263,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   float* fc1 = q + nc;
   at::Tensor out = at::empty({layers, n, c}, x_in.options());
 
-  const float* x = fp(x_in);
+  // Each layer's attention calls, set up and bound-checked before any kernel
+  // runs (the self-attention's new slot holds row r for row r: in range).
+  std::vector<kernels::AttentionParams> self_attn(layers), cross_attn(layers);
   at::Tensor align;
+  int64_t s_max = slot + 1, h_max = 1;
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor* w = params.data() + l * kPerLayer;
     const double* num = nums.data() + l * kNumsPerLayer;
-    const int64_t h = heads[l], f = w[kFc1Bias].size(0);
-    const Norm self_norm{w[kSelfLnW], w[kSelfLnB], num[kSelfEps]};
-    const Norm cross_norm{w[kCrossLnW], w[kCrossLnB], num[kCrossEps]};
-    const Norm final_norm{w[kFinalLnW], w[kFinalLnB], num[kFinalEps]};
-    float* x_out = out.data_ptr<float>() + l * nc;
-
-    // Self-attention over the cache (pre-norm: normalise x first).
-    const float* in = x;
-    if (normalize_before) {
-      add_ln(n, c, x, nullptr, nullptr, fp(self_norm.weight), fp(self_norm.bias), self_norm.eps,
-             nullptr, hin);
-      in = hin;
-    }
-    linear_packed_run(in, n, c, c, fp(w[kQkvPack]), 3 * c, fp(w[kQkvBias]), qkv);
-    write_self_slot(qkv, n, c, self_kv[l], self_rows[l], self_pad[l], slot, pn);
+    const int64_t h = heads[l];
+    h_max = std::max(h_max, h);
     const at::Tensor& kv = self_kv[l];
     const int64_t phys = kv.size(1), slots = kv.size(0);
-    kernels::AttentionParams sa{};
+    kernels::AttentionParams& sa = self_attn[l];
+    sa = kernels::AttentionParams{};
     sa.q = qkv;
     sa.q_st = n * 3 * c;
     sa.q_sn = 3 * c;
@@ -322,26 +295,22 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     sa.weights = nullptr;
     sa.tq = 1;
     sa.n = n;
-    sa.s = slot + 1;
+    sa.s = slot;  // the slots written before this step, for the check
     sa.heads = h;
     sa.dim = c / h;
     sa.q_per_kv = 1;
     sa.causal_offset = -1;
     sa.scaling = static_cast<float>(num[kSelfScaling]);
     check_attention_rows(sa, phys);
-    attention_run_f32(sa);
-    linear_packed_run(attn_out, n, c, c, fp(w[kSelfOutPack]), c, nullptr, gemm_out);
-    const float* normed = residual_norm_raw(n, c, gemm_out, fp(w[kSelfOutBias]), x, self_norm,
-                                            cross_norm, normalize_before, x_self, n_self);
-    x = x_self;
+    sa.s = slot + 1;
 
-    // Cross-attention over the encoder K/V (one set per source sentence).
     const at::Tensor& ckv = cross_kv[l];
     const int64_t src = ckv.size(0), sents = ckv.size(1);
-    linear_packed_run(normed, n, c, c, fp(w[kCrossQPack]), c, fp(w[kCrossQBias]), q);
+    s_max = std::max(s_max, src);
     const bool want_weights = l == align_layer;
     if (want_weights) align = at::empty({h, n, 1, src}, x_in.options());
-    kernels::AttentionParams ca{};
+    kernels::AttentionParams& ca = cross_attn[l];
+    ca = kernels::AttentionParams{};
     ca.q = q;
     ca.q_st = nc;
     ca.q_sn = c;
@@ -369,24 +338,133 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     ca.causal_offset = -1;
     ca.scaling = static_cast<float>(num[kCrossScaling]);
     check_attention_rows(ca, sents);
-    attention_run_f32(ca);
-    linear_packed_run(attn_out, n, c, c, fp(w[kCrossOutPack]), c, nullptr, gemm_out);
-    normed = residual_norm_raw(n, c, gemm_out, fp(w[kCrossOutBias]), x, cross_norm, final_norm,
-                               normalize_before, x_cross, n_cross);
-    x = x_cross;
+  }
 
-    // FFN: fc2(act(fc1(h) + b1)) + b2 + residual, then (post-norm) LN_final.
-    linear_packed_run(normed, n, c, c, fp(w[kFc1Pack]), f, nullptr, fc1);
-    kernels::BiasActParams ba{fc1, fp(w[kFc1Bias]), n, f, static_cast<int>(act)};
-    bias_act_run_f32(ba);
-    linear_packed_run(fc1, n, f, f, fp(w[kFc2Pack]), c, nullptr, gemm_out);
-    if (normalize_before) {
-      add_ln(n, c, gemm_out, fp(w[kFc2Bias]), x, nullptr, nullptr, 1e-5, x_out, nullptr);
-    } else {
-      add_ln(n, c, gemm_out, fp(w[kFc2Bias]), x, fp(final_norm.weight), fp(final_norm.bias),
-             final_norm.eps, nullptr, x_out);
+  // One parallel region for the whole stack: every op splits its tasks (GEMM
+  // tasks, rows, attention rows) over the threads as at::parallel_for would
+  // and a barrier ends it, instead of a fork and join per op (about 2 us
+  // each here, two dozen per step). Each output is computed by the same code
+  // whichever thread takes it: bit-identical to the op-by-op path.
+  const int threads = std::max(1, at::get_num_threads());
+  const int64_t scratch_f = h_max * s_max + 2 * c;
+  std::vector<float> scratch(static_cast<size_t>(threads * scratch_f));
+  std::vector<int64_t> scratch_i(static_cast<size_t>(threads * s_max));
+  (void)linear_packed_task_count(1, 1);  // raises here when no packed kernel exists
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int tid = 0, nt = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    nt = omp_get_num_threads();
+#endif
+    // [b, e) of `count` tasks for this thread (at::parallel_for's even split)
+    const auto part = [tid, nt](int64_t count, int64_t* b, int64_t* e) {
+      const int64_t chunk = (count + nt - 1) / nt;
+      *b = std::min<int64_t>(count, tid * chunk);
+      *e = std::min<int64_t>(count, *b + chunk);
+    };
+    const auto gemm = [&](const float* a, int64_t k, const at::Tensor& pack, int64_t m,
+                          const float* bias, float* y) {
+      int64_t b, e;
+      part(linear_packed_task_count(n, m), &b, &e);
+      linear_packed_run_range(a, n, k, k, fp(pack), m, bias, y, b, e);
+    };
+    const auto rows_ln = [&](const float* a, const float* bias, const float* res, const float* g,
+                             const float* beta, double eps, float* sum, float* normed) {
+      int64_t b, e;
+      part(n, &b, &e);
+      kernels::AddLayerNormParams p{a,   bias,   res, g, beta,
+                                    sum, normed, n,   c, static_cast<float>(eps)};
+      add_layernorm_range_f32(p, b, e);
+    };
+    float* sc = scratch.data() + tid * scratch_f;
+    int64_t* ph = scratch_i.data() + tid * s_max;
+    const auto attend = [&](const kernels::AttentionParams& p) {
+      int64_t b, e;
+      part(n, &b, &e);
+      attention_range_run_f32(p, b, e, sc, ph, sc + h_max * s_max, sc + h_max * s_max + c);
+    };
+
+    const float* x = fp(x_in);
+    for (int64_t l = 0; l < layers; ++l) {
+      const at::Tensor* w = params.data() + l * kPerLayer;
+      const double* num = nums.data() + l * kNumsPerLayer;
+      const int64_t f = w[kFc1Bias].size(0);
+      const Norm self_norm{w[kSelfLnW], w[kSelfLnB], num[kSelfEps]};
+      const Norm cross_norm{w[kCrossLnW], w[kCrossLnB], num[kCrossEps]};
+      const Norm final_norm{w[kFinalLnW], w[kFinalLnB], num[kFinalEps]};
+      float* x_out = out.data_ptr<float>() + l * nc;
+
+      // Self-attention over the cache (pre-norm: normalise x first).
+      const float* in = x;
+      if (normalize_before) {
+        rows_ln(x, nullptr, nullptr, fp(self_norm.weight), fp(self_norm.bias), self_norm.eps,
+                nullptr, hin);
+        in = hin;
+#pragma omp barrier
+      }
+      gemm(in, c, w[kQkvPack], 3 * c, fp(w[kQkvBias]), qkv);
+#pragma omp barrier
+      if (tid == 0) write_self_slot(qkv, n, c, self_kv[l], self_rows[l], self_pad[l], slot, pn);
+#pragma omp barrier
+      attend(self_attn[l]);
+#pragma omp barrier
+      gemm(attn_out, c, w[kSelfOutPack], c, nullptr, gemm_out);
+#pragma omp barrier
+      // The layers' _residual_norm: pre-norm (s, LN_next(s)), post-norm
+      // LN_own(residual + o + bias) as both.
+      const float* normed = x_self;
+      if (normalize_before) {
+        rows_ln(gemm_out, fp(w[kSelfOutBias]), x, fp(cross_norm.weight), fp(cross_norm.bias),
+                cross_norm.eps, x_self, n_self);
+        normed = n_self;
+      } else {
+        rows_ln(gemm_out, fp(w[kSelfOutBias]), x, fp(self_norm.weight), fp(self_norm.bias),
+                self_norm.eps, nullptr, x_self);
+      }
+      x = x_self;
+#pragma omp barrier
+
+      // Cross-attention over the encoder K/V (one set per source sentence).
+      gemm(normed, c, w[kCrossQPack], c, fp(w[kCrossQBias]), q);
+#pragma omp barrier
+      attend(cross_attn[l]);
+#pragma omp barrier
+      gemm(attn_out, c, w[kCrossOutPack], c, nullptr, gemm_out);
+#pragma omp barrier
+      normed = x_cross;
+      if (normalize_before) {
+        rows_ln(gemm_out, fp(w[kCrossOutBias]), x, fp(final_norm.weight), fp(final_norm.bias),
+                final_norm.eps, x_cross, n_cross);
+        normed = n_cross;
+      } else {
+        rows_ln(gemm_out, fp(w[kCrossOutBias]), x, fp(cross_norm.weight), fp(cross_norm.bias),
+                cross_norm.eps, nullptr, x_cross);
+      }
+      x = x_cross;
+#pragma omp barrier
+
+      // FFN: fc2(act(fc1(h) + b1)) + b2 + residual, then (post-norm) LN_final.
+      gemm(normed, c, w[kFc1Pack], f, nullptr, fc1);
+#pragma omp barrier
+      {
+        int64_t b, e;
+        part(n, &b, &e);
+        kernels::BiasActParams ba{fc1, fp(w[kFc1Bias]), n, f, static_cast<int>(act)};
+        bias_act_range_f32(ba, b, e);
+      }
+#pragma omp barrier
+      gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out);
+#pragma omp barrier
+      if (normalize_before) {
+        rows_ln(gemm_out, fp(w[kFc2Bias]), x, nullptr, nullptr, 1e-5, x_out, nullptr);
+      } else {
+        rows_ln(gemm_out, fp(w[kFc2Bias]), x, fp(final_norm.weight), fp(final_norm.bias),
+                final_norm.eps, nullptr, x_out);
+      }
+      x = x_out;
+#pragma omp barrier
     }
-    x = x_out;
   }
   std::vector<at::Tensor> outputs;
   outputs.reserve(layers);

@@ -10,14 +10,19 @@
 namespace seqfuse {
 namespace cpu_capability {
 #if defined(__x86_64__)
+#define SEQFUSE_LINEAR_DECLS                                                                       \
+  void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,       \
+                     int64_t N, const float* bias, float* y);                                      \
+  int64_t linear_packed_tasks(int64_t M, int64_t N);                                               \
+  void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed, \
+                           int64_t N, const float* bias, float* y, int64_t begin, int64_t end);
 namespace AVX2 {
-void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                   int64_t N, const float* bias, float* y);
+SEQFUSE_LINEAR_DECLS
 }
 namespace AVX512 {
-void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                   int64_t N, const float* bias, float* y);
+SEQFUSE_LINEAR_DECLS
 }
+#undef SEQFUSE_LINEAR_DECLS
 #endif
 }  // namespace cpu_capability
 
@@ -26,19 +31,33 @@ using Kernel = void (*)(const float*, int64_t, int64_t, int64_t, const float*, i
                         const float*, float*);
 constexpr int64_t kPanel = 16;
 
-Kernel kernel() {
+// The capability's kernel, its task count and its task-range form.
+struct Kernels {
+  Kernel run = nullptr;
+  int64_t (*tasks)(int64_t, int64_t) = nullptr;
+  void (*range)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
+                float*, int64_t, int64_t) = nullptr;
+};
+
+const Kernels& kernels() {
+  static const Kernels k = []() -> Kernels {
+    Kernels out;
 #if defined(__x86_64__)
-  static const Kernel k = []() -> Kernel {
     const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512") return &cpu_capability::AVX512::linear_packed;
-    if (cap == "AVX2") return &cpu_capability::AVX2::linear_packed;
-    return nullptr;
+    if (cap == "AVX512") {
+      namespace c = cpu_capability::AVX512;
+      out = {&c::linear_packed, &c::linear_packed_tasks, &c::linear_packed_range};
+    } else if (cap == "AVX2") {
+      namespace c = cpu_capability::AVX2;
+      out = {&c::linear_packed, &c::linear_packed_tasks, &c::linear_packed_range};
+    }
+#endif
+    return out;
   }();
   return k;
-#else
-  return nullptr;
-#endif
 }
+
+Kernel kernel() { return kernels().run; }
 
 // The capability whose kernel runs, or "" when none does (the caller then
 // uses torch's GEMM).
@@ -62,11 +81,15 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
 
 }  // namespace
 
-void linear_packed_run(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                       int64_t N, const float* bias, float* y) {
+int64_t linear_packed_task_count(int64_t M, int64_t N) {
   TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
               at::get_cpu_capability(), " (needs AVX2 or AVX512)");
-  if (M > 0) kernel()(x, M, K, ldx, packed, N, bias, y);
+  return kernels().tasks(M, N);
+}
+
+void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
+                             int64_t N, const float* bias, float* y, int64_t begin, int64_t end) {
+  kernels().range(x, M, K, ldx, packed, N, bias, y, begin, end);
 }
 
 at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
