@@ -340,3 +340,24 @@ def test_whole_network_step_checks_its_caches_and_weights():
         state[fused_step.LOGITS_PLAN_KEY] = plan
         with pytest.raises(RuntimeError, match="fc1 weight must be packed"):
             fast.decoder.step_logits(tokens[:, :3], enc, state)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_step_logits_independent_of_thread_count(monkeypatch, threads):
+    """The one-call step splits each op over the threads of one parallel
+    region: with one thread, or with more threads than cores (uneven
+    splits), every logit and attention weight still equals the forward's run
+    with the default threads."""
+    monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)
+    model, d = random_transformer(60, 11, perturb=True)
+    fast, enc, tokens, orders = reorder_scenario(model, d, 12, seed=8)
+    forward = decoder_steps(fast.decoder, enc, tokens, orders)  # the default threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        whole = decoder_steps(fast.decoder, enc, tokens, orders, _whole_network_step)
+    finally:
+        torch.set_num_threads(before)
+    for t, ((x, a, _), (logits, attn)) in enumerate(zip(forward, whole)):
+        assert torch.equal(x[:, -1, :], logits), f"logits, step {t}, {threads} threads"
+        assert torch.equal(a[:, -1, :], attn), f"attention, step {t}, {threads} threads"
