@@ -377,6 +377,20 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
                                     sum, normed, n,   c, static_cast<float>(eps)};
       add_layernorm_range_f32(p, b, e);
     };
+    // The layers' _residual_norm on gemm_out: pre-norm (s, LN_next(s)),
+    // post-norm LN_own(residual + o + bias) as both. Writes the new x to
+    // x_new and returns the next block's input.
+    const auto residual_norm_rows = [&](const at::Tensor& bias, const float* residual,
+                                        const Norm& own, const Norm& next, float* x_new,
+                                        float* normed) -> const float* {
+      if (normalize_before) {
+        rows_ln(gemm_out, fp(bias), residual, fp(next.weight), fp(next.bias), next.eps, x_new,
+                normed);
+        return normed;
+      }
+      rows_ln(gemm_out, fp(bias), residual, fp(own.weight), fp(own.bias), own.eps, nullptr, x_new);
+      return x_new;
+    };
     float* sc = scratch.data() + tid * scratch_f;
     int64_t* ph = scratch_i.data() + tid * s_max;
     const auto attend = [&](const kernels::AttentionParams& p) {
@@ -411,17 +425,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
 #pragma omp barrier
       gemm(attn_out, c, w[kSelfOutPack], c, nullptr, gemm_out);
 #pragma omp barrier
-      // The layers' _residual_norm: pre-norm (s, LN_next(s)), post-norm
-      // LN_own(residual + o + bias) as both.
-      const float* normed = x_self;
-      if (normalize_before) {
-        rows_ln(gemm_out, fp(w[kSelfOutBias]), x, fp(cross_norm.weight), fp(cross_norm.bias),
-                cross_norm.eps, x_self, n_self);
-        normed = n_self;
-      } else {
-        rows_ln(gemm_out, fp(w[kSelfOutBias]), x, fp(self_norm.weight), fp(self_norm.bias),
-                self_norm.eps, nullptr, x_self);
-      }
+      const float* normed =
+          residual_norm_rows(w[kSelfOutBias], x, self_norm, cross_norm, x_self, n_self);
       x = x_self;
 #pragma omp barrier
 
@@ -432,15 +437,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
 #pragma omp barrier
       gemm(attn_out, c, w[kCrossOutPack], c, nullptr, gemm_out);
 #pragma omp barrier
-      normed = x_cross;
-      if (normalize_before) {
-        rows_ln(gemm_out, fp(w[kCrossOutBias]), x, fp(final_norm.weight), fp(final_norm.bias),
-                final_norm.eps, x_cross, n_cross);
-        normed = n_cross;
-      } else {
-        rows_ln(gemm_out, fp(w[kCrossOutBias]), x, fp(cross_norm.weight), fp(cross_norm.bias),
-                cross_norm.eps, nullptr, x_cross);
-      }
+      normed = residual_norm_rows(w[kCrossOutBias], x, cross_norm, final_norm, x_cross, n_cross);
       x = x_cross;
 #pragma omp barrier
 
