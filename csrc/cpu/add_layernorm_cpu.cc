@@ -39,8 +39,9 @@ void add_layernorm_row_f32(const float* x, const float* bias, const float* res, 
   for (int64_t c = 0; c < cols; ++c) o[c] = (s[c] * rstd + shift) * w[c] + beta[c];
 }
 
+// Rows [r0, r1) on the calling thread.
 template <typename T>
-void add_layernorm_rows(const kernels::AddLayerNormParams& p) {
+void add_layernorm_range(const kernels::AddLayerNormParams& p, int64_t r0, int64_t r1) {
   const T* x = static_cast<const T*>(p.x);
   const T* bias = static_cast<const T*>(p.bias);
   const T* res = static_cast<const T*>(p.residual);
@@ -49,62 +50,52 @@ void add_layernorm_rows(const kernels::AddLayerNormParams& p) {
   T* sum = static_cast<T*>(p.sum);
   T* normed = static_cast<T*>(p.normed);
   const int64_t cols = p.cols;
-  at::parallel_for(
-      0, p.rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / cols),
-      [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* xr = x + r * cols;
-          // The rounded sum is stored first (in `sum`, else in `normed`), then
-          // normalised from memory: the stock computation rounds it too.
-          T* s = sum != nullptr ? sum + r * cols : normed + r * cols;
-          const T* rr = res != nullptr ? res + r * cols : nullptr;
-          T* o = normed != nullptr ? normed + r * cols : nullptr;
-          if constexpr (std::is_same<T, float>::value) {
-            add_layernorm_row_f32(xr, bias, rr, w, beta, s, o, cols, p.eps);
-            continue;
-          }
-          float acc = 0.0f;
-          for (int64_t c = 0; c < cols; ++c) {
-            float v = static_cast<float>(xr[c]);
-            if (bias != nullptr) v = cpu::round_as<T>(v + static_cast<float>(bias[c]));
-            if (rr != nullptr) v = cpu::round_as<T>(static_cast<float>(rr[c]) + v);
-            s[c] = static_cast<T>(v);
-            acc += static_cast<float>(s[c]);
-          }
-          if (w == nullptr) continue;
-          const float mean = acc / static_cast<float>(cols);
-          float var = 0.0f;
-          for (int64_t c = 0; c < cols; ++c) {
-            const float d = static_cast<float>(s[c]) - mean;
-            var += d * d;
-          }
-          var /= static_cast<float>(cols);
-          const float rstd = 1.0f / std::sqrt(var + p.eps);
-          const float shift = -mean * rstd;
-          for (int64_t c = 0; c < cols; ++c) {
-            const float y = static_cast<float>(s[c]) * rstd + shift;
-            o[c] = static_cast<T>(y * static_cast<float>(w[c]) + static_cast<float>(beta[c]));
-          }
-        }
-      });
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * cols;
+    // The rounded sum is stored first (in `sum`, else in `normed`), then
+    // normalised from memory: the stock computation rounds it too.
+    T* s = sum != nullptr ? sum + r * cols : normed + r * cols;
+    const T* rr = res != nullptr ? res + r * cols : nullptr;
+    T* o = normed != nullptr ? normed + r * cols : nullptr;
+    if constexpr (std::is_same<T, float>::value) {
+      add_layernorm_row_f32(xr, bias, rr, w, beta, s, o, cols, p.eps);
+      continue;
+    }
+    float acc = 0.0f;
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = static_cast<float>(xr[c]);
+      if (bias != nullptr) v = cpu::round_as<T>(v + static_cast<float>(bias[c]));
+      if (rr != nullptr) v = cpu::round_as<T>(static_cast<float>(rr[c]) + v);
+      s[c] = static_cast<T>(v);
+      acc += static_cast<float>(s[c]);
+    }
+    if (w == nullptr) continue;
+    const float mean = acc / static_cast<float>(cols);
+    float var = 0.0f;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float d = static_cast<float>(s[c]) - mean;
+      var += d * d;
+    }
+    var /= static_cast<float>(cols);
+    const float rstd = 1.0f / std::sqrt(var + p.eps);
+    const float shift = -mean * rstd;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float y = static_cast<float>(s[c]) * rstd + shift;
+      o[c] = static_cast<T>(y * static_cast<float>(w[c]) + static_cast<float>(beta[c]));
+    }
+  }
+}
+
+template <typename T>
+void add_layernorm_rows(const kernels::AddLayerNormParams& p) {
+  at::parallel_for(0, p.rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / p.cols),
+                   [&](int64_t r0, int64_t r1) { add_layernorm_range<T>(p, r0, r1); });
 }
 
 }  // namespace
 
 void add_layernorm_range_f32(const kernels::AddLayerNormParams& p, int64_t r0, int64_t r1) {
-  const float* x = static_cast<const float*>(p.x);
-  const float* res = static_cast<const float*>(p.residual);
-  float* sum = static_cast<float*>(p.sum);
-  float* normed = static_cast<float*>(p.normed);
-  const int64_t cols = p.cols;
-  for (int64_t r = r0; r < r1; ++r) {
-    // as add_layernorm_rows: the sum stored first (in `sum`, else in `normed`)
-    float* s = sum != nullptr ? sum + r * cols : normed + r * cols;
-    add_layernorm_row_f32(x + r * cols, static_cast<const float*>(p.bias),
-                          res != nullptr ? res + r * cols : nullptr,
-                          static_cast<const float*>(p.weight), static_cast<const float*>(p.beta), s,
-                          normed != nullptr ? normed + r * cols : nullptr, cols, p.eps);
-  }
+  add_layernorm_range<float>(p, r0, r1);
 }
 
 std::tuple<at::Tensor, at::Tensor> add_layernorm_cpu(const at::Tensor& x,

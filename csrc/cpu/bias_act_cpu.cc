@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/layer_cpu_common.h"
 #include "layer_ops.h"
@@ -64,37 +65,32 @@ void bias_act_rows(const kernels::BiasActParams& p) {
                    [&](int64_t r0, int64_t r1) { bias_act_range<T, Act>(p, r0, r1); });
 }
 
+// f(std::integral_constant<int, act>{}) for the activation code `act`.
+template <typename F>
+void with_act(int act, F&& f) {
+  switch (act) {
+    case kernels::kActRelu:
+      return f(std::integral_constant<int, kernels::kActRelu>{});
+    case kernels::kActGelu:
+      return f(std::integral_constant<int, kernels::kActGelu>{});
+    case kernels::kActGeluAccurate:
+      return f(std::integral_constant<int, kernels::kActGeluAccurate>{});
+    case kernels::kActTanh:
+      return f(std::integral_constant<int, kernels::kActTanh>{});
+    default:
+      return f(std::integral_constant<int, kernels::kActLinear>{});
+  }
+}
+
 template <typename T>
 void bias_act_dispatch(const kernels::BiasActParams& p) {
-  switch (p.act) {
-    case kernels::kActRelu:
-      return bias_act_rows<T, kernels::kActRelu>(p);
-    case kernels::kActGelu:
-      return bias_act_rows<T, kernels::kActGelu>(p);
-    case kernels::kActGeluAccurate:
-      return bias_act_rows<T, kernels::kActGeluAccurate>(p);
-    case kernels::kActTanh:
-      return bias_act_rows<T, kernels::kActTanh>(p);
-    default:
-      return bias_act_rows<T, kernels::kActLinear>(p);
-  }
+  with_act(p.act, [&](auto a) { bias_act_rows<T, decltype(a)::value>(p); });
 }
 
 }  // namespace
 
 void bias_act_range_f32(const kernels::BiasActParams& p, int64_t r0, int64_t r1) {
-  switch (p.act) {
-    case kernels::kActRelu:
-      return bias_act_range<float, kernels::kActRelu>(p, r0, r1);
-    case kernels::kActGelu:
-      return bias_act_range<float, kernels::kActGelu>(p, r0, r1);
-    case kernels::kActGeluAccurate:
-      return bias_act_range<float, kernels::kActGeluAccurate>(p, r0, r1);
-    case kernels::kActTanh:
-      return bias_act_range<float, kernels::kActTanh>(p, r0, r1);
-    default:
-      return bias_act_range<float, kernels::kActLinear>(p, r0, r1);
-  }
+  with_act(p.act, [&](auto a) { bias_act_range<float, decltype(a)::value>(p, r0, r1); });
 }
 
 at::Tensor bias_act_cpu(at::Tensor x, const std::optional<at::Tensor>& bias, int64_t act) {

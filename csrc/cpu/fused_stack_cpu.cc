@@ -9,10 +9,11 @@
 // preallocated caches, add + layernorm, bias + activation), so its output is
 // bit-identical to the layer-by-layer path (tested); what it removes is the
 // Python and dispatcher work between the ops, which dominates small-batch
-// steps, and (in the decoder step) a thread fork and join per op. The caller
-// (seqfuse/layers/fused_step.py) keeps the cache bookkeeping (growth, repack, reorder) in Python
-// and passes the buffers; this call writes the step's K/V, parent-table column and key padding into
-// slot `slot` of each layer's self-attention cache.
+// steps, and (in the decoder step) a thread fork and join per op. The
+// caller (seqfuse/layers/fused_step.py) keeps the cache bookkeeping (growth,
+// repack, reorder) in Python and passes the buffers; this call writes the
+// step's K/V, parent-table column and key padding into slot `slot` of each
+// layer's self-attention cache.
 #include <ATen/Parallel.h>
 
 #include <algorithm>

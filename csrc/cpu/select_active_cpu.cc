@@ -18,7 +18,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -55,7 +54,7 @@ int64_t check_2d(const at::Tensor& t, const char* name, at::ScalarType type, int
               "beam search step: ", name, " must be a ",
               strided ? "row-contiguous " : "contiguous ", type, " CPU tensor [", rows, ", ", cols,
               "], got ", t.sizes(), " ", t.scalar_type());
-  return t.size(1) <= 1 && strided ? std::max<int64_t>(t.stride(0), t.size(1)) : t.stride(0);
+  return t.stride(0);
 }
 
 }  // namespace
@@ -235,8 +234,8 @@ std::tuple<at::Tensor, bool> finite_ties_cpu(const at::Tensor& scores) {
 }  // namespace seqfuse
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
+  // Contracts: seqfuse/ops/search.py.
   m.def("finite_ties(Tensor scores) -> (Tensor, bool)");
-  // Contract: seqfuse/ops/search.py.
   m.def(
       "finished_candidates(Tensor cand_scores, Tensor cand_indices, Tensor cand_beams, "
       "Tensor cands_to_ignore, Tensor done, Tensor n_fin, Tensor sent_ids, int eos) "

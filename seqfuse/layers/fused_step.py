@@ -288,14 +288,14 @@ def _first_step_caches(layers, x: Tensor, incremental_state, enc: Tensor, enc_pa
     return caches
 
 
-def _step_caches(decoder, x: Tensor, incremental_state, enc: Tensor, enc_pad):
-    """(self caches, cross caches, slot) of the layers for a step of
-    ``x [1, n, C]``, grown to take it; created first on the first step (as
-    the layers would); None when the layers must run."""
-    n = x.size(1)
+def _step_caches(decoder, n: int, like, incremental_state, enc: Tensor, enc_pad):
+    """(self caches, cross caches, slot) of the layers for a step of ``n``
+    rows, grown to take it; created first on the first step (as the layers
+    would, from ``like()``: a ``[1, n, C]`` tensor of the step's dtype and
+    device); None when the layers must run."""
     caches = [incremental_state.get(layer._fused_key) for layer in decoder.layers]
     if all(c is None for c in caches):
-        caches = _first_step_caches(decoder.layers, x, incremental_state, enc, enc_pad)
+        caches = _first_step_caches(decoder.layers, like(), incremental_state, enc, enc_pad)
     elif any(c is None or "self" not in c or "cross" not in c for c in caches):
         return None  # caches the layers made (the layers keep them in step)
     selfs = [cs["self"] for cs in caches]
@@ -311,6 +311,12 @@ def _step_caches(decoder, x: Tensor, incremental_state, enc: Tensor, enc_pad):
     if any(cc.q_per_kv != q_per_kv for cc in crosses):
         return None
     return selfs, crosses, slot
+
+
+def _advance(selfs, slot) -> None:
+    """The C++ step wrote ``slot`` of every self-attention cache."""
+    for cache in selfs:
+        cache.length = slot + 1
 
 
 def _cache_args(selfs, crosses, slot) -> tuple[list, list]:
@@ -355,10 +361,9 @@ def one_call_step(
         incremental_state[PLAN_KEY] = plan
     if isinstance(plan, str):
         return None
-    found = _step_caches(decoder, x, incremental_state, enc, enc_pad)
+    found = _step_caches(decoder, n, lambda: x, incremental_state, enc, enc_pad)
     if found is None:
         return None
-    selfs = found[0]
     self_args, cross_args = _cache_args(*found)
     outs, attn = torch.ops.seqfuse.fused_decoder_step(
         x.view(n, c),
@@ -373,8 +378,7 @@ def one_call_step(
         align_layer,
         mean_heads,
     )
-    for cache in selfs:
-        cache.length = found[2] + 1
+    _advance(found[0], found[2])
     inner = [o.view(1, n, c) for o in outs]
     return inner[-1], attn, inner
 
@@ -493,9 +497,12 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
     pos_table = decoder._pos_table(slen)  # grows a sinusoidal table as the forward does
     if pos_table is not None and pos_table.dtype != table.dtype:
         return None
-    # [1, n, C] for the caches' shapes, dtype and device (no data read)
-    like = table[:1].unsqueeze(0).expand(1, n, table.size(1))
-    found = _step_caches(decoder, like, incremental_state, enc, enc_pad)
+
+    # on the first step, [1, n, C] for the caches' shapes, dtype and device (no data read)
+    def like():
+        return table[:1].unsqueeze(0).expand(1, n, table.size(1))
+
+    found = _step_caches(decoder, n, like, incremental_state, enc, enc_pad)
     if found is None:
         return None
     pad = decoder.padding_idx
@@ -526,7 +533,6 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
         plan["out_bias"],
         plan["vocab"],
     )
-    for cache in found[0]:
-        cache.length = found[2] + 1
+    _advance(found[0], found[2])
     STATS["one_call"] += 1
     return logits, attn.select(1, 0)
