@@ -29,4 +29,5 @@ static std::string build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "seqfuse compiled kernels (ops are registered under torch.ops.seqfuse)";
   m.def("build_info", &build_info, "Backends compiled into this extension");
+  seqfuse::bind_fused_stack(m);
 }

@@ -12,4 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cpu(
     int64_t k, int64_t pad, int64_t unk, int64_t eos, double unk_penalty, int64_t eos_mode,
     const std::optional<at::Tensor>& banned, bool is_logprobs);
 
+// Python classes of the one-call layer stacks (csrc/cpu/fused_stack_cpu.cc).
+void bind_fused_stack(pybind11::module& m);
+
 }  // namespace seqfuse

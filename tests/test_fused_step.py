@@ -263,13 +263,17 @@ def _whole_network_step(decoder, tokens, enc, state):
     return got
 
 
+@pytest.mark.parametrize("call", ["plan object", "op"])
 @pytest.mark.parametrize("variant", list(LAYER_VARIANTS))
-def test_step_logits_bit_identical_to_forward(monkeypatch, variant):
+def test_step_logits_bit_identical_to_forward(monkeypatch, variant, call):
     """The whole network of a step in one call (embedding, layers, final norm,
     vocabulary projection) equals the decoder's forward at the last position,
     logits and alignment attention, step by step through reorders, a batch
-    that shrinks, a padding token and cache growth."""
+    that shrinks, a padding token and cache growth; through the C++ plan
+    object and through the op (an extension without the object)."""
     monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # start small: growth happens
+    if call == "op":
+        monkeypatch.setattr(fused_step, "_native_plan", lambda decoder, plan: None)
     model, d = random_transformer(60, 11, perturb=True, **LAYER_VARIANTS[variant])
     fast, enc, tokens, orders = reorder_scenario(model, d, 12, seed=5)
     forward = decoder_steps(fast.decoder, enc, tokens, orders)
@@ -334,12 +338,20 @@ def test_whole_network_step_checks_its_caches_and_weights():
             fast.decoder.step_logits(tokens[:, :3], enc, state)
         cache.rows[3, 0] = good
         plan = dict(state[fused_step.LOGITS_PLAN_KEY])
+        assert plan["native"] is not None
+        cross = state[fast.decoder.layers[-1]._fused_key]["cross"]
+        cross.n -= 1
+        with pytest.raises(RuntimeError, match="cross-attention map of layer [0-9]+ holds"):
+            fast.decoder.step_logits(tokens[:, :3], enc, state)
+        cross.n += 1
         params = list(plan["step"]["params"])
         params[12] = params[12][:, :-1].contiguous()  # fc1's pack, one input column short
         plan["step"] = dict(plan["step"], params=params)
-        state[fused_step.LOGITS_PLAN_KEY] = plan
-        with pytest.raises(RuntimeError, match="fc1 weight must be packed"):
-            fast.decoder.step_logits(tokens[:, :3], enc, state)
+        # the C++ plan object (built from the plan), then the op
+        for native in (fused_step._native_plan(fast.decoder, plan), None):
+            state[fused_step.LOGITS_PLAN_KEY] = dict(plan, native=native)
+            with pytest.raises(RuntimeError, match="fc1 weight must be packed"):
+                fast.decoder.step_logits(tokens[:, :3], enc, state)
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -15,12 +15,15 @@
 // step's K/V, parent-table column and key padding into slot `slot` of each
 // layer's self-attention cache.
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "layer_ops.h"
+#include "ops.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -154,6 +157,16 @@ void write_self_slot(const float* qkv, int64_t n, int64_t c, const at::Tensor& k
   }
 }
 
+// Each layer's encoder key padding, or none.
+using PadList = std::vector<std::optional<at::Tensor>>;
+
+PadList pad_list(const c10::List<std::optional<at::Tensor>>& list) {
+  PadList out;
+  out.reserve(list.size());
+  for (size_t i = 0; i < list.size(); ++i) out.push_back(list.get(i));
+  return out;
+}
+
 // A float32 tensor's data (checked by check_f32 or made here).
 inline const float* fp(const at::Tensor& t) { return t.data_ptr<float>(); }
 
@@ -188,8 +201,8 @@ namespace {
 std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     const at::Tensor& x_in, at::TensorList params, at::ArrayRef<double> nums,
     at::TensorList self_kv, at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
-    const uint8_t* pn, at::TensorList cross_kv, at::TensorList cross_map,
-    const c10::List<std::optional<at::Tensor>>& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
+    const uint8_t* pn, at::TensorList cross_kv, at::TensorList cross_map, const PadList& cross_pad,
+    int64_t q_per_kv, at::IntArrayRef heads,
     bool normalize_before, int64_t act, int64_t align_layer, int64_t mean_heads) {
   const int64_t layers = static_cast<int64_t>(self_kv.size());
   TORCH_CHECK(layers > 0, "fused_decoder_step: no layers");
@@ -237,7 +250,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     TORCH_CHECK(map.scalar_type() == at::kLong && map.dim() == 1 && map.size(0) == n / q_per_kv &&
                     map.is_cpu(),
                 "fused_decoder_step: cross-attention row map must be int64 [", n / q_per_kv, "]");
-    const std::optional<at::Tensor> cp = cross_pad.get(l);
+    const std::optional<at::Tensor>& cp = cross_pad[l];
     if (cp.has_value()) {
       TORCH_CHECK((cp->scalar_type() == at::kBool || cp->scalar_type() == at::kByte) &&
                       cp->device().is_cpu() && cp->dim() == 2 && cp->size(0) == ckv.size(1) &&
@@ -324,7 +337,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     ca.rows = cross_map[l].data_ptr<int64_t>();
     ca.rows_sg = cross_map[l].stride(0);
     ca.rows_sj = 0;
-    const std::optional<at::Tensor> cp = cross_pad.get(l);
+    const std::optional<at::Tensor>& cp = cross_pad[l];
     ca.pad = cp.has_value() ? reinterpret_cast<const uint8_t*>(cp->data_ptr()) : nullptr;
     ca.pad_sm = cp.has_value() ? cp->stride(0) : 0;
     ca.pad_sj = cp.has_value() ? cp->stride(1) : 0;
@@ -502,9 +515,65 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
     pn = reinterpret_cast<const uint8_t*>(pad_new->data_ptr<bool>());
   }
   return decoder_step(x_in, params, nums, self_kv, self_rows, self_pad, slot, pn, cross_kv,
-                      cross_map, cross_pad, q_per_kv, heads, normalize_before, act, align_layer,
+                      cross_map, pad_list(cross_pad), q_per_kv, heads, normalize_before, act, align_layer,
                       mean_heads);
 }
+
+// The whole network of an incremental decoder step (the fused decoder's
+// extract_features_scriptable + output_layer, seqfuse/layers/fairseq.py):
+// tokens [n, 1] -> embedding (scale, positions at fixed_pos) -> optional
+// embedding layer norm -> fused_decoder_step (the step's key padding is
+// tokens == pad) -> optional final layer norm -> vocabulary projection with
+// the packed weight. The same kernels in the same order as that Python path,
+// so bit-identical. `norms` holds the embedding norm's weight and bias (or
+// nothing), then the final norm's (or nothing): has_emb_ln / has_final_ln say
+// which. Returns (logits [n, vocab], fused_decoder_step's attention).
+namespace {
+// fused_decoder_logits on a checked-once argument set (the op below, or a
+// DecoderLogitsPlan's step). tokens: [n, t] int64, the step's tokens in
+// column t - 1.
+std::tuple<at::Tensor, at::Tensor> decoder_logits(
+    const at::Tensor& tokens, const at::Tensor& embed, double embed_scale,
+    const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode, int64_t fixed_pos,
+    at::TensorList norms, bool has_emb_ln, bool has_final_ln, at::ArrayRef<double> norm_eps,
+    at::TensorList params, at::ArrayRef<double> nums, at::TensorList self_kv,
+    at::TensorList self_rows, at::TensorList self_pad, int64_t slot, at::TensorList cross_kv,
+    at::TensorList cross_map, const PadList& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
+    bool normalize_before, int64_t act, int64_t align_layer, int64_t mean_heads,
+    const at::Tensor& out_pack, const std::optional<at::Tensor>& out_bias, int64_t vocab) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) >= 1 && tokens.scalar_type() == at::kLong &&
+                  tokens.is_cpu(),
+              "fused_decoder_logits: tokens must be int64 [rows, steps]");
+  const int64_t n_norms = (has_emb_ln ? 2 : 0) + (has_final_ln ? 2 : 0);
+  TORCH_CHECK(static_cast<int64_t>(norms.size()) == n_norms &&
+                  static_cast<int64_t>(norm_eps.size()) == n_norms / 2,
+              "fused_decoder_logits: norm lists of the wrong length");
+  const int64_t n = tokens.size(0);
+  const at::Tensor last = tokens.size(1) == 1 ? tokens : tokens.narrow(1, tokens.size(1) - 1, 1);
+  at::Tensor x = embedding_cpu(last, embed, embed_scale, pos_table, pad, pos_mode, fixed_pos,
+                               false);  // [1, n, C]
+  const int64_t c = x.size(2);
+  x = x.view({n, c});
+  int64_t k = 0;
+  if (has_emb_ln) {
+    check_f32(norms[0], "the embedding norm weight");
+    x = layer_norm(x, Norm{norms[0], norms[1], norm_eps[0]});
+    k = 2;
+  }
+  std::vector<uint8_t> step_pad(static_cast<size_t>(n));
+  const int64_t* tok = last.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) step_pad[r] = tok[r * last.stride(0)] == pad;
+  auto [outs, align] = decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot,
+                                    step_pad.data(), cross_kv, cross_map, cross_pad, q_per_kv,
+                                    heads, normalize_before, act, align_layer, mean_heads);
+  x = outs.back();
+  if (has_final_ln) {
+    check_f32(norms[k], "the final norm weight");
+    x = layer_norm(x, Norm{norms[k], norms[k + 1], norm_eps[k / 2]});
+  }
+  return {linear_packed_cpu(x, out_pack, out_bias, vocab), align};
+}
+}  // namespace
 
 // The whole network of an incremental decoder step (the fused decoder's
 // extract_features_scriptable + output_layer, seqfuse/layers/fairseq.py):
@@ -525,35 +594,104 @@ std::tuple<at::Tensor, at::Tensor> fused_decoder_logits(
     int64_t q_per_kv, at::IntArrayRef heads, bool normalize_before, int64_t act,
     int64_t align_layer, int64_t mean_heads, const at::Tensor& out_pack,
     const std::optional<at::Tensor>& out_bias, int64_t vocab) {
-  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1 && tokens.scalar_type() == at::kLong,
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1,
               "fused_decoder_logits: tokens must be int64 [rows, 1]");
-  const int64_t n_norms = (has_emb_ln ? 2 : 0) + (has_final_ln ? 2 : 0);
-  TORCH_CHECK(static_cast<int64_t>(norms.size()) == n_norms &&
-                  static_cast<int64_t>(norm_eps.size()) == n_norms / 2,
-              "fused_decoder_logits: norm lists of the wrong length");
-  const int64_t n = tokens.size(0);
-  at::Tensor x = embedding_cpu(tokens, embed, embed_scale, pos_table, pad, pos_mode, fixed_pos,
-                               false);  // [1, n, C]
-  const int64_t c = x.size(2);
-  x = x.view({n, c});
-  int64_t k = 0;
-  if (has_emb_ln) {
-    check_f32(norms[0], "the embedding norm weight");
-    x = layer_norm(x, Norm{norms[0], norms[1], norm_eps[0]});
-    k = 2;
+  return decoder_logits(tokens, embed, embed_scale, pos_table, pad, pos_mode, fixed_pos, norms,
+                        has_emb_ln, has_final_ln, norm_eps, params, nums, self_kv, self_rows,
+                        self_pad, slot, cross_kv, cross_map, pad_list(cross_pad), q_per_kv, heads,
+                        normalize_before, act, align_layer, mean_heads, out_pack, out_bias, vocab);
+}
+
+// fused_decoder_logits with the arguments that stay fixed for a generation
+// (weights, packs, norms, shapes) held by one object, so that a step passes
+// only the tokens and the caches: called from Python through pybind11, it
+// skips the dispatcher's boxing of some ninety list elements per step (25 us
+// and more at a few rows per step, where the step itself takes 0.4 ms). The
+// same kernels in the same order, so bit-identical to the op.
+class DecoderLogitsPlan {
+ public:
+  DecoderLogitsPlan(at::Tensor embed, double embed_scale, int64_t pad,
+                    std::vector<at::Tensor> norms, bool has_emb_ln, bool has_final_ln,
+                    std::vector<double> norm_eps, std::vector<at::Tensor> params,
+                    std::vector<double> nums, std::vector<int64_t> heads, bool normalize_before,
+                    int64_t act, at::Tensor out_pack, std::optional<at::Tensor> out_bias,
+                    int64_t vocab)
+      : embed_(std::move(embed)),
+        embed_scale_(embed_scale),
+        pad_(pad),
+        norms_(std::move(norms)),
+        has_emb_ln_(has_emb_ln),
+        has_final_ln_(has_final_ln),
+        norm_eps_(std::move(norm_eps)),
+        params_(std::move(params)),
+        nums_(std::move(nums)),
+        heads_(std::move(heads)),
+        normalize_before_(normalize_before),
+        act_(act),
+        out_pack_(std::move(out_pack)),
+        out_bias_(std::move(out_bias)),
+        vocab_(vocab) {
+    TORCH_CHECK(!heads_.empty(), "DecoderLogitsPlan: no layers");
+    check_f32(embed_, "the embedding table");
   }
-  std::vector<uint8_t> step_pad(static_cast<size_t>(n));
-  const int64_t* tok = tokens.data_ptr<int64_t>();
-  for (int64_t r = 0; r < n; ++r) step_pad[r] = tok[r * tokens.stride(0)] == pad;
-  auto [outs, align] = decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot,
-                                    step_pad.data(), cross_kv, cross_map, cross_pad, q_per_kv,
-                                    heads, normalize_before, act, align_layer, mean_heads);
-  x = outs.back();
-  if (has_final_ln) {
-    check_f32(norms[k], "the final norm weight");
-    x = layer_norm(x, Norm{norms[k], norms[k + 1], norm_eps[k / 2]});
+
+  // tokens: [n, t] (the step's tokens in the last column); cross_n: each
+  // layer's count of mapped sentences, which must be n / q_per_kv. Returns
+  // (logits [n, vocab], the last layer's head-averaged attention [n, S]).
+  std::tuple<at::Tensor, at::Tensor> step(
+      const at::Tensor& tokens, const std::optional<at::Tensor>& pos_table, int64_t pos_mode,
+      int64_t fixed_pos, const std::vector<at::Tensor>& self_kv,
+      const std::vector<at::Tensor>& self_rows, const std::vector<at::Tensor>& self_pad,
+      int64_t slot, const std::vector<at::Tensor>& cross_kv,
+      const std::vector<at::Tensor>& cross_map, const std::vector<int64_t>& cross_n,
+      const PadList& cross_pad, int64_t q_per_kv) const {
+    RECORD_FUNCTION("seqfuse::DecoderLogitsPlan.step", std::vector<c10::IValue>());
+    TORCH_CHECK(tokens.dim() == 2 && q_per_kv >= 1, "DecoderLogitsPlan.step: bad arguments");
+    const int64_t sents = tokens.size(0) / q_per_kv;
+    TORCH_CHECK(cross_map.size() == cross_n.size(),
+                "DecoderLogitsPlan.step: per-layer lists of the wrong length");
+    std::vector<at::Tensor> maps;
+    maps.reserve(cross_map.size());
+    for (size_t l = 0; l < cross_map.size(); ++l) {
+      TORCH_CHECK(cross_n[l] == sents && cross_map[l].dim() == 1 && cross_map[l].size(0) >= sents,
+                  "DecoderLogitsPlan.step: cross-attention map of layer ", l, " holds ",
+                  cross_n[l], " sentences, the step has ", sents);
+      maps.push_back(cross_map[l].size(0) == sents ? cross_map[l] : cross_map[l].narrow(0, 0, sents));
+    }
+    auto [logits, attn] = decoder_logits(
+        tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_, has_emb_ln_,
+        has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows, self_pad, slot, cross_kv,
+        maps, cross_pad, q_per_kv, heads_, normalize_before_, act_,
+        static_cast<int64_t>(heads_.size()) - 1, /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_, out_bias_,
+        vocab_);
+    return {logits, attn.select(1, 0)};
   }
-  return {linear_packed_cpu(x, out_pack, out_bias, vocab), align};
+
+ private:
+  at::Tensor embed_;
+  double embed_scale_;
+  int64_t pad_;
+  std::vector<at::Tensor> norms_;
+  bool has_emb_ln_, has_final_ln_;
+  std::vector<double> norm_eps_;
+  std::vector<at::Tensor> params_;
+  std::vector<double> nums_;
+  std::vector<int64_t> heads_;
+  bool normalize_before_;
+  int64_t act_;
+  at::Tensor out_pack_;
+  std::optional<at::Tensor> out_bias_;
+  int64_t vocab_;
+};
+
+void bind_fused_stack(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<DecoderLogitsPlan>(m, "DecoderLogitsPlan")
+      .def(py::init<at::Tensor, double, int64_t, std::vector<at::Tensor>, bool, bool,
+                    std::vector<double>, std::vector<at::Tensor>, std::vector<double>,
+                    std::vector<int64_t>, bool, int64_t, at::Tensor, std::optional<at::Tensor>,
+                    int64_t>())
+      .def("step", &DecoderLogitsPlan::step, py::call_guard<py::gil_scoped_release>());
 }
 
 // x: [T, B, C] (the embedded source, any strides); key_pad: [B, T] or None.

@@ -447,7 +447,7 @@ def logits_plan(decoder, x: Tensor) -> dict | str:
     if isinstance(step, str):
         return step
     bias = proj.bias
-    return {
+    plan = {
         "step": step,
         "norms": norms,
         "flags": flags,
@@ -455,7 +455,38 @@ def logits_plan(decoder, x: Tensor) -> dict | str:
         "out_pack": packed(proj.weight),
         "out_bias": None if bias is None else bias.detach().contiguous(),
         "vocab": int(proj.weight.size(0)),
+        "embed": table.detach().contiguous(),
+        "native": None,
     }
+    plan["native"] = _native_plan(decoder, plan)
+    return plan
+
+
+def _native_plan(decoder, plan: dict):
+    """The plan's fixed arguments held by one C++ object (``_C.DecoderLogitsPlan``),
+    whose ``step`` takes only the tokens and the caches; None with an
+    extension that has none (the op runs then)."""
+    cls = getattr(_ext._C, "DecoderLogitsPlan", None)
+    if cls is None:
+        return None
+    step = plan["step"]
+    return cls(
+        plan["embed"],
+        float(decoder.embed_scale),
+        int(decoder.padding_idx),
+        plan["norms"],
+        plan["flags"][0],
+        plan["flags"][1],
+        plan["eps"],
+        step["params"],
+        step["nums"],
+        step["heads"],
+        step["pre_norm"],
+        step["act"],
+        plan["out_pack"],
+        plan["out_bias"],
+        plan["vocab"],
+    )
 
 
 # Attributes that, set on a decoder instance, replace what the whole-network
@@ -506,11 +537,32 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
     if found is None:
         return None
     pad = decoder.padding_idx
+    native = plan["native"]
+    if native is not None:
+        selfs, crosses, slot = found
+        logits, attn = native.step(
+            prev_output_tokens,
+            pos_table,
+            POS_NONE if pos_table is None else POS_FIXED,
+            pad + slen,
+            [cache.kv for cache in selfs],
+            [cache.rows for cache in selfs],
+            [cache.pad for cache in selfs],
+            slot,
+            [cc.kv for cc in crosses],
+            [cc.map for cc in crosses],
+            [cc.n for cc in crosses],
+            [cc.pad for cc in crosses],
+            crosses[0].q_per_kv,
+        )
+        _advance(selfs, slot)
+        STATS["one_call"] += 1
+        return logits, attn
     step = plan["step"]
     self_args, cross_args = _cache_args(*found)
     logits, attn = torch.ops.seqfuse.fused_decoder_logits(
         prev_output_tokens[:, -1:],
-        table.contiguous(),
+        plan["embed"],
         float(decoder.embed_scale),
         None if pos_table is None else pos_table.contiguous(),
         pad,
