@@ -257,6 +257,55 @@ def test_initial_slots_do_not_change_results(monkeypatch):
     assert_bit_identical_hypos(small, roomy, "initial slots")
 
 
+def test_cache_buffers_come_back_and_dirty_ones_change_nothing(monkeypatch):
+    """A generation's K/V buffers go back to the pool when its caches are
+    dropped (and on a growth), the next generation takes them: memory the
+    process has mapped already. Buffers handed back full of NaN (what a
+    dropped cache might leave) give every bit of the result a fresh buffer
+    gives: a slot is always written before it is read."""
+    monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # growth: repacks give back too
+    pool = kv_cache.BufferPool(kv_cache.POOL_BUFFERS)
+    monkeypatch.setattr(kv_cache, "BUFFERS", pool)
+    model, d = random_transformer(60, 7, perturb=True)
+    fast = fused(model)
+    sample = random_sample(d, bsz=3, seed=6)
+    kw = dict(beam_size=4, max_len_b=30)
+    first = generate(fast, d, sample, **kw)
+    free = [b for bs in pool._free.values() for b in bs]
+    assert len(free) >= len(fast.decoder.layers)  # every layer's buffer came back
+    kept = {b.data_ptr() for b in free}
+    for b in free:
+        b.fill_(float("nan"))
+    taken = []
+    orig_take = pool.take
+
+    def spy(numel, dtype, device):
+        buf = orig_take(numel, dtype, device)
+        taken.append(buf.data_ptr())
+        return buf
+
+    monkeypatch.setattr(pool, "take", spy)
+    second = generate(fast, d, sample, **kw)
+    assert kept & set(taken), "the second generation allocated anew"
+    assert_bit_identical_hypos(first, second, "pooled buffers")
+    stock = StockGenerator([model], d, **kw).generate([model], sample)
+    compare_hypotheses(stock, second, "pooled buffers vs stock")
+    pool.clear()
+    assert pool.free_bytes() == 0
+
+
+def test_buffer_pool_fits_and_bounds():
+    pool = kv_cache.BufferPool(2)
+    a, b, c = (torch.empty(n) for n in (100, 300, 1000))
+    for buf in (a, b, c):
+        pool.give(buf)
+    assert pool.free_bytes() == (300 + 1000) * 4  # the oldest went
+    assert pool.take(250, torch.float32, torch.device("cpu")) is b  # smallest that fits
+    got = pool.take(400, torch.float32, torch.device("cpu"))  # 1000 > 2 x 400: not taken
+    assert got is not c and got.numel() == 400
+    assert pool.take(600, torch.float16, torch.device("cpu")).dtype == torch.float16
+
+
 def _whole_network_step(decoder, tokens, enc, state):
     got = decoder.step_logits(tokens, enc, state)
     assert got is not None, (tokens.size(1), state.get(fused_step.LOGITS_PLAN_KEY))
