@@ -70,7 +70,8 @@ def test_bad_input_is_refused():
 @pytest.mark.parametrize("fused", [False, True])
 def test_whole_search_op_vs_torch(monkeypatch, fused):
     """Whole searches (finished hypotheses, shrinking batches, alignment) with
-    the CPU ops (select_active, finished_candidates, finite_ties) and with the
+    the CPU ops (select_active, finished_candidates, finite_ties,
+    finalize_hypos) and with the
     torch versions (the path of other devices): bit-identical."""
     model, d = random_transformer(50, 4, layers=2, perturb=True)
     if fused:
@@ -103,8 +104,9 @@ def test_whole_search_op_vs_torch(monkeypatch, fused):
         sg, "finished_candidates", counted("finished", search.finished_candidates_torch)
     )
     monkeypatch.setattr(sg, "finite_ties", counted("ties", search.finite_ties_torch))
+    monkeypatch.setattr(sg, "finalize_hypos", counted("finalize", search.finalize_hypos_torch))
     with_torch = run()
-    assert {1, "finished", "ties"} <= set(calls)
+    assert {1, "finished", "ties", "finalize"} <= set(calls)
     assert_bit_identical_hypos(with_torch, with_op, f"fused={fused}")
 
 
@@ -170,3 +172,60 @@ def test_finite_ties_op_equals_torch(strided):
     assert bool(got[13]) != strided
     none, any_none = torch.ops.seqfuse.finite_ties(x[[0, 1, 2, 7, 9]])
     assert not any_none and not bool(none.any())
+
+
+def _finalize_case(bsz, beam, step, with_attn, seed):
+    g = torch.Generator().manual_seed(seed)
+    rows, c2, n_sent, src, cols = bsz * beam, 2 * beam + 1, bsz + 2, 7, step + 3
+    take = torch.rand(bsz, beam, generator=g) < 0.5
+    rank = torch.zeros(bsz, beam, dtype=torch.long)
+    for s in range(bsz):  # distinct slots for the taken ones, in candidate order
+        rank[s] = torch.randint(0, 2, (1,), generator=g) + take[s].long().cumsum(0) - 1
+    take &= rank < beam
+    cand_bbsz = torch.randint(0, rows, (bsz, c2), generator=g)
+    cand_scores = -torch.rand(bsz, c2, generator=g) * 20
+    cand_scores[0, 0] = -math.inf
+    tokens = torch.randint(4, 90, (rows, step + 4), generator=g)
+    scores = (-torch.rand(rows, step + 2, generator=g) * 3).cumsum(1)
+    attn = torch.rand(rows, src, step + 3, generator=g) if with_attn else None
+    src_lengths = torch.randint(0, step + 3, (bsz,), generator=g)
+    sent_ids = torch.randperm(n_sent, generator=g)[:bsz].contiguous()
+    fin = (
+        torch.full((n_sent, beam + 1, step + 2), 1, dtype=torch.long),
+        torch.zeros(n_sent, beam + 1, dtype=torch.long),
+        torch.zeros(n_sent, beam + 1),
+        torch.zeros(n_sent, beam + 1, step + 2),
+        torch.zeros(n_sent, beam + 1, src, cols) if with_attn else None,
+    )
+    return (take, rank, cand_bbsz[:, :c2 - 1], cand_scores[:, :c2 - 1], tokens, scores, attn,
+            src_lengths, sent_ids), fin  # fmt: skip
+
+
+@pytest.mark.parametrize("bsz,beam", [(1, 1), (2, 5), (9, 4)])
+@pytest.mark.parametrize("step", [0, 1, 6])
+@pytest.mark.parametrize("with_attn", [False, True])
+@pytest.mark.parametrize("lenpen,match_src", [(None, False), (1.0, False), (0.6, True), (5.0, False)])
+def test_finalize_op_equals_fairseq_ops(bsz, beam, step, with_attn, lenpen, match_src):
+    """The finished hypotheses' tokens (with EOS), positional scores (the
+    differences of the cumulative ones), normalised scores, lengths and
+    attention, against the torch version of fairseq's finalize: every bit of
+    the slots written (slot k, the torch version's sink, aside)."""
+    args, fin = _finalize_case(bsz, beam, step, with_attn, seed=bsz * 100 + beam * 10 + step)
+    divisor = None if lenpen is None else (step + 1) ** lenpen
+    ours = tuple(None if t is None else t.clone() for t in fin)
+    search.finalize_hypos_torch(step, *args, *fin, 2, divisor, match_src)
+    torch.ops.seqfuse.finalize_hypos(*args, *ours, step, 2, divisor, match_src)
+    for want, got, name in zip(fin, ours, ("tokens", "len", "score", "pos", "attn")):
+        if want is None:
+            continue
+        assert torch.equal(got[:, :beam], want[:, :beam]), name
+    if bsz > 1:
+        assert bool(args[0].any())  # the case writes something
+
+
+def test_finalize_op_refuses_a_slot_outside_the_buffers():
+    args, fin = _finalize_case(2, 3, 2, False, seed=1)
+    take, rank = args[0].clone(), args[1].clone()
+    take[1, 0], rank[1, 0] = True, 4  # slots 0..3 only
+    with pytest.raises(RuntimeError, match="outside the buffers"):
+        torch.ops.seqfuse.finalize_hypos(take, rank, *args[2:], *fin, 2, 2, None, False)

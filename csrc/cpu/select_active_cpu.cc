@@ -231,11 +231,138 @@ std::tuple<at::Tensor, bool> finite_ties_cpu(const at::Tensor& scores) {
   return {rows, any};
 }
 
+// seqfuse::finalize_hypos (CPU): write this step's taken EOS candidates into
+// the per-sentence buffers of finished hypotheses, as fairseq's
+// finalize_hypos builds them. For each (s, j < k) with take[s, j], with
+// r = cand_bbsz[s, j], f = sent_ids[s], slot = rank[s, j]:
+//
+//   fin_tokens[f, slot, :step + 1] = tokens[r, 1 : step + 1], then eos
+//   p = scores[r, :step], then cand_scores[s, j]
+//   fin_pos[f, slot, :step + 1]    = p[0], p[1] - p[0], ..., p[step] - p[step - 1]
+//   fin_score[f, slot]             = cand_scores[s, j] / float(divisor) when
+//                                    normalising, -inf when match_source_len
+//                                    and step > src_lengths[s]
+//   fin_len[f, slot]               = step + 1
+//   fin_attn[f, slot, :, :step + 1] = attn[r, :, 1 : step + 2]
+//
+// The same float operations as the torch version (a subtraction per
+// position, one division by the float32-rounded divisor), so the same bits.
+// The torch version and the contract: seqfuse/ops/search.py.
+void finalize_hypos_cpu(const at::Tensor& take, const at::Tensor& rank,
+                        const at::Tensor& cand_bbsz, const at::Tensor& cand_scores,
+                        const at::Tensor& tokens, const at::Tensor& scores,
+                        const std::optional<at::Tensor>& attn, const at::Tensor& src_lengths,
+                        const at::Tensor& sent_ids, at::Tensor fin_tokens, at::Tensor fin_len,
+                        at::Tensor fin_score, at::Tensor fin_pos,
+                        const std::optional<at::Tensor>& fin_attn, int64_t step, int64_t eos,
+                        std::optional<double> divisor, bool match_source_len) {
+  TORCH_CHECK(take.dim() == 2, "finalize_hypos: take must be [bsz, beams]");
+  const int64_t bsz = take.size(0), k = take.size(1);
+  check_2d(take, "take", at::kBool, bsz, k);
+  check_2d(rank, "rank", at::kLong, bsz, k);
+  const int64_t ld_cb = check_2d(cand_bbsz, "cand_bbsz_idx", at::kLong, bsz, -1, true);
+  const int64_t ld_cs = check_2d(cand_scores, "cand_scores", at::kFloat, bsz, -1, true);
+  TORCH_CHECK(cand_bbsz.size(1) >= k && cand_scores.size(1) >= k,
+              "finalize_hypos: fewer candidates than beams");
+  const int64_t rows = tokens.size(0);
+  check_2d(tokens, "tokens", at::kLong, rows, -1);
+  check_2d(scores, "scores", at::kFloat, rows, -1);
+  TORCH_CHECK(step >= 0 && step + 1 <= tokens.size(1) && step <= scores.size(1),
+              "finalize_hypos: step ", step, " outside the histories");
+  TORCH_CHECK(src_lengths.device().is_cpu() && src_lengths.scalar_type() == at::kLong &&
+                  src_lengths.dim() == 1 && src_lengths.size(0) == bsz &&
+                  src_lengths.is_contiguous() && sent_ids.device().is_cpu() &&
+                  sent_ids.scalar_type() == at::kLong && sent_ids.dim() == 1 &&
+                  sent_ids.size(0) == bsz && sent_ids.is_contiguous(),
+              "finalize_hypos: src_lengths and sent_ids must be contiguous int64 [", bsz, "]");
+  const int64_t n_sent = fin_tokens.size(0), width = fin_tokens.size(2);
+  TORCH_CHECK(fin_tokens.dim() == 3 && fin_tokens.scalar_type() == at::kLong &&
+                  fin_tokens.is_contiguous() && fin_tokens.is_cpu() && fin_tokens.size(1) >= k &&
+                  step + 1 <= width,
+              "finalize_hypos: fin_tokens must be a contiguous int64 [sentences, >= ", k,
+              ", >= ", step + 1, "]");
+  const int64_t slots = fin_tokens.size(1);
+  TORCH_CHECK(fin_pos.sizes() == fin_tokens.sizes() && fin_pos.scalar_type() == at::kFloat &&
+                  fin_pos.is_contiguous() && fin_pos.is_cpu(),
+              "finalize_hypos: fin_pos must be float32 like fin_tokens");
+  check_2d(fin_len, "fin_len", at::kLong, n_sent, slots);
+  check_2d(fin_score, "fin_score", at::kFloat, n_sent, slots);
+  TORCH_CHECK(attn.has_value() == fin_attn.has_value(),
+              "finalize_hypos: attn and fin_attn come together");
+  int64_t src = 0, t_attn = 0, t_fin = 0;
+  if (attn.has_value()) {
+    TORCH_CHECK(attn->dim() == 3 && attn->size(0) == rows && attn->scalar_type() == at::kFloat &&
+                    attn->is_contiguous() && attn->is_cpu() && step + 2 <= attn->size(2),
+                "finalize_hypos: attn must be a contiguous float32 [", rows, ", S, >= ", step + 2,
+                "]");
+    src = attn->size(1);
+    t_attn = attn->size(2);
+    TORCH_CHECK(fin_attn->dim() == 4 && fin_attn->size(0) == n_sent &&
+                    fin_attn->size(1) == slots && fin_attn->size(2) == src &&
+                    step + 1 <= fin_attn->size(3) && fin_attn->scalar_type() == at::kFloat &&
+                    fin_attn->is_contiguous() && fin_attn->is_cpu(),
+                "finalize_hypos: fin_attn must be a contiguous float32 [", n_sent, ", ", slots,
+                ", ", src, ", >= ", step + 1, "]");
+    t_fin = fin_attn->size(3);
+  }
+  const bool* tk = take.data_ptr<bool>();
+  const int64_t* rk = rank.data_ptr<int64_t>();
+  const int64_t* cb = cand_bbsz.data_ptr<int64_t>();
+  const float* cs = cand_scores.data_ptr<float>();
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const float* sc = scores.data_ptr<float>();
+  const int64_t* sl = src_lengths.data_ptr<int64_t>();
+  const int64_t* sid = sent_ids.data_ptr<int64_t>();
+  const int64_t ld_tok = tokens.size(1), ld_sc = scores.size(1);
+  int64_t* ft = fin_tokens.data_ptr<int64_t>();
+  float* fp_ = fin_pos.data_ptr<float>();
+  int64_t* fl = fin_len.data_ptr<int64_t>();
+  float* fs = fin_score.data_ptr<float>();
+  const float* at_ = attn.has_value() ? attn->data_ptr<float>() : nullptr;
+  float* fa = fin_attn.has_value() ? fin_attn->data_ptr<float>() : nullptr;
+  const float div = divisor.has_value() ? static_cast<float>(*divisor) : 1.f;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < bsz; ++s) {
+    for (int64_t j = 0; j < k; ++j) {
+      if (!tk[s * k + j]) continue;
+      const int64_t r = cb[s * ld_cb + j], f = sid[s], slot = rk[s * k + j];
+      TORCH_CHECK(r >= 0 && r < rows && f >= 0 && f < n_sent && slot >= 0 && slot < slots,
+                  "finalize_hypos: row ", r, ", sentence ", f, " or slot ", slot,
+                  " outside the buffers");
+      const int64_t dst = (f * slots + slot) * width;
+      const float eos_score = cs[s * ld_cs + j];
+      for (int64_t t = 0; t < step; ++t) ft[dst + t] = tok[r * ld_tok + t + 1];
+      ft[dst + step] = eos;
+      float prev = 0.f;
+      for (int64_t t = 0; t <= step; ++t) {
+        const float cur = t < step ? sc[r * ld_sc + t] : eos_score;
+        fp_[dst + t] = t == 0 ? cur : cur - prev;
+        prev = cur;
+      }
+      float e = divisor.has_value() ? eos_score / div : eos_score;
+      if (match_source_len && step > sl[s]) e = kNegInf;
+      fs[f * slots + slot] = e;
+      fl[f * slots + slot] = step + 1;
+      if (fa != nullptr) {
+        for (int64_t q = 0; q < src; ++q) {
+          const float* a = at_ + (r * src + q) * t_attn + 1;
+          std::memcpy(fa + ((f * slots + slot) * src + q) * t_fin, a, (step + 1) * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace seqfuse
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   // Contracts: seqfuse/ops/search.py.
   m.def("finite_ties(Tensor scores) -> (Tensor, bool)");
+  m.def(
+      "finalize_hypos(Tensor take, Tensor rank, Tensor cand_bbsz_idx, Tensor cand_scores, "
+      "Tensor tokens, Tensor scores, Tensor? attn, Tensor src_lengths, Tensor sent_ids, "
+      "Tensor(a!) fin_tokens, Tensor(b!) fin_len, Tensor(c!) fin_score, Tensor(d!) fin_pos, "
+      "Tensor(e!)? fin_attn, int step, int eos, float? divisor, bool match_source_len) -> ()");
   m.def(
       "finished_candidates(Tensor cand_scores, Tensor cand_indices, Tensor cand_beams, "
       "Tensor cands_to_ignore, Tensor done, Tensor n_fin, Tensor sent_ids, int eos) "
@@ -250,4 +377,5 @@ TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("select_active", &seqfuse::select_active_cpu);
   m.impl("finished_candidates", &seqfuse::finished_candidates_cpu);
   m.impl("finite_ties", &seqfuse::finite_ties_cpu);
+  m.impl("finalize_hypos", &seqfuse::finalize_hypos_cpu);
 }

@@ -26,7 +26,6 @@ without the warning.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import torch
@@ -49,7 +48,7 @@ from seqfuse.ops.beam_topk import (
     beam_topk,
     beam_topk_reference,
 )
-from seqfuse.ops.search import finished_candidates, finite_ties, select_active
+from seqfuse.ops.search import finalize_hypos, finished_candidates, finite_ties, select_active
 
 logger = logging.getLogger("seqfuse.generation")
 _warned: set[str] = set()
@@ -564,28 +563,12 @@ class SequenceGenerator(StockSequenceGenerator):
     ):  # fmt: skip
         """Write the EOS hypotheses selected by ``take`` ([bsz, beam]) into the
         per-sentence buffers at ``rank``, as fairseq's finalize_hypos builds them."""
-        beam_size = take.size(1)
-        rows = cand_bbsz_idx[:, :beam_size].reshape(-1)
-        eos_scores = cand_scores[:, :beam_size].reshape(-1)
-        slot = torch.where(take, rank, torch.full_like(rank, beam_size)).view(-1)
-        sid = sent_ids.repeat_interleave(beam_size)
-
-        toks = tokens.index_select(0, rows)[:, 1 : step + 2]
-        toks[:, step] = self.eos
-        pos = scores.index_select(0, rows)[:, : step + 1]
-        pos[:, step] = eos_scores
-        pos[:, 1:] = pos[:, 1:] - pos[:, :-1]
-        if self.normalize_scores:
-            eos_scores = eos_scores / (step + 1) ** self.len_penalty
-        if self.match_source_len:
-            src = src_lengths.repeat_interleave(beam_size)
-            eos_scores = torch.where(step > src, torch.tensor(-math.inf), eos_scores)
-        fin_tokens[sid, slot, : step + 1] = toks
-        fin_pos[sid, slot, : step + 1] = pos
-        fin_score[sid, slot] = eos_scores
-        fin_len[sid, slot] = step + 1
-        if fin_attn is not None:
-            fin_attn[sid, slot, :, : step + 1] = attn.index_select(0, rows)[:, :, 1 : step + 2]
+        divisor = (step + 1) ** self.len_penalty if self.normalize_scores else None
+        finalize_hypos(
+            step, take, rank, cand_bbsz_idx, cand_scores, tokens, scores, attn, src_lengths,
+            sent_ids, fin_tokens, fin_len, fin_score, fin_pos, fin_attn, self.eos, divisor,
+            self.match_source_len,
+        )  # fmt: skip
 
     def _collect(self, n_fin, fin_tokens, fin_len, fin_score, fin_pos, fin_attn):
         """fairseq's hypothesis dicts, best score first (stock's sort)."""

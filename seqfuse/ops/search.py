@@ -150,3 +150,62 @@ def finite_ties(scores: Tensor):
     ):
         return finite_ties_torch(scores)
     return torch.ops.seqfuse.finite_ties(scores)
+
+
+def finalize_hypos_torch(step, take, rank, cand_bbsz_idx, cand_scores, tokens, scores, attn,
+                         src_lengths, sent_ids, fin_tokens, fin_len, fin_score, fin_pos, fin_attn,
+                         eos: int, divisor: Optional[float], match_source_len: bool):  # fmt: skip
+    """Write the EOS hypotheses selected by ``take`` ([bsz, k]) into the
+    per-sentence buffers at ``rank``, as fairseq's finalize_hypos builds them
+    (the torch version; slot ``k`` of the buffers takes the writes not taken).
+    ``divisor``: the length penalty's ``(step + 1) ** lenpen`` when scores are
+    normalised, else None."""
+    beam_size = take.size(1)
+    rows = cand_bbsz_idx[:, :beam_size].reshape(-1)
+    eos_scores = cand_scores[:, :beam_size].reshape(-1)
+    slot = torch.where(take, rank, torch.full_like(rank, beam_size)).view(-1)
+    sid = sent_ids.repeat_interleave(beam_size)
+
+    toks = tokens.index_select(0, rows)[:, 1 : step + 2]
+    toks[:, step] = eos
+    pos = scores.index_select(0, rows)[:, : step + 1]
+    pos[:, step] = eos_scores
+    pos[:, 1:] = pos[:, 1:] - pos[:, :-1]
+    if divisor is not None:
+        eos_scores = eos_scores / divisor
+    if match_source_len:
+        src = src_lengths.repeat_interleave(beam_size)
+        eos_scores = torch.where(step > src, torch.tensor(-math.inf), eos_scores)
+    fin_tokens[sid, slot, : step + 1] = toks
+    fin_pos[sid, slot, : step + 1] = pos
+    fin_score[sid, slot] = eos_scores
+    fin_len[sid, slot] = step + 1
+    if fin_attn is not None:
+        fin_attn[sid, slot, :, : step + 1] = attn.index_select(0, rows)[:, :, 1 : step + 2]
+
+
+def finalize_hypos(step, take, rank, cand_bbsz_idx, cand_scores, tokens, scores, attn,
+                   src_lengths, sent_ids, fin_tokens, fin_len, fin_score, fin_pos, fin_attn,
+                   eos: int, divisor: Optional[float], match_source_len: bool):  # fmt: skip
+    """See :func:`finalize_hypos_torch`; one CPU op call where it takes the
+    inputs (copies, one subtraction per position and the one division: the
+    same bits). The op writes only the taken hypotheses (not slot ``k``)."""
+    if (
+        _ext._C is None
+        or tokens.device.type != "cpu"
+        or cand_scores.dtype != torch.float32
+        or scores.dtype != torch.float32
+        or not (tokens.is_contiguous() and scores.is_contiguous())
+        or not (_rows_contiguous(cand_bbsz_idx) and _rows_contiguous(cand_scores))
+        or not (take.is_contiguous() and rank.is_contiguous())
+        or not (src_lengths.is_contiguous() and sent_ids.is_contiguous())
+        or (attn is not None and not attn.is_contiguous())
+        or src_lengths.dtype != torch.long
+    ):
+        return finalize_hypos_torch(step, take, rank, cand_bbsz_idx, cand_scores, tokens, scores,
+                                    attn, src_lengths, sent_ids, fin_tokens, fin_len, fin_score,
+                                    fin_pos, fin_attn, eos, divisor, match_source_len)  # fmt: skip
+    torch.ops.seqfuse.finalize_hypos(
+        take, rank, cand_bbsz_idx, cand_scores, tokens, scores, attn, src_lengths, sent_ids,
+        fin_tokens, fin_len, fin_score, fin_pos, fin_attn, step, eos, divisor, match_source_len,
+    )  # fmt: skip
