@@ -294,6 +294,69 @@ def test_cache_buffers_come_back_and_dirty_ones_change_nothing(monkeypatch):
     assert pool.free_bytes() == 0
 
 
+def test_reorder_all_equals_one_by_one():
+    """Every layer's parent tables gathered by one op call equal each cache's
+    own reorder: rows kept, repeated, dropped (a shrink that repacks), and a
+    row outside the live ones is refused."""
+    g = torch.Generator().manual_seed(11)
+    c, rows = 4, 12
+    like = torch.empty(0)
+
+    def caches():
+        out = []
+        for _ in range(3):
+            cache = kv_cache.SelfAttnCache(rows, 6, c, like)
+            gen = torch.Generator().manual_seed(5)  # the same contents in each set
+            for _ in range(3):
+                cache.append(torch.randn(1, rows, 2 * c, generator=gen), None)
+            out.append(cache)
+        return out
+
+    a, b = caches(), caches()
+    orders = [torch.randint(0, rows, (rows,), generator=g), torch.tensor([3, 3, 7, 1, 0])]
+    for order in orders:
+        kv_cache.SelfAttnCache.reorder_all(a, order)
+        for cache in b:
+            cache.reorder(order)
+        for x, y in zip(a, b):
+            assert x.n == y.n and x.capacity == y.capacity
+            assert torch.equal(x.rows[: x.n, : x.length], y.rows[: y.n, : y.length])
+            assert torch.equal(x.kv[: x.length], y.kv[: y.length])
+    assert a[0].capacity[0] == 5  # the shrink repacked
+    with pytest.raises(RuntimeError, match="outside the 5 live rows"):
+        kv_cache.SelfAttnCache.reorder_all(a, torch.tensor([0, 5]))
+
+
+def test_decoder_reorders_its_layers_caches_at_once(monkeypatch):
+    """A fused decoder whose only state is its layers' caches reorders them
+    with one gather per step; generation is bit-identical to the module walk,
+    which runs when another module of the decoder keeps state."""
+    model, d = random_transformer(60, 9, perturb=True)
+    fast = fused(model)
+    sample = random_sample(d, bsz=3, seed=12)
+    kw = dict(beam_size=4, max_len_b=20)
+    calls = []
+    real = kv_cache.SelfAttnCache.reorder_all
+
+    def spy(caches, order):
+        calls.append(len(caches))
+        return real(caches, order)
+
+    monkeypatch.setattr(kv_cache.SelfAttnCache, "reorder_all", staticmethod(spy))
+    at_once = generate(fast, d, sample, **kw)
+    assert calls and set(calls) == {len(fast.decoder.layers)}
+    calls.clear()
+
+    class Stateful(torch.nn.Module):  # a module the fast path does not know
+        def reorder_incremental_state(self, incremental_state, new_order):
+            calls.append("walk")
+
+    fast.decoder.extra = Stateful()  # found without further ado: a registration
+    walked = generate(fast, d, sample, **kw)
+    assert "walk" in calls and not [c for c in calls if c != "walk"]
+    assert_bit_identical_hypos(at_once, walked, "reorder at once vs module walk")
+
+
 def test_buffer_pool_fits_and_bounds():
     pool = kv_cache.BufferPool(2)
     a, b, c = (torch.empty(n) for n in (100, 300, 1000))

@@ -204,7 +204,9 @@ def _finalize_case(bsz, beam, step, with_attn, seed):
 @pytest.mark.parametrize("bsz,beam", [(1, 1), (2, 5), (9, 4)])
 @pytest.mark.parametrize("step", [0, 1, 6])
 @pytest.mark.parametrize("with_attn", [False, True])
-@pytest.mark.parametrize("lenpen,match_src", [(None, False), (1.0, False), (0.6, True), (5.0, False)])
+@pytest.mark.parametrize(
+    "lenpen,match_src", [(None, False), (1.0, False), (0.6, True), (5.0, False)]
+)
 def test_finalize_op_equals_fairseq_ops(bsz, beam, step, with_attn, lenpen, match_src):
     """The finished hypotheses' tokens (with EOS), positional scores (the
     differences of the cumulative ones), normalised scores, lengths and

@@ -202,8 +202,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     const at::Tensor& x_in, at::TensorList params, at::ArrayRef<double> nums,
     at::TensorList self_kv, at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
     const uint8_t* pn, at::TensorList cross_kv, at::TensorList cross_map, const PadList& cross_pad,
-    int64_t q_per_kv, at::IntArrayRef heads,
-    bool normalize_before, int64_t act, int64_t align_layer, int64_t mean_heads) {
+    int64_t q_per_kv, at::IntArrayRef heads, bool normalize_before, int64_t act,
+    int64_t align_layer, int64_t mean_heads) {
   const int64_t layers = static_cast<int64_t>(self_kv.size());
   TORCH_CHECK(layers > 0, "fused_decoder_step: no layers");
   TORCH_CHECK(static_cast<int64_t>(params.size()) == layers * kPerLayer &&
@@ -515,8 +515,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
     pn = reinterpret_cast<const uint8_t*>(pad_new->data_ptr<bool>());
   }
   return decoder_step(x_in, params, nums, self_kv, self_rows, self_pad, slot, pn, cross_kv,
-                      cross_map, pad_list(cross_pad), q_per_kv, heads, normalize_before, act, align_layer,
-                      mean_heads);
+                      cross_map, pad_list(cross_pad), q_per_kv, heads, normalize_before, act,
+                      align_layer, mean_heads);
 }
 
 // The whole network of an incremental decoder step (the fused decoder's
@@ -654,16 +654,17 @@ class DecoderLogitsPlan {
     maps.reserve(cross_map.size());
     for (size_t l = 0; l < cross_map.size(); ++l) {
       TORCH_CHECK(cross_n[l] == sents && cross_map[l].dim() == 1 && cross_map[l].size(0) >= sents,
-                  "DecoderLogitsPlan.step: cross-attention map of layer ", l, " holds ",
-                  cross_n[l], " sentences, the step has ", sents);
-      maps.push_back(cross_map[l].size(0) == sents ? cross_map[l] : cross_map[l].narrow(0, 0, sents));
+                  "DecoderLogitsPlan.step: cross-attention map of layer ", l, " holds ", cross_n[l],
+                  " sentences, the step has ", sents);
+      maps.push_back(cross_map[l].size(0) == sents ? cross_map[l]
+                                                   : cross_map[l].narrow(0, 0, sents));
     }
     auto [logits, attn] = decoder_logits(
         tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_, has_emb_ln_,
         has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows, self_pad, slot, cross_kv,
         maps, cross_pad, q_per_kv, heads_, normalize_before_, act_,
-        static_cast<int64_t>(heads_.size()) - 1, /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_, out_bias_,
-        vocab_);
+        static_cast<int64_t>(heads_.size()) - 1,
+        /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_, out_bias_, vocab_);
     return {logits, attn.select(1, 0)};
   }
 

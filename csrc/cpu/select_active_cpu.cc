@@ -248,14 +248,13 @@ std::tuple<at::Tensor, bool> finite_ties_cpu(const at::Tensor& scores) {
 // The same float operations as the torch version (a subtraction per
 // position, one division by the float32-rounded divisor), so the same bits.
 // The torch version and the contract: seqfuse/ops/search.py.
-void finalize_hypos_cpu(const at::Tensor& take, const at::Tensor& rank,
-                        const at::Tensor& cand_bbsz, const at::Tensor& cand_scores,
-                        const at::Tensor& tokens, const at::Tensor& scores,
-                        const std::optional<at::Tensor>& attn, const at::Tensor& src_lengths,
-                        const at::Tensor& sent_ids, at::Tensor fin_tokens, at::Tensor fin_len,
-                        at::Tensor fin_score, at::Tensor fin_pos,
-                        const std::optional<at::Tensor>& fin_attn, int64_t step, int64_t eos,
-                        std::optional<double> divisor, bool match_source_len) {
+void finalize_hypos_cpu(const at::Tensor& take, const at::Tensor& rank, const at::Tensor& cand_bbsz,
+                        const at::Tensor& cand_scores, const at::Tensor& tokens,
+                        const at::Tensor& scores, const std::optional<at::Tensor>& attn,
+                        const at::Tensor& src_lengths, const at::Tensor& sent_ids,
+                        at::Tensor fin_tokens, at::Tensor fin_len, at::Tensor fin_score,
+                        at::Tensor fin_pos, const std::optional<at::Tensor>& fin_attn, int64_t step,
+                        int64_t eos, std::optional<double> divisor, bool match_source_len) {
   TORCH_CHECK(take.dim() == 2, "finalize_hypos: take must be [bsz, beams]");
   const int64_t bsz = take.size(0), k = take.size(1);
   check_2d(take, "take", at::kBool, bsz, k);
@@ -297,10 +296,10 @@ void finalize_hypos_cpu(const at::Tensor& take, const at::Tensor& rank,
                 "]");
     src = attn->size(1);
     t_attn = attn->size(2);
-    TORCH_CHECK(fin_attn->dim() == 4 && fin_attn->size(0) == n_sent &&
-                    fin_attn->size(1) == slots && fin_attn->size(2) == src &&
-                    step + 1 <= fin_attn->size(3) && fin_attn->scalar_type() == at::kFloat &&
-                    fin_attn->is_contiguous() && fin_attn->is_cpu(),
+    TORCH_CHECK(fin_attn->dim() == 4 && fin_attn->size(0) == n_sent && fin_attn->size(1) == slots &&
+                    fin_attn->size(2) == src && step + 1 <= fin_attn->size(3) &&
+                    fin_attn->scalar_type() == at::kFloat && fin_attn->is_contiguous() &&
+                    fin_attn->is_cpu(),
                 "finalize_hypos: fin_attn must be a contiguous float32 [", n_sent, ", ", slots,
                 ", ", src, ", >= ", step + 1, "]");
     t_fin = fin_attn->size(3);
@@ -353,11 +352,44 @@ void finalize_hypos_cpu(const at::Tensor& take, const at::Tensor& rank,
   }
 }
 
+// seqfuse::gather_table_rows (CPU): a beam-search reorder of every layer's
+// self-attention parent table at once (seqfuse/layers/kv_cache.py,
+// SelfAttnCache.reorder_all): dst[l][i, :] = src[l][order[i], :] for each
+// i < len(order), the sources' first n rows being the live ones. Copies only.
+void gather_table_rows(at::TensorList src, at::TensorList dst, int64_t n, const at::Tensor& order) {
+  TORCH_CHECK(src.size() == dst.size(), "gather_table_rows: ", src.size(), " sources, ", dst.size(),
+              " destinations");
+  TORCH_CHECK(order.device().is_cpu() && order.scalar_type() == at::kLong && order.dim() == 1 &&
+                  order.is_contiguous(),
+              "gather_table_rows: order must be a contiguous int64 CPU vector");
+  const int64_t m = order.size(0);
+  const int64_t* ord = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i)
+    TORCH_CHECK(ord[i] >= 0 && ord[i] < n, "gather_table_rows: row ", ord[i], " outside the ", n,
+                " live rows");
+  for (size_t l = 0; l < src.size(); ++l) {
+    const at::Tensor& a = src[l];
+    const at::Tensor& b = dst[l];
+    TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kLong && a.dim() == 2 &&
+                    a.is_contiguous() && a.size(0) >= n && b.device().is_cpu() &&
+                    b.scalar_type() == at::kLong && b.dim() == 2 && b.is_contiguous() &&
+                    b.size(0) >= m && b.size(1) == a.size(1) && !b.is_same(a),
+                "gather_table_rows: tables must be distinct contiguous int64 CPU [rows, slots] "
+                "with room for ",
+                m, " rows, got ", a.sizes(), " and ", b.sizes());
+    const int64_t w = a.size(1);
+    const int64_t* from = a.data_ptr<int64_t>();
+    int64_t* to = b.data_ptr<int64_t>();
+    for (int64_t i = 0; i < m; ++i) std::memcpy(to + i * w, from + ord[i] * w, w * sizeof(int64_t));
+  }
+}
+
 }  // namespace seqfuse
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   // Contracts: seqfuse/ops/search.py.
   m.def("finite_ties(Tensor scores) -> (Tensor, bool)");
+  m.def("gather_table_rows(Tensor[] src, Tensor(a!)[] dst, int n, Tensor order) -> ()");
   m.def(
       "finalize_hypos(Tensor take, Tensor rank, Tensor cand_bbsz_idx, Tensor cand_scores, "
       "Tensor tokens, Tensor scores, Tensor? attn, Tensor src_lengths, Tensor sent_ids, "
@@ -378,4 +410,5 @@ TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("finished_candidates", &seqfuse::finished_candidates_cpu);
   m.impl("finite_ties", &seqfuse::finite_ties_cpu);
   m.impl("finalize_hypos", &seqfuse::finalize_hypos_cpu);
+  m.impl("gather_table_rows", &seqfuse::gather_table_rows);
 }

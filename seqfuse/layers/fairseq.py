@@ -15,6 +15,7 @@ reported as ``(False, reason)``.
 from __future__ import annotations
 
 import torch
+from fairseq.models import FairseqIncrementalDecoder
 from fairseq.models.transformer import TransformerDecoderBase, TransformerEncoderBase
 from fairseq.modules import (
     LearnedPositionalEmbedding,
@@ -29,7 +30,7 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor
 
-from seqfuse._patching import reorder_incremental_state
+from seqfuse._patching import cached_for_structure, reorder_incremental_state, reorder_modules
 from seqfuse.layers.fused_step import (
     ALL_HEADS,
     encoder_stack,
@@ -38,7 +39,7 @@ from seqfuse.layers.fused_step import (
     step_logits,
 )
 from seqfuse.layers.fused_step import STATS as FUSED_STEP_STATS
-from seqfuse.layers.kv_cache import ROWS_PER_SOURCE
+from seqfuse.layers.kv_cache import ROWS_PER_SOURCE, SelfAttnCache
 from seqfuse.layers.transformer import (
     MAX_HEAD_DIM,
     FusedTransformerDecoderLayer,
@@ -234,6 +235,26 @@ class FusedTransformerEncoder(TransformerEncoderBase):
         }
 
 
+def _fused_reorder_layers(decoder):
+    """(the fused layers, the stock attention modules' state keys) when the
+    module walk of a reorder finds nothing else with state; else False."""
+    layers, stock_keys = [], []
+    for module, state_key in reorder_modules(decoder):
+        if state_key is not None:
+            stock_keys.append(state_key)
+        elif isinstance(module, FusedTransformerDecoderLayer) and (
+            type(module).reorder_incremental_state
+            is FusedTransformerDecoderLayer.reorder_incremental_state
+        ):
+            layers.append(module)
+        elif (
+            type(module).reorder_incremental_state
+            is not FairseqIncrementalDecoder.reorder_incremental_state
+        ):
+            return False  # another module with state of its own
+    return (layers, stock_keys) if layers else False
+
+
 class FusedTransformerDecoder(TransformerDecoderBase):
     """fairseq ``TransformerDecoderBase`` whose inference forward embeds with the
     fused embedding op, runs the fused layers and the fused final layer norm."""
@@ -264,7 +285,32 @@ class FusedTransformerDecoder(TransformerDecoderBase):
         return None
 
     def reorder_incremental_state_scripting(self, incremental_state, new_order):
-        reorder_incremental_state(self, incremental_state, new_order)
+        if not self._reorder_fused_caches(incremental_state, new_order):
+            reorder_incremental_state(self, incremental_state, new_order)
+
+    def _reorder_fused_caches(self, incremental_state, new_order) -> bool:
+        """The reorder when the only state to reorder is the fused layers'
+        caches (what the module walk would find): every layer's
+        self-attention tables in one op call (``SelfAttnCache.reorder_all``),
+        then the cross-attention maps. False when anything else holds state."""
+        if incremental_state is None:
+            return False
+        layers = cached_for_structure(self, "_seqfuse_fused_reorder", _fused_reorder_layers)
+        if layers is False or any(k in incremental_state for k in layers[1]):
+            return False
+        selfs, crosses = [], []
+        for layer in layers[0]:
+            state = incremental_state.get(layer._fused_key)
+            if state is None:
+                continue
+            if state.keys() != {"self", "cross"}:
+                return False
+            selfs.append(state["self"])
+            crosses.append(state["cross"])
+        SelfAttnCache.reorder_all(selfs, new_order)
+        for cache in crosses:
+            cache.reorder(new_order)
+        return True
 
     def output_layer(self, features):
         """The vocabulary projection through seqfuse's packed-weight GEMM."""

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from seqfuse import _ext
+from seqfuse._patching import _structure
 from seqfuse.layers.transformer import FusedTransformerEncoderLayer, qkv_weights
 from seqfuse.ops.bias_act import ACTIVATIONS
 from seqfuse.ops.embedding import POS_FIXED, POS_NONE
@@ -65,19 +66,6 @@ PLAN_KEY = "seqfuse.fused_step_plan"
 ALL_HEADS = 2**31 - 1
 
 
-# Bumped whenever a parameter or submodule is registered on any module (torch
-# calls these global hooks from register_parameter / add_module, which
-# attribute assignment goes through): the parameter lists cached below are
-# rebuilt after any such change.
-_structure = [0]
-
-
-def _structure_changed(*_args) -> None:
-    _structure[0] += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
-torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
 # module -> (structure count, [(owner's _parameters dict, name, parameter)])
 _flat_params: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

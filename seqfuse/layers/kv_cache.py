@@ -37,6 +37,8 @@ import threading
 import torch
 from torch import Tensor
 
+from seqfuse import _ext
+
 # incremental_state[ROWS_PER_SOURCE] = k: the decoder's rows come in
 # consecutive groups of k rows of one source (beam search's rows of a
 # sentence), and reorders keep every row inside its group or drop whole groups;
@@ -218,6 +220,37 @@ class SelfAttnCache:
         s, c = self.length, self.channels
         kv = self.kv[:s]
         return kv[..., :c], kv[..., c:], self.rows[: self.n], self.pad[:s].t()
+
+    @staticmethod
+    def reorder_all(caches: list[SelfAttnCache], new_order: Tensor) -> None:
+        """``cache.reorder(new_order)`` for each cache; every layer's caches
+        reorder alike, so their parent tables are gathered by one CPU op call
+        when they are in step (written, same rows)."""
+        n = caches[0].n if caches else 0
+        if (
+            len(caches) < 2
+            or _ext._C is None
+            or new_order.device.type != "cpu"
+            or new_order.dtype != torch.long
+            or not new_order.is_contiguous()
+            or any(c.expand != 1 or c.length == 0 or c.n != n for c in caches)
+            or any(
+                c.rows.device.type != "cpu" or c.rows_alt.size(0) < new_order.numel()
+                for c in caches
+            )
+        ):
+            for cache in caches:
+                cache.reorder(new_order)
+            return
+        n_new = new_order.numel()
+        torch.ops.seqfuse.gather_table_rows(
+            [c.rows for c in caches], [c.rows_alt for c in caches], n, new_order
+        )
+        for cache in caches:
+            cache.rows, cache.rows_alt = cache.rows_alt, cache.rows
+            cache.n = n_new
+            if 0 < n_new <= cache.capacity[0] // 2:  # finished rows' K/V: free them
+                cache.repack(n_new, cache.capacity[1])
 
     def reorder(self, new_order: Tensor) -> None:
         n_new = new_order.numel()
