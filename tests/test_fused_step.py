@@ -264,7 +264,7 @@ def test_cache_buffers_come_back_and_dirty_ones_change_nothing(monkeypatch):
     dropped cache might leave) give every bit of the result a fresh buffer
     gives: a slot is always written before it is read."""
     monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # growth: repacks give back too
-    pool = kv_cache.BufferPool(kv_cache.POOL_BUFFERS)
+    pool = kv_cache.BufferPool(16)
     monkeypatch.setattr(kv_cache, "BUFFERS", pool)
     model, d = random_transformer(60, 7, perturb=True)
     fast = fused(model)
@@ -358,6 +358,10 @@ def test_decoder_reorders_its_layers_caches_at_once(monkeypatch):
 
 
 def test_buffer_pool_fits_and_bounds():
+    assert kv_cache.BufferPool(0).take(8, torch.float32, torch.device("cpu")).numel() == 8
+    off = kv_cache.BufferPool(0)  # the default: keeps nothing
+    off.give(torch.empty(8))
+    assert off.free_bytes() == 0
     pool = kv_cache.BufferPool(2)
     a, b, c = (torch.empty(n) for n in (100, 300, 1000))
     for buf in (a, b, c):
