@@ -530,7 +530,7 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
         selfs, crosses, slot = found
         logits, attn = native.step(
             prev_output_tokens,
-            pos_table,
+            None if pos_table is None else pos_table.contiguous(),
             POS_NONE if pos_table is None else POS_FIXED,
             pad + slen,
             [cache.kv for cache in selfs],
