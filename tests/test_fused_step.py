@@ -460,9 +460,9 @@ def test_whole_network_step_checks_its_caches_and_weights():
         with pytest.raises(RuntimeError, match="cross-attention map of layer [0-9]+ holds"):
             fast.decoder.step_logits(tokens[:, :3], enc, state)
         cross.n += 1
-        params = list(plan["step"]["params"])
+        params = list(plan["layers"][4])
         params[12] = params[12][:, :-1].contiguous()  # fc1's pack, one input column short
-        plan["step"] = dict(plan["step"], params=params)
+        plan["layers"] = plan["layers"][:4] + (params,) + plan["layers"][5:]
         # the C++ plan object (built from the plan), then the op
         for native in (fused_step._native_plan(fast.decoder, plan), None):
             state[fused_step.LOGITS_PLAN_KEY] = dict(plan, native=native)

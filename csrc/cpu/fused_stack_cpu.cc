@@ -519,18 +519,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
                       align_layer, mean_heads);
 }
 
-// The whole network of an incremental decoder step (the fused decoder's
-// extract_features_scriptable + output_layer, seqfuse/layers/fairseq.py):
-// tokens [n, 1] -> embedding (scale, positions at fixed_pos) -> optional
-// embedding layer norm -> fused_decoder_step (the step's key padding is
-// tokens == pad) -> optional final layer norm -> vocabulary projection with
-// the packed weight. The same kernels in the same order as that Python path,
-// so bit-identical. `norms` holds the embedding norm's weight and bias (or
-// nothing), then the final norm's (or nothing): has_emb_ln / has_final_ln say
-// which. Returns (logits [n, vocab], fused_decoder_step's attention).
 namespace {
-// fused_decoder_logits on a checked-once argument set (the op below, or a
-// DecoderLogitsPlan's step). tokens: [n, t] int64, the step's tokens in
+// fused_decoder_logits (below) on its arguments, for the op and for a
+// DecoderLogitsPlan's step. tokens: [n, t] int64, the step's tokens in
 // column t - 1.
 std::tuple<at::Tensor, at::Tensor> decoder_logits(
     const at::Tensor& tokens, const at::Tensor& embed, double embed_scale,

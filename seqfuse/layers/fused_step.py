@@ -437,13 +437,16 @@ def logits_plan(decoder, x: Tensor) -> dict | str:
     bias = proj.bias
     plan = {
         "step": step,
-        "norms": norms,
-        "flags": flags,
-        "eps": eps,
-        "out_pack": packed(proj.weight),
-        "out_bias": None if bias is None else bias.detach().contiguous(),
-        "vocab": int(proj.weight.size(0)),
         "embed": table.detach().contiguous(),
+        # the fixed arguments of fused_decoder_logits (and of the plan object),
+        # in runs: norms to the layers' numbers, the layers' shape, the output
+        "layers": (norms, flags[0], flags[1], eps, step["params"], step["nums"]),
+        "shape": (step["heads"], step["pre_norm"], step["act"]),
+        "output": (
+            packed(proj.weight),
+            None if bias is None else bias.detach().contiguous(),
+            int(proj.weight.size(0)),
+        ),
         "native": None,
     }
     plan["native"] = _native_plan(decoder, plan)
@@ -457,23 +460,13 @@ def _native_plan(decoder, plan: dict):
     cls = getattr(_ext._C, "DecoderLogitsPlan", None)
     if cls is None:
         return None
-    step = plan["step"]
     return cls(
         plan["embed"],
         float(decoder.embed_scale),
         int(decoder.padding_idx),
-        plan["norms"],
-        plan["flags"][0],
-        plan["flags"][1],
-        plan["eps"],
-        step["params"],
-        step["nums"],
-        step["heads"],
-        step["pre_norm"],
-        step["act"],
-        plan["out_pack"],
-        plan["out_bias"],
-        plan["vocab"],
+        *plan["layers"],
+        *plan["shape"],
+        *plan["output"],
     )
 
 
@@ -556,22 +549,13 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
         pad,
         POS_NONE if pos_table is None else POS_FIXED,
         pad + slen,
-        plan["norms"],
-        plan["flags"][0],
-        plan["flags"][1],
-        plan["eps"],
-        step["params"],
-        step["nums"],
+        *plan["layers"],
         *self_args,
         *cross_args,
-        step["heads"],
-        step["pre_norm"],
-        step["act"],
+        *plan["shape"],
         len(step["heads"]) - 1,
         ALL_HEADS,
-        plan["out_pack"],
-        plan["out_bias"],
-        plan["vocab"],
+        *plan["output"],
     )
     _advance(found[0], found[2])
     STATS["one_call"] += 1
