@@ -447,6 +447,12 @@ def test_whole_network_step_checks_its_caches_and_weights():
     with torch.no_grad():
         _whole_network_step(fast.decoder, tokens[:, :1], enc, state)
         _whole_network_step(fast.decoder, tokens[:, :2], enc, state)
+        bad = tokens[:, :3].clone()
+        bad[2, -1] = len(d) + 5  # a token id outside the embedding table
+        with pytest.raises(RuntimeError, match="token"):
+            fast.decoder.step_logits(bad, enc, state)
+        with pytest.raises(RuntimeError, match="int64"):
+            fast.decoder.step_logits(tokens[:, :3].int(), enc, state)
         cache = state[fast.decoder.layers[1]._fused_key]["self"]
         good = cache.rows[3, 0].item()
         cache.rows[3, 0] = cache.capacity[0] + 7  # a physical row that does not exist

@@ -231,3 +231,22 @@ def test_finalize_op_refuses_a_slot_outside_the_buffers():
     take[1, 0], rank[1, 0] = True, 4  # slots 0..3 only
     with pytest.raises(RuntimeError, match="outside the buffers"):
         torch.ops.seqfuse.finalize_hypos(take, rank, *args[2:], *fin, 2, 2, None, False)
+
+
+def test_finalize_op_and_table_gather_refuse_bad_buffers():
+    """Mismatched buffers are refused with a clear error, nothing written:
+    attention without its buffer, a table gathered onto itself, lists of
+    different lengths."""
+    args, fin = _finalize_case(2, 3, 2, True, seed=3)
+    before = fin[0].clone()
+    with pytest.raises(RuntimeError, match="attn and fin_attn come together"):
+        torch.ops.seqfuse.finalize_hypos(*args, *fin[:4], None, 2, 2, None, False)
+    assert torch.equal(fin[0], before)
+    t = torch.arange(12).view(4, 3)
+    with pytest.raises(RuntimeError, match="distinct"):
+        torch.ops.seqfuse.gather_table_rows([t], [t], 4, torch.tensor([1, 0]))
+    with pytest.raises(RuntimeError, match="1 sources, 2 destinations"):
+        torch.ops.seqfuse.gather_table_rows([t], [t.clone(), t.clone()], 4, torch.tensor([0]))
+    out = torch.zeros_like(t)
+    torch.ops.seqfuse.gather_table_rows([t], [out], 4, torch.tensor([3, 3, 0]))
+    assert torch.equal(out[:3], t[[3, 3, 0]])
