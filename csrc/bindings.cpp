@@ -30,4 +30,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "seqfuse compiled kernels (ops are registered under torch.ops.seqfuse)";
   m.def("build_info", &build_info, "Backends compiled into this extension");
   seqfuse::bind_fused_stack(m);
+  seqfuse::bind_exact_step(m);
 }

@@ -23,11 +23,15 @@
 #include <ATen/ATen.h>
 #include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#include "ops.h"
 
 namespace seqfuse {
 namespace {
@@ -236,6 +240,53 @@ decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorLis
 }
 
 }  // namespace
+
+// decoder_stack_step with the arguments that stay fixed for a decoder (its
+// weights, norms' eps, heads, scaling, activation, norm placement) held by
+// one object, so that a step passes only x and the caches: called from
+// Python through pybind11, it skips the dispatcher's boxing of the weight
+// list (some sixty tensors) on every step. The same function, so the same
+// ATen calls in the same order.
+class ExactStepPlan {
+ public:
+  ExactStepPlan(std::vector<at::Tensor> weights, std::vector<double> eps, int64_t heads,
+                double scaling, int64_t act, bool normalize_before)
+      : weights_(std::move(weights)),
+        eps_(std::move(eps)),
+        heads_(heads),
+        scaling_(scaling),
+        act_(act),
+        normalize_before_(normalize_before) {}
+
+  std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+             std::optional<at::Tensor>>
+  step(const at::Tensor& x, const std::vector<at::Tensor>& self_k,
+       const std::vector<at::Tensor>& self_v, const std::vector<at::Tensor>& cross_k,
+       const std::vector<at::Tensor>& cross_v,
+       const std::vector<std::optional<at::Tensor>>& cross_pad, int64_t align_layer) const {
+    RECORD_FUNCTION("seqfuse::ExactStepPlan.step", std::vector<c10::IValue>());
+    c10::List<std::optional<at::Tensor>> pads;
+    pads.reserve(cross_pad.size());
+    for (const auto& t : cross_pad) pads.push_back(t);
+    return decoder_stack_step(x, weights_, self_k, self_v, cross_k, cross_v, pads, eps_, heads_,
+                              scaling_, act_, normalize_before_, align_layer);
+  }
+
+ private:
+  std::vector<at::Tensor> weights_;
+  std::vector<double> eps_;
+  int64_t heads_;
+  double scaling_;
+  int64_t act_;
+  bool normalize_before_;
+};
+
+void bind_exact_step(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<ExactStepPlan>(m, "ExactStepPlan")
+      .def(py::init<std::vector<at::Tensor>, std::vector<double>, int64_t, double, int64_t, bool>())
+      .def("step", &ExactStepPlan::step, py::call_guard<py::gil_scoped_release>());
+}
 
 // ---------------------------------------------------------------------------
 // hf_decoder_stack_step: the same for a Hugging Face BART-family decoder

@@ -14,5 +14,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cpu(
 
 // Python classes of the one-call layer stacks (csrc/cpu/fused_stack_cpu.cc).
 void bind_fused_stack(pybind11::module& m);
+// ... and of the exact one-call decoder step (csrc/exact_decoder.cpp).
+void bind_exact_step(pybind11::module& m);
 
 }  // namespace seqfuse

@@ -62,12 +62,20 @@ def generate(gen_cls, model, d, sample, **kw):
         return gen.generate([model], sample)
 
 
+@pytest.mark.parametrize("route", ["plan object", "op"])
 @pytest.mark.parametrize("variant", list(LAYER_VARIANTS))
 @pytest.mark.parametrize("beam", [1, 3, 5])
-def test_generate_bit_identical(variant, beam):
+def test_generate_bit_identical(monkeypatch, variant, beam, route):
     """Stock's generator over stock layers vs stock's and seqfuse's generators
     over the exact step: beam 1 takes the bmm cross attention, beam > 1 the
-    per-sentence einsum; finished sentences shrink the batch."""
+    per-sentence einsum; finished sentences shrink the batch. The step runs
+    through the C++ plan object, or through the op (an extension without
+    the object)."""
+    if route == "op":
+        build_plan = exact_step._build_exact_plan
+        monkeypatch.setattr(
+            exact_step, "_build_exact_plan", lambda dec: dict(build_plan(dec), native=None)
+        )
     model, d = build(seed=len(variant) + beam, **LAYER_VARIANTS[variant])
     stock, fast = pair(model)
     sample = random_sample(d, bsz=6, seed=beam)
@@ -77,6 +85,27 @@ def test_generate_bit_identical(variant, beam):
     assert_bit_identical_hypos(ref, generate(StockGenerator, fast, d, sample, **kw), variant)
     assert_bit_identical_hypos(ref, generate(SequenceGenerator, fast, d, sample, **kw), variant)
     assert exact_step.STATS["exact"] > before
+
+
+def test_replaced_weight_is_followed():
+    """The step's plan (and the C++ object holding the weights) is built anew
+    after a weight is replaced: the next generation equals stock's with the
+    new weight, not the old one's."""
+    model, d = build(seed=9)
+    stock, fast = pair(model)
+    sample = random_sample(d, bsz=3, seed=5)
+    kw = dict(beam_size=3, max_len_b=10)
+    first = generate(SequenceGenerator, fast, d, sample, **kw)
+    assert_bit_identical_hypos(generate(StockGenerator, stock, d, sample, **kw), first, "before")
+    g = torch.Generator().manual_seed(1)
+    new = torch.randn(fast.decoder.layers[-1].fc2.weight.shape, generator=g)
+    for m in (stock, fast):
+        m.decoder.layers[-1].fc2.weight = torch.nn.Parameter(new.clone())
+    again = generate(SequenceGenerator, fast, d, sample, **kw)
+    assert_bit_identical_hypos(generate(StockGenerator, stock, d, sample, **kw), again, "after")
+    assert any(
+        not torch.equal(a[0]["tokens"], b[0]["tokens"]) for a, b in zip(first, again)
+    ) or any(a[0]["score"] != b[0]["score"] for a, b in zip(first, again))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -33,7 +33,7 @@ from fairseq.modules import MultiheadAttention
 from fairseq.modules.transformer_layer import TransformerDecoderLayer, TransformerDecoderLayerBase
 
 from seqfuse import _ext
-from seqfuse._patching import mixed_subclass, reorder_incremental_state
+from seqfuse._patching import cached_for_structure, mixed_subclass, reorder_incremental_state
 from seqfuse.layer_stack import stack_eps, stack_weights
 from seqfuse.layers.fairseq import base_mha_problem, decoder_options_problem, ffn_problem
 from seqfuse.source_shape import shape_of
@@ -164,29 +164,48 @@ def exact_step_problem(decoder) -> str | None:
     return None
 
 
+def _build_exact_plan(decoder) -> dict:
+    layers = list(decoder.layers)
+    first = layers[0]
+    plan = {
+        "weights": stack_weights(layers),
+        "self": [lay.self_attn for lay in layers],
+        "cross": [lay.encoder_attn for lay in layers],
+        "eps": stack_eps(layers),
+        "heads": first.self_attn.num_heads,
+        "scaling": float(first.self_attn.scaling),
+        "act": _activation_code(first.activation_fn),
+        "pre_norm": bool(first.normalize_before),
+    }
+    # The fixed arguments held by one C++ object: a step passes only x and
+    # the caches (no dispatcher boxing of the weight list); None with an
+    # extension that has none (the op runs then).
+    cls = getattr(_ext._C, "ExactStepPlan", None)
+    plan["native"] = (
+        None
+        if cls is None
+        else cls(
+            plan["weights"],
+            plan["eps"],
+            plan["heads"],
+            plan["scaling"],
+            plan["act"],
+            plan["pre_norm"],
+        )
+    )
+    return plan
+
+
 class ExactStepDecoder(TransformerDecoderBase):
     """Mixed into a decoder's own class by :func:`enable_exact_step`."""
 
     _seqfuse_exact_step = True
 
     def _exact_plan(self):
-        """Per-module constants of the one-call step, built once and reused."""
-        plan = self.__dict__.get("_seqfuse_exact_plan")
-        if plan is None:
-            layers = list(self.layers)
-            first = layers[0]
-            plan = {
-                "weights": stack_weights(layers),
-                "self": [lay.self_attn for lay in layers],
-                "cross": [lay.encoder_attn for lay in layers],
-                "eps": stack_eps(layers),
-                "heads": first.self_attn.num_heads,
-                "scaling": float(first.self_attn.scaling),
-                "act": _activation_code(first.activation_fn),
-                "pre_norm": bool(first.normalize_before),
-            }
-            self.__dict__["_seqfuse_exact_plan"] = plan
-        return plan
+        """Per-module constants of the one-call step, built once and reused
+        until a module or parameter is registered anywhere (a layer or
+        weight replaced)."""
+        return cached_for_structure(self, "_seqfuse_exact_plan", _build_exact_plan)
 
     def extract_features_scriptable(
         self,
@@ -273,21 +292,26 @@ class ExactStepDecoder(TransformerDecoderBase):
 
         if alignment_layer is None:
             alignment_layer = self.num_layers - 1
-        x, new_k, new_v, inner, attn = torch.ops.seqfuse.decoder_stack_step(
-            x,
-            plan["weights"],
-            self_k,
-            self_v,
-            cross_k,
-            cross_v,
-            cross_pad,
-            plan["eps"],
-            plan["heads"],
-            plan["scaling"],
-            plan["act"],
-            plan["pre_norm"],
-            alignment_layer,
-        )
+        if plan["native"] is not None:
+            x, new_k, new_v, inner, attn = plan["native"].step(
+                x, self_k, self_v, cross_k, cross_v, cross_pad, alignment_layer
+            )
+        else:
+            x, new_k, new_v, inner, attn = torch.ops.seqfuse.decoder_stack_step(
+                x,
+                plan["weights"],
+                self_k,
+                self_v,
+                cross_k,
+                cross_v,
+                cross_pad,
+                plan["eps"],
+                plan["heads"],
+                plan["scaling"],
+                plan["act"],
+                plan["pre_norm"],
+                alignment_layer,
+            )
         for buf, k, v in zip(self_bufs, new_k, new_v):  # the dicts held in incremental_state
             buf["prev_key"] = k
             buf["prev_value"] = v
