@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqfuse._patching import mixed_subclass
+from seqfuse._patching import cached_for_structure, mixed_subclass
 from seqfuse.layer_stack import gemm_modules, stack_eps, stack_weights
 from seqfuse.source_shape import shape_of
 
@@ -236,9 +236,9 @@ class _Runner:
                     return None
         if _recorded(layers):
             return None
-        plan = self.layers.__dict__.get("_seqfuse_plan")
-        if plan is None:
-            plan = self.layers.__dict__["_seqfuse_plan"] = _plan(layers)
+        # built once, anew after any module or parameter registration (a
+        # layer or weight replaced)
+        plan = cached_for_structure(self.layers, "_seqfuse_plan", lambda _: _plan(layers))
         x, new_k, new_v = torch.ops.seqfuse.hf_decoder_stack_step(
             x,
             plan["weights"],

@@ -35,6 +35,7 @@ from torch import nn
 
 from integrations import hf_exact_step
 from integrations.hf_exact_step import _activation_code, _library_problem, _recorded
+from seqfuse._patching import cached_for_structure
 from seqfuse.source_shape import shape_of
 
 # transformers 5.x code the C++ step mirrors, by the shape of its source.
@@ -184,9 +185,8 @@ class _Runner(hf_exact_step._Runner):
                 return None
         if _recorded(blocks, lambda b: (b, b.ln_1, b.attn, b.ln_2, b.mlp)):
             return None
-        plan = self.layers.__dict__.get("_seqfuse_plan")
-        if plan is None:
-            plan = self.layers.__dict__["_seqfuse_plan"] = _plan(blocks)
+        # built once, anew after any module or parameter registration
+        plan = cached_for_structure(self.layers, "_seqfuse_plan", lambda _: _plan(blocks))
         n = len(blocks)
         x, new_k, new_v = torch.ops.seqfuse.hf_gpt2_stack_step(
             x,

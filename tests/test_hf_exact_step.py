@@ -57,6 +57,27 @@ def test_generate_bit_identical(kind, num_beams):
     assert hf_exact_step.STATS["exact"] > 0
 
 
+def test_replaced_weight_is_followed():
+    """The step's plan is built anew after a weight is replaced between two
+    generate calls: the second equals stock's with the new weight."""
+    model = make_model("bart", seed=4)
+    ids, mask = make_inputs("bart", model, batch=3, seed=4)
+    kw = dict(num_beams=3, max_new_tokens=10, attention_mask=mask)
+    seqfuse.optimize(model)
+    try:
+        before = generate(model, ids, **kw)
+        fc2 = model.get_decoder().layers[-1].fc2
+        g = torch.Generator().manual_seed(2)
+        fc2.weight = torch.nn.Parameter(torch.randn(fc2.weight.shape, generator=g) * 0.5)
+        ours = generate(model, ids, **kw)
+        assert hf_exact_step.STATS["exact"] > 0
+    finally:
+        hf.restore(model)
+    stock = generate(model, ids, **kw)
+    assert_same(stock, ours, "after the replacement")
+    assert not torch.equal(before[0], stock[0])  # the replacement changed the output
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 def test_half_precision(dtype):
     model = make_model("marian", seed=1).to(dtype)
