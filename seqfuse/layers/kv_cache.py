@@ -251,10 +251,7 @@ class SelfAttnCache:
             [c.rows for c in caches], [c.rows_alt for c in caches], n, new_order
         )
         for cache in caches:
-            cache.rows, cache.rows_alt = cache.rows_alt, cache.rows
-            cache.n = n_new
-            if 0 < n_new <= cache.capacity[0] // 2:  # finished rows' K/V: free them
-                cache.repack(n_new, cache.capacity[1])
+            cache._gathered(n_new)
 
     def reorder(self, new_order: Tensor) -> None:
         n_new = new_order.numel()
@@ -265,6 +262,11 @@ class SelfAttnCache:
             self.n = n_new
             return
         torch.index_select(self.rows[: self.n], 0, new_order, out=self.rows_alt[:n_new])
+        self._gathered(n_new)
+
+    def _gathered(self, n_new: int) -> None:
+        """The reordered parent table is in ``rows_alt[:n_new]``: swap it in,
+        and repack when the rows shrank to half the capacity or less."""
         self.rows, self.rows_alt = self.rows_alt, self.rows
         self.n = n_new
         if 0 < n_new <= self.capacity[0] // 2:  # finished rows' K/V: free them
