@@ -65,9 +65,9 @@ _SEARCH_OPTIONS = (
     ("diversity_rate", "--diversity-rate", "diversity_rate", lambda v: v > -1),
     ("constraints", "--constraints", "constraints", lambda v: bool(v)),
     ("prefix_tokens", "--prefix-size", "prefix_size", lambda v: v > 0),
-    # Never seqfuse's: alignment needs SequenceGeneratorWithAlignment, and
-    # dropout at inference is not what the fused layers compute.
-    (None, "--print-alignment", "print_alignment", lambda v: bool(v)),
+    # Served by seqfuse's SequenceGeneratorWithAlignment (same search).
+    ("print_alignment", "--print-alignment", "print_alignment", lambda v: bool(v)),
+    # Never seqfuse's: dropout at inference is not what the layers compute.
     (None, "--retain-dropout", "retain_dropout", lambda v: bool(v)),
 )
 
@@ -257,12 +257,23 @@ def _fuse_layers(model) -> str | None:
     return None
 
 
+def _wants_alignment(args) -> bool:
+    return bool(getattr(args, "print_alignment", False))
+
+
 def select_generator(
-    models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None
+    models,
+    args,
+    seq_gen_cls=None,
+    extra_gen_cls_kwargs=None,
+    prefix_allowed_tokens_fn=None,
+    alignment=False,
 ):
     """seqfuse's generator class when it reproduces this run exactly (the
-    models' layers are then fused), else None after one warning naming why."""
-    from seqfuse.generation import SequenceGenerator
+    models' layers are then fused), else None after one warning naming why.
+    ``alignment``: the class that also extracts alignments, as stock's
+    ``FairseqTask.build_generator`` picks for ``--print-alignment``."""
+    from seqfuse.generation import SequenceGenerator, SequenceGeneratorWithAlignment
 
     reason = fallback_reason(
         SequenceGenerator,
@@ -282,6 +293,7 @@ def select_generator(
         _warn_fallback(reason)
         return None
     global _announced
+    cls = SequenceGeneratorWithAlignment if alignment else SequenceGenerator
     if not _announced:
         _announced = True
         fused = all(getattr(m, "_seqfuse_fused", False) for m in models)
@@ -289,10 +301,11 @@ def select_generator(
             getattr(getattr(m, "decoder", None), "_seqfuse_exact_step", False) for m in models
         )
         logger.info(
-            "seqfuse: generating with seqfuse.generation.SequenceGenerator (layers: %s)",
+            "seqfuse: generating with seqfuse.generation.%s (layers: %s)",
+            cls.__name__,
             "fused" if fused else ("stock, exact one-call decoder step" if exact else "stock"),
         )
-    return SequenceGenerator
+    return cls
 
 
 def build_generator(
@@ -327,9 +340,23 @@ def build_generator(
     if seq_gen_cls is StockGenerator:
         seq_gen_cls = None
     cls = select_generator(
-        models, args, seq_gen_cls, extra_gen_cls_kwargs, prefix_allowed_tokens_fn
+        models,
+        args,
+        seq_gen_cls,
+        extra_gen_cls_kwargs,
+        prefix_allowed_tokens_fn,
+        alignment=_wants_alignment(args),
     )
-    return stock() if cls is None else stock(cls)
+    if cls is None:
+        return stock()
+    if _wants_alignment(args):
+        # What stock's build_generator does for --print-alignment, with
+        # seqfuse's class in place of fairseq's.
+        extra_gen_cls_kwargs = {
+            **(extra_gen_cls_kwargs or {}),
+            "print_alignment": args.print_alignment,
+        }
+    return stock(cls)
 
 
 def _hook_bart_task() -> None:

@@ -17,12 +17,16 @@ from fairseq import search
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
 from generation_utils import (
     REPO,
+    SCORE_ATOL,
+    SCORE_RTOL,
     ToyDecoder,
     ToyEncoder,
     ToyModel,
     compare_hypotheses,
+    fused,
     load_multi30k,
     make_dictionary,
+    packed_gemm_missing,
     random_sample,
     random_transformer,
     run_both,
@@ -379,3 +383,57 @@ def test_attention_buffers_grow_with_the_steps_taken():
         peaks[max_len_b] = _generation_peak(SequenceGenerator([model], d, **kwargs), model, sample)
     # sized by max_len, attn and the finished attention would add about 13 MB
     assert 0 < peaks[240] - peaks[12] < 2 * 2**20, peaks
+
+
+# --------------------------------------------------------------------------
+# --print-alignment: fairseq's SequenceGeneratorWithAlignment on seqfuse's search
+
+
+def _soft_floats(alignment) -> list[list[float]]:
+    return [[float(p) for p in row] for row in alignment]
+
+
+@pytest.mark.parametrize("layers", ["stock", "fused"])
+@pytest.mark.parametrize("full_context", [False, True], ids=["search attention", "full context"])
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_alignment_generator_matches_stock(mode, full_context, layers):
+    """Same hypotheses and the same alignments as stock's generator with
+    alignment: from the attention the search kept, or (a model with
+    ``full_context_alignment``) from a teacher-forced pass."""
+    from fairseq.sequence_generator import SequenceGeneratorWithAlignment as StockAligned
+
+    from seqfuse.generation import SequenceGeneratorWithAlignment
+
+    if layers == "fused" and packed_gemm_missing():
+        pytest.skip("seqfuse._C with the packed GEMM is not built")
+    model, d = random_transformer(vocab=40, seed=7, perturb=True)
+    ours_model = fused(model) if layers == "fused" else model
+    for m in (model, ours_model):
+        m.full_context_alignment = full_context
+    sample = random_sample(d, bsz=6, seed=3)
+    kw = dict(beam_size=3, max_len_b=14, print_alignment=mode)
+    with torch.no_grad():
+        stock = StockAligned([model], d, **kw).generate([model], sample)
+        gen = SequenceGeneratorWithAlignment([ours_model], d, **kw)
+        ours = gen.generate([ours_model], sample)
+    assert isinstance(gen, SequenceGenerator)
+    n_aligned = 0
+    for i, (hs, ho) in enumerate(zip(stock, ours, strict=True)):
+        for j, (a, b) in enumerate(zip(hs, ho, strict=True)):
+            assert torch.equal(a["tokens"], b["tokens"]), (i, j)
+            torch.testing.assert_close(b["score"], a["score"], atol=SCORE_ATOL, rtol=SCORE_RTOL)
+            if mode == "soft" and layers == "fused":  # printed with 6 decimals
+                x, y = _soft_floats(a["alignment"]), _soft_floats(b["alignment"])
+                torch.testing.assert_close(torch.tensor(y), torch.tensor(x), atol=2e-6, rtol=0)
+            else:
+                assert a["alignment"] == b["alignment"], (i, j)
+            n_aligned += len(a["alignment"]) > 0
+    assert n_aligned == sum(len(h) for h in stock)  # every hypothesis has an alignment
+
+
+def test_alignment_generator_refuses_an_unknown_mode():
+    from seqfuse.generation import SequenceGeneratorWithAlignment
+
+    model, d = random_transformer(vocab=20, seed=1)
+    with pytest.raises(ValueError, match="'hard' or 'soft'"):
+        SequenceGeneratorWithAlignment([model], d, beam_size=2, print_alignment="both")

@@ -41,7 +41,7 @@ TINY_TRAIN = (
     "--num-workers 0 --log-format simple --cpu"
 ).split()
 TINY_TEST_LINES = 45  # not a multiple of 8: stock drops the last batch
-GEN_LINE = re.compile(r"^[STHDP]-\d+\t")
+GEN_LINE = re.compile(r"^[STHDPA]-\d+\t")
 
 _run_cache: dict[tuple, subprocess.CompletedProcess] = {}
 
@@ -260,6 +260,22 @@ def test_generate_parity_tiny_search_options(tiny):
     assert uses_seqfuse(ours.stderr) and uses_exact_step(ours.stderr)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_generate_parity_tiny_print_alignment(tiny, mode):
+    """--print-alignment: the A lines (and every other line) as stock prints them."""
+    args = tiny_gen_args(
+        tiny,
+        *f"--beam 4 --nbest 2 --print-alignment {mode} --required-batch-size-multiple 1".split(),
+    )
+    stock, ours = run_pair("generate", args)
+    stock_lines, our_lines = gen_lines(stock.stdout), gen_lines(ours.stdout)
+    assert len(ids(stock_lines, "A")) == 2 * TINY_TEST_LINES
+    assert_same_lines(stock_lines, our_lines)
+    assert "generating with seqfuse.generation.SequenceGeneratorWithAlignment" in ours.stderr
+    assert not fallback_lines(ours.stderr)
+
+
 TINY_DEFAULT = ("--beam", "4")  # and --required-batch-size-multiple 8, fairseq's default
 
 
@@ -418,6 +434,46 @@ def test_multi30k_interactive_sentencepiece_parity():
     assert uses_seqfuse(ours.stdout + ours.stderr) and uses_exact_step(ours.stdout + ours.stderr)
 
 
+@pytest.mark.slow
+def test_multi30k_interactive_print_alignment_fused():
+    """fairseq-interactive --print-alignment with the fused layers: the same
+    A lines and translations as stock (scores within 1e-5, not printed digits)."""
+    if not (MULTI30K_MODEL / "checkpoint_best.pt").exists():
+        pytest.skip("shared Multi30k model not found")
+    with gzip.open(MULTI30K_DATA / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
+        text = "".join(line for line, _ in zip(f, range(40)))
+    args = [
+        MULTI30K_MODEL,
+        "--path",
+        MULTI30K_MODEL / "checkpoint_best.pt",
+        *"--source-lang en --target-lang de --bpe sentencepiece --beam 5 --nbest 2 "
+        "--buffer-size 16 --batch-size 16 --print-alignment hard".split(),
+        "--sentencepiece-model",
+        MULTI30K_MODEL / "spm8k.model",
+    ]
+    procs = [
+        start("interactive", args, plugin=False, stdin=text),
+        start("interactive", args, plugin=True, stdin=text, env={"SEQFUSE_FUSED_LAYERS": "1"}),
+    ]
+    stock, ours = (finish(p) for p in procs)
+
+    def without_scores(stdout: str) -> list[str]:
+        # H/D: id, score, text -> id, text; P: scores only, dropped
+        out = []
+        for line in gen_lines(stdout):
+            fields = line.split("\t")
+            if fields[0][0] in "HD":
+                out.append("\t".join([fields[0], *fields[2:]]))
+            elif fields[0][0] != "P":
+                out.append(line)
+        return out
+
+    lines = without_scores(stock.stdout)
+    assert len(ids(lines, "A")) == 80
+    assert_same_lines(lines, without_scores(ours.stdout))
+    assert "SequenceGeneratorWithAlignment (layers: fused)" in ours.stdout + ours.stderr
+
+
 # --------------------------------------------------------------------------
 # Generator selection, in process
 
@@ -443,7 +499,7 @@ def _records(caplog) -> list[str]:
         ({"match_source_len": True}, "match_source_len", "--match-source-len is not supported"),
         ({"constraints": "ordered"}, "constraints", "--constraints is not supported"),
         ({"prefix_size": 1}, "prefix_tokens", "--prefix-size is not supported"),
-        ({"print_alignment": "hard"}, None, "--print-alignment is not supported"),
+        ({"print_alignment": "hard"}, "print_alignment", "--print-alignment is not supported"),
         ({"retain_dropout": True}, None, "--retain-dropout is not supported"),
     ],
 )
@@ -465,7 +521,12 @@ def test_fallback_options(tiny_loaded, plugin, caplog, monkeypatch, overrides, f
     monkeypatch.setattr(Ours, "SUPPORTED_FEATURES", frozenset(declared | {feature}))
     gen = task.build_generator([model], _gen_args(**overrides))
     if feature is None:  # never seqfuse's, whatever the generator declares
-        assert type(gen) is not Ours
+        assert not isinstance(gen, Ours)
+    elif feature == "print_alignment":
+        from seqfuse.generation import SequenceGeneratorWithAlignment
+
+        assert type(gen) is SequenceGeneratorWithAlignment
+        assert gen.extract_alignment.__name__ == "extract_hard_alignment"
     else:
         assert type(gen) is Ours
 

@@ -1,5 +1,8 @@
 """Search strategies independent of the layers that produce the logits."""
 
-from seqfuse.generation.sequence_generator import SequenceGenerator
+from seqfuse.generation.sequence_generator import (
+    SequenceGenerator,
+    SequenceGeneratorWithAlignment,
+)
 
-__all__ = ["SequenceGenerator"]
+__all__ = ["SequenceGenerator", "SequenceGeneratorWithAlignment"]

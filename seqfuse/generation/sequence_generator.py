@@ -30,11 +30,15 @@ from typing import Optional
 
 import torch
 from fairseq import search
+from fairseq import utils as fairseq_utils
 from fairseq.models import FairseqDecoder
 from fairseq.models.fairseq_model import BaseFairseqModel
 from fairseq.models.transformer.transformer_base import TransformerModelBase
-from fairseq.sequence_generator import EnsembleModel
+from fairseq.sequence_generator import EnsembleModel, EnsembleModelWithAlignment
 from fairseq.sequence_generator import SequenceGenerator as StockSequenceGenerator
+from fairseq.sequence_generator import (
+    SequenceGeneratorWithAlignment as StockSequenceGeneratorWithAlignment,
+)
 from torch import Tensor
 
 from seqfuse import _ext
@@ -157,7 +161,14 @@ class SequenceGenerator(StockSequenceGenerator):
     # Options (beyond plain beam search) reproduced exactly; the fairseq plugin
     # sends everything else to stock with a warning.
     SUPPORTED_FEATURES = frozenset(
-        {"sampling", "match_source_len", "prefix_tokens", "ensemble", "lm_fusion"}
+        {
+            "sampling",
+            "match_source_len",
+            "prefix_tokens",
+            "ensemble",
+            "lm_fusion",
+            "print_alignment",  # by SequenceGeneratorWithAlignment
+        }
     )
 
     # Steps between host reads of "all finished?" (and batch compactions);
@@ -592,4 +603,53 @@ class SequenceGenerator(StockSequenceGenerator):
                 )
             _, order = torch.sort(torch.tensor(host_scores[s][:n]), descending=True)
             finalized.append([hypos[i] for i in order.tolist()])
+        return finalized
+
+
+class SequenceGeneratorWithAlignment(SequenceGenerator):
+    """fairseq's ``SequenceGeneratorWithAlignment`` (``--print-alignment hard``
+    or ``soft``) on seqfuse's search: same constructor and results.
+
+    The alignment of a hypothesis comes from the attention its search kept
+    (the decoder's alignment layer, averaged over heads), which seqfuse's
+    search reproduces; a model with ``full_context_alignment`` gets it from a
+    teacher-forced forward pass of the whole hypothesis, as stock does.
+    """
+
+    def __init__(self, models, tgt_dict, left_pad_target=False, print_alignment="hard", **kwargs):
+        super().__init__(EnsembleModelWithAlignment(models), tgt_dict, **kwargs)
+        self.left_pad_target = left_pad_target
+        if print_alignment == "hard":
+            self.extract_alignment = fairseq_utils.extract_hard_alignment
+        elif print_alignment == "soft":
+            self.extract_alignment = fairseq_utils.extract_soft_alignment
+        else:
+            raise ValueError(f"print_alignment must be 'hard' or 'soft', not {print_alignment!r}")
+
+    # Stock's batch of the hypotheses for a teacher-forced pass (the method
+    # only reads the sample, the hypotheses and the generator's settings).
+    _prepare_batch_for_alignment = StockSequenceGeneratorWithAlignment._prepare_batch_for_alignment
+
+    @torch.no_grad()
+    def generate(self, models, sample, **kwargs):
+        finalized = self._generate(sample, **kwargs)
+        beam = self.beam_size
+        rows = sample["net_input"]["src_tokens"].size(0) * beam
+        if any(len(hypos) != beam for hypos in finalized):
+            raise RuntimeError(
+                "seqfuse: a sentence finished with other than --beam hypotheses; "
+                "alignments need one per beam"
+            )
+        src, src_lengths, prev_output, tgt = self._prepare_batch_for_alignment(sample, finalized)
+        if any(getattr(m, "full_context_alignment", False) for m in self.model.models):
+            attn = self.model.forward_align(src, src_lengths, prev_output)
+        else:
+            attn = [
+                finalized[i // beam][i % beam]["attention"].transpose(1, 0) for i in range(rows)
+            ]
+        src, tgt = src.cpu(), tgt.cpu()
+        for i in range(rows):
+            finalized[i // beam][i % beam]["alignment"] = self.extract_alignment(
+                attn[i].cpu(), src[i], tgt[i], self.pad, self.eos
+            )
         return finalized
