@@ -246,15 +246,60 @@ def test_fallback_warns_once_and_matches_stock(caplog, monkeypatch):
     monkeypatch.setattr(sg, "_warned", set())
     model, d = random_transformer(vocab=40, seed=2)
     sample = random_sample(d, bsz=2, seed=3)
-    strategy = search.DiverseBeamSearch(d, num_groups=2, diversity_strength=0.5)
+    allowed = list(range(len(d)))
+    strategy = search.PrefixConstrainedBeamSearch(d, lambda batch_id, sent: allowed)
     kwargs = {"beam_size": 4, "search_strategy": strategy}
     with caplog.at_level(logging.WARNING, logger="seqfuse.generation"):
         stock, ours = run_both([model], d, sample, kwargs)
         SequenceGenerator([model], d, **kwargs).generate([model], sample)
-    compare_hypotheses(stock, ours, "diverse beam")
-    lines = [r.getMessage() for r in caplog.records if "DiverseBeamSearch" in r.getMessage()]
+    compare_hypotheses(stock, ours, "prefix-constrained beam")
+    lines = [
+        r.getMessage() for r in caplog.records if "PrefixConstrainedBeamSearch" in r.getMessage()
+    ]
     assert len(lines) == 1, lines
     assert "not supported" in lines[0]
+
+
+def _stock_step_strategy(name, d):
+    if name == "match_source_len":  # what --match-source-len builds
+        strategy = search.LengthConstrainedBeamSearch(d, 1, 0, 1, 0)
+        return {"search_strategy": strategy, "match_source_len": True}
+    if name == "diverse beam":  # --diverse-beam-groups 2
+        return {"search_strategy": search.DiverseBeamSearch(d, 2, 0.5)}
+    return {"search_strategy": search.DiverseSiblingsSearch(d, 0.5)}  # --diversity-rate
+
+
+@pytest.mark.parametrize("layers", ["stock", "fused"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", ["match_source_len", "diverse beam", "diverse siblings"])
+def test_stock_step_strategies_run_in_seqfuse_loop(caplog, monkeypatch, name, seed, layers):
+    """Length-constrained, diverse beam and diverse siblings search: seqfuse's
+    loop calls the strategy's step as stock's does, with the same results
+    (no fallback to stock's loop)."""
+    from seqfuse.generation import sequence_generator as sg
+
+    if layers == "fused" and packed_gemm_missing():
+        pytest.skip("seqfuse._C with the packed GEMM is not built")
+    monkeypatch.setattr(sg, "_warned", set())
+    stock_loop_calls = []
+    stock_generate = sg.StockSequenceGenerator._generate
+
+    def counting(self, *args, **kwargs):
+        stock_loop_calls.append(type(self))
+        return stock_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(sg.StockSequenceGenerator, "_generate", counting)
+    model, d = random_transformer(vocab=60, seed=20 + seed, sharp=2.0, perturb=True)
+    sample = random_sample(d, bsz=5, seed=seed)
+    kwargs = {"beam_size": 4, "max_len_b": 14, **_stock_step_strategy(name, d)}
+    with caplog.at_level(logging.WARNING, logger="seqfuse.generation"):
+        torch.manual_seed(0)
+        stock = StockGenerator([model], d, **kwargs).generate([model], sample)
+        ours_model = fused(model) if layers == "fused" else model
+        ours = SequenceGenerator([ours_model], d, **kwargs).generate([ours_model], sample)
+    compare_hypotheses(stock, ours, name)
+    assert stock_loop_calls == [StockGenerator]  # stock's own run only
+    assert not [r for r in caplog.records if "falling back" in r.getMessage()]
 
 
 def test_constraints_fall_back_with_reason(caplog):

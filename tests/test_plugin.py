@@ -276,6 +276,18 @@ def test_generate_parity_tiny_print_alignment(tiny, mode):
     assert not fallback_lines(ours.stderr)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["--diversity-rate 0.5", "--match-source-len"])
+def test_generate_parity_tiny_stock_step_strategies(tiny, option):
+    """Search strategies whose step seqfuse's loop calls as stock's loop does."""
+    args = tiny_gen_args(
+        tiny, *f"--beam 4 --nbest 2 {option} --required-batch-size-multiple 1".split()
+    )
+    stock, ours = run_pair("generate", args)
+    assert_same_lines(gen_lines(stock.stdout), gen_lines(ours.stdout))
+    assert uses_seqfuse(ours.stderr) and not fallback_lines(ours.stderr)
+
+
 TINY_DEFAULT = ("--beam", "4")  # and --required-batch-size-multiple 8, fairseq's default
 
 

@@ -17,9 +17,11 @@ for step. What changes is how each step is computed:
   freed before the next step, and the attention buffers grow with the steps
   taken instead of being sized by ``max_len``.
 
-Anything it cannot do exactly (lexical constraints, diverse beam search or
-siblings, custom search strategies) runs fairseq's own loop, after one
-warning line that names the reason. ``SEQFUSE_DISABLE=1`` does the same
+Other search strategies fairseq builds from its options (sampling,
+``--match-source-len``, diverse beam search, diverse siblings) have their
+``step`` called by this loop exactly where stock's loop calls it. Anything it
+cannot do exactly (lexical constraints, other strategies) runs fairseq's own
+loop, after one warning line that names the reason. ``SEQFUSE_DISABLE=1`` does the same
 without the warning.
 """
 
@@ -75,6 +77,17 @@ FALLBACK_PREFIX = "seqfuse: falling back to stock SequenceGenerator: "
 SHARED_FIRST_STEP_ENV = "SEQFUSE_SHARED_FIRST_STEP"
 # First steps decoded on one row per sentence (tests and benchmarks read it).
 STATS = {"shared_first_steps": 0}
+
+# Search strategies whose step the loop calls as stock's loop does (plain beam
+# search takes the fused candidates instead): per-step state, if any, lives in
+# the strategy and follows the loop's prune_sentences/set_src_lengths calls.
+_STOCK_STEP_SEARCHES = (
+    search.BeamSearch,
+    search.Sampling,
+    search.LengthConstrainedBeamSearch,  # --match-source-len
+    search.DiverseBeamSearch,  # --diverse-beam-groups
+    search.DiverseSiblingsSearch,  # --diversity-rate
+)
 
 # attn / finished attention buffers: time columns allocated at first, then
 # grown by doubling (up to max_len) instead of max_len columns up front.
@@ -164,6 +177,8 @@ class SequenceGenerator(StockSequenceGenerator):
         {
             "sampling",
             "match_source_len",
+            "diverse_beam_groups",
+            "diversity_rate",
             "prefix_tokens",
             "ensemble",
             "lm_fusion",
@@ -180,7 +195,7 @@ class SequenceGenerator(StockSequenceGenerator):
             return "SEQFUSE_DISABLE is set"
         if constraints is not None:
             return "lexical constraints are not supported"
-        if type(self.search) not in (search.BeamSearch, search.Sampling):
+        if type(self.search) not in _STOCK_STEP_SEARCHES:
             return f"search strategy {type(self.search).__name__} is not supported"
         if self.repeat_ngram_blocker is not None and self.repeat_ngram_blocker.use_extension:
             return "fairseq's CUDA n-gram blocking extension is in use"
