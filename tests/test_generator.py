@@ -31,6 +31,7 @@ from generation_utils import (
     random_transformer,
     run_both,
 )
+from torch import Tensor
 
 from seqfuse.generation import SequenceGenerator
 from seqfuse.generation.sequence_generator import ngram_banned_tokens
@@ -240,22 +241,23 @@ def test_sampling_filtered_distribution_and_statistics():
 
 
 # ----------------------------------------------------------------- fallbacks
+class _OwnBeamSearch(search.BeamSearch):
+    """A search strategy seqfuse does not know: its step may do anything."""
+
+
 def test_fallback_warns_once_and_matches_stock(caplog, monkeypatch):
     from seqfuse.generation import sequence_generator as sg
 
     monkeypatch.setattr(sg, "_warned", set())
     model, d = random_transformer(vocab=40, seed=2)
     sample = random_sample(d, bsz=2, seed=3)
-    allowed = list(range(len(d)))
-    strategy = search.PrefixConstrainedBeamSearch(d, lambda batch_id, sent: allowed)
+    strategy = _OwnBeamSearch(d)
     kwargs = {"beam_size": 4, "search_strategy": strategy}
     with caplog.at_level(logging.WARNING, logger="seqfuse.generation"):
         stock, ours = run_both([model], d, sample, kwargs)
         SequenceGenerator([model], d, **kwargs).generate([model], sample)
-    compare_hypotheses(stock, ours, "prefix-constrained beam")
-    lines = [
-        r.getMessage() for r in caplog.records if "PrefixConstrainedBeamSearch" in r.getMessage()
-    ]
+    compare_hypotheses(stock, ours, "a strategy of the user's")
+    lines = [r.getMessage() for r in caplog.records if "_OwnBeamSearch" in r.getMessage()]
     assert len(lines) == 1, lines
     assert "not supported" in lines[0]
 
@@ -266,12 +268,25 @@ def _stock_step_strategy(name, d):
         return {"search_strategy": strategy, "match_source_len": True}
     if name == "diverse beam":  # --diverse-beam-groups 2
         return {"search_strategy": search.DiverseBeamSearch(d, 2, 0.5)}
+    if name == "prefix_allowed_tokens_fn":  # no token w0; odd sentences: no w1 after a w2
+
+        def allowed(batch_id: int, sent: Tensor) -> list[int]:
+            last = int(sent[-1])
+            banned = {d.index("w0")} | (
+                {d.index("w1")} if batch_id % 2 and last == d.index("w2") else set()
+            )
+            return [t for t in range(len(d)) if t not in banned]
+
+        strategy = search.PrefixConstrainedBeamSearch(d, allowed)
+        return {"search_strategy": strategy}
     return {"search_strategy": search.DiverseSiblingsSearch(d, 0.5)}  # --diversity-rate
 
 
 @pytest.mark.parametrize("layers", ["stock", "fused"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("name", ["match_source_len", "diverse beam", "diverse siblings"])
+@pytest.mark.parametrize(
+    "name", ["match_source_len", "diverse beam", "diverse siblings", "prefix_allowed_tokens_fn"]
+)
 def test_stock_step_strategies_run_in_seqfuse_loop(caplog, monkeypatch, name, seed, layers):
     """Length-constrained, diverse beam and diverse siblings search: seqfuse's
     loop calls the strategy's step as stock's does, with the same results

@@ -543,9 +543,7 @@ def test_fallback_options(tiny_loaded, plugin, caplog, monkeypatch, overrides, f
         assert type(gen) is Ours
 
 
-def test_ensemble_and_lm_fusion_stay_on_seqfuse_prefix_fn_falls_back(tiny_loaded, plugin, caplog):
-    from fairseq.sequence_generator import SequenceGenerator as Stock
-
+def test_ensemble_lm_fusion_and_prefix_fn_stay_on_seqfuse(tiny_loaded, plugin, caplog):
     from seqfuse.generation import SequenceGenerator
 
     model, task = tiny_loaded
@@ -556,7 +554,14 @@ def test_ensemble_and_lm_fusion_stay_on_seqfuse_prefix_fn_falls_back(tiny_loaded
     )
     prefix = task.build_generator([model], _gen_args(), prefix_allowed_tokens_fn=lambda b, t: [4])
     assert type(ensemble) is SequenceGenerator and type(lm) is SequenceGenerator
-    assert type(prefix) is Stock
+    assert type(prefix) is SequenceGenerator
+    assert _records(caplog) == []
+    monkeypatch_features = SequenceGenerator.SUPPORTED_FEATURES
+    try:  # a generator that does not declare the feature: stock, with the reason
+        SequenceGenerator.SUPPORTED_FEATURES = monkeypatch_features - {"prefix_allowed_tokens_fn"}
+        task.build_generator([model], _gen_args(), prefix_allowed_tokens_fn=lambda b, t: [4])
+    finally:
+        SequenceGenerator.SUPPORTED_FEATURES = monkeypatch_features
     assert _records(caplog) == [
         plugin.FALLBACK_PREFIX + "prefix_allowed_tokens_fn is not supported",
     ]

@@ -18,7 +18,8 @@ for step. What changes is how each step is computed:
   taken instead of being sized by ``max_len``.
 
 Other search strategies fairseq builds from its options (sampling,
-``--match-source-len``, diverse beam search, diverse siblings) have their
+``--match-source-len``, diverse beam search, diverse siblings, a
+``prefix_allowed_tokens_fn``) have their
 ``step`` called by this loop exactly where stock's loop calls it. Anything it
 cannot do exactly (lexical constraints, other strategies) runs fairseq's own
 loop, after one warning line that names the reason. ``SEQFUSE_DISABLE=1`` does the same
@@ -87,6 +88,7 @@ _STOCK_STEP_SEARCHES = (
     search.LengthConstrainedBeamSearch,  # --match-source-len
     search.DiverseBeamSearch,  # --diverse-beam-groups
     search.DiverseSiblingsSearch,  # --diversity-rate
+    search.PrefixConstrainedBeamSearch,  # prefix_allowed_tokens_fn
 )
 
 # attn / finished attention buffers: time columns allocated at first, then
@@ -179,6 +181,7 @@ class SequenceGenerator(StockSequenceGenerator):
             "match_source_len",
             "diverse_beam_groups",
             "diversity_rate",
+            "prefix_allowed_tokens_fn",
             "prefix_tokens",
             "ensemble",
             "lm_fusion",
