@@ -317,11 +317,53 @@ def test_stock_step_strategies_run_in_seqfuse_loop(caplog, monkeypatch, name, se
     assert not [r for r in caplog.records if "falling back" in r.getMessage()]
 
 
-def test_constraints_fall_back_with_reason(caplog):
+def test_constraints_without_a_constrained_search_are_refused_as_stock_does():
+    from fairseq.token_generation_constraints import pack_constraints
+
     model, d = random_transformer(vocab=40, seed=2)
-    gen = SequenceGenerator([model], d, beam_size=2)
-    assert "constraints" in gen._fallback_reason(torch.ones(1, 3, dtype=torch.long))
-    assert gen._fallback_reason(None) is None
+    sample = random_sample(d, bsz=1, seed=3)
+    constraints = pack_constraints([[torch.tensor([5, 6])]])
+    for cls in (StockGenerator, SequenceGenerator):
+        with pytest.raises(NotImplementedError, match="search method doesn't support them"):
+            cls([model], d, beam_size=2).generate([model], sample, constraints=constraints)
+
+
+@pytest.mark.parametrize("layers", ["stock", "fused"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("mode", ["ordered", "unordered"])
+def test_lexical_constraints_run_in_seqfuse_loop(caplog, monkeypatch, mode, seed, layers):
+    """--constraints: LexicallyConstrainedBeamSearch's step, state updates and
+    pruning called by seqfuse's loop where stock's calls them; same results."""
+    from fairseq.token_generation_constraints import pack_constraints
+
+    from seqfuse.generation import sequence_generator as sg
+
+    if layers == "fused" and packed_gemm_missing():
+        pytest.skip("seqfuse._C with the packed GEMM is not built")
+    monkeypatch.setattr(sg, "_warned", set())
+    model, d = random_transformer(vocab=60, seed=seed, sharp=2.0, perturb=True)
+    sample = random_sample(d, bsz=5, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def phrase():
+        return torch.randint(d.nspecial, len(d), (int(torch.randint(1, 3, (1,), generator=g)),))
+
+    per_sentence = [[phrase() for _ in range(i % 3)] for i in range(5)]  # 0, 1 or 2 phrases
+    constraints = pack_constraints(per_sentence)
+    kwargs = {"beam_size": 4, "max_len_b": 16}
+    results = []
+    with caplog.at_level(logging.WARNING, logger="seqfuse.generation"):
+        for cls, m in ((StockGenerator, model), (SequenceGenerator, model)):
+            if cls is SequenceGenerator and layers == "fused":
+                m = fused(model)
+            strategy = search.LexicallyConstrainedBeamSearch(d, mode)
+            gen = cls([m], d, search_strategy=strategy, **kwargs)
+            results.append(gen.generate([m], sample, constraints=constraints))
+    compare_hypotheses(*results, f"constraints {mode}")
+    assert not [r for r in caplog.records if "falling back" in r.getMessage()]
+    # The constraints acted: without them stock's search finds other hypotheses.
+    free = StockGenerator([model], d, **kwargs).generate([model], sample)
+    assert any(not torch.equal(a[0]["tokens"], b[0]["tokens"]) for a, b in zip(free, results[0]))
 
 
 def test_seqfuse_disable_env(monkeypatch):

@@ -447,6 +447,40 @@ def test_multi30k_interactive_sentencepiece_parity():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ordered", "unordered"])
+def test_multi30k_interactive_constraints_parity(mode):
+    """fairseq-interactive --constraints (tab-separated target phrases after
+    each source line): the same C/H/D/P lines as stock, on seqfuse's loop."""
+    if not (MULTI30K_MODEL / "checkpoint_best.pt").exists():
+        pytest.skip("shared Multi30k model not found")
+    with gzip.open(MULTI30K_DATA / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
+        sources = [line.rstrip("\n") for line, _ in zip(f, range(12))]
+    with gzip.open(MULTI30K_DATA / "test_2016_flickr.de.gz", "rt", encoding="utf-8") as f:
+        targets = [line.split() for line, _ in zip(f, range(12))]
+    # 0, 1 or 2 words of the reference as constraints (the second from its end)
+    lines = [
+        "\t".join([src, *([tgt[1]] if i % 3 else []), *([tgt[-2]] if i % 3 == 2 else [])])
+        for i, (src, tgt) in enumerate(zip(sources, targets))
+    ]
+    args = [
+        MULTI30K_MODEL,
+        "--path",
+        MULTI30K_MODEL / "checkpoint_best.pt",
+        *f"--source-lang en --target-lang de --bpe sentencepiece --beam 5 --nbest 2 "
+        f"--buffer-size 4 --batch-size 4 --constraints {mode}".split(),
+        "--sentencepiece-model",
+        MULTI30K_MODEL / "spm8k.model",
+    ]
+    stock, ours = run_pair("interactive", args, stdin="\n".join(lines) + "\n")
+    stock_lines = [line for line in stock.stdout.splitlines() if re.match(r"^[CHDPS]-\d+\t", line)]
+    our_lines = [line for line in ours.stdout.splitlines() if re.match(r"^[CHDPS]-\d+\t", line)]
+    assert len(ids(stock_lines, "C")) == 12
+    assert_same_lines(stock_lines, our_lines)
+    assert uses_seqfuse(ours.stdout + ours.stderr)
+    assert not fallback_lines(ours.stdout + ours.stderr)
+
+
+@pytest.mark.slow
 def test_multi30k_interactive_print_alignment_fused():
     """fairseq-interactive --print-alignment with the fused layers: the same
     A lines and translations as stock (scores within 1e-5, not printed digits)."""

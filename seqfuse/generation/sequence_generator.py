@@ -19,10 +19,10 @@ for step. What changes is how each step is computed:
 
 Other search strategies fairseq builds from its options (sampling,
 ``--match-source-len``, diverse beam search, diverse siblings, a
-``prefix_allowed_tokens_fn``) have their
-``step`` called by this loop exactly where stock's loop calls it. Anything it
-cannot do exactly (lexical constraints, other strategies) runs fairseq's own
-loop, after one warning line that names the reason. ``SEQFUSE_DISABLE=1`` does the same
+``prefix_allowed_tokens_fn``, lexical constraints) have their ``step`` (and
+constraint updates) called by this loop exactly where stock's loop calls
+them. A strategy it does not know runs fairseq's own loop, after one warning
+line that names the reason. ``SEQFUSE_DISABLE=1`` does the same
 without the warning.
 """
 
@@ -89,6 +89,7 @@ _STOCK_STEP_SEARCHES = (
     search.DiverseBeamSearch,  # --diverse-beam-groups
     search.DiverseSiblingsSearch,  # --diversity-rate
     search.PrefixConstrainedBeamSearch,  # prefix_allowed_tokens_fn
+    search.LexicallyConstrainedBeamSearch,  # --constraints
 )
 
 # attn / finished attention buffers: time columns allocated at first, then
@@ -182,6 +183,7 @@ class SequenceGenerator(StockSequenceGenerator):
             "diverse_beam_groups",
             "diversity_rate",
             "prefix_allowed_tokens_fn",
+            "constraints",
             "prefix_tokens",
             "ensemble",
             "lm_fusion",
@@ -196,8 +198,6 @@ class SequenceGenerator(StockSequenceGenerator):
     def _fallback_reason(self, constraints: Optional[Tensor]) -> Optional[str]:
         if _ext.disabled():
             return "SEQFUSE_DISABLE is set"
-        if constraints is not None:
-            return "lexical constraints are not supported"
         if type(self.search) not in _STOCK_STEP_SEARCHES:
             return f"search strategy {type(self.search).__name__} is not supported"
         if self.repeat_ngram_blocker is not None and self.repeat_ngram_blocker.use_extension:
@@ -216,7 +216,11 @@ class SequenceGenerator(StockSequenceGenerator):
             if not _ext.disabled():
                 _warn_fallback(reason)
             return super()._generate(sample, prefix_tokens, constraints, bos_token)
-        return self._search(sample, prefix_tokens, bos_token)
+        if constraints is not None and not self.search.supports_constraints:
+            raise NotImplementedError(
+                "Target-side constraints were provided, but search method doesn't support them"
+            )
+        return self._search(sample, prefix_tokens, bos_token, constraints)
 
     # ------------------------------------------------------------------ model
     def _decoder_step(self, tokens: Tensor, encoder_outs, incremental_states, fused_logits: bool):
@@ -309,7 +313,13 @@ class SequenceGenerator(StockSequenceGenerator):
         return cs[:, :k], ci[:, :k], cb[:, :k]
 
     # ----------------------------------------------------------------- search
-    def _search(self, sample, prefix_tokens: Optional[Tensor], bos_token: Optional[int]):
+    def _search(
+        self,
+        sample,
+        prefix_tokens: Optional[Tensor],
+        bos_token: Optional[int],
+        constraints: Optional[Tensor] = None,
+    ):
         """fairseq's search, with the bookkeeping kept on the device.
 
         Finished hypotheses are written into preallocated per-sentence buffers
@@ -350,7 +360,7 @@ class SequenceGenerator(StockSequenceGenerator):
         beam_size = self.beam_size
         V = self.vocab_size
         device = src_tokens.device
-        self.search.init_constraints(None, beam_size)
+        self.search.init_constraints(constraints, beam_size)
         compact_every = self.compact_every
         if compact_every is None:
             compact_every = 1 if device.type == "cpu" else 4
