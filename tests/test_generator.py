@@ -361,6 +361,12 @@ def test_lexical_constraints_run_in_seqfuse_loop(caplog, monkeypatch, mode, seed
             results.append(gen.generate([m], sample, constraints=constraints))
     compare_hypotheses(*results, f"constraints {mode}")
     assert not [r for r in caplog.records if "falling back" in r.getMessage()]
+    # GPU-style bookkeeping: finished sentences stay a few steps, their
+    # constraint states with them.
+    strategy = search.LexicallyConstrainedBeamSearch(d, mode)
+    gen = SequenceGenerator([model], d, search_strategy=strategy, **kwargs)
+    gen.compact_every = 3
+    compare_hypotheses(results[0], gen.generate([model], sample, constraints=constraints))
     # The constraints acted: without them stock's search finds other hypotheses.
     free = StockGenerator([model], d, **kwargs).generate([model], sample)
     assert any(not torch.equal(a[0]["tokens"], b[0]["tokens"]) for a, b in zip(free, results[0]))
@@ -445,6 +451,24 @@ def test_compacting_every_few_steps_matches_stock(seed):
             gen = SequenceGenerator([model], d, **kwargs)
             gen.compact_every = every
             compare_hypotheses(stock, gen.generate([model], sample), f"every={every}")
+
+
+@pytest.mark.parametrize(
+    "name", ["match_source_len", "diverse beam", "diverse siblings", "prefix_allowed_tokens_fn"]
+)
+def test_compacting_every_few_steps_with_stateful_strategies(name):
+    """Strategies with per-sentence state (source lengths, group overlap, the
+    prefix function's batch ids) follow rows that stay after finishing."""
+    for seed in range(3):
+        model, d = random_transformer(vocab=60, seed=seed, sharp=2.0, perturb=True)
+        sample = random_sample(d, bsz=6, seed=seed)
+        kwargs = {"beam_size": 4, "max_len_b": 14}
+        stock = StockGenerator([model], d, **kwargs, **_stock_step_strategy(name, d))
+        stock = stock.generate([model], sample)
+        for every in (2, 3):
+            gen = SequenceGenerator([model], d, **kwargs, **_stock_step_strategy(name, d))
+            gen.compact_every = every
+            compare_hypotheses(stock, gen.generate([model], sample), f"{name} every={every}")
 
 
 # ---------------------------------------------------------------------- memory
