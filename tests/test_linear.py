@@ -63,10 +63,11 @@ def test_matches_float64(m, k, n, with_bias):
 
 
 @needs_kernel
-def test_rows_do_not_depend_on_the_batch_or_threads():
+@pytest.mark.parametrize("n", [70, 1000])  # 3 panel pairs; 32 (several groups of pairs)
+def test_rows_do_not_depend_on_the_batch_or_threads(n):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(23, 96, generator=g)
-    w = torch.randn(70, 96, generator=g)
+    w = torch.randn(n, 96, generator=g)
     full = linear(x, w)
     for rows in (slice(0, 1), slice(4, 9), slice(17, 23)):
         assert torch.equal(linear(x[rows].contiguous(), w), full[rows])

@@ -94,32 +94,46 @@ inline void rows_block(int64_t R, const float* x, int64_t ldx, int64_t K, const 
 }
 }  // namespace
 
-// Tasks of a [M, K] x [K, N] product: (panel pair, row block) pairs, row
-// block fastest (a pair's panels stay in cache across its blocks).
+// Tasks of a [M, K] x [K, N] product: (panel pair, row block) pairs, in the
+// order linear_packed_range gives them.
 int64_t linear_packed_tasks(int64_t M, int64_t N) {
   const int64_t panels = (N + kPanel - 1) / kPanel;
   return (panels + 1) / 2 * ((M + kRows - 1) / kRows);
 }
 
 // Tasks [begin, end) of linear_packed_tasks(M, N), on the calling thread.
+// Order: groups of kGroup panel pairs; within a group, row block by row block,
+// each block over the group's pairs. A block's outputs are then written as
+// contiguous runs of a row (kGroup * 32 columns) while the group's panels stay
+// in L2 for all blocks, instead of a 32-column strip down every row per pair
+// (about 5% slower on wide products such as a [200, 256] x [256, 8003]
+// vocabulary projection, whose output rows span many pages).
+// The order does not change any output: each is one dot product over k.
 void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
                          int64_t N, const float* bias, float* y, int64_t begin, int64_t end) {
+  constexpr int64_t kGroup = 4;  // 128 KB of panels at K = 256
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int64_t pairs = (panels + 1) / 2;
   const int64_t blocks = (M + kRows - 1) / kRows;
+  const int64_t per_group = kGroup * blocks;
+  const int64_t pair_floats = 2 * K * kPanel;
   for (int64_t t = begin; t < end && t < pairs * blocks; ++t) {
-    const int64_t pair = t / blocks, block = t % blocks;
+    const int64_t gi = t / per_group, r = t - gi * per_group;
+    const int64_t g0 = gi * kGroup, gsize = std::min(kGroup, pairs - g0);
+    const int64_t block = r / gsize, pair = g0 + r % gsize;
     const int64_t p = 2 * pair, m0 = block * kRows;
     const int64_t R = std::min<int64_t>(kRows, M - m0);
     const float* w0 = packed + p * K * kPanel;
-    // With several row blocks per pair, bring the next pair's panels
-    // towards L2 a slice per row block, so that its first block does not
-    // wait on L3 or memory (+10-15% on [320, 256] x [256, 8003] here).
-    if (blocks >= 4 && pair + 1 < pairs) {
-      const int64_t lines = (std::min<int64_t>(2, panels - p - 2) * K * kPanel + 15) / 16;
-      const int64_t per = (lines + blocks - 1) / blocks;
-      const char* next = reinterpret_cast<const char*>(w0 + 2 * K * kPanel);
-      for (int64_t l = block * per; l < std::min(lines, (block + 1) * per); ++l) {
+    // With several row blocks per group, bring the next group's panels
+    // towards L2 a slice per task, so that its first block does not wait on
+    // L3 or memory.
+    if (blocks >= 4 && g0 + gsize < pairs) {
+      const int64_t next_pairs = std::min(kGroup, pairs - g0 - gsize);
+      const int64_t next_panels = std::min<int64_t>(2 * next_pairs, panels - 2 * (g0 + gsize));
+      const int64_t lines = (next_panels * K * kPanel + 15) / 16;
+      const int64_t tasks = gsize * blocks, per = (lines + tasks - 1) / tasks;
+      const char* next = reinterpret_cast<const char*>(packed + (g0 + gsize) * pair_floats);
+      for (int64_t l = r * per; l < std::min(lines, (r + 1) * per); ++l) {
         __builtin_prefetch(next + l * 64, 0, 2);
       }
     }
