@@ -141,7 +141,7 @@ void check_self_cache(const at::Tensor& kv, const at::Tensor& rows, const at::Te
 // One layer's self-attention cache (checked by check_self_cache): write the
 // step's K/V (columns [C, 3C) of qkv), parent-table column and key padding at
 // `slot`.
-void write_self_slot(const float* qkv, int64_t n, int64_t c, const at::Tensor& kv,
+void write_self_slot(const float* qkv, int64_t r0, int64_t r1, int64_t c, const at::Tensor& kv,
                      const at::Tensor& rows, const at::Tensor& pad, int64_t slot,
                      const uint8_t* pad_new) {
   const int64_t c3 = 3 * c;
@@ -150,7 +150,7 @@ void write_self_slot(const float* qkv, int64_t n, int64_t c, const at::Tensor& k
   float* dst = kv.data_ptr<float>() + slot * phys * 2 * c;
   int64_t* table = rows.data_ptr<int64_t>();
   bool* p = pad.data_ptr<bool>() + slot * phys;
-  for (int64_t r = 0; r < n; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     std::memcpy(dst + r * 2 * c, src + r * c3 + c, sizeof(float) * 2 * c);
     table[r * slots + slot] = r;
     p[r] = pad_new != nullptr && pad_new[r] != 0;
@@ -433,7 +433,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
       }
       gemm(in, c, w[kQkvPack], 3 * c, fp(w[kQkvBias]), qkv);
 #pragma omp barrier
-      if (tid == 0) write_self_slot(qkv, n, c, self_kv[l], self_rows[l], self_pad[l], slot, pn);
+      {
+        // Rows split over the threads: a new slot's pages are first touched
+        // here (page faults), in parallel.
+        int64_t b, e;
+        part(n, &b, &e);
+        write_self_slot(qkv, b, e, c, self_kv[l], self_rows[l], self_pad[l], slot, pn);
+      }
 #pragma omp barrier
       attend(self_attn[l]);
 #pragma omp barrier
