@@ -424,21 +424,31 @@ def test_multi30k_generate_parity():
     assert uses_seqfuse(ours.stderr) and uses_exact_step(ours.stderr)
 
 
-@pytest.mark.slow
-def test_multi30k_interactive_sentencepiece_parity():
+def _multi30k_test_lines(lang: str, n: int) -> list[str]:
+    """The first ``n`` raw lines of the Multi30k test set (skips the test
+    when the shared model is not there)."""
     if not (MULTI30K_MODEL / "checkpoint_best.pt").exists():
         pytest.skip("shared Multi30k model not found")
-    with gzip.open(MULTI30K_DATA / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
-        text = "".join(line for line, _ in zip(f, range(24)))
-    args = [
+    with gzip.open(MULTI30K_DATA / f"test_2016_flickr.{lang}.gz", "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line, _ in zip(f, range(n))]
+
+
+def _multi30k_interactive_args(options: str) -> list:
+    """fairseq-interactive on the Multi30k model, raw text through SentencePiece."""
+    return [
         MULTI30K_MODEL,
         "--path",
         MULTI30K_MODEL / "checkpoint_best.pt",
-        *"--source-lang en --target-lang de --bpe sentencepiece --beam 5 "
-        "--buffer-size 8 --batch-size 8".split(),
+        *f"--source-lang en --target-lang de --bpe sentencepiece {options}".split(),
         "--sentencepiece-model",
         MULTI30K_MODEL / "spm8k.model",
     ]
+
+
+@pytest.mark.slow
+def test_multi30k_interactive_sentencepiece_parity():
+    text = "".join(line + "\n" for line in _multi30k_test_lines("en", 24))
+    args = _multi30k_interactive_args("--beam 5 --buffer-size 8 --batch-size 8")
     stock, ours = run_pair("interactive", args, stdin=text)
     lines = gen_lines(stock.stdout)
     assert len(ids(lines)) == 24
@@ -451,26 +461,16 @@ def test_multi30k_interactive_sentencepiece_parity():
 def test_multi30k_interactive_constraints_parity(mode):
     """fairseq-interactive --constraints (tab-separated target phrases after
     each source line): the same C/H/D/P lines as stock, on seqfuse's loop."""
-    if not (MULTI30K_MODEL / "checkpoint_best.pt").exists():
-        pytest.skip("shared Multi30k model not found")
-    with gzip.open(MULTI30K_DATA / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
-        sources = [line.rstrip("\n") for line, _ in zip(f, range(12))]
-    with gzip.open(MULTI30K_DATA / "test_2016_flickr.de.gz", "rt", encoding="utf-8") as f:
-        targets = [line.split() for line, _ in zip(f, range(12))]
+    sources = _multi30k_test_lines("en", 12)
+    targets = [line.split() for line in _multi30k_test_lines("de", 12)]
     # 0, 1 or 2 words of the reference as constraints (the second from its end)
     lines = [
         "\t".join([src, *([tgt[1]] if i % 3 else []), *([tgt[-2]] if i % 3 == 2 else [])])
         for i, (src, tgt) in enumerate(zip(sources, targets))
     ]
-    args = [
-        MULTI30K_MODEL,
-        "--path",
-        MULTI30K_MODEL / "checkpoint_best.pt",
-        *f"--source-lang en --target-lang de --bpe sentencepiece --beam 5 --nbest 2 "
-        f"--buffer-size 4 --batch-size 4 --constraints {mode}".split(),
-        "--sentencepiece-model",
-        MULTI30K_MODEL / "spm8k.model",
-    ]
+    args = _multi30k_interactive_args(
+        f"--beam 5 --nbest 2 --buffer-size 4 --batch-size 4 --constraints {mode}"
+    )
     stock, ours = run_pair("interactive", args, stdin="\n".join(lines) + "\n")
     stock_lines = [line for line in stock.stdout.splitlines() if re.match(r"^[CHDPS]-\d+\t", line)]
     our_lines = [line for line in ours.stdout.splitlines() if re.match(r"^[CHDPS]-\d+\t", line)]
@@ -484,19 +484,10 @@ def test_multi30k_interactive_constraints_parity(mode):
 def test_multi30k_interactive_print_alignment_fused():
     """fairseq-interactive --print-alignment with the fused layers: the same
     A lines and translations as stock (scores within 1e-5, not printed digits)."""
-    if not (MULTI30K_MODEL / "checkpoint_best.pt").exists():
-        pytest.skip("shared Multi30k model not found")
-    with gzip.open(MULTI30K_DATA / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
-        text = "".join(line for line, _ in zip(f, range(40)))
-    args = [
-        MULTI30K_MODEL,
-        "--path",
-        MULTI30K_MODEL / "checkpoint_best.pt",
-        *"--source-lang en --target-lang de --bpe sentencepiece --beam 5 --nbest 2 "
-        "--buffer-size 16 --batch-size 16 --print-alignment hard".split(),
-        "--sentencepiece-model",
-        MULTI30K_MODEL / "spm8k.model",
-    ]
+    text = "".join(line + "\n" for line in _multi30k_test_lines("en", 40))
+    args = _multi30k_interactive_args(
+        "--beam 5 --nbest 2 --buffer-size 16 --batch-size 16 --print-alignment hard"
+    )
     procs = [
         start("interactive", args, plugin=False, stdin=text),
         start("interactive", args, plugin=True, stdin=text, env={"SEQFUSE_FUSED_LAYERS": "1"}),
