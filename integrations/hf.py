@@ -225,7 +225,10 @@ class _SeqfuseGeneration:
 
     def _sample(self, *args, **kwargs):
         if not _ext.disabled():
-            _warn("num_beams=1 (greedy search or sampling): seqfuse accelerates beam search")
+            _warn(
+                "num_beams=1 (greedy search or sampling); the model's layers keep "
+                "seqfuse's step and kernels"
+            )
         return super()._sample(*args, **kwargs)
 
 
