@@ -67,8 +67,9 @@ _SEARCH_OPTIONS = (
     ("prefix_tokens", "--prefix-size", "prefix_size", lambda v: v > 0),
     # Served by seqfuse's SequenceGeneratorWithAlignment (same search).
     ("print_alignment", "--print-alignment", "print_alignment", lambda v: bool(v)),
-    # Never seqfuse's: dropout at inference is not what the layers compute.
-    (None, "--retain-dropout", "retain_dropout", lambda v: bool(v)),
+    # seqfuse's loop on the stock layers (the one-call step and the fused
+    # layers refuse dropout at inference): the same random draws as stock's.
+    ("retain_dropout", "--retain-dropout", "retain_dropout", lambda v: bool(v)),
 )
 
 _STOCK_BUILD_GENERATOR = FairseqTask.build_generator

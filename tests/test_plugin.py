@@ -288,6 +288,21 @@ def test_generate_parity_tiny_stock_step_strategies(tiny, option):
     assert uses_seqfuse(ours.stderr) and not fallback_lines(ours.stderr)
 
 
+@pytest.mark.slow
+def test_generate_parity_tiny_retain_dropout(tiny):
+    """--retain-dropout: seqfuse's loop on the stock layers (the one-call step
+    refuses dropout at inference) draws the same dropout masks as stock."""
+    args = tiny_gen_args(tiny, *"--beam 4 --required-batch-size-multiple 1 --seed 3".split())
+    stock, ours = run_pair("generate", [*args, "--retain-dropout"])
+    lines = gen_lines(stock.stdout)
+    assert_same_lines(lines, gen_lines(ours.stdout))
+    assert uses_seqfuse(ours.stderr) and not fallback_lines(ours.stderr)
+    assert "dropout applied during inference" in ours.stderr  # the step refused it
+    # Dropout really was applied: without it, other hypotheses.
+    plain, _ = run_pair("generate", args)
+    assert gen_lines(plain.stdout) != lines
+
+
 TINY_DEFAULT = ("--beam", "4")  # and --required-batch-size-multiple 8, fairseq's default
 
 
@@ -537,7 +552,7 @@ def _records(caplog) -> list[str]:
         ({"constraints": "ordered"}, "constraints", "--constraints is not supported"),
         ({"prefix_size": 1}, "prefix_tokens", "--prefix-size is not supported"),
         ({"print_alignment": "hard"}, "print_alignment", "--print-alignment is not supported"),
-        ({"retain_dropout": True}, None, "--retain-dropout is not supported"),
+        ({"retain_dropout": True}, "retain_dropout", "--retain-dropout is not supported"),
     ],
 )
 def test_fallback_options(tiny_loaded, plugin, caplog, monkeypatch, overrides, feature, reason):

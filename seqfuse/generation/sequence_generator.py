@@ -188,6 +188,7 @@ class SequenceGenerator(StockSequenceGenerator):
             "ensemble",
             "lm_fusion",
             "print_alignment",  # by SequenceGeneratorWithAlignment
+            "retain_dropout",  # on layers that apply it (the stock ones)
         }
     )
 
