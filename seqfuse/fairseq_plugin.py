@@ -188,7 +188,7 @@ def fallback_reason(
         return f"the task asks for {seq_gen_cls.__name__}"
     for feature, option, attr, active in _SEARCH_OPTIONS:
         value = getattr(args, attr, None)
-        if value is not None and active(value) and (feature is None or feature not in supported):
+        if value is not None and active(value) and feature not in supported:
             return f"{option} is not supported"
     if prefix_fn is None:
         prefix_fn = getattr(args, "prefix_allowed_tokens_fn", None)
@@ -256,10 +256,6 @@ def _fuse_layers(model) -> str | None:
         return reason or "the fused layers do not support this model"
     model._seqfuse_fused = True
     return None
-
-
-def _wants_alignment(args) -> bool:
-    return bool(getattr(args, "print_alignment", False))
 
 
 def select_generator(
@@ -340,22 +336,23 @@ def build_generator(
         return stock()  # a scorer, not a generator
     if seq_gen_cls is StockGenerator:
         seq_gen_cls = None
+    alignment = getattr(args, "print_alignment", None)
     cls = select_generator(
         models,
         args,
         seq_gen_cls,
         extra_gen_cls_kwargs,
         prefix_allowed_tokens_fn,
-        alignment=_wants_alignment(args),
+        alignment=bool(alignment),
     )
     if cls is None:
         return stock()
-    if _wants_alignment(args):
+    if alignment:
         # What stock's build_generator does for --print-alignment, with
         # seqfuse's class in place of fairseq's.
         extra_gen_cls_kwargs = {
             **(extra_gen_cls_kwargs or {}),
-            "print_alignment": args.print_alignment,
+            "print_alignment": alignment,
         }
     return stock(cls)
 

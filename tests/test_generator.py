@@ -353,9 +353,8 @@ def test_lexical_constraints_run_in_seqfuse_loop(caplog, monkeypatch, mode, seed
     kwargs = {"beam_size": 4, "max_len_b": 16}
     results = []
     with caplog.at_level(logging.WARNING, logger="seqfuse.generation"):
-        for cls, m in ((StockGenerator, model), (SequenceGenerator, model)):
-            if cls is SequenceGenerator and layers == "fused":
-                m = fused(model)
+        ours_model = fused(model) if layers == "fused" else model
+        for cls, m in ((StockGenerator, model), (SequenceGenerator, ours_model)):
             strategy = search.LexicallyConstrainedBeamSearch(d, mode)
             gen = cls([m], d, search_strategy=strategy, **kwargs)
             results.append(gen.generate([m], sample, constraints=constraints))
