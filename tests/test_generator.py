@@ -378,12 +378,19 @@ def test_seqfuse_disable_env(monkeypatch):
     assert "SEQFUSE_DISABLE" in gen._fallback_reason(None)
 
 
-def test_min_len_above_max_len_is_a_clear_error():
+@pytest.mark.parametrize("limits", [dict(max_len_b=5), dict(match_source_len=True)])
+def test_min_len_above_max_len_is_a_clear_error(limits):
     model, d = random_transformer(vocab=40, seed=2)
-    sample = random_sample(d, bsz=2, seed=3)
-    gen = SequenceGenerator([model], d, beam_size=2, min_len=50, max_len_b=5)
-    with pytest.raises(ValueError, match="min_len"):
-        gen.generate([model], sample)
+    sample = random_sample(d, bsz=2, seed=3, max_len=6)
+    kw = dict(beam_size=2, min_len=50, **limits)
+    # stock fails an assert; seqfuse's error is an AssertionError too (code
+    # written against stock catches it) and a ValueError naming the values
+    with pytest.raises(AssertionError, match="min_len"):
+        StockGenerator([model], d, **kw).generate([model], sample)
+    with pytest.raises(AssertionError, match=r"min_len \(50\) cannot be larger than max_len"):
+        SequenceGenerator([model], d, **kw).generate([model], sample)
+    with pytest.raises(ValueError):
+        SequenceGenerator([model], d, **kw).generate([model], sample)
 
 
 def test_is_a_stock_generator_subclass():

@@ -97,6 +97,12 @@ _STOCK_STEP_SEARCHES = (
 ATTN_INITIAL_STEPS = 32
 
 
+class LengthLimitsError(ValueError, AssertionError):
+    """min_len above the search's max_len. Stock's generator fails the same
+    check with an AssertionError: this is one too, so code written against
+    stock catches it, and a ValueError, which it is."""
+
+
 def _warn_fallback(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
@@ -371,7 +377,7 @@ class SequenceGenerator(StockSequenceGenerator):
         else:
             max_len = min(int(self.max_len_a * src_len + self.max_len_b), self.max_len - 1)
         if self.min_len > max_len:
-            raise ValueError(
+            raise LengthLimitsError(
                 f"min_len ({self.min_len}) cannot be larger than max_len ({max_len}), "
                 "please adjust these!"
             )
