@@ -1,0 +1,371 @@
+"""Parity fuzzing: seqfuse against stock on random option combinations.
+
+Each case draws a model, a batch and generation options from its seed, runs
+stock and seqfuse on them in this process, and compares what they return:
+
+- ``fairseq``: a random fairseq transformer (random depth, width, heads, norm
+  placement, activation, vocabulary, output sharpness) or, when present, the
+  Multi30k model of ``../shared``, with a random mix of beam size,
+  length and unk penalties, max/min length limits, no-repeat n-grams,
+  temperature, prefix tokens, ``--match-source-len``, sampling, diverse
+  siblings or diverse beam search; seqfuse's generator runs on the stock
+  layers, on the exact one-call step, or on the fused layers (not with
+  sampling: see below). Stock layers and
+  the exact step must give every hypothesis bit for bit; the fused layers the
+  same tokens, scores within 1e-5, and positional scores within 1e-5 or two
+  units in the last place of the hypothesis's largest running score (a
+  positional score is the difference of two running scores and carries their
+  rounding; see the README).
+- ``hf``: a tiny random Hugging Face model (Marian, BART, mBART, T5, GPT-2,
+  Llama, Qwen2, M2M100, Pegasus) with a random mix of beams, returned
+  sequences, length penalty, early stopping, new-token limits, no-repeat
+  n-grams, repetition penalty, bad words and per-step scores;
+  ``seqfuse.optimize`` must give the same sequences and scores bit for bit.
+
+Where stock raises, seqfuse must raise an exception of the same type (or a
+subclass of it). One line per mismatch, a summary, ``--json`` for the record;
+the exit status is 1 when any case differs.
+
+    .venv/bin/python scripts/parity_fuzz.py --cases 300 --seed 0
+
+The models come from the test suite's builders (``tests/generation_utils.py``,
+``tests/hf_models.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import torch  # noqa: E402
+
+SCORE_TOL = 1e-5
+TARGETS = ("fairseq", "hf")
+
+
+# --------------------------------------------------------------------- checks
+def ulp32(x: float) -> float:
+    """A unit in the last place of float32 at ``x``."""
+    x = abs(x)
+    if x < 2.0**-126:
+        return 2.0**-149
+    return 2.0 ** (math.frexp(x)[1] - 24)
+
+
+def _close(x: torch.Tensor, y: torch.Tensor, atol: float) -> bool:
+    # equal infinities (-inf scores) are equal; anything else within tolerance
+    return bool(((x == y) | ((x - y).abs() <= atol + SCORE_TOL * y.abs())).all())
+
+
+def fairseq_problems(stock, ours, exact: bool) -> list[str]:
+    """What differs between two fairseq hypothesis lists (empty: nothing)."""
+    if len(stock) != len(ours):
+        return [f"{len(stock)} vs {len(ours)} sentences"]
+    found = []
+    for i, (hs, ho) in enumerate(zip(stock, ours)):
+        if len(hs) != len(ho):
+            found.append(f"sentence {i}: {len(hs)} vs {len(ho)} hypotheses")
+            continue
+        for j, (a, b) in enumerate(zip(hs, ho)):
+            where = f"sentence {i} hypothesis {j}"
+            if not torch.equal(a["tokens"], b["tokens"]):
+                found.append(f"{where}: tokens {a['tokens'].tolist()} vs {b['tokens'].tolist()}")
+                continue
+            for key in ("score", "positional_scores", "attention", "alignment"):
+                x, y = a.get(key), b.get(key)
+                if x is None or y is None:
+                    if (x is None) != (y is None):
+                        found.append(f"{where}: {key} missing on one side")
+                    continue
+                if x.shape != y.shape:
+                    found.append(f"{where}: {key} shape {tuple(x.shape)} vs {tuple(y.shape)}")
+                elif exact or key == "alignment" or not x.is_floating_point():
+                    if not torch.equal(x, y):
+                        found.append(f"{where}: {key} not bit-identical")
+                else:
+                    atol = SCORE_TOL
+                    if key == "positional_scores" and x.numel():
+                        running = x.double().cumsum(0).abs().max().item()
+                        atol = max(SCORE_TOL, 2 * ulp32(running))
+                    if not _close(y, x, atol):
+                        diff = (y - x).abs().nan_to_num(math.inf).max().item()
+                        found.append(f"{where}: {key} differs by {diff:.3g}")
+    return found
+
+
+def hf_problems(stock, ours) -> list[str]:
+    """What differs between two ``generate`` outputs (tensor or ModelOutput)."""
+
+    def same(x, y):
+        if x is None or y is None:
+            return x is None and y is None
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.is_floating_point():
+            nan = torch.isnan(x)
+            return torch.equal(nan, torch.isnan(y)) and torch.equal(x[~nan], y[~nan])
+        return torch.equal(x, y)
+
+    if isinstance(stock, torch.Tensor) or isinstance(ours, torch.Tensor):
+        return [] if same(stock, ours) else ["sequences differ"]
+    found = [] if same(stock.sequences, ours.sequences) else ["sequences differ"]
+    for name in ("sequences_scores", "beam_indices"):
+        if not same(getattr(stock, name, None), getattr(ours, name, None)):
+            found.append(f"{name} differ")
+    a, b = getattr(stock, "scores", None), getattr(ours, "scores", None)
+    if (a is None) != (b is None) or (a is not None and len(a) != len(b)):
+        found.append("per-step scores: different step counts")
+    elif a is not None and not all(same(x, y) for x, y in zip(a, b)):
+        found.append("per-step scores differ")
+    return found
+
+
+def _same_failure(stock_exc, ours_exc) -> bool:
+    return ours_exc is not None and isinstance(ours_exc, type(stock_exc))
+
+
+# -------------------------------------------------------------------- fairseq
+class _Multi30k:
+    loaded = None
+
+    @classmethod
+    def get(cls):
+        if cls.loaded is None:
+            from generation_utils import SHARED_MODEL, load_multi30k
+
+            if not Path(SHARED_MODEL, "checkpoint_best.pt").is_file():
+                cls.loaded = False
+            else:
+                cls.loaded = load_multi30k()
+        return cls.loaded or None
+
+
+def fairseq_case(seed: int, multi30k: bool) -> dict:
+    from fairseq import search
+    from fairseq.sequence_generator import SequenceGenerator as Stock
+    from generation_utils import fused, random_sample, random_transformer
+
+    from seqfuse.generation import SequenceGenerator
+    from seqfuse.layers.exact_step import enable_exact_step
+
+    rnd = random.Random(seed)
+    m30 = _Multi30k.get() if multi30k and rnd.random() < 0.25 else None
+    if m30 is not None:
+        model, task = m30
+        d = task.target_dictionary
+        ds = task.dataset("test")
+        picked = rnd.sample(range(len(ds)), rnd.randint(1, 12))
+        sample = ds.collater([ds[i] for i in picked])
+        what = "multi30k"
+    else:
+        heads = rnd.choice([1, 2, 3, 4])
+        arch = dict(layers=rnd.choice([1, 2, 3]), dim=heads * rnd.choice([4, 5, 8, 9, 16]))
+        if rnd.random() < 0.3:
+            arch.update(decoder_normalize_before=True, encoder_normalize_before=True)
+        if rnd.random() < 0.2:
+            arch["activation_fn"] = rnd.choice(["gelu", "tanh"])
+        vocab = rnd.choice([9, 13, 20, 50, 200])
+        sharp = rnd.choice([1.0, 4.0, 10.0])
+        model, d = random_transformer(
+            vocab, seed, heads=heads, sharp=sharp, perturb=rnd.random() < 0.5, **arch
+        )
+        sample = random_sample(d, rnd.randint(1, 7), seed, 1, rnd.choice([3, 8, 20]))
+        what = f"random transformer vocab={vocab} heads={heads} {arch}"
+
+    beam = rnd.choice([1, 2, 3, 4, 5, 8])
+    opts: dict = {"beam_size": beam}
+    draws = [
+        (0.3, "len_penalty", lambda: rnd.choice([0.0, 0.5, 1.5, 3.0])),
+        (0.2, "normalize_scores", lambda: False),
+        (0.2, "unk_penalty", lambda: rnd.choice([-2.0, 0.5, 3.0])),
+        (0.3, "max_len_b", lambda: rnd.choice([1, 2, 5, 10, 30])),
+        (0.2, "max_len_a", lambda: rnd.choice([0.0, 0.5, 1.2])),
+        (0.2, "min_len", lambda: rnd.choice([1, 2, 4])),
+        (0.3, "no_repeat_ngram_size", lambda: rnd.choice([1, 2, 3])),
+        (0.15, "temperature", lambda: rnd.choice([0.5, 1.5])),
+        (0.1, "max_len", lambda: rnd.choice([3, 6])),
+        (0.1, "match_source_len", lambda: True),
+    ]
+    for p, name, value in draws:
+        if rnd.random() < p:
+            opts[name] = value()
+    strategy = None
+    r = rnd.random()
+    if r < 0.12:
+        topk, topp = rnd.choice([-1, 3, 10]), rnd.choice([-1.0, 0.5, 0.9])
+        strategy = ("sampling", lambda: search.Sampling(d, topk, topp))
+    elif r < 0.2:
+        rate = rnd.choice([0.3, 1.0])
+        strategy = ("diverse siblings", lambda: search.DiverseSiblingsSearch(d, rate))
+    elif r < 0.26 and beam % 2 == 0:
+        strength = rnd.choice([0.2, 0.8])
+        strategy = ("diverse beam", lambda: search.DiverseBeamSearch(d, 2, strength))
+        # fairseq 0.12's DiverseBeamSearch indexes its state by sample id
+        sample["id"] = torch.arange(sample["net_input"]["src_tokens"].size(0))
+    run_opts = {}
+    if rnd.random() < 0.2 and not opts.get("match_source_len"):
+        n = rnd.randint(1, 3)
+        prefix = sample["net_input"]["src_tokens"][:, -n - 1 : -1]
+        run_opts["prefix_tokens"] = prefix.clamp(min=d.nspecial)
+    # Sampling with the fused layers is not drawn: a cumulative distribution
+    # that moves by 1e-7 picks another token for a uniform draw that falls in
+    # between, then the batch finishes differently and every later draw
+    # differs (the same distributions, not the same samples; see the README).
+    fused_ok = strategy is None or strategy[0] != "sampling"
+    layers = rnd.choice(["stock", "exact", "fused"] if fused_ok else ["stock", "exact"])
+
+    ours_model = model
+    if layers == "fused":
+        ours_model = fused(model)
+    elif layers == "exact":
+        ours_model = copy.deepcopy(model)
+        enable_exact_step(ours_model.decoder)
+
+    def run(cls, m):
+        kw = dict(opts)
+        if strategy is not None:
+            kw["search_strategy"] = strategy[1]()
+        torch.manual_seed(seed)
+        try:
+            with torch.no_grad():
+                return cls([m], d, **kw).generate([m], sample, **run_opts), None
+        except Exception as e:  # compared below
+            return None, e
+
+    stock, stock_exc = run(Stock, model)
+    ours, ours_exc = run(SequenceGenerator, ours_model)
+    desc = (
+        f"{what}; layers={layers}; options={opts}; strategy={strategy and strategy[0]}; "
+        f"prefix={'prefix_tokens' in run_opts}"
+    )
+    if stock_exc is not None or ours_exc is not None:
+        if stock_exc is not None and _same_failure(stock_exc, ours_exc):
+            return {"case": desc, "problems": [], "raised": repr(stock_exc)[:200]}
+        return {"case": desc, "problems": [f"stock raised {stock_exc!r}, seqfuse {ours_exc!r}"]}
+    return {"case": desc, "problems": fairseq_problems(stock, ours, exact=layers != "fused")}
+
+
+# ------------------------------------------------------------------------- HF
+_hf_models: dict = {}
+
+
+def hf_case(seed: int) -> dict:
+    from hf_models import KINDS, MORE_KINDS, make_inputs, make_model
+
+    import seqfuse
+    from integrations import hf
+
+    rnd = random.Random(seed)
+    kind = rnd.choice(KINDS + MORE_KINDS)
+    key = (kind, seed % 3)
+    if key not in _hf_models:
+        _hf_models[key] = make_model(kind, seed=seed % 3).eval()
+    model = _hf_models[key]
+    ids, mask = make_inputs(
+        kind, model, rnd.randint(1, 5), seed=seed, src_len=rnd.choice([4, 9, 14])
+    )
+    beams = rnd.randint(2, 6)
+    kw = dict(num_beams=beams, do_sample=False, max_new_tokens=rnd.choice([3, 8, 20, 40]))
+    draws = [
+        (0.4, "num_return_sequences", lambda: rnd.randint(1, beams)),
+        (0.4, "length_penalty", lambda: rnd.choice([-1.0, 0.0, 0.6, 2.0])),
+        (0.5, "early_stopping", lambda: rnd.choice([True, False, "never"])),
+        (0.2, "min_new_tokens", lambda: rnd.choice([1, 3, 6])),
+        (0.2, "no_repeat_ngram_size", lambda: rnd.choice([1, 2, 3])),
+        (0.15, "repetition_penalty", lambda: rnd.choice([0.8, 1.3])),
+        (0.15, "bad_words_ids", lambda: [[rnd.randint(3, 50)], [rnd.randint(3, 50)] * 2]),
+    ]
+    for p, name, value in draws:
+        if rnd.random() < p:
+            kw[name] = value()
+    if rnd.random() < 0.25:
+        kw.update(output_scores=True, return_dict_in_generate=True)
+    desc = f"{kind} batch={ids.size(0)} {kw}"
+
+    def run():
+        try:
+            with torch.no_grad():
+                return model.generate(ids, attention_mask=mask, **kw), None
+        except Exception as e:  # compared below
+            return None, e
+
+    stock, stock_exc = run()
+    seqfuse.optimize(model)
+    try:
+        ours, ours_exc = run()
+    finally:
+        hf.restore(model)
+    if stock_exc is not None or ours_exc is not None:
+        if stock_exc is not None and _same_failure(stock_exc, ours_exc):
+            return {"case": desc, "problems": [], "raised": repr(stock_exc)[:200]}
+        return {"case": desc, "problems": [f"stock raised {stock_exc!r}, seqfuse {ours_exc!r}"]}
+    return {"case": desc, "problems": hf_problems(stock, ours)}
+
+
+# ----------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=int, default=100, help="cases per target (default 100)")
+    ap.add_argument("--seed", type=int, default=0, help="first case's seed (default 0)")
+    ap.add_argument("--targets", default="fairseq,hf", help="fairseq, hf or both (default)")
+    ap.add_argument("--no-multi30k", action="store_true", help="random models only")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--json", help="write every case and its result here")
+    args = ap.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        ap.error(f"--targets: choose among {', '.join(TARGETS)}")
+    if args.cases < 1:
+        ap.error("--cases must be at least 1")
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.WARNING)  # fallback lines and fairseq's info
+    warnings.filterwarnings("ignore")
+
+    results, start = [], time.perf_counter()
+    for target in targets:
+        for seed in range(args.seed, args.seed + args.cases):
+            try:
+                if target == "fairseq":
+                    res = fairseq_case(seed, multi30k=not args.no_multi30k)
+                else:
+                    res = hf_case(seed)
+            except Exception as e:  # a crash in the harness itself is a finding too
+                res = {"case": "?", "problems": [f"harness error: {e!r}"]}
+            res.update(target=target, seed=seed)
+            results.append(res)
+            for problem in res["problems"]:
+                print(f"MISMATCH {target} seed={seed}: {problem} [{res['case']}]", flush=True)
+    bad = [r for r in results if r["problems"]]
+    raised = sum(1 for r in results if "raised" in r)
+    summary = {
+        "cases": len(results),
+        "mismatched": len(bad),
+        "both_raised": raised,
+        "seconds": round(time.perf_counter() - start, 1),
+        "targets": targets,
+        "first_seed": args.seed,
+    }
+    print(
+        f"parity_fuzz: {len(results)} cases ({', '.join(targets)}), {len(bad)} mismatched, "
+        f"{raised} where stock and seqfuse raised the same error, {summary['seconds']} s"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "results": results}, indent=1))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

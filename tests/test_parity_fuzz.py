@@ -1,0 +1,143 @@
+"""scripts/parity_fuzz.py: it runs, agrees where seqfuse agrees with stock, and
+reports a difference when seqfuse's output is made to differ."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fairseq.sequence_generator import SequenceGenerator as StockGenerator
+from generation_utils import random_sample, random_transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import parity_fuzz  # noqa: E402
+
+import seqfuse.generation  # noqa: E402
+
+
+def test_fuzz_script_runs_clean(tmp_path):
+    out = tmp_path / "fuzz.json"
+    args = ["--cases", "10", "--seed", "40", "--no-multi30k", "--json", out]
+    proc = subprocess.run(
+        [sys.executable, ROOT / "scripts" / "parity_fuzz.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    assert summary["cases"] == 20 and summary["mismatched"] == 0
+    # the cases ran generation on both sides (not both raising on bad options)
+    assert summary["both_raised"] <= 4, report["results"]
+    assert {r["target"] for r in report["results"]} == {"fairseq", "hf"}
+    assert "0 mismatched" in proc.stdout
+
+
+def test_fuzz_script_refuses_bad_arguments():
+    with pytest.raises(SystemExit):
+        parity_fuzz.main(["--targets", "onnx"])
+    with pytest.raises(SystemExit):
+        parity_fuzz.main(["--cases", "0"])
+
+
+def _stock_hypos(seed=3):
+    model, d = random_transformer(vocab=30, seed=seed)
+    sample = random_sample(d, bsz=3, seed=seed)
+    with torch.no_grad():
+        return StockGenerator([model], d, beam_size=3).generate([model], sample)
+
+
+def test_fairseq_checker_finds_what_differs():
+    stock = _stock_hypos()
+    assert parity_fuzz.fairseq_problems(stock, copy.deepcopy(stock), exact=True) == []
+
+    tokens = copy.deepcopy(stock)
+    tokens[1][0]["tokens"][0] += 1
+    assert "tokens" in parity_fuzz.fairseq_problems(stock, tokens, exact=False)[0]
+
+    score = copy.deepcopy(stock)
+    score[0][1]["score"] += 1e-3
+    assert parity_fuzz.fairseq_problems(stock, score, exact=False)
+    # one float32 step off: a difference for the exact modes, none for the fused one
+    pos = copy.deepcopy(stock)
+    p = pos[2][0]["positional_scores"]
+    p[0] = torch.nextafter(p[0], torch.tensor(-math.inf))
+    assert parity_fuzz.fairseq_problems(stock, pos, exact=True)
+    assert parity_fuzz.fairseq_problems(stock, pos, exact=False) == []
+
+    fewer = copy.deepcopy(stock)
+    fewer[0] = fewer[0][:-1]
+    assert "hypotheses" in parity_fuzz.fairseq_problems(stock, fewer, exact=True)[0]
+
+
+def test_fused_positional_tolerance_follows_the_running_score():
+    # a long hypothesis whose running score passes -256: float32's spacing
+    # there is 2**-15, so a positional score may differ by that much
+    n = 300
+    pos = torch.full((n,), -1.0)
+    a = [[{"tokens": torch.arange(n), "score": pos.sum() / n, "positional_scores": pos,
+           "attention": torch.empty(0), "alignment": torch.empty(0)}]]  # fmt: skip
+    b = copy.deepcopy(a)
+    b[0][0]["positional_scores"][-1] += 2.0**-15
+    assert parity_fuzz.fairseq_problems(a, b, exact=False) == []
+    b[0][0]["positional_scores"][-1] += 2.0**-12
+    assert parity_fuzz.fairseq_problems(a, b, exact=False)
+    # a short one keeps the 1e-5 bound
+    c = [[dict(a[0][0], tokens=torch.arange(3), positional_scores=torch.full((3,), -1.0))]]
+    d = copy.deepcopy(c)
+    d[0][0]["positional_scores"][1] += 3e-5
+    assert parity_fuzz.fairseq_problems(c, d, exact=False)
+
+
+def test_fuzz_reports_a_wrong_fairseq_result(monkeypatch, capsys):
+    real = seqfuse.generation.SequenceGenerator.generate
+
+    def off_by_a_little(self, models, sample, **kw):
+        hypos = real(self, models, sample, **kw)
+        hypos[0][0]["score"] = hypos[0][0]["score"] + 1e-3
+        return hypos
+
+    monkeypatch.setattr(seqfuse.generation.SequenceGenerator, "generate", off_by_a_little)
+    args = ["--cases", "3", "--seed", "7", "--targets", "fairseq", "--no-multi30k"]
+    assert parity_fuzz.main(args) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH fairseq" in out and "score" in out
+
+
+def test_fuzz_reports_a_wrong_hf_result(monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    import seqfuse
+    from integrations import hf
+
+    real_optimize, real_restore = seqfuse.optimize, hf.restore
+
+    def optimize(model, **kw):
+        real_optimize(model, **kw)
+        real_generate = model.generate
+
+        def generate(*a, **k):
+            out = real_generate(*a, **k)
+            seqs = out if isinstance(out, torch.Tensor) else out.sequences
+            seqs[0, -1] += 1
+            return out
+
+        model.generate = generate
+        return model
+
+    def restore(model):
+        model.__dict__.pop("generate", None)
+        return real_restore(model)
+
+    monkeypatch.setattr(seqfuse, "optimize", optimize)
+    monkeypatch.setattr(hf, "restore", restore)
+    assert parity_fuzz.main(["--cases", "2", "--seed", "5", "--targets", "hf"]) == 1
+    assert "MISMATCH hf" in capsys.readouterr().out
