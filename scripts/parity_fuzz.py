@@ -215,6 +215,34 @@ def fairseq_case(seed: int, multi30k: bool) -> dict:
         # fairseq 0.12's DiverseBeamSearch indexes its state by sample id
         sample["id"] = torch.arange(sample["net_input"]["src_tokens"].size(0))
     run_opts = {}
+    if r >= 0.26 and r < 0.34 and beam > 1:
+        from fairseq.token_generation_constraints import pack_constraints
+
+        mode = rnd.choice(["ordered", "unordered"])
+        strategy = (f"constraints {mode}", lambda: search.LexicallyConstrainedBeamSearch(d, mode))
+        n_sent = sample["net_input"]["src_tokens"].size(0)
+        run_opts["constraints"] = pack_constraints(
+            [
+                [
+                    torch.tensor(
+                        [rnd.randrange(d.nspecial, len(d)) for _ in range(rnd.randint(1, 2))]
+                    )
+                    for _ in range(rnd.randint(0, 2))
+                ]
+                for _ in range(n_sent)
+            ]
+        )
+    elif r >= 0.34 and r < 0.4:
+        allowed = sorted(rnd.sample(range(d.nspecial, len(d)), min(len(d) - d.nspecial, 6)))
+        allowed = [d.eos(), *allowed]
+
+        def prefix_fn(batch_id, prefix):
+            return allowed
+
+        strategy = (
+            "prefix_allowed_tokens_fn",
+            lambda: search.PrefixConstrainedBeamSearch(d, prefix_fn),
+        )
     if rnd.random() < 0.2 and not opts.get("match_source_len"):
         n = rnd.randint(1, 3)
         prefix = sample["net_input"]["src_tokens"][:, -n - 1 : -1]

@@ -371,6 +371,35 @@ def test_lexical_constraints_run_in_seqfuse_loop(caplog, monkeypatch, mode, seed
     assert any(not torch.equal(a[0]["tokens"], b[0]["tokens"]) for a, b in zip(free, results[0]))
 
 
+@pytest.mark.parametrize("layers", ["stock", "fused"])
+def test_constraints_unmet_at_max_len_fail_as_stock_does(layers):
+    """Lexical constraints longer than max_len leave no finite candidate at
+    max_len: stock's loop asserts there (its search does not stop at
+    max_len), and so does seqfuse's, instead of returning fewer hypotheses."""
+    from fairseq.token_generation_constraints import pack_constraints
+
+    if layers == "fused" and packed_gemm_missing():
+        pytest.skip("seqfuse._C with the packed GEMM is not built")
+    model, d = random_transformer(vocab=40, seed=4)
+    sample = random_sample(d, bsz=3, seed=4)
+    long_phrase = torch.arange(d.nspecial, d.nspecial + 4)
+    constraints = pack_constraints([[long_phrase]] * 3)
+    ours_model = fused(model) if layers == "fused" else model
+    for mode in ("ordered", "unordered"):
+        for cls, m in ((StockGenerator, model), (SequenceGenerator, ours_model)):
+            strategy = search.LexicallyConstrainedBeamSearch(d, mode)
+            gen = cls([m], d, search_strategy=strategy, beam_size=3, max_len_b=2)
+            with pytest.raises(AssertionError, match="2 < 2"):
+                gen.generate([m], sample, constraints=constraints)
+        # with room for the phrase, both finish and agree
+        results = []
+        for cls, m in ((StockGenerator, model), (SequenceGenerator, ours_model)):
+            strategy = search.LexicallyConstrainedBeamSearch(d, mode)
+            gen = cls([m], d, search_strategy=strategy, beam_size=3, max_len_b=8)
+            results.append(gen.generate([m], sample, constraints=constraints))
+        compare_hypotheses(*results, f"constraints {mode}")
+
+
 def test_seqfuse_disable_env(monkeypatch):
     monkeypatch.setenv("SEQFUSE_DISABLE", "1")
     model, d = random_transformer(vocab=40, seed=2)

@@ -557,6 +557,17 @@ class SequenceGenerator(StockSequenceGenerator):
                 n_fin[sent_ids] = sent_n_fin
                 done = done | (sent_n_fin == beam_size)
             if step >= max_len:
+                # Stock counts a sentence finished at max_len when it ends a
+                # hypothesis there, and asserts when one ends none (a search
+                # that does not stop at max_len, such as lexical constraints,
+                # can leave only -inf candidates): its error, not a partial
+                # result.
+                ending = done | take.any(1) if taken else done
+                if not stop_on_max_len and not bool(ending.all()):
+                    raise AssertionError(
+                        f"{step} < {max_len} (sentences unfinished at max_len; stock's "
+                        "generator fails the same check)"
+                    )
                 done = torch.ones_like(done)
 
             stop_now = stop_on_max_len and step >= max_len
