@@ -352,6 +352,43 @@ def hf_case(seed: int) -> dict:
 
 
 # ----------------------------------------------------------------------- main
+def _breakdown(results: list) -> dict:
+    """Cases per target and kind: fairseq by layers and search, HF by model
+    and layers."""
+    counts: dict = {}
+    for r in results:
+        if r["target"] == "fairseq" and "layers=" in r["case"]:
+            layers = r["case"].split("layers=")[1].split(";")[0]
+            strategy = r["case"].split("strategy=")[1].split(";")[0]
+            key = f"fairseq layers={layers} search={strategy if strategy != 'None' else 'beam'}"
+        elif r["target"] == "hf" and " " in r["case"]:
+            kind = r["case"].split(" ")[0]
+            fused = "fused" if "fused_layers=True" in r["case"] else "exact"
+            key = f"hf {kind} {fused}"
+        else:
+            key = f"{r['target']} ?"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _context() -> dict:
+    import platform
+    from datetime import datetime, timezone
+
+    ctx = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    for mod in ("fairseq", "transformers"):
+        try:
+            ctx[mod] = __import__(mod).__version__
+        except Exception as e:  # not installed
+            ctx[mod] = f"not available ({type(e).__name__})"
+    return ctx
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=100, help="cases per target (default 100)")
@@ -359,7 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="fairseq,hf", help="fairseq, hf or both (default)")
     ap.add_argument("--no-multi30k", action="store_true", help="random models only")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--json", help="write every case and its result here")
+    ap.add_argument("--json", help="write the summary, mismatches and case counts here")
+    ap.add_argument("--all-cases", action="store_true", help="--json lists every case too")
     args = ap.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in TARGETS]
@@ -400,7 +438,12 @@ def main(argv=None) -> int:
         f"{raised} where stock and seqfuse raised the same error, {summary['seconds']} s"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "results": results}, indent=1))
+        report = {"summary": summary, "context": _context(), "breakdown": _breakdown(results)}
+        report["mismatches"] = bad
+        report["raised"] = [r for r in results if "raised" in r]
+        if args.all_cases:
+            report["results"] = results
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 1 if bad else 0
 
 

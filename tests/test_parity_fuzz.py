@@ -24,7 +24,7 @@ import seqfuse.generation  # noqa: E402
 
 def test_fuzz_script_runs_clean(tmp_path):
     out = tmp_path / "fuzz.json"
-    args = ["--cases", "10", "--seed", "40", "--no-multi30k", "--json", out]
+    args = ["--cases", "10", "--seed", "40", "--no-multi30k", "--json", out, "--all-cases"]
     proc = subprocess.run(
         [sys.executable, ROOT / "scripts" / "parity_fuzz.py", *map(str, args)],
         cwd=ROOT,
@@ -40,6 +40,7 @@ def test_fuzz_script_runs_clean(tmp_path):
     assert summary["both_raised"] <= 4, report["results"]
     assert {r["target"] for r in report["results"]} == {"fairseq", "hf"}
     assert "0 mismatched" in proc.stdout
+    assert sum(report["breakdown"].values()) == 20 and report["mismatches"] == []
 
 
 def test_fuzz_script_refuses_bad_arguments():
