@@ -142,3 +142,29 @@ def test_fuzz_reports_a_wrong_hf_result(monkeypatch, capsys):
     monkeypatch.setattr(hf, "restore", restore)
     assert parity_fuzz.main(["--cases", "2", "--seed", "5", "--targets", "hf"]) == 1
     assert "MISMATCH hf" in capsys.readouterr().out
+
+
+def test_fused_scores_are_judged_against_float64_where_stock_is_off():
+    """Past the tolerance, seqfuse's fused score passes only when it is no
+    further from the float64 value than stock's."""
+    stock = _stock_hypos()
+    ours = copy.deepcopy(stock)
+    pos = ours[0][0]["positional_scores"]
+    pos[1] += 5e-5
+    exact = stock[0][0]["positional_scores"].double()
+
+    def reference_at(value):
+        def reference(sentence, tokens):
+            ref = exact.clone()
+            ref[1] = value
+            return ref, torch.tensor(0.0, dtype=torch.float64)
+
+        return reference
+
+    assert parity_fuzz.fairseq_problems(stock, ours, exact=False)
+    # the float64 value sits where seqfuse's is: stock's was the one off
+    closer = reference_at(float(pos[1]))
+    assert parity_fuzz.fairseq_problems(stock, ours, exact=False, reference=closer) == []
+    # the float64 value is stock's: seqfuse's difference is reported
+    stock_is_right = reference_at(float(exact[1]))
+    assert parity_fuzz.fairseq_problems(stock, ours, exact=False, reference=stock_is_right)
