@@ -9,8 +9,8 @@ stock and seqfuse on them in this process, and compares what they return:
   length and unk penalties, max/min length limits, no-repeat n-grams,
   temperature, prefix tokens, ``--match-source-len``, sampling, diverse
   siblings or diverse beam search; seqfuse's generator runs on the stock
-  layers, on the exact one-call step, or on the fused layers (not with
-  sampling: see below). Stock layers and
+  layers or the exact one-call step (now and then in float16 or bfloat16), or
+  on the fused layers (not with sampling: see below). Stock layers and
   the exact step must give every hypothesis bit for bit; the fused layers the
   same tokens, scores within 1e-5, and positional scores within 1e-5 or two
   units in the last place of the hypothesis's largest running score (a
@@ -290,6 +290,11 @@ def fairseq_case(seed: int, multi30k: bool) -> dict:
     # differs (the same distributions, not the same samples; see the README).
     fused_ok = strategy is None or strategy[0] != "sampling"
     layers = rnd.choice(["stock", "exact", "fused"] if fused_ok else ["stock", "exact"])
+    dtype = torch.float32
+    if layers != "fused" and rnd.random() < 0.15:  # half precision on the CPU: exact too
+        dtype = rnd.choice([torch.float16, torch.bfloat16])
+        model = copy.deepcopy(model).to(dtype)
+        what += f" {dtype}"
 
     ours_model = model
     if layers == "fused":
@@ -445,6 +450,7 @@ def _cli_generate_args(rnd: random.Random) -> list[str]:
         (0.1, lambda: ["--print-alignment", rnd.choice(["hard", "soft"])]),
         (0.05, lambda: ["--score-reference"]),
         (0.05, lambda: ["--unnormalized"]),
+        (0.05, lambda: ["--fp16"]),
     ]
     r = rnd.random()
     if r < 0.1:
