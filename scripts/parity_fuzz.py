@@ -604,6 +604,15 @@ def _context() -> dict:
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
+    try:
+        import subprocess
+
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        ctx["git_revision"] = rev.stdout.strip() or "unknown"
+    except Exception:  # no git
+        ctx["git_revision"] = "unknown"
     for mod in ("fairseq", "transformers"):
         try:
             ctx[mod] = __import__(mod).__version__
