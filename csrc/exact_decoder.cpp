@@ -21,13 +21,16 @@
 //                [H, bsz, 1, S] in x.dtype, -1 for none
 // Returns (x, new self K per layer, new self V per layer, inner states, attn).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -57,6 +60,49 @@ inline void scale_(at::Tensor& q, const at::Tensor& scaling) { q.mul_(scaling); 
 // [1, bsz, C] -> [bsz * H, 1, hd], as MultiheadAttention reshapes its query.
 inline at::Tensor split_heads(const at::Tensor& t, int64_t rows, int64_t hd) {
   return t.contiguous().view({1, rows, hd}).transpose(0, 1);
+}
+
+// at::cat({prev.index_select(0, order).view({rows, t, hd}), step}, 1) in one
+// pass: the self-attention cache of this step after a beam reorder that was
+// deferred to it (seqfuse/layers/exact_step.py), without the reordered copy of
+// the whole history that stock's reorder makes first. prev: [B0, H, t, hd];
+// order: int64 [B] (rows of prev); step: [B * H, 1, hd] (split_heads' layout).
+// The result is cat's: the same values in the same contiguous layout.
+at::Tensor gather_append(const at::Tensor& prev, const at::Tensor& order, const at::Tensor& step,
+                         int64_t heads, int64_t hd) {
+  const int64_t bsz = order.size(0), rows = bsz * heads, t = prev.size(2);
+  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong,
+              "decoder_stack_step: the reorder must be a 1-d int64 tensor");
+  TORCH_CHECK(step.size(0) == rows, "decoder_stack_step: the reorder addresses ", bsz,
+              " rows, the step has ", step.size(0) / heads);
+  const bool direct = prev.is_cpu() && order.is_cpu() && step.is_cpu() && prev.is_contiguous() &&
+                      order.is_contiguous() && step.stride(0) == hd && step.stride(2) == 1 &&
+                      step.scalar_type() == prev.scalar_type();
+  if (!direct) {
+    return at::cat({prev.index_select(0, order).reshape({rows, -1, hd}), step}, 1);
+  }
+  const int64_t* idx = order.data_ptr<int64_t>();
+  const int64_t b0 = prev.size(0);
+  for (int64_t b = 0; b < bsz; ++b) {
+    TORCH_CHECK(idx[b] >= 0 && idx[b] < b0, "decoder_stack_step: reorder index ", idx[b],
+                " out of range for ", b0, " cached rows");
+  }
+  at::Tensor out = at::empty({rows, t + 1, hd}, step.options());
+  const int64_t elem = static_cast<int64_t>(prev.element_size());
+  const int64_t hist = t * hd * elem, one = hd * elem;
+  const char* src = static_cast<const char*>(prev.data_ptr());
+  const char* add = static_cast<const char*>(step.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, rows, std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(hist, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       const int64_t from = idx[r / heads] * heads + r % heads;
+                       char* d = dst + r * (hist + one);
+                       std::memcpy(d, src + from * hist, static_cast<size_t>(hist));
+                       std::memcpy(d + hist, add + r * one, static_cast<size_t>(one));
+                     }
+                   });
+  return out;
 }
 
 struct AttnOut {
@@ -134,11 +180,11 @@ at::Tensor activation(const at::Tensor& x, int64_t act) {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
            std::optional<at::Tensor>>
-decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k,
+decoder_stack_impl(const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k,
                    at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v,
                    const c10::List<std::optional<at::Tensor>>& cross_pad, at::ArrayRef<double> eps,
                    int64_t heads, double scaling, int64_t act, bool normalize_before,
-                   int64_t align_layer) {
+                   int64_t align_layer, const std::optional<at::Tensor>& order) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
   TORCH_CHECK(layers > 0, "decoder_stack_step: no layers");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kWeightsPerLayer,
@@ -175,7 +221,8 @@ decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorLis
     const double* E = eps.data() + 3 * l;
     const at::Tensor& pk = self_k[l];
     const at::Tensor& pv = self_v[l];
-    TORCH_CHECK(pk.dim() == 4 && pk.size(0) == bsz && pk.size(1) == heads && pk.size(3) == hd,
+    TORCH_CHECK(pk.dim() == 4 && (order.has_value() || pk.size(0) == bsz) && pk.size(1) == heads &&
+                    pk.size(3) == hd,
                 "layer ", l, ": self-attention cache must be [", bsz, ", ", heads, ", t, ", hd,
                 "], got ", pk.sizes());
     TORCH_CHECK(pv.sizes() == pk.sizes(), "layer ", l, ": cached K and V differ in shape");
@@ -190,8 +237,13 @@ decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorLis
     q = split_heads(q, rows, hd);
     k = split_heads(k, rows, hd);
     v = split_heads(v, rows, hd);
-    k = at::cat({pk.view({rows, -1, hd}), k}, 1);
-    v = at::cat({pv.view({rows, -1, hd}), v}, 1);
+    if (order.has_value()) {  // a beam reorder deferred to this step
+      k = gather_append(pk, *order, k, heads, hd);
+      v = gather_append(pv, *order, v, heads, hd);
+    } else {
+      k = at::cat({pk.view({rows, -1, hd}), k}, 1);
+      v = at::cat({pv.view({rows, -1, hd}), v}, 1);
+    }
     new_k.push_back(k.view({bsz, heads, -1, hd}));
     new_v.push_back(v.view({bsz, heads, -1, hd}));
     x = attend(q, k, v, std::nullopt, bsz, bsz, heads, hd, embed, W[6], W[7], false).out;
@@ -239,6 +291,18 @@ decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorLis
   return {x, new_k, new_v, inner, attn};
 }
 
+// The op (no deferred reorder).
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::optional<at::Tensor>>
+decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k,
+                   at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v,
+                   const c10::List<std::optional<at::Tensor>>& cross_pad, at::ArrayRef<double> eps,
+                   int64_t heads, double scaling, int64_t act, bool normalize_before,
+                   int64_t align_layer) {
+  return decoder_stack_impl(x_in, weights, self_k, self_v, cross_k, cross_v, cross_pad, eps, heads,
+                            scaling, act, normalize_before, align_layer, std::nullopt);
+}
+
 }  // namespace
 
 // decoder_stack_step with the arguments that stay fixed for a decoder (its
@@ -246,7 +310,11 @@ decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorLis
 // one object, so that a step passes only x and the caches: called from
 // Python through pybind11, it skips the dispatcher's boxing of the weight
 // list (some sixty tensors) on every step. The same function, so the same
-// ATen calls in the same order.
+// ATen calls in the same order. Its step also takes `order`: None, or a beam
+// reorder of the self-attention caches that the caller deferred to this step
+// (the caches then hold the rows before the reorder); each layer's new cache
+// is gathered and appended in one pass (gather_append), the values and
+// layout of stock's index_select then cat.
 class ExactStepPlan {
  public:
   ExactStepPlan(std::vector<at::Tensor> weights, std::vector<double> eps, int64_t heads,
@@ -263,13 +331,14 @@ class ExactStepPlan {
   step(const at::Tensor& x, const std::vector<at::Tensor>& self_k,
        const std::vector<at::Tensor>& self_v, const std::vector<at::Tensor>& cross_k,
        const std::vector<at::Tensor>& cross_v,
-       const std::vector<std::optional<at::Tensor>>& cross_pad, int64_t align_layer) const {
+       const std::vector<std::optional<at::Tensor>>& cross_pad, int64_t align_layer,
+       const std::optional<at::Tensor>& order) const {
     RECORD_FUNCTION("seqfuse::ExactStepPlan.step", std::vector<c10::IValue>());
     c10::List<std::optional<at::Tensor>> pads;
     pads.reserve(cross_pad.size());
     for (const auto& t : cross_pad) pads.push_back(t);
-    return decoder_stack_step(x, weights_, self_k, self_v, cross_k, cross_v, pads, eps_, heads_,
-                              scaling_, act_, normalize_before_, align_layer);
+    return decoder_stack_impl(x, weights_, self_k, self_v, cross_k, cross_v, pads, eps_, heads_,
+                              scaling_, act_, normalize_before_, align_layer, order);
   }
 
  private:
@@ -285,7 +354,9 @@ void bind_exact_step(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<ExactStepPlan>(m, "ExactStepPlan")
       .def(py::init<std::vector<at::Tensor>, std::vector<double>, int64_t, double, int64_t, bool>())
-      .def("step", &ExactStepPlan::step, py::call_guard<py::gil_scoped_release>());
+      .def("step", &ExactStepPlan::step, py::arg("x"), py::arg("self_k"), py::arg("self_v"),
+           py::arg("cross_k"), py::arg("cross_v"), py::arg("cross_pad"), py::arg("align_layer"),
+           py::arg("order") = py::none(), py::call_guard<py::gil_scoped_release>());
 }
 
 // ---------------------------------------------------------------------------

@@ -57,15 +57,18 @@ def cached_for_structure(module, attr: str, build):
     return value
 
 
-def reorder_incremental_state(decoder, incremental_state, new_order):
+def reorder_incremental_state(decoder, incremental_state, new_order, skip=()):
     """fairseq's ``reorder_incremental_state_scripting`` (every module with a
     ``reorder_incremental_state``, in ``modules()`` order), the module list
     found once per decoder instead of by a walk per step. A fairseq
     ``MultiheadAttention`` that holds no state in ``incremental_state`` (the
     ones inside seqfuse's fused layers, which keep their own caches) is
     skipped: its reorder would only store an empty buffer, which reads back
-    the same as none."""
+    the same as none. So are the modules in ``skip`` (whose reorder the
+    caller defers)."""
     for module, state_key in reorder_modules(decoder):
+        if skip and any(module is m for m in skip):
+            continue
         if state_key is not None and (
             incremental_state is None or state_key not in incremental_state
         ):

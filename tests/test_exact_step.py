@@ -147,6 +147,77 @@ def test_decoder_steps_with_reorders_and_shrinking():
             assert torch.equal(u, v), f"inner state {i}, step {t}"
 
 
+def _steps_with_reorders(decoder, enc, tokens, plan, pad_at=None, strided=False):
+    """Incremental steps over ``tokens``; before step t every order in
+    ``plan[t]`` is applied in turn (the tokens and encoder rows with it).
+    ``pad_at`` = (rows, column): those tokens are pads (that step runs stock);
+    ``strided``: the self-attention caches are swapped for non-contiguous
+    copies before each step that takes a deferred reorder (the gather then
+    takes ATen's index_select and cat). Returns (logits, attention) per step and the
+    pending deferred reorders seen before each step."""
+    state: dict = {}
+    outs, pending = [], []
+    tokens = tokens.clone()
+    if pad_at is not None:
+        tokens[pad_at[0], pad_at[1]] = decoder.padding_idx
+    with torch.no_grad():
+        for t in range(1, tokens.size(1) + 1):
+            for order in plan.get(t, []):
+                decoder.reorder_incremental_state_scripting(state, order)
+                tokens = tokens.index_select(0, order)
+                enc = {
+                    "encoder_out": [enc["encoder_out"][0].index_select(1, order)],
+                    "encoder_padding_mask": [enc["encoder_padding_mask"][0].index_select(0, order)],
+                }
+            pending.append(exact_step.DEFERRED_REORDER in state)
+            if strided and pending[-1]:
+                for mha in decoder._exact_plan()["self"]:
+                    buf = mha._get_input_buffer(state)
+                    for name in ("prev_key", "prev_value"):
+                        buf[name] = buf[name].transpose(0, 1).contiguous().transpose(0, 1)
+                        assert not buf[name].is_contiguous()
+            x, extra = decoder(tokens[:, :t], encoder_out=enc, incremental_state=state)
+            outs.append((x, extra["attn"][0]))
+    return outs, pending
+
+
+@pytest.mark.parametrize("case", ["composed", "pad after a reorder", "strided caches"])
+def test_deferred_cache_reorder(case):
+    """The self-attention caches' beam reorder is deferred to the next
+    one-call step (gathered with the step's K/V in one pass): reorders
+    compose, a step that runs stock applies the pending one first, caches
+    in another layout take the same result; logits and attention equal the
+    stock layers' bit for bit at every step."""
+    model, d = build(seed=11, layers=2)
+    stock, fast = pair(model)
+    sample = random_sample(d, bsz=3, seed=6)
+    for dec in (stock.decoder, fast.decoder):
+        dec.set_beam_size(4)
+    with torch.no_grad():
+        enc = stock.encoder(**sample["net_input"])
+        enc = stock.encoder.reorder_encoder_out(enc, torch.arange(3).repeat_interleave(4))
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(4, len(d), (12, 9), generator=g)
+    tokens[:, 0] = d.eos()
+    within = torch.tensor([1, 1, 0, 2, 4, 4, 7, 5, 8, 8, 8, 9])
+    shrink = torch.tensor([4, 5, 6, 7, 8, 9, 10, 11])
+    plan = {3: [within, within.flip(0)], 5: [shrink, torch.tensor([3, 2, 1, 0, 4, 4, 4, 4])]}
+    kw = {}
+    if case == "pad after a reorder":
+        kw["pad_at"] = (slice(None), 4)  # step 5, right after its two reorders
+    elif case == "strided caches":
+        kw["strided"] = True
+    ref, _ = _steps_with_reorders(stock.decoder, enc, tokens, plan, pad_at=kw.get("pad_at"))
+    before = dict(exact_step.STATS)
+    got, pending = _steps_with_reorders(fast.decoder, enc, tokens, plan, **kw)
+    assert pending[2] and pending[4], "the reorders were not deferred"
+    if case == "pad after a reorder":
+        assert exact_step.STATS["stock"] - before["stock"] >= 2  # the first step and the pad's
+    for t, ((x0, a0), (x1, a1)) in enumerate(zip(ref, got)):
+        assert torch.equal(x0, x1), f"logits, step {t + 1}"
+        assert torch.equal(a0, a1), f"attention, step {t + 1}"
+
+
 def test_padding_token_runs_stock_and_stays_exact():
     """A pad among a step's tokens (stock then keeps a self-attention padding
     mask in the cache): that step and every later one run the stock layers."""

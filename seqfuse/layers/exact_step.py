@@ -42,6 +42,9 @@ _LAYER_TYPES = (TransformerDecoderLayerBase, TransformerDecoderLayer)
 # Incremental steps taken by the one-call path ("exact") and by the stock
 # layers on an enabled decoder ("stock"): tests and benchmarks read them.
 STATS = {"exact": 0, "stock": 0}
+# incremental_state key of a beam reorder of the self-attention caches
+# deferred to the next one-call step: {"order": int64 tensor}.
+DEFERRED_REORDER = "seqfuse.exact_deferred_reorder"
 # Activation codes of decoder_stack_step (csrc/exact_decoder.cpp).
 _ACTIVATIONS = {"relu": 0, "gelu": 1, "tanh": 2}
 
@@ -193,6 +196,8 @@ def _build_exact_plan(decoder) -> dict:
             plan["pre_norm"],
         )
     )
+    # whether its step takes a deferred beam reorder (an older build's does not)
+    plan["defers"] = cls is not None and "order" in (cls.step.__doc__ or "")
     return plan
 
 
@@ -232,6 +237,8 @@ class ExactStepDecoder(TransformerDecoderBase):
             STATS["exact"] += 1
         else:
             STATS["stock"] += incremental
+            if incremental:
+                self._apply_deferred_reorder(incremental_state)
             out = super().extract_features_scriptable(
                 prev_output_tokens,
                 encoder_out,
@@ -243,7 +250,47 @@ class ExactStepDecoder(TransformerDecoderBase):
         return out
 
     def reorder_incremental_state_scripting(self, incremental_state, new_order):
+        """fairseq's reorder, except that the self-attention caches' reorder
+        is deferred to the next one-call step when that step will take it
+        (``ExactStepPlan.step``'s ``order``: the reordered cache is gathered
+        and the step's K/V appended in one pass, instead of stock's copy of
+        the reordered history followed by the ``cat`` that copies it again).
+        Successive reorders compose; anything that reads the caches otherwise
+        (a stock step) applies the pending reorder first, as stock would have."""
+        plan = self._exact_plan()
+        if incremental_state is not None and self._can_defer(plan, incremental_state, new_order):
+            pending = incremental_state.get(DEFERRED_REORDER)
+            order = new_order if pending is None else pending["order"].index_select(0, new_order)
+            incremental_state[DEFERRED_REORDER] = {"order": order}
+            reorder_incremental_state(self, incremental_state, new_order, skip=plan["self"])
+            return
+        self._apply_deferred_reorder(incremental_state)
         reorder_incremental_state(self, incremental_state, new_order)
+
+    def _can_defer(self, plan, incremental_state, new_order) -> bool:
+        """Whether the next step can take the self-attention caches' reorder:
+        the one-call object with its ``order`` argument, a CPU int64 order,
+        and caches of the one-call step's kind (no key padding)."""
+        if plan["native"] is None or not plan["defers"]:
+            return False
+        if new_order.device.type != "cpu" or new_order.dtype != torch.long:
+            return False
+        for mha in plan["self"]:
+            buf = mha._get_input_buffer(incremental_state)
+            k = buf.get("prev_key")
+            if k is None or k.device.type != "cpu" or buf.get("prev_key_padding_mask") is not None:
+                return False
+        return True
+
+    def _apply_deferred_reorder(self, incremental_state) -> None:
+        """Apply a reorder deferred by ``reorder_incremental_state_scripting``
+        to the self-attention caches, with stock's own reorder."""
+        if incremental_state is None:
+            return
+        pending = incremental_state.pop(DEFERRED_REORDER, None)
+        if pending is not None:
+            for mha in self._exact_plan()["self"]:
+                mha.reorder_incremental_state(incremental_state, pending["order"])
 
     def _exact_step(
         self, prev_output_tokens, encoder_out, incremental_state, alignment_layer, alignment_heads
@@ -292,7 +339,13 @@ class ExactStepDecoder(TransformerDecoderBase):
 
         if alignment_layer is None:
             alignment_layer = self.num_layers - 1
-        if plan["native"] is not None:
+        if plan["native"] is not None and plan["defers"]:
+            pending = incremental_state.pop(DEFERRED_REORDER, None)
+            order = None if pending is None else pending["order"]
+            x, new_k, new_v, inner, attn = plan["native"].step(
+                x, self_k, self_v, cross_k, cross_v, cross_pad, alignment_layer, order
+            )
+        elif plan["native"] is not None:
             x, new_k, new_v, inner, attn = plan["native"].step(
                 x, self_k, self_v, cross_k, cross_v, cross_pad, alignment_layer
             )
