@@ -20,8 +20,11 @@ and ``isinstance`` are unchanged) whose incremental forward takes the one-call p
   reproduces (checked once by :func:`exact_step_problem`).
 
 Anything else runs the stock forward for that step; the caches stay in
-fairseq's format, so the two can alternate, and fairseq's own
-``reorder_incremental_state`` works on them unchanged.
+fairseq's format, so the two can alternate. A beam reorder of the
+self-attention caches is deferred to the next one-call step, which gathers
+the reordered history and appends the step's K/V in one pass (stock copies
+the history twice: the reorder's index_select, then the step's cat); a stock
+step applies a pending reorder first, with fairseq's own reorder.
 """
 
 from __future__ import annotations
