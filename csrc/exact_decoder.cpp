@@ -178,13 +178,16 @@ at::Tensor activation(const at::Tensor& x, int64_t act) {
   TORCH_CHECK(false, "decoder_stack_step: unknown activation code ", act);
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::optional<at::Tensor>>
-decoder_stack_impl(const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k,
-                   at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v,
-                   const c10::List<std::optional<at::Tensor>>& cross_pad, at::ArrayRef<double> eps,
-                   int64_t heads, double scaling, int64_t act, bool normalize_before,
-                   int64_t align_layer, const std::optional<at::Tensor>& order) {
+// (x, new self K per layer, new self V per layer, inner states, attn)
+using StackStep = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                             std::vector<at::Tensor>, std::optional<at::Tensor>>;
+
+StackStep decoder_stack_impl(const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k,
+                             at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v,
+                             const c10::List<std::optional<at::Tensor>>& cross_pad,
+                             at::ArrayRef<double> eps, int64_t heads, double scaling, int64_t act,
+                             bool normalize_before, int64_t align_layer,
+                             const std::optional<at::Tensor>& order) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
   TORCH_CHECK(layers > 0, "decoder_stack_step: no layers");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kWeightsPerLayer,
@@ -291,16 +294,14 @@ decoder_stack_impl(const at::Tensor& x_in, at::TensorList weights, at::TensorLis
   return {x, new_k, new_v, inner, attn};
 }
 
-// The op (no deferred reorder).
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::optional<at::Tensor>>
-decoder_stack_step(const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k,
-                   at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v,
-                   const c10::List<std::optional<at::Tensor>>& cross_pad, at::ArrayRef<double> eps,
-                   int64_t heads, double scaling, int64_t act, bool normalize_before,
-                   int64_t align_layer) {
-  return decoder_stack_impl(x_in, weights, self_k, self_v, cross_k, cross_v, cross_pad, eps, heads,
-                            scaling, act, normalize_before, align_layer, std::nullopt);
+// The op: decoder_stack_impl without a deferred reorder.
+StackStep decoder_stack_step(const at::Tensor& x, at::TensorList weights, at::TensorList self_k,
+                             at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v,
+                             const c10::List<std::optional<at::Tensor>>& cross_pad,
+                             at::ArrayRef<double> eps, int64_t heads, double scaling, int64_t act,
+                             bool pre_norm, int64_t align_layer) {
+  return decoder_stack_impl(x, weights, self_k, self_v, cross_k, cross_v, cross_pad, eps, heads,
+                            scaling, act, pre_norm, align_layer, std::nullopt);
 }
 
 }  // namespace
@@ -326,13 +327,11 @@ class ExactStepPlan {
         act_(act),
         normalize_before_(normalize_before) {}
 
-  std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-             std::optional<at::Tensor>>
-  step(const at::Tensor& x, const std::vector<at::Tensor>& self_k,
-       const std::vector<at::Tensor>& self_v, const std::vector<at::Tensor>& cross_k,
-       const std::vector<at::Tensor>& cross_v,
-       const std::vector<std::optional<at::Tensor>>& cross_pad, int64_t align_layer,
-       const std::optional<at::Tensor>& order) const {
+  StackStep step(const at::Tensor& x, const std::vector<at::Tensor>& self_k,
+                 const std::vector<at::Tensor>& self_v, const std::vector<at::Tensor>& cross_k,
+                 const std::vector<at::Tensor>& cross_v,
+                 const std::vector<std::optional<at::Tensor>>& cross_pad, int64_t align_layer,
+                 const std::optional<at::Tensor>& order) const {
     RECORD_FUNCTION("seqfuse::ExactStepPlan.step", std::vector<c10::IValue>());
     c10::List<std::optional<at::Tensor>> pads;
     pads.reserve(cross_pad.size());
