@@ -8,14 +8,17 @@ stock and seqfuse on them in this process, and compares what they return:
   Multi30k model of ``../shared``, with a random mix of beam size,
   length and unk penalties, max/min length limits, no-repeat n-grams,
   temperature, prefix tokens, ``--match-source-len``, sampling, diverse
-  siblings or diverse beam search; seqfuse's generator runs on the stock
-  layers or the exact one-call step (now and then in float16 or bfloat16), or
-  on the fused layers (not with sampling: see below). Stock layers and
-  the exact step must give every hypothesis bit for bit; the fused layers the
-  same tokens, scores within 1e-5, and positional scores within 1e-5 or two
-  units in the last place of the hypothesis's largest running score (a
-  positional score is the difference of two running scores and carries their
-  rounding; see the README).
+  siblings, diverse beam search, lexical constraints or
+  ``prefix_allowed_tokens_fn``; seqfuse's generator runs on the stock layers
+  or the exact one-call step (now and then in float16 or bfloat16), or on the
+  fused layers (not with sampling: a cumulative distribution that moves by
+  1e-7 sends some uniform draw to a neighbouring token). Stock layers and the
+  exact step must give every hypothesis bit for bit; the fused layers the
+  same tokens, and scores within 1e-5, or for positional scores two units in
+  the last place of the hypothesis's largest running score (a positional
+  score is the difference of two running scores and carries their rounding;
+  see the README), or, past those, no further from a float64 teacher-forced
+  evaluation than stock's.
 - ``hf``: a tiny random Hugging Face model (Marian, BART, mBART, T5, GPT-2,
   Llama, Qwen2, M2M100, Pegasus) with a random mix of beams, returned
   sequences, length penalty, early stopping, new-token limits, no-repeat
@@ -23,20 +26,22 @@ stock and seqfuse on them in this process, and compares what they return:
   ``seqfuse.optimize`` must give the same sequences and scores bit for bit,
   ``seqfuse.optimize(fused_layers=True)`` the same sequences and beams with
   scores within 1e-5.
-
 - ``cli`` (on request): ``fairseq-generate`` (a shard of the valid or test
   set, random batching, beam options, sampling, diverse siblings,
   ``--match-source-len``, ``--retain-dropout``, ``--print-alignment``,
-  ``--score-reference``, ``--post-process``) or ``fairseq-interactive`` (raw
-  test lines through SentencePiece, now and then an empty line and unknown
-  characters) on the Multi30k model, stock and with ``--user-dir``
-  side by side: the same exit status and the same S/T/H/D/P/A/C lines.
+  ``--score-reference``, ``--post-process``, ``--fp16``) or
+  ``fairseq-interactive`` (raw test lines through SentencePiece, now and then
+  an empty line and unknown characters) on the Multi30k model, stock and with
+  ``--user-dir`` side by side: the same exit status and, for every sentence
+  stock prints, the same S/T/H/D/P/A/C lines (with the plugin no sentence is
+  dropped: stock's batching may drop the last incomplete batch).
 
 Where stock raises, seqfuse must raise an exception of the same type (or a
 subclass of it). One line per mismatch, a summary, ``--json`` for the record;
 the exit status is 1 when any case differs.
 
     .venv/bin/python scripts/parity_fuzz.py --cases 300 --seed 0
+    .venv/bin/python scripts/parity_fuzz.py --cases 40 --targets cli
 
 The models come from the test suite's builders (``tests/generation_utils.py``,
 ``tests/hf_models.py``).
