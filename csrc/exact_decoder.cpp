@@ -70,9 +70,9 @@ inline at::Tensor split_heads(const at::Tensor& t, int64_t rows, int64_t hd) {
 // The result is cat's: the same values in the same contiguous layout.
 at::Tensor gather_append(const at::Tensor& prev, const at::Tensor& order, const at::Tensor& step,
                          int64_t heads, int64_t hd) {
-  const int64_t bsz = order.size(0), rows = bsz * heads, t = prev.size(2);
   TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong,
               "decoder_stack_step: the reorder must be a 1-d int64 tensor");
+  const int64_t bsz = order.size(0), rows = bsz * heads, t = prev.size(2);
   TORCH_CHECK(step.size(0) == rows, "decoder_stack_step: the reorder addresses ", bsz,
               " rows, the step has ", step.size(0) / heads);
   const bool direct = prev.is_cpu() && order.is_cpu() && step.is_cpu() && prev.is_contiguous() &&

@@ -174,8 +174,12 @@ def hf_problems(stock, ours, exact: bool = True) -> list[str]:
     return found
 
 
-def _same_failure(stock_exc, ours_exc) -> bool:
-    return ours_exc is not None and isinstance(ours_exc, type(stock_exc))
+def _failures(desc: str, stock_exc, ours_exc) -> dict:
+    """The result of a case where stock or seqfuse raised: agreement when
+    both raised and seqfuse's error is of stock's type (or a subclass)."""
+    if stock_exc is not None and isinstance(ours_exc, type(stock_exc)):
+        return {"case": desc, "problems": [], "raised": repr(stock_exc)[:200]}
+    return {"case": desc, "problems": [f"stock raised {stock_exc!r}, seqfuse {ours_exc!r}"]}
 
 
 # -------------------------------------------------------------------- fairseq
@@ -326,9 +330,7 @@ def fairseq_case(seed: int, multi30k: bool) -> dict:
         f"prefix={'prefix_tokens' in run_opts}"
     )
     if stock_exc is not None or ours_exc is not None:
-        if stock_exc is not None and _same_failure(stock_exc, ours_exc):
-            return {"case": desc, "problems": [], "raised": repr(stock_exc)[:200]}
-        return {"case": desc, "problems": [f"stock raised {stock_exc!r}, seqfuse {ours_exc!r}"]}
+        return _failures(desc, stock_exc, ours_exc)
     reference = None
     if layers == "fused":
         reference = _float64_reference(model, d, sample, opts)
@@ -413,9 +415,7 @@ def hf_case(seed: int) -> dict:
     finally:
         hf.restore(model)
     if stock_exc is not None or ours_exc is not None:
-        if stock_exc is not None and _same_failure(stock_exc, ours_exc):
-            return {"case": desc, "problems": [], "raised": repr(stock_exc)[:200]}
-        return {"case": desc, "problems": [f"stock raised {stock_exc!r}, seqfuse {ours_exc!r}"]}
+        return _failures(desc, stock_exc, ours_exc)
     return {"case": desc, "problems": hf_problems(stock, ours, exact=not fused)}
 
 

@@ -562,7 +562,7 @@ class SequenceGenerator(StockSequenceGenerator):
                 # that does not stop at max_len, such as lexical constraints,
                 # can leave only -inf candidates): its error, not a partial
                 # result.
-                ending = done | take.any(1) if taken else done
+                ending = (done | take.any(1)) if taken else done
                 if not stop_on_max_len and not bool(ending.all()):
                     raise AssertionError(
                         f"{step} < {max_len} (sentences unfinished at max_len; stock's "

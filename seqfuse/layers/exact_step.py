@@ -342,15 +342,12 @@ class ExactStepDecoder(TransformerDecoderBase):
 
         if alignment_layer is None:
             alignment_layer = self.num_layers - 1
-        if plan["native"] is not None and plan["defers"]:
+        if plan["native"] is not None:
+            # a pending reorder exists only when the object takes one
             pending = incremental_state.pop(DEFERRED_REORDER, None)
-            order = None if pending is None else pending["order"]
+            order = () if pending is None else (pending["order"],)
             x, new_k, new_v, inner, attn = plan["native"].step(
-                x, self_k, self_v, cross_k, cross_v, cross_pad, alignment_layer, order
-            )
-        elif plan["native"] is not None:
-            x, new_k, new_v, inner, attn = plan["native"].step(
-                x, self_k, self_v, cross_k, cross_v, cross_pad, alignment_layer
+                x, self_k, self_v, cross_k, cross_v, cross_pad, alignment_layer, *order
             )
         else:
             x, new_k, new_v, inner, attn = torch.ops.seqfuse.decoder_stack_step(
