@@ -24,6 +24,11 @@ What changes is the expensive part of a step:
   sentence hold identical copies of it (checked once, after the first step):
   the reorder keeps every row inside its sentence, so it would copy equal
   values onto equal values;
+- with ``fused_layers=True``, a sentence whose result can no longer change
+  (closed by the early-stop heuristic, its finished set out of reach of the
+  penalised candidates) leaves the batch: its rows are no longer decoded,
+  where stock decodes every sentence until the last one is done
+  (``SEQFUSE_HF_DROP_FINISHED=0`` keeps them; the exact mode always does);
 - the stopping criteria Hugging Face builds by default (max length, EOS) are
   evaluated on the new tokens instead of on gathered sequences, and the
   per-step gathers of the running and finished sequences cover the columns
@@ -59,7 +64,18 @@ _warned: set[str] = set()
 # What the search did, for users and tests: steps through the fused op, steps
 # through stock's ops, sentences re-ranked for exact ties, searches that kept
 # the cross-attention cache in place.
-STATS = {"fused_steps": 0, "stock_steps": 0, "tie_reranks": 0, "cross_cache_kept": 0}
+STATS = {
+    "fused_steps": 0,
+    "stock_steps": 0,
+    "tie_reranks": 0,
+    "cross_cache_kept": 0,
+    "sentences_dropped": 0,
+}
+
+# With fused layers, a sentence whose result the search can no longer change
+# leaves the batch (its rows are no longer decoded); "0" keeps every row to
+# the end, as stock does.
+DROP_FINISHED_ENV = "SEQFUSE_HF_DROP_FINISHED"
 
 # The helpers of GenerationMixin this module's loop calls (transformers 5.x).
 _HELPERS = (
@@ -361,6 +377,102 @@ def _cross_cache_shared(cache, batch: int, num_beams: int) -> bool:
     return True
 
 
+# ----------------------------------------------- finished sentences' rows
+# Stock decodes every sentence's beams until the last sentence is done. Once
+# the early-stop heuristic has closed a sentence, its new candidates get two
+# -1e9 penalties and can no longer enter its finished set: what it returns is
+# fixed, and decoding its rows is wasted work. With fused layers seqfuse drops
+# those rows. The other rows' values can change in their last bits (torch's
+# CPU attention does not compute a row independently of the batch size: about
+# 1e-7 here), inside the fused mode's 1e-5; the exact mode keeps every row, as
+# stock does, to keep stock's bits.
+_ROW_KWARGS = ("attention_mask", "decoder_attention_mask", "position_ids", "token_type_ids")
+_SCALAR_KWARGS = ("use_cache", "logits_to_keep", "cache_position")
+
+
+def _sentences_to_keep(early_stop_unsat: Tensor, finished: Tensor, scores: Tensor):
+    """Indices of the sentences to keep decoding, or None when none can leave.
+
+    A sentence leaves when the heuristic has closed it and every slot of its
+    finished set holds a finite score above -1e8, in strictly decreasing order:
+    its later candidates score below -1e9, so stock's merge keeps exactly
+    these hypotheses in this order (no tie for ``torch.topk`` to reorder)."""
+    inert = ~early_stop_unsat.view(-1) & finished.all(dim=1)
+    inert &= torch.isfinite(scores).all(dim=1) & (scores.amin(dim=1) > -1e8)
+    if scores.size(1) > 1:
+        inert &= (scores[:, :-1] > scores[:, 1:]).all(dim=1)
+    if not bool(inert.any()):
+        return None
+    return (~inert).nonzero().view(-1)
+
+
+def _why_not_drop_finished(
+    model, return_dict, plan, stop_plan, model_kwargs, rows: int
+) -> str | None:
+    """None when finished sentences' rows can leave the batch; otherwise why
+    they stay."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+    from transformers.generation.utils import ALL_CACHE_NAMES
+
+    if return_dict:
+        return "return_dict_in_generate=True (the returned cache covers every sentence)"
+    if stop_plan is None:
+        return "a stopping criterion other than max length and EOS"
+    if plan is None or plan.generic_reason is not None:
+        return plan.generic_reason if plan is not None else "no step yet"
+    if hasattr(model, "_reorder_cache"):
+        return "the model reorders its own cache"
+    from integrations import hf_fused
+
+    if not hf_fused.enabled(model):
+        return "exact mode (fused_layers=False): every row is kept, as stock keeps them"
+    for key, value in model_kwargs.items():
+        if key in ALL_CACHE_NAMES:
+            parts = (
+                [value.self_attention_cache, value.cross_attention_cache]
+                if type(value) is EncoderDecoderCache
+                else [value]
+            )
+            for c in parts:
+                if type(c) is not DynamicCache or any(
+                    type(x) is not DynamicLayer for x in c.layers
+                ):
+                    return f"cache {type(c).__name__}"
+        elif key == "encoder_outputs":
+            for name, t in value.items():
+                if not isinstance(t, Tensor) or t.dim() == 0 or t.size(0) != rows:
+                    return f"encoder output {name!r}"
+        elif key in _ROW_KWARGS:
+            if value is not None and (not isinstance(value, Tensor) or value.size(0) != rows):
+                return f"generate argument {key!r}"
+        elif key not in _SCALAR_KWARGS and value is not None:
+            return f"generate argument {key!r}"
+    return None
+
+
+def _padding_vanishes(model_kwargs: dict, rows: Tensor) -> bool:
+    """Whether a padded attention mask would have no padding left in ``rows``:
+    transformers then drops the mask (causal or no mask instead) and runs
+    another attention path, so no row leaves at that step."""
+    for key in ("attention_mask", "decoder_attention_mask"):
+        mask = model_kwargs.get(key)
+        if mask is not None and not bool(mask.all()) and bool(mask.index_select(0, rows).all()):
+            return True
+    return False
+
+
+def _select_row_kwargs(model_kwargs: dict, rows: Tensor) -> None:
+    """Keep ``rows`` of the per-row generate arguments (the cache is reordered apart)."""
+    for key in _ROW_KWARGS:
+        value = model_kwargs.get(key)
+        if value is not None:
+            model_kwargs[key] = value.index_select(0, rows)
+    enc = model_kwargs.get("encoder_outputs")
+    if enc is not None:
+        for name, t in list(enc.items()):
+            enc[name] = t.index_select(0, rows)
+
+
 # ------------------------------------------------------------- the search
 def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **model_kwargs):
     """Hugging Face's ``_beam_search`` (transformers 5.x), same results, fused step."""
@@ -428,6 +540,17 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     stop_plan = _stop_plan(stopping_criteria, device)
     plan: _StepPlan | None = None
     cross_shared: bool | None = None
+    # Finished sentences' rows dropped from the batch (_why_not_drop_finished):
+    # None until first needed, then whether they can be. sent_ids: each
+    # compact row group's sentence (None: all, in order); row_offset: the
+    # compact groups' first rows (batch_offset keeps the original ones, which
+    # the beam indices hold).
+    drop_ok: bool | None = None
+    if device.type != "cpu" or not _ext.env_flag(DROP_FINISHED_ENV, True):
+        drop_ok = False
+    sent_ids = full_seq = full_scores = full_bi = None
+    row_offset = batch_offset
+    beam_range = torch.arange(num_beams, device=device)
 
     flat_running = input_ids
     model_outputs = model._prefill(
@@ -550,26 +673,10 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
         seq_buf[:, :, :w].copy_(sequences)
         bi_buf[:, :, :wb].copy_(beam_indices)
 
-        cache_key = next((k for k in ALL_CACHE_NAMES if k in model_kwargs), None)
-        if cache_key is not None:
-            beam_idx = model._flatten_beam_dim(running_beam_indices[..., cur_len - prompt_len])
-            cache = model_kwargs[cache_key]
-            if hasattr(model, "_reorder_cache"):
-                model_kwargs[cache_key] = model._reorder_cache(cache, beam_idx)
-            elif hasattr(cache, "reorder_cache"):
-                if cross_shared is None:
-                    cross_shared = _cross_cache_shared(cache, batch, num_beams)
-                    STATS["cross_cache_kept"] += int(cross_shared)
-                if cross_shared:
-                    cache.self_attention_cache.reorder_cache(beam_idx)
-                else:
-                    cache.reorder_cache(beam_idx)
-            else:
-                raise ValueError(
-                    f"{model.__class__.__name__} cannot use beam search with a cache currently, "
-                    "as the cache cannot be reordered"
-                )
-
+        # Stock reorders the cache, then runs the early-stop heuristic and the
+        # loop's test; neither reads the cache, so they run first here: the
+        # reorder can then also drop the sentences they finished.
+        col = cur_len - prompt_len
         cur_len += 1
         early_stop_unsat = model._check_early_stop_heuristic(
             is_early_stop_heuristic_unsatisfied=early_stop_unsat,
@@ -585,6 +692,76 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
         this_peer_finished = not model._beam_search_has_unfinished_sequences(
             early_stop_unsat, is_sent_finished, hits, early_stopping
         )
+
+        keep_sents = None
+        if not this_peer_finished and drop_ok is not False:
+            keep_sents = _sentences_to_keep(early_stop_unsat, is_sent_finished, beam_scores)
+            if keep_sents is not None and drop_ok is None:
+                why = _why_not_drop_finished(
+                    model, return_dict, plan, stop_plan, model_kwargs, flat_batch
+                )
+                drop_ok = why is None
+                if why is not None:
+                    logger.debug("seqfuse: finished sentences keep their rows: %s", why)
+                    keep_sents = None
+        # compact rows of the beams the next step continues (stock: flat indices)
+        beam_idx = model._flatten_beam_dim(running_beam_indices[..., col])
+        if sent_ids is not None:
+            beam_idx = beam_idx - (batch_offset - row_offset).repeat_interleave(num_beams)
+        if keep_sents is not None:
+            kept_rows = (keep_sents.view(-1, 1) * num_beams + beam_range).view(-1)
+            if _padding_vanishes(model_kwargs, kept_rows):
+                keep_sents = None
+        if keep_sents is not None:
+            # the kept sentences' rows, reordered, in one gather per cache tensor
+            beam_idx = beam_idx.index_select(0, kept_rows)
+        cache_key = next((k for k in ALL_CACHE_NAMES if k in model_kwargs), None)
+        if cache_key is not None:
+            cache = model_kwargs[cache_key]
+            if hasattr(model, "_reorder_cache"):
+                model_kwargs[cache_key] = model._reorder_cache(cache, beam_idx)
+            elif hasattr(cache, "reorder_cache"):
+                if cross_shared is None:
+                    cross_shared = _cross_cache_shared(cache, batch, num_beams)
+                    STATS["cross_cache_kept"] += int(cross_shared)
+                if cross_shared:
+                    cache.self_attention_cache.reorder_cache(beam_idx)
+                    if keep_sents is not None:
+                        cache.cross_attention_cache.reorder_cache(kept_rows)
+                else:
+                    cache.reorder_cache(beam_idx)
+            else:
+                raise ValueError(
+                    f"{model.__class__.__name__} cannot use beam search with a cache currently, "
+                    "as the cache cannot be reordered"
+                )
+        if keep_sents is not None:
+            # Finished sentences leave the batch: their results go to the
+            # full-batch buffers, every per-sentence tensor keeps the others.
+            if sent_ids is None:
+                sent_ids = torch.arange(batch, device=device)
+                full_seq, full_scores, full_bi = seq_buf, beam_scores, bi_buf
+            else:
+                full_seq[sent_ids], full_bi[sent_ids] = seq_buf, bi_buf
+                full_scores[sent_ids] = beam_scores
+            STATS["sentences_dropped"] += batch - keep_sents.numel()
+            sent_ids = sent_ids.index_select(0, keep_sents)
+            (run_buf, seq_buf, run_bi_buf, bi_buf, running_beam_scores, beam_scores) = (
+                t.index_select(0, keep_sents)
+                for t in (run_buf, seq_buf, run_bi_buf, bi_buf, running_beam_scores, beam_scores)
+            )
+            is_sent_finished = is_sent_finished.index_select(0, keep_sents)
+            early_stop_unsat = early_stop_unsat.index_select(0, keep_sents)
+            batch_offset = batch_offset.index_select(0, keep_sents)
+            batch = keep_sents.numel()
+            flat_batch = batch * num_beams
+            row_offset = torch.arange(batch, device=device).view(-1, 1) * num_beams
+            _select_row_kwargs(model_kwargs, kept_rows)
+
+    if sent_ids is not None:
+        full_seq[sent_ids], full_bi[sent_ids] = seq_buf, bi_buf
+        full_scores[sent_ids] = beam_scores
+        seq_buf, beam_scores, bi_buf = full_seq, full_scores, full_bi
 
     sequences = model._flatten_beam_dim(seq_buf[:, :num_return_sequences, :])
     beam_scores = model._flatten_beam_dim(beam_scores[:, :num_return_sequences])

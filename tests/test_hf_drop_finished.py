@@ -1,0 +1,164 @@
+"""Hugging Face beam search with fused layers: the rows of sentences the search
+has closed leave the batch. Stock decodes every sentence until the last one is
+done; seqfuse stops decoding a sentence once nothing can change its result.
+Checked against the same fused model with every row kept
+(``SEQFUSE_HF_DROP_FINISHED=0``) and against stock, run in the same test: the
+same tokens and beams, scores within the fused mode's 1e-5 (torch's CPU
+attention rounds a row differently in a smaller batch, by about 1e-7)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hf_models import DECODER_ONLY, KINDS, MORE_KINDS, make_inputs, make_model
+
+import seqfuse
+from integrations import hf
+from seqfuse import _ext
+
+pytestmark = pytest.mark.skipif(
+    _ext._C is None or not torch.ops.seqfuse.linear_capability(),
+    reason="no packed-GEMM kernel here",
+)
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    for var in ("SEQFUSE_DISABLE", "SEQFUSE_FUSED_LAYERS", "SEQFUSE_EXACT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv(hf.DROP_FINISHED_ENV, raising=False)
+
+
+def _run(model, ids, monkeypatch, drop: bool, **kw):
+    monkeypatch.setenv(hf.DROP_FINISHED_ENV, "1" if drop else "0")
+    hf.STATS["sentences_dropped"] = 0
+    with torch.no_grad():
+        out = model.generate(ids, **kw)
+    return out, hf.STATS["sentences_dropped"]
+
+
+def _check_outputs(a, b):
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(a.beam_indices, b.beam_indices)
+    torch.testing.assert_close(a.sequences_scores, b.sequences_scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS + MORE_KINDS)
+def test_same_as_every_row_kept_and_stock_tokens(kind, monkeypatch):
+    dropped_any = 0
+    for seed in (0, 2):
+        model = make_model(kind, seed=seed)
+        ids, mask = make_inputs(kind, model, batch=8, seed=seed)
+        kw = dict(attention_mask=mask, num_beams=4, max_new_tokens=20)
+        with torch.no_grad():
+            stock = model.generate(ids, **kw)
+        seqfuse.optimize(model, fused_layers=True)
+        try:
+            kept, n_kept = _run(model, ids, monkeypatch, drop=False, **kw)
+            ours, n = _run(model, ids, monkeypatch, drop=True, **kw)
+        finally:
+            hf.restore(model)
+        assert n_kept == 0
+        dropped_any += n
+        assert torch.equal(ours, kept)
+        assert torch.equal(ours, stock)  # these models' fused logits keep stock's tokens
+    assert dropped_any > 0
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(early_stopping=True),
+        dict(early_stopping="never", length_penalty=-1.0),
+        dict(early_stopping=False, length_penalty=-1.0),
+        dict(length_penalty=0.0, num_return_sequences=3),
+        dict(min_new_tokens=3, bad_words_ids=[[5]]),
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+@pytest.mark.parametrize("kind", ["marian", "gpt2"])
+def test_scores_and_beam_indices(kind, opts, monkeypatch):
+    """sequences_scores and beam_indices come only with return_dict_in_generate,
+    where the rows are kept (the returned cache covers every sentence): the
+    test lets them drop there to compare what the search returns."""
+    real = hf._why_not_drop_finished
+    monkeypatch.setattr(hf, "_why_not_drop_finished", lambda m, rd, *a: real(m, False, *a))
+    dropped = 0
+    for seed in (0, 2):
+        model = make_model(kind, seed=seed)
+        ids, mask = make_inputs(kind, model, batch=7, seed=seed + 1)
+        kw = dict(attention_mask=mask, num_beams=4, max_new_tokens=16, **opts)
+        kw.update(return_dict_in_generate=True, output_scores=True)
+        with torch.no_grad():
+            stock = model.generate(ids, **kw)
+        seqfuse.optimize(model, fused_layers=True)
+        try:
+            kept, _ = _run(model, ids, monkeypatch, drop=False, **kw)
+            ours, n = _run(model, ids, monkeypatch, drop=True, **kw)
+        finally:
+            hf.restore(model)
+        dropped += n
+        _check_outputs(kept, ours)
+        _check_outputs(stock, ours)
+    assert dropped > 0
+
+
+def test_rows_kept(monkeypatch, caplog):
+    """The exact mode, a logits processor that reads the rows (n-gram
+    blocking) and return_dict_in_generate keep every row."""
+    model = make_model("bart", seed=0)
+    ids, mask = make_inputs("bart", model, batch=8, seed=0)
+    kw = dict(attention_mask=mask, num_beams=4, max_new_tokens=20)
+    cases = [
+        (False, {}, "exact mode"),
+        (True, dict(no_repeat_ngram_size=2), "NoRepeatNGramLogitsProcessor"),
+        (True, dict(return_dict_in_generate=True), "return_dict_in_generate"),
+    ]
+    for fused, extra, reason in cases:
+        seqfuse.optimize(model, fused_layers=fused)
+        try:
+            with caplog.at_level(logging.DEBUG, logger="seqfuse.hf"):
+                caplog.clear()
+                _, n = _run(model, ids, monkeypatch, drop=True, **kw, **extra)
+        finally:
+            hf.restore(model)
+        assert n == 0
+        assert reason in caplog.text
+
+
+def test_decoder_only_masks_and_positions_follow(monkeypatch):
+    """Left-padded prompts: the attention mask and position ids of the kept
+    rows go with them (a wrong selection changes the tokens)."""
+    kind = DECODER_ONLY[0]
+    model = make_model(kind, seed=2)
+    ids, mask = make_inputs(kind, model, batch=9, seed=5, src_len=12)
+    kw = dict(attention_mask=mask, num_beams=3, max_new_tokens=24)
+    seqfuse.optimize(model, fused_layers=True)
+    try:
+        kept, _ = _run(model, ids, monkeypatch, drop=False, **kw)
+        ours, n = _run(model, ids, monkeypatch, drop=True, **kw)
+    finally:
+        hf.restore(model)
+    assert n > 0
+    assert torch.equal(kept, ours)
+
+
+def test_sentences_to_keep_rules():
+    unsat = torch.tensor([[False], [False], [False], [False], [False], [True]])
+    finished = torch.ones(6, 3, dtype=torch.bool)
+    finished[1, 2] = False  # a slot still open
+    scores = torch.tensor(
+        [
+            [-1.0, -2.0, -3.0],  # closed: leaves
+            [-1.0, -2.0, -3.0],
+            [-1.0, -1.0, -3.0],  # a tie topk could reorder
+            [-1.0, -2.0, -2e9],  # a slot near the penalties
+            [-1.0, -2.0, float("nan")],
+            [-1.0, -2.0, -3.0],  # heuristic still open
+        ]
+    )
+    keep = hf._sentences_to_keep(unsat, finished, scores)
+    assert keep.tolist() == [1, 2, 3, 4, 5]
+    assert hf._sentences_to_keep(unsat[1:], finished[1:], scores[1:]) is None
