@@ -410,13 +410,16 @@ def hf_case(seed: int) -> dict:
 
     stock, stock_exc = run()
     seqfuse.optimize(model, fused_layers=fused)
+    dropped = hf.STATS["sentences_dropped"]
     try:
         ours, ours_exc = run()
     finally:
         hf.restore(model)
+    dropped = hf.STATS["sentences_dropped"] - dropped
     if stock_exc is not None or ours_exc is not None:
         return _failures(desc, stock_exc, ours_exc)
-    return {"case": desc, "problems": hf_problems(stock, ours, exact=not fused)}
+    problems = hf_problems(stock, ours, exact=not fused)
+    return {"case": desc, "problems": problems, "sentences_dropped": dropped}
 
 
 # ------------------------------------------------------------------------ CLI
@@ -677,6 +680,10 @@ def main(argv=None) -> int:
         "targets": targets,
         "first_seed": args.seed,
     }
+    if "hf" in targets:  # finished sentences that left the batch (fused layers)
+        with_drops = [r for r in results if r.get("sentences_dropped")]
+        summary["hf_cases_with_sentences_dropped"] = len(with_drops)
+        summary["hf_sentences_dropped"] = sum(r["sentences_dropped"] for r in with_drops)
     print(
         f"parity_fuzz: {len(results)} cases ({', '.join(targets)}), {len(bad)} mismatched, "
         f"{raised} where stock and seqfuse raised the same error, {summary['seconds']} s"
