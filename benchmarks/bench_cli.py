@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from seqfuse import bleu  # noqa: E402
 from seqfuse._ext import FUSED_LAYERS_ENV  # noqa: E402
-from seqfuse.info import cpu_description  # noqa: E402
+from seqfuse.info import cpu_description, source_revision  # noqa: E402
 
 SHARED = Path(os.environ.get("SEQFUSE_SHARED", ROOT.parent / "shared"))
 PROVIDERS = ("stock", "seqfuse", "seqfuse-fused")
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "date": date.today().isoformat(),
-        "git_revision": _git_revision(),
+        "git_revision": source_revision(),
         "machine": {
             "cpu": cpu_description(),
             "cpu_count": os.cpu_count(),
@@ -222,19 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return 0
-
-
-def _git_revision() -> str | None:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _format_row(row: dict, providers: list[str]) -> str:

@@ -152,6 +152,7 @@ def main(argv=None) -> int:
 
     import seqfuse
     from integrations import hf
+    from seqfuse.info import source_revision
 
     rows = []
     for name in args.models.split(","):
@@ -235,6 +236,8 @@ def main(argv=None) -> int:
             transformers=transformers.__version__,
             seqfuse=seqfuse.__version__,
         ),
+        git_revision=source_revision(),
+        env={k: v for k, v in sorted(os.environ.items()) if k.startswith("SEQFUSE_")},
         settings=vars(args),
         rows=rows,
     )

@@ -669,22 +669,6 @@ class WorkerProcess:
 # --------------------------------------------------------------------------- driver
 
 
-def _git_revision() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def context(devices: list, threads: int | None) -> dict:
     import torch
 
@@ -701,11 +685,11 @@ def context(devices: list, threads: int | None) -> dict:
         versions["seqfuse"] = sv
     except Exception:
         versions["seqfuse"] = None
-    from seqfuse.info import cpu_description
+    from seqfuse.info import cpu_description, source_revision
 
     ctx = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": _git_revision(),
+        "git_revision": source_revision(),
         "cpu": cpu_description(),
         "cpu_count": os.cpu_count(),
         "threads": threads or torch.get_num_threads(),

@@ -612,15 +612,9 @@ def _context() -> dict:
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
-    try:
-        import subprocess
+    from seqfuse.info import source_revision
 
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        ctx["git_revision"] = rev.stdout.strip() or "unknown"
-    except Exception:  # no git
-        ctx["git_revision"] = "unknown"
+    ctx["git_revision"] = source_revision()
     for mod in ("fairseq", "transformers"):
         try:
             ctx[mod] = __import__(mod).__version__

@@ -34,6 +34,31 @@ def cpu_description() -> str:
     return f"{name} ({', '.join(parts)})"
 
 
+def source_revision() -> str:
+    """The git commit of the checkout seqfuse runs from ("-dirty" when tracked
+    files differ from it), or "unknown" outside a git checkout: benchmark and
+    fuzzing results record it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if rev.returncode != 0 or not rev.stdout.strip():
+        return "unknown"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def _version(mod: str) -> str:
     try:
         m = __import__(mod)

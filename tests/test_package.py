@@ -58,6 +58,19 @@ def test_info_lists_versions_and_backends():
     assert stacks.endswith("decoder step and encoder"), stacks
 
 
+def test_source_revision_is_the_checkouts_commit(tmp_path, monkeypatch):
+    from seqfuse.info import source_revision
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(seqfuse.__file__)))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        assert source_revision() == "unknown"
+    else:
+        assert source_revision().removesuffix("-dirty") == head.stdout.strip()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert source_revision() == "unknown"
+
+
 def test_import_without_extension_warns_once_and_uses_the_reference():
     out = _run(
         """
