@@ -239,13 +239,46 @@ class _SeqfuseGeneration:
             self, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs
         )
 
-    def _sample(self, *args, **kwargs):
+    def _sample(
+        self,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus: bool = False,
+        streamer=None,
+        **model_kwargs,
+    ):
         if not _ext.disabled():
-            _warn(
-                "num_beams=1 (greedy search or sampling); the model's layers keep "
-                "seqfuse's step and kernels"
+            why = _why_stock_sample(
+                self,
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                synced_gpus,
+                streamer,
+                model_kwargs,
             )
-        return super()._sample(*args, **kwargs)
+            if why is None:
+                return greedy_search(
+                    self,
+                    input_ids,
+                    logits_processor,
+                    stopping_criteria,
+                    generation_config,
+                    **model_kwargs,
+                )
+            _warn(f"num_beams=1 ({why}); the model's layers keep seqfuse's step and kernels")
+        return super()._sample(
+            input_ids,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            generation_config=generation_config,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            **model_kwargs,
+        )
 
 
 def _unsupported(gc, synced_gpus: bool) -> str | None:
@@ -411,15 +444,21 @@ def _why_not_drop_finished(
 ) -> str | None:
     """None when finished sentences' rows can leave the batch; otherwise why
     they stay."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
-    from transformers.generation.utils import ALL_CACHE_NAMES
-
     if return_dict:
         return "return_dict_in_generate=True (the returned cache covers every sentence)"
     if stop_plan is None:
         return "a stopping criterion other than max length and EOS"
     if plan is None or plan.generic_reason is not None:
         return plan.generic_reason if plan is not None else "no step yet"
+    return _why_rows_stay(model, model_kwargs, rows)
+
+
+def _why_rows_stay(model, model_kwargs, rows: int) -> str | None:
+    """The model's side of ``_why_not_drop_finished``: fused layers, dynamic
+    caches and generate arguments whose per-row tensors can follow the rows."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+    from transformers.generation.utils import ALL_CACHE_NAMES
+
     if hasattr(model, "_reorder_cache"):
         return "the model reorders its own cache"
     from integrations import hf_fused
@@ -471,6 +510,126 @@ def _select_row_kwargs(model_kwargs: dict, rows: Tensor) -> None:
     if enc is not None:
         for name, t in list(enc.items()):
             enc[name] = t.index_select(0, rows)
+
+
+# ------------------------------------------------------------ greedy search
+# Processors whose effect on a row reads only that row and the step.
+_ROW_WISE_PROCESSORS = (
+    "NoBadWordsLogitsProcessor",
+    "MinLengthLogitsProcessor",
+    "MinNewTokensLengthLogitsProcessor",
+    "SuppressTokensLogitsProcessor",
+    "SuppressTokensAtBeginLogitsProcessor",
+    "ForcedBOSTokenLogitsProcessor",
+    "ForcedEOSTokenLogitsProcessor",
+    "NoRepeatNGramLogitsProcessor",
+    "RepetitionPenaltyLogitsProcessor",
+)
+
+
+def _why_stock_sample(
+    model, input_ids, processors, stopping_criteria, gc, synced_gpus, streamer, model_kwargs
+) -> str | None:
+    """None when ``greedy_search`` runs this ``_sample`` call (greedy search
+    with fused layers, where finished sequences can leave the batch);
+    otherwise why Hugging Face's loop runs it."""
+    from integrations import hf_fused
+
+    if gc.do_sample:
+        return "sampling"
+    if not hf_fused.enabled(model):
+        return "greedy search"
+    if gc.return_dict_in_generate or streamer is not None or synced_gpus:
+        return "greedy search with return_dict_in_generate, a streamer or synced_gpus"
+    if input_ids.device.type != "cpu" or getattr(gc, "is_assistant", False):
+        return "greedy search off the CPU or as an assistant model"
+    stop_plan = _stop_plan(stopping_criteria, input_ids.device)
+    if stop_plan is None or stop_plan[1] is None or gc._pad_token_tensor is None:
+        return "greedy search without the default EOS criterion and a pad token"
+    for p in processors:
+        if type(p).__module__ != _PROCESSORS_MODULE or type(p).__name__ not in _ROW_WISE_PROCESSORS:
+            return f"greedy search with logits processor {type(p).__name__}"
+    if model._valid_auto_compile_criteria(model_kwargs, gc):
+        return "greedy search with a compiled forward"
+    return None
+
+
+_PROCESSORS_MODULE = "transformers.generation.logits_process"
+
+
+def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **model_kwargs):
+    """Hugging Face's ``_sample`` (transformers 5.x) for greedy search without
+    per-step outputs, streamer or compiled forward: the same steps, and
+    sequences that have finished leave the batch (stock keeps decoding them,
+    appending the pad token, until every sequence is done); the result gets
+    the same pad columns."""
+    device = input_ids.device
+    pad = gc._pad_token_tensor.to(device)
+    batch = input_ids.shape[0]
+    unfinished = torch.ones(batch, dtype=torch.long, device=device)
+    drop_ok: bool | None = None if _ext.env_flag(DROP_FINISHED_ENV, True) else False
+    row_ids = None  # each kept row's row in the batch (None: all, in order)
+    left = []  # (rows in the batch, their sequences) of the rows that left
+    outputs = model._prefill(input_ids, gc, model_kwargs, is_first_iteration=True)
+    first = True
+    with model._optimize_model_for_decode():
+        while True:
+            if not first:
+                next_len = 1 if model_kwargs["use_cache"] else None
+                inputs = model.prepare_inputs_for_generation(
+                    input_ids, next_sequence_length=next_len, **model_kwargs
+                )
+                outputs = model(**inputs, return_dict=True)
+            first = False
+            model_kwargs = model._update_model_kwargs_for_generation(
+                outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
+            )
+            logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+            del outputs
+            tokens = torch.argmax(logits_processor(input_ids, logits), dim=-1)
+            tokens = tokens * unfinished + pad * (1 - unfinished)
+            input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+            unfinished = unfinished & ~stopping_criteria(input_ids, None)
+            if unfinished.max() == 0:
+                break
+            done = unfinished == 0
+            if drop_ok is False or not bool(done.any()):
+                continue
+            if drop_ok is None:
+                why = _why_rows_stay(model, model_kwargs, input_ids.size(0))
+                drop_ok = why is None
+                if why is not None:
+                    logger.debug("seqfuse: finished sequences keep their rows: %s", why)
+                    continue
+            keep = unfinished.nonzero().view(-1)
+            if _padding_vanishes(model_kwargs, keep):
+                continue
+            gone = done.nonzero().view(-1)
+            if row_ids is None:
+                row_ids = torch.arange(batch, device=device)
+            left.append((row_ids.index_select(0, gone), input_ids.index_select(0, gone)))
+            STATS["sentences_dropped"] += gone.numel()
+            row_ids = row_ids.index_select(0, keep)
+            input_ids = input_ids.index_select(0, keep)
+            unfinished = unfinished.index_select(0, keep)
+            cache = next((model_kwargs[k] for k in _cache_names() if k in model_kwargs), None)
+            if cache is not None:
+                cache.reorder_cache(keep)
+            _select_row_kwargs(model_kwargs, keep)
+    if row_ids is None:
+        return input_ids
+    out = torch.empty((batch, input_ids.size(1)), dtype=input_ids.dtype, device=device)
+    out.copy_(pad.expand_as(out))
+    out[row_ids] = input_ids
+    for rows, ids in left:
+        out[rows, : ids.size(1)] = ids
+    return out
+
+
+def _cache_names():
+    from transformers.generation.utils import ALL_CACHE_NAMES
+
+    return ALL_CACHE_NAMES
 
 
 # ------------------------------------------------------------- the search
