@@ -523,8 +523,9 @@ _ROW_WISE_PROCESSORS = (
     "ForcedBOSTokenLogitsProcessor",
     "ForcedEOSTokenLogitsProcessor",
     "NoRepeatNGramLogitsProcessor",
-    "RepetitionPenaltyLogitsProcessor",
 )
+# (RepetitionPenaltyLogitsProcessor is not one: it can hold a per-row prompt
+# length, sized by the batch.)
 
 
 def _why_stock_sample(

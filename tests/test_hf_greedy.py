@@ -66,7 +66,6 @@ def test_same_sequences_as_stock_and_every_row_kept(kind, monkeypatch, caplog):
     "opts",
     [
         dict(no_repeat_ngram_size=2),
-        dict(repetition_penalty=1.3),
         dict(min_new_tokens=4, bad_words_ids=[[7], [9, 11]]),
     ],
     ids=lambda o: ",".join(o),
@@ -102,9 +101,11 @@ def test_decoder_only_left_padding(monkeypatch):
 
 
 def test_hugging_faces_loop_elsewhere(monkeypatch, caplog):
-    """The exact mode, sampling, return_dict_in_generate and a processor that
-    reads other rows (prefix_allowed_tokens_fn is given the sentence's index)
-    run Hugging Face's own loop, with one line naming the reason."""
+    """The exact mode, sampling, return_dict_in_generate and processors with
+    state sized by the batch or indexed by sentence (prefix_allowed_tokens_fn
+    is given the sentence's index; the repetition penalty can hold a per-row
+    prompt length) run Hugging Face's own loop, with one line naming the
+    reason."""
     model = make_model("bart", seed=0)
     ids, mask = make_inputs("bart", model, batch=4, seed=0)
     kw = dict(attention_mask=mask, max_new_tokens=10)
@@ -113,6 +114,7 @@ def test_hugging_faces_loop_elsewhere(monkeypatch, caplog):
         (True, dict(do_sample=True), "sampling"),
         (True, dict(return_dict_in_generate=True), "return_dict_in_generate"),
         (True, dict(prefix_allowed_tokens_fn=lambda b, s: list(range(50))), "Prefix"),
+        (True, dict(repetition_penalty=1.3), "RepetitionPenalty"),
     ]
     for fused, extra, reason in cases:
         hf._warned.clear()

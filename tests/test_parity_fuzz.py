@@ -168,3 +168,30 @@ def test_fused_scores_are_judged_against_float64_where_stock_is_off():
     # the float64 value is stock's: seqfuse's difference is reported
     stock_is_right = reference_at(float(exact[1]))
     assert parity_fuzz.fairseq_problems(stock, ours, exact=False, reference=stock_is_right)
+
+
+def test_greedy_raw_logits_held_to_their_rows_scale():
+    """Greedy search's per-step scores are logits: the fused rule scales 1e-5
+    by each row's largest logit; log-probabilities keep the plain 1e-5; the
+    exact rule stays bit for bit."""
+    from types import SimpleNamespace
+
+    row = torch.tensor([[10.0, 0.5, -3.0, float("-inf")]])
+
+    def out(delta):
+        return SimpleNamespace(
+            sequences=torch.tensor([[1, 2]]),
+            sequences_scores=None,
+            beam_indices=None,
+            scores=(row + torch.tensor([[0.0, delta, 0.0, 0.0]]),),
+        )
+
+    base = out(0.0)
+    check = parity_fuzz.hf_problems
+    assert check(base, out(5e-5), exact=False, raw_logits=True) == []  # < 1e-5 * 10
+    assert check(base, out(2e-4), exact=False, raw_logits=True) == ["per-step scores differ"]
+    assert check(base, out(5e-5), exact=False) == ["per-step scores differ"]
+    assert check(base, out(5e-5), exact=True, raw_logits=True) == ["per-step scores differ"]
+    moved_inf = out(0.0)
+    moved_inf.scores = (torch.tensor([[10.0, 0.5, float("-inf"), -3.0]]),)
+    assert check(base, moved_inf, exact=False, raw_logits=True) == ["per-step scores differ"]
