@@ -37,8 +37,10 @@ What changes is the expensive part of a step:
 
 Anything else runs Hugging Face's own loop after one warning line naming the
 reason: beam sampling, ``synced_gpus``, a transformers version whose beam
-search this module does not mirror. Greedy search and sampling
-(``num_beams=1``) are Hugging Face's loop (one line says so).
+search this module does not mirror. Sampling (``num_beams=1``) and greedy
+search are Hugging Face's loop (one line says so), except greedy search with
+fused layers, which runs ``greedy_search``: Hugging Face's steps, and a
+sequence that has ended leaves the batch.
 ``SEQFUSE_DISABLE=1`` runs stock without a warning. The weights are
 untouched; the decoder of a BART-family model also runs the exact one-call
 step (``integrations.hf_exact_step``: transformers' own tensor ops, issued
