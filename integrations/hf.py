@@ -578,11 +578,7 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
     with model._optimize_model_for_decode():
         while True:
             if not first:
-                next_len = 1 if model_kwargs["use_cache"] else None
-                inputs = model.prepare_inputs_for_generation(
-                    input_ids, next_sequence_length=next_len, **model_kwargs
-                )
-                outputs = model(**inputs, return_dict=True)
+                outputs = _forward(model, input_ids, model_kwargs)
             first = False
             model_kwargs = model._update_model_kwargs_for_generation(
                 outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
@@ -627,6 +623,16 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
     for rows, ids in left:
         out[rows, : ids.size(1)] = ids
     return out
+
+
+def _forward(model, sequences: Tensor, model_kwargs: dict):
+    """The model's forward on the running sequences after the first step, as
+    Hugging Face's loops call it."""
+    next_len = 1 if model_kwargs["use_cache"] else None
+    inputs = model.prepare_inputs_for_generation(
+        sequences, next_sequence_length=next_len, **model_kwargs
+    )
+    return model(**inputs, return_dict=True)
 
 
 def _cache_names():
@@ -723,11 +729,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     while not this_peer_finished:
         if not first:
             flat_running = run_buf[:, :, :cur_len].reshape(flat_batch, cur_len)
-            next_len = 1 if model_kwargs["use_cache"] else None
-            inputs = model.prepare_inputs_for_generation(
-                flat_running, next_sequence_length=next_len, **model_kwargs
-            )
-            model_outputs = model(**inputs, return_dict=True)
+            model_outputs = _forward(model, flat_running, model_kwargs)
         first = False
         model_kwargs = model._update_model_kwargs_for_generation(
             model_outputs, model_kwargs, is_encoder_decoder=is_enc_dec

@@ -192,3 +192,29 @@ def make_inputs(kind: str, model, batch: int, seed: int = 0, src_len: int = 9):
     if kind not in DECODER_ONLY:
         ids[:, -1] = torch.where(mask[:, -1] == 1, cfg.eos_token_id, ids[:, -1])
     return ids, mask
+
+
+# Environment switches the HF tests start without.
+SEQFUSE_ENV = (
+    "SEQFUSE_DISABLE",
+    "SEQFUSE_FUSED_LAYERS",
+    "SEQFUSE_EXACT_STEP",
+    "SEQFUSE_HF_DROP_FINISHED",
+)
+
+
+def clear_seqfuse_env(monkeypatch) -> None:
+    for var in SEQFUSE_ENV:
+        monkeypatch.delenv(var, raising=False)
+
+
+def needs_packed_gemm():
+    """Skip mark for the fused-layer tests: the packed GEMM must run here."""
+    import pytest
+
+    from seqfuse import _ext
+
+    return pytest.mark.skipif(
+        _ext._C is None or not torch.ops.seqfuse.linear_capability(),
+        reason="no packed-GEMM kernel here",
+    )

@@ -1,6 +1,8 @@
-"""Hugging Face beam search with fused layers: the rows of sentences the search
-has closed leave the batch. Stock decodes every sentence until the last one is
-done; seqfuse stops decoding a sentence once nothing can change its result.
+"""Hugging Face generate with fused layers: the rows of finished sentences
+leave the batch. Stock decodes every sentence until the last one is done;
+seqfuse stops decoding a sentence once nothing can change its result: in beam
+search once the early-stop heuristic has closed it, in greedy search (seqfuse's
+loop, Hugging Face's steps) once it has ended.
 Checked against the same fused model with every row kept
 (``SEQFUSE_HF_DROP_FINISHED=0``) and against stock, run in the same test: the
 same tokens and beams, scores within the fused mode's 1e-5 (torch's CPU
@@ -12,23 +14,25 @@ import logging
 
 import pytest
 import torch
-from hf_models import DECODER_ONLY, KINDS, MORE_KINDS, make_inputs, make_model
+from hf_models import (
+    DECODER_ONLY,
+    KINDS,
+    MORE_KINDS,
+    clear_seqfuse_env,
+    make_inputs,
+    make_model,
+    needs_packed_gemm,
+)
 
 import seqfuse
 from integrations import hf
-from seqfuse import _ext
 
-pytestmark = pytest.mark.skipif(
-    _ext._C is None or not torch.ops.seqfuse.linear_capability(),
-    reason="no packed-GEMM kernel here",
-)
+pytestmark = needs_packed_gemm()
 
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
-    for var in ("SEQFUSE_DISABLE", "SEQFUSE_FUSED_LAYERS", "SEQFUSE_EXACT_STEP"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.delenv(hf.DROP_FINISHED_ENV, raising=False)
+    clear_seqfuse_env(monkeypatch)
 
 
 def _run(model, ids, monkeypatch, drop: bool, **kw):
@@ -39,28 +43,39 @@ def _run(model, ids, monkeypatch, drop: bool, **kw):
     return out, hf.STATS["sentences_dropped"]
 
 
+def _three_ways(model, ids, monkeypatch, **kw):
+    """(stock, fused with every row kept, fused with finished sentences
+    dropped, how many were dropped) on the same model."""
+    with torch.no_grad():
+        stock = model.generate(ids, **kw)
+    seqfuse.optimize(model, fused_layers=True)
+    try:
+        kept, n_kept = _run(model, ids, monkeypatch, drop=False, **kw)
+        ours, n = _run(model, ids, monkeypatch, drop=True, **kw)
+    finally:
+        hf.restore(model)
+    assert n_kept == 0
+    return stock, kept, ours, n
+
+
 def _check_outputs(a, b):
     assert torch.equal(a.sequences, b.sequences)
     assert torch.equal(a.beam_indices, b.beam_indices)
     torch.testing.assert_close(a.sequences_scores, b.sequences_scores, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("beams", [4, 1], ids=["beam", "greedy"])
 @pytest.mark.parametrize("kind", KINDS + MORE_KINDS)
-def test_same_as_every_row_kept_and_stock_tokens(kind, monkeypatch):
+def test_same_as_every_row_kept_and_stock_tokens(kind, beams, monkeypatch, caplog):
     dropped_any = 0
-    for seed in (0, 2):
+    for seed in (0, 1, 2):
         model = make_model(kind, seed=seed)
-        ids, mask = make_inputs(kind, model, batch=8, seed=seed)
-        kw = dict(attention_mask=mask, num_beams=4, max_new_tokens=20)
-        with torch.no_grad():
-            stock = model.generate(ids, **kw)
-        seqfuse.optimize(model, fused_layers=True)
-        try:
-            kept, n_kept = _run(model, ids, monkeypatch, drop=False, **kw)
-            ours, n = _run(model, ids, monkeypatch, drop=True, **kw)
-        finally:
-            hf.restore(model)
-        assert n_kept == 0
+        ids, mask = make_inputs(kind, model, batch=8, seed=seed, src_len=10)
+        kw = dict(attention_mask=mask, num_beams=beams, max_new_tokens=24)
+        with caplog.at_level(logging.WARNING, logger="seqfuse.hf"):
+            caplog.clear()
+            stock, kept, ours, n = _three_ways(model, ids, monkeypatch, **kw)
+        assert not caplog.records  # seqfuse's loops ran: no fallback line
         dropped_any += n
         assert torch.equal(ours, kept)
         assert torch.equal(ours, stock)  # these models' fused logits keep stock's tokens
@@ -91,14 +106,7 @@ def test_scores_and_beam_indices(kind, opts, monkeypatch):
         ids, mask = make_inputs(kind, model, batch=7, seed=seed + 1)
         kw = dict(attention_mask=mask, num_beams=4, max_new_tokens=16, **opts)
         kw.update(return_dict_in_generate=True, output_scores=True)
-        with torch.no_grad():
-            stock = model.generate(ids, **kw)
-        seqfuse.optimize(model, fused_layers=True)
-        try:
-            kept, _ = _run(model, ids, monkeypatch, drop=False, **kw)
-            ours, n = _run(model, ids, monkeypatch, drop=True, **kw)
-        finally:
-            hf.restore(model)
+        stock, kept, ours, n = _three_ways(model, ids, monkeypatch, **kw)
         dropped += n
         _check_outputs(kept, ours)
         _check_outputs(stock, ours)
@@ -135,14 +143,10 @@ def test_decoder_only_masks_and_positions_follow(monkeypatch):
     model = make_model(kind, seed=2)
     ids, mask = make_inputs(kind, model, batch=9, seed=5, src_len=12)
     kw = dict(attention_mask=mask, num_beams=3, max_new_tokens=24)
-    seqfuse.optimize(model, fused_layers=True)
-    try:
-        kept, _ = _run(model, ids, monkeypatch, drop=False, **kw)
-        ours, n = _run(model, ids, monkeypatch, drop=True, **kw)
-    finally:
-        hf.restore(model)
+    stock, kept, ours, n = _three_ways(model, ids, monkeypatch, **kw)
     assert n > 0
     assert torch.equal(kept, ours)
+    assert torch.equal(stock, ours)
 
 
 def test_sentences_to_keep_rules():
@@ -162,3 +166,84 @@ def test_sentences_to_keep_rules():
     keep = hf._sentences_to_keep(unsat, finished, scores)
     assert keep.tolist() == [1, 2, 3, 4, 5]
     assert hf._sentences_to_keep(unsat[1:], finished[1:], scores[1:]) is None
+
+
+# ------------------------------------------------------------ greedy search
+def _greedy(model, ids, monkeypatch, drop: bool | None = None, **kw):
+    if drop is not None:
+        monkeypatch.setenv(hf.DROP_FINISHED_ENV, "1" if drop else "0")
+    hf.STATS["sentences_dropped"] = 0
+    with torch.no_grad():
+        out = model.generate(ids, num_beams=1, do_sample=False, **kw)
+    return out, hf.STATS["sentences_dropped"]
+
+
+def _stock_and_fused(model, ids, monkeypatch, **kw):
+    """(stock's sequences, the fused model's with finished sequences dropped,
+    how many were dropped)."""
+    stock, _ = _greedy(model, ids, monkeypatch, **kw)
+    seqfuse.optimize(model, fused_layers=True)
+    try:
+        ours, n = _greedy(model, ids, monkeypatch, drop=True, **kw)
+    finally:
+        hf.restore(model)
+    return stock, ours, n
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(no_repeat_ngram_size=2),
+        dict(min_new_tokens=4, bad_words_ids=[[7], [9, 11]]),
+    ],
+    ids=lambda o: ",".join(o),
+)
+@pytest.mark.parametrize("kind, seed", [("marian", 1), ("t5", 0)])
+def test_row_wise_processors(kind, seed, opts, monkeypatch):
+    model = make_model(kind, seed=seed)
+    ids, mask = make_inputs(kind, model, batch=9, seed=0, src_len=10)
+    kw = dict(attention_mask=mask, max_new_tokens=20, **opts)
+    stock, ours, n = _stock_and_fused(model, ids, monkeypatch, **kw)
+    assert n > 0
+    assert torch.equal(stock, ours)
+
+
+def test_decoder_only_left_padding(monkeypatch):
+    kind = DECODER_ONLY[0]
+    model = make_model(kind, seed=0)
+    ids, mask = make_inputs(kind, model, batch=9, seed=2, src_len=12)
+    kw = dict(attention_mask=mask, max_new_tokens=30)
+    stock, ours, n = _stock_and_fused(model, ids, monkeypatch, **kw)
+    assert n > 0
+    assert torch.equal(stock, ours)
+
+
+def test_hugging_faces_loop_elsewhere(monkeypatch, caplog):
+    """The exact mode, sampling, return_dict_in_generate and processors with
+    state sized by the batch or indexed by sentence (prefix_allowed_tokens_fn
+    is given the sentence's index; the repetition penalty can hold a per-row
+    prompt length) run Hugging Face's own loop, with one line naming the
+    reason."""
+    model = make_model("bart", seed=0)
+    ids, mask = make_inputs("bart", model, batch=4, seed=0)
+    kw = dict(attention_mask=mask, max_new_tokens=10)
+    cases = [
+        (False, {}, "greedy search"),
+        (True, dict(do_sample=True), "sampling"),
+        (True, dict(return_dict_in_generate=True), "return_dict_in_generate"),
+        (True, dict(prefix_allowed_tokens_fn=lambda b, s: list(range(50))), "Prefix"),
+        (True, dict(repetition_penalty=1.3), "RepetitionPenalty"),
+    ]
+    for fused, extra, reason in cases:
+        hf._warned.clear()
+        seqfuse.optimize(model, fused_layers=fused)
+        try:
+            with caplog.at_level(logging.WARNING, logger="seqfuse.hf"):
+                caplog.clear()
+                with torch.no_grad():
+                    model.generate(ids, num_beams=1, **kw, **extra)
+        finally:
+            hf.restore(model)
+        lines = [r.getMessage() for r in caplog.records if r.name == "seqfuse.hf"]
+        assert len(lines) == 1 and reason in lines[0], (reason, lines)
+        assert lines[0].startswith(hf.FALLBACK_PREFIX)

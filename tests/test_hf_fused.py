@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import make_inputs, make_model
+from hf_models import clear_seqfuse_env, make_inputs, make_model, needs_packed_gemm
 
 import seqfuse
 from integrations import hf, hf_exact_step, hf_fused
-from seqfuse import _ext
 
-pytestmark = pytest.mark.skipif(
-    _ext._C is None or not torch.ops.seqfuse.linear_capability(),
-    reason="no packed-GEMM kernel here",
-)
+pytestmark = needs_packed_gemm()
 
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
-    for var in ("SEQFUSE_DISABLE", "SEQFUSE_FUSED_LAYERS", "SEQFUSE_EXACT_STEP"):
-        monkeypatch.delenv(var, raising=False)
+    clear_seqfuse_env(monkeypatch)
 
 
 def _generate(model, ids, **kw):
