@@ -542,6 +542,9 @@ def _why_stock_sample(
         return "sampling"
     if not hf_fused.enabled(model):
         return "greedy search"
+    missing = [h for h in _GREEDY_HELPERS if not hasattr(model, h)]
+    if missing:
+        return f"greedy search on a transformers without {', '.join(missing)}"
     if gc.return_dict_in_generate or streamer is not None or synced_gpus:
         return "greedy search with return_dict_in_generate, a streamer or synced_gpus"
     if input_ids.device.type != "cpu" or getattr(gc, "is_assistant", False):
@@ -558,6 +561,14 @@ def _why_stock_sample(
 
 
 _PROCESSORS_MODULE = "transformers.generation.logits_process"
+# The helpers of GenerationMixin greedy_search calls (transformers 5.x).
+_GREEDY_HELPERS = (
+    "_prefill",
+    "_optimize_model_for_decode",
+    "_valid_auto_compile_criteria",
+    "_update_model_kwargs_for_generation",
+    "prepare_inputs_for_generation",
+)
 
 
 def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **model_kwargs):
