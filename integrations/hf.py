@@ -94,6 +94,15 @@ _HELPERS = (
 )
 
 
+def _debug_once(line: str) -> None:
+    if line not in _noted:
+        _noted.add(line)
+        logger.debug("%s", line)
+
+
+_noted: set[str] = set()
+
+
 def _warn(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
@@ -609,7 +618,7 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
                 why = _why_rows_stay(model, model_kwargs, input_ids.size(0))
                 drop_ok = why is None
                 if why is not None:
-                    logger.debug("seqfuse: finished sequences keep their rows: %s", why)
+                    _debug_once(f"seqfuse: finished sequences keep their rows: {why}")
                     continue
             keep = unfinished.nonzero().view(-1)
             if _padding_vanishes(model_kwargs, keep):
@@ -877,7 +886,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
                 )
                 drop_ok = why is None
                 if why is not None:
-                    logger.debug("seqfuse: finished sentences keep their rows: %s", why)
+                    _debug_once(f"seqfuse: finished sentences keep their rows: {why}")
                     keep_sents = None
         # compact rows of the beams the next step continues (stock: flat indices)
         beam_idx = model._flatten_beam_dim(running_beam_indices[..., col])
