@@ -231,7 +231,9 @@ def generation_peak_bytes(fn, device: str = "cpu") -> tuple:
     torch's CPU allocator reports to the profiler (``profile_memory=True``):
     a running sum of their sizes in time order, whose maximum is the peak
     (allocations made outside torch's allocator, e.g. by oneDNN or MKL
-    internally, are not seen). On a GPU it is
+    internally, are not seen; Python's cyclic collector is paused during the
+    call, after a collection, so that no earlier garbage is freed inside). On
+    a GPU it is
     ``torch.cuda.max_memory_allocated()`` minus the bytes allocated before.
     """
     import torch
@@ -243,10 +245,22 @@ def generation_peak_bytes(fn, device: str = "cpu") -> tuple:
         out = fn()
         torch.cuda.synchronize()
         return out, max(0, torch.cuda.max_memory_allocated() - base)
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
+    # Earlier garbage collected inside the window would count as freed by the
+    # call (its blocks' sizes are known when they were allocated while an
+    # earlier profile ran): collect it first and pause the collector.
+    gc.collect()
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+    finally:
+        if paused:
+            gc.enable()
     events = [
         (e.start_ns(), i, e.nbytes())
         for i, e in enumerate(prof.profiler.kineto_results.events())

@@ -284,6 +284,31 @@ def test_generation_peak_bytes_known_allocations():
     assert peak_of(lambda: None) == (None, 0)
 
 
+def test_generation_peak_bytes_not_lowered_by_earlier_garbage():
+    """A block allocated while an earlier profile ran and left in a reference
+    cycle is freed when the cycle is collected; collected inside the window,
+    its free would lower the call's peak."""
+    import gc
+
+    import torch
+
+    peak_of = _benchmark().generation_peak_bytes
+    mib = 2**20
+
+    def leave_a_cycle():
+        box = {"t": torch.empty(4 * mib, dtype=torch.uint8)}
+        box["self"] = box
+
+    peak_of(leave_a_cycle)
+
+    def collects_then_allocates():
+        gc.collect()
+        return torch.empty(mib, dtype=torch.uint8)
+
+    _, peak = peak_of(collects_then_allocates)
+    assert peak == mib
+
+
 def test_generation_peak_bytes_of_a_generation():
     """A tiny model's beam search has a positive peak, and a block held through
     the call raises it by that block's size."""
