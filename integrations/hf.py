@@ -451,7 +451,7 @@ def _sentences_to_keep(early_stop_unsat: Tensor, finished: Tensor, scores: Tenso
 
 
 def _why_not_drop_finished(
-    model, return_dict, plan, stop_plan, model_kwargs, rows: int
+    model, return_dict, processors, stop_plan, model_kwargs, rows: int
 ) -> str | None:
     """None when finished sentences' rows can leave the batch; otherwise why
     they stay."""
@@ -459,8 +459,9 @@ def _why_not_drop_finished(
         return "return_dict_in_generate=True (the returned cache covers every sentence)"
     if stop_plan is None:
         return "a stopping criterion other than max length and EOS"
-    if plan is None or plan.generic_reason is not None:
-        return plan.generic_reason if plan is not None else "no step yet"
+    why = _why_not_row_wise(processors)
+    if why is not None:
+        return why
     return _why_rows_stay(model, model_kwargs, rows)
 
 
@@ -561,15 +562,26 @@ def _why_stock_sample(
     stop_plan = _stop_plan(stopping_criteria, input_ids.device)
     if stop_plan is None or stop_plan[1] is None or gc._pad_token_tensor is None:
         return "greedy search without the default EOS criterion and a pad token"
-    for p in processors:
-        if type(p).__module__ != _PROCESSORS_MODULE or type(p).__name__ not in _ROW_WISE_PROCESSORS:
-            return f"greedy search with logits processor {type(p).__name__}"
+    why = _why_not_row_wise(processors)
+    if why is not None:
+        return f"greedy search with {why}"
     if model._valid_auto_compile_criteria(model_kwargs, gc):
         return "greedy search with a compiled forward"
     return None
 
 
 _PROCESSORS_MODULE = "transformers.generation.logits_process"
+
+
+def _why_not_row_wise(processors) -> str | None:
+    """None when every logits processor reads only its own row and the step
+    (finished rows can then leave the batch); otherwise the first that does not."""
+    for p in processors:
+        if type(p).__module__ != _PROCESSORS_MODULE or type(p).__name__ not in _ROW_WISE_PROCESSORS:
+            return f"logits processor {type(p).__name__}"
+    return None
+
+
 # The helpers of GenerationMixin greedy_search calls (transformers 5.x).
 _GREEDY_HELPERS = (
     "_prefill",
@@ -882,7 +894,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
             keep_sents = _sentences_to_keep(early_stop_unsat, is_sent_finished, beam_scores)
             if keep_sents is not None and drop_ok is None:
                 why = _why_not_drop_finished(
-                    model, return_dict, plan, stop_plan, model_kwargs, flat_batch
+                    model, return_dict, logits_processor, stop_plan, model_kwargs, flat_batch
                 )
                 drop_ok = why is None
                 if why is not None:

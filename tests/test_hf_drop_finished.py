@@ -90,6 +90,7 @@ def test_same_as_every_row_kept_and_stock_tokens(kind, beams, monkeypatch, caplo
         dict(early_stopping=False, length_penalty=-1.0),
         dict(length_penalty=0.0, num_return_sequences=3),
         dict(min_new_tokens=3, bad_words_ids=[[5]]),
+        dict(no_repeat_ngram_size=2),
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
@@ -114,14 +115,15 @@ def test_scores_and_beam_indices(kind, opts, monkeypatch):
 
 
 def test_rows_kept(monkeypatch, caplog):
-    """The exact mode, a logits processor that reads the rows (n-gram
-    blocking) and return_dict_in_generate keep every row."""
+    """The exact mode, a logits processor with state sized by the batch (the
+    repetition penalty's per-row prompt length) and return_dict_in_generate
+    keep every row."""
     model = make_model("bart", seed=0)
     ids, mask = make_inputs("bart", model, batch=8, seed=0)
     kw = dict(attention_mask=mask, num_beams=4, max_new_tokens=20)
     cases = [
         (False, {}, "exact mode"),
-        (True, dict(no_repeat_ngram_size=2), "NoRepeatNGramLogitsProcessor"),
+        (True, dict(repetition_penalty=1.3), "RepetitionPenaltyLogitsProcessor"),
         (True, dict(return_dict_in_generate=True), "return_dict_in_generate"),
     ]
     for fused, extra, reason in cases:
