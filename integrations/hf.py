@@ -433,6 +433,31 @@ def _cross_cache_shared(cache, batch: int, num_beams: int) -> bool:
 _ROW_KWARGS = ("attention_mask", "decoder_attention_mask", "position_ids", "token_type_ids")
 _SCALAR_KWARGS = ("use_cache", "logits_to_keep", "cache_position")
 
+# Processors whose effect on a row reads only that row and the step.
+_ROW_WISE_PROCESSORS = (
+    "NoBadWordsLogitsProcessor",
+    "MinLengthLogitsProcessor",
+    "MinNewTokensLengthLogitsProcessor",
+    "SuppressTokensLogitsProcessor",
+    "SuppressTokensAtBeginLogitsProcessor",
+    "ForcedBOSTokenLogitsProcessor",
+    "ForcedEOSTokenLogitsProcessor",
+    "NoRepeatNGramLogitsProcessor",
+)
+# (RepetitionPenaltyLogitsProcessor is not one: it can hold a per-row prompt
+# length, sized by the batch.)
+
+_PROCESSORS_MODULE = "transformers.generation.logits_process"
+
+
+def _why_not_row_wise(processors) -> str | None:
+    """None when every logits processor reads only its own row and the step
+    (finished rows can then leave the batch); otherwise the first that does not."""
+    for p in processors:
+        if type(p).__module__ != _PROCESSORS_MODULE or type(p).__name__ not in _ROW_WISE_PROCESSORS:
+            return f"logits processor {type(p).__name__}"
+    return None
+
 
 def _sentences_to_keep(early_stop_unsat: Tensor, finished: Tensor, scores: Tensor):
     """Indices of the sentences to keep decoding, or None when none can leave.
@@ -525,19 +550,14 @@ def _select_row_kwargs(model_kwargs: dict, rows: Tensor) -> None:
 
 
 # ------------------------------------------------------------ greedy search
-# Processors whose effect on a row reads only that row and the step.
-_ROW_WISE_PROCESSORS = (
-    "NoBadWordsLogitsProcessor",
-    "MinLengthLogitsProcessor",
-    "MinNewTokensLengthLogitsProcessor",
-    "SuppressTokensLogitsProcessor",
-    "SuppressTokensAtBeginLogitsProcessor",
-    "ForcedBOSTokenLogitsProcessor",
-    "ForcedEOSTokenLogitsProcessor",
-    "NoRepeatNGramLogitsProcessor",
+# The helpers of GenerationMixin greedy_search calls (transformers 5.x).
+_GREEDY_HELPERS = (
+    "_prefill",
+    "_optimize_model_for_decode",
+    "_valid_auto_compile_criteria",
+    "_update_model_kwargs_for_generation",
+    "prepare_inputs_for_generation",
 )
-# (RepetitionPenaltyLogitsProcessor is not one: it can hold a per-row prompt
-# length, sized by the batch.)
 
 
 def _why_stock_sample(
@@ -570,34 +590,14 @@ def _why_stock_sample(
     return None
 
 
-_PROCESSORS_MODULE = "transformers.generation.logits_process"
-
-
-def _why_not_row_wise(processors) -> str | None:
-    """None when every logits processor reads only its own row and the step
-    (finished rows can then leave the batch); otherwise the first that does not."""
-    for p in processors:
-        if type(p).__module__ != _PROCESSORS_MODULE or type(p).__name__ not in _ROW_WISE_PROCESSORS:
-            return f"logits processor {type(p).__name__}"
-    return None
-
-
-# The helpers of GenerationMixin greedy_search calls (transformers 5.x).
-_GREEDY_HELPERS = (
-    "_prefill",
-    "_optimize_model_for_decode",
-    "_valid_auto_compile_criteria",
-    "_update_model_kwargs_for_generation",
-    "prepare_inputs_for_generation",
-)
-
-
 def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **model_kwargs):
     """Hugging Face's ``_sample`` (transformers 5.x) for greedy search without
     per-step outputs, streamer or compiled forward: the same steps, and
     sequences that have finished leave the batch (stock keeps decoding them,
     appending the pad token, until every sequence is done); the result gets
     the same pad columns."""
+    from transformers.generation.utils import ALL_CACHE_NAMES
+
     device = input_ids.device
     pad = gc._pad_token_tensor.to(device)
     batch = input_ids.shape[0]
@@ -643,7 +643,7 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
             row_ids = row_ids.index_select(0, keep)
             input_ids = input_ids.index_select(0, keep)
             unfinished = unfinished.index_select(0, keep)
-            cache = next((model_kwargs[k] for k in _cache_names() if k in model_kwargs), None)
+            cache = next((model_kwargs[k] for k in ALL_CACHE_NAMES if k in model_kwargs), None)
             if cache is not None:
                 cache.reorder_cache(keep)
             _select_row_kwargs(model_kwargs, keep)
@@ -665,12 +665,6 @@ def _forward(model, sequences: Tensor, model_kwargs: dict):
         sequences, next_sequence_length=next_len, **model_kwargs
     )
     return model(**inputs, return_dict=True)
-
-
-def _cache_names():
-    from transformers.generation.utils import ALL_CACHE_NAMES
-
-    return ALL_CACHE_NAMES
 
 
 # ------------------------------------------------------------- the search

@@ -253,13 +253,13 @@ def generation_peak_bytes(fn, device: str = "cpu") -> tuple:
     # call (its blocks' sizes are known when they were allocated while an
     # earlier profile ran): collect it first and pause the collector.
     gc.collect()
-    paused = gc.isenabled()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             out = fn()
     finally:
-        if paused:
+        if was_enabled:
             gc.enable()
     events = [
         (e.start_ns(), i, e.nbytes())
