@@ -495,3 +495,95 @@ def test_step_logits_independent_of_thread_count(monkeypatch, threads):
     for t, ((x, a, _), (logits, attn)) in enumerate(zip(forward, whole)):
         assert torch.equal(x[:, -1, :], logits), f"logits, step {t}, {threads} threads"
         assert torch.equal(a[:, -1, :], attn), f"attention, step {t}, {threads} threads"
+
+
+def test_plan_reuses_its_buffers_only_when_let_go(monkeypatch):
+    """The plan object writes a step's logits (and attention) into the last
+    step's memory when the caller has dropped them, and into new memory when
+    the caller still holds them: held results keep their values, and every
+    step's results equal the decoder's forward either way."""
+    model, d = random_transformer(60, 11, perturb=True)
+    fast, enc, tokens, orders = reorder_scenario(model, d, 12, seed=7)
+    forward = decoder_steps(fast.decoder, enc, tokens, orders)
+    ptrs, held, copies = [], [], []
+
+    def let_go(decoder, toks, e, state):
+        logits, attn = _whole_network_step(decoder, toks, e, state)
+        ptrs.append(logits.data_ptr())
+        return logits.clone(), attn.clone()  # the step's own tensors are dropped
+
+    def hold(decoder, toks, e, state):
+        logits, attn = _whole_network_step(decoder, toks, e, state)
+        held.append((logits, attn))
+        copies.append((logits.clone(), attn.clone()))
+        return logits, attn
+
+    dropped = decoder_steps(fast.decoder, enc, tokens, orders, let_go)
+    decoder_steps(fast.decoder, enc, tokens, orders, hold)
+    for t, ((x, a, _), (l1, a1), (l2, a2), (c2, ca2)) in enumerate(
+        zip(forward, dropped, held, copies)
+    ):
+        assert torch.equal(x[:, -1, :], l1) and torch.equal(a[:, -1, :], a1), f"step {t}"
+        assert torch.equal(l2, c2) and torch.equal(a2, ca2), f"held step {t} was overwritten"
+        assert torch.equal(x[:, -1, :], l2), f"step {t}"
+    assert len(set(ptrs)) < len(ptrs) / 2, "the plan allocated its logits anew every step"
+    assert len({logits.data_ptr() for logits, _ in held}) == len(held)
+
+
+def test_cache_grows_by_blocks_without_moving_its_contents(monkeypatch):
+    """Under the one-call step a cache grows by a block of slots: the K/V
+    already written stay where they are (no copy), the step reads the blocks
+    as they are, and whole searches are bit-identical to growing by copying
+    into one buffer (SEQFUSE_KV_BLOCKS=0); a reader of ``kv`` gets the blocks
+    merged, the same values."""
+    monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # start small: growth happens
+    model, d = random_transformer(60, 13, perturb=True)
+    fast, enc, tokens, orders = reorder_scenario(model, d, 16, seed=9)
+    seen = []
+
+    def watch(decoder, toks, e, state):
+        got = _whole_network_step(decoder, toks, e, state)
+        cache = state[decoder.layers[0]._fused_key]["self"]
+        seen.append((len(cache.blocks), cache.blocks[0].data_ptr(), cache.length))
+        return got
+
+    blocks = decoder_steps(fast.decoder, enc, tokens, orders, watch)
+    grown = [i for i in range(1, len(seen)) if seen[i][0] > seen[i - 1][0]]
+    assert grown, "no growth by a block happened"
+    for i in grown:
+        assert seen[i][1] == seen[i - 1][1], "a growth moved the first block"
+    monkeypatch.setenv(kv_cache.KV_BLOCKS_ENV, "0")
+    one = decoder_steps(fast.decoder, enc, tokens, orders, _whole_network_step)
+    for t, ((l1, a1), (l2, a2)) in enumerate(zip(blocks, one)):
+        assert torch.equal(l1, l2) and torch.equal(a1, a2), f"step {t}"
+    monkeypatch.delenv(kv_cache.KV_BLOCKS_ENV)
+
+    # merging for a reader of kv
+    like = torch.empty(0)
+    cache = kv_cache.SelfAttnCache(5, 2, 3, like)
+    gen = torch.Generator().manual_seed(3)
+    for s in range(7):
+        if s + 1 > cache.capacity[1]:
+            cache._grow(5, s + 1, by_block=True)
+        cache.blocks[-1][s - (cache.capacity[1] - cache.blocks[-1].size(0))].copy_(
+            torch.randn(5, 6, generator=gen)
+        )
+        cache.rows[:, s] = torch.arange(5)
+        cache.length = s + 1
+    parts = torch.cat(cache.blocks)[:7].clone()
+    assert len(cache.blocks) > 1
+    assert torch.equal(cache.kv[:7], parts) and len(cache.blocks) == 1
+
+
+def test_step_refuses_blocks_of_different_rows():
+    """A cache whose blocks disagree on the rows is refused with a clear error."""
+    model, d = random_transformer(60, 11, perturb=True)
+    fast, enc, tokens, orders = reorder_scenario(model, d, 8, seed=7)
+    state: dict = {}
+    with torch.no_grad():
+        _whole_network_step(fast.decoder, tokens[:, :1], enc, state)
+        cache = state[fast.decoder.layers[0]._fused_key]["self"]
+        cache.blocks.append(torch.zeros(4, cache.capacity[0] + 1, cache.blocks[0].size(2)))
+        cache.rows = torch.zeros(cache.rows.size(0), cache.rows.size(1) + 4, dtype=torch.long)
+        with pytest.raises(RuntimeError, match="self cache blocks must be"):
+            fast.decoder.step_logits(tokens[:, :2], enc, state)

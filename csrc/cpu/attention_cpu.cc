@@ -40,6 +40,14 @@ __attribute__((always_inline)) inline float dot(const float* a, const T* b, int6
   return part[0];
 }
 
+// Where slot j's rows start: its block's pointer (p.k_slots / p.v_slots), or
+// base + j * stride.
+template <typename T>
+__attribute__((always_inline)) inline const T* slot_base(const T* base, int64_t stride,
+                                                         const void* const* slots, int64_t j) {
+  return slots != nullptr ? static_cast<const T*>(slots[j]) : base + j * stride;
+}
+
 template <typename T>
 inline void axpy(float a, const T* x, float* y, int64_t n) {
 #pragma omp simd
@@ -51,14 +59,15 @@ inline void axpy(float a, const T* x, float* y, int64_t n) {
 template <typename T, int D>
 __attribute__((always_inline)) inline void weighted_sum(const float* pr, int64_t s, const T* v,
                                                         const int64_t* phys, int64_t v_ss,
-                                                        int64_t v_sm, int64_t offset, float* out) {
+                                                        const void* const* v_slots, int64_t v_sm,
+                                                        int64_t offset, float* out) {
   float a[D];
 #pragma omp simd
   for (int d = 0; d < D; ++d) a[d] = out[d];
   for (int64_t j = 0; j < s; ++j) {
     const float pt = pr[j];
     if (pt != 0.0f || pt != pt) {
-      const T* vr = v + j * v_ss + phys[j] * v_sm + offset;
+      const T* vr = slot_base(v, v_ss, v_slots, j) + phys[j] * v_sm + offset;
 #pragma omp simd
       for (int d = 0; d < D; ++d) a[d] += pt * static_cast<float>(vr[d]);
     }
@@ -103,13 +112,14 @@ __attribute__((always_inline)) inline v16f pair_sum(v16f a, v16f b) {
 
 // scores[j] = round(q . k_j) for keys j0 .. j0 + cnt - 1 (cnt <= 16) of one head.
 __attribute__((always_inline)) inline void scores16(const float* qh, const float* k, int64_t k_ss,
-                                                    int64_t k_sm, const int64_t* phys, int64_t j0,
-                                                    int cnt, int64_t offset, float* out) {
+                                                    const void* const* k_slots, int64_t k_sm,
+                                                    const int64_t* phys, int64_t j0, int cnt,
+                                                    int64_t offset, float* out) {
   const v16f q0 = load16(qh), q1 = load16(qh + 16), q2 = load16(qh + 32), q3 = load16(qh + 48);
   v16f part[16];
   for (int r = 0; r < 16; ++r) {
     if (r < cnt) {
-      const float* kr = k + (j0 + r) * k_ss + phys[j0 + r] * k_sm + offset;
+      const float* kr = slot_base(k, k_ss, k_slots, j0 + r) + phys[j0 + r] * k_sm + offset;
       v16f a = q0 * load16(kr);
       a += q1 * load16(kr + 16);
       a += q2 * load16(kr + 32);
@@ -156,7 +166,8 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
         for (int64_t h = 0; h < heads; ++h) {
           for (int64_t j0 = 0; j0 < s; j0 += 16) {
             const int cnt = static_cast<int>(std::min<int64_t>(16, s - j0));
-            scores16(qs + h * 64, k, p.k_ss, p.k_sm, phys, j0, cnt, h * 64, scores + h * s + j0);
+            scores16(qs + h * 64, k, p.k_ss, p.k_slots, p.k_sm, phys, j0, cnt, h * 64,
+                     scores + h * s + j0);
           }
         }
         for (int64_t j = 0; j < s; ++j) {
@@ -174,7 +185,7 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
       phys[j] = m;
       bool masked = j >= jend;
       if (!masked && p.pad != nullptr) masked = p.pad[m * p.pad_sm + j * p.pad_sj] != 0;
-      const T* kr = k + j * p.k_ss + m * p.k_sm;
+      const T* kr = slot_base(k, p.k_ss, p.k_slots, j) + m * p.k_sm;
       for (int64_t h = 0; h < heads; ++h)
         scores[h * s + j] =
             masked ? kNegInf : cpu::round_as<T>(dot(qs + h * dim, kr + h * dim, dim));
@@ -202,12 +213,14 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
     // the keys in key order); a 64-wide head keeps its sums in registers.
     for (int64_t h = 0; h < heads; ++h) {
       if (dim == 64) {
-        weighted_sum<T, 64>(scores + h * s, s, v, phys, p.v_ss, p.v_sm, h * dim, acc + h * dim);
+        weighted_sum<T, 64>(scores + h * s, s, v, phys, p.v_ss, p.v_slots, p.v_sm, h * dim,
+                            acc + h * dim);
       } else {
         for (int64_t j = 0; j < s; ++j) {
           const float pt = scores[h * s + j];
           if (pt != 0.0f || pt != pt)
-            axpy(pt, v + j * p.v_ss + phys[j] * p.v_sm + h * dim, acc + h * dim, dim);
+            axpy(pt, slot_base(v, p.v_ss, p.v_slots, j) + phys[j] * p.v_sm + h * dim, acc + h * dim,
+                 dim);
         }
       }
     }

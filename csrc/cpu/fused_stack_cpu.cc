@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "layer_ops.h"
@@ -122,32 +123,63 @@ at::Tensor feed_forward(const at::Tensor& h, const at::Tensor& residual, const a
                                        final_norm.eps, false));
 }
 
-// One layer's self-attention cache must take `n` rows at `slot`.
-void check_self_cache(const at::Tensor& kv, const at::Tensor& rows, const at::Tensor& pad,
-                      int64_t slot, int64_t n, int64_t c) {
-  check_f32(kv, "a self-attention cache");
-  TORCH_CHECK(kv.dim() == 3, "fused_decoder_step: self cache must be [slots, rows, 2C]");
-  const int64_t slots = kv.size(0), phys = kv.size(1);
-  TORCH_CHECK(kv.size(2) == 2 * c && slot < slots && n <= phys, "fused_decoder_step: self cache ",
-              kv.sizes(), " cannot take slot ", slot, " of ", n, " rows");
+// Each layer's self-attention K/V: one or more blocks of slots in slot order,
+// [slots_b, rows, 2C] each, every block with the same rows (a cache grows by
+// a block, without moving what it holds: seqfuse/layers/kv_cache.py).
+using KvBlocks = std::vector<std::vector<at::Tensor>>;
+
+// The ops' form: one [slots, rows, 2C] tensor per layer.
+KvBlocks one_block_each(at::TensorList self_kv) {
+  KvBlocks blocks;
+  blocks.reserve(self_kv.size());
+  for (const at::Tensor& kv : self_kv) blocks.push_back({kv});
+  return blocks;
+}
+
+// One layer's self-attention cache must take `n` rows at `slot`. Returns its
+// physical rows; fills each slot's K and V base pointers.
+int64_t check_self_cache(const std::vector<at::Tensor>& blocks, const at::Tensor& rows,
+                         const at::Tensor& pad, int64_t slot, int64_t n, int64_t c,
+                         std::vector<const void*>* k_slots, std::vector<const void*>* v_slots) {
+  TORCH_CHECK(!blocks.empty(), "fused_decoder_step: a self cache without blocks");
+  const int64_t phys = blocks[0].dim() == 3 ? blocks[0].size(1) : -1;
+  int64_t slots = 0;
+  for (const at::Tensor& kv : blocks) {
+    check_f32(kv, "a self-attention cache");
+    TORCH_CHECK(kv.dim() == 3 && kv.size(1) == phys && kv.size(2) == 2 * c,
+                "fused_decoder_step: self cache blocks must be [slots, ", phys, ", ", 2 * c,
+                "], got ", kv.sizes());
+    slots += kv.size(0);
+  }
+  TORCH_CHECK(slot < slots && n <= phys, "fused_decoder_step: self cache of ", slots, " slots x ",
+              phys, " rows cannot take slot ", slot, " of ", n, " rows");
   TORCH_CHECK(rows.dim() == 2 && rows.size(0) >= n && rows.size(1) == slots &&
                   rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.is_cpu(),
               "fused_decoder_step: parent table must be int64 [>=", n, ", ", slots, "]");
   TORCH_CHECK(pad.dim() == 2 && pad.size(0) == slots && pad.size(1) == phys &&
                   pad.scalar_type() == at::kBool && pad.is_contiguous() && pad.is_cpu(),
               "fused_decoder_step: key padding must be bool [", slots, ", ", phys, "]");
+  k_slots->clear();
+  v_slots->clear();
+  for (const at::Tensor& kv : blocks) {
+    const float* base = kv.data_ptr<float>();
+    for (int64_t j = 0; j < kv.size(0) && static_cast<int64_t>(k_slots->size()) <= slot; ++j) {
+      k_slots->push_back(base + j * phys * 2 * c);
+      v_slots->push_back(base + j * phys * 2 * c + c);
+    }
+  }
+  return phys;
 }
 
 // One layer's self-attention cache (checked by check_self_cache): write the
-// step's K/V (columns [C, 3C) of qkv), parent-table column and key padding at
-// `slot`.
-void write_self_slot(const float* qkv, int64_t r0, int64_t r1, int64_t c, const at::Tensor& kv,
+// step's K/V (columns [C, 3C) of qkv) at `dst` (the slot's rows), and its
+// parent-table column and key padding at `slot`.
+void write_self_slot(const float* qkv, int64_t r0, int64_t r1, int64_t c, float* dst, int64_t phys,
                      const at::Tensor& rows, const at::Tensor& pad, int64_t slot,
                      const uint8_t* pad_new) {
   const int64_t c3 = 3 * c;
-  const int64_t slots = kv.size(0), phys = kv.size(1);
+  const int64_t slots = rows.size(1);
   const float* src = qkv;
-  float* dst = kv.data_ptr<float>() + slot * phys * 2 * c;
   int64_t* table = rows.data_ptr<int64_t>();
   bool* p = pad.data_ptr<bool>() + slot * phys;
   for (int64_t r = r0; r < r1; ++r) {
@@ -197,13 +229,45 @@ void check_vec(const at::Tensor& t, int64_t n, const char* what) {
 // few rows per step that dispatcher work cost as much as a layer's GEMMs),
 // inside one parallel region with a barrier between dependent ops.
 namespace {
+// A buffer a plan keeps from one step to the next (DecoderLogitsPlan): handed
+// out again when nothing else holds the last one it gave (its storage has no
+// other holder), newly allocated otherwise or when it is too small. A step
+// then writes into memory that is already mapped: fresh memory is mapped and
+// zeroed by the kernel page by page on first touch, and a batch-64 search
+// allocates and frees some 15 MB a step (the vocabulary projection's output
+// most of it), so that fresh pages cost about 5% of its time.
+class StepBuffer {
+ public:
+  at::Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    const int64_t numel = c10::multiply_integers(sizes);
+    if (!buf_.defined() || buf_.numel() < numel || buf_.dtype() != options.dtype() ||
+        buf_.device() != options.device() || buf_.storage().use_count() > 1) {
+      buf_ = at::Tensor();  // the old one goes first (or stays with its holder)
+      buf_ = at::empty({numel}, options);
+    }
+    return buf_.narrow(0, 0, numel).view(sizes);
+  }
+
+ private:
+  at::Tensor buf_;
+};
+
+// A plan's buffers, one per tensor a step makes; none: the step allocates.
+struct StepBuffers {
+  StepBuffer work, layers_out, weights, mean, logits;
+};
+
+at::Tensor take(StepBuffer* buf, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return buf != nullptr ? buf->take(sizes, options) : at::empty(sizes, options);
+}
+
 // fused_decoder_step with the step's key padding as bytes (pn: [n] or null).
 std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     const at::Tensor& x_in, at::TensorList params, at::ArrayRef<double> nums,
-    at::TensorList self_kv, at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
+    const KvBlocks& self_kv, at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
     const uint8_t* pn, at::TensorList cross_kv, at::TensorList cross_map, const PadList& cross_pad,
     int64_t q_per_kv, at::IntArrayRef heads, bool normalize_before, int64_t act,
-    int64_t align_layer, int64_t mean_heads) {
+    int64_t align_layer, int64_t mean_heads, StepBuffers* bufs = nullptr) {
   const int64_t layers = static_cast<int64_t>(self_kv.size());
   TORCH_CHECK(layers > 0, "fused_decoder_step: no layers");
   TORCH_CHECK(static_cast<int64_t>(params.size()) == layers * kPerLayer &&
@@ -222,6 +286,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   TORCH_CHECK(q_per_kv >= 1 && n % q_per_kv == 0, "fused_decoder_step: rows ", n,
               " not a multiple of q_per_kv ", q_per_kv);
   for (const at::Tensor& t : params) check_f32(t, "a layer parameter");
+  // Each layer's physical rows and per-slot K and V pointers (slots to `slot`).
+  std::vector<int64_t> self_phys(layers);
+  std::vector<std::vector<const void*>> k_slots(layers), v_slots(layers);
   int64_t ffn = 0;
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = params.data() + l * kPerLayer;
@@ -241,7 +308,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
                    kCrossLnB, kFc2Bias, kFinalLnW, kFinalLnB}) {
       check_vec(w[v], c, "a layer bias or norm parameter");
     }
-    check_self_cache(self_kv[l], self_rows[l], self_pad[l], slot, n, c);
+    self_phys[l] = check_self_cache(self_kv[l], self_rows[l], self_pad[l], slot, n, c, &k_slots[l],
+                                    &v_slots[l]);
     const at::Tensor& ckv = cross_kv[l];
     TORCH_CHECK(ckv.dim() == 3 && ckv.size(2) == 2 * c && ckv.scalar_type() == at::kFloat &&
                     ckv.device().is_cpu() && ckv.stride(2) == 1,
@@ -264,7 +332,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   // output, x after self- and cross-attention, their normalised copies, the
   // cross query; then fc1's [n, F]. Layer outputs go to `out` [layers, n, C].
   const int64_t nc = n * c;
-  at::Tensor ws = at::empty({n * (3 * c + 8 * c + ffn)}, x_in.options());
+  at::Tensor ws = take(bufs ? &bufs->work : nullptr, {n * (3 * c + 8 * c + ffn)}, x_in.options());
   float* qkv = ws.data_ptr<float>();
   float* hin = qkv + 3 * nc;
   float* attn_out = hin + nc;
@@ -275,7 +343,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   float* n_cross = x_cross + nc;
   float* q = n_cross + nc;
   float* fc1 = q + nc;
-  at::Tensor out = at::empty({layers, n, c}, x_in.options());
+  at::Tensor out = take(bufs ? &bufs->layers_out : nullptr, {layers, n, c}, x_in.options());
 
   // Each layer's attention calls, set up and bound-checked before any kernel
   // runs (the self-attention's new slot holds row r for row r: in range).
@@ -286,19 +354,20 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     const double* num = nums.data() + l * kNumsPerLayer;
     const int64_t h = heads[l];
     h_max = std::max(h_max, h);
-    const at::Tensor& kv = self_kv[l];
-    const int64_t phys = kv.size(1), slots = kv.size(0);
+    const int64_t phys = self_phys[l], slots = self_rows[l].size(1);
     kernels::AttentionParams& sa = self_attn[l];
     sa = kernels::AttentionParams{};
     sa.q = qkv;
     sa.q_st = n * 3 * c;
     sa.q_sn = 3 * c;
-    sa.k = fp(kv);
-    sa.k_ss = phys * 2 * c;
+    sa.k = k_slots[l][0];  // slots by k_slots / v_slots (blocks)
+    sa.k_ss = 0;
     sa.k_sm = 2 * c;
-    sa.v = fp(kv) + c;
-    sa.v_ss = phys * 2 * c;
+    sa.v = v_slots[l][0];
+    sa.v_ss = 0;
     sa.v_sm = 2 * c;
+    sa.k_slots = k_slots[l].data();
+    sa.v_slots = v_slots[l].data();
     sa.rows = self_rows[l].data_ptr<int64_t>();
     sa.rows_sg = slots;
     sa.rows_sj = 1;
@@ -322,7 +391,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     const int64_t src = ckv.size(0), sents = ckv.size(1);
     s_max = std::max(s_max, src);
     const bool want_weights = l == align_layer;
-    if (want_weights) align = at::empty({h, n, 1, src}, x_in.options());
+    if (want_weights) align = take(bufs ? &bufs->weights : nullptr, {h, n, 1, src}, x_in.options());
     kernels::AttentionParams& ca = cross_attn[l];
     ca = kernels::AttentionParams{};
     ca.q = q;
@@ -438,7 +507,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
         // here (page faults), in parallel.
         int64_t b, e;
         part(n, &b, &e);
-        write_self_slot(qkv, b, e, c, self_kv[l], self_rows[l], self_pad[l], slot, pn);
+        float* dst = const_cast<float*>(static_cast<const float*>(k_slots[l][slot]));
+        write_self_slot(qkv, b, e, c, dst, self_phys[l], self_rows[l], self_pad[l], slot, pn);
       }
 #pragma omp barrier
       attend(self_attn[l]);
@@ -492,7 +562,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     const int64_t count = std::min(mean_heads, align.size(0));
     TORCH_CHECK(count > 0, "fused_decoder_step: no heads to average");
     const int64_t per = align.numel() / align.size(0);
-    at::Tensor mean = at::empty({n, 1, align.size(3)}, align.options());
+    at::Tensor mean = take(bufs ? &bufs->mean : nullptr, {n, 1, align.size(3)}, align.options());
     const float* a = align.data_ptr<float>();
     float* m = mean.data_ptr<float>();
     const float div = static_cast<float>(count);
@@ -520,9 +590,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
                 "fused_decoder_step: step padding must be a contiguous bool [", x_in.size(0), "]");
     pn = reinterpret_cast<const uint8_t*>(pad_new->data_ptr<bool>());
   }
-  return decoder_step(x_in, params, nums, self_kv, self_rows, self_pad, slot, pn, cross_kv,
-                      cross_map, pad_list(cross_pad), q_per_kv, heads, normalize_before, act,
-                      align_layer, mean_heads);
+  return decoder_step(x_in, params, nums, one_block_each(self_kv), self_rows, self_pad, slot, pn,
+                      cross_kv, cross_map, pad_list(cross_pad), q_per_kv, heads, normalize_before,
+                      act, align_layer, mean_heads);
 }
 
 namespace {
@@ -533,11 +603,12 @@ std::tuple<at::Tensor, at::Tensor> decoder_logits(
     const at::Tensor& tokens, const at::Tensor& embed, double embed_scale,
     const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode, int64_t fixed_pos,
     at::TensorList norms, bool has_emb_ln, bool has_final_ln, at::ArrayRef<double> norm_eps,
-    at::TensorList params, at::ArrayRef<double> nums, at::TensorList self_kv,
+    at::TensorList params, at::ArrayRef<double> nums, const KvBlocks& self_kv,
     at::TensorList self_rows, at::TensorList self_pad, int64_t slot, at::TensorList cross_kv,
     at::TensorList cross_map, const PadList& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
     bool normalize_before, int64_t act, int64_t align_layer, int64_t mean_heads,
-    const at::Tensor& out_pack, const std::optional<at::Tensor>& out_bias, int64_t vocab) {
+    const at::Tensor& out_pack, const std::optional<at::Tensor>& out_bias, int64_t vocab,
+    StepBuffers* bufs = nullptr) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) >= 1 && tokens.scalar_type() == at::kLong &&
                   tokens.is_cpu(),
               "fused_decoder_logits: tokens must be int64 [rows, steps]");
@@ -562,13 +633,15 @@ std::tuple<at::Tensor, at::Tensor> decoder_logits(
   for (int64_t r = 0; r < n; ++r) step_pad[r] = tok[r * last.stride(0)] == pad;
   auto [outs, align] = decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot,
                                     step_pad.data(), cross_kv, cross_map, cross_pad, q_per_kv,
-                                    heads, normalize_before, act, align_layer, mean_heads);
+                                    heads, normalize_before, act, align_layer, mean_heads, bufs);
   x = outs.back();
   if (has_final_ln) {
     check_f32(norms[k], "the final norm weight");
     x = layer_norm(x, Norm{norms[k], norms[k + 1], norm_eps[k / 2]});
   }
-  return {linear_packed_cpu(x, out_pack, out_bias, vocab), align};
+  at::Tensor logits = take(bufs ? &bufs->logits : nullptr, {n, vocab}, x.options());
+  linear_packed_into(x, out_pack, out_bias, vocab, logits);
+  return {logits, align};
 }
 }  // namespace
 
@@ -594,9 +667,10 @@ std::tuple<at::Tensor, at::Tensor> fused_decoder_logits(
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1,
               "fused_decoder_logits: tokens must be int64 [rows, 1]");
   return decoder_logits(tokens, embed, embed_scale, pos_table, pad, pos_mode, fixed_pos, norms,
-                        has_emb_ln, has_final_ln, norm_eps, params, nums, self_kv, self_rows,
-                        self_pad, slot, cross_kv, cross_map, pad_list(cross_pad), q_per_kv, heads,
-                        normalize_before, act, align_layer, mean_heads, out_pack, out_bias, vocab);
+                        has_emb_ln, has_final_ln, norm_eps, params, nums, one_block_each(self_kv),
+                        self_rows, self_pad, slot, cross_kv, cross_map, pad_list(cross_pad),
+                        q_per_kv, heads, normalize_before, act, align_layer, mean_heads, out_pack,
+                        out_bias, vocab);
 }
 
 // fused_decoder_logits with the arguments that stay fixed for a generation
@@ -637,16 +711,18 @@ class DecoderLogitsPlan {
   // (logits [n, vocab], the last layer's head-averaged attention [n, S]).
   std::tuple<at::Tensor, at::Tensor> step(
       const at::Tensor& tokens, const std::optional<at::Tensor>& pos_table, int64_t pos_mode,
-      int64_t fixed_pos, const std::vector<at::Tensor>& self_kv,
-      const std::vector<at::Tensor>& self_rows, const std::vector<at::Tensor>& self_pad,
-      int64_t slot, const std::vector<at::Tensor>& cross_kv,
-      const std::vector<at::Tensor>& cross_map, const std::vector<int64_t>& cross_n,
-      const PadList& cross_pad, int64_t q_per_kv) const {
+      int64_t fixed_pos, const KvBlocks& self_kv, const std::vector<at::Tensor>& self_rows,
+      const std::vector<at::Tensor>& self_pad, int64_t slot,
+      const std::vector<at::Tensor>& cross_kv, const std::vector<at::Tensor>& cross_map,
+      const std::vector<int64_t>& cross_n, const PadList& cross_pad, int64_t q_per_kv) const {
     RECORD_FUNCTION("seqfuse::DecoderLogitsPlan.step", std::vector<c10::IValue>());
     TORCH_CHECK(tokens.dim() == 2 && q_per_kv >= 1, "DecoderLogitsPlan.step: bad arguments");
     const int64_t sents = tokens.size(0) / q_per_kv;
     TORCH_CHECK(cross_map.size() == cross_n.size(),
                 "DecoderLogitsPlan.step: per-layer lists of the wrong length");
+    // One generation's steps come one after another; a step that finds
+    // another running on this plan (the GIL is released) allocates its own.
+    std::unique_lock<std::mutex> reuse(bufs_mutex_, std::try_to_lock);
     std::vector<at::Tensor> maps;
     maps.reserve(cross_map.size());
     for (size_t l = 0; l < cross_map.size(); ++l) {
@@ -656,12 +732,13 @@ class DecoderLogitsPlan {
       maps.push_back(cross_map[l].size(0) == sents ? cross_map[l]
                                                    : cross_map[l].narrow(0, 0, sents));
     }
-    auto [logits, attn] = decoder_logits(
-        tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_, has_emb_ln_,
-        has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows, self_pad, slot, cross_kv,
-        maps, cross_pad, q_per_kv, heads_, normalize_before_, act_,
-        static_cast<int64_t>(heads_.size()) - 1,
-        /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_, out_bias_, vocab_);
+    auto [logits, attn] =
+        decoder_logits(tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_,
+                       has_emb_ln_, has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows,
+                       self_pad, slot, cross_kv, maps, cross_pad, q_per_kv, heads_,
+                       normalize_before_, act_, static_cast<int64_t>(heads_.size()) - 1,
+                       /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_,
+                       out_bias_, vocab_, reuse.owns_lock() ? &bufs_ : nullptr);
     return {logits, attn.select(1, 0)};
   }
 
@@ -680,6 +757,10 @@ class DecoderLogitsPlan {
   at::Tensor out_pack_;
   std::optional<at::Tensor> out_bias_;
   int64_t vocab_;
+  // Reused from step to step while the caller has let go of the last step's
+  // logits and attention (a step that finds them held allocates anew).
+  mutable StepBuffers bufs_;
+  mutable std::mutex bufs_mutex_;
 };
 
 void bind_fused_stack(pybind11::module& m) {

@@ -80,6 +80,8 @@ __global__ void attention_kernel(AttentionParams p) {
 cudaError_t attention_cuda(const AttentionParams& p, DType dtype, cudaStream_t stream) {
   if (p.tq == 0 || p.n == 0) return cudaSuccess;
   if (p.s > kAttentionCudaMaxKeys) return cudaErrorInvalidValue;
+  // Caches held in blocks of slots are a CPU-only layout (the CPU one-call step).
+  if (p.k_slots != nullptr || p.v_slots != nullptr) return cudaErrorInvalidValue;
   const size_t shm = static_cast<size_t>(p.dim + 32 + p.s) * sizeof(float);
   const unsigned blocks = static_cast<unsigned>(p.n * p.heads * p.tq);
   SEQFUSE_CUDA_DISPATCH(dtype, (attention_kernel<scalar_t><<<blocks, kThreads, shm, stream>>>(p)));

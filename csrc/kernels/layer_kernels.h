@@ -64,6 +64,12 @@ struct AttentionParams {
   float* weights;  // [heads, n, tq, s] fp32 softmax probabilities, or null
   int64_t tq, n, s, heads, dim, q_per_kv, causal_offset;
   float scaling;
+  // Per-slot base pointers ([s] each; the CPU kernel only): slot j's rows
+  // start at k_slots[j] / v_slots[j] (rows k_sm / v_sm apart) instead of at
+  // k + j * k_ss / v + j * v_ss, for a cache held in blocks of slots. Null:
+  // the strides.
+  const void* const* k_slots = nullptr;
+  const void* const* v_slots = nullptr;
 };
 
 // out[t, b] = T(T(scale * table[tok]) + pos_table[pos]) (zeroed at pads when

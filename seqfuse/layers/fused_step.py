@@ -276,9 +276,10 @@ def _first_step_caches(layers, x: Tensor, incremental_state, enc: Tensor, enc_pa
     return caches
 
 
-def _step_caches(decoder, n: int, like, incremental_state, enc: Tensor, enc_pad):
+def _step_caches(decoder, n: int, like, incremental_state, enc: Tensor, enc_pad, blocks=False):
     """(self caches, cross caches, slot) of the layers for a step of ``n``
-    rows, grown to take it; created first on the first step (as the layers
+    rows, grown to take it (by a block of slots with ``blocks``: the step
+    reads the caches' blocks); created first on the first step (as the layers
     would, from ``like()``: a ``[1, n, C]`` tensor of the step's dtype and
     device); None when the layers must run."""
     caches = [incremental_state.get(layer._fused_key) for layer in decoder.layers]
@@ -294,7 +295,7 @@ def _step_caches(decoder, n: int, like, incremental_state, enc: Tensor, enc_pad)
             return None  # not in step with the rows (the layers raise the error)
         r_cap, l_cap = cache.capacity
         if n > r_cap or slot + 1 > l_cap:
-            cache._grow(n, slot + 1)
+            cache._grow(n, slot + 1, by_block=blocks)
     q_per_kv = crosses[0].q_per_kv
     if any(cc.q_per_kv != q_per_kv for cc in crosses):
         return None
@@ -514,11 +515,11 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
     def like():
         return table[:1].unsqueeze(0).expand(1, n, table.size(1))
 
-    found = _step_caches(decoder, n, like, incremental_state, enc, enc_pad)
+    native = plan["native"]
+    found = _step_caches(decoder, n, like, incremental_state, enc, enc_pad, native is not None)
     if found is None:
         return None
     pad = decoder.padding_idx
-    native = plan["native"]
     if native is not None:
         selfs, crosses, slot = found
         logits, attn = native.step(
@@ -526,7 +527,7 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
             None if pos_table is None else pos_table.contiguous(),
             POS_NONE if pos_table is None else POS_FIXED,
             pad + slen,
-            [cache.kv for cache in selfs],
+            [cache.blocks for cache in selfs],
             [cache.rows for cache in selfs],
             [cache.pad for cache in selfs],
             slot,

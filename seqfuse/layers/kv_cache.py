@@ -8,10 +8,17 @@ holds its slot (parent pointers), and a reorder gathers that small int table
 into a second preallocated table and swaps the two. The buffers start at
 ``initial_slots(rows, need)`` slots (``INITIAL_SLOTS``, more for few rows, up
 to ``INITIAL_ROW_SLOTS`` row-slots in all) and grow by a quarter (at least
-``MIN_GROWTH`` slots) when the length outgrows them; a growth, and a batch
-shrink to half the physical rows or less, repack the K/V of the live rows
-only (``SelfAttnCache.repack``), so memory follows the rows still decoding,
-as stock's per-step reorder does.
+``MIN_GROWTH`` slots) when the length outgrows them. A growth adds a block of
+slots (``SelfAttnCache.blocks``): what the cache holds stays where it is, and
+only the new slots' memory is mapped (a copy into a whole new buffer at each
+growth mapped and copied about four times the final cache over a search).
+seqfuse's one-call decoder step (``seqfuse/layers/fused_step.py``) reads the
+blocks as they are; other readers get them merged into one buffer first
+(``SelfAttnCache.kv``). ``SEQFUSE_KV_BLOCKS=0`` grows by copying into one new
+buffer instead. A growth in rows, and a batch shrink to half the physical rows
+or less, repack the K/V of the live rows only into one buffer
+(``SelfAttnCache.repack``), so memory follows the rows still decoding, as
+stock's per-step reorder does.
 
 The K/V buffers can come from a pool (``BUFFERS``, opt-in:
 ``SEQFUSE_CACHE_POOL=N`` keeps up to N free buffers per dtype and device) and
@@ -76,6 +83,9 @@ def next_slots(need: int, have: int) -> int:
     """Self-attention slot capacity after a growth from ``have`` for ``need``."""
     return max(need, have + max(MIN_GROWTH, have // 4))
 
+
+# A growth adds a block of slots (SEQFUSE_KV_BLOCKS=0: copies into one buffer).
+KV_BLOCKS_ENV = "SEQFUSE_KV_BLOCKS"
 
 # free K/V buffers kept per dtype and device (SEQFUSE_CACHE_POOL; 0: none)
 POOL_BUFFERS = int(os.environ.get("SEQFUSE_CACHE_POOL", "0") or 0)
@@ -143,8 +153,13 @@ class SelfAttnCache:
         # > 1 until the first reorder: that reorder's indices address `expand`
         # rows per row written (FIRST_STEP_SHARED).
         self.expand = expand
-        self._buf = None
-        self._buf, self.kv = _kv_buffer(slots, rows, 2 * channels, like)  # kv: [L, R, 2C]
+        self.grow_by_blocks = _ext.env_flag(KV_BLOCKS_ENV, True)
+        # K/V in blocks of slots, [slots_b, rows, 2C] each, in slot order
+        # (each block's pool buffer in _bufs)
+        self._bufs: list[Tensor] = []
+        self.blocks: list[Tensor] = []
+        buf, kv = _kv_buffer(slots, rows, 2 * channels, like)
+        self._bufs, self.blocks = [buf], [kv]
         self.rows = torch.empty((rows, slots), dtype=torch.long, device=like.device)  # [R, L]
         self.rows_alt = torch.empty_like(self.rows)
         self.pad = torch.zeros((slots, rows), dtype=torch.bool, device=like.device)  # [L, R]
@@ -154,49 +169,109 @@ class SelfAttnCache:
 
     @property
     def capacity(self) -> tuple[int, int]:
-        return self.kv.size(1), self.kv.size(0)
+        return self.blocks[0].size(1), self.rows.size(1)
 
-    def _grow(self, rows: int, slots: int) -> None:
-        l_old = self.capacity[1]
+    @property
+    def kv(self) -> Tensor:
+        """The K/V as one ``[slots, rows, 2C]`` tensor (several blocks are
+        merged into one buffer first)."""
+        if len(self.blocks) > 1:
+            self.repack(self.capacity[0], self.capacity[1], live_only=False)
+        return self.blocks[0]
+
+    def _grow(self, rows: int, slots: int, by_block: bool = False) -> None:
+        """Room for ``rows`` rows and ``slots`` slots: a block of new slots
+        when ``by_block`` (for a reader of the blocks) and the rows fit, a
+        repack into one buffer otherwise."""
+        r_old, l_old = self.capacity
         l_new = next_slots(slots, l_old) if slots > l_old else l_old
-        self.repack(max(rows, self.n), l_new)
+        if rows > r_old or not (by_block and self.grow_by_blocks):
+            self.repack(max(rows, self.n), l_new)
+            return
+        # a block of the new slots; the tables (small) are copied to the new length
+        like = self.blocks[0]
+        buf, kv = _kv_buffer(l_new - l_old, r_old, 2 * self.channels, like)
+        self._bufs.append(buf)
+        self.blocks.append(kv)
+        rows_t = torch.empty((r_old, l_new), dtype=torch.long, device=like.device)
+        rows_t[:, :l_old].copy_(self.rows)
+        pad = torch.zeros((l_new, r_old), dtype=torch.bool, device=like.device)
+        pad[:l_old].copy_(self.pad)
+        self.rows, self.pad = rows_t, pad
+        self.rows_alt = torch.empty_like(rows_t)
 
-    def repack(self, rows: int, slots: int) -> None:
+    def repack(self, rows: int, slots: int, live_only: bool = True) -> None:
         """New buffers of ``rows x slots`` capacity holding the written slots
         of the ``n`` logical rows only, logical row ``r`` at physical row ``r``
-        (the old buffers are freed). The values read for each row are
-        unchanged, so attention over the cache is too."""
+        (the old buffers are freed), in one block. The values read for each row
+        are unchanged, so attention over the cache is too. ``live_only=False``
+        keeps every physical row where it is instead (a merge of the blocks)."""
         n, length, c2 = self.n, self.length, 2 * self.channels
         if rows < n or slots < length:
             raise ValueError(f"seqfuse: repack to {rows}x{slots} < {n} rows x {length} slots")
         r_old = self.capacity[0]
-        dev = self.kv.device
-        buf, kv = _kv_buffer(slots, rows, c2, self.kv)
+        like = self.blocks[0]
+        dev = like.device
+        buf, kv = _kv_buffer(slots, rows, c2, like)
+        if not live_only:
+            if rows != r_old:
+                raise ValueError("seqfuse: a merge keeps the rows")
+            s0 = 0
+            for block in self.blocks:
+                s1 = min(s0 + block.size(0), length)
+                if s1 > s0:
+                    kv[s0:s1].copy_(block[: s1 - s0])
+                s0 += block.size(0)
+            if slots != self.rows.size(1):
+                table = torch.empty((rows, slots), dtype=torch.long, device=dev)
+                table[:, :length].copy_(self.rows[:, :length])
+                pad = torch.zeros((slots, rows), dtype=torch.bool, device=dev)
+                pad[:length].copy_(self.pad[:length])
+                self.rows, self.pad = table, pad
+                self.rows_alt = torch.empty_like(table)
+            self._swap_blocks(buf, kv)
+            return
         pad = torch.zeros((slots, rows), dtype=torch.bool, device=dev)
         table = torch.empty((rows, slots), dtype=torch.long, device=dev)
         arange = torch.arange(rows, device=dev)
         if length > 0:
-            # flat index of (slot s, physical row rows[r, s]) in the old [L, R] buffers
+            # per block: flat index of (slot s, physical row rows[r, s]) in its [L_b, R] buffer
+            s0 = 0
+            for block in self.blocks:
+                m = min(block.size(0), length - s0)
+                if m <= 0:
+                    break
+                base = torch.arange(m, device=dev).view(m, 1) * r_old
+                flat = (self.rows[:n, s0 : s0 + m].t() + base).reshape(-1)  # [m * n], slot-major
+                src_kv = block[:m].view(m * r_old, c2)
+                if rows == n:  # straight into the new buffer
+                    torch.index_select(src_kv, 0, flat, out=kv[s0 : s0 + m].view(m * n, c2))
+                else:
+                    kv[s0 : s0 + m, :n].copy_(src_kv.index_select(0, flat).view(m, n, c2))
+                s0 += m
             base = torch.arange(length, device=dev).view(length, 1) * r_old
-            flat = (self.rows[:n, :length].t() + base).reshape(-1)  # [L * n], slot-major
-            src_kv = self.kv[:length].view(length * r_old, c2)
-            if rows == n:  # straight into the new buffer
-                torch.index_select(src_kv, 0, flat, out=kv[:length].view(length * n, c2))
-            else:
-                kv[:length, :n].copy_(src_kv.index_select(0, flat).view(length, n, c2))
+            flat = (self.rows[:n, :length].t() + base).reshape(-1)
             pad[:length, :n].copy_(self.pad[:length].reshape(-1)[flat].view(length, n))
             table[:n, :length].copy_(arange[:n].view(n, 1).expand(n, length))
-        old_buf = self._buf
-        self._buf, self.kv, self.pad, self.rows = buf, kv, pad, table
+        self.pad, self.rows = pad, table
         self.rows_alt = torch.empty_like(table)
         self.arange = arange
-        BUFFERS.give(old_buf)
+        self._swap_blocks(buf, kv)
+
+    def _swap_blocks(self, buf: Tensor, kv: Tensor) -> None:
+        """``kv`` (in pool buffer ``buf``) becomes the one block; the old
+        blocks' buffers go back to the pool."""
+        old = self._bufs
+        self._bufs, self.blocks = [buf], [kv]
+        for b in old:
+            BUFFERS.give(b)
 
     def __del__(self):
-        buf = getattr(self, "_buf", None)
-        if buf is not None and BUFFERS is not None:  # (None at interpreter exit)
-            self._buf = None
-            BUFFERS.give(buf)
+        bufs = getattr(self, "_bufs", None)
+        if bufs and BUFFERS is not None:  # (None at interpreter exit)
+            self._bufs = []
+            for buf in bufs:
+                BUFFERS.give(buf)
 
     def append(self, kv_new: Tensor, pad_new: Tensor | None) -> None:
         """Write ``kv_new [T, n, 2C]`` (and ``pad_new [n, T]`` key padding) as the next slots."""
