@@ -235,16 +235,19 @@ def generation_peak_bytes(fn, device: str = "cpu") -> tuple:
     call, after a collection, so that no earlier garbage is freed inside). On
     a GPU it is
     ``torch.cuda.max_memory_allocated()`` minus the bytes allocated before.
+    Either way the free buffers seqfuse's K/V cache pool holds when the call
+    starts count as the call's own (it takes them instead of allocating).
     """
     import torch
 
+    held = _cache_pool_bytes()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         out = fn()
         torch.cuda.synchronize()
-        return out, max(0, torch.cuda.max_memory_allocated() - base)
+        return out, max(0, torch.cuda.max_memory_allocated() - base) + held
     import gc
 
     from torch.profiler import ProfilerActivity, profile
@@ -270,7 +273,14 @@ def generation_peak_bytes(fn, device: str = "cpu") -> tuple:
     for _t, _i, nbytes in sorted(events):  # time order; ties keep the recorded order
         live += nbytes
         peak = max(peak, live)
-    return out, peak
+    return out, peak + held
+
+
+def _cache_pool_bytes() -> int:
+    """Bytes of free K/V buffers seqfuse's cache pool holds (0 when seqfuse's
+    layers are not loaded)."""
+    kv_cache = sys.modules.get("seqfuse.layers.kv_cache")
+    return kv_cache.BUFFERS.free_bytes() if kv_cache is not None else 0
 
 
 class Worker:

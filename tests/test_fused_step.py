@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
 from generation_utils import (
     LAYER_VARIANTS,
@@ -358,19 +359,50 @@ def test_decoder_reorders_its_layers_caches_at_once(monkeypatch):
 
 
 def test_buffer_pool_fits_and_bounds():
-    assert kv_cache.BufferPool(0).take(8, torch.float32, torch.device("cpu")).numel() == 8
-    off = kv_cache.BufferPool(0)  # the default: keeps nothing
-    off.give(torch.empty(8))
+    cpu = torch.device("cpu")
+    assert kv_cache.BufferPool(0).take(8, torch.float32, cpu).numel() == 8
+    off = kv_cache.BufferPool(0)  # SEQFUSE_CACHE_POOL=0: keeps nothing
+    off.give(off.take(8, torch.float32, cpu))
     assert off.free_bytes() == 0
     pool = kv_cache.BufferPool(2)
-    a, b, c = (torch.empty(n) for n in (100, 300, 1000))
+    a, b, c = (pool.take(n, torch.float32, cpu) for n in (100, 300, 1000))
     for buf in (a, b, c):
         pool.give(buf)
-    assert pool.free_bytes() == (300 + 1000) * 4  # the oldest went
-    assert pool.take(250, torch.float32, torch.device("cpu")) is b  # smallest that fits
-    got = pool.take(400, torch.float32, torch.device("cpu"))  # 1000 > 2 x 400: not taken
+    assert pool.free_bytes() == (300 + 1000) * 4  # at most 2 kept: the oldest went
+    assert pool.take(250, torch.float32, cpu) is b  # smallest that fits
+    got = pool.take(400, torch.float32, cpu)  # 1000 > 2 x 400: not taken
     assert got is not c and got.numel() == 400
-    assert pool.take(600, torch.float16, torch.device("cpu")).dtype == torch.float16
+    assert pool.take(600, torch.float16, cpu).dtype == torch.float16
+    stranger = kv_cache.BufferPool(4)
+    stranger.give(torch.empty(8))  # never taken from it: past its bound
+    assert stranger.free_bytes() == 0
+
+
+def test_buffer_pool_never_holds_more_than_its_high_water():
+    """Free and taken buffers together stay within the most ever taken at
+    once: a buffer that fits no free one frees the oldest free ones first, so
+    the pool raises no peak; what it keeps between uses is at most that peak."""
+    cpu = torch.device("cpu")
+    pool = kv_cache.BufferPool(64)
+    gen = torch.Generator().manual_seed(4)
+    held_max = 0
+    taken: list[Tensor] = []
+    for _ in range(400):
+        if taken and torch.rand(1, generator=gen).item() < 0.5:
+            pool.give(taken.pop(int(torch.randint(len(taken), (1,), generator=gen))))
+        else:
+            numel = int(torch.randint(1, 5000, (1,), generator=gen))
+            buf = pool.take(numel, torch.float32, cpu)
+            assert buf.numel() >= numel
+            taken.append(buf)
+        live = sum(b.numel() * 4 for b in taken)
+        assert pool.taken_bytes == live
+        held_max = max(held_max, live)
+        assert live + pool.free_bytes() <= max(pool.high_water, live)
+        assert pool.high_water == held_max
+    for buf in taken:
+        pool.give(buf)
+    assert pool.free_bytes() <= held_max
 
 
 def _whole_network_step(decoder, tokens, enc, state):

@@ -20,14 +20,17 @@ or less, repack the K/V of the live rows only into one buffer
 (``SelfAttnCache.repack``), so memory follows the rows still decoding, as
 stock's per-step reorder does.
 
-The K/V buffers can come from a pool (``BUFFERS``, opt-in:
-``SEQFUSE_CACHE_POOL=N`` keeps up to N free buffers per dtype and device) and
-go back to it when their cache is dropped or repacked: the next generation's
-caches (and a growth) then write into memory already mapped, instead of into
-fresh pages that the kernel maps and zeroes on first touch inside the decoder
-step (2-3% of a batch-64 search here). It is off by default because what it
-keeps is memory held: with it, the Multi30k search at batch 128 peaks at 204
-MB of tensor memory instead of 118 MB (stock: 250 MB).
+The K/V buffers come from a pool (``BUFFERS``) and go back to it when their
+cache is dropped, repacked or merged: the next growth, and the next
+generation's caches, write into memory already mapped instead of into fresh
+pages that the kernel maps and zeroes on first touch inside the decoder step
+(with blocks, most of the fresh memory a batch-64 search touches: about 10% of
+its time here). The pool never holds more than it must for that: free and
+taken buffers together stay within the most the caches have held at once
+(a buffer that does not fit frees the oldest free ones first), so the process
+peaks no higher than without it; between generations it keeps at most that
+peak. ``SEQFUSE_CACHE_POOL=N`` keeps at most N free buffers per dtype and
+device, ``0`` none.
 ``release_buffers()`` empties it.
 
 Cross-attention: K/V of the encoder output are computed once per sentence
@@ -87,24 +90,48 @@ def next_slots(need: int, have: int) -> int:
 # A growth adds a block of slots (SEQFUSE_KV_BLOCKS=0: copies into one buffer).
 KV_BLOCKS_ENV = "SEQFUSE_KV_BLOCKS"
 
-# free K/V buffers kept per dtype and device (SEQFUSE_CACHE_POOL; 0: none)
-POOL_BUFFERS = int(os.environ.get("SEQFUSE_CACHE_POOL", "0") or 0)
+# free K/V buffers kept per dtype and device at most (SEQFUSE_CACHE_POOL; 0: none)
+POOL_BUFFERS = int(os.environ.get("SEQFUSE_CACHE_POOL", "64") or 0)
 
 
 class BufferPool:
-    """Flat buffers handed back by dropped caches, for the next ones.
+    """Flat buffers handed back by caches, for the next ones.
 
     ``take`` returns the smallest free buffer that holds ``numel`` elements
     and is at most twice that (a new one when none is), ``give`` takes one
     back. Only a cache's own buffer is given back, when the cache no longer
-    reads it (``SelfAttnCache.__del__`` and ``repack``): a buffer is never
-    handed out twice.
+    reads it (``SelfAttnCache.__del__``, ``repack``, a merge): a buffer is
+    never handed out twice.
+
+    Bounded: the bytes taken and not given back plus the free bytes never
+    exceed the most ever taken at once (``high_water``); a new buffer first
+    frees the oldest free ones as far as needed, and a buffer given back is
+    dropped rather than kept past that bound (or past ``keep`` buffers).
     """
 
     def __init__(self, keep: int):
         self.keep = keep
         self._free: dict[tuple, list[Tensor]] = {}
         self._lock = threading.Lock()
+        self.taken_bytes = 0  # handed out and not given back
+        self.high_water = 0  # the most handed out at once
+
+    @staticmethod
+    def _bytes(buf: Tensor) -> int:
+        return buf.numel() * buf.element_size()
+
+    def _free_total(self) -> int:
+        return sum(self._bytes(b) for bs in self._free.values() for b in bs)
+
+    def _evict_oldest(self) -> bool:
+        oldest = None
+        for bs in self._free.values():
+            if bs and (oldest is None or len(bs) > len(oldest)):
+                oldest = bs
+        if oldest is None:
+            return False
+        oldest.pop(0)
+        return True
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         with self._lock:
@@ -112,11 +139,28 @@ class BufferPool:
             if free:
                 fits = [i for i, b in enumerate(free) if numel <= b.numel() <= 2 * numel]
                 if fits:
-                    return free.pop(min(fits, key=lambda i: free[i].numel()))
-        return torch.empty(numel, dtype=dtype, device=device)
+                    buf = free.pop(min(fits, key=lambda i: free[i].numel()))
+                    self.taken_bytes += self._bytes(buf)
+                    self.high_water = max(self.high_water, self.taken_bytes)
+                    return buf
+            need = numel * torch.empty((), dtype=dtype).element_size()
+            bound = max(self.high_water, self.taken_bytes + need)
+            while self.taken_bytes + self._free_total() + need > bound and self._evict_oldest():
+                pass
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        with self._lock:
+            self.taken_bytes += self._bytes(buf)
+            self.high_water = max(self.high_water, self.taken_bytes)
+        return buf
 
     def give(self, buf: Tensor) -> None:
         with self._lock:
+            size = self._bytes(buf)
+            self.taken_bytes = max(0, self.taken_bytes - size)
+            if self.keep <= 0:
+                return
+            if self.taken_bytes + self._free_total() + size > self.high_water:
+                return  # past the bound: freed
             free = self._free.setdefault((buf.dtype, buf.device), [])
             free.append(buf)
             while len(free) > self.keep:
@@ -128,7 +172,7 @@ class BufferPool:
 
     def free_bytes(self) -> int:
         with self._lock:
-            return sum(b.numel() * b.element_size() for bs in self._free.values() for b in bs)
+            return self._free_total()
 
 
 BUFFERS = BufferPool(POOL_BUFFERS)
