@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
 from fairseq.sequence_generator import SequenceGenerator as StockGenerator
 from generation_utils import (
     LAYER_VARIANTS,
@@ -25,6 +24,7 @@ from generation_utils import (
     random_transformer,
     reorder_scenario,
 )
+from torch import Tensor
 
 from seqfuse.layers import fused_step, kv_cache
 
