@@ -529,39 +529,6 @@ def test_step_logits_independent_of_thread_count(monkeypatch, threads):
         assert torch.equal(a[:, -1, :], attn), f"attention, step {t}, {threads} threads"
 
 
-def test_plan_reuses_its_buffers_only_when_let_go(monkeypatch):
-    """The plan object writes a step's logits (and attention) into the last
-    step's memory when the caller has dropped them, and into new memory when
-    the caller still holds them: held results keep their values, and every
-    step's results equal the decoder's forward either way."""
-    model, d = random_transformer(60, 11, perturb=True)
-    fast, enc, tokens, orders = reorder_scenario(model, d, 12, seed=7)
-    forward = decoder_steps(fast.decoder, enc, tokens, orders)
-    ptrs, held, copies = [], [], []
-
-    def let_go(decoder, toks, e, state):
-        logits, attn = _whole_network_step(decoder, toks, e, state)
-        ptrs.append(logits.data_ptr())
-        return logits.clone(), attn.clone()  # the step's own tensors are dropped
-
-    def hold(decoder, toks, e, state):
-        logits, attn = _whole_network_step(decoder, toks, e, state)
-        held.append((logits, attn))
-        copies.append((logits.clone(), attn.clone()))
-        return logits, attn
-
-    dropped = decoder_steps(fast.decoder, enc, tokens, orders, let_go)
-    decoder_steps(fast.decoder, enc, tokens, orders, hold)
-    for t, ((x, a, _), (l1, a1), (l2, a2), (c2, ca2)) in enumerate(
-        zip(forward, dropped, held, copies)
-    ):
-        assert torch.equal(x[:, -1, :], l1) and torch.equal(a[:, -1, :], a1), f"step {t}"
-        assert torch.equal(l2, c2) and torch.equal(a2, ca2), f"held step {t} was overwritten"
-        assert torch.equal(x[:, -1, :], l2), f"step {t}"
-    assert len(set(ptrs)) < len(ptrs) / 2, "the plan allocated its logits anew every step"
-    assert len({logits.data_ptr() for logits, _ in held}) == len(held)
-
-
 def test_cache_grows_by_blocks_without_moving_its_contents(monkeypatch):
     """Under the one-call step a cache grows by a block of slots: the K/V
     already written stay where they are (no copy), the step reads the blocks
@@ -576,14 +543,18 @@ def test_cache_grows_by_blocks_without_moving_its_contents(monkeypatch):
     def watch(decoder, toks, e, state):
         got = _whole_network_step(decoder, toks, e, state)
         cache = state[decoder.layers[0]._fused_key]["self"]
-        seen.append((len(cache.blocks), cache.blocks[0].data_ptr(), cache.length))
+        seen.append((len(cache.blocks), cache.blocks[0].data_ptr(), cache.n))
+        block_rows.append([b.size(1) for b in cache.blocks])
         return got
 
+    block_rows: list[list[int]] = []
     blocks = decoder_steps(fast.decoder, enc, tokens, orders, watch)
     grown = [i for i in range(1, len(seen)) if seen[i][0] > seen[i - 1][0]]
     assert grown, "no growth by a block happened"
     for i in grown:
         assert seen[i][1] == seen[i - 1][1], "a growth moved the first block"
+        assert block_rows[i][-1] == seen[i][2], "a new block holds more than the live rows"
+    assert any(len(set(r)) > 1 for r in block_rows), "no block after finished rows left"
     monkeypatch.setenv(kv_cache.KV_BLOCKS_ENV, "0")
     one = decoder_steps(fast.decoder, enc, tokens, orders, _whole_network_step)
     for t, ((l1, a1), (l2, a2)) in enumerate(zip(blocks, one)):

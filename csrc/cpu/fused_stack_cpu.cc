@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #include "layer_ops.h"
@@ -136,18 +135,24 @@ KvBlocks one_block_each(at::TensorList self_kv) {
   return blocks;
 }
 
-// One layer's self-attention cache must take `n` rows at `slot`. Returns its
-// physical rows; fills each slot's K and V base pointers.
+// One layer's self-attention cache must take `n` rows at `slot`. Returns the
+// rows of its tables (key padding [slots, rows]); fills each slot's K and V
+// base pointers. A block may hold fewer rows than the tables (one added after
+// finished rows left): every parent-table entry of the written slots must lie
+// within its slot's block, and the new slot's block must hold the n rows.
 int64_t check_self_cache(const std::vector<at::Tensor>& blocks, const at::Tensor& rows,
                          const at::Tensor& pad, int64_t slot, int64_t n, int64_t c,
                          std::vector<const void*>* k_slots, std::vector<const void*>* v_slots) {
   TORCH_CHECK(!blocks.empty(), "fused_decoder_step: a self cache without blocks");
-  const int64_t phys = blocks[0].dim() == 3 ? blocks[0].size(1) : -1;
+  TORCH_CHECK(
+      pad.dim() == 2 && pad.scalar_type() == at::kBool && pad.is_contiguous() && pad.is_cpu(),
+      "fused_decoder_step: key padding must be a contiguous bool [slots, rows] tensor");
+  const int64_t phys = pad.size(1);
   int64_t slots = 0;
   for (const at::Tensor& kv : blocks) {
     check_f32(kv, "a self-attention cache");
-    TORCH_CHECK(kv.dim() == 3 && kv.size(1) == phys && kv.size(2) == 2 * c,
-                "fused_decoder_step: self cache blocks must be [slots, ", phys, ", ", 2 * c,
+    TORCH_CHECK(kv.dim() == 3 && kv.size(1) <= phys && kv.size(2) == 2 * c,
+                "fused_decoder_step: self cache blocks must be [slots, <=", phys, ", ", 2 * c,
                 "], got ", kv.sizes());
     slots += kv.size(0);
   }
@@ -156,18 +161,31 @@ int64_t check_self_cache(const std::vector<at::Tensor>& blocks, const at::Tensor
   TORCH_CHECK(rows.dim() == 2 && rows.size(0) >= n && rows.size(1) == slots &&
                   rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.is_cpu(),
               "fused_decoder_step: parent table must be int64 [>=", n, ", ", slots, "]");
-  TORCH_CHECK(pad.dim() == 2 && pad.size(0) == slots && pad.size(1) == phys &&
-                  pad.scalar_type() == at::kBool && pad.is_contiguous() && pad.is_cpu(),
-              "fused_decoder_step: key padding must be bool [", slots, ", ", phys, "]");
+  TORCH_CHECK(pad.size(0) == slots, "fused_decoder_step: key padding must be bool [", slots, ", ",
+              phys, "]");
   k_slots->clear();
   v_slots->clear();
+  std::vector<int64_t> limit;  // each slot's block rows
   for (const at::Tensor& kv : blocks) {
     const float* base = kv.data_ptr<float>();
+    const int64_t r = kv.size(1);
     for (int64_t j = 0; j < kv.size(0) && static_cast<int64_t>(k_slots->size()) <= slot; ++j) {
-      k_slots->push_back(base + j * phys * 2 * c);
-      v_slots->push_back(base + j * phys * 2 * c + c);
+      k_slots->push_back(base + j * r * 2 * c);
+      v_slots->push_back(base + j * r * 2 * c + c);
+      limit.push_back(r);
     }
   }
+  TORCH_CHECK(n <= limit[slot], "fused_decoder_step: the block of slot ", slot, " holds ",
+              limit[slot], " rows, the step has ", n);
+  const int64_t* table = rows.data_ptr<int64_t>();
+  bool ok = true;
+  for (int64_t g = 0; g < n; ++g) {
+    for (int64_t j = 0; j < slot; ++j) {
+      const int64_t v = table[g * slots + j];
+      ok &= v >= 0 && v < limit[j];
+    }
+  }
+  TORCH_CHECK(ok, "kv_rows outside their blocks' rows");
   return phys;
 }
 
@@ -229,45 +247,13 @@ void check_vec(const at::Tensor& t, int64_t n, const char* what) {
 // few rows per step that dispatcher work cost as much as a layer's GEMMs),
 // inside one parallel region with a barrier between dependent ops.
 namespace {
-// A buffer a plan keeps from one step to the next (DecoderLogitsPlan): handed
-// out again when nothing else holds the last one it gave (its storage has no
-// other holder), newly allocated otherwise or when it is too small. A step
-// then writes into memory that is already mapped: fresh memory is mapped and
-// zeroed by the kernel page by page on first touch, and a batch-64 search
-// allocates and frees some 15 MB a step (the vocabulary projection's output
-// most of it), so that fresh pages cost about 5% of its time.
-class StepBuffer {
- public:
-  at::Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    const int64_t numel = c10::multiply_integers(sizes);
-    if (!buf_.defined() || buf_.numel() < numel || buf_.dtype() != options.dtype() ||
-        buf_.device() != options.device() || buf_.storage().use_count() > 1) {
-      buf_ = at::Tensor();  // the old one goes first (or stays with its holder)
-      buf_ = at::empty({numel}, options);
-    }
-    return buf_.narrow(0, 0, numel).view(sizes);
-  }
-
- private:
-  at::Tensor buf_;
-};
-
-// A plan's buffers, one per tensor a step makes; none: the step allocates.
-struct StepBuffers {
-  StepBuffer work, layers_out, weights, mean, logits;
-};
-
-at::Tensor take(StepBuffer* buf, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return buf != nullptr ? buf->take(sizes, options) : at::empty(sizes, options);
-}
-
 // fused_decoder_step with the step's key padding as bytes (pn: [n] or null).
 std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     const at::Tensor& x_in, at::TensorList params, at::ArrayRef<double> nums,
     const KvBlocks& self_kv, at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
     const uint8_t* pn, at::TensorList cross_kv, at::TensorList cross_map, const PadList& cross_pad,
     int64_t q_per_kv, at::IntArrayRef heads, bool normalize_before, int64_t act,
-    int64_t align_layer, int64_t mean_heads, StepBuffers* bufs = nullptr) {
+    int64_t align_layer, int64_t mean_heads) {
   const int64_t layers = static_cast<int64_t>(self_kv.size());
   TORCH_CHECK(layers > 0, "fused_decoder_step: no layers");
   TORCH_CHECK(static_cast<int64_t>(params.size()) == layers * kPerLayer &&
@@ -332,7 +318,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   // output, x after self- and cross-attention, their normalised copies, the
   // cross query; then fc1's [n, F]. Layer outputs go to `out` [layers, n, C].
   const int64_t nc = n * c;
-  at::Tensor ws = take(bufs ? &bufs->work : nullptr, {n * (3 * c + 8 * c + ffn)}, x_in.options());
+  at::Tensor ws = at::empty({n * (3 * c + 8 * c + ffn)}, x_in.options());
   float* qkv = ws.data_ptr<float>();
   float* hin = qkv + 3 * nc;
   float* attn_out = hin + nc;
@@ -343,7 +329,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   float* n_cross = x_cross + nc;
   float* q = n_cross + nc;
   float* fc1 = q + nc;
-  at::Tensor out = take(bufs ? &bufs->layers_out : nullptr, {layers, n, c}, x_in.options());
+  at::Tensor out = at::empty({layers, n, c}, x_in.options());
 
   // Each layer's attention calls, set up and bound-checked before any kernel
   // runs (the self-attention's new slot holds row r for row r: in range).
@@ -384,14 +370,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     sa.q_per_kv = 1;
     sa.causal_offset = -1;
     sa.scaling = static_cast<float>(num[kSelfScaling]);
-    check_attention_rows(sa, phys);
-    sa.s = slot + 1;
+    sa.s = slot + 1;  // rows checked by check_self_cache
 
     const at::Tensor& ckv = cross_kv[l];
     const int64_t src = ckv.size(0), sents = ckv.size(1);
     s_max = std::max(s_max, src);
     const bool want_weights = l == align_layer;
-    if (want_weights) align = take(bufs ? &bufs->weights : nullptr, {h, n, 1, src}, x_in.options());
+    if (want_weights) align = at::empty({h, n, 1, src}, x_in.options());
     kernels::AttentionParams& ca = cross_attn[l];
     ca = kernels::AttentionParams{};
     ca.q = q;
@@ -562,7 +547,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     const int64_t count = std::min(mean_heads, align.size(0));
     TORCH_CHECK(count > 0, "fused_decoder_step: no heads to average");
     const int64_t per = align.numel() / align.size(0);
-    at::Tensor mean = take(bufs ? &bufs->mean : nullptr, {n, 1, align.size(3)}, align.options());
+    at::Tensor mean = at::empty({n, 1, align.size(3)}, align.options());
     const float* a = align.data_ptr<float>();
     float* m = mean.data_ptr<float>();
     const float div = static_cast<float>(count);
@@ -607,8 +592,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_logits(
     at::TensorList self_rows, at::TensorList self_pad, int64_t slot, at::TensorList cross_kv,
     at::TensorList cross_map, const PadList& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
     bool normalize_before, int64_t act, int64_t align_layer, int64_t mean_heads,
-    const at::Tensor& out_pack, const std::optional<at::Tensor>& out_bias, int64_t vocab,
-    StepBuffers* bufs = nullptr) {
+    const at::Tensor& out_pack, const std::optional<at::Tensor>& out_bias, int64_t vocab) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) >= 1 && tokens.scalar_type() == at::kLong &&
                   tokens.is_cpu(),
               "fused_decoder_logits: tokens must be int64 [rows, steps]");
@@ -633,15 +617,13 @@ std::tuple<at::Tensor, at::Tensor> decoder_logits(
   for (int64_t r = 0; r < n; ++r) step_pad[r] = tok[r * last.stride(0)] == pad;
   auto [outs, align] = decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot,
                                     step_pad.data(), cross_kv, cross_map, cross_pad, q_per_kv,
-                                    heads, normalize_before, act, align_layer, mean_heads, bufs);
+                                    heads, normalize_before, act, align_layer, mean_heads);
   x = outs.back();
   if (has_final_ln) {
     check_f32(norms[k], "the final norm weight");
     x = layer_norm(x, Norm{norms[k], norms[k + 1], norm_eps[k / 2]});
   }
-  at::Tensor logits = take(bufs ? &bufs->logits : nullptr, {n, vocab}, x.options());
-  linear_packed_into(x, out_pack, out_bias, vocab, logits);
-  return {logits, align};
+  return {linear_packed_cpu(x, out_pack, out_bias, vocab), align};
 }
 }  // namespace
 
@@ -720,9 +702,6 @@ class DecoderLogitsPlan {
     const int64_t sents = tokens.size(0) / q_per_kv;
     TORCH_CHECK(cross_map.size() == cross_n.size(),
                 "DecoderLogitsPlan.step: per-layer lists of the wrong length");
-    // One generation's steps come one after another; a step that finds
-    // another running on this plan (the GIL is released) allocates its own.
-    std::unique_lock<std::mutex> reuse(bufs_mutex_, std::try_to_lock);
     std::vector<at::Tensor> maps;
     maps.reserve(cross_map.size());
     for (size_t l = 0; l < cross_map.size(); ++l) {
@@ -732,13 +711,12 @@ class DecoderLogitsPlan {
       maps.push_back(cross_map[l].size(0) == sents ? cross_map[l]
                                                    : cross_map[l].narrow(0, 0, sents));
     }
-    auto [logits, attn] =
-        decoder_logits(tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_,
-                       has_emb_ln_, has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows,
-                       self_pad, slot, cross_kv, maps, cross_pad, q_per_kv, heads_,
-                       normalize_before_, act_, static_cast<int64_t>(heads_.size()) - 1,
-                       /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_,
-                       out_bias_, vocab_, reuse.owns_lock() ? &bufs_ : nullptr);
+    auto [logits, attn] = decoder_logits(
+        tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_, has_emb_ln_,
+        has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows, self_pad, slot, cross_kv,
+        maps, cross_pad, q_per_kv, heads_, normalize_before_, act_,
+        static_cast<int64_t>(heads_.size()) - 1,
+        /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_, out_bias_, vocab_);
     return {logits, attn.select(1, 0)};
   }
 
@@ -757,10 +735,6 @@ class DecoderLogitsPlan {
   at::Tensor out_pack_;
   std::optional<at::Tensor> out_bias_;
   int64_t vocab_;
-  // Reused from step to step while the caller has let go of the last step's
-  // logits and attention (a step that finds them held allocates anew).
-  mutable StepBuffers bufs_;
-  mutable std::mutex bufs_mutex_;
 };
 
 void bind_fused_stack(pybind11::module& m) {

@@ -92,9 +92,8 @@ void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, 
   kernels().range(x, M, K, ldx, packed, N, bias, y, begin, end);
 }
 
-// Checks linear_packed's arguments; returns the bias pointer (or null).
-static const float* check_linear_packed(const at::Tensor& x, const at::Tensor& packed,
-                                        const std::optional<at::Tensor>& bias, int64_t n) {
+at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
+                             const std::optional<at::Tensor>& bias, int64_t n) {
   TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
               at::get_cpu_capability(), " (needs AVX2 or AVX512)");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
@@ -115,34 +114,11 @@ static const float* check_linear_packed(const at::Tensor& x, const at::Tensor& p
                 "linear_packed: bias must be a contiguous float32 [", n, "] tensor");
     b = bias->data_ptr<float>();
   }
-  return b;
-}
-
-// y = x W^T + b on checked arguments.
-static void run_linear_packed(const at::Tensor& x, const at::Tensor& packed, const float* b,
-                              int64_t n, const at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor y = at::empty({M, n}, x.options());
   if (M > 0) {
     kernel()(x.data_ptr<float>(), M, K, x.stride(0), packed.data_ptr<float>(), n, b,
              y.data_ptr<float>());
   }
-}
-
-void linear_packed_into(const at::Tensor& x, const at::Tensor& packed,
-                        const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& y) {
-  const float* b = check_linear_packed(x, packed, bias, n);
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == n && y.is_contiguous() &&
-                  y.scalar_type() == at::kFloat && y.device().is_cpu(),
-              "linear_packed: the output must be a contiguous float32 [", x.size(0), ", ", n,
-              "] tensor, got ", y.sizes());
-  run_linear_packed(x, packed, b, n, y);
-}
-
-at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
-                             const std::optional<at::Tensor>& bias, int64_t n) {
-  const float* b = check_linear_packed(x, packed, bias, n);
-  at::Tensor y = at::empty({x.size(0), n}, x.options());
-  run_linear_packed(x, packed, b, n, y);
   return y;
 }
 

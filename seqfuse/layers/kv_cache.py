@@ -20,17 +20,17 @@ or less, repack the K/V of the live rows only into one buffer
 (``SelfAttnCache.repack``), so memory follows the rows still decoding, as
 stock's per-step reorder does.
 
-The K/V buffers come from a pool (``BUFFERS``) and go back to it when their
-cache is dropped, repacked or merged: the next growth, and the next
-generation's caches, write into memory already mapped instead of into fresh
-pages that the kernel maps and zeroes on first touch inside the decoder step
-(with blocks, most of the fresh memory a batch-64 search touches: about 10% of
-its time here). The pool never holds more than it must for that: free and
-taken buffers together stay within the most the caches have held at once
-(a buffer that does not fit frees the oldest free ones first), so the process
-peaks no higher than without it; between generations it keeps at most that
-peak. ``SEQFUSE_CACHE_POOL=N`` keeps at most N free buffers per dtype and
-device, ``0`` none.
+The K/V buffers can come from a pool (``BUFFERS``, opt-in:
+``SEQFUSE_CACHE_POOL=N`` keeps up to N free buffers per dtype and device) and
+go back to it when their cache is dropped, repacked or merged: the next
+growth, and the next generation's caches, then write into memory already
+mapped instead of into fresh pages that the kernel maps and zeroes on first
+touch inside the decoder step (5-10% of a batch-64 search here). The pool
+holds no more than it must for that: free and taken buffers together stay
+within the most the caches have held at once (a buffer that fits no free one
+frees the oldest free ones first). It is off by default because what it keeps
+between generations is memory held: counted with the generation's, the
+Multi30k search at batch 128 then peaks at 0.8x stock's instead of about 0.5x.
 ``release_buffers()`` empties it.
 
 Cross-attention: K/V of the encoder output are computed once per sentence
@@ -91,7 +91,7 @@ def next_slots(need: int, have: int) -> int:
 KV_BLOCKS_ENV = "SEQFUSE_KV_BLOCKS"
 
 # free K/V buffers kept per dtype and device at most (SEQFUSE_CACHE_POOL; 0: none)
-POOL_BUFFERS = int(os.environ.get("SEQFUSE_CACHE_POOL", "64") or 0)
+POOL_BUFFERS = int(os.environ.get("SEQFUSE_CACHE_POOL", "0") or 0)
 
 
 class BufferPool:
@@ -213,7 +213,7 @@ class SelfAttnCache:
 
     @property
     def capacity(self) -> tuple[int, int]:
-        return self.blocks[0].size(1), self.rows.size(1)
+        return self.pad.size(1), self.rows.size(1)
 
     @property
     def kv(self) -> Tensor:
@@ -232,9 +232,10 @@ class SelfAttnCache:
         if rows > r_old or not (by_block and self.grow_by_blocks):
             self.repack(max(rows, self.n), l_new)
             return
-        # a block of the new slots; the tables (small) are copied to the new length
+        # a block of the new slots for the live rows (rows r < n write there);
+        # the tables (small) are copied to the new length
         like = self.blocks[0]
-        buf, kv = _kv_buffer(l_new - l_old, r_old, 2 * self.channels, like)
+        buf, kv = _kv_buffer(l_new - l_old, max(rows, self.n), 2 * self.channels, like)
         self._bufs.append(buf)
         self.blocks.append(kv)
         rows_t = torch.empty((r_old, l_new), dtype=torch.long, device=like.device)
@@ -264,7 +265,7 @@ class SelfAttnCache:
             for block in self.blocks:
                 s1 = min(s0 + block.size(0), length)
                 if s1 > s0:
-                    kv[s0:s1].copy_(block[: s1 - s0])
+                    kv[s0:s1, : block.size(1)].copy_(block[: s1 - s0])
                 s0 += block.size(0)
             if slots != self.rows.size(1):
                 table = torch.empty((rows, slots), dtype=torch.long, device=dev)
@@ -285,9 +286,10 @@ class SelfAttnCache:
                 m = min(block.size(0), length - s0)
                 if m <= 0:
                     break
-                base = torch.arange(m, device=dev).view(m, 1) * r_old
+                r_b = block.size(1)
+                base = torch.arange(m, device=dev).view(m, 1) * r_b
                 flat = (self.rows[:n, s0 : s0 + m].t() + base).reshape(-1)  # [m * n], slot-major
-                src_kv = block[:m].view(m * r_old, c2)
+                src_kv = block[:m].reshape(m * r_b, c2)
                 if rows == n:  # straight into the new buffer
                     torch.index_select(src_kv, 0, flat, out=kv[s0 : s0 + m].view(m * n, c2))
                 else:
