@@ -123,8 +123,8 @@ at::Tensor feed_forward(const at::Tensor& h, const at::Tensor& residual, const a
 }
 
 // Each layer's self-attention K/V: one or more blocks of slots in slot order,
-// [slots_b, rows, 2C] each, every block with the same rows (a cache grows by
-// a block, without moving what it holds: seqfuse/layers/kv_cache.py).
+// [slots_b, rows_b, 2C] each, rows_b at most the tables' rows (a cache grows
+// by a block, without moving what it holds: seqfuse/layers/kv_cache.py).
 using KvBlocks = std::vector<std::vector<at::Tensor>>;
 
 // The ops' form: one [slots, rows, 2C] tensor per layer.

@@ -124,6 +124,7 @@ class BufferPool:
         return sum(self._bytes(b) for bs in self._free.values() for b in bs)
 
     def _evict_oldest(self) -> bool:
+        """Drops the oldest free buffer of the longest list; False: none."""
         oldest = None
         for bs in self._free.values():
             if bs and (oldest is None or len(bs) > len(oldest)):
@@ -198,10 +199,8 @@ class SelfAttnCache:
         # rows per row written (FIRST_STEP_SHARED).
         self.expand = expand
         self.grow_by_blocks = _ext.env_flag(KV_BLOCKS_ENV, True)
-        # K/V in blocks of slots, [slots_b, rows, 2C] each, in slot order
-        # (each block's pool buffer in _bufs)
-        self._bufs: list[Tensor] = []
-        self.blocks: list[Tensor] = []
+        # K/V in blocks of slots, [slots_b, rows_b <= rows, 2C] each, in slot
+        # order (each block's pool buffer in _bufs)
         buf, kv = _kv_buffer(slots, rows, 2 * channels, like)
         self._bufs, self.blocks = [buf], [kv]
         self.rows = torch.empty((rows, slots), dtype=torch.long, device=like.device)  # [R, L]
@@ -220,8 +219,21 @@ class SelfAttnCache:
         """The K/V as one ``[slots, rows, 2C]`` tensor (several blocks are
         merged into one buffer first)."""
         if len(self.blocks) > 1:
-            self.repack(self.capacity[0], self.capacity[1], live_only=False)
+            self._merge()
         return self.blocks[0]
+
+    def _merge(self) -> None:
+        """The blocks copied into one buffer of the cache's capacity, every
+        physical row where it was (the tables stay as they are)."""
+        r_cap, l_cap = self.capacity
+        buf, kv = _kv_buffer(l_cap, r_cap, 2 * self.channels, self.blocks[0])
+        s0 = 0
+        for block in self.blocks:
+            s1 = min(s0 + block.size(0), self.length)
+            if s1 > s0:
+                kv[s0:s1, : block.size(1)].copy_(block[: s1 - s0])
+            s0 += block.size(0)
+        self._swap_blocks(buf, kv)
 
     def _grow(self, rows: int, slots: int, by_block: bool = False) -> None:
         """Room for ``rows`` rows and ``slots`` slots: a block of new slots
@@ -245,12 +257,11 @@ class SelfAttnCache:
         self.rows, self.pad = rows_t, pad
         self.rows_alt = torch.empty_like(rows_t)
 
-    def repack(self, rows: int, slots: int, live_only: bool = True) -> None:
+    def repack(self, rows: int, slots: int) -> None:
         """New buffers of ``rows x slots`` capacity holding the written slots
         of the ``n`` logical rows only, logical row ``r`` at physical row ``r``
         (the old buffers are freed), in one block. The values read for each row
-        are unchanged, so attention over the cache is too. ``live_only=False``
-        keeps every physical row where it is instead (a merge of the blocks)."""
+        are unchanged, so attention over the cache is too."""
         n, length, c2 = self.n, self.length, 2 * self.channels
         if rows < n or slots < length:
             raise ValueError(f"seqfuse: repack to {rows}x{slots} < {n} rows x {length} slots")
@@ -258,24 +269,6 @@ class SelfAttnCache:
         like = self.blocks[0]
         dev = like.device
         buf, kv = _kv_buffer(slots, rows, c2, like)
-        if not live_only:
-            if rows != r_old:
-                raise ValueError("seqfuse: a merge keeps the rows")
-            s0 = 0
-            for block in self.blocks:
-                s1 = min(s0 + block.size(0), length)
-                if s1 > s0:
-                    kv[s0:s1, : block.size(1)].copy_(block[: s1 - s0])
-                s0 += block.size(0)
-            if slots != self.rows.size(1):
-                table = torch.empty((rows, slots), dtype=torch.long, device=dev)
-                table[:, :length].copy_(self.rows[:, :length])
-                pad = torch.zeros((slots, rows), dtype=torch.bool, device=dev)
-                pad[:length].copy_(self.pad[:length])
-                self.rows, self.pad = table, pad
-                self.rows_alt = torch.empty_like(table)
-            self._swap_blocks(buf, kv)
-            return
         pad = torch.zeros((slots, rows), dtype=torch.bool, device=dev)
         table = torch.empty((rows, slots), dtype=torch.long, device=dev)
         arange = torch.arange(rows, device=dev)
