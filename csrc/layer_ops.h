@@ -70,6 +70,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
 // y = x W^T + b with W packed by pack_linear_weight (float32; csrc/cpu/linear_cpu.cc).
 at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
                              const std::optional<at::Tensor>& bias, int64_t n);
+// The same into `out` ([M, n], contiguous), or into a new tensor when `out`
+// is undefined.
+at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
+                                 const std::optional<at::Tensor>& bias, int64_t n,
+                                 const at::Tensor& out);
 at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, double scale,
                          const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode,
                          int64_t fixed_pos, bool zero_pads);

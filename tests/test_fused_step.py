@@ -508,6 +508,70 @@ def test_whole_network_step_checks_its_caches_and_weights():
                 fast.decoder.step_logits(tokens[:, :3], enc, state)
 
 
+def test_step_memory_reused_only_when_let_go(monkeypatch):
+    """The whole-network step carves its workspace and logits from one buffer
+    kept in the incremental state: a step whose caller let go of the last
+    logits reuses it (no fresh memory per step), a step whose caller still
+    holds them takes new memory and leaves them as they were, a buffer more
+    than twice the need is replaced; every step's logits equal the forward's."""
+    monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)
+    model, d = random_transformer(60, 11, perturb=True)
+    fast, enc, tokens, orders = reorder_scenario(model, d, 12, seed=9)
+    forward = decoder_steps(fast.decoder, enc, tokens, orders)
+    key = fused_step.STEP_MEMORY_KEY
+    held: dict = {}  # step -> (logits as returned, their values then)
+    events = []
+
+    def step(decoder, toks, enc_, state):
+        before = state.get(key)
+        before_ptr = None if before is None else before.data_ptr()
+        logits, attn = _whole_network_step(decoder, toks, enc_, state)
+        memory = state[key]
+        # (a view of it; not asked through untyped_storage(), whose Python
+        # object would keep a second reference to the buffer from then on)
+        lo = memory.data_ptr()
+        assert memory.dim() == 1 and lo <= logits.data_ptr() < lo + 4 * memory.numel()
+        events.append((before_ptr, memory.data_ptr(), memory.numel(), logits.numel()))
+        t = toks.size(1)
+        if t % 3 == 0:  # the caller keeps these logits through the next step
+            held[t] = (logits, logits.clone())
+        return logits.clone(), attn
+
+    whole = decoder_steps(fast.decoder, enc, tokens, orders, step)
+    for t, ((x, a, _), (logits, attn)) in enumerate(zip(forward, whole)):
+        assert torch.equal(x[:, -1, :], logits), f"logits, step {t}"
+        assert torch.equal(a[:, -1, :], attn), f"attention, step {t}"
+    for t, (kept, values) in held.items():
+        assert torch.equal(kept, values), f"the logits of step {t} were overwritten"
+    reused = fresh_while_held = 0
+    for t, (before, after, numel, need) in enumerate(events, start=1):
+        if before is None:
+            continue
+        if (t - 1) % 3 == 0:
+            assert after != before, f"step {t} wrote into memory its caller still held"
+            fresh_while_held += 1
+        elif after == before:
+            reused += 1
+        assert numel >= need
+    assert fresh_while_held >= 3 and reused >= 4, events
+    # a buffer more than twice the need is replaced
+    state: dict = {}
+    with torch.no_grad():
+        _whole_network_step(fast.decoder, tokens[:8, :1], enc_for(enc, 8), state)
+        need = state[key].numel()
+        big = torch.empty(2 * need + 1)
+        state[key] = big
+        _whole_network_step(fast.decoder, tokens[:8, :2], enc_for(enc, 8), state)
+        assert state[key].data_ptr() != big.data_ptr()
+
+
+def enc_for(enc, rows: int):
+    return {
+        "encoder_out": [enc["encoder_out"][0][:, :rows]],
+        "encoder_padding_mask": [enc["encoder_padding_mask"][0][:rows]],
+    }
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_step_logits_independent_of_thread_count(monkeypatch, threads):
     """The one-call step splits each op over the threads of one parallel

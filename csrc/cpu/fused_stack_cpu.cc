@@ -253,7 +253,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     const KvBlocks& self_kv, at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
     const uint8_t* pn, at::TensorList cross_kv, at::TensorList cross_map, const PadList& cross_pad,
     int64_t q_per_kv, at::IntArrayRef heads, bool normalize_before, int64_t act,
-    int64_t align_layer, int64_t mean_heads) {
+    int64_t align_layer, int64_t mean_heads, const at::Tensor& mem) {
   const int64_t layers = static_cast<int64_t>(self_kv.size());
   TORCH_CHECK(layers > 0, "fused_decoder_step: no layers");
   TORCH_CHECK(static_cast<int64_t>(params.size()) == layers * kPerLayer &&
@@ -317,8 +317,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   // Workspace: qkv [n, 3C], then [n, C] each: hin, attention output, GEMM
   // output, x after self- and cross-attention, their normalised copies, the
   // cross query; then fc1's [n, F]. Layer outputs go to `out` [layers, n, C].
+  // Both are carved from `mem` when the caller passes one (a flat float32
+  // buffer of step_floats(n, c, ffn, layers) or more), else allocated here.
   const int64_t nc = n * c;
-  at::Tensor ws = at::empty({n * (3 * c + 8 * c + ffn)}, x_in.options());
+  const int64_t ws_n = n * (3 * c + 8 * c + ffn);
+  at::Tensor block = mem;
+  if (block.defined()) {
+    TORCH_CHECK(block.dim() == 1 && block.is_contiguous() && block.scalar_type() == at::kFloat &&
+                    block.device().is_cpu() && block.numel() >= ws_n + layers * nc,
+                "fused_decoder_step: step memory too small");
+  } else {
+    block = at::empty({ws_n + layers * nc}, x_in.options());
+  }
+  const at::Tensor ws = block.narrow(0, 0, ws_n);
   float* qkv = ws.data_ptr<float>();
   float* hin = qkv + 3 * nc;
   float* attn_out = hin + nc;
@@ -329,7 +340,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   float* n_cross = x_cross + nc;
   float* q = n_cross + nc;
   float* fc1 = q + nc;
-  at::Tensor out = at::empty({layers, n, c}, x_in.options());
+  const at::Tensor out = block.narrow(0, ws_n, layers * nc).view({layers, n, c});
 
   // Each layer's attention calls, set up and bound-checked before any kernel
   // runs (the self-attention's new slot holds row r for row r: in range).
@@ -577,14 +588,44 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
   }
   return decoder_step(x_in, params, nums, one_block_each(self_kv), self_rows, self_pad, slot, pn,
                       cross_kv, cross_map, pad_list(cross_pad), q_per_kv, heads, normalize_before,
-                      act, align_layer, mean_heads);
+                      act, align_layer, mean_heads, at::Tensor());
 }
 
 namespace {
 // fused_decoder_logits (below) on its arguments, for the op and for a
+// Whether `arena` can hold a step's memory of `need` floats: a flat float32
+// CPU buffer of at least `need` and at most twice that (a larger one is
+// replaced, so that memory follows the rows still decoding) that nothing but
+// the caller's own reference points into. The last step's logits are a view
+// of it: while the caller still holds them, the step takes new memory (so
+// does every step once Python has made a storage object of the buffer,
+// which keeps a reference for as long as the buffer lives).
+bool arena_usable(const std::optional<at::Tensor>& arena, int64_t need) {
+  if (!arena.has_value() || !arena->defined()) return false;
+  const at::Tensor& a = *arena;
+  return a.dim() == 1 && a.is_contiguous() && a.scalar_type() == at::kFloat &&
+         a.device().is_cpu() && a.storage_offset() == 0 && a.numel() >= need &&
+         a.numel() <= 2 * need && a.storage().use_count() == 1 &&
+         a.storage().nbytes() == static_cast<size_t>(a.numel()) * sizeof(float);
+}
+
+// The widest fc1 of the layers (0 when the list is malformed: the step's own
+// checks then raise).
+int64_t widest_ffn(at::TensorList params, int64_t layers) {
+  if (static_cast<int64_t>(params.size()) != layers * kPerLayer) return 0;
+  int64_t ffn = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor& b = params[l * kPerLayer + kFc1Bias];
+    if (b.dim() == 1) ffn = std::max(ffn, b.size(0));
+  }
+  return ffn;
+}
+
 // DecoderLogitsPlan's step. tokens: [n, t] int64, the step's tokens in
-// column t - 1.
-std::tuple<at::Tensor, at::Tensor> decoder_logits(
+// column t - 1. The step's workspace, layer outputs and logits are carved
+// from `arena` when it can hold them (arena_usable), else from a new buffer;
+// returns (logits, attention, the buffer used), the logits a view of it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_logits(
     const at::Tensor& tokens, const at::Tensor& embed, double embed_scale,
     const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode, int64_t fixed_pos,
     at::TensorList norms, bool has_emb_ln, bool has_final_ln, at::ArrayRef<double> norm_eps,
@@ -592,7 +633,8 @@ std::tuple<at::Tensor, at::Tensor> decoder_logits(
     at::TensorList self_rows, at::TensorList self_pad, int64_t slot, at::TensorList cross_kv,
     at::TensorList cross_map, const PadList& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
     bool normalize_before, int64_t act, int64_t align_layer, int64_t mean_heads,
-    const at::Tensor& out_pack, const std::optional<at::Tensor>& out_bias, int64_t vocab) {
+    const at::Tensor& out_pack, const std::optional<at::Tensor>& out_bias, int64_t vocab,
+    const std::optional<at::Tensor>& arena) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) >= 1 && tokens.scalar_type() == at::kLong &&
                   tokens.is_cpu(),
               "fused_decoder_logits: tokens must be int64 [rows, steps]");
@@ -615,15 +657,24 @@ std::tuple<at::Tensor, at::Tensor> decoder_logits(
   std::vector<uint8_t> step_pad(static_cast<size_t>(n));
   const int64_t* tok = last.data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r) step_pad[r] = tok[r * last.stride(0)] == pad;
+  const int64_t layers = static_cast<int64_t>(self_kv.size());
+  const int64_t step_n = n * (11 * c + widest_ffn(params, layers)) + layers * n * c;
+  TORCH_CHECK(vocab > 0, "fused_decoder_logits: vocab must be positive");
+  const int64_t need = step_n + n * vocab;
+  const at::Tensor mem = arena_usable(arena, need) ? *arena : at::empty({need}, x.options());
   auto [outs, align] = decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot,
                                     step_pad.data(), cross_kv, cross_map, cross_pad, q_per_kv,
-                                    heads, normalize_before, act, align_layer, mean_heads);
+                                    heads, normalize_before, act, align_layer, mean_heads,
+                                    mem.narrow(0, 0, step_n));
   x = outs.back();
+  outs.clear();
   if (has_final_ln) {
     check_f32(norms[k], "the final norm weight");
     x = layer_norm(x, Norm{norms[k], norms[k + 1], norm_eps[k / 2]});
   }
-  return {linear_packed_cpu(x, out_pack, out_bias, vocab), align};
+  at::Tensor logits = mem.narrow(0, step_n, n * vocab).view({n, vocab});
+  linear_packed_out_cpu(x, out_pack, out_bias, vocab, logits);
+  return {logits, align, mem};
 }
 }  // namespace
 
@@ -648,11 +699,13 @@ std::tuple<at::Tensor, at::Tensor> fused_decoder_logits(
     const std::optional<at::Tensor>& out_bias, int64_t vocab) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1,
               "fused_decoder_logits: tokens must be int64 [rows, 1]");
-  return decoder_logits(tokens, embed, embed_scale, pos_table, pad, pos_mode, fixed_pos, norms,
-                        has_emb_ln, has_final_ln, norm_eps, params, nums, one_block_each(self_kv),
-                        self_rows, self_pad, slot, cross_kv, cross_map, pad_list(cross_pad),
-                        q_per_kv, heads, normalize_before, act, align_layer, mean_heads, out_pack,
-                        out_bias, vocab);
+  auto [logits, align, mem] =
+      decoder_logits(tokens, embed, embed_scale, pos_table, pad, pos_mode, fixed_pos, norms,
+                     has_emb_ln, has_final_ln, norm_eps, params, nums, one_block_each(self_kv),
+                     self_rows, self_pad, slot, cross_kv, cross_map, pad_list(cross_pad), q_per_kv,
+                     heads, normalize_before, act, align_layer, mean_heads, out_pack, out_bias,
+                     vocab, std::nullopt);
+  return {logits, align};
 }
 
 // fused_decoder_logits with the arguments that stay fixed for a generation
@@ -689,14 +742,18 @@ class DecoderLogitsPlan {
   }
 
   // tokens: [n, t] (the step's tokens in the last column); cross_n: each
-  // layer's count of mapped sentences, which must be n / q_per_kv. Returns
-  // (logits [n, vocab], the last layer's head-averaged attention [n, S]).
-  std::tuple<at::Tensor, at::Tensor> step(
+  // layer's count of mapped sentences, which must be n / q_per_kv; arena:
+  // the buffer the last step returned, or None. Returns (logits [n, vocab],
+  // the last layer's head-averaged attention [n, S], the step's buffer: pass
+  // it to the next step, after letting go of these logits, which are a view
+  // of it).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> step(
       const at::Tensor& tokens, const std::optional<at::Tensor>& pos_table, int64_t pos_mode,
       int64_t fixed_pos, const KvBlocks& self_kv, const std::vector<at::Tensor>& self_rows,
       const std::vector<at::Tensor>& self_pad, int64_t slot,
       const std::vector<at::Tensor>& cross_kv, const std::vector<at::Tensor>& cross_map,
-      const std::vector<int64_t>& cross_n, const PadList& cross_pad, int64_t q_per_kv) const {
+      const std::vector<int64_t>& cross_n, const PadList& cross_pad, int64_t q_per_kv,
+      const std::optional<at::Tensor>& arena) const {
     RECORD_FUNCTION("seqfuse::DecoderLogitsPlan.step", std::vector<c10::IValue>());
     TORCH_CHECK(tokens.dim() == 2 && q_per_kv >= 1, "DecoderLogitsPlan.step: bad arguments");
     const int64_t sents = tokens.size(0) / q_per_kv;
@@ -711,13 +768,14 @@ class DecoderLogitsPlan {
       maps.push_back(cross_map[l].size(0) == sents ? cross_map[l]
                                                    : cross_map[l].narrow(0, 0, sents));
     }
-    auto [logits, attn] = decoder_logits(
+    auto [logits, attn, mem] = decoder_logits(
         tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_, has_emb_ln_,
         has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows, self_pad, slot, cross_kv,
         maps, cross_pad, q_per_kv, heads_, normalize_before_, act_,
         static_cast<int64_t>(heads_.size()) - 1,
-        /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_, out_bias_, vocab_);
-    return {logits, attn.select(1, 0)};
+        /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_, out_bias_, vocab_,
+        arena);
+    return {logits, attn.select(1, 0), mem};
   }
 
  private:

@@ -92,8 +92,9 @@ void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, 
   kernels().range(x, M, K, ldx, packed, N, bias, y, begin, end);
 }
 
-at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
-                             const std::optional<at::Tensor>& bias, int64_t n) {
+at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
+                                 const std::optional<at::Tensor>& bias, int64_t n,
+                                 const at::Tensor& out) {
   TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
               at::get_cpu_capability(), " (needs AVX2 or AVX512)");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
@@ -114,12 +115,24 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
                 "linear_packed: bias must be a contiguous float32 [", n, "] tensor");
     b = bias->data_ptr<float>();
   }
-  at::Tensor y = at::empty({M, n}, x.options());
+  at::Tensor y = out;
+  if (y.defined()) {
+    TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.size(1) == n && y.is_contiguous() &&
+                    y.scalar_type() == at::kFloat && y.device().is_cpu(),
+                "linear_packed: out must be a contiguous float32 CPU [", M, ", ", n, "] tensor");
+  } else {
+    y = at::empty({M, n}, x.options());
+  }
   if (M > 0) {
     kernel()(x.data_ptr<float>(), M, K, x.stride(0), packed.data_ptr<float>(), n, b,
              y.data_ptr<float>());
   }
   return y;
+}
+
+at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
+                             const std::optional<at::Tensor>& bias, int64_t n) {
+  return linear_packed_out_cpu(x, packed, bias, n, at::Tensor());
 }
 
 }  // namespace seqfuse
