@@ -662,10 +662,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_logits(
   TORCH_CHECK(vocab > 0, "fused_decoder_logits: vocab must be positive");
   const int64_t need = step_n + n * vocab;
   const at::Tensor mem = arena_usable(arena, need) ? *arena : at::empty({need}, x.options());
-  auto [outs, align] = decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot,
-                                    step_pad.data(), cross_kv, cross_map, cross_pad, q_per_kv,
-                                    heads, normalize_before, act, align_layer, mean_heads,
-                                    mem.narrow(0, 0, step_n));
+  auto [outs, align] =
+      decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot, step_pad.data(), cross_kv,
+                   cross_map, cross_pad, q_per_kv, heads, normalize_before, act, align_layer,
+                   mean_heads, mem.narrow(0, 0, step_n));
   x = outs.back();
   outs.clear();
   if (has_final_ln) {
@@ -699,12 +699,11 @@ std::tuple<at::Tensor, at::Tensor> fused_decoder_logits(
     const std::optional<at::Tensor>& out_bias, int64_t vocab) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1,
               "fused_decoder_logits: tokens must be int64 [rows, 1]");
-  auto [logits, align, mem] =
-      decoder_logits(tokens, embed, embed_scale, pos_table, pad, pos_mode, fixed_pos, norms,
-                     has_emb_ln, has_final_ln, norm_eps, params, nums, one_block_each(self_kv),
-                     self_rows, self_pad, slot, cross_kv, cross_map, pad_list(cross_pad), q_per_kv,
-                     heads, normalize_before, act, align_layer, mean_heads, out_pack, out_bias,
-                     vocab, std::nullopt);
+  auto [logits, align, mem] = decoder_logits(
+      tokens, embed, embed_scale, pos_table, pad, pos_mode, fixed_pos, norms, has_emb_ln,
+      has_final_ln, norm_eps, params, nums, one_block_each(self_kv), self_rows, self_pad, slot,
+      cross_kv, cross_map, pad_list(cross_pad), q_per_kv, heads, normalize_before, act, align_layer,
+      mean_heads, out_pack, out_bias, vocab, std::nullopt);
   return {logits, align};
 }
 
@@ -768,13 +767,13 @@ class DecoderLogitsPlan {
       maps.push_back(cross_map[l].size(0) == sents ? cross_map[l]
                                                    : cross_map[l].narrow(0, 0, sents));
     }
-    auto [logits, attn, mem] = decoder_logits(
-        tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_, has_emb_ln_,
-        has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows, self_pad, slot, cross_kv,
-        maps, cross_pad, q_per_kv, heads_, normalize_before_, act_,
-        static_cast<int64_t>(heads_.size()) - 1,
-        /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_, out_bias_, vocab_,
-        arena);
+    auto [logits, attn, mem] =
+        decoder_logits(tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_,
+                       has_emb_ln_, has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows,
+                       self_pad, slot, cross_kv, maps, cross_pad, q_per_kv, heads_,
+                       normalize_before_, act_, static_cast<int64_t>(heads_.size()) - 1,
+                       /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_,
+                       out_bias_, vocab_, arena);
     return {logits, attn.select(1, 0), mem};
   }
 
