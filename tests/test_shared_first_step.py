@@ -136,9 +136,7 @@ def test_caches_hand_the_row_to_every_beam():
 
 def test_multi30k(monkeypatch):
     """The real model, beam 5, 24 test sentences: bit-identical with and
-    without the shared first step; stock's tokens. (One search over the
-    batch: a split batch shares each part's first step.)"""
-    monkeypatch.setenv(sg.SPLIT_BATCH_ENV, "0")
+    without the shared first step; stock's tokens."""
     model, task = load_multi30k()
     fast = fused(model)
     ds = task.dataset("test")

@@ -29,7 +29,6 @@ without the warning.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Optional
 
 import torch
@@ -93,21 +92,6 @@ _STOCK_STEP_SEARCHES = (
     search.LexicallyConstrainedBeamSearch,  # --constraints
 )
 
-# A batch searched as sub-batches at once, one per intra-op thread, each on
-# one thread (SPLIT_BATCH_ENV=0: one search over the whole batch, its ops
-# split over the threads). On the CPU with the fused network (seqfuse's
-# encoder and one-call decoder step, whose kernels compute each row
-# independently of the batch) and plain beam search, each sentence's search
-# is the same bit for bit in any sub-batch, so the parts return exactly what
-# the whole batch would. Each part runs its bookkeeping in Python while the
-# others compute, instead of every thread waiting for it at the next parallel
-# region, and no op splits its work (no barriers): about 5% of a batch-64
-# Multi30k search on 2 cores. Parts hold MIN_PART_SENTENCES sentences or more.
-SPLIT_BATCH_ENV = "SEQFUSE_SPLIT_BATCH"
-MIN_PART_SENTENCES = 4
-# Batches searched in parts (tests and benchmarks read it).
-SPLIT_STATS = {"split_batches": 0, "parts": 0}
-
 # attn / finished attention buffers: time columns allocated at first, then
 # grown by doubling (up to max_len) instead of max_len columns up front.
 ATTN_INITIAL_STEPS = 32
@@ -149,18 +133,6 @@ def _standard_normalisation(model) -> bool:
         and dcls.get_normalized_probs is FairseqDecoder.get_normalized_probs
         and dcls.get_normalized_probs_scriptable is FairseqDecoder.get_normalized_probs_scriptable
     )
-
-
-def _split_threads() -> int:
-    """The intra-op threads a batch may be split over (tests replace it)."""
-    return torch.get_num_threads()
-
-
-def _autocast_on() -> bool:
-    try:
-        return bool(torch.is_autocast_enabled("cpu"))
-    except TypeError:  # an older torch: no device argument
-        return bool(torch.is_autocast_cpu_enabled())
 
 
 def _has_fused_layers(model) -> bool:
@@ -255,107 +227,7 @@ class SequenceGenerator(StockSequenceGenerator):
             raise NotImplementedError(
                 "Target-side constraints were provided, but search method doesn't support them"
             )
-        parts = self._split_parts(sample, constraints)
-        if parts > 1:
-            return self._search_in_parts(sample, prefix_tokens, bos_token, parts)
         return self._search(sample, prefix_tokens, bos_token, constraints)
-
-    # ------------------------------------------------------------- batch split
-    def _split_parts(self, sample, constraints: Optional[Tensor]) -> int:
-        """How many sub-batches to search at once (see SPLIT_BATCH_ENV); 1:
-        search the batch as one. Only where every sentence's search is
-        independent of the others in the batch: plain beam search (no
-        sampling, no callback or constraint that sees batch positions, no
-        length limit taken from the batch, no LM), one model with seqfuse's
-        fused encoder and one-call decoder step, float32 on the CPU, no
-        autograd."""
-        if not _ext.env_flag(SPLIT_BATCH_ENV, True):
-            return 1
-        threads = _split_threads()
-        net_input = sample.get("net_input", {})
-        src_tokens = net_input.get("src_tokens")
-        if threads < 2 or not isinstance(src_tokens, Tensor) or src_tokens.dim() != 2:
-            return 1
-        bsz = src_tokens.size(0)
-        parts = min(threads, bsz // MIN_PART_SENTENCES)
-        if parts < 2 or src_tokens.device.type != "cpu":
-            return 1
-        if (
-            type(self.search) is not search.BeamSearch
-            or constraints is not None
-            or self.lm_model is not None
-            or self.match_source_len
-            or self.model.models_size != 1
-            or torch.is_grad_enabled()
-            or _autocast_on()
-            or _ext._C is None
-            or not hasattr(_ext._C, "set_thread_intraop")
-        ):
-            return 1
-        for value in net_input.values():  # each tensor input is split by sentence
-            if isinstance(value, Tensor) and (value.dim() == 0 or value.size(0) != bsz):
-                return 1
-        ids = sample.get("id")
-        if isinstance(ids, Tensor) and (ids.dim() != 1 or ids.numel() != bsz):
-            return 1
-        model = self.model.single_model
-        if not _has_fused_layers(model) or not _standard_normalisation(model):
-            return 1
-        from seqfuse.layers import fused_step
-
-        encoder = getattr(model, "encoder", None)
-        if encoder is None or not hasattr(encoder, "embed_tokens"):
-            return 1
-        if not fused_step.encoder_stack_takes(encoder, src_tokens):
-            return 1
-        if not fused_step.whole_step_takes(model.decoder):
-            return 1
-        return parts
-
-    def _search_in_parts(self, sample, prefix_tokens, bos_token, parts: int):
-        """``_search`` on ``parts`` consecutive sub-batches at once, one thread
-        each (each thread's ops on one intra-op thread), results in batch
-        order. The sources keep the batch's width: the length limit
-        (``max_len_a * width + max_len_b``) and the attention's source
-        columns are the whole batch's."""
-        bsz = sample["net_input"]["src_tokens"].size(0)
-        bounds = [bsz * i // parts for i in range(parts + 1)]
-        subs = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            sub = dict(sample)
-            sub["net_input"] = {
-                k: v[lo:hi] if isinstance(v, Tensor) else v for k, v in sample["net_input"].items()
-            }
-            if isinstance(sample.get("id"), Tensor):
-                sub["id"] = sample["id"][lo:hi]
-            prefix = None if prefix_tokens is None else prefix_tokens[lo:hi]
-            subs.append((sub, prefix))
-        results: list = [None] * parts
-        errors: list = [None] * parts
-        inference = torch.is_inference_mode_enabled()
-
-        def run(i: int) -> None:
-            try:
-                _ext._C.set_thread_intraop(1)
-                with torch.inference_mode(inference), torch.no_grad():
-                    results[i] = self._search(subs[i][0], subs[i][1], bos_token, None)
-            except BaseException as e:  # re-raised in the caller's thread
-                errors[i] = e
-
-        threads = [
-            threading.Thread(target=run, args=(i,), name=f"seqfuse-search-{i}")
-            for i in range(parts)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for e in errors:
-            if e is not None:
-                raise e
-        SPLIT_STATS["split_batches"] += 1
-        SPLIT_STATS["parts"] += parts
-        return [hypos for part in results for hypos in part]
 
     # ------------------------------------------------------------------ model
     def _decoder_step(self, tokens: Tensor, encoder_outs, incremental_states, fused_logits: bool):

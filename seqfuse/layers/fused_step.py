@@ -460,20 +460,6 @@ def logits_plan(decoder, x: Tensor) -> dict | str:
     return plan
 
 
-def whole_step_takes(decoder) -> bool:
-    """Whether the decoder's incremental steps run as one C++ call each
-    (:func:`step_logits`, through the plan object) in float32 on the CPU."""
-    if decoder.training or _ext._C is None or not hasattr(_ext._C, "DecoderLogitsPlan"):
-        return False
-    table = getattr(getattr(decoder, "embed_tokens", None), "weight", None)
-    if not isinstance(table, Tensor) or table.dtype != torch.float32:
-        return False
-    if table.device.type != "cpu" or any(a in decoder.__dict__ for a in _INSTANCE_OVERRIDES):
-        return False
-    plan = logits_plan(decoder, table[:1].unsqueeze(0))
-    return isinstance(plan, dict) and plan["native"] is not None
-
-
 def _native_plan(decoder, plan: dict):
     """The plan's fixed arguments held by one C++ object (``_C.DecoderLogitsPlan``),
     whose ``step`` takes only the tokens and the caches; None with an
