@@ -318,7 +318,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   // output, x after self- and cross-attention, their normalised copies, the
   // cross query; then fc1's [n, F]. Layer outputs go to `out` [layers, n, C].
   // Both are carved from `mem` when the caller passes one (a flat float32
-  // buffer of step_floats(n, c, ffn, layers) or more), else allocated here.
+  // buffer: `out` first, then the workspace), else allocated here.
   const int64_t nc = n * c;
   const int64_t ws_n = n * (3 * c + 8 * c + ffn);
   at::Tensor block = mem;
@@ -329,7 +329,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   } else {
     block = at::empty({ws_n + layers * nc}, x_in.options());
   }
-  const at::Tensor ws = block.narrow(0, 0, ws_n);
+  const at::Tensor ws = block.narrow(0, layers * nc, ws_n);
   float* qkv = ws.data_ptr<float>();
   float* hin = qkv + 3 * nc;
   float* attn_out = hin + nc;
@@ -340,7 +340,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   float* n_cross = x_cross + nc;
   float* q = n_cross + nc;
   float* fc1 = q + nc;
-  const at::Tensor out = block.narrow(0, ws_n, layers * nc).view({layers, n, c});
+  const at::Tensor out = block.narrow(0, 0, layers * nc).view({layers, n, c});
 
   // Each layer's attention calls, set up and bound-checked before any kernel
   // runs (the self-attention's new slot holds row r for row r: in range).
@@ -594,9 +594,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
 namespace {
 // fused_decoder_logits (below) on its arguments, for the op and for a
 // Whether `arena` can hold a step's memory of `need` floats: a flat float32
-// CPU buffer of at least `need` and at most twice that (a larger one is
-// replaced, so that memory follows the rows still decoding) that nothing but
-// the caller's own reference points into. The last step's logits are a view
+// CPU buffer of at least `need` and at most 9/8 of that (a larger one is
+// replaced, so that memory follows the rows still decoding; the caller drops
+// such a buffer before the step, DecoderLogitsPlan.step_floats) that nothing
+// but the caller's own reference points into. The last step's logits are a view
 // of it: while the caller still holds them, the step takes new memory (so
 // does every step once Python has made a storage object of the buffer,
 // which keeps a reference for as long as the buffer lives).
@@ -605,7 +606,7 @@ bool arena_usable(const std::optional<at::Tensor>& arena, int64_t need) {
   const at::Tensor& a = *arena;
   return a.dim() == 1 && a.is_contiguous() && a.scalar_type() == at::kFloat &&
          a.device().is_cpu() && a.storage_offset() == 0 && a.numel() >= need &&
-         a.numel() <= 2 * need && a.storage().use_count() == 1 &&
+         a.numel() * 8 <= need * 9 && a.storage().use_count() == 1 &&
          a.storage().nbytes() == static_cast<size_t>(a.numel()) * sizeof(float);
 }
 
@@ -619,6 +620,14 @@ int64_t widest_ffn(at::TensorList params, int64_t layers) {
     if (b.dim() == 1) ffn = std::max(ffn, b.size(0));
   }
   return ffn;
+}
+
+// Floats of a step's memory for n rows: decoder_step's layer outputs, then
+// its workspace, whose place the logits take once the layers are done (the
+// step holds no more at once than when each was allocated on its own).
+int64_t step_memory_floats(int64_t n, int64_t c, at::TensorList params, int64_t layers,
+                           int64_t vocab) {
+  return layers * n * c + std::max(n * (11 * c + widest_ffn(params, layers)), n * vocab);
 }
 
 // DecoderLogitsPlan's step. tokens: [n, t] int64, the step's tokens in
@@ -658,21 +667,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_logits(
   const int64_t* tok = last.data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r) step_pad[r] = tok[r * last.stride(0)] == pad;
   const int64_t layers = static_cast<int64_t>(self_kv.size());
-  const int64_t step_n = n * (11 * c + widest_ffn(params, layers)) + layers * n * c;
   TORCH_CHECK(vocab > 0, "fused_decoder_logits: vocab must be positive");
-  const int64_t need = step_n + n * vocab;
+  const int64_t need = step_memory_floats(n, c, params, layers, vocab);
+  const int64_t outs_n = layers * n * c;
   const at::Tensor mem = arena_usable(arena, need) ? *arena : at::empty({need}, x.options());
-  auto [outs, align] =
-      decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot, step_pad.data(), cross_kv,
-                   cross_map, cross_pad, q_per_kv, heads, normalize_before, act, align_layer,
-                   mean_heads, mem.narrow(0, 0, step_n));
+  auto [outs, align] = decoder_step(x, params, nums, self_kv, self_rows, self_pad, slot,
+                                    step_pad.data(), cross_kv, cross_map, cross_pad, q_per_kv,
+                                    heads, normalize_before, act, align_layer, mean_heads, mem);
   x = outs.back();
   outs.clear();
   if (has_final_ln) {
     check_f32(norms[k], "the final norm weight");
     x = layer_norm(x, Norm{norms[k], norms[k + 1], norm_eps[k / 2]});
   }
-  at::Tensor logits = mem.narrow(0, step_n, n * vocab).view({n, vocab});
+  // Over the workspace: the layers are done with it; x is the last layer's
+  // output (before the workspace) or the final norm's own tensor.
+  at::Tensor logits = mem.narrow(0, outs_n, n * vocab).view({n, vocab});
   linear_packed_out_cpu(x, out_pack, out_bias, vocab, logits);
   return {logits, align, mem};
 }
@@ -777,6 +787,14 @@ class DecoderLogitsPlan {
     return {logits, attn.select(1, 0), mem};
   }
 
+  // The floats a step of n rows carves from its memory: a buffer of the
+  // last step that will not serve (smaller, or more than 9/8 of this) is
+  // best dropped before the step, which then allocates its own.
+  int64_t step_floats(int64_t n) const {
+    return step_memory_floats(n, embed_.size(1), params_, static_cast<int64_t>(heads_.size()),
+                              vocab_);
+  }
+
  private:
   at::Tensor embed_;
   double embed_scale_;
@@ -801,7 +819,8 @@ void bind_fused_stack(pybind11::module& m) {
                     std::vector<double>, std::vector<at::Tensor>, std::vector<double>,
                     std::vector<int64_t>, bool, int64_t, at::Tensor, std::optional<at::Tensor>,
                     int64_t>())
-      .def("step", &DecoderLogitsPlan::step, py::call_guard<py::gil_scoped_release>());
+      .def("step", &DecoderLogitsPlan::step, py::call_guard<py::gil_scoped_release>())
+      .def("step_floats", &DecoderLogitsPlan::step_floats);
 }
 
 // x: [T, B, C] (the embedded source, any strides); key_pad: [B, T] or None.

@@ -33,6 +33,7 @@ from torch import Tensor
 from seqfuse._patching import cached_for_structure, reorder_incremental_state, reorder_modules
 from seqfuse.layers.fused_step import (
     ALL_HEADS,
+    STEP_MEMORY_KEY,
     encoder_stack,
     encoder_stack_takes,
     one_call_step,
@@ -307,6 +308,10 @@ class FusedTransformerDecoder(TransformerDecoderBase):
                 return False
             selfs.append(state["self"])
             crosses.append(state["cross"])
+        if any(0 < new_order.numel() <= cache.capacity[0] // 2 for cache in selfs):
+            # Rows leave: the step's memory (sized for the rows before) goes
+            # first, before the caches shrink or repack.
+            incremental_state.pop(STEP_MEMORY_KEY, None)
         SelfAttnCache.reorder_all(selfs, new_order)
         for cache in crosses:
             cache.reorder(new_order)

@@ -528,6 +528,13 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
     pad = decoder.padding_idx
     if native is not None:
         selfs, crosses, slot = found
+        # The last step's memory, unless this step would replace it (rows
+        # changed past 9/8): dropped first, the two never held at once.
+        memory = incremental_state.pop(STEP_MEMORY_KEY, None)
+        if memory is not None:
+            need = native.step_floats(n)
+            if not need <= memory.numel() <= need * 9 // 8:
+                memory = None
         logits, attn, memory = native.step(
             prev_output_tokens,
             None if pos_table is None else pos_table.contiguous(),
@@ -542,7 +549,7 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
             [cc.n for cc in crosses],
             [cc.pad for cc in crosses],
             crosses[0].q_per_kv,
-            incremental_state.get(STEP_MEMORY_KEY),
+            memory,
         )
         incremental_state[STEP_MEMORY_KEY] = memory
         _advance(selfs, slot)
