@@ -592,7 +592,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_decoder_step(
 }
 
 namespace {
-// fused_decoder_logits (below) on its arguments, for the op and for a
 // Whether `arena` can hold a step's memory of `need` floats: a flat float32
 // CPU buffer of at least `need` and at most 9/8 of that (a larger one is
 // replaced, so that memory follows the rows still decoding; the caller drops
@@ -630,6 +629,7 @@ int64_t step_memory_floats(int64_t n, int64_t c, at::TensorList params, int64_t 
   return layers * n * c + std::max(n * (11 * c + widest_ffn(params, layers)), n * vocab);
 }
 
+// fused_decoder_logits (below) on its arguments, for the op and for a
 // DecoderLogitsPlan's step. tokens: [n, t] int64, the step's tokens in
 // column t - 1. The step's workspace, layer outputs and logits are carved
 // from `arena` when it can hold them (arena_usable), else from a new buffer;

@@ -309,8 +309,9 @@ class FusedTransformerDecoder(TransformerDecoderBase):
             selfs.append(state["self"])
             crosses.append(state["cross"])
         if any(0 < new_order.numel() <= cache.capacity[0] // 2 for cache in selfs):
-            # Rows leave: the step's memory (sized for the rows before) goes
-            # first, before the caches shrink or repack.
+            # The caches repack for the rows still decoding: the step's
+            # memory (sized for twice those rows or more) goes first, so the
+            # two are never held at once.
             incremental_state.pop(STEP_MEMORY_KEY, None)
         SelfAttnCache.reorder_all(selfs, new_order)
         for cache in crosses:
