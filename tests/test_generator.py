@@ -530,6 +530,30 @@ def test_generation_peak_memory_below_stock():
     assert 0 < peak_ours < 0.6 * peak_stock, (peak_ours, peak_stock)
 
 
+def test_multi30k_fused_generation_peak_under_half_of_stock():
+    """#5's memory goal on the real model: 128 test sentences, beam 5, fused
+    layers (one-call steps, caches by blocks, the step's reused memory): the
+    generation peaks under half of stock's, with stock's best tokens."""
+    if packed_gemm_missing():
+        pytest.skip("seqfuse._C or its packed GEMM kernel not available")
+    model, task = load_multi30k()
+    fast = fused(model)
+    ds = task.dataset("test")
+    sample = ds.collater([ds[i] for i in range(128)])
+    d = task.target_dictionary
+    kwargs = {"beam_size": 5, "max_len_b": 200}
+    stock_gen = StockGenerator([model], d, **kwargs)
+    ours_gen = SequenceGenerator([fast], d, **kwargs)
+    peak_stock = _generation_peak(stock_gen, model, sample)
+    peak_ours = _generation_peak(ours_gen, fast, sample)
+    assert 0 < peak_ours < 0.5 * peak_stock, (peak_ours, peak_stock)
+    with torch.no_grad():
+        stock = stock_gen.generate([model], sample)
+        ours = ours_gen.generate([fast], sample)
+    for i, (hs, ho) in enumerate(zip(stock, ours)):
+        assert torch.equal(hs[0]["tokens"], ho[0]["tokens"]), f"sentence {i}"
+
+
 def test_attention_buffers_grow_with_the_steps_taken():
     """The attention buffers follow the steps decoded, not max_len: a max_len
     20 times what the hypotheses need costs next to no memory."""
