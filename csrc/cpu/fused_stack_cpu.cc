@@ -595,8 +595,8 @@ namespace {
 // Whether `arena` can hold a step's memory of `need` floats: a flat float32
 // CPU buffer of at least `need` and at most 9/8 of that (a larger one is
 // replaced, so that memory follows the rows still decoding; the caller drops
-// such a buffer before the step, DecoderLogitsPlan.step_floats) that nothing
-// but the caller's own reference points into. The last step's logits are a view
+// such a buffer before the step, DecoderLogitsPlan.step_memory_fits) that
+// nothing but the caller's own reference points into. The last step's logits are a view
 // of it: while the caller still holds them, the step takes new memory (so
 // does every step once Python has made a storage object of the buffer,
 // which keeps a reference for as long as the buffer lives).
@@ -787,12 +787,12 @@ class DecoderLogitsPlan {
     return {logits, attn.select(1, 0), mem};
   }
 
-  // The floats a step of n rows carves from its memory: a buffer of the
-  // last step that will not serve (smaller, or more than 9/8 of this) is
-  // best dropped before the step, which then allocates its own.
-  int64_t step_floats(int64_t n) const {
-    return step_memory_floats(n, embed_.size(1), params_, static_cast<int64_t>(heads_.size()),
-                              vocab_);
+  // Whether a step of n rows would carve its memory from `memory`
+  // (arena_usable): a buffer of the last step that will not serve is best
+  // dropped before the step, which then allocates its own.
+  bool step_memory_fits(const at::Tensor& memory, int64_t n) const {
+    return arena_usable(memory, step_memory_floats(n, embed_.size(1), params_,
+                                                   static_cast<int64_t>(heads_.size()), vocab_));
   }
 
  private:
@@ -820,7 +820,7 @@ void bind_fused_stack(pybind11::module& m) {
                     std::vector<int64_t>, bool, int64_t, at::Tensor, std::optional<at::Tensor>,
                     int64_t>())
       .def("step", &DecoderLogitsPlan::step, py::call_guard<py::gil_scoped_release>())
-      .def("step_floats", &DecoderLogitsPlan::step_floats);
+      .def("step_memory_fits", &DecoderLogitsPlan::step_memory_fits);
 }
 
 // x: [T, B, C] (the embedded source, any strides); key_pad: [B, T] or None.

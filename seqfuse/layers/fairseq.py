@@ -308,7 +308,7 @@ class FusedTransformerDecoder(TransformerDecoderBase):
                 return False
             selfs.append(state["self"])
             crosses.append(state["cross"])
-        if any(0 < new_order.numel() <= cache.capacity[0] // 2 for cache in selfs):
+        if any(cache.repacks_at(new_order.numel()) for cache in selfs):
             # The caches repack for the rows still decoding: the step's
             # memory (sized for twice those rows or more) goes first, so the
             # two are never held at once.

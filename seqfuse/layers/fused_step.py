@@ -531,10 +531,8 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
         # The last step's memory, unless this step would replace it (rows
         # changed past 9/8): dropped first, the two never held at once.
         memory = incremental_state.pop(STEP_MEMORY_KEY, None)
-        if memory is not None:
-            need = native.step_floats(n)
-            if not need <= memory.numel() <= need * 9 // 8:
-                memory = None
+        if memory is not None and not native.step_memory_fits(memory, n):
+            memory = None
         logits, attn, memory = native.step(
             prev_output_tokens,
             None if pos_table is None else pos_table.contiguous(),

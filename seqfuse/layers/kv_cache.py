@@ -383,8 +383,13 @@ class SelfAttnCache:
         and repack when the rows shrank to half the capacity or less."""
         self.rows, self.rows_alt = self.rows_alt, self.rows
         self.n = n_new
-        if 0 < n_new <= self.capacity[0] // 2:  # finished rows' K/V: free them
+        if self.repacks_at(n_new):  # finished rows' K/V: free them
             self.repack(n_new, self.capacity[1])
+
+    def repacks_at(self, n_new: int) -> bool:
+        """Whether a reorder to ``n_new`` rows repacks the cache (the rows
+        shrank to half its physical rows or less)."""
+        return 0 < n_new <= self.capacity[0] // 2
 
 
 class CrossAttnCache:
