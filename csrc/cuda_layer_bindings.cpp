@@ -1,8 +1,9 @@
 // CUDA implementations of the fused layer ops (CUDA builds only): the shared
 // checks of csrc/layer_bindings.cpp, then the launchers of csrc/cuda/*.cu on
 // the current stream.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include "layer_ops.h"
@@ -25,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> add_layernorm_cuda_op(const at::Tensor& x,
   kernels::AddLayerNormParams p;
   auto out = add_layernorm_prepare(x, bias, residual, weight, beta, eps, want_sum, &p);
   check_launch(kernels::add_layernorm_cuda(p, to_kernel_dtype(x.scalar_type()),
-                                           at::cuda::getCurrentCUDAStream()),
+                                           c10::cuda::getCurrentCUDAStream().stream()),
                "add_layernorm");
   return out;
 }
@@ -35,9 +36,9 @@ at::Tensor bias_act_cuda_op(at::Tensor x, const std::optional<at::Tensor>& bias,
   const c10::cuda::CUDAGuard guard(x.device());
   kernels::BiasActParams p;
   bias_act_prepare(x, bias, act, &p);
-  check_launch(
-      kernels::bias_act_cuda(p, to_kernel_dtype(x.scalar_type()), at::cuda::getCurrentCUDAStream()),
-      "bias_act_");
+  check_launch(kernels::bias_act_cuda(p, to_kernel_dtype(x.scalar_type()),
+                                      c10::cuda::getCurrentCUDAStream().stream()),
+               "bias_act_");
   return x;
 }
 
@@ -54,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda_op(
                                need_weights, &p);
   TORCH_CHECK(p.dim <= 256, "attention: head size ", p.dim, " > 256 on CUDA");
   check_launch(kernels::attention_cuda(p, to_kernel_dtype(q.scalar_type()),
-                                       at::cuda::getCurrentCUDAStream()),
+                                       c10::cuda::getCurrentCUDAStream().stream()),
                "attention");
   return out;
 }
@@ -68,7 +69,7 @@ at::Tensor embedding_cuda_op(const at::Tensor& tokens, const at::Tensor& table, 
   at::Tensor out =
       embedding_prepare(tokens, table, scale, pos_table, pad, pos_mode, fixed_pos, zero_pads, &p);
   check_launch(kernels::embedding_cuda(p, to_kernel_dtype(table.scalar_type()),
-                                       at::cuda::getCurrentCUDAStream()),
+                                       c10::cuda::getCurrentCUDAStream().stream()),
                "embedding");
   return out;
 }
