@@ -68,13 +68,17 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  int64_t heads, double scaling, int64_t q_per_kv,
                                                  int64_t causal_offset, bool need_weights);
 // y = x W^T + b with W packed by pack_linear_weight (float32; csrc/cpu/linear_cpu.cc).
+// skip_zeros: row blocks skip the k where all their rows of x are zero (ReLU
+// activations): the same outputs, bit for bit, when W is finite (the caller's
+// check: 0 * inf is NaN where skipped terms add nothing).
 at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
-                             const std::optional<at::Tensor>& bias, int64_t n);
+                             const std::optional<at::Tensor>& bias, int64_t n,
+                             bool skip_zeros = false);
 // The same into `out` ([M, n], contiguous), or into a new tensor when `out`
 // is undefined.
 at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
                                  const std::optional<at::Tensor>& bias, int64_t n,
-                                 const at::Tensor& out);
+                                 const at::Tensor& out, bool skip_zeros = false);
 at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, double scale,
                          const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode,
                          int64_t fixed_pos, bool zero_pads);
@@ -87,9 +91,17 @@ at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, doub
 // (query rows x query times, with the caller's scratch: scores [heads * s],
 // phys [s], qs and acc [heads * dim]). Each output is computed as by the
 // whole op, whichever thread takes it.
+// A GEMM that skips zeros first builds its row blocks' k lists (blocks
+// [bbegin, bend) of linear_packed_row_block_count(M), into zero_skip_lists'
+// buffer, the calling thread's), then passes them to every task.
 int64_t linear_packed_task_count(int64_t M, int64_t N);  // raises without a packed kernel
 void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                             int64_t N, const float* bias, float* y, int64_t begin, int64_t end);
+                             int64_t N, const float* bias, float* y, int64_t begin, int64_t end,
+                             const int32_t* lists = nullptr);
+int64_t linear_packed_row_block_count(int64_t M);
+void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t ldx, int32_t* lists,
+                                 int64_t bbegin, int64_t bend);
+int32_t* zero_skip_lists(int64_t M, int64_t K);
 void add_layernorm_range_f32(const kernels::AddLayerNormParams& p, int64_t r0, int64_t r1);
 void bias_act_range_f32(const kernels::BiasActParams& p, int64_t r0, int64_t r1);
 void attention_range_run_f32(const kernels::AttentionParams& p, int64_t t0, int64_t t1,

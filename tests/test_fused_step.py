@@ -657,3 +657,33 @@ def test_step_refuses_blocks_of_different_rows():
         cache.rows = torch.zeros(cache.rows.size(0), cache.rows.size(1) + 4, dtype=torch.long)
         with pytest.raises(RuntimeError, match="self cache blocks must be"):
             fast.decoder.step_logits(tokens[:, :2], enc, state)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_fc2_skips_zeros_only_after_relu_with_finite_weights(monkeypatch, act):
+    """The plans let fc2 skip zero activations after a ReLU when its weight is
+    finite (0 * inf is NaN where a skipped term adds nothing); with an inf
+    there every term is multiplied, and the stack gives the layers' NaNs."""
+    model, d = random_transformer(vocab=40, seed=5, activation_fn=act)
+    model = fused(model).requires_grad_(False)
+    x = torch.zeros(1, 1, model.decoder.embed_tokens.embedding_dim)
+    nums = fused_step.step_plan(model.decoder, x)["nums"]
+    per_layer = len(nums) // len(model.decoder.layers)
+    assert nums[per_layer - 1 :: per_layer] == [float(act == "relu")] * len(model.decoder.layers)
+    enc = fused_step.encoder_plan(model.encoder, x)["nums"]
+    per_layer_enc = len(enc) // len(model.encoder.layers)
+    assert enc[per_layer_enc - 1] == float(act == "relu")
+    with torch.no_grad():
+        model.decoder.layers[0].fc2.weight[3, 7] = float("inf")
+        model.encoder.layers[0].fc2.weight[3, 7] = float("inf")
+    assert fused_step.step_plan(model.decoder, x)["nums"][per_layer - 1] == 0.0
+    assert fused_step.encoder_plan(model.encoder, x)["nums"][per_layer_enc - 1] == 0.0
+    net = random_sample(d, bsz=3, seed=5)["net_input"]
+
+    def encode():
+        with torch.no_grad():
+            return model.encoder(net["src_tokens"], net["src_lengths"])["encoder_out"][0]
+
+    layers, one_call, _ = both_paths(monkeypatch, encode)
+    assert bool(layers.isnan().any())
+    torch.testing.assert_close(one_call, layers, rtol=0, atol=0, equal_nan=True)

@@ -142,3 +142,49 @@ def test_weight_stored_k_by_n(with_bias):
     with torch.no_grad():
         w_kn.add_(1.0)  # repacked after an in-place change
     check(linear_kn(x, w_kn, b), x, w_kn.t(), b)
+
+
+def _relu_like(m: int, k: int, density: float, seed: int) -> torch.Tensor:
+    """ReLU-like activations: most entries zero, rows of a group of 5 (the
+    beams of a sentence) sharing most of their nonzero columns."""
+    g = torch.Generator().manual_seed(seed)
+    groups = torch.rand((m + 4) // 5, k, generator=g) < density
+    mask = groups.repeat_interleave(5, 0)[:m] & (torch.rand(m, k, generator=g) < 0.8)
+    return torch.randn(m, k, generator=g).abs() * mask
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 1024, 256), (7, 769, 33), (13, 64, 48),
+                                   (97, 1025, 17), (320, 1024, 256), (0, 8, 8)])  # fmt: skip
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+def test_skipping_zeros_gives_the_dense_bits(m, k, n, density):
+    """fc2 after a ReLU skips, per row block, the columns that are zero in all
+    its rows: the same outputs as the dense product, bit for bit, from all-zero
+    to fully dense inputs (the kernel then takes the dense loop)."""
+    g = torch.Generator().manual_seed(m + k + n)
+    x = _relu_like(m, k, density, seed=m * 7 + k) if density < 1.0 else torch.randn(m, k)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
+    pack = lin_mod.packed(w)
+    dense = torch.ops.seqfuse.linear_packed(x, pack, b, n, False)
+    sparse = torch.ops.seqfuse.linear_packed(x, pack, b, n, True)
+    assert torch.equal(dense, sparse)
+    check(sparse, x, w, b)
+
+
+@needs_kernel
+def test_skipping_zeros_keeps_nan_and_signed_zero_inputs():
+    """A NaN input is not a zero (its column is multiplied); -0.0 is (its
+    products add nothing): the dense bits either way, NaN where dense has it."""
+    x = _relu_like(12, 96, 0.2, seed=3)
+    x[2, 5] = float("nan")
+    x[7, 40:60] = -0.0
+    x[8] = 0.0  # a whole row of zeros
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(4))
+    pack = lin_mod.packed(w)
+    dense = torch.ops.seqfuse.linear_packed(x, pack, None, 40, False)
+    sparse = torch.ops.seqfuse.linear_packed(x, pack, None, 40, True)
+    assert torch.equal(dense.isnan(), sparse.isnan()) and bool(sparse[2].isnan().all())
+    ok = ~dense.isnan()
+    assert torch.equal(dense[ok], sparse[ok])
+    assert torch.equal(sparse[8], torch.zeros(40))

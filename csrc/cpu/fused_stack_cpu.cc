@@ -54,8 +54,18 @@ enum Slot : int64_t {
   kFinalLnB,
   kPerLayer
 };
-// Per-layer doubles: eps of the three norms, self and cross scaling.
-enum Num : int64_t { kSelfEps, kCrossEps, kFinalEps, kSelfScaling, kCrossScaling, kNumsPerLayer };
+// Per-layer doubles: eps of the three norms, self and cross scaling, and
+// whether fc2 may skip zero activations (1: its weight is finite, see
+// linear_packed_cpu's skip_zeros; 0: it multiplies every term).
+enum Num : int64_t {
+  kSelfEps,
+  kCrossEps,
+  kFinalEps,
+  kSelfScaling,
+  kCrossScaling,
+  kFc2SkipZeros,
+  kNumsPerLayer
+};
 
 // Per-layer encoder parameters and doubles (seqfuse/layers/fused_step.py).
 enum EncSlot : int64_t {
@@ -73,7 +83,7 @@ enum EncSlot : int64_t {
   kEFinalLnB,
   kEncPerLayer
 };
-enum EncNum : int64_t { kESelfEps, kEFinalEps, kEScaling, kEncNumsPerLayer };
+enum EncNum : int64_t { kESelfEps, kEFinalEps, kEScaling, kEFc2SkipZeros, kEncNumsPerLayer };
 
 void check_f32(const at::Tensor& t, const char* what) {
   TORCH_CHECK(
@@ -111,10 +121,10 @@ std::tuple<at::Tensor, at::Tensor> residual_norm(const at::Tensor& o, const at::
 // LN_final.
 at::Tensor feed_forward(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& fc1,
                         const at::Tensor& b1, const at::Tensor& fc2, const at::Tensor& b2,
-                        const Norm& final_norm, int64_t act, bool pre_norm) {
+                        const Norm& final_norm, int64_t act, bool pre_norm, bool skip_zeros) {
   at::Tensor f = linear_packed_cpu(h, fc1, std::nullopt, b1.size(0));
   bias_act_cpu(f, b1, act);
-  const at::Tensor o = linear_packed_cpu(f, fc2, std::nullopt, residual.size(1));
+  const at::Tensor o = linear_packed_cpu(f, fc2, std::nullopt, residual.size(1), skip_zeros);
   if (pre_norm) {
     return std::get<0>(add_layernorm_cpu(o, b2, residual, std::nullopt, std::nullopt, 1e-5, true));
   }
@@ -428,7 +438,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   const int64_t scratch_f = h_max * s_max + 2 * c;
   std::vector<float> scratch(static_cast<size_t>(threads * scratch_f));
   std::vector<int64_t> scratch_i(static_cast<size_t>(threads * s_max));
-  (void)linear_packed_task_count(1, 1);  // raises here when no packed kernel exists
+  (void)linear_packed_task_count(1, 1);          // raises here when no packed kernel exists
+  int32_t* ffn_lists = zero_skip_lists(n, ffn);  // fc2's k lists (taken on every layer)
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     int tid = 0, nt = 1;
@@ -537,7 +548,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
         bias_act_range_f32(ba, b, e);
       }
 #pragma omp barrier
-      gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out);
+      if (num[kFc2SkipZeros] != 0.0) {
+        // fc2 skips, per row block, the activations that are zero in every
+        // row (most, after a ReLU): the lists first, then the product.
+        int64_t b, e;
+        part(linear_packed_row_block_count(n), &b, &e);
+        linear_packed_nonzero_range(fc1, n, f, f, ffn_lists, b, e);
+#pragma omp barrier
+        part(linear_packed_task_count(n, c), &b, &e);
+        linear_packed_run_range(fc1, n, f, f, fp(w[kFc2Pack]), c, nullptr, gemm_out, b, e,
+                                ffn_lists);
+      } else {
+        gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out);
+      }
 #pragma omp barrier
       if (normalize_before) {
         rows_ln(gemm_out, fp(w[kFc2Bias]), x, nullptr, nullptr, 1e-5, x_out, nullptr);
@@ -854,7 +877,7 @@ at::Tensor fused_encoder_stack(const at::Tensor& x_in, at::TensorList params,
     std::tie(x, normed) =
         residual_norm(o, w[kEOutBias], x, self_norm, final_norm, normalize_before);
     x = feed_forward(normed, x, w[kEFc1Pack], w[kEFc1Bias], w[kEFc2Pack], w[kEFc2Bias], final_norm,
-                     act, normalize_before);
+                     act, normalize_before, num[kEFc2SkipZeros] != 0.0);
   }
   return x.view({t, n, c});
 }

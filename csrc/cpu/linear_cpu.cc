@@ -6,16 +6,21 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 namespace seqfuse {
 namespace cpu_capability {
 #if defined(__x86_64__)
 #define SEQFUSE_LINEAR_DECLS                                                                       \
   void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,       \
-                     int64_t N, const float* bias, float* y);                                      \
+                     int64_t N, const float* bias, float* y, int32_t* lists);                      \
   int64_t linear_packed_tasks(int64_t M, int64_t N);                                               \
   void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed, \
-                           int64_t N, const float* bias, float* y, int64_t begin, int64_t end);
+                           int64_t N, const float* bias, float* y, int64_t begin, int64_t end,     \
+                           const int32_t* lists);                                                  \
+  int64_t linear_packed_row_blocks(int64_t M);                                                     \
+  void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int32_t* lists,  \
+                               int64_t bbegin, int64_t bend);
 namespace AVX2 {
 SEQFUSE_LINEAR_DECLS
 }
@@ -28,15 +33,18 @@ SEQFUSE_LINEAR_DECLS
 
 namespace {
 using Kernel = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t,
-                        const float*, float*);
+                        const float*, float*, int32_t*);
 constexpr int64_t kPanel = 16;
 
-// The capability's kernel, its task count and its task-range form.
+// The capability's kernel, its task count and task-range form, and the
+// zero-skipping lists' row blocks and builder.
 struct Kernels {
   Kernel run = nullptr;
   int64_t (*tasks)(int64_t, int64_t) = nullptr;
   void (*range)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
-                float*, int64_t, int64_t) = nullptr;
+                float*, int64_t, int64_t, const int32_t*) = nullptr;
+  int64_t (*row_blocks)(int64_t) = nullptr;
+  void (*nonzero)(const float*, int64_t, int64_t, int64_t, int32_t*, int64_t, int64_t) = nullptr;
 };
 
 const Kernels& kernels() {
@@ -46,10 +54,12 @@ const Kernels& kernels() {
     const std::string cap = at::get_cpu_capability();
     if (cap == "AVX512") {
       namespace c = cpu_capability::AVX512;
-      out = {&c::linear_packed, &c::linear_packed_tasks, &c::linear_packed_range};
+      out = {&c::linear_packed, &c::linear_packed_tasks, &c::linear_packed_range,
+             &c::linear_packed_row_blocks, &c::linear_packed_nonzero_k};
     } else if (cap == "AVX2") {
       namespace c = cpu_capability::AVX2;
-      out = {&c::linear_packed, &c::linear_packed_tasks, &c::linear_packed_range};
+      out = {&c::linear_packed, &c::linear_packed_tasks, &c::linear_packed_range,
+             &c::linear_packed_row_blocks, &c::linear_packed_nonzero_k};
     }
 #endif
     return out;
@@ -88,13 +98,29 @@ int64_t linear_packed_task_count(int64_t M, int64_t N) {
 }
 
 void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                             int64_t N, const float* bias, float* y, int64_t begin, int64_t end) {
-  kernels().range(x, M, K, ldx, packed, N, bias, y, begin, end);
+                             int64_t N, const float* bias, float* y, int64_t begin, int64_t end,
+                             const int32_t* lists) {
+  kernels().range(x, M, K, ldx, packed, N, bias, y, begin, end, lists);
+}
+
+int64_t linear_packed_row_block_count(int64_t M) { return kernels().row_blocks(M); }
+
+void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t ldx, int32_t* lists,
+                                 int64_t bbegin, int64_t bend) {
+  kernels().nonzero(x, M, K, ldx, lists, bbegin, bend);
+}
+
+int32_t* zero_skip_lists(int64_t M, int64_t K) {
+  // Grown, never shrunk: one per calling thread (the products run inside one call).
+  static thread_local std::vector<int32_t> lists;
+  const size_t need = static_cast<size_t>(linear_packed_row_block_count(M) * (K + 1));
+  if (lists.size() < need) lists.resize(need);
+  return lists.data();
 }
 
 at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
                                  const std::optional<at::Tensor>& bias, int64_t n,
-                                 const at::Tensor& out) {
+                                 const at::Tensor& out, bool skip_zeros) {
   TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
               at::get_cpu_capability(), " (needs AVX2 or AVX512)");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
@@ -125,14 +151,14 @@ at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
   }
   if (M > 0) {
     kernel()(x.data_ptr<float>(), M, K, x.stride(0), packed.data_ptr<float>(), n, b,
-             y.data_ptr<float>());
+             y.data_ptr<float>(), skip_zeros ? zero_skip_lists(M, K) : nullptr);
   }
   return y;
 }
 
 at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
-                             const std::optional<at::Tensor>& bias, int64_t n) {
-  return linear_packed_out_cpu(x, packed, bias, n, at::Tensor());
+                             const std::optional<at::Tensor>& bias, int64_t n, bool skip_zeros) {
+  return linear_packed_out_cpu(x, packed, bias, n, at::Tensor(), skip_zeros);
 }
 
 }  // namespace seqfuse
@@ -140,7 +166,9 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   // Contract: seqfuse/ops/linear.py.
   m.def("pack_linear_weight(Tensor w) -> Tensor");
-  m.def("linear_packed(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor");
+  m.def(
+      "linear_packed(Tensor x, Tensor packed, Tensor? bias, int n, bool skip_zeros=False) -> "
+      "Tensor");
   m.def("linear_capability() -> str");
 }
 

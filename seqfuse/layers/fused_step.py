@@ -155,6 +155,14 @@ def _blocks(x2d: Tensor, blocks) -> list[Tensor] | str:
     return out
 
 
+def _fc2_skips_zeros(layer) -> float:
+    """1.0 when fc2 may skip the activations that are zero (ReLU makes most
+    of them zero; the product is the same, bit for bit, when no weight is
+    inf or NaN), else 0.0 (every term is multiplied)."""
+    relu = layer._fused_act == "relu"
+    return float(relu and bool(torch.isfinite(layer.fc2.weight).all()))
+
+
 def _plan(layers, params: list[Tensor], nums: list[float]) -> dict:
     return {
         "params": params,
@@ -201,7 +209,7 @@ def encoder_plan(encoder, x: Tensor) -> dict | str:
             return flat
         params += flat
         nums += [float(layer.self_attn_layer_norm.eps), float(layer.final_layer_norm.eps)]
-        nums.append(float(sa.scaling))
+        nums += [float(sa.scaling), _fc2_skips_zeros(layer)]
     return _plan(layers, params, nums)
 
 
@@ -259,7 +267,7 @@ def step_plan(decoder, x: Tensor) -> dict | str:
         params += flat
         norms = (layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm)
         nums += [float(n.eps) for n in norms]
-        nums += [float(sa.scaling), float(ea.scaling)]
+        nums += [float(sa.scaling), float(ea.scaling), _fc2_skips_zeros(layer)]
     return _plan(layers, params, nums)
 
 

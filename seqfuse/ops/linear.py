@@ -9,9 +9,12 @@ CPU backend (AVX2 / AVX-512, torch's CPU capability decides): the weight is
 packed into 16-column panels on first use and the pack is kept while the
 weight's storage and version counter are unchanged (an in-place update
 repacks; an inference-mode tensor, which has no version counter, is assumed
-not to change in place). A pack is a second copy of its weight, freed with it. Each output is one sequential dot product over k, so a row's result
-depends neither on the other rows (batch composition) nor on the thread
-count. It differs from torch's BLAS in rounding only (about 1e-6 relative): the
+not to change in place). A pack is a second copy of its weight, freed with it.
+Each output is one sequential dot product over k, so a row's result depends
+neither on the other rows (batch composition) nor on the thread count. The
+op's ``skip_zeros=True`` (the fused stacks' fc2 after a ReLU) lets each block
+of rows skip the k where all its rows of x are zero: the same bits, as long as
+the weight is finite (the caller's check). It differs from torch's BLAS in rounding only (about 1e-6 relative): the
 fused layers use it; the exact paths keep torch's GEMMs. Reference (also the
 fallback: other devices, dtypes, capabilities, autograd): ``F.linear``.
 """

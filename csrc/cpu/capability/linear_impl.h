@@ -24,15 +24,19 @@ constexpr int kVecs = static_cast<int>(kPanel / Vec::size());  // vectors per pa
 constexpr int kRows = Vec::size() >= 16 ? 6 : 3;               // rows per block
 
 // Rows [0, R) of x against one or two panels (TWO): R x (16 or 32) outputs.
-template <int R, bool TWO>
-inline void tile(const float* x, int64_t ldx, int64_t K, const float* w0, float* y, int64_t ldy,
-                 int64_t n0, int64_t N, const float* bias) {
+// SPARSE: only the k listed in ks[0, steps) (ascending), the k where some of
+// the R rows is nonzero: at every other k each row adds fma(0, w, acc) = acc
+// exactly (w finite), so the outputs are the dense kernel's, bit for bit.
+template <int R, bool TWO, bool SPARSE>
+inline void tile(const float* x, int64_t ldx, int64_t K, const int32_t* ks, int64_t steps,
+                 const float* w0, float* y, int64_t ldy, int64_t n0, int64_t N, const float* bias) {
   Vec acc[R][TWO ? 2 : 1][kVecs];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < (TWO ? 2 : 1); ++p)
       for (int v = 0; v < kVecs; ++v) acc[r][p][v] = Vec(0.f);
   const float* w1 = w0 + K * kPanel;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t j = 0; j < steps; ++j) {
+    const int64_t k = SPARSE ? ks[j] : j;
     Vec wv[TWO ? 2 : 1][kVecs];
     for (int v = 0; v < kVecs; ++v) {
       wv[0][v] = Vec::loadu(w0 + k * kPanel + v * Vec::size());
@@ -71,28 +75,65 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const float* w0, float*
   }
 }
 
-template <bool TWO>
-inline void rows_block(int64_t R, const float* x, int64_t ldx, int64_t K, const float* w0, float* y,
-                       int64_t ldy, int64_t n0, int64_t N, const float* bias) {
+template <bool TWO, bool SPARSE>
+inline void rows_block(int64_t R, const float* x, int64_t ldx, int64_t K, const int32_t* ks,
+                       int64_t steps, const float* w0, float* y, int64_t ldy, int64_t n0, int64_t N,
+                       const float* bias) {
+#define SEQFUSE_TILE(r) tile<r, TWO, SPARSE>(x, ldx, K, ks, steps, w0, y, ldy, n0, N, bias)
   switch (R) {
     case 6:
-      if constexpr (kRows >= 6) return tile<6, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+      if constexpr (kRows >= 6) return SEQFUSE_TILE(6);
       break;
     case 5:
-      if constexpr (kRows >= 5) return tile<5, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+      if constexpr (kRows >= 5) return SEQFUSE_TILE(5);
       break;
     case 4:
-      if constexpr (kRows >= 4) return tile<4, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+      if constexpr (kRows >= 4) return SEQFUSE_TILE(4);
       break;
     case 3:
-      return tile<3, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+      return SEQFUSE_TILE(3);
     case 2:
-      return tile<2, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+      return SEQFUSE_TILE(2);
     case 1:
-      return tile<1, TWO>(x, ldx, K, w0, y, ldy, n0, N, bias);
+      return SEQFUSE_TILE(1);
+  }
+#undef SEQFUSE_TILE
+}
+
+// A row block's k list is used when it skips at least an eighth of K (the
+// list's indirection costs about that much where it skips little).
+inline bool worth_skipping(int64_t count, int64_t K) { return count <= K - K / 8; }
+}  // namespace
+
+// Row blocks of an M-row product (blocks of kRows rows, as the tasks take them).
+int64_t linear_packed_row_blocks(int64_t M) { return (M + kRows - 1) / kRows; }
+
+// For row blocks [bbegin, bend) of x [M, K]: lists[b * (K + 1)] = the count of
+// k where some row of block b is nonzero, followed by those k, ascending. NaN
+// counts as nonzero; -0 as zero (its products add nothing either).
+void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int32_t* lists,
+                             int64_t bbegin, int64_t bend) {
+  constexpr int64_t kChunk = 256;
+  for (int64_t b = bbegin; b < bend; ++b) {
+    const int64_t m0 = b * kRows, R = std::min<int64_t>(kRows, M - m0);
+    int32_t* out = lists + b * (K + 1);
+    int32_t count = 0;
+    for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+      const int64_t kn = std::min(kChunk, K - k0);
+      uint8_t nz[kChunk] = {0};
+      for (int64_t r = 0; r < R; ++r) {
+        const float* xr = x + (m0 + r) * ldx + k0;
+        for (int64_t j = 0; j < kn; ++j) nz[j] |= static_cast<uint8_t>(xr[j] != 0.f);
+      }
+      // Branch-free compaction: write every k, advance past the nonzero ones.
+      for (int64_t j = 0; j < kn; ++j) {
+        out[1 + count] = static_cast<int32_t>(k0 + j);
+        count += nz[j];
+      }
+    }
+    out[0] = count;
   }
 }
-}  // namespace
 
 // Tasks of a [M, K] x [K, N] product: (panel pair, row block) pairs, in the
 // order linear_packed_range gives them.
@@ -109,8 +150,12 @@ int64_t linear_packed_tasks(int64_t M, int64_t N) {
 // (about 5% slower on wide products such as a [200, 256] x [256, 8003]
 // vocabulary projection, whose output rows span many pages).
 // The order does not change any output: each is one dot product over k.
+// With `lists` (linear_packed_nonzero_k's, for every row block), a block
+// visits only its listed k where that skips enough: same outputs, bit for bit
+// (see tile), for inputs with many zeros such as ReLU activations.
 void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                         int64_t N, const float* bias, float* y, int64_t begin, int64_t end) {
+                         int64_t N, const float* bias, float* y, int64_t begin, int64_t end,
+                         const int32_t* lists) {
   constexpr int64_t kGroup = 4;  // 128 KB of panels at K = 256
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int64_t pairs = (panels + 1) / 2;
@@ -139,18 +184,33 @@ void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, cons
     }
     const float* xr = x + m0 * ldx;
     float* yr = y + m0 * N;
-    if (p + 1 < panels) {
-      rows_block<true>(R, xr, ldx, K, w0, yr, N, p * kPanel, N, bias);
+    const int32_t* list = lists == nullptr ? nullptr : lists + block * (K + 1);
+    const bool two = p + 1 < panels;
+    if (list != nullptr && worth_skipping(list[0], K)) {
+      if (two) {
+        rows_block<true, true>(R, xr, ldx, K, list + 1, list[0], w0, yr, N, p * kPanel, N, bias);
+      } else {
+        rows_block<false, true>(R, xr, ldx, K, list + 1, list[0], w0, yr, N, p * kPanel, N, bias);
+      }
+    } else if (two) {
+      rows_block<true, false>(R, xr, ldx, K, nullptr, K, w0, yr, N, p * kPanel, N, bias);
     } else {
-      rows_block<false>(R, xr, ldx, K, w0, yr, N, p * kPanel, N, bias);
+      rows_block<false, false>(R, xr, ldx, K, nullptr, K, w0, yr, N, p * kPanel, N, bias);
     }
   }
 }
 
+// lists: null (dense), or room for linear_packed_row_blocks(M) * (K + 1)
+// int32, filled here before the product.
 void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                   int64_t N, const float* bias, float* y) {
+                   int64_t N, const float* bias, float* y, int32_t* lists) {
+  if (lists != nullptr) {
+    at::parallel_for(0, linear_packed_row_blocks(M), 1, [&](int64_t begin, int64_t end) {
+      linear_packed_nonzero_k(x, M, K, ldx, lists, begin, end);
+    });
+  }
   at::parallel_for(0, linear_packed_tasks(M, N), 1, [&](int64_t begin, int64_t end) {
-    linear_packed_range(x, M, K, ldx, packed, N, bias, y, begin, end);
+    linear_packed_range(x, M, K, ldx, packed, N, bias, y, begin, end, lists);
   });
 }
 
