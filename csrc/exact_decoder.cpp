@@ -377,8 +377,8 @@ inline at::Tensor packed_linear(const at::Tensor& x2d, const at::Tensor& packed,
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("seqfuse::linear_packed", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, int64_t)>();
-  return op.call(x2d, packed, b, n);
+                                               const std::optional<at::Tensor>&, int64_t, bool)>();
+  return op.call(x2d, packed, b, n, /*skip_zeros=*/false);
 }
 
 inline at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
