@@ -188,3 +188,21 @@ def test_skipping_zeros_keeps_nan_and_signed_zero_inputs():
     ok = ~dense.isnan()
     assert torch.equal(dense[ok], sparse[ok])
     assert torch.equal(sparse[8], torch.zeros(40))
+
+
+@needs_kernel
+def test_linear_skips_zeros_only_for_a_finite_weight():
+    """``linear`` skips zero inputs (same bits as the dense product) when its
+    weight is finite; an inf weight makes it multiply every term, so its NaNs
+    (0 * inf) are where the dense product has them."""
+    x = _relu_like(30, 128, 0.1, seed=8)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(9))
+    dense = torch.ops.seqfuse.linear_packed(x, lin_mod.packed(w), None, 64, False)
+    assert torch.equal(linear(x, w), dense)
+    w2 = w.clone()
+    w2[5, 17] = float("inf")
+    got = linear(x, w2)
+    want = torch.ops.seqfuse.linear_packed(x, lin_mod.packed(w2), None, 64, False)
+    assert bool(got.isnan().any()) and torch.equal(got.isnan(), want.isnan())
+    skipped = torch.ops.seqfuse.linear_packed(x, lin_mod.packed(w2), None, 64, True)
+    assert not torch.equal(skipped.isnan(), want.isnan())  # why the check matters

@@ -118,6 +118,11 @@ int32_t* zero_skip_lists(int64_t M, int64_t K) {
   return lists.data();
 }
 
+namespace {
+// Lists larger than this (long encoder inputs) are the call's own, not kept.
+constexpr int64_t kKeptListInts = int64_t{1} << 18;  // 1 MB
+}  // namespace
+
 at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
                                  const std::optional<at::Tensor>& bias, int64_t n,
                                  const at::Tensor& out, bool skip_zeros) {
@@ -150,8 +155,19 @@ at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
     y = at::empty({M, n}, x.options());
   }
   if (M > 0) {
+    int32_t* lists = nullptr;
+    std::vector<int32_t> own;
+    if (skip_zeros) {
+      const int64_t need = linear_packed_row_block_count(M) * (K + 1);
+      if (need <= kKeptListInts) {
+        lists = zero_skip_lists(M, K);
+      } else {
+        own.resize(static_cast<size_t>(need));
+        lists = own.data();
+      }
+    }
     kernel()(x.data_ptr<float>(), M, K, x.stride(0), packed.data_ptr<float>(), n, b,
-             y.data_ptr<float>(), skip_zeros ? zero_skip_lists(M, K) : nullptr);
+             y.data_ptr<float>(), lists);
   }
   return y;
 }

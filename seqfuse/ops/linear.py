@@ -11,11 +11,12 @@ weight's storage and version counter are unchanged (an in-place update
 repacks; an inference-mode tensor, which has no version counter, is assumed
 not to change in place). A pack is a second copy of its weight, freed with it.
 Each output is one sequential dot product over k, so a row's result depends
-neither on the other rows (batch composition) nor on the thread count. The
-op's ``skip_zeros=True`` (the fused stacks' fc2 after a ReLU) lets each block
-of rows skip the k where all its rows of x are zero: the same bits, as long as
-the weight is finite (the caller's check). It differs from torch's BLAS in rounding only (about 1e-6 relative): the
-fused layers use it; the exact paths keep torch's GEMMs. Reference (also the
+neither on the other rows (batch composition) nor on the thread count. Each
+block of rows skips the k where all its rows of x are zero (after a ReLU,
+most of them): the same bits, since a skipped term adds exactly nothing when
+the weight is finite (checked once per pack; the op's ``skip_zeros``). It
+differs from torch's BLAS in rounding only (about 1e-6 relative): the fused
+layers use it; the exact paths keep torch's GEMMs. Reference (also the
 fallback: other devices, dtypes, capabilities, autograd): ``F.linear``.
 """
 
@@ -41,6 +42,12 @@ def packed(weight: Tensor, transposed: bool = False) -> Tensor:
     """The weight's panel pack, built on first use and after any change.
     ``transposed``: ``weight`` is stored ``[K, N]`` (GPT-2's Conv1D) and the
     pack is that of ``weight.t()``."""
+    return _pack_entry(weight, transposed)[3]
+
+
+def _pack_entry(weight: Tensor, transposed: bool) -> tuple:
+    """(weakref, storage pointer, version, pack, finite): the cached pack and
+    whether every weight is finite (then the product may skip zero inputs)."""
     key = (id(weight), transposed)
     entry = _PACKS.get(key)
     # Inference tensors keep no version counter (and cannot change outside
@@ -48,13 +55,15 @@ def packed(weight: Tensor, transposed: bool = False) -> Tensor:
     ptr = weight.data_ptr()
     version = -1 if weight.is_inference() else weight._version
     if entry is not None and entry[0]() is weight and entry[1:3] == (ptr, version):
-        return entry[3]
+        return entry
     with torch.no_grad():
         w = weight.detach()
         pack = torch.ops.seqfuse.pack_linear_weight(w.t() if transposed else w)
+        finite = bool(torch.isfinite(w).all())
     ref = weakref.ref(weight, lambda _r, k=key: _PACKS.pop(k, None))
-    _PACKS[key] = (ref, ptr, version, pack)
-    return pack
+    entry = (ref, ptr, version, pack, finite)
+    _PACKS[key] = entry
+    return entry
 
 
 def drop_packs(weights) -> None:
@@ -66,7 +75,10 @@ def drop_packs(weights) -> None:
 
 def _cpu_run(x, weight, bias):
     b = bias.contiguous() if bias is not None else None
-    return torch.ops.seqfuse.linear_packed(x, packed(weight), b, weight.size(0))
+    entry = _pack_entry(weight, False)
+    # Zero inputs (after a ReLU, most) are skipped where the weight is finite:
+    # the same bits (see the module docstring).
+    return torch.ops.seqfuse.linear_packed(x, entry[3], b, weight.size(0), entry[4])
 
 
 _cpu_available = ext_check("cpu")
@@ -111,8 +123,8 @@ def linear_kn(x: Tensor, weight_kn: Tensor, bias: Tensor | None = None) -> Tenso
         )
     if pick(BACKENDS, x, weight_kn.t(), bias).name == "cpu":
         b = bias.contiguous() if bias is not None else None
-        pack = packed(weight_kn, transposed=True)
-        return torch.ops.seqfuse.linear_packed(x, pack, b, weight_kn.size(1))
+        entry = _pack_entry(weight_kn, True)
+        return torch.ops.seqfuse.linear_packed(x, entry[3], b, weight_kn.size(1), entry[4])
     if bias is None:
         return x @ weight_kn
     return torch.addmm(bias, x, weight_kn)
