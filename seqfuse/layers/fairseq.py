@@ -310,8 +310,8 @@ class FusedTransformerDecoder(TransformerDecoderBase):
             crosses.append(state["cross"])
         if any(cache.repacks_at(new_order.numel()) for cache in selfs):
             # The caches repack for the rows still decoding: the step's
-            # memory (sized for twice those rows or more) goes first, so the
-            # two are never held at once.
+            # memory (sized for the rows before, more than are left) goes
+            # first, so the two are never held at once.
             incremental_state.pop(STEP_MEMORY_KEY, None)
         SelfAttnCache.reorder_all(selfs, new_order)
         for cache in crosses:

@@ -52,7 +52,7 @@ from seqfuse._patching import _structure
 from seqfuse.layers.transformer import FusedTransformerEncoderLayer, qkv_weights
 from seqfuse.ops.bias_act import ACTIVATIONS
 from seqfuse.ops.embedding import POS_FIXED, POS_NONE
-from seqfuse.ops.linear import kernel_takes, packed
+from seqfuse.ops.linear import kernel_takes, packed, skips_zeros
 from seqfuse.source_shape import shape_of
 
 FUSED_STEP_ENV = "SEQFUSE_FUSED_STEP"
@@ -159,8 +159,7 @@ def _fc2_skips_zeros(layer) -> float:
     """1.0 when fc2 may skip the activations that are zero (ReLU makes most
     of them zero; the product is the same, bit for bit, when no weight is
     inf or NaN), else 0.0 (every term is multiplied)."""
-    relu = layer._fused_act == "relu"
-    return float(relu and bool(torch.isfinite(layer.fc2.weight).all()))
+    return float(layer._fused_act == "relu" and skips_zeros(layer.fc2.weight))
 
 
 def _plan(layers, params: list[Tensor], nums: list[float]) -> dict:

@@ -45,6 +45,12 @@ def packed(weight: Tensor, transposed: bool = False) -> Tensor:
     return _pack_entry(weight, transposed)[3]
 
 
+def skips_zeros(weight: Tensor, transposed: bool = False) -> bool:
+    """Whether products with this weight may skip zero inputs (every weight
+    finite), as its cached pack records it."""
+    return _pack_entry(weight, transposed)[4]
+
+
 def _pack_entry(weight: Tensor, transposed: bool) -> tuple:
     """(weakref, storage pointer, version, pack, finite): the cached pack and
     whether every weight is finite (then the product may skip zero inputs)."""
