@@ -34,7 +34,7 @@ from generation_utils import (
 from torch import Tensor
 
 from seqfuse.generation import SequenceGenerator
-from seqfuse.generation.sequence_generator import ngram_banned_tokens
+from seqfuse.generation.sequence_generator import _descending_order, ngram_banned_tokens
 
 
 # --------------------------------------------------------------------------- toy
@@ -140,6 +140,24 @@ def test_ngram_banned_tokens_matches_stock_blocker():
                 rows, cols = (banned >= 0).nonzero(as_tuple=True)
                 got[rows, banned[rows, cols]] = float("-inf")
             assert torch.equal(expected, got), f"n={n} step={step}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hypothesis_order_is_stocks_sort(seed):
+    """The finished hypotheses' order (stock: torch.sort of their scores,
+    descending): the same for distinct scores, exact ties, -inf and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    pool = [-0.5, -1.25, float("-inf"), float("nan"), -3.0, 0.0]
+    cases = [[], [-1.0]]
+    for n in range(2, 12):
+        cases.append(torch.randn(n, generator=g).tolist())  # distinct
+        picks = torch.randint(0, len(pool), (n,), generator=g).tolist()
+        cases.append([pool[i] for i in picks])  # ties, -inf, NaN
+        cases.append(torch.randn(n, generator=g).float().tolist())
+    for values in cases:
+        values = torch.tensor(values, dtype=torch.float32).tolist()  # as the search holds them
+        _, want = torch.sort(torch.tensor(values), descending=True)
+        assert _descending_order(values) == want.tolist(), values
 
 
 def test_prefix_tokens():

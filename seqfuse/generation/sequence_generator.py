@@ -633,23 +633,43 @@ class SequenceGenerator(StockSequenceGenerator):
         lengths = fin_len.tolist()
         host_scores = fin_score.tolist()
         empty = torch.empty(0)
+        # Every slot's views made by one call each, then cut to length.
+        slots = fin_score.size(1)
+        tok_rows = fin_tokens.reshape(-1, fin_tokens.size(2)).unbind(0)
+        pos_rows = fin_pos.reshape(-1, fin_pos.size(2)).unbind(0)
+        score_items = fin_score.reshape(-1).unbind(0)
+        attn_rows = (
+            None if fin_attn is None else fin_attn.reshape(-1, *fin_attn.shape[2:]).unbind(0)
+        )
         finalized: list[list[dict]] = []
         for s, n in enumerate(counts):
             hypos = []
             for j in range(n):
                 L = lengths[s][j]
+                i = s * slots + j
                 hypos.append(
                     {
-                        "tokens": fin_tokens[s, j, :L],
-                        "score": fin_score[s, j],
-                        "attention": fin_attn[s, j, :, :L] if fin_attn is not None else empty,
+                        "tokens": tok_rows[i][:L],
+                        "score": score_items[i],
+                        "attention": empty if attn_rows is None else attn_rows[i][:, :L],
                         "alignment": empty,
-                        "positional_scores": fin_pos[s, j, :L],
+                        "positional_scores": pos_rows[i][:L],
                     }
                 )
-            _, order = torch.sort(torch.tensor(host_scores[s][:n]), descending=True)
-            finalized.append([hypos[i] for i in order.tolist()])
+            finalized.append([hypos[i] for i in _descending_order(host_scores[s][:n])])
         return finalized
+
+
+def _descending_order(values: list[float]) -> list[int]:
+    """The order stock's ``torch.sort(torch.tensor(values), descending=True)``
+    gives. Distinct values (no NaN) have one descending order, which Python's
+    sort finds without a tensor; ties and NaN keep torch's own."""
+    if len(values) < 2:
+        return list(range(len(values)))
+    if len(set(values)) == len(values) and all(v == v for v in values):
+        return sorted(range(len(values)), key=values.__getitem__, reverse=True)
+    _, order = torch.sort(torch.tensor(values), descending=True)
+    return order.tolist()
 
 
 class SequenceGeneratorWithAlignment(SequenceGenerator):
