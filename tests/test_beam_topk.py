@@ -24,6 +24,7 @@ from seqfuse.ops.beam_topk import (
     apply_step_edits,
     beam_topk,
     beam_topk_reference,
+    cpu_kernel_for,
     which_backend,
 )
 from seqfuse.testing import assert_close, separated
@@ -447,3 +448,39 @@ def test_cuda_overflow_paths(monkeypatch, vocab, rows, k):
         x, cum = make_inputs(case, 2, rows, vocab, torch.float32, seed=3)
         check_cuda(monkeypatch, x, cum, rows, k)
         assert_bitwise(*run_both(monkeypatch, x, cum, rows, k, is_logprobs=True), what=case)
+
+
+@pytest.mark.parametrize("forced", [None, "cpu", "reference"])
+def test_cpu_kernel_for_is_the_kernel_beam_topk_runs(monkeypatch, forced):
+    """A search's direct call (``cpu_kernel_for``) is offered exactly where
+    ``beam_topk`` would run the CPU kernel on the tensor as it is, and gives
+    ``beam_topk``'s results bit for bit."""
+    if forced is None:
+        monkeypatch.delenv("SEQFUSE_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("SEQFUSE_BACKEND", forced)
+    x, cum = make_inputs("random", 3, 5, 5125, torch.float32, seed=4)
+    cases = {
+        "contiguous": x,
+        "strided": x.view(3, 5, -1)[:, 0],  # step 0's first beam of each sentence
+        "float64": x.double(),
+        "half": x.half(),
+    }
+    for name, t in cases.items():
+        kernel = cpu_kernel_for(t)
+        try:
+            backend = which_backend(t).split(" ")[0]
+        except RuntimeError:  # forced to a backend that refuses it
+            backend = None
+        takes = backend == "cpu" and t.is_contiguous() and t.dtype == torch.float32
+        assert (kernel is not None) == takes, name
+        if kernel is None:
+            continue
+        rows = t.size(0) // 3
+        c = cum[: t.size(0)].contiguous()
+        got = kernel(t, c, rows, 11, 1, 3, 2, 0.5, EOS_ALLOW, None, False)
+        want = beam_topk(t, c, rows, 11, 1, 3, 2, unk_penalty=0.5)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), name
+    if forced != "reference":
+        assert cpu_kernel_for(x) is not None

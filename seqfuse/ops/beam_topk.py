@@ -32,11 +32,13 @@ kernels; ``torch.topk`` leaves their order unspecified.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
 
-from seqfuse.ops.dispatch import Backend, explain, ext_check, pick
+from seqfuse import _ext
+from seqfuse.ops.dispatch import _FORCED_ENV, Backend, explain, ext_check, pick
 
 EOS_ALLOW, EOS_FORBID, EOS_ONLY = 0, 1, 2
 
@@ -181,6 +183,23 @@ def beam_topk(
         banned,
         is_logprobs,
     )
+
+
+def cpu_kernel_for(logits: Tensor):
+    """The CPU extension's ``beam_topk`` overload when ``beam_topk`` would run
+    it on ``logits`` as they are (a contiguous float32 CPU tensor, the
+    extension loaded, no other backend forced), else None. A search calls it
+    with arguments it built itself, skipping the per-call checks and backend
+    choice (a few percent of a small batch's step)."""
+    if (
+        _ext._C is None
+        or logits.dtype != torch.float32
+        or logits.device.type != "cpu"
+        or not logits.is_contiguous()
+        or os.environ.get(_FORCED_ENV, "cpu") != "cpu"
+    ):
+        return None
+    return torch.ops.seqfuse.beam_topk.default
 
 
 def which_backend(logits: Tensor) -> str:
