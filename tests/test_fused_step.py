@@ -687,3 +687,43 @@ def test_fc2_skips_zeros_only_after_relu_with_finite_weights(monkeypatch, act):
     layers, one_call, _ = both_paths(monkeypatch, encode)
     assert bool(layers.isnan().any())
     torch.testing.assert_close(one_call, layers, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("variant", ["post-norm relu", "pre-norm", "learned positions"])
+def test_next_steps_give_the_full_paths_bits(monkeypatch, variant):
+    """Between whole-network steps of a search, the step and the caches'
+    reorder skip the lookups and checks that cannot change
+    (``fused_step._next_step``, ``fused_step.next_reorder``): taken on most
+    steps, the search's every bit is the full path's, through growth past the
+    initial slots, finished sentences shrinking the batch and repacks."""
+    monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # start small: growth happens
+    model, d = random_transformer(60, 9, perturb=True, **LAYER_VARIANTS[variant])
+    fast = fused(model)
+    sample = random_sample(d, bsz=6, seed=3)
+    kw = dict(beam_size=5, max_len_b=24)
+    taken = {"step": 0, "reorder": 0}
+    next_step, next_reorder = fused_step._next_step, fused_step.next_reorder
+
+    def counted_step(*a):
+        got = next_step(*a)
+        taken["step"] += got is not None
+        return got
+
+    def counted_reorder(*a):
+        got = next_reorder(*a)
+        taken["reorder"] += got
+        return got
+
+    from seqfuse.layers import fairseq as fairseq_layers
+
+    monkeypatch.setattr(fused_step, "_next_step", counted_step)
+    monkeypatch.setattr(fairseq_layers, "next_reorder", counted_reorder)
+    steps_before = fused_step.STATS["one_call"]
+    quick = generate(fast, d, sample, **kw)
+    steps = fused_step.STATS["one_call"] - steps_before
+    assert steps > 0 and taken["step"] > steps // 2 and taken["reorder"] > steps // 2, taken
+    assert taken["step"] < steps and taken["reorder"] < steps  # growth, shrinks: full paths
+    monkeypatch.setattr(fused_step, "_next_step", lambda *a: None)
+    monkeypatch.setattr(fairseq_layers, "next_reorder", lambda *a: False)
+    full = generate(fast, d, sample, **kw)
+    assert_bit_identical_hypos(full, quick, variant)

@@ -36,6 +36,7 @@ from seqfuse.layers.fused_step import (
     STEP_MEMORY_KEY,
     encoder_stack,
     encoder_stack_takes,
+    next_reorder,
     one_call_step,
     step_logits,
 )
@@ -299,6 +300,8 @@ class FusedTransformerDecoder(TransformerDecoderBase):
         layers = cached_for_structure(self, "_seqfuse_fused_reorder", _fused_reorder_layers)
         if layers is False or any(k in incremental_state for k in layers[1]):
             return False
+        if next_reorder(self, incremental_state, new_order):
+            return True  # between whole-network steps, rows kept: the tables only
         selfs, crosses = [], []
         for layer in layers[0]:
             state = incremental_state.get(layer._fused_key)

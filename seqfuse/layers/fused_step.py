@@ -489,6 +489,136 @@ def _native_plan(decoder, plan: dict):
 _INSTANCE_OVERRIDES = ("forward", "extract_features", "extract_features_scriptable", "output_layer")
 
 
+# incremental_state[NEXT_STEPS_KEY]: what a whole-network step found (the
+# caches, the position table, the plan object), so that the search's next
+# steps skip the lookups and checks whose answers cannot change between them
+# (``_next_step``); anything that does change (rows, slots past the caches'
+# room, positions past the table) takes the full path, which grows or
+# rebuilds what it must.
+NEXT_STEPS_KEY = "seqfuse.next_steps"
+
+
+class _NextSteps:
+    __slots__ = (
+        "decoder",
+        "plan",
+        "native",
+        "keys",
+        "states",
+        "selfs",
+        "crosses",
+        "pos",
+        "limit",
+        "pad",
+    )
+
+    def __init__(self, decoder, plan, incremental_state, selfs, crosses, pos):
+        self.decoder = decoder
+        self.plan = plan
+        self.native = plan["native"]
+        self.keys = [layer._fused_key for layer in decoder.layers]
+        self.states = [incremental_state[key] for key in self.keys]
+        self.selfs = selfs
+        self.crosses = crosses
+        self.pos = pos
+        # the longest prefix the table holds without growing (a learned
+        # table's bounds are the kernel's to check, as on the full path)
+        from fairseq.modules import SinusoidalPositionalEmbedding
+
+        self.limit = 1 << 62
+        positions = decoder.embed_positions
+        if isinstance(positions, SinusoidalPositionalEmbedding):
+            self.limit = pos.size(0) - positions.padding_idx - 1
+        self.pad = int(decoder.padding_idx)
+
+
+def _next_step(nxt: _NextSteps, decoder, prev_output_tokens: Tensor, incremental_state):
+    """``step_logits`` for a step after a whole-network step of the same
+    search, or None (the full path then runs)."""
+    if nxt.decoder is not decoder or decoder.training or torch.is_grad_enabled():
+        return None
+    if incremental_state.get(LOGITS_PLAN_KEY) is not nxt.plan:
+        return None
+    for key, state in zip(nxt.keys, nxt.states):
+        if incremental_state.get(key) is not state:
+            return None
+    n, slen = prev_output_tokens.shape
+    if slen > nxt.limit:
+        return None
+    selfs, crosses = nxt.selfs, nxt.crosses
+    slot = selfs[0].length
+    for cache in selfs:
+        if cache.n != n or cache.length != slot:
+            return None
+        r_cap, l_cap = cache.capacity
+        if n > r_cap or slot + 1 > l_cap:
+            return None  # the caches grow first
+    q_per_kv = crosses[0].q_per_kv
+    for cc in crosses:
+        if cc.q_per_kv != q_per_kv:
+            return None
+    native = nxt.native
+    memory = incremental_state.pop(STEP_MEMORY_KEY, None)
+    if memory is not None and not native.step_memory_fits(memory, n):
+        memory = None
+    logits, attn, memory = native.step(
+        prev_output_tokens,
+        nxt.pos,
+        POS_NONE if nxt.pos is None else POS_FIXED,
+        nxt.pad + slen,
+        [cache.blocks for cache in selfs],
+        [cache.rows for cache in selfs],
+        [cache.pad for cache in selfs],
+        slot,
+        [cc.kv for cc in crosses],
+        [cc.map for cc in crosses],
+        [cc.n for cc in crosses],
+        [cc.pad for cc in crosses],
+        q_per_kv,
+        memory,
+    )
+    incremental_state[STEP_MEMORY_KEY] = memory
+    _advance(selfs, slot)
+    STATS["one_call"] += 1
+    return logits, attn
+
+
+def next_reorder(decoder, incremental_state, new_order: Tensor) -> bool:
+    """The caches' reorder between two steps of a search whose last step was
+    a whole-network step, when its rows stay as many (beams reordered within
+    their sentences, no repack, no first reorder after a shared first step):
+    every layer's parent table gathered by one op call, the cross-attention
+    maps untouched (as ``CrossAttnCache.reorder`` leaves them then). False:
+    the caller's full reorder runs instead."""
+    nxt = incremental_state.get(NEXT_STEPS_KEY)
+    if nxt is None or nxt.decoder is not decoder:
+        return False
+    for key, state in zip(nxt.keys, nxt.states):
+        if incremental_state.get(key) is not state:
+            return False
+    selfs, crosses = nxt.selfs, nxt.crosses
+    n = selfs[0].n
+    if (
+        new_order.numel() != n
+        or new_order.dtype != torch.long
+        or new_order.device.type != "cpu"
+        or not new_order.is_contiguous()
+    ):
+        return False
+    for cache in selfs:
+        if cache.expand != 1 or cache.length == 0 or cache.n != n or cache.repacks_at(n):
+            return False
+    for cc in crosses:
+        if cc.later_q_per_kv or cc.n * cc.beam != n:
+            return False
+    torch.ops.seqfuse.gather_table_rows.default(
+        [c.rows for c in selfs], [c.rows_alt for c in selfs], n, new_order
+    )
+    for cache in selfs:
+        cache.rows, cache.rows_alt = cache.rows_alt, cache.rows
+    return True
+
+
 def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_state):
     """An incremental step of the whole network (embedding, every layer, the
     final norm, the vocabulary projection) in one C++ call: ``(logits
@@ -500,6 +630,11 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
     kernels."""
     if incremental_state is None or decoder.training or encoder_out is None:
         return None
+    nxt = incremental_state.get(NEXT_STEPS_KEY)
+    if nxt is not None:
+        got = _next_step(nxt, decoder, prev_output_tokens, incremental_state)
+        if got is not None:
+            return got
     if not encoder_out["encoder_out"] or any(a in decoder.__dict__ for a in _INSTANCE_OVERRIDES):
         return None
     plan = incremental_state.get(LOGITS_PLAN_KEY)
@@ -540,9 +675,10 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
         memory = incremental_state.pop(STEP_MEMORY_KEY, None)
         if memory is not None and not native.step_memory_fits(memory, n):
             memory = None
+        pos = None if pos_table is None else pos_table.contiguous()
         logits, attn, memory = native.step(
             prev_output_tokens,
-            None if pos_table is None else pos_table.contiguous(),
+            pos,
             POS_NONE if pos_table is None else POS_FIXED,
             pad + slen,
             [cache.blocks for cache in selfs],
@@ -559,6 +695,9 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
         incremental_state[STEP_MEMORY_KEY] = memory
         _advance(selfs, slot)
         STATS["one_call"] += 1
+        incremental_state[NEXT_STEPS_KEY] = _NextSteps(
+            decoder, plan, incremental_state, selfs, crosses, pos
+        )
         return logits, attn
     step = plan["step"]
     self_args, cross_args = _cache_args(*found)
