@@ -557,15 +557,25 @@ def _next_step(nxt: _NextSteps, decoder, prev_output_tokens: Tensor, incremental
     for cc in crosses:
         if cc.q_per_kv != q_per_kv:
             return None
-    native = nxt.native
+    return _native_step(
+        nxt.native, prev_output_tokens, nxt.pos, nxt.pad + slen, selfs, crosses, slot,
+        q_per_kv, incremental_state,
+    )  # fmt: skip
+
+
+def _native_step(native, tokens, pos, pos_end, selfs, crosses, slot, q_per_kv, incremental_state):
+    """The plan object's step over the caches (``pos_end``: the padding index
+    plus the prefix length), in the step memory the last step left unless this
+    step would replace it (rows changed past 9/8: dropped first, the two never
+    held at once); the caches then hold ``slot``."""
     memory = incremental_state.pop(STEP_MEMORY_KEY, None)
-    if memory is not None and not native.step_memory_fits(memory, n):
+    if memory is not None and not native.step_memory_fits(memory, tokens.size(0)):
         memory = None
     logits, attn, memory = native.step(
-        prev_output_tokens,
-        nxt.pos,
-        POS_NONE if nxt.pos is None else POS_FIXED,
-        nxt.pad + slen,
+        tokens,
+        pos,
+        POS_NONE if pos is None else POS_FIXED,
+        pos_end,
         [cache.blocks for cache in selfs],
         [cache.rows for cache in selfs],
         [cache.pad for cache in selfs],
@@ -670,35 +680,15 @@ def step_logits(decoder, prev_output_tokens: Tensor, encoder_out, incremental_st
     pad = decoder.padding_idx
     if native is not None:
         selfs, crosses, slot = found
-        # The last step's memory, unless this step would replace it (rows
-        # changed past 9/8): dropped first, the two never held at once.
-        memory = incremental_state.pop(STEP_MEMORY_KEY, None)
-        if memory is not None and not native.step_memory_fits(memory, n):
-            memory = None
         pos = None if pos_table is None else pos_table.contiguous()
-        logits, attn, memory = native.step(
-            prev_output_tokens,
-            pos,
-            POS_NONE if pos_table is None else POS_FIXED,
-            pad + slen,
-            [cache.blocks for cache in selfs],
-            [cache.rows for cache in selfs],
-            [cache.pad for cache in selfs],
-            slot,
-            [cc.kv for cc in crosses],
-            [cc.map for cc in crosses],
-            [cc.n for cc in crosses],
-            [cc.pad for cc in crosses],
-            crosses[0].q_per_kv,
-            memory,
-        )
-        incremental_state[STEP_MEMORY_KEY] = memory
-        _advance(selfs, slot)
-        STATS["one_call"] += 1
+        got = _native_step(
+            native, prev_output_tokens, pos, pad + slen, selfs, crosses, slot,
+            crosses[0].q_per_kv, incremental_state,
+        )  # fmt: skip
         incremental_state[NEXT_STEPS_KEY] = _NextSteps(
             decoder, plan, incremental_state, selfs, crosses, pos
         )
-        return logits, attn
+        return got
     step = plan["step"]
     self_args, cross_args = _cache_args(*found)
     logits, attn = torch.ops.seqfuse.fused_decoder_logits(
