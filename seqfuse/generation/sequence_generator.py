@@ -294,25 +294,9 @@ class SequenceGenerator(StockSequenceGenerator):
         # loop) exact ties keep the op's order: score desc, then lower index.
         check_ties = logits.device.type == "cpu"
         k_op = min(k + 1, rows * V) if check_ties else k
-        kernel = cpu_kernel_for(src)
-        if kernel is not None:  # beam_topk's CPU kernel, called as beam_topk would
-            cs, ci, cb = kernel(
-                src,
-                None if cum is None else cum.contiguous(),
-                rows,
-                k_op,
-                self.pad,
-                self.unk,
-                self.eos,
-                float(self.unk_penalty),
-                eos_mode,
-                None if ban is None else ban.long().contiguous(),
-                False,
-            )
-        else:
-            cs, ci, cb = beam_topk(
-                src, cum, rows, k_op, self.pad, self.unk, self.eos, self.unk_penalty, eos_mode, ban
-            )
+        args = (src, cum, rows, k_op, self.pad, self.unk, self.eos, self.unk_penalty, eos_mode, ban)
+        kernel = cpu_kernel_for(src)  # beam_topk's CPU backend, without its per-call checks
+        cs, ci, cb = kernel(*args, False) if kernel is not None else beam_topk(*args)
         if check_ties and k_op > 1:
             tie, any_tie = finite_ties(cs)  # rarely any (-inf pairs are no tie)
             if bool(any_tie):

@@ -531,17 +531,23 @@ class _NextSteps:
             self.limit = pos.size(0) - positions.padding_idx - 1
         self.pad = int(decoder.padding_idx)
 
+    def holds(self, decoder, incremental_state) -> bool:
+        """Whether ``incremental_state`` still holds, for ``decoder``, the
+        layers' cache states this was built from."""
+        if self.decoder is not decoder:
+            return False
+        return all(incremental_state.get(k) is st for k, st in zip(self.keys, self.states))
+
 
 def _next_step(nxt: _NextSteps, decoder, prev_output_tokens: Tensor, incremental_state):
     """``step_logits`` for a step after a whole-network step of the same
     search, or None (the full path then runs)."""
-    if nxt.decoder is not decoder or decoder.training or torch.is_grad_enabled():
+    if decoder.training or torch.is_grad_enabled():
         return None
     if incremental_state.get(LOGITS_PLAN_KEY) is not nxt.plan:
         return None
-    for key, state in zip(nxt.keys, nxt.states):
-        if incremental_state.get(key) is not state:
-            return None
+    if not nxt.holds(decoder, incremental_state):
+        return None
     n, slen = prev_output_tokens.shape
     if slen > nxt.limit:
         return None
@@ -601,11 +607,8 @@ def next_reorder(decoder, incremental_state, new_order: Tensor) -> bool:
     maps untouched (as ``CrossAttnCache.reorder`` leaves them then). False:
     the caller's full reorder runs instead."""
     nxt = incremental_state.get(NEXT_STEPS_KEY)
-    if nxt is None or nxt.decoder is not decoder:
+    if nxt is None or not nxt.holds(decoder, incremental_state):
         return False
-    for key, state in zip(nxt.keys, nxt.states):
-        if incremental_state.get(key) is not state:
-            return False
     selfs, crosses = nxt.selfs, nxt.crosses
     n = selfs[0].n
     if (
@@ -625,7 +628,7 @@ def next_reorder(decoder, incremental_state, new_order: Tensor) -> bool:
         [c.rows for c in selfs], [c.rows_alt for c in selfs], n, new_order
     )
     for cache in selfs:
-        cache.rows, cache.rows_alt = cache.rows_alt, cache.rows
+        cache._gathered(n)  # the gathered tables swapped in (no repack: checked above)
     return True
 
 

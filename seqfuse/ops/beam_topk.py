@@ -186,11 +186,12 @@ def beam_topk(
 
 
 def cpu_kernel_for(logits: Tensor):
-    """The CPU extension's ``beam_topk`` overload when ``beam_topk`` would run
-    it on ``logits`` as they are (a contiguous float32 CPU tensor, the
-    extension loaded, no other backend forced), else None. A search calls it
-    with arguments it built itself, skipping the per-call checks and backend
-    choice (a few percent of a small batch's step)."""
+    """The CPU backend's run (``beam_topk``'s arguments, ``is_logprobs``
+    positional) when ``beam_topk`` would take it for ``logits`` as they are (a
+    contiguous float32 CPU tensor, the extension loaded, no other backend
+    forced), else None. A search that builds valid arguments itself calls it
+    every step without the per-call checks and backend choice (a few percent
+    of a small batch's step)."""
     if (
         _ext._C is None
         or logits.dtype != torch.float32
@@ -199,7 +200,7 @@ def cpu_kernel_for(logits: Tensor):
         or os.environ.get(_FORCED_ENV, "cpu") != "cpu"
     ):
         return None
-    return torch.ops.seqfuse.beam_topk.default
+    return _ext_run
 
 
 def which_backend(logits: Tensor) -> str:
