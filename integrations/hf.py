@@ -246,9 +246,15 @@ class _SeqfuseGeneration:
                 synced_gpus=synced_gpus,
                 **model_kwargs,
             )
-        return beam_search(
-            self, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs
-        )
+        with _ext.gc_paused():
+            return beam_search(
+                self,
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                **model_kwargs,
+            )
 
     def _sample(
         self,
@@ -272,14 +278,15 @@ class _SeqfuseGeneration:
                 model_kwargs,
             )
             if why is None:
-                return greedy_search(
-                    self,
-                    input_ids,
-                    logits_processor,
-                    stopping_criteria,
-                    generation_config,
-                    **model_kwargs,
-                )
+                with _ext.gc_paused():
+                    return greedy_search(
+                        self,
+                        input_ids,
+                        logits_processor,
+                        stopping_criteria,
+                        generation_config,
+                        **model_kwargs,
+                    )
             _warn(f"num_beams=1 ({why}); the model's layers keep seqfuse's step and kernels")
         return super()._sample(
             input_ids,

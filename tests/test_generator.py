@@ -640,3 +640,65 @@ def test_alignment_generator_refuses_an_unknown_mode():
     model, d = random_transformer(vocab=20, seed=1)
     with pytest.raises(ValueError, match="'hard' or 'soft'"):
         SequenceGeneratorWithAlignment([model], d, beam_size=2, print_alignment="both")
+
+
+class _CollectorSpy:
+    """Wraps a decoder's forward to record whether Python's cyclic collector
+    was on at each step (and can fail a step, to test the restore)."""
+
+    def __init__(self, decoder, fail_at=None):
+        self._seen, self._decoder, self._fail_at = [], decoder, fail_at
+        real = decoder.forward
+
+        def forward(*args, **kwargs):
+            import gc
+
+            self._seen.append(gc.isenabled())
+            if self._fail_at is not None and len(self._seen) == self._fail_at:
+                raise RuntimeError("step failed on purpose")
+            return real(*args, **kwargs)
+
+        decoder.forward = forward
+
+    def close(self):
+        del self._decoder.forward
+
+
+@pytest.mark.parametrize("setting", ["default", "off_by_env", "already_off", "step_fails"])
+def test_collector_paused_in_the_search_and_restored(monkeypatch, setting):
+    """The search runs with Python's cyclic collector paused (a full collection
+    walks every object the process holds) and leaves it as it found it: on
+    again after a search, off if it was off, on after a failed step;
+    SEQFUSE_GC_PAUSE=0 leaves it on. The hypotheses are stock's either way."""
+    import gc
+
+    if setting == "off_by_env":
+        monkeypatch.setenv("SEQFUSE_GC_PAUSE", "0")
+    else:
+        monkeypatch.delenv("SEQFUSE_GC_PAUSE", raising=False)
+    model, d = random_transformer(vocab=40, seed=3)
+    sample = random_sample(d, bsz=3, seed=3)
+    stock = StockGenerator([model], d, beam_size=3).generate([model], sample)
+    spy = _CollectorSpy(model.decoder, fail_at=2 if setting == "step_fails" else None)
+    was = gc.isenabled()
+    try:
+        if setting == "already_off":
+            gc.disable()
+        else:
+            gc.enable()
+        gen = SequenceGenerator([model], d, beam_size=3)
+        if setting == "step_fails":
+            with pytest.raises(RuntimeError, match="on purpose"):
+                gen.generate([model], sample)
+        else:
+            ours = gen.generate([model], sample)
+        after = gc.isenabled()
+    finally:
+        spy.close()
+        (gc.enable if was else gc.disable)()
+    assert spy._seen, "the decoder was not called"
+    expect_during = setting == "off_by_env"
+    assert set(spy._seen) == {expect_during}, spy._seen
+    assert after == (setting != "already_off")
+    if setting != "step_fails":
+        compare_hypotheses(stock, ours)

@@ -531,3 +531,56 @@ def test_text_generation_pipeline():
     assert hf.restore(pipe) is pipe and not hf.is_optimized(pipe.model)
     assert ours == stock
     assert hf.STATS["fused_steps"] > 0
+
+
+
+@pytest.mark.parametrize("search", ("beam", "greedy"))
+@pytest.mark.parametrize("pause", ("default", "off_by_env"))
+def test_collector_paused_in_the_search_and_restored(monkeypatch, search, pause):
+    """seqfuse's beam and greedy loops run with Python's cyclic collector paused
+    and leave it on again after; SEQFUSE_GC_PAUSE=0 leaves it on. Same output
+    as stock either way (greedy search is seqfuse's loop with fused layers)."""
+    import gc
+
+    from hf_models import needs_packed_gemm
+
+    if search == "greedy" and needs_packed_gemm().args[0]:
+        pytest.skip(needs_packed_gemm().kwargs["reason"])
+    if pause == "off_by_env":
+        monkeypatch.setenv("SEQFUSE_GC_PAUSE", "0")
+    else:
+        monkeypatch.delenv("SEQFUSE_GC_PAUSE", raising=False)
+    seen = []
+    real = hf._forward
+
+    def forward(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "_forward", forward)
+    model = make_model("marian", seed=0)
+    ids, mask = make_inputs("marian", model, batch=3, seed=0)
+    kw = dict(max_new_tokens=8, attention_mask=mask, do_sample=False)
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        if search == "beam":
+            stock, ours = stock_then_seqfuse(model, ids, num_beams=4, **kw)
+        else:
+            with torch.no_grad():
+                stock = model.generate(ids, num_beams=1, **kw)
+                seqfuse.optimize(model, fused_layers=True)
+                try:
+                    ours = model.generate(ids, num_beams=1, **kw)
+                finally:
+                    hf.restore(model)
+        after = gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+    if search == "beam":
+        assert_same(stock, ours, "beam search")
+    else:
+        assert torch.equal(stock, ours)
+    assert seen, "seqfuse's loop did not run"
+    assert set(seen) == {pause == "off_by_env"}, seen
+    assert after

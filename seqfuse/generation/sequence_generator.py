@@ -228,7 +228,8 @@ class SequenceGenerator(StockSequenceGenerator):
             raise NotImplementedError(
                 "Target-side constraints were provided, but search method doesn't support them"
             )
-        return self._search(sample, prefix_tokens, bos_token, constraints)
+        with _ext.gc_paused():
+            return self._search(sample, prefix_tokens, bos_token, constraints)
 
     # ------------------------------------------------------------------ model
     def _decoder_step(self, tokens: Tensor, encoder_outs, incremental_states, fused_logits: bool):
