@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from seqfuse import bleu  # noqa: E402
 from seqfuse._ext import FUSED_LAYERS_ENV  # noqa: E402
-from seqfuse.info import cpu_description, source_revision  # noqa: E402
+from seqfuse.info import cpu_description, cpu_probe, probe_warning, source_revision  # noqa: E402
 
 SHARED = Path(os.environ.get("SEQFUSE_SHARED", ROOT.parent / "shared"))
 PROVIDERS = ("stock", "seqfuse", "seqfuse-fused")
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    probe_before = cpu_probe(args.threads)
     with tempfile.TemporaryDirectory(prefix="seqfuse-bench-cli-") as tmp:
         src = Path(tmp) / "input.en"
         with gzip.open(args.data / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": cpu_description(),
             "cpu_count": os.cpu_count(),
             "threads": args.threads,
+            "cpu_probe": {"before": probe_before, "after": cpu_probe(args.threads)},
         },
         "versions": {
             "python": platform.python_version(),
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.name or f"cli-cpu-{args.threads}thread-{result['date']}"
     path = args.results_dir / f"{stem}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    warning = probe_warning(**result["machine"]["cpu_probe"])
+    if warning:
+        print(warning)
     print(f"wrote {path}")
     return 0
 

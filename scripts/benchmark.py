@@ -1125,10 +1125,15 @@ def main(argv: list | None = None) -> int:
         print(make_base_model())
         return 0
     apply_sweep(args)
+    from seqfuse.info import cpu_probe, probe_warning
+
+    probe_before = cpu_probe(args.threads)
     start = time.perf_counter()
     out = run_benchmark(args)
+    seconds = time.perf_counter() - start
+    probe = {"before": probe_before, "after": cpu_probe(args.threads)}
     report = {
-        "context": context(out["devices"], args.threads),
+        "context": context(out["devices"], args.threads) | {"cpu_probe": probe},
         "settings": {
             "batch_sizes": args.batch_sizes,
             "beams": args.beams,
@@ -1146,7 +1151,7 @@ def main(argv: list | None = None) -> int:
         "results": out["rows"],
         "ratios": ratios(out["rows"]),
         "skipped": out["skipped"],
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
     }
     name = args.name or f"bench-{'-'.join(out['devices'])}-{report['context']['date'][:10]}"
     paths = write_results(report, Path(args.results_dir), name)
@@ -1157,6 +1162,14 @@ def main(argv: list | None = None) -> int:
             f"{r['model']:>8} {r['device']:>4} {r['dtype']:>4} batch {r['batch']:<4} beam {r['beam']:<2} "
             + "  ".join(parts)
         )
+    warning = probe_warning(probe["before"], probe["after"])
+    print(
+        f"CPU GEMM rate (GFLOP/s, 1 / {probe_before['threads']} threads): before "
+        f"{probe['before']['gflops_one_thread']} / {probe['before']['gflops_threads']}, after "
+        f"{probe['after']['gflops_one_thread']} / {probe['after']['gflops_threads']}"
+    )
+    if warning:
+        print(warning)
     print("written:", ", ".join(str(p) for p in paths.values()))
     print(f"benchmark took {report['seconds']:.0f} s")
     return 0

@@ -59,6 +59,75 @@ def source_revision() -> str:
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+# The probe's product: a decoder step's vocabulary projection at batch 64,
+# beam 5 on the Multi30k model ([320, 256] x [256, 8003]).
+_PROBE_SHAPE = (320, 256, 8003)
+
+
+def cpu_probe(threads: int | None = None, seconds: float = 0.3) -> dict:
+    """This CPU's matrix-multiply rate right now (torch's GEMM, GFLOP/s) on one
+    thread and on ``threads`` (torch's count when None), and the ratio of the
+    two: the yardstick that says whether a benchmark ran on free CPUs. On a
+    shared machine the second CPU can be busy with other work, and then every
+    multi-threaded figure (stock's and seqfuse's alike) moves with it."""
+    import time
+
+    import torch
+
+    m, k, n = _PROBE_SHAPE
+    count = threads or torch.get_num_threads()
+    old = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    rates = {}
+    try:
+        for label, t in (("one_thread", 1), ("threads", count)):
+            torch.set_num_threads(t)
+            torch.mm(a, b)
+            reps, start = 0, time.perf_counter()
+            while True:
+                torch.mm(a, b)
+                reps += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds:
+                    break
+            rates[label] = 2 * m * k * n * reps / elapsed / 1e9
+    finally:
+        torch.set_num_threads(old)
+    return {
+        "threads": count,
+        "gflops_one_thread": round(rates["one_thread"], 1),
+        "gflops_threads": round(rates["threads"], 1),
+        "scaling": round(rates["threads"] / rates["one_thread"], 2),
+    }
+
+
+def probe_warning(before: dict, after: dict) -> str | None:
+    """One line saying why a run's figures may not hold on a quiet machine
+    (its threads did not scale, or the CPU's rate moved during the run,
+    by ``cpu_probe`` before and after it), or None when neither happened."""
+    problems = []
+    for when, p in (("before", before), ("after", after)):
+        if p["threads"] > 1 and p["scaling"] < 0.75 * p["threads"]:
+            problems.append(
+                f"{when} the run {p['threads']} threads multiplied matrices {p['scaling']}x "
+                "as fast as one"
+            )
+    lo, hi = sorted((before["gflops_threads"], after["gflops_threads"]))
+    if hi > 1.15 * lo:
+        problems.append(
+            f"the {before['threads']}-thread GEMM rate went from {before['gflops_threads']} to "
+            f"{after['gflops_threads']} GFLOP/s during the run"
+        )
+    if not problems:
+        return None
+    return (
+        "machine check: "
+        + "; ".join(problems)
+        + " (CPUs shared with other work or throttled: ratios may differ on a quiet machine)"
+    )
+
+
 def _version(mod: str) -> str:
     try:
         m = __import__(mod)

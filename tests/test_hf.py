@@ -533,7 +533,6 @@ def test_text_generation_pipeline():
     assert hf.STATS["fused_steps"] > 0
 
 
-
 @pytest.mark.parametrize("search", ("beam", "greedy"))
 @pytest.mark.parametrize("pause", ("default", "off_by_env"))
 def test_collector_paused_in_the_search_and_restored(monkeypatch, search, pause):

@@ -205,6 +205,12 @@ def test_benchmark_small(tmp_path):
     for key in ("date", "git_revision", "cpu", "cpu_count", "threads", "devices", "versions"):
         assert key in ctx
     assert ctx["versions"]["torch"] and ctx["versions"]["fairseq"]
+    for when in ("before", "after"):  # the machine check around the run
+        probe = ctx["cpu_probe"][when]
+        assert probe["threads"] == 1 and probe["gflops_one_thread"] > 0
+        assert probe["scaling"] == pytest.approx(
+            probe["gflops_threads"] / probe["gflops_one_thread"], abs=0.01
+        )
     rows = report["results"]
     ran = {row["provider"] for row in rows}
     skipped = {s["provider"] for s in report["skipped"]}
@@ -244,6 +250,74 @@ def test_benchmark_small(tmp_path):
         assert "seqfuse_vs_ctranslate2" in ratio[(4, 2)]
     if (tmp_path / "t.png").exists():
         assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@needs_shared
+def test_bench_cli_smoke(tmp_path):
+    """fairseq-interactive stock vs with the plugin, side by side, on a few
+    lines: the row, the comparison and the machine check land in the file."""
+    r = _run(
+        [
+            "benchmarks/bench_cli.py",
+            "--generate-batches", "",
+            "--interactive-batches", 4,
+            "--lines", 8,
+            "--repeats", 1,
+            "--providers", "stock,seqfuse-fused",
+            "--results-dir", tmp_path,
+            "--name", "t",
+        ],
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "t.json").read_text())
+    (row,) = report["rows"]
+    assert row["cli"] == "fairseq-interactive" and row["batch"] == 4
+    fused = row["seqfuse-fused"]
+    assert fused["translations"] == 8 and fused["identical_translations"] == 8
+    assert fused["speedup"] == pytest.approx(
+        row["seconds"]["stock"] / row["seconds"]["seqfuse-fused"]
+    )
+    probe = report["machine"]["cpu_probe"]
+    assert probe["before"]["threads"] == probe["after"]["threads"] == 2
+
+
+def test_cpu_probe_measures_and_restores_threads():
+    import torch
+
+    from seqfuse.info import cpu_probe
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probe = cpu_probe(2, seconds=0.05)
+        assert torch.get_num_threads() == 1  # the caller's count is back
+    finally:
+        torch.set_num_threads(before)
+    assert probe["threads"] == 2
+    assert probe["gflops_one_thread"] > 0 and probe["gflops_threads"] > 0
+    assert probe["scaling"] == pytest.approx(
+        probe["gflops_threads"] / probe["gflops_one_thread"], abs=0.01
+    )
+
+
+def test_probe_warning_names_what_moved():
+    from seqfuse.info import probe_warning
+
+    def probe(one, many, threads=2):
+        return {"threads": threads, "gflops_one_thread": one, "gflops_threads": many,
+                "scaling": round(many / one, 2)}  # fmt: skip
+
+    quiet = probe(100.0, 195.0)
+    assert probe_warning(quiet, probe(102.0, 190.0)) is None
+    shared = probe_warning(quiet, probe(100.0, 110.0))
+    assert shared.startswith("machine check: ")
+    assert "after the run 2 threads multiplied matrices 1.1x" in shared
+    assert "went from 195.0 to 110.0 GFLOP/s" in shared
+    slower = probe_warning(probe(150.0, 290.0), probe(100.0, 195.0))
+    assert "went from 290.0 to 195.0" in slower and "threads multiplied" not in slower
+    assert probe_warning(probe(100.0, 100.0, threads=1), probe(100.0, 100.0, threads=1)) is None
 
 
 def _benchmark():
