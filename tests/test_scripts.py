@@ -42,6 +42,13 @@ def _run(args: list, timeout: int = 240, env: dict | None = None) -> subprocess.
     )
 
 
+def _script_report(tmp_path, script: str, *args) -> dict:
+    """Run a benchmark script writing ``t.json`` under ``tmp_path``; its report."""
+    r = _run([script, *args, "--results-dir", tmp_path, "--name", "t"], timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads((tmp_path / "t.json").read_text())
+
+
 # ----------------------------------------------------------------- seqfuse.bleu units
 
 
@@ -182,25 +189,19 @@ def test_demo(tmp_path):
 @needs_shared
 def test_benchmark_small(tmp_path):
     providers = "fairseq,seqfuse,seqfuse-fused,hf,ctranslate2,seqfuse-hf"
-    r = _run(
-        [
-            "scripts/benchmark.py",
-            "--models", "multi30k",
-            "--providers", providers,
-            "--device", "cpu",
-            "--batch-sizes", "4,8",
-            "--beams", "2",
-            "--sentences", 8,
-            "--repeats", 1,
-            "--threads", 1,
-            "--no-profile",
-            "--results-dir", tmp_path,
-            "--name", "t",
-        ],
-        timeout=300,
+    report = _script_report(
+        tmp_path,
+        "scripts/benchmark.py",
+        "--models", "multi30k",
+        "--providers", providers,
+        "--device", "cpu",
+        "--batch-sizes", "4,8",
+        "--beams", "2",
+        "--sentences", 8,
+        "--repeats", 1,
+        "--threads", 1,
+        "--no-profile",
     )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    report = json.loads((tmp_path / "t.json").read_text())
     ctx = report["context"]
     for key in ("date", "git_revision", "cpu", "cpu_count", "threads", "devices", "versions"):
         assert key in ctx
@@ -257,21 +258,15 @@ def test_benchmark_small(tmp_path):
 def test_bench_cli_smoke(tmp_path):
     """fairseq-interactive stock vs with the plugin, side by side, on a few
     lines: the row, the comparison and the machine check land in the file."""
-    r = _run(
-        [
-            "benchmarks/bench_cli.py",
-            "--generate-batches", "",
-            "--interactive-batches", 4,
-            "--lines", 8,
-            "--repeats", 1,
-            "--providers", "stock,seqfuse-fused",
-            "--results-dir", tmp_path,
-            "--name", "t",
-        ],
-        timeout=300,
+    report = _script_report(
+        tmp_path,
+        "benchmarks/bench_cli.py",
+        "--generate-batches", "",
+        "--interactive-batches", 4,
+        "--lines", 8,
+        "--repeats", 1,
+        "--providers", "stock,seqfuse-fused",
     )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    report = json.loads((tmp_path / "t.json").read_text())
     (row,) = report["rows"]
     assert row["cli"] == "fairseq-interactive" and row["batch"] == 4
     fused = row["seqfuse-fused"]
