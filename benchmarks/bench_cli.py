@@ -190,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
             med = {p: statistics.median(v) for p, v in times.items()}
             row = {"cli": cli, "batch": batch, "beam": args.beam, "seconds": med}
             for p in providers[1:]:
-                row[p] = {"speedup": med["stock"] / med[p], **compare(outputs["stock"], outputs[p])}
+                # paired: the median of each repeat's own ratio (both ran
+                # back to back there), steadier on a machine whose speed drifts
+                paired = statistics.median(a / b for a, b in zip(times["stock"], times[p]))
+                row[p] = {
+                    "speedup": med["stock"] / med[p],
+                    "speedup_paired": paired,
+                    **compare(outputs["stock"], outputs[p]),
+                }
             rows.append(row)
             print(_format_row(row, providers), flush=True)
 

@@ -936,7 +936,12 @@ def ratios(rows: list) -> list:
     """Per setting: tokens/s of seqfuse (and seqfuse-fused) over stock fairseq
     and CTranslate2 (``seqfuse_vs_stock``, ``seqfuse_fused_vs_ctranslate2``, ...),
     and generation peak memory over stock's (``seqfuse_gen_mem_vs_stock``,
-    ``seqfuse_fused_gen_mem_vs_stock``: below 1 is less memory)."""
+    ``seqfuse_fused_gen_mem_vs_stock``: below 1 is less memory).
+
+    ``..._vs_stock_paired``: the median over the repeats of each repeat's own
+    ratio. The providers run in turn within a repeat, so on a machine whose
+    speed drifts (other work on its CPUs) each repeat's pair saw about the same
+    machine; the ratio of the medians can pair a fast repeat with a slow one."""
     by = {}
     for r in rows:
         by.setdefault((r["model"], r["device"], r["dtype"], r["batch"], r["beam"]), {})[
@@ -953,7 +958,14 @@ def ratios(rows: list) -> list:
                 continue
             for peer, name in (("fairseq", "stock"), ("ctranslate2", "ctranslate2")):
                 if peer in group:
-                    entry[f"{prefix}_vs_{name}"] = s["tokens_per_s"] / group[peer]["tokens_per_s"]
+                    p = group[peer]
+                    entry[f"{prefix}_vs_{name}"] = s["tokens_per_s"] / p["tokens_per_s"]
+                    pairs = list(zip(s.get("times") or [], p.get("times") or []))
+                    if pairs and len(s["times"]) == len(p["times"]):
+                        entry[f"{prefix}_vs_{name}_paired"] = statistics.median(
+                            (s["target_tokens"] / ts) / (p["target_tokens"] / tp)
+                            for ts, tp in pairs
+                        )
             stock = group.get("fairseq")
             if stock and s.get("gen_peak_mb") is not None and stock.get("gen_peak_mb"):
                 entry[f"{prefix}_gen_mem_vs_stock"] = s["gen_peak_mb"] / stock["gen_peak_mb"]
@@ -963,8 +975,10 @@ def ratios(rows: list) -> list:
 
 RATIO_LABELS = (
     ("seqfuse_vs_stock", "seqfuse/stock {:.2f}x"),
+    ("seqfuse_vs_stock_paired", "(paired {:.2f}x)"),
     ("seqfuse_vs_ctranslate2", "seqfuse/CTranslate2 {:.2f}x"),
     ("seqfuse_fused_vs_stock", "fused/stock {:.2f}x"),
+    ("seqfuse_fused_vs_stock_paired", "(paired {:.2f}x)"),
     ("seqfuse_fused_vs_ctranslate2", "fused/CTranslate2 {:.2f}x"),
     ("seqfuse_gen_mem_vs_stock", "generation memory seqfuse/stock {:.2f}"),
     ("seqfuse_fused_gen_mem_vs_stock", "fused/stock {:.2f}"),

@@ -11,6 +11,7 @@ import csv
 import gzip
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -274,6 +275,7 @@ def test_bench_cli_smoke(tmp_path):
     assert fused["speedup"] == pytest.approx(
         row["seconds"]["stock"] / row["seconds"]["seqfuse-fused"]
     )
+    assert fused["speedup_paired"] == pytest.approx(fused["speedup"])  # one repeat: one pair
     probe = report["machine"]["cpu_probe"]
     assert probe["before"]["threads"] == probe["after"]["threads"] == 2
 
@@ -426,6 +428,31 @@ def test_memory_ratios_and_preset():
     assert args.sentences == 64
     default = bench.apply_sweep(bench.build_parser().parse_args([]))
     assert "seqfuse-fused" not in default.providers.split(",")
+
+
+def test_paired_ratios_take_each_repeats_own_pair():
+    """On a machine whose speed drifts, the median of each repeat's own ratio
+    (the providers ran in turn, on about the same machine) next to the ratio
+    of the medians."""
+    bench = _benchmark()
+    where = dict(model="multi30k", device="cpu", dtype="fp32", batch=64, beam=5)
+
+    def row(provider, tokens, times):
+        med = statistics.median(times)
+        return where | dict(
+            provider=provider, target_tokens=tokens, times=times, tokens_per_s=tokens / med
+        )
+
+    rows = [
+        row("fairseq", 100, [10.0, 20.0, 10.0]),  # a slow machine in the second repeat
+        row("seqfuse-fused", 100, [4.0, 9.0, 5.0]),
+        row("ctranslate2", 100, [6.0]),  # repeats missing: no pairs
+    ]
+    (r,) = bench.ratios(rows)
+    assert r["seqfuse_fused_vs_stock"] == pytest.approx(2.0)  # 10 / 5
+    assert r["seqfuse_fused_vs_stock_paired"] == pytest.approx(20.0 / 9.0)  # of 2.5, 2.22, 2.0
+    assert "seqfuse_fused_vs_ctranslate2_paired" not in r
+    assert r["seqfuse_fused_vs_ctranslate2"] == pytest.approx(1.2)
 
 
 def test_base_model_shape(tmp_path):
