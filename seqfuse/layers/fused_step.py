@@ -541,8 +541,9 @@ class _NextSteps:
 
 def _next_step(nxt: _NextSteps, decoder, prev_output_tokens: Tensor, incremental_state):
     """``step_logits`` for a step after a whole-network step of the same
-    search, or None (the full path then runs)."""
-    if decoder.training or torch.is_grad_enabled():
+    search, or None (the full path then runs). ``step_logits``, the caller,
+    has checked that the decoder is not training."""
+    if torch.is_grad_enabled():
         return None
     if incremental_state.get(LOGITS_PLAN_KEY) is not nxt.plan:
         return None

@@ -32,13 +32,12 @@ kernels; ``torch.topk`` leaves their order unspecified.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
 from seqfuse import _ext
-from seqfuse.ops.dispatch import _FORCED_ENV, Backend, explain, ext_check, pick
+from seqfuse.ops.dispatch import Backend, explain, ext_check, forced_backend, pick
 
 EOS_ALLOW, EOS_FORBID, EOS_ONLY = 0, 1, 2
 
@@ -197,7 +196,7 @@ def cpu_kernel_for(logits: Tensor):
         or logits.dtype != torch.float32
         or logits.device.type != "cpu"
         or not logits.is_contiguous()
-        or os.environ.get(_FORCED_ENV, "cpu") != "cpu"
+        or forced_backend() not in (None, "cpu")
     ):
         return None
     return _ext_run

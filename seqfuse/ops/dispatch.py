@@ -41,8 +41,13 @@ def ext_check(device_type: str) -> Callable[[torch.Tensor], str | None]:
     return check
 
 
+def forced_backend() -> str | None:
+    """The backend SEQFUSE_BACKEND forces, or None (unset or empty)."""
+    return os.environ.get(_FORCED_ENV) or None
+
+
 def choose(backends: Sequence[Backend], *args) -> tuple[Backend, list[tuple[str, str]]]:
-    forced = os.environ.get(_FORCED_ENV)
+    forced = forced_backend()
     refused: list[tuple[str, str]] = []
     for b in backends:
         if forced and b.name != forced:
@@ -59,7 +64,7 @@ def choose(backends: Sequence[Backend], *args) -> tuple[Backend, list[tuple[str,
 def pick(backends: Sequence[Backend], *args) -> Backend:
     """``choose``'s backend without recording the refusals (the per-call path
     of the ops); the error, when no backend fits, is ``choose``'s."""
-    forced = os.environ.get(_FORCED_ENV)
+    forced = forced_backend()
     for b in backends:
         if (not forced or b.name == forced) and b.check(*args) is None:
             return b
