@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "search_lane.h"
 
 TORCH_LIBRARY(seqfuse, m) {
   // Fused search step: see seqfuse/ops/beam_topk.py for the contract.
@@ -31,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "Backends compiled into this extension");
   seqfuse::bind_fused_stack(m);
   seqfuse::bind_exact_step(m);
+  seqfuse::bind_search_lane(m);
 }

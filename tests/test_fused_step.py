@@ -26,6 +26,7 @@ from generation_utils import (
 )
 from torch import Tensor
 
+from seqfuse.generation import lane as search_lane
 from seqfuse.layers import fused_step, kv_cache
 
 pytestmark = pytest.mark.skipif(
@@ -697,6 +698,7 @@ def test_next_steps_give_the_full_paths_bits(monkeypatch, variant):
     steps, the search's every bit is the full path's, through growth past the
     initial slots, finished sentences shrinking the batch and repacks."""
     monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # start small: growth happens
+    monkeypatch.setenv(search_lane.LANE_ENV, "0")  # the loop's steps (the lane: test_lane.py)
     model, d = random_transformer(60, 9, perturb=True, **LAYER_VARIANTS[variant])
     fast = fused(model)
     sample = random_sample(d, bsz=6, seed=3)

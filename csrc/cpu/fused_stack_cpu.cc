@@ -24,6 +24,7 @@
 
 #include "layer_ops.h"
 #include "ops.h"
+#include "search_lane.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -810,6 +811,21 @@ class DecoderLogitsPlan {
     return {logits, attn.select(1, 0), mem};
   }
 
+  // Steps of a beam search over this plan's network (csrc/search_lane.h):
+  // each step's network is step() over the lane's caches.
+  void search(SearchLane& lane, int64_t max_steps) const {
+    const LaneNetwork net = [this](const SearchLane& L, const at::Tensor& tokens) {
+      const std::vector<int64_t> cross_n(L.cross_map.size(), L.cross_n);
+      return step(tokens, L.pos_table, L.pos_mode, L.pos_pad + tokens.size(1), L.self_blocks,
+                  L.self_rows, L.self_pad, L.slot, L.cross_kv, L.cross_map, cross_n, L.cross_pad,
+                  L.q_per_kv, L.arena);
+    };
+    const LaneMemoryFits fits = [this](const at::Tensor& memory, int64_t rows) {
+      return step_memory_fits(memory, rows);
+    };
+    run_search_lane(lane, net, fits, max_steps);
+  }
+
   // Whether a step of n rows would carve its memory from `memory`
   // (arena_usable): a buffer of the last step that will not serve is best
   // dropped before the step, which then allocates its own.
@@ -843,6 +859,7 @@ void bind_fused_stack(pybind11::module& m) {
                     std::vector<int64_t>, bool, int64_t, at::Tensor, std::optional<at::Tensor>,
                     int64_t>())
       .def("step", &DecoderLogitsPlan::step, py::call_guard<py::gil_scoped_release>())
+      .def("search", &DecoderLogitsPlan::search, py::call_guard<py::gil_scoped_release>())
       .def("step_memory_fits", &DecoderLogitsPlan::step_memory_fits);
 }
 

@@ -56,6 +56,7 @@ from seqfuse.ops.beam_topk import (
     beam_topk_reference,
     cpu_kernel_for,
 )
+from seqfuse.generation.lane import LANE_DONE, SearchLane, lane_problem
 from seqfuse.ops.search import finalize_hypos, finished_candidates, finite_ties, select_active
 
 logger = logging.getLogger("seqfuse.generation")
@@ -446,8 +447,39 @@ class SequenceGenerator(StockSequenceGenerator):
             else self.search.update_constraints
         )
 
-        for step in range(max_len + 1):
-            if reorder_state is not None:
+        lane = None
+        if lane_problem(
+            self, model, beam_search, fused_logits, per_source, prefix_tokens, suppress, ngram,
+            update_constraints, compact_every, device,
+        ) is None:  # fmt: skip
+            lane = SearchLane(self, model, incremental_states, max_len)
+
+        step = -1
+        while step < max_len:
+            step += 1
+            resumed = None
+            if lane is not None and step < max_len and reorder_state is not None:
+                # Steps in C++ while nothing but their arithmetic happens
+                # (seqfuse.generation.lane); the loop goes on from where it stops.
+                got = lane.run(
+                    step, tokens, scores, attn, fin_attn, cands_to_ignore, sent_ids, done, n_fin,
+                    src_lengths, original_batch_idxs, reorder_state, prev_rows, fin_tokens,
+                    fin_len, fin_score, fin_pos,
+                )  # fmt: skip
+                if got is not None:
+                    (status, step, tokens, scores, attn, fin_attn, cands_to_ignore, sent_ids, done,
+                     src_lengths, original_batch_idxs, reorder_state, prev_rows, resumed,
+                     compacted) = got  # fmt: skip
+                    if compacted:
+                        bsz = sent_ids.numel()
+                        bbsz_offsets = bbsz_offsets[:bsz]
+                        encoder_outs = None
+                        encoder_outs = model.reorder_encoder_out(source_outs, sent_ids)
+                    if status == LANE_DONE:
+                        break
+            if resumed is not None:
+                out, is_logprobs, avg_attn_scores = resumed[0], False, resumed[1]
+            elif reorder_state is not None:
                 if prev_rows is not None:
                     reorder_state = prev_rows[reorder_state]
                 # The caches first: on a compaction they shrink before the
@@ -463,15 +495,16 @@ class SequenceGenerator(StockSequenceGenerator):
                         rows = sent_ids if per_source else sent_ids.repeat_interleave(beam_size)
                         encoder_outs = model.reorder_encoder_out(source_outs, rows)
 
-            step_tokens = tokens[:, : step + 1]
             shared = shared_first and step == 0
-            if shared:
-                step_tokens = tokens[::beam_size, :1]
-                for state in incremental_states:
-                    state[FIRST_STEP_SHARED] = beam_size
-            out, is_logprobs, avg_attn_scores = self._decoder_step(
-                step_tokens, encoder_outs, incremental_states, fused_logits
-            )
+            if resumed is None:
+                step_tokens = tokens[:, : step + 1]
+                if shared:
+                    step_tokens = tokens[::beam_size, :1]
+                    for state in incremental_states:
+                        state[FIRST_STEP_SHARED] = beam_size
+                out, is_logprobs, avg_attn_scores = self._decoder_step(
+                    step_tokens, encoder_outs, incremental_states, fused_logits
+                )
             if shared:
                 STATS["shared_first_steps"] += 1
                 for state in incremental_states:

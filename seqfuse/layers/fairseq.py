@@ -290,6 +290,16 @@ class FusedTransformerDecoder(TransformerDecoderBase):
         if not self._reorder_fused_caches(incremental_state, new_order):
             reorder_incremental_state(self, incremental_state, new_order)
 
+    def reorders_only_fused_caches(self, incremental_state) -> bool:
+        """Whether a reorder of ``incremental_state`` is the fused layers'
+        caches' alone, every layer's (``_reorder_fused_caches`` takes it)."""
+        layers = cached_for_structure(self, "_seqfuse_fused_reorder", _fused_reorder_layers)
+        return (
+            layers is not False
+            and len(layers[0]) == len(self.layers)
+            and not any(k in incremental_state for k in layers[1])
+        )
+
     def _reorder_fused_caches(self, incremental_state, new_order) -> bool:
         """The reorder when the only state to reorder is the fused layers'
         caches (what the module walk would find): every layer's
