@@ -92,8 +92,8 @@ void shrink_cross_maps(SearchLane& L, const at::Tensor& order, int64_t sents) {
     int64_t* dst = to.data_ptr<int64_t>();
     for (int64_t i = 0; i < sents; ++i) {
       const int64_t sel = ord[i * L.beam] / L.beam;
-      TORCH_CHECK(sel >= 0 && sel < L.cross_n, "SearchLane: row ", ord[i * L.beam],
-                  " outside the ", L.cross_n, " mapped sentences");
+      TORCH_CHECK(sel >= 0 && sel < L.cross_n, "SearchLane: row ", ord[i * L.beam], " outside the ",
+                  L.cross_n, " mapped sentences");
       dst[i] = src[sel];
     }
   }
@@ -171,9 +171,9 @@ void run_search_lane(SearchLane& L, const LaneNetwork& net, const LaneMemoryFits
     const int64_t k = std::min(2 * L.beam, L.beam * vocab - 1);
     const int64_t k_op = std::min(k + 1, L.beam * vocab);
     const int64_t eos_mode = s < L.min_len ? kernels::kEosForbid : kernels::kEosAllow;
-    auto [cs, ci, cb] = beam_topk_cpu(logits, L.scores.select(1, s - 1).contiguous(), L.beam, k_op,
-                                      L.pad, L.unk, L.eos, L.unk_penalty, eos_mode, std::nullopt,
-                                      false);
+    auto [cs, ci, cb] =
+        beam_topk_cpu(logits, L.scores.select(1, s - 1).contiguous(), L.beam, k_op, L.pad, L.unk,
+                      L.eos, L.unk_penalty, eos_mode, std::nullopt, false);
     if (k_op > 1 && std::get<1>(finite_ties_cpu(cs))) {
       L.logits = std::move(logits);
       L.avg_attn = std::move(avg);
@@ -195,8 +195,8 @@ void run_search_lane(SearchLane& L, const LaneNetwork& net, const LaneMemoryFits
       std::optional<double> divisor;
       if (L.normalize_scores) divisor = std::pow(static_cast<double>(s + 1), L.len_penalty);
       finalize_hypos_cpu(take, rank, cand_bbsz, cand_scores, L.tokens, L.scores, L.attn,
-                         L.src_lengths, L.sent_ids, L.fin_tokens, L.fin_len, L.fin_score,
-                         L.fin_pos, L.fin_attn, s, L.eos, divisor, L.match_source_len);
+                         L.src_lengths, L.sent_ids, L.fin_tokens, L.fin_len, L.fin_score, L.fin_pos,
+                         L.fin_attn, s, L.eos, divisor, L.match_source_len);
       // sent_n_fin + take.sum(1) -> n_fin[sent_ids]; done |= (that == beam)
       const int64_t bsz = L.done.size(0);
       at::Tensor done = L.done.clone();
@@ -240,8 +240,8 @@ void run_search_lane(SearchLane& L, const LaneNetwork& net, const LaneMemoryFits
 
     // The rows that go on, their histories gathered.
     auto [active_bbsz, active_hypos, new_ignore] = select_active_cpu(
-        eos_mask.contiguous(), L.cands_to_ignore.contiguous(), cand_bbsz.contiguous(),
-        cand_indices, cand_scores, L.tokens, L.scores, L.attn, s);
+        eos_mask.contiguous(), L.cands_to_ignore.contiguous(), cand_bbsz.contiguous(), cand_indices,
+        cand_scores, L.tokens, L.scores, L.attn, s);
     L.cands_to_ignore = new_ignore;
     L.reorder_state = active_bbsz;
     L.step = s + 1;

@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 from fairseq import search
 from fairseq.sequence_generator import EnsembleModel
-from torch import Tensor
 
 from seqfuse import _ext
 from seqfuse.layers import fused_step
@@ -169,7 +168,12 @@ class SearchLane:
             L.cands_to_ignore, L.sent_ids, L.done, L.n_fin = cands_to_ignore, sent_ids, done, n_fin
             L.src_lengths, L.batch_idxs = src_lengths, batch_idxs
             L.reorder_state, L.prev_rows = reorder_state, prev_rows
-            L.fin_tokens, L.fin_len, L.fin_score, L.fin_pos = fin_tokens, fin_len, fin_score, fin_pos
+            L.fin_tokens, L.fin_len, L.fin_score, L.fin_pos = (
+                fin_tokens,
+                fin_len,
+                fin_score,
+                fin_pos,
+            )
             entered = True
             try:
                 nxt.native.search(L, -1 if MAX_STEPS is None else MAX_STEPS)

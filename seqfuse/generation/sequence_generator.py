@@ -8,6 +8,9 @@ for step. What changes is how each step is computed:
 - plain beam search takes its candidates from the fused ``beam_topk`` op
   (normaliser, fairseq's edits, score accumulation and the top-2k in one pass,
   with exact hierarchical pruning): no ``[rows, vocab]`` log-prob tensor;
+- plain beam search over seqfuse's fused decoder runs its steps in C++
+  (``seqfuse.generation.lane``: the same ops in the same order, handing back
+  to this loop for cache repacks and growth, exact ties, max_len and the end);
 - n-gram blocking is computed with tensor ops instead of a Python loop;
 - encoder outputs are not re-gathered every step: the rows of one sentence are
   identical copies, so only a batch shrink rebuilds them (from the one output
@@ -45,6 +48,7 @@ from fairseq.sequence_generator import (
 from torch import Tensor
 
 from seqfuse import _ext
+from seqfuse.generation.lane import LANE_DONE, SearchLane, lane_problem
 from seqfuse.layers.kv_cache import FIRST_STEP_SHARED, ROWS_PER_SOURCE
 from seqfuse.ops.beam_topk import (
     EOS_ALLOW,
@@ -56,7 +60,6 @@ from seqfuse.ops.beam_topk import (
     beam_topk_reference,
     cpu_kernel_for,
 )
-from seqfuse.generation.lane import LANE_DONE, SearchLane, lane_problem
 from seqfuse.ops.search import finalize_hypos, finished_candidates, finite_ties, select_active
 
 logger = logging.getLogger("seqfuse.generation")
