@@ -75,25 +75,4 @@ void run_search_lane(SearchLane& lane, const LaneNetwork& net, const LaneMemoryF
                      int64_t max_steps);
 void bind_search_lane(pybind11::module& m);
 
-// The search ops the lane calls (csrc/cpu/select_active_cpu.cc; contracts:
-// seqfuse/ops/search.py).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_active_cpu(
-    const at::Tensor& eos_mask, const at::Tensor& ignore, const at::Tensor& cand_bbsz,
-    const at::Tensor& cand_tokens, const at::Tensor& cand_scores, at::Tensor tokens,
-    at::Tensor scores, const std::optional<at::Tensor>& attn, int64_t step);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool>
-finished_candidates_cpu(const at::Tensor& cand_scores, const at::Tensor& cand_tokens,
-                        const at::Tensor& cand_beams, const at::Tensor& ignore,
-                        const at::Tensor& done, const at::Tensor& n_fin, const at::Tensor& sent_ids,
-                        int64_t eos);
-std::tuple<at::Tensor, bool> finite_ties_cpu(const at::Tensor& scores);
-void finalize_hypos_cpu(const at::Tensor& take, const at::Tensor& rank, const at::Tensor& cand_bbsz,
-                        const at::Tensor& cand_scores, const at::Tensor& tokens,
-                        const at::Tensor& scores, const std::optional<at::Tensor>& attn,
-                        const at::Tensor& src_lengths, const at::Tensor& sent_ids,
-                        at::Tensor fin_tokens, at::Tensor fin_len, at::Tensor fin_score,
-                        at::Tensor fin_pos, const std::optional<at::Tensor>& fin_attn, int64_t step,
-                        int64_t eos, std::optional<double> divisor, bool match_source_len);
-void gather_table_rows(at::TensorList src, at::TensorList dst, int64_t n, const at::Tensor& order);
-
 }  // namespace seqfuse

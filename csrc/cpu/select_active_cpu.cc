@@ -25,6 +25,8 @@
 #include <tuple>
 #include <vector>
 
+#include "ops.h"
+
 namespace seqfuse {
 namespace {
 

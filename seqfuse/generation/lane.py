@@ -205,9 +205,7 @@ class SearchLane:
                 self.model.reorder_incremental_state(self.states, reorder_state)
                 reorder_state = prev_rows = None
             for cache in selfs:
-                r_cap, l_cap = cache.capacity
-                if cache.n > r_cap or cache.length + 1 > l_cap:
-                    cache._grow(cache.n, cache.length + 1, by_block=True)
+                fused_step.make_room(cache, cache.n, cache.length, blocks=True)
         return (
             status, step, tokens, scores, attn, fin_attn, cands_to_ignore, sent_ids, done,
             src_lengths, batch_idxs, reorder_state, prev_rows, resumed, compacted,

@@ -283,6 +283,14 @@ def _first_step_caches(layers, x: Tensor, incremental_state, enc: Tensor, enc_pa
     return caches
 
 
+def make_room(cache, n: int, slot: int, blocks: bool = False) -> None:
+    """Grow a self-attention cache to take a step of ``n`` rows at ``slot``
+    (by a block of slots with ``blocks``: the step reads the caches' blocks)."""
+    r_cap, l_cap = cache.capacity
+    if n > r_cap or slot + 1 > l_cap:
+        cache._grow(n, slot + 1, by_block=blocks)
+
+
 def _step_caches(decoder, n: int, like, incremental_state, enc: Tensor, enc_pad, blocks=False):
     """(self caches, cross caches, slot) of the layers for a step of ``n``
     rows, grown to take it (by a block of slots with ``blocks``: the step
@@ -300,9 +308,7 @@ def _step_caches(decoder, n: int, like, incremental_state, enc: Tensor, enc_pad,
     for cache in selfs:
         if cache.n != n or cache.length != slot:
             return None  # not in step with the rows (the layers raise the error)
-        r_cap, l_cap = cache.capacity
-        if n > r_cap or slot + 1 > l_cap:
-            cache._grow(n, slot + 1, by_block=blocks)
+        make_room(cache, n, slot, blocks)
     q_per_kv = crosses[0].q_per_kv
     if any(cc.q_per_kv != q_per_kv for cc in crosses):
         return None
