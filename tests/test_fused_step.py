@@ -597,6 +597,26 @@ def test_step_logits_independent_of_thread_count(monkeypatch, threads):
         assert torch.equal(a[:, -1, :], attn), f"attention, step {t}, {threads} threads"
 
 
+def test_searches_of_many_rows_do_not_depend_on_threads():
+    """With 200 rows a step's products and attentions have enough tasks to
+    hand them out in chunks to whichever thread is free (the step region's
+    queues, csrc/cpu/task_queue.h): whole searches at 1, 2 and 3 threads give
+    the same hypotheses bit for bit."""
+    model, d = random_transformer(900, 21, dim=64, perturb=True)
+    fast = fused(model)
+    sample = random_sample(d, bsz=40, seed=21)
+    before = torch.get_num_threads()
+    runs = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs[threads] = generate(fast, d, sample, beam_size=5, max_len_b=12)
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 3):
+        assert_bit_identical_hypos(runs[1], runs[threads], f"{threads} threads")
+
+
 def test_cache_grows_by_blocks_without_moving_its_contents(monkeypatch):
     """Under the one-call step a cache grows by a block of slots: the K/V
     already written stay where they are (no copy), the step reads the blocks

@@ -80,6 +80,35 @@ def test_rows_do_not_depend_on_the_batch_or_threads(n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m,k,n", [(320, 256, 1024), (97, 64, 8003)])
+@pytest.mark.parametrize("skip_zeros", [False, True])
+def test_products_of_many_tasks_do_not_depend_on_threads(m, k, n, skip_zeros):
+    """Products of many tasks hand them out in chunks to whichever thread is
+    free (csrc/cpu/task_queue.h): 2 and 3 threads (more than the cores here,
+    so the chunks land unevenly) give one thread's bits, dense and skipping
+    zeros."""
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, k, generator=g)
+    if skip_zeros:
+        x = x.clamp(min=0)  # a ReLU's output: about half zeros
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
+    pack = lin_mod.packed(w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.seqfuse.linear_packed(x, pack, b, n, skip_zeros)
+        for t in (2, 3):
+            torch.set_num_threads(t)
+            for _ in range(3):
+                got = torch.ops.seqfuse.linear_packed(x, pack, b, n, skip_zeros)
+                assert torch.equal(got, one), f"{t} threads"
+    finally:
+        torch.set_num_threads(threads)
+    check(one, x, w, b)
+
+
+@needs_kernel
 def test_strided_rows_and_repack_after_an_update():
     g = torch.Generator().manual_seed(1)
     big = torch.randn(9, 40, generator=g)

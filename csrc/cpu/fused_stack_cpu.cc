@@ -20,8 +20,10 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
+#include "cpu/task_queue.h"
 #include "layer_ops.h"
 #include "ops.h"
 #include "search_lane.h"
@@ -431,16 +433,21 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   }
 
   // One parallel region for the whole stack: every op splits its tasks (GEMM
-  // tasks, rows, attention rows) over the threads as at::parallel_for would
-  // and a barrier ends it, instead of a fork and join per op (about 2 us
-  // each here, two dozen per step). Each output is computed by the same code
-  // whichever thread takes it: bit-identical to the op-by-op path.
+  // tasks, rows, attention rows) over the threads and a barrier ends it,
+  // instead of a fork and join per op (about 2 us each here, two dozen per
+  // step). The products and attentions hand out chunks to whichever thread
+  // is free (cpu/task_queue.h), the short row ops split evenly. Each output
+  // is computed by the same code whichever thread takes it: bit-identical to
+  // the op-by-op path.
   const int threads = std::max(1, at::get_num_threads());
   const int64_t scratch_f = h_max * s_max + 2 * c;
   std::vector<float> scratch(static_cast<size_t>(threads * scratch_f));
   std::vector<int64_t> scratch_i(static_cast<size_t>(threads * s_max));
   (void)linear_packed_task_count(1, 1);          // raises here when no packed kernel exists
   int32_t* ffn_lists = zero_skip_lists(n, ffn);  // fc2's k lists (taken on every layer)
+  // Per layer: four attention-block products, two attentions, two FFN products.
+  const int64_t queue_count = layers * 8;
+  std::unique_ptr<cpu::TaskQueue[]> queues(new cpu::TaskQueue[queue_count]);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     int tid = 0, nt = 1;
@@ -454,11 +461,21 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
       *b = std::min<int64_t>(count, tid * chunk);
       *e = std::min<int64_t>(count, *b + chunk);
     };
-    const auto gemm = [&](const float* a, int64_t k, const at::Tensor& pack, int64_t m,
-                          const float* bias, float* y) {
+    // The products and the attention take chunks from the phase's queue
+    // (cpu/task_queue.h): every thread passes the same phases in the same
+    // order, so its own count of them names the phase's queue.
+    int64_t phase = 0;
+    const auto run_queued = [&](int64_t count, int64_t min_chunk, const auto& fn) {
+      cpu::TaskQueue& queue = queues[phase++];
+      const int64_t chunk = cpu::task_chunk(count, nt, min_chunk);
       int64_t b, e;
-      part(linear_packed_task_count(n, m), &b, &e);
-      linear_packed_run_range(a, n, k, k, fp(pack), m, bias, y, b, e);
+      while (queue.next(count, chunk, &b, &e)) fn(b, e);
+    };
+    const auto gemm = [&](const float* a, int64_t k, const at::Tensor& pack, int64_t m,
+                          const float* bias, float* y, const int32_t* lists = nullptr) {
+      run_queued(linear_packed_task_count(n, m), 1, [&](int64_t b, int64_t e) {
+        linear_packed_run_range(a, n, k, k, fp(pack), m, bias, y, b, e, lists);
+      });
     };
     const auto rows_ln = [&](const float* a, const float* bias, const float* res, const float* g,
                              const float* beta, double eps, float* sum, float* normed) {
@@ -485,9 +502,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     float* sc = scratch.data() + tid * scratch_f;
     int64_t* ph = scratch_i.data() + tid * s_max;
     const auto attend = [&](const kernels::AttentionParams& p) {
-      int64_t b, e;
-      part(n, &b, &e);
-      attention_range_run_f32(p, b, e, sc, ph, sc + h_max * s_max, sc + h_max * s_max + c);
+      run_queued(n, 2, [&](int64_t b, int64_t e) {
+        attention_range_run_f32(p, b, e, sc, ph, sc + h_max * s_max, sc + h_max * s_max + c);
+      });
     };
 
     const float* x = fp(x_in);
@@ -556,9 +573,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
         part(linear_packed_row_block_count(n), &b, &e);
         linear_packed_nonzero_range(fc1, n, f, f, ffn_lists, b, e);
 #pragma omp barrier
-        part(linear_packed_task_count(n, c), &b, &e);
-        linear_packed_run_range(fc1, n, f, f, fp(w[kFc2Pack]), c, nullptr, gemm_out, b, e,
-                                ffn_lists);
+        gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, ffn_lists);
       } else {
         gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out);
       }
