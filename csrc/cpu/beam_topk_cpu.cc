@@ -22,6 +22,7 @@
 
 #include "beam_topk_binding.h"
 #include "cpu/capability/row_lse.h"
+#include "cpu/task_queue.h"
 #include "kernels/beam_topk.h"
 #include "kernels/beam_topk_math.h"
 #include "ops.h"
@@ -242,9 +243,10 @@ void beam_topk_cpu_kernel(const T* logits,  // [bsz * rows_per_sent, vocab]
   std::vector<RowStat> stats(rows);             // [rows]
   std::vector<float> chunk_scores(rows * nch);  // [rows, nchunks] edited, of the maxima
   std::vector<float> chunk_max(rows * nch);     // [rows, nchunks] logits
-  // Rows cost ~3 passes over V floats: a grain of a few rows keeps threads busy.
+  // Rows cost ~3 passes over V floats: chunks of a few rows at least, handed
+  // to whichever thread is free (cpu/task_queue.h).
   const int64_t row_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
-  at::parallel_for(0, rows, row_grain, [&](int64_t begin, int64_t end) {
+  cpu::parallel_chunks(rows, row_grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     std::vector<uint8_t> special;
     for (int64_t r = begin; r < end; ++r)

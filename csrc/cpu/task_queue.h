@@ -11,6 +11,8 @@
 // tests/test_fused_step.py).
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -50,6 +52,26 @@ class TaskQueue {
  private:
   std::atomic<int64_t> next_{0};
 };
+
+// fn(b, e) over chunks of tasks [0, count), as at::parallel_for(0, count,
+// min_chunk, fn) but with the chunks handed out by a TaskQueue: on the
+// calling thread, in one call, when there are no more than min_chunk tasks,
+// one thread, or when already inside a parallel region.
+template <typename F>
+void parallel_chunks(int64_t count, int64_t min_chunk, const F& fn) {
+  if (count <= 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  if (count <= min_chunk || threads <= 1 || at::in_parallel_region()) {
+    fn(0, count);
+    return;
+  }
+  const int64_t chunk = task_chunk(count, threads, min_chunk);
+  TaskQueue queue;
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    int64_t b, e;
+    while (queue.next(count, chunk, &b, &e)) fn(b, e);
+  });
+}
 
 }  // namespace cpu
 }  // namespace seqfuse

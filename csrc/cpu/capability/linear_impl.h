@@ -213,15 +213,8 @@ void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const floa
   }
   // Chunks of tasks to whichever thread is free (cpu/task_queue.h): the
   // same outputs as any split.
-  const int64_t tasks = linear_packed_tasks(M, N);
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
-  const int64_t chunk = cpu::task_chunk(tasks, threads);
-  cpu::TaskQueue queue;
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    int64_t b, e;
-    while (queue.next(tasks, chunk, &b, &e)) {
-      linear_packed_range(x, M, K, ldx, packed, N, bias, y, b, e, lists);
-    }
+  cpu::parallel_chunks(linear_packed_tasks(M, N), 1, [&](int64_t b, int64_t e) {
+    linear_packed_range(x, M, K, ldx, packed, N, bias, y, b, e, lists);
   });
 }
 
