@@ -6,6 +6,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/linear_post.h"
 #include "kernels/layer_kernels.h"
 
 #define SEQFUSE_CHECK_FLOAT(x)                                                     \
@@ -97,7 +98,8 @@ at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, doub
 int64_t linear_packed_task_count(int64_t M, int64_t N);  // raises without a packed kernel
 void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
                              int64_t N, const float* bias, float* y, int64_t begin, int64_t end,
-                             const int32_t* lists = nullptr);
+                             const int32_t* lists = nullptr,
+                             const cpu_capability::LinearPost* post = nullptr);
 int64_t linear_packed_row_block_count(int64_t M);
 void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t ldx, int32_t* lists,
                                  int64_t bbegin, int64_t bend);

@@ -135,6 +135,59 @@ at::Tensor feed_forward(const at::Tensor& h, const at::Tensor& residual, const a
                                        final_norm.eps, false));
 }
 
+// The step's first feed-forward product's post-op (ReLU, fc2 skipping zeros):
+// y = relu(y + bias) on a task's outputs, as bias_act's float path computes
+// it, and flags[block * ld + col] = whether the column is nonzero in some row
+// of the block.
+struct ReluPost {
+  float* y;
+  const float* bias;
+  int64_t ld;
+  uint8_t* flags;
+};
+
+void relu_post(const void* ctx, int64_t block, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+  const ReluPost& p = *static_cast<const ReluPost*>(ctx);
+  constexpr int64_t kMaxCols = 32;  // a task's columns: at most two 16-column panels
+  uint8_t any[kMaxCols] = {0};
+  cols = std::min(cols, kMaxCols);
+  const float* b = p.bias + n0;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = p.y + (m0 + r) * p.ld + n0;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) {
+      const float v = yr[j] + b[j];
+      const float o = v > 0.0f ? v : 0.0f;
+      yr[j] = o;
+      any[j] |= static_cast<uint8_t>(o != 0.0f);
+    }
+  }
+  std::memcpy(p.flags + block * p.ld + n0, any, static_cast<size_t>(cols));
+}
+
+// fc2's k lists for row blocks [bbegin, bend) from relu_post's flags: the
+// lists linear_packed_nonzero_range makes from the activations themselves.
+void lists_from_flags(const uint8_t* flags, int64_t K, int32_t* lists, int64_t bbegin,
+                      int64_t bend) {
+  for (int64_t b = bbegin; b < bend; ++b) {
+    const uint8_t* fb = flags + b * K;
+    int32_t* out = lists + b * (K + 1);
+    int32_t count = 0;
+    for (int64_t k = 0; k < K; ++k) {  // branch-free: write every k, keep the flagged
+      out[1 + count] = static_cast<int32_t>(k);
+      count += fb[k];
+    }
+    out[0] = count;
+  }
+}
+
+// relu_post's flags: grown, never shrunk, one buffer per calling thread.
+uint8_t* nonzero_flags(int64_t bytes) {
+  static thread_local std::vector<uint8_t> flags;
+  if (flags.size() < static_cast<size_t>(bytes)) flags.resize(static_cast<size_t>(bytes));
+  return flags.data();
+}
+
 // Each layer's self-attention K/V: one or more blocks of slots in slot order,
 // [slots_b, rows_b, 2C] each, rows_b at most the tables' rows (a cache grows
 // by a block, without moving what it holds: seqfuse/layers/kv_cache.py).
@@ -445,6 +498,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   std::vector<int64_t> scratch_i(static_cast<size_t>(threads * s_max));
   (void)linear_packed_task_count(1, 1);          // raises here when no packed kernel exists
   int32_t* ffn_lists = zero_skip_lists(n, ffn);  // fc2's k lists (taken on every layer)
+  uint8_t* ffn_flags = nonzero_flags(linear_packed_row_block_count(n) * ffn);
   // Per layer: four attention-block products, two attentions, two FFN products.
   const int64_t queue_count = layers * 8;
   std::unique_ptr<cpu::TaskQueue[]> queues(new cpu::TaskQueue[queue_count]);
@@ -472,9 +526,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
       while (queue.next(count, chunk, &b, &e)) fn(b, e);
     };
     const auto gemm = [&](const float* a, int64_t k, const at::Tensor& pack, int64_t m,
-                          const float* bias, float* y, const int32_t* lists = nullptr) {
+                          const float* bias, float* y, const int32_t* lists = nullptr,
+                          const cpu_capability::LinearPost* post = nullptr) {
       run_queued(linear_packed_task_count(n, m), 1, [&](int64_t b, int64_t e) {
-        linear_packed_run_range(a, n, k, k, fp(pack), m, bias, y, b, e, lists);
+        linear_packed_run_range(a, n, k, k, fp(pack), m, bias, y, b, e, lists, post);
       });
     };
     const auto rows_ln = [&](const float* a, const float* bias, const float* res, const float* g,
@@ -557,25 +612,41 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
 #pragma omp barrier
 
       // FFN: fc2(act(fc1(h) + b1)) + b2 + residual, then (post-norm) LN_final.
-      gemm(normed, c, w[kFc1Pack], f, nullptr, fc1);
+      if (num[kFc2SkipZeros] != 0.0 && act == kernels::kActRelu) {
+        // fc1's tasks add the bias and apply the ReLU to their outputs as
+        // they store them (bias_act's float ops: the same bits) and note,
+        // per row block, the columns that are nonzero in some row; fc2's k
+        // lists are read off those notes (the lists the activations give).
+        const ReluPost ctx{fc1, fp(w[kFc1Bias]), f, ffn_flags};
+        const cpu_capability::LinearPost post{&relu_post, &ctx};
+        gemm(normed, c, w[kFc1Pack], f, nullptr, fc1, nullptr, &post);
 #pragma omp barrier
-      {
-        int64_t b, e;
-        part(n, &b, &e);
-        kernels::BiasActParams ba{fc1, fp(w[kFc1Bias]), n, f, static_cast<int>(act)};
-        bias_act_range_f32(ba, b, e);
-      }
-#pragma omp barrier
-      if (num[kFc2SkipZeros] != 0.0) {
-        // fc2 skips, per row block, the activations that are zero in every
-        // row (most, after a ReLU): the lists first, then the product.
         int64_t b, e;
         part(linear_packed_row_block_count(n), &b, &e);
-        linear_packed_nonzero_range(fc1, n, f, f, ffn_lists, b, e);
+        lists_from_flags(ffn_flags, f, ffn_lists, b, e);
 #pragma omp barrier
         gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, ffn_lists);
       } else {
-        gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out);
+        gemm(normed, c, w[kFc1Pack], f, nullptr, fc1);
+#pragma omp barrier
+        {
+          int64_t b, e;
+          part(n, &b, &e);
+          kernels::BiasActParams ba{fc1, fp(w[kFc1Bias]), n, f, static_cast<int>(act)};
+          bias_act_range_f32(ba, b, e);
+        }
+#pragma omp barrier
+        if (num[kFc2SkipZeros] != 0.0) {
+          // fc2 skips, per row block, the activations that are zero in
+          // every row: the lists first, then the product.
+          int64_t b, e;
+          part(linear_packed_row_block_count(n), &b, &e);
+          linear_packed_nonzero_range(fc1, n, f, f, ffn_lists, b, e);
+#pragma omp barrier
+          gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, ffn_lists);
+        } else {
+          gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out);
+        }
       }
 #pragma omp barrier
       if (normalize_before) {

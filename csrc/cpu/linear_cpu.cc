@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/linear_post.h"
+
 namespace seqfuse {
 namespace cpu_capability {
 #if defined(__x86_64__)
@@ -17,7 +19,7 @@ namespace cpu_capability {
   int64_t linear_packed_tasks(int64_t M, int64_t N);                                               \
   void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed, \
                            int64_t N, const float* bias, float* y, int64_t begin, int64_t end,     \
-                           const int32_t* lists);                                                  \
+                           const int32_t* lists, const LinearPost* post);                          \
   int64_t linear_packed_row_blocks(int64_t M);                                                     \
   void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int32_t* lists,  \
                                int64_t bbegin, int64_t bend);
@@ -42,7 +44,8 @@ struct Kernels {
   Kernel run = nullptr;
   int64_t (*tasks)(int64_t, int64_t) = nullptr;
   void (*range)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
-                float*, int64_t, int64_t, const int32_t*) = nullptr;
+                float*, int64_t, int64_t, const int32_t*,
+                const cpu_capability::LinearPost*) = nullptr;
   int64_t (*row_blocks)(int64_t) = nullptr;
   void (*nonzero)(const float*, int64_t, int64_t, int64_t, int32_t*, int64_t, int64_t) = nullptr;
 };
@@ -99,8 +102,8 @@ int64_t linear_packed_task_count(int64_t M, int64_t N) {
 
 void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
                              int64_t N, const float* bias, float* y, int64_t begin, int64_t end,
-                             const int32_t* lists) {
-  kernels().range(x, M, K, ldx, packed, N, bias, y, begin, end, lists);
+                             const int32_t* lists, const cpu_capability::LinearPost* post) {
+  kernels().range(x, M, K, ldx, packed, N, bias, y, begin, end, lists, post);
 }
 
 int64_t linear_packed_row_block_count(int64_t M) { return kernels().row_blocks(M); }

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/linear_post.h"
 #include "cpu/task_queue.h"
 
 namespace seqfuse {
@@ -155,9 +156,12 @@ int64_t linear_packed_tasks(int64_t M, int64_t N) {
 // With `lists` (linear_packed_nonzero_k's, for every row block), a block
 // visits only its listed k where that skips enough: same outputs, bit for bit
 // (see tile), for inputs with many zeros such as ReLU activations.
+// With `post`, post->fn runs on each task's outputs right after they are
+// stored (still in L1): rows [m0, m0 + R) of row block `block`, columns
+// [n0, n0 + cols).
 void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
                          int64_t N, const float* bias, float* y, int64_t begin, int64_t end,
-                         const int32_t* lists) {
+                         const int32_t* lists, const LinearPost* post) {
   constexpr int64_t kGroup = 4;  // 128 KB of panels at K = 256
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int64_t pairs = (panels + 1) / 2;
@@ -199,6 +203,9 @@ void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, cons
     } else {
       rows_block<false, false>(R, xr, ldx, K, nullptr, K, w0, yr, N, p * kPanel, N, bias);
     }
+    if (post != nullptr) {
+      post->fn(post->ctx, block, m0, R, p * kPanel, std::min<int64_t>(2 * kPanel, N - p * kPanel));
+    }
   }
 }
 
@@ -214,7 +221,7 @@ void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const floa
   // Chunks of tasks to whichever thread is free (cpu/task_queue.h): the
   // same outputs as any split.
   cpu::parallel_chunks(linear_packed_tasks(M, N), 1, [&](int64_t b, int64_t e) {
-    linear_packed_range(x, M, K, ldx, packed, N, bias, y, b, e, lists);
+    linear_packed_range(x, M, K, ldx, packed, N, bias, y, b, e, lists, nullptr);
   });
 }
 
