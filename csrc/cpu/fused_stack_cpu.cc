@@ -255,21 +255,38 @@ int64_t check_self_cache(const std::vector<at::Tensor>& blocks, const at::Tensor
   return phys;
 }
 
-// One layer's self-attention cache (checked by check_self_cache): write the
-// step's K/V (columns [C, 3C) of qkv) at `dst` (the slot's rows), and its
-// parent-table column and key padding at `slot`.
-void write_self_slot(const float* qkv, int64_t r0, int64_t r1, int64_t c, float* dst, int64_t phys,
-                     const at::Tensor& rows, const at::Tensor& pad, int64_t slot,
-                     const uint8_t* pad_new) {
-  const int64_t c3 = 3 * c;
-  const int64_t slots = rows.size(1);
-  const float* src = qkv;
-  int64_t* table = rows.data_ptr<int64_t>();
-  bool* p = pad.data_ptr<bool>() + slot * phys;
-  for (int64_t r = r0; r < r1; ++r) {
-    std::memcpy(dst + r * 2 * c, src + r * c3 + c, sizeof(float) * 2 * c);
-    table[r * slots + slot] = r;
-    p[r] = pad_new != nullptr && pad_new[r] != 0;
+// One layer's self-attention cache (checked by check_self_cache), written by
+// the QKV product's post-op while a task's outputs are in L1: the task's K/V
+// columns (those in [C, 3C) of qkv) to the slot's rows at `dst`, and, by the
+// tasks of the first columns, each row's parent-table entry (itself) and key
+// padding at `slot`. A new slot's pages are first touched here, by whichever
+// thread takes the task.
+struct SlotPost {
+  const float* qkv;
+  int64_t c;
+  float* dst;
+  int64_t* table;  // [rows, slots]
+  int64_t slots;
+  int64_t slot;
+  bool* pad;  // the slot's key padding, [rows]
+  const uint8_t* pad_new;
+};
+
+void slot_post(const void* ctx, int64_t /*block*/, int64_t m0, int64_t rows, int64_t n0,
+               int64_t cols) {
+  const SlotPost& p = *static_cast<const SlotPost*>(ctx);
+  const int64_t c = p.c, lo = std::max(n0, c), hi = std::min(n0 + cols, 3 * c);
+  if (lo < hi) {
+    for (int64_t r = m0; r < m0 + rows; ++r) {
+      std::memcpy(p.dst + r * 2 * c + (lo - c), p.qkv + r * 3 * c + lo,
+                  sizeof(float) * static_cast<size_t>(hi - lo));
+    }
+  }
+  if (n0 == 0) {
+    for (int64_t r = m0; r < m0 + rows; ++r) {
+      p.table[r * p.slots + p.slot] = r;
+      p.pad[r] = p.pad_new != nullptr && p.pad_new[r] != 0;
+    }
   }
 }
 
@@ -580,15 +597,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
         in = hin;
 #pragma omp barrier
       }
-      gemm(in, c, w[kQkvPack], 3 * c, fp(w[kQkvBias]), qkv);
-#pragma omp barrier
       {
-        // Rows split over the threads: a new slot's pages are first touched
-        // here (page faults), in parallel.
-        int64_t b, e;
-        part(n, &b, &e);
-        float* dst = const_cast<float*>(static_cast<const float*>(k_slots[l][slot]));
-        write_self_slot(qkv, b, e, c, dst, self_phys[l], self_rows[l], self_pad[l], slot, pn);
+        // The product writes the step's K/V into the cache slot as it goes.
+        const SlotPost slot_ctx{qkv,
+                                c,
+                                const_cast<float*>(static_cast<const float*>(k_slots[l][slot])),
+                                self_rows[l].data_ptr<int64_t>(),
+                                self_rows[l].size(1),
+                                slot,
+                                self_pad[l].data_ptr<bool>() + slot * self_phys[l],
+                                pn};
+        const cpu_capability::LinearPost slot_write{&slot_post, &slot_ctx};
+        gemm(in, c, w[kQkvPack], 3 * c, fp(w[kQkvBias]), qkv, nullptr, &slot_write);
       }
 #pragma omp barrier
       attend(self_attn[l]);

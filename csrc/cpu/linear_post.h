@@ -1,7 +1,9 @@
 // A function the packed GEMM runs on each task's outputs as soon as they are
-// stored, while they are still in L1 (the decoder step's first feed-forward
-// product adds its bias and applies the ReLU there, and notes which columns
-// are nonzero for the second product): csrc/cpu/capability/linear_impl.h.
+// stored, while they are still in L1 (csrc/cpu/capability/linear_impl.h). In
+// the decoder step the QKV product writes its K/V into the cache slot there,
+// and the first feed-forward product adds its bias, applies the ReLU and
+// notes which columns are nonzero for the second product
+// (csrc/cpu/fused_stack_cpu.cc).
 #pragma once
 
 #include <cstdint>
