@@ -92,6 +92,7 @@ at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, doub
 // (query rows x query times, with the caller's scratch: scores [heads * s],
 // phys [s], qs and acc [heads * dim]). Each output is computed as by the
 // whole op, whichever thread takes it.
+// A GEMM task may end with a post-op on its outputs (cpu/linear_post.h).
 // A GEMM that skips zeros first builds its row blocks' k lists (blocks
 // [bbegin, bend) of linear_packed_row_block_count(M), into zero_skip_lists'
 // buffer, the calling thread's), then passes them to every task.
