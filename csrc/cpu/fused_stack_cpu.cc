@@ -172,12 +172,7 @@ void lists_from_flags(const uint8_t* flags, int64_t K, int32_t* lists, int64_t b
   for (int64_t b = bbegin; b < bend; ++b) {
     const uint8_t* fb = flags + b * K;
     int32_t* out = lists + b * (K + 1);
-    int32_t count = 0;
-    for (int64_t k = 0; k < K; ++k) {  // branch-free: write every k, keep the flagged
-      out[1 + count] = static_cast<int32_t>(k);
-      count += fb[k];
-    }
-    out[0] = count;
+    out[0] = cpu_capability::append_flagged(fb, K, 0, out + 1, 0);
   }
 }
 

@@ -17,5 +17,19 @@ struct LinearPost {
   const void* ctx;
 };
 
+// The zero-skipping lists' compaction: appends k0 + j for each j < n with
+// flags[j] != 0 to list[count ...] (branch-free: writes every k, advances
+// past the flagged ones) and returns the new count. Used by the kernel's own
+// scan of the activations (linear_packed_nonzero_k) and by the decoder step,
+// which reads the flags its first feed-forward product's post-op noted.
+inline int32_t append_flagged(const uint8_t* flags, int64_t n, int64_t k0, int32_t* list,
+                              int32_t count) {
+  for (int64_t j = 0; j < n; ++j) {
+    list[count] = static_cast<int32_t>(k0 + j);
+    count += flags[j];
+  }
+  return count;
+}
+
 }  // namespace cpu_capability
 }  // namespace seqfuse

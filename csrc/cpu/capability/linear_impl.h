@@ -128,11 +128,7 @@ void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, 
         const float* xr = x + (m0 + r) * ldx + k0;
         for (int64_t j = 0; j < kn; ++j) nz[j] |= static_cast<uint8_t>(xr[j] != 0.f);
       }
-      // Branch-free compaction: write every k, advance past the nonzero ones.
-      for (int64_t j = 0; j < kn; ++j) {
-        out[1 + count] = static_cast<int32_t>(k0 + j);
-        count += nz[j];
-      }
+      count = append_flagged(nz, kn, k0, out + 1, count);
     }
     out[0] = count;
   }
