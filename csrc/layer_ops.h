@@ -93,17 +93,21 @@ at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, doub
 // phys [s], qs and acc [heads * dim]). Each output is computed as by the
 // whole op, whichever thread takes it.
 // A GEMM task may end with a post-op on its outputs (cpu/linear_post.h).
+// The products' row blocks are linear_packed_block_rows(skip_zeros) tall
+// (the capability's choice; every call of one product passes the same).
 // A GEMM that skips zeros first builds its row blocks' k lists (blocks
-// [bbegin, bend) of linear_packed_row_block_count(M), into zero_skip_lists'
-// buffer, the calling thread's), then passes them to every task.
-int64_t linear_packed_task_count(int64_t M, int64_t N);  // raises without a packed kernel
+// [bbegin, bend) of linear_packed_row_block_count(M, rows), into
+// zero_skip_lists' buffer, the calling thread's), then passes them to every
+// task.
+int64_t linear_packed_block_rows(bool skip_zeros);  // raises without a packed kernel
+int64_t linear_packed_task_count(int64_t M, int64_t N, int64_t rows);
 void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                             int64_t N, const float* bias, float* y, int64_t begin, int64_t end,
-                             const int32_t* lists = nullptr,
+                             int64_t N, const float* bias, float* y, int64_t rows, int64_t begin,
+                             int64_t end, const int32_t* lists = nullptr,
                              const cpu_capability::LinearPost* post = nullptr);
-int64_t linear_packed_row_block_count(int64_t M);
-void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t ldx, int32_t* lists,
-                                 int64_t bbegin, int64_t bend);
+int64_t linear_packed_row_block_count(int64_t M, int64_t rows);
+void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,
+                                 int32_t* lists, int64_t bbegin, int64_t bend);
 int32_t* zero_skip_lists(int64_t M, int64_t K);
 void add_layernorm_range_f32(const kernels::AddLayerNormParams& p, int64_t r0, int64_t r1);
 void bias_act_range_f32(const kernels::BiasActParams& p, int64_t r0, int64_t r1);

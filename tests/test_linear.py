@@ -71,6 +71,10 @@ def test_rows_do_not_depend_on_the_batch_or_threads(n):
     full = linear(x, w)
     for rows in (slice(0, 1), slice(4, 9), slice(17, 23)):
         assert torch.equal(linear(x[rows].contiguous(), w), full[rows])
+    # Every block height the kernel may take (a product of m rows ends with a
+    # block of m mod the capability's height).
+    for m in range(1, 23):
+        assert torch.equal(linear(x[:m].contiguous(), w), full[:m]), f"{m} rows"
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -508,9 +508,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   const int64_t scratch_f = h_max * s_max + 2 * c;
   std::vector<float> scratch(static_cast<size_t>(threads * scratch_f));
   std::vector<int64_t> scratch_i(static_cast<size_t>(threads * s_max));
-  (void)linear_packed_task_count(1, 1);          // raises here when no packed kernel exists
+  // Row block heights (raises here when no packed kernel exists): the dense
+  // products' and the zero-skipping FFN pair's (fc1's post-op notes its
+  // nonzero columns per block of fc2's).
+  const int64_t dense_rows = linear_packed_block_rows(false);
+  const int64_t skip_rows = linear_packed_block_rows(true);
+  const int64_t skip_blocks = linear_packed_row_block_count(n, skip_rows);
   int32_t* ffn_lists = zero_skip_lists(n, ffn);  // fc2's k lists (taken on every layer)
-  uint8_t* ffn_flags = nonzero_flags(linear_packed_row_block_count(n) * ffn);
+  uint8_t* ffn_flags = nonzero_flags(skip_blocks * ffn);
   // Per layer: four attention-block products, two attentions, two FFN products.
   const int64_t queue_count = layers * 8;
   std::unique_ptr<cpu::TaskQueue[]> queues(new cpu::TaskQueue[queue_count]);
@@ -537,11 +542,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
       int64_t b, e;
       while (queue.next(count, chunk, &b, &e)) fn(b, e);
     };
+    // `rows`: the block height, dense_rows but for the zero-skipping pair.
     const auto gemm = [&](const float* a, int64_t k, const at::Tensor& pack, int64_t m,
-                          const float* bias, float* y, const int32_t* lists = nullptr,
+                          const float* bias, float* y, int64_t rows, const int32_t* lists = nullptr,
                           const cpu_capability::LinearPost* post = nullptr) {
-      run_queued(linear_packed_task_count(n, m), 1, [&](int64_t b, int64_t e) {
-        linear_packed_run_range(a, n, k, k, fp(pack), m, bias, y, b, e, lists, post);
+      run_queued(linear_packed_task_count(n, m, rows), 1, [&](int64_t b, int64_t e) {
+        linear_packed_run_range(a, n, k, k, fp(pack), m, bias, y, rows, b, e, lists, post);
       });
     };
     const auto rows_ln = [&](const float* a, const float* bias, const float* res, const float* g,
@@ -603,12 +609,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
                                 self_pad[l].data_ptr<bool>() + slot * self_phys[l],
                                 pn};
         const cpu_capability::LinearPost slot_write{&slot_post, &slot_ctx};
-        gemm(in, c, w[kQkvPack], 3 * c, fp(w[kQkvBias]), qkv, nullptr, &slot_write);
+        gemm(in, c, w[kQkvPack], 3 * c, fp(w[kQkvBias]), qkv, dense_rows, nullptr, &slot_write);
       }
 #pragma omp barrier
       attend(self_attn[l]);
 #pragma omp barrier
-      gemm(attn_out, c, w[kSelfOutPack], c, nullptr, gemm_out);
+      gemm(attn_out, c, w[kSelfOutPack], c, nullptr, gemm_out, dense_rows);
 #pragma omp barrier
       const float* normed =
           residual_norm_rows(w[kSelfOutBias], x, self_norm, cross_norm, x_self, n_self);
@@ -616,11 +622,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
 #pragma omp barrier
 
       // Cross-attention over the encoder K/V (one set per source sentence).
-      gemm(normed, c, w[kCrossQPack], c, fp(w[kCrossQBias]), q);
+      gemm(normed, c, w[kCrossQPack], c, fp(w[kCrossQBias]), q, dense_rows);
 #pragma omp barrier
       attend(cross_attn[l]);
 #pragma omp barrier
-      gemm(attn_out, c, w[kCrossOutPack], c, nullptr, gemm_out);
+      gemm(attn_out, c, w[kCrossOutPack], c, nullptr, gemm_out, dense_rows);
 #pragma omp barrier
       normed = residual_norm_rows(w[kCrossOutBias], x, cross_norm, final_norm, x_cross, n_cross);
       x = x_cross;
@@ -634,15 +640,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
         // lists are read off those notes (the lists the activations give).
         const ReluPost ctx{fc1, fp(w[kFc1Bias]), f, ffn_flags};
         const cpu_capability::LinearPost post{&relu_post, &ctx};
-        gemm(normed, c, w[kFc1Pack], f, nullptr, fc1, nullptr, &post);
+        gemm(normed, c, w[kFc1Pack], f, nullptr, fc1, skip_rows, nullptr, &post);
 #pragma omp barrier
         int64_t b, e;
-        part(linear_packed_row_block_count(n), &b, &e);
+        part(skip_blocks, &b, &e);
         lists_from_flags(ffn_flags, f, ffn_lists, b, e);
 #pragma omp barrier
-        gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, ffn_lists);
+        gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, skip_rows, ffn_lists);
       } else {
-        gemm(normed, c, w[kFc1Pack], f, nullptr, fc1);
+        gemm(normed, c, w[kFc1Pack], f, nullptr, fc1, dense_rows);
 #pragma omp barrier
         {
           int64_t b, e;
@@ -655,12 +661,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
           // fc2 skips, per row block, the activations that are zero in
           // every row: the lists first, then the product.
           int64_t b, e;
-          part(linear_packed_row_block_count(n), &b, &e);
-          linear_packed_nonzero_range(fc1, n, f, f, ffn_lists, b, e);
+          part(skip_blocks, &b, &e);
+          linear_packed_nonzero_range(fc1, n, f, f, skip_rows, ffn_lists, b, e);
 #pragma omp barrier
-          gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, ffn_lists);
+          gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, skip_rows, ffn_lists);
         } else {
-          gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out);
+          gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, dense_rows);
         }
       }
 #pragma omp barrier

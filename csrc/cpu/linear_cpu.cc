@@ -16,13 +16,14 @@ namespace cpu_capability {
 #define SEQFUSE_LINEAR_DECLS                                                                       \
   void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,       \
                      int64_t N, const float* bias, float* y, int32_t* lists);                      \
-  int64_t linear_packed_tasks(int64_t M, int64_t N);                                               \
+  int64_t linear_packed_block_rows(bool skip_zeros);                                               \
+  int64_t linear_packed_tasks(int64_t M, int64_t N, int64_t rows);                                 \
   void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed, \
-                           int64_t N, const float* bias, float* y, int64_t begin, int64_t end,     \
-                           const int32_t* lists, const LinearPost* post);                          \
-  int64_t linear_packed_row_blocks(int64_t M);                                                     \
-  void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int32_t* lists,  \
-                               int64_t bbegin, int64_t bend);
+                           int64_t N, const float* bias, float* y, int64_t rows, int64_t begin,    \
+                           int64_t end, const int32_t* lists, const LinearPost* post);             \
+  int64_t linear_packed_row_blocks(int64_t M, int64_t rows);                                       \
+  void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,    \
+                               int32_t* lists, int64_t bbegin, int64_t bend);
 namespace AVX2 {
 SEQFUSE_LINEAR_DECLS
 }
@@ -38,16 +39,18 @@ using Kernel = void (*)(const float*, int64_t, int64_t, int64_t, const float*, i
                         const float*, float*, int32_t*);
 constexpr int64_t kPanel = 16;
 
-// The capability's kernel, its task count and task-range form, and the
-// zero-skipping lists' row blocks and builder.
+// The capability's kernel, its block heights, task count and task-range
+// form, and the zero-skipping lists' row blocks and builder.
 struct Kernels {
   Kernel run = nullptr;
-  int64_t (*tasks)(int64_t, int64_t) = nullptr;
+  int64_t (*block_rows)(bool) = nullptr;
+  int64_t (*tasks)(int64_t, int64_t, int64_t) = nullptr;
   void (*range)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
-                float*, int64_t, int64_t, const int32_t*,
+                float*, int64_t, int64_t, int64_t, const int32_t*,
                 const cpu_capability::LinearPost*) = nullptr;
-  int64_t (*row_blocks)(int64_t) = nullptr;
-  void (*nonzero)(const float*, int64_t, int64_t, int64_t, int32_t*, int64_t, int64_t) = nullptr;
+  int64_t (*row_blocks)(int64_t, int64_t) = nullptr;
+  void (*nonzero)(const float*, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t,
+                  int64_t) = nullptr;
 };
 
 const Kernels& kernels() {
@@ -57,12 +60,12 @@ const Kernels& kernels() {
     const std::string cap = at::get_cpu_capability();
     if (cap == "AVX512") {
       namespace c = cpu_capability::AVX512;
-      out = {&c::linear_packed, &c::linear_packed_tasks, &c::linear_packed_range,
-             &c::linear_packed_row_blocks, &c::linear_packed_nonzero_k};
+      out = {&c::linear_packed,       &c::linear_packed_block_rows, &c::linear_packed_tasks,
+             &c::linear_packed_range, &c::linear_packed_row_blocks, &c::linear_packed_nonzero_k};
     } else if (cap == "AVX2") {
       namespace c = cpu_capability::AVX2;
-      out = {&c::linear_packed, &c::linear_packed_tasks, &c::linear_packed_range,
-             &c::linear_packed_row_blocks, &c::linear_packed_nonzero_k};
+      out = {&c::linear_packed,       &c::linear_packed_block_rows, &c::linear_packed_tasks,
+             &c::linear_packed_range, &c::linear_packed_row_blocks, &c::linear_packed_nonzero_k};
     }
 #endif
     return out;
@@ -94,29 +97,37 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
 
 }  // namespace
 
-int64_t linear_packed_task_count(int64_t M, int64_t N) {
+int64_t linear_packed_block_rows(bool skip_zeros) {
   TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
               at::get_cpu_capability(), " (needs AVX2 or AVX512)");
-  return kernels().tasks(M, N);
+  return kernels().block_rows(skip_zeros);
+}
+
+int64_t linear_packed_task_count(int64_t M, int64_t N, int64_t rows) {
+  return kernels().tasks(M, N, rows);
 }
 
 void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                             int64_t N, const float* bias, float* y, int64_t begin, int64_t end,
-                             const int32_t* lists, const cpu_capability::LinearPost* post) {
-  kernels().range(x, M, K, ldx, packed, N, bias, y, begin, end, lists, post);
+                             int64_t N, const float* bias, float* y, int64_t rows, int64_t begin,
+                             int64_t end, const int32_t* lists,
+                             const cpu_capability::LinearPost* post) {
+  kernels().range(x, M, K, ldx, packed, N, bias, y, rows, begin, end, lists, post);
 }
 
-int64_t linear_packed_row_block_count(int64_t M) { return kernels().row_blocks(M); }
+int64_t linear_packed_row_block_count(int64_t M, int64_t rows) {
+  return kernels().row_blocks(M, rows);
+}
 
-void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t ldx, int32_t* lists,
-                                 int64_t bbegin, int64_t bend) {
-  kernels().nonzero(x, M, K, ldx, lists, bbegin, bend);
+void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,
+                                 int32_t* lists, int64_t bbegin, int64_t bend) {
+  kernels().nonzero(x, M, K, ldx, rows, lists, bbegin, bend);
 }
 
 int32_t* zero_skip_lists(int64_t M, int64_t K) {
   // Grown, never shrunk: one per calling thread (the products run inside one call).
   static thread_local std::vector<int32_t> lists;
-  const size_t need = static_cast<size_t>(linear_packed_row_block_count(M) * (K + 1));
+  const size_t need = static_cast<size_t>(
+      linear_packed_row_block_count(M, linear_packed_block_rows(true)) * (K + 1));
   if (lists.size() < need) lists.resize(need);
   return lists.data();
 }
@@ -161,7 +172,8 @@ at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
     int32_t* lists = nullptr;
     std::vector<int32_t> own;
     if (skip_zeros) {
-      const int64_t need = linear_packed_row_block_count(M) * (K + 1);
+      const int64_t need =
+          linear_packed_row_block_count(M, linear_packed_block_rows(true)) * (K + 1);
       if (need <= kKeptListInts) {
         lists = zero_skip_lists(M, K);
       } else {

@@ -1,11 +1,13 @@
 // y = x W^T + b with W pre-packed in 16-column panels ([ceil(N/16), K, 16],
 // zero padded): a register-blocked kernel that streams each panel pair once
-// per block of rows (up to 6 rows with 512-bit vectors, 3 with 256-bit), so
-// skinny products (decoder steps: a few rows per sentence) run at the speed
-// of reading W. Each output is one sequential dot product over k, whatever
-// the number of rows or threads: a row's result does not depend on the batch.
+// per block of rows (linear_packed_block_rows: up to 10 rows with 512-bit
+// vectors, 3 with 256-bit), so skinny products (decoder steps: a few rows per
+// sentence) run at the speed of reading W; each block prefetches its panels'
+// rows a few steps ahead into L1 as it goes. Each output is one sequential dot
+// product over k, whatever the block height, the number of rows or threads:
+// a row's result does not depend on the batch.
 // Compiled once per CPU capability (linear_{avx2,avx512}.cc) with ATen's
-// vector types; chosen at run time in linear_dispatch.cc.
+// vector types; chosen at run time in linear_cpu.cc.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -24,7 +26,14 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kPanel = 16;
 constexpr int kVecs = static_cast<int>(kPanel / Vec::size());  // vectors per panel
-constexpr int kRows = Vec::size() >= 16 ? 6 : 3;               // rows per block
+// The tallest row block: with 512-bit vectors R x 2 accumulators, two weight
+// vectors and a broadcast stay within the 32 registers up to R = 14.
+constexpr int kMaxRows = Vec::size() >= 16 ? 14 : 3;
+// How far ahead (in k steps) a block prefetches its panels' rows into L1.
+// Each step's rows come from L2 or beyond (a pair of panels is K x 128 bytes,
+// larger than L1 at the model's K); 24 steps of a 10-row block are about 240
+// cycles, more than an L3 access.
+constexpr int64_t kPrefetchSteps = 24;
 
 // Rows [0, R) of x against one or two panels (TWO): R x (16 or 32) outputs.
 // SPARSE: only the k listed in ks[0, steps) (ascending), the k where some of
@@ -40,6 +49,16 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const int32_t* ks, int6
   const float* w1 = w0 + K * kPanel;
   for (int64_t j = 0; j < steps; ++j) {
     const int64_t k = SPARSE ? ks[j] : j;
+    // The panels' rows kPrefetchSteps steps ahead, into L1 (near a panel's
+    // end the next panel's, or nothing: a prefetch never faults).
+    if (!SPARSE) {
+      __builtin_prefetch(w0 + (k + kPrefetchSteps) * kPanel, 0, 3);
+      if (TWO) __builtin_prefetch(w1 + (k + kPrefetchSteps) * kPanel, 0, 3);
+    } else if (j + kPrefetchSteps < steps) {
+      const int64_t ka = ks[j + kPrefetchSteps];
+      __builtin_prefetch(w0 + ka * kPanel, 0, 3);
+      if (TWO) __builtin_prefetch(w1 + ka * kPanel, 0, 3);
+    }
     Vec wv[TWO ? 2 : 1][kVecs];
     for (int v = 0; v < kVecs; ++v) {
       wv[0][v] = Vec::loadu(w0 + k * kPanel + v * Vec::size());
@@ -84,14 +103,38 @@ inline void rows_block(int64_t R, const float* x, int64_t ldx, int64_t K, const 
                        const float* bias) {
 #define SEQFUSE_TILE(r) tile<r, TWO, SPARSE>(x, ldx, K, ks, steps, w0, y, ldy, n0, N, bias)
   switch (R) {
+    case 14:
+      if constexpr (kMaxRows >= 14) return SEQFUSE_TILE(14);
+      break;
+    case 13:
+      if constexpr (kMaxRows >= 13) return SEQFUSE_TILE(13);
+      break;
+    case 12:
+      if constexpr (kMaxRows >= 12) return SEQFUSE_TILE(12);
+      break;
+    case 11:
+      if constexpr (kMaxRows >= 11) return SEQFUSE_TILE(11);
+      break;
+    case 10:
+      if constexpr (kMaxRows >= 10) return SEQFUSE_TILE(10);
+      break;
+    case 9:
+      if constexpr (kMaxRows >= 9) return SEQFUSE_TILE(9);
+      break;
+    case 8:
+      if constexpr (kMaxRows >= 8) return SEQFUSE_TILE(8);
+      break;
+    case 7:
+      if constexpr (kMaxRows >= 7) return SEQFUSE_TILE(7);
+      break;
     case 6:
-      if constexpr (kRows >= 6) return SEQFUSE_TILE(6);
+      if constexpr (kMaxRows >= 6) return SEQFUSE_TILE(6);
       break;
     case 5:
-      if constexpr (kRows >= 5) return SEQFUSE_TILE(5);
+      if constexpr (kMaxRows >= 5) return SEQFUSE_TILE(5);
       break;
     case 4:
-      if constexpr (kRows >= 4) return SEQFUSE_TILE(4);
+      if constexpr (kMaxRows >= 4) return SEQFUSE_TILE(4);
       break;
     case 3:
       return SEQFUSE_TILE(3);
@@ -108,17 +151,26 @@ inline void rows_block(int64_t R, const float* x, int64_t ldx, int64_t K, const 
 inline bool worth_skipping(int64_t count, int64_t K) { return count <= K - K / 8; }
 }  // namespace
 
-// Row blocks of an M-row product (blocks of kRows rows, as the tasks take them).
-int64_t linear_packed_row_blocks(int64_t M) { return (M + kRows - 1) / kRows; }
+// Rows per block. Each k step of a block loads one weight vector per panel
+// and one broadcast per row for 2 x rows multiply-adds: the taller the block,
+// the fewer weight loads (from L2) per multiply-add. A product that skips
+// zeros skips, per block, only the k zero in all of its rows: there a shorter
+// block skips more.
+int64_t linear_packed_block_rows(bool skip_zeros) {
+  return Vec::size() >= 16 ? (skip_zeros ? 8 : 10) : 3;
+}
+
+// Row blocks of an M-row product in blocks of `rows` rows, as the tasks take them.
+int64_t linear_packed_row_blocks(int64_t M, int64_t rows) { return (M + rows - 1) / rows; }
 
 // For row blocks [bbegin, bend) of x [M, K]: lists[b * (K + 1)] = the count of
 // k where some row of block b is nonzero, followed by those k, ascending. NaN
 // counts as nonzero; -0 as zero (its products add nothing either).
-void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int32_t* lists,
-                             int64_t bbegin, int64_t bend) {
+void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,
+                             int32_t* lists, int64_t bbegin, int64_t bend) {
   constexpr int64_t kChunk = 256;
   for (int64_t b = bbegin; b < bend; ++b) {
-    const int64_t m0 = b * kRows, R = std::min<int64_t>(kRows, M - m0);
+    const int64_t m0 = b * rows, R = std::min<int64_t>(rows, M - m0);
     int32_t* out = lists + b * (K + 1);
     int32_t count = 0;
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
@@ -136,9 +188,9 @@ void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, 
 
 // Tasks of a [M, K] x [K, N] product: (panel pair, row block) pairs, in the
 // order linear_packed_range gives them.
-int64_t linear_packed_tasks(int64_t M, int64_t N) {
+int64_t linear_packed_tasks(int64_t M, int64_t N, int64_t rows) {
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  return (panels + 1) / 2 * ((M + kRows - 1) / kRows);
+  return (panels + 1) / 2 * ((M + rows - 1) / rows);
 }
 
 // Tasks [begin, end) of linear_packed_tasks(M, N), on the calling thread.
@@ -156,34 +208,20 @@ int64_t linear_packed_tasks(int64_t M, int64_t N) {
 // stored (still in L1): rows [m0, m0 + R) of row block `block`, columns
 // [n0, n0 + cols).
 void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
-                         int64_t N, const float* bias, float* y, int64_t begin, int64_t end,
-                         const int32_t* lists, const LinearPost* post) {
+                         int64_t N, const float* bias, float* y, int64_t rows, int64_t begin,
+                         int64_t end, const int32_t* lists, const LinearPost* post) {
   constexpr int64_t kGroup = 4;  // 128 KB of panels at K = 256
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int64_t pairs = (panels + 1) / 2;
-  const int64_t blocks = (M + kRows - 1) / kRows;
+  const int64_t blocks = (M + rows - 1) / rows;
   const int64_t per_group = kGroup * blocks;
-  const int64_t pair_floats = 2 * K * kPanel;
   for (int64_t t = begin; t < end && t < pairs * blocks; ++t) {
     const int64_t gi = t / per_group, r = t - gi * per_group;
     const int64_t g0 = gi * kGroup, gsize = std::min(kGroup, pairs - g0);
     const int64_t block = r / gsize, pair = g0 + r % gsize;
-    const int64_t p = 2 * pair, m0 = block * kRows;
-    const int64_t R = std::min<int64_t>(kRows, M - m0);
+    const int64_t p = 2 * pair, m0 = block * rows;
+    const int64_t R = std::min<int64_t>(rows, M - m0);
     const float* w0 = packed + p * K * kPanel;
-    // With several row blocks per group, bring the next group's panels
-    // towards L2 a slice per task, so that its first block does not wait on
-    // L3 or memory.
-    if (blocks >= 4 && g0 + gsize < pairs) {
-      const int64_t next_pairs = std::min(kGroup, pairs - g0 - gsize);
-      const int64_t next_panels = std::min<int64_t>(2 * next_pairs, panels - 2 * (g0 + gsize));
-      const int64_t lines = (next_panels * K * kPanel + 15) / 16;
-      const int64_t tasks = gsize * blocks, per = (lines + tasks - 1) / tasks;
-      const char* next = reinterpret_cast<const char*>(packed + (g0 + gsize) * pair_floats);
-      for (int64_t l = r * per; l < std::min(lines, (r + 1) * per); ++l) {
-        __builtin_prefetch(next + l * 64, 0, 2);
-      }
-    }
     const float* xr = x + m0 * ldx;
     float* yr = y + m0 * N;
     const int32_t* list = lists == nullptr ? nullptr : lists + block * (K + 1);
@@ -205,19 +243,21 @@ void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, cons
   }
 }
 
-// lists: null (dense), or room for linear_packed_row_blocks(M) * (K + 1)
+// lists: null (dense), or room for
+// linear_packed_row_blocks(M, linear_packed_block_rows(true)) * (K + 1)
 // int32, filled here before the product.
 void linear_packed(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
                    int64_t N, const float* bias, float* y, int32_t* lists) {
+  const int64_t rows = linear_packed_block_rows(lists != nullptr);
   if (lists != nullptr) {
-    at::parallel_for(0, linear_packed_row_blocks(M), 1, [&](int64_t begin, int64_t end) {
-      linear_packed_nonzero_k(x, M, K, ldx, lists, begin, end);
+    at::parallel_for(0, linear_packed_row_blocks(M, rows), 1, [&](int64_t begin, int64_t end) {
+      linear_packed_nonzero_k(x, M, K, ldx, rows, lists, begin, end);
     });
   }
   // Chunks of tasks to whichever thread is free (cpu/task_queue.h): the
   // same outputs as any split.
-  cpu::parallel_chunks(linear_packed_tasks(M, N), 1, [&](int64_t b, int64_t e) {
-    linear_packed_range(x, M, K, ldx, packed, N, bias, y, b, e, lists, nullptr);
+  cpu::parallel_chunks(linear_packed_tasks(M, N, rows), 1, [&](int64_t b, int64_t e) {
+    linear_packed_range(x, M, K, ldx, packed, N, bias, y, rows, b, e, lists, nullptr);
   });
 }
 
