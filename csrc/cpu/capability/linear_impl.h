@@ -40,8 +40,10 @@ constexpr int64_t kPrefetchSteps = 24;
 // the R rows is nonzero: at every other k each row adds fma(0, w, acc) = acc
 // exactly (w finite), so the outputs are the dense kernel's, bit for bit.
 template <int R, bool TWO, bool SPARSE>
-inline void tile(const float* x, int64_t ldx, int64_t K, const int32_t* ks, int64_t steps,
-                 const float* w0, float* y, int64_t ldy, int64_t n0, int64_t N, const float* bias) {
+__attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, int64_t K,
+                                                const int32_t* ks, int64_t steps, const float* w0,
+                                                float* y, int64_t ldy, int64_t n0, int64_t N,
+                                                const float* bias) {
   Vec acc[R][TWO ? 2 : 1][kVecs];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < (TWO ? 2 : 1); ++p)
@@ -97,10 +99,13 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const int32_t* ks, int6
   }
 }
 
+// Inlined with its tiles into the task loop (a call per task measured
+// slower with this many tile heights).
 template <bool TWO, bool SPARSE>
-inline void rows_block(int64_t R, const float* x, int64_t ldx, int64_t K, const int32_t* ks,
-                       int64_t steps, const float* w0, float* y, int64_t ldy, int64_t n0, int64_t N,
-                       const float* bias) {
+__attribute__((always_inline)) inline void rows_block(int64_t R, const float* x, int64_t ldx,
+                                                      int64_t K, const int32_t* ks, int64_t steps,
+                                                      const float* w0, float* y, int64_t ldy,
+                                                      int64_t n0, int64_t N, const float* bias) {
 #define SEQFUSE_TILE(r) tile<r, TWO, SPARSE>(x, ldx, K, ks, steps, w0, y, ldy, n0, N, bias)
   switch (R) {
     case 14:
