@@ -160,6 +160,37 @@ def test_attention(backend, dtype, case):
     assert_close(w.cpu(), w_ref, dtype, "weights", w_same)
 
 
+@pytest.mark.parametrize("s", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("dim", [64, 48])
+def test_attention_probabilities_are_torch_softmax_bits(s, dim):
+    """The CPU kernel's probabilities are torch's CPU softmax of its scores,
+    bit for bit: stock's F.softmax(scores, dtype=float32). Small integer
+    queries and keys and a power-of-two scale make every score exact in any
+    summation order, so the scores are known here and the softmax alone is
+    compared (widths below, at and past a vector; the 64-wide path and the
+    general one)."""
+    if not _ext.cpu_available()[0]:
+        pytest.skip("no CPU extension")
+    g = torch.Generator().manual_seed(s * 100 + dim)
+    heads, n, m = 3, 4, 2
+    c = heads * dim
+    q = torch.randint(-3, 4, (1, n, c), generator=g).float()
+    k = torch.randint(-3, 4, (s, m, c), generator=g).float()
+    v = torch.randn(s, m, c, generator=g)
+    rows = torch.randint(0, m, (n, s), generator=g)
+    pad = torch.rand(m, s, generator=g) < 0.2
+    pad[:, 0] = False
+    scaling = 0.125
+    _, w = _run(attn_mod, "cpu", q, k, v, rows, pad, heads, scaling, 1, -1, True)
+    kr = k[torch.arange(s).view(1, s), rows]  # [n, s, c]: each row's keys
+    qs = (q[0] * scaling).view(n, heads, dim)
+    scores = torch.einsum("nhd,nshd->hns", qs, kr.view(n, s, heads, dim))
+    masked = pad[rows, torch.arange(s).view(1, s)]  # [n, s]
+    scores = scores.masked_fill(masked.unsqueeze(0), float("-inf"))
+    want = torch.softmax(scores, dim=-1)
+    assert torch.equal(w.view(heads, n, s), want)
+
+
 @pytest.mark.parametrize("backend", _backends(emb_mod))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", [emb_mod.POS_NONE, emb_mod.POS_MAKE, emb_mod.POS_FIXED])

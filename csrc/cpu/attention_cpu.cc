@@ -1,6 +1,7 @@
 // CPU kernel of the attention core: one task per (query row, head, query
-// time), scores of all keys in a task-local buffer, fp32 softmax, weighted sum
-// of values. OpenMP (ATen parallel_for) over tasks.
+// time), scores of all keys in a task-local buffer, torch's fp32 softmax
+// (vectorised, bit for bit; cpu/capability/row_lse.h), weighted sum of
+// values. OpenMP (ATen parallel_for) over tasks.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/capability/row_lse.h"
 #include "cpu/layer_cpu_common.h"
 #include "layer_ops.h"
 
@@ -192,21 +194,15 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
     }
     std::fill(acc, acc + c, 0.0f);
     for (int64_t h = 0; h < heads; ++h) {
-      // Same expression as the stock softmax: exp(x - max) / sum. A row with
+      // torch's CPU softmax over the keys, bit for bit (stock's
+      // F.softmax(scores, dtype=float32) of the same scores). A row with
       // every key masked gives NaN, as it does in stock.
       float* sc = scores + h * s;
-      float mx = kNegInf;
-      for (int64_t j = 0; j < s; ++j) mx = std::max(mx, sc[j]);
-      float sum = 0.0f;
-      for (int64_t j = 0; j < s; ++j) {
-        sc[j] = std::exp(sc[j] - mx);
-        sum += sc[j];
-      }
+      cpu_capability::softmax_row(sc, sc, s);
       float* wrow = p.weights != nullptr ? p.weights + ((h * n + row) * tq + i) * s : nullptr;
-      for (int64_t j = 0; j < s; ++j) {
-        const float pj = sc[j] / sum;
-        if (wrow != nullptr) wrow[j] = pj;
-        sc[j] = cpu::round_as<T>(pj);
+      if (wrow != nullptr) std::memcpy(wrow, sc, static_cast<size_t>(s) * sizeof(float));
+      if constexpr (!std::is_same<T, float>::value) {
+        for (int64_t j = 0; j < s; ++j) sc[j] = cpu::round_as<T>(sc[j]);
       }
     }
     // Weighted sum of values, head by head (each output element sums over
