@@ -198,7 +198,7 @@ int64_t linear_packed_tasks(int64_t M, int64_t N, int64_t rows) {
   return (panels + 1) / 2 * ((M + rows - 1) / rows);
 }
 
-// Tasks [begin, end) of linear_packed_tasks(M, N), on the calling thread.
+// Tasks [begin, end) of linear_packed_tasks(M, N, rows), on the calling thread.
 // Order: groups of kGroup panel pairs; within a group, row block by row block,
 // each block over the group's pairs. A block's outputs are then written as
 // contiguous runs of a row (kGroup * 32 columns) while the group's panels stay
