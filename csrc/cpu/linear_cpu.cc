@@ -123,11 +123,18 @@ void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t l
   kernels().nonzero(x, M, K, ldx, rows, lists, bbegin, bend);
 }
 
+namespace {
+// Ints of the zero-skipping lists of an [M, K] product: a count and up to K
+// entries per row block.
+int64_t zero_skip_list_ints(int64_t M, int64_t K) {
+  return linear_packed_row_block_count(M, linear_packed_block_rows(true)) * (K + 1);
+}
+}  // namespace
+
 int32_t* zero_skip_lists(int64_t M, int64_t K) {
   // Grown, never shrunk: one per calling thread (the products run inside one call).
   static thread_local std::vector<int32_t> lists;
-  const size_t need = static_cast<size_t>(
-      linear_packed_row_block_count(M, linear_packed_block_rows(true)) * (K + 1));
+  const size_t need = static_cast<size_t>(zero_skip_list_ints(M, K));
   if (lists.size() < need) lists.resize(need);
   return lists.data();
 }
@@ -172,8 +179,7 @@ at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
     int32_t* lists = nullptr;
     std::vector<int32_t> own;
     if (skip_zeros) {
-      const int64_t need =
-          linear_packed_row_block_count(M, linear_packed_block_rows(true)) * (K + 1);
+      const int64_t need = zero_skip_list_ints(M, K);
       if (need <= kKeptListInts) {
         lists = zero_skip_lists(M, K);
       } else {

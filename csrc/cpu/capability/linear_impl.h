@@ -26,9 +26,12 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kPanel = 16;
 constexpr int kVecs = static_cast<int>(kPanel / Vec::size());  // vectors per panel
-// The tallest row block: with 512-bit vectors R x 2 accumulators, two weight
-// vectors and a broadcast stay within the 32 registers up to R = 14.
-constexpr int kMaxRows = Vec::size() >= 16 ? 14 : 3;
+// Rows per block (linear_packed_block_rows): dense products take the
+// tallest tile, products that skip zeros a shorter one. With 512-bit vectors
+// a 10-row tile holds 20 accumulators, two weight vectors and a broadcast in
+// the 32 registers; with 256-bit ones 3 rows (12 accumulators, 16 registers).
+constexpr int kMaxRows = Vec::size() >= 16 ? 10 : 3;
+constexpr int kSkipRows = Vec::size() >= 16 ? 8 : 3;
 // How far ahead (in k steps) a block prefetches its panels' rows into L1.
 // Each step's rows come from L2 or beyond (a pair of panels is K x 128 bytes,
 // larger than L1 at the model's K); 24 steps of a 10-row block are about 240
@@ -99,56 +102,20 @@ __attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, int
   }
 }
 
-// Inlined with its tiles into the task loop (a call per task measured
-// slower with this many tile heights).
-template <bool TWO, bool SPARSE>
+// Rows [0, R) with R in [1, MAX]: the tile of that height. Inlined with its
+// tiles into the task loop (a call per task measured slower with this many
+// tile heights).
+template <bool TWO, bool SPARSE, int MAX = kMaxRows>
 __attribute__((always_inline)) inline void rows_block(int64_t R, const float* x, int64_t ldx,
                                                       int64_t K, const int32_t* ks, int64_t steps,
                                                       const float* w0, float* y, int64_t ldy,
                                                       int64_t n0, int64_t N, const float* bias) {
-#define SEQFUSE_TILE(r) tile<r, TWO, SPARSE>(x, ldx, K, ks, steps, w0, y, ldy, n0, N, bias)
-  switch (R) {
-    case 14:
-      if constexpr (kMaxRows >= 14) return SEQFUSE_TILE(14);
-      break;
-    case 13:
-      if constexpr (kMaxRows >= 13) return SEQFUSE_TILE(13);
-      break;
-    case 12:
-      if constexpr (kMaxRows >= 12) return SEQFUSE_TILE(12);
-      break;
-    case 11:
-      if constexpr (kMaxRows >= 11) return SEQFUSE_TILE(11);
-      break;
-    case 10:
-      if constexpr (kMaxRows >= 10) return SEQFUSE_TILE(10);
-      break;
-    case 9:
-      if constexpr (kMaxRows >= 9) return SEQFUSE_TILE(9);
-      break;
-    case 8:
-      if constexpr (kMaxRows >= 8) return SEQFUSE_TILE(8);
-      break;
-    case 7:
-      if constexpr (kMaxRows >= 7) return SEQFUSE_TILE(7);
-      break;
-    case 6:
-      if constexpr (kMaxRows >= 6) return SEQFUSE_TILE(6);
-      break;
-    case 5:
-      if constexpr (kMaxRows >= 5) return SEQFUSE_TILE(5);
-      break;
-    case 4:
-      if constexpr (kMaxRows >= 4) return SEQFUSE_TILE(4);
-      break;
-    case 3:
-      return SEQFUSE_TILE(3);
-    case 2:
-      return SEQFUSE_TILE(2);
-    case 1:
-      return SEQFUSE_TILE(1);
+  if constexpr (MAX > 1) {
+    if (R < MAX) {
+      return rows_block<TWO, SPARSE, MAX - 1>(R, x, ldx, K, ks, steps, w0, y, ldy, n0, N, bias);
+    }
   }
-#undef SEQFUSE_TILE
+  tile<MAX, TWO, SPARSE>(x, ldx, K, ks, steps, w0, y, ldy, n0, N, bias);
 }
 
 // A row block's k list is used when it skips at least an eighth of K (the
@@ -161,9 +128,7 @@ inline bool worth_skipping(int64_t count, int64_t K) { return count <= K - K / 8
 // the fewer weight loads (from L2) per multiply-add. A product that skips
 // zeros skips, per block, only the k zero in all of its rows: there a shorter
 // block skips more.
-int64_t linear_packed_block_rows(bool skip_zeros) {
-  return Vec::size() >= 16 ? (skip_zeros ? 8 : 10) : 3;
-}
+int64_t linear_packed_block_rows(bool skip_zeros) { return skip_zeros ? kSkipRows : kMaxRows; }
 
 // Row blocks of an M-row product in blocks of `rows` rows, as the tasks take them.
 int64_t linear_packed_row_blocks(int64_t M, int64_t rows) { return (M + rows - 1) / rows; }
