@@ -50,6 +50,9 @@ from argparse import Namespace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# seqfuse from this checkout, installed or not (a GPU machine runs it from the tree).
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("SEQFUSE_SHARED", ROOT.parent / "shared"))
 MULTI30K = SHARED / "models" / "multi30k_en_de"
 MULTI30K_TEST_DE = SHARED / "data" / "multi30k" / "test_2016_flickr.de.gz"
@@ -177,7 +180,6 @@ def make_inputs(name: str, info: dict, sentences: int, seed: int = 1) -> dict:
         sources = [ds[i].tolist() for i in range(n)]
         refs = None
         if MULTI30K_TEST_DE.is_file():
-            sys.path.insert(0, str(ROOT))
             from seqfuse.bleu import read_lines
 
             refs = read_lines(MULTI30K_TEST_DE)[:n]
@@ -309,7 +311,6 @@ class Worker:
         from fairseq import checkpoint_utils
 
         if seqfuse:
-            sys.path.insert(0, str(ROOT))
             from fairseq.utils import import_user_module
 
             import seqfuse
@@ -422,7 +423,6 @@ class Worker:
         self.run_batch = self._run_hf
 
     def _setup_seqfuse_hf(self):
-        sys.path.insert(0, str(ROOT))
         import seqfuse
 
         self.model = seqfuse.optimize(self._marian())
@@ -703,7 +703,6 @@ def context(devices: list, threads: int | None) -> dict:
         except Exception:
             versions[mod] = None
     try:
-        sys.path.insert(0, str(ROOT))
         from seqfuse.version import __version__ as sv
 
         versions["seqfuse"] = sv

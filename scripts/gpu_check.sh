@@ -2,6 +2,8 @@
 # One-shot check of seqfuse on a machine with a GPU (see docs/GPU.md):
 #   wheels  install the carried wheels from .whl/ (fairseq & co.) into /tmp/site
 #   build   build seqfuse._C with CUDA in place
+#   prebuilt  use .carry/prebuilt/_C*.so (built elsewhere against the same torch,
+#           see docs/GPU.md) when it loads and sees the GPU, else build
 #   info    python -m seqfuse.info
 #   test    GPU tests (pytest -m gpu) and the CUDA cases of the op tests
 #   bench   the candidate kernel's benchmark, BLEU in fp32/fp16/bf16,
@@ -98,6 +100,25 @@ step_build() {
   }
 }
 
+step_prebuilt() {
+  local so
+  so=$(compgen -G ".carry/prebuilt/_C*.so" | head -1)
+  if [ -n "$so" ]; then
+    cp "$so" seqfuse/
+    echo "=== prebuilt: $so"
+    if timeout 120 "$PY" -c "from seqfuse import _ext; ok, why = _ext.cuda_available(); \
+print('prebuilt extension:', _ext.build_info(), '-', why); raise SystemExit(0 if ok else 1)"; then
+      echo "prebuilt 0 0" >>"$STATUS"
+      return 0
+    fi
+    echo "=== prebuilt $so does not load or see the GPU: building"
+    rm -f "seqfuse/$(basename "$so")"
+  else
+    echo "=== prebuilt: no .carry/prebuilt/_C*.so: building"
+  fi
+  step_build
+}
+
 step_info() { run info "$PY" -m seqfuse.info; }
 
 step_test() {
@@ -126,8 +147,8 @@ echo "seqfuse gpu_check $STAMP steps: ${STEPS[*]}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 for s in "${STEPS[@]}"; do
   case "$s" in
-    wheels | build | info | test | bench) ;;
-    *) echo "unknown step: $s (wheels build info test bench)" && exit 2 ;;
+    wheels | build | prebuilt | info | test | bench) ;;
+    *) echo "unknown step: $s (wheels build prebuilt info test bench)" && exit 2 ;;
   esac
 done
 i=0

@@ -18,8 +18,15 @@ __all__ = ["__version__", "fairseq_user_dir", "optimize"]
 
 def fairseq_user_dir() -> str:
     """Directory to give fairseq's ``--user-dir`` (the ``seqfuse_fairseq`` plugin)."""
-    import seqfuse_fairseq  # installed beside seqfuse (plugins/seqfuse_fairseq)
-
+    try:
+        import seqfuse_fairseq  # installed beside seqfuse (plugins/seqfuse_fairseq)
+    except ImportError:
+        # Run from a checkout that was not installed: the plugin beside the package.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        here = os.path.join(root, "plugins", "seqfuse_fairseq")
+        if os.path.isfile(os.path.join(here, "__init__.py")):
+            return here
+        raise
     return os.path.dirname(os.path.abspath(seqfuse_fairseq.__file__))
 
 
