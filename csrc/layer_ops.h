@@ -105,6 +105,13 @@ void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, 
                              int64_t N, const float* bias, float* y, int64_t rows, int64_t begin,
                              int64_t end, const int32_t* lists = nullptr,
                              const cpu_capability::LinearPost* post = nullptr);
+// Every task of row blocks [bbegin, bend) of linear_packed_row_block_count(M,
+// rows): all N columns of their rows.
+void linear_packed_run_blocks(const float* x, int64_t M, int64_t K, int64_t ldx,
+                              const float* packed, int64_t N, const float* bias, float* y,
+                              int64_t rows, int64_t bbegin, int64_t bend,
+                              const int32_t* lists = nullptr,
+                              const cpu_capability::LinearPost* post = nullptr);
 int64_t linear_packed_row_block_count(int64_t M, int64_t rows);
 void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,
                                  int32_t* lists, int64_t bbegin, int64_t bend);

@@ -516,6 +516,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
   const int64_t skip_blocks = linear_packed_row_block_count(n, skip_rows);
   int32_t* ffn_lists = zero_skip_lists(n, ffn);  // fc2's k lists (taken on every layer)
   uint8_t* ffn_flags = nonzero_flags(skip_blocks * ffn);
+  // With enough row blocks for every thread, the attentions, their output
+  // projections and the layer norms after them (and fc2 with its lists and
+  // norm) run by row blocks, each block through all three on one thread
+  // without a barrier between them (6 barriers a layer instead of 12; the
+  // same kernels on the same rows, so the same bits). With few blocks the
+  // products' column split balances the threads better: the ops stay apart.
+  const int64_t dense_blocks = linear_packed_row_block_count(n, dense_rows);
+  const bool by_rows = dense_blocks >= 4 * threads && skip_blocks >= 4 * threads;
   // Per layer: four attention-block products, two attentions, two FFN products.
   const int64_t queue_count = layers * 8;
   std::unique_ptr<cpu::TaskQueue[]> queues(new cpu::TaskQueue[queue_count]);
@@ -536,9 +544,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     // (cpu/task_queue.h): every thread passes the same phases in the same
     // order, so its own count of them names the phase's queue.
     int64_t phase = 0;
+    // min_chunk < 0: chunks of one task (row blocks, each long enough that the
+    // shared counter costs nothing next to it).
     const auto run_queued = [&](int64_t count, int64_t min_chunk, const auto& fn) {
       cpu::TaskQueue& queue = queues[phase++];
-      const int64_t chunk = cpu::task_chunk(count, nt, min_chunk);
+      const int64_t chunk = min_chunk < 0 ? 1 : cpu::task_chunk(count, nt, min_chunk);
       int64_t b, e;
       while (queue.next(count, chunk, &b, &e)) fn(b, e);
     };
@@ -550,26 +560,29 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
         linear_packed_run_range(a, n, k, k, fp(pack), m, bias, y, rows, b, e, lists, post);
       });
     };
+    // Rows [r0, r1) of an add + layer norm (this thread's even share when r0 < 0).
     const auto rows_ln = [&](const float* a, const float* bias, const float* res, const float* g,
-                             const float* beta, double eps, float* sum, float* normed) {
-      int64_t b, e;
-      part(n, &b, &e);
+                             const float* beta, double eps, float* sum, float* normed,
+                             int64_t r0 = -1, int64_t r1 = -1) {
+      if (r0 < 0) part(n, &r0, &r1);
       kernels::AddLayerNormParams p{a,   bias,   res, g, beta,
                                     sum, normed, n,   c, static_cast<float>(eps)};
-      add_layernorm_range_f32(p, b, e);
+      add_layernorm_range_f32(p, r0, r1);
     };
-    // The layers' _residual_norm on gemm_out: pre-norm (s, LN_next(s)),
-    // post-norm LN_own(residual + o + bias) as both. Writes the new x to
-    // x_new and returns the next block's input.
+    // The layers' _residual_norm on gemm_out (rows [r0, r1), or this thread's
+    // share): pre-norm (s, LN_next(s)), post-norm LN_own(residual + o + bias)
+    // as both. Writes the new x to x_new and returns the next block's input.
     const auto residual_norm_rows = [&](const at::Tensor& bias, const float* residual,
                                         const Norm& own, const Norm& next, float* x_new,
-                                        float* normed) -> const float* {
+                                        float* normed, int64_t r0 = -1,
+                                        int64_t r1 = -1) -> const float* {
       if (normalize_before) {
         rows_ln(gemm_out, fp(bias), residual, fp(next.weight), fp(next.bias), next.eps, x_new,
-                normed);
+                normed, r0, r1);
         return normed;
       }
-      rows_ln(gemm_out, fp(bias), residual, fp(own.weight), fp(own.bias), own.eps, nullptr, x_new);
+      rows_ln(gemm_out, fp(bias), residual, fp(own.weight), fp(own.bias), own.eps, nullptr, x_new,
+              r0, r1);
       return x_new;
     };
     float* sc = scratch.data() + tid * scratch_f;
@@ -578,6 +591,29 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
       run_queued(n, 2, [&](int64_t b, int64_t e) {
         attention_range_run_f32(p, b, e, sc, ph, sc + h_max * s_max, sc + h_max * s_max + c);
       });
+    };
+    // An attention, its output projection (no bias) and the residual norm:
+    // one phase by row blocks when by_rows, else three. Returns the next
+    // block's input (x_new or normed).
+    const auto attention_block = [&](const kernels::AttentionParams& p, const at::Tensor& out_pack,
+                                     const at::Tensor& out_bias, const float* residual,
+                                     const Norm& own, const Norm& next, float* x_new,
+                                     float* normed) -> const float* {
+      if (!by_rows) {
+        attend(p);
+#pragma omp barrier
+        gemm(attn_out, c, out_pack, c, nullptr, gemm_out, dense_rows);
+#pragma omp barrier
+        return residual_norm_rows(out_bias, residual, own, next, x_new, normed);
+      }
+      run_queued(dense_blocks, -1, [&](int64_t b, int64_t e) {
+        const int64_t r0 = b * dense_rows, r1 = std::min(n, e * dense_rows);
+        attention_range_run_f32(p, r0, r1, sc, ph, sc + h_max * s_max, sc + h_max * s_max + c);
+        linear_packed_run_blocks(attn_out, n, c, c, fp(out_pack), c, nullptr, gemm_out, dense_rows,
+                                 b, e);
+        residual_norm_rows(out_bias, residual, own, next, x_new, normed, r0, r1);
+      });
+      return normalize_before ? normed : x_new;
     };
 
     const float* x = fp(x_in);
@@ -589,6 +625,16 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
       const Norm cross_norm{w[kCrossLnW], w[kCrossLnB], num[kCrossEps]};
       const Norm final_norm{w[kFinalLnW], w[kFinalLnB], num[kFinalEps]};
       float* x_out = out.data_ptr<float>() + l * nc;
+      // The FFN's residual add (pre-norm) or add + final norm (post-norm) on
+      // gemm_out, rows [r0, r1) (this thread's share when r0 < 0).
+      const auto final_norm_rows = [&](int64_t r0, int64_t r1) {
+        if (normalize_before) {
+          rows_ln(gemm_out, fp(w[kFc2Bias]), x, nullptr, nullptr, 1e-5, x_out, nullptr, r0, r1);
+        } else {
+          rows_ln(gemm_out, fp(w[kFc2Bias]), x, fp(final_norm.weight), fp(final_norm.bias),
+                  final_norm.eps, nullptr, x_out, r0, r1);
+        }
+      };
 
       // Self-attention over the cache (pre-norm: normalise x first).
       const float* in = x;
@@ -612,23 +658,16 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
         gemm(in, c, w[kQkvPack], 3 * c, fp(w[kQkvBias]), qkv, dense_rows, nullptr, &slot_write);
       }
 #pragma omp barrier
-      attend(self_attn[l]);
-#pragma omp barrier
-      gemm(attn_out, c, w[kSelfOutPack], c, nullptr, gemm_out, dense_rows);
-#pragma omp barrier
-      const float* normed =
-          residual_norm_rows(w[kSelfOutBias], x, self_norm, cross_norm, x_self, n_self);
+      const float* normed = attention_block(self_attn[l], w[kSelfOutPack], w[kSelfOutBias], x,
+                                            self_norm, cross_norm, x_self, n_self);
       x = x_self;
 #pragma omp barrier
 
       // Cross-attention over the encoder K/V (one set per source sentence).
       gemm(normed, c, w[kCrossQPack], c, fp(w[kCrossQBias]), q, dense_rows);
 #pragma omp barrier
-      attend(cross_attn[l]);
-#pragma omp barrier
-      gemm(attn_out, c, w[kCrossOutPack], c, nullptr, gemm_out, dense_rows);
-#pragma omp barrier
-      normed = residual_norm_rows(w[kCrossOutBias], x, cross_norm, final_norm, x_cross, n_cross);
+      normed = attention_block(cross_attn[l], w[kCrossOutPack], w[kCrossOutBias], x, cross_norm,
+                               final_norm, x_cross, n_cross);
       x = x_cross;
 #pragma omp barrier
 
@@ -642,6 +681,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
         const cpu_capability::LinearPost post{&relu_post, &ctx};
         gemm(normed, c, w[kFc1Pack], f, nullptr, fc1, skip_rows, nullptr, &post);
 #pragma omp barrier
+        if (by_rows) {
+          // fc2's lists, fc2 and the final norm by row blocks, one phase.
+          run_queued(skip_blocks, -1, [&](int64_t b, int64_t e) {
+            lists_from_flags(ffn_flags, f, ffn_lists, b, e);
+            linear_packed_run_blocks(fc1, n, f, f, fp(w[kFc2Pack]), c, nullptr, gemm_out,
+                                     skip_rows, b, e, ffn_lists);
+            final_norm_rows(b * skip_rows, std::min(n, e * skip_rows));
+          });
+          x = x_out;
+#pragma omp barrier
+          continue;
+        }
         int64_t b, e;
         part(skip_blocks, &b, &e);
         lists_from_flags(ffn_flags, f, ffn_lists, b, e);
@@ -670,12 +721,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
         }
       }
 #pragma omp barrier
-      if (normalize_before) {
-        rows_ln(gemm_out, fp(w[kFc2Bias]), x, nullptr, nullptr, 1e-5, x_out, nullptr);
-      } else {
-        rows_ln(gemm_out, fp(w[kFc2Bias]), x, fp(final_norm.weight), fp(final_norm.bias),
-                final_norm.eps, nullptr, x_out);
-      }
+      final_norm_rows(-1, -1);
       x = x_out;
 #pragma omp barrier
     }

@@ -21,6 +21,10 @@ namespace cpu_capability {
   void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed, \
                            int64_t N, const float* bias, float* y, int64_t rows, int64_t begin,    \
                            int64_t end, const int32_t* lists, const LinearPost* post);             \
+  void linear_packed_block_range(const float* x, int64_t M, int64_t K, int64_t ldx,                \
+                                 const float* packed, int64_t N, const float* bias, float* y,      \
+                                 int64_t rows, int64_t bbegin, int64_t bend,                       \
+                                 const int32_t* lists, const LinearPost* post);                    \
   int64_t linear_packed_row_blocks(int64_t M, int64_t rows);                                       \
   void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,    \
                                int32_t* lists, int64_t bbegin, int64_t bend);
@@ -39,8 +43,8 @@ using Kernel = void (*)(const float*, int64_t, int64_t, int64_t, const float*, i
                         const float*, float*, int32_t*);
 constexpr int64_t kPanel = 16;
 
-// The capability's kernel, its block heights, task count and task-range
-// form, and the zero-skipping lists' row blocks and builder.
+// The capability's kernel, its block heights, task count, task-range and
+// row-block-range forms, and the zero-skipping lists' row blocks and builder.
 struct Kernels {
   Kernel run = nullptr;
   int64_t (*block_rows)(bool) = nullptr;
@@ -48,6 +52,7 @@ struct Kernels {
   void (*range)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
                 float*, int64_t, int64_t, int64_t, const int32_t*,
                 const cpu_capability::LinearPost*) = nullptr;
+  decltype(range) block_range = nullptr;
   int64_t (*row_blocks)(int64_t, int64_t) = nullptr;
   void (*nonzero)(const float*, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t,
                   int64_t) = nullptr;
@@ -60,12 +65,22 @@ const Kernels& kernels() {
     const std::string cap = at::get_cpu_capability();
     if (cap == "AVX512") {
       namespace c = cpu_capability::AVX512;
-      out = {&c::linear_packed,       &c::linear_packed_block_rows, &c::linear_packed_tasks,
-             &c::linear_packed_range, &c::linear_packed_row_blocks, &c::linear_packed_nonzero_k};
+      out = {&c::linear_packed,
+             &c::linear_packed_block_rows,
+             &c::linear_packed_tasks,
+             &c::linear_packed_range,
+             &c::linear_packed_block_range,
+             &c::linear_packed_row_blocks,
+             &c::linear_packed_nonzero_k};
     } else if (cap == "AVX2") {
       namespace c = cpu_capability::AVX2;
-      out = {&c::linear_packed,       &c::linear_packed_block_rows, &c::linear_packed_tasks,
-             &c::linear_packed_range, &c::linear_packed_row_blocks, &c::linear_packed_nonzero_k};
+      out = {&c::linear_packed,
+             &c::linear_packed_block_rows,
+             &c::linear_packed_tasks,
+             &c::linear_packed_range,
+             &c::linear_packed_block_range,
+             &c::linear_packed_row_blocks,
+             &c::linear_packed_nonzero_k};
     }
 #endif
     return out;
@@ -112,6 +127,13 @@ void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, 
                              int64_t end, const int32_t* lists,
                              const cpu_capability::LinearPost* post) {
   kernels().range(x, M, K, ldx, packed, N, bias, y, rows, begin, end, lists, post);
+}
+
+void linear_packed_run_blocks(const float* x, int64_t M, int64_t K, int64_t ldx,
+                              const float* packed, int64_t N, const float* bias, float* y,
+                              int64_t rows, int64_t bbegin, int64_t bend, const int32_t* lists,
+                              const cpu_capability::LinearPost* post) {
+  kernels().block_range(x, M, K, ldx, packed, N, bias, y, rows, bbegin, bend, lists, post);
 }
 
 int64_t linear_packed_row_block_count(int64_t M, int64_t rows) {

@@ -213,6 +213,24 @@ void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, cons
   }
 }
 
+// Every task of row blocks [bbegin, bend) (all N columns of their rows), in
+// linear_packed_range's order: group by group, the blocks' tasks of a group
+// being consecutive there. A caller that takes a product by row blocks can go
+// on to its rows' next op on the same thread, without waiting for the rest.
+void linear_packed_block_range(const float* x, int64_t M, int64_t K, int64_t ldx,
+                               const float* packed, int64_t N, const float* bias, float* y,
+                               int64_t rows, int64_t bbegin, int64_t bend, const int32_t* lists,
+                               const LinearPost* post) {
+  constexpr int64_t kGroup = 4;  // linear_packed_range's
+  const int64_t pairs = ((N + kPanel - 1) / kPanel + 1) / 2;
+  const int64_t per_group = kGroup * ((M + rows - 1) / rows);
+  for (int64_t g0 = 0; g0 < pairs; g0 += kGroup) {
+    const int64_t gsize = std::min(kGroup, pairs - g0), base = g0 / kGroup * per_group;
+    linear_packed_range(x, M, K, ldx, packed, N, bias, y, rows, base + bbegin * gsize,
+                        base + bend * gsize, lists, post);
+  }
+}
+
 // lists: null (dense), or room for
 // linear_packed_row_blocks(M, linear_packed_block_rows(true)) * (K + 1)
 // int32, filled here before the product.
