@@ -160,7 +160,7 @@ def test_attention(backend, dtype, case):
     assert_close(w.cpu(), w_ref, dtype, "weights", w_same)
 
 
-@pytest.mark.parametrize("s", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("s", [1, 2, 5, 7, 8, 9, 15, 16, 17, 40])
 @pytest.mark.parametrize("dim", [64, 48])
 def test_attention_probabilities_are_torch_softmax_bits(s, dim):
     """The CPU kernel's probabilities are torch's CPU softmax of its scores,

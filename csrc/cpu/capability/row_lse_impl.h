@@ -7,7 +7,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace seqfuse {
 namespace cpu_capability {
@@ -30,12 +32,32 @@ float row_lse(const float* x, int64_t n, float m) {
 // multiply by 1 / sum. The attention cores' probabilities (fairseq's
 // utils.softmax, F.softmax(dtype=float32)) equal torch's bit for bit for the
 // same scores. out may be x.
+// Below one vector, ATen's reduce_all folds lane by lane (x0 op x1, then op
+// x2, ...) with a whole-vector op and a store and reload per value; the same
+// folds in scalars give the same values (a sum in the same order; the
+// maximum is exact, NaN when any value is NaN, as at::vec::maximum), at a
+// fraction of the cost: attention rows of a decoding step are mostly that
+// short (a source sentence, the steps so far).
 void softmax_row(const float* x, float* out, int64_t n) {
   using Vec = at::vec::Vectorized<float>;
-  const float m =
-      at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
+  const bool short_row = n < Vec::size();
+  float m;
+  if (short_row) {
+    m = x[0];
+    for (int64_t i = 1; i < n; ++i) {
+      m = (m != m || x[i] != x[i]) ? std::numeric_limits<float>::quiet_NaN() : std::max(m, x[i]);
+    }
+  } else {
+    m = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
+  }
   at::vec::map([m](Vec v) { return (v - Vec(m)).exp(); }, out, x, n);
-  float sum = at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, out, n);
+  float sum;
+  if (short_row) {
+    sum = out[0];
+    for (int64_t i = 1; i < n; ++i) sum += out[i];
+  } else {
+    sum = at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, out, n);
+  }
   sum = 1 / sum;
   at::vec::map([sum](Vec v) { return v * Vec(sum); }, out, out, n);
 }
