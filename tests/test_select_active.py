@@ -35,11 +35,13 @@ def make_case(bsz, beam, step, src, seed, eos_rate):
     return eos_mask, ignore, cand_bbsz, cand_tokens, cand_scores, tokens, scores, attn
 
 
-@pytest.mark.parametrize("bsz,beam", [(1, 1), (1, 5), (3, 4), (17, 5)])
-@pytest.mark.parametrize("step", [0, 1, 7])
-@pytest.mark.parametrize("src", [0, 6])
+@pytest.mark.parametrize("bsz,beam", [(1, 1), (1, 5), (3, 4), (17, 5), (80, 5)])
+@pytest.mark.parametrize("step", [0, 1, 7, 40])
+@pytest.mark.parametrize("src", [0, 6, 25])
 @pytest.mark.parametrize("eos_rate", [0.0, 0.3, 0.9])
 def test_op_equals_fairseq_ops(bsz, beam, step, src, eos_rate):
+    """(400 rows, 25 source tokens, step 40: the history copies split over the
+    threads, csrc/cpu/select_active_cpu.cc gather_rows.)"""
     case = make_case(bsz, beam, step, src, seed=bsz * 100 + beam * 10 + step, eos_rate=eos_rate)
     ref = copy.deepcopy(case)
     assert search._op_takes(case[0], case[4], case[5], case[6], case[7])

@@ -16,8 +16,10 @@
 // Only copies and integer compares: the results equal the torch ops' exactly.
 // The contract and the torch version (other devices): seqfuse/ops/search.py.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -33,15 +35,29 @@ namespace {
 // Row r of a [n, sub, ld] buffer <- row order[r], for the first `width`
 // elements of each of its `sub` sub-rows (order may repeat and permute rows:
 // read from a copy). tokens and scores are sub = 1; attn [rows, S, T] is S.
+// The copy lives in a buffer kept between calls (one per thread and type:
+// a fresh one was allocated and zeroed every step); both passes split their
+// rows over the threads when there is enough to copy (attn: rows x source
+// length x steps, a few hundred KB a step at batch 64, which the other
+// threads otherwise wait out).
 template <typename T>
 void gather_rows(T* data, int64_t n, int64_t sub, int64_t ld, int64_t width, const int64_t* order) {
   if (width <= 0 || n == 0) return;
-  std::vector<T> old(static_cast<size_t>(n * sub * width));
-  for (int64_t i = 0; i < n * sub; ++i)
-    std::memcpy(&old[i * width], data + i * ld, width * sizeof(T));
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t q = 0; q < sub; ++q)
-      std::memcpy(data + (r * sub + q) * ld, &old[(order[r] * sub + q) * width], width * sizeof(T));
+  static thread_local std::vector<T> copy;
+  const size_t need = static_cast<size_t>(n * sub * width);
+  if (copy.size() < need) copy.resize(need);
+  T* old = copy.data();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (sub * width));
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b * sub; i < e * sub; ++i)
+      std::memcpy(old + i * width, data + i * ld, width * sizeof(T));
+  });
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int64_t q = 0; q < sub; ++q)
+        std::memcpy(data + (r * sub + q) * ld, old + (order[r] * sub + q) * width,
+                    width * sizeof(T));
+  });
 }
 
 // A [rows, cols] CPU tensor of `type` whose rows are contiguous (with
