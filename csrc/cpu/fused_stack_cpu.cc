@@ -572,10 +572,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
     // The layers' _residual_norm on gemm_out (rows [r0, r1), or this thread's
     // share): pre-norm (s, LN_next(s)), post-norm LN_own(residual + o + bias)
     // as both. Writes the new x to x_new and returns the next block's input.
-    const auto residual_norm_rows = [&](const at::Tensor& bias, const float* residual,
-                                        const Norm& own, const Norm& next, float* x_new,
-                                        float* normed, int64_t r0 = -1,
-                                        int64_t r1 = -1) -> const float* {
+    const auto residual_norm_rows =
+        [&](const at::Tensor& bias, const float* residual, const Norm& own, const Norm& next,
+            float* x_new, float* normed, int64_t r0 = -1, int64_t r1 = -1) -> const float* {
       if (normalize_before) {
         rows_ln(gemm_out, fp(bias), residual, fp(next.weight), fp(next.bias), next.eps, x_new,
                 normed, r0, r1);
@@ -685,8 +684,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
           // fc2's lists, fc2 and the final norm by row blocks, one phase.
           run_queued(skip_blocks, -1, [&](int64_t b, int64_t e) {
             lists_from_flags(ffn_flags, f, ffn_lists, b, e);
-            linear_packed_run_blocks(fc1, n, f, f, fp(w[kFc2Pack]), c, nullptr, gemm_out,
-                                     skip_rows, b, e, ffn_lists);
+            linear_packed_run_blocks(fc1, n, f, f, fp(w[kFc2Pack]), c, nullptr, gemm_out, skip_rows,
+                                     b, e, ffn_lists);
             final_norm_rows(b * skip_rows, std::min(n, e * skip_rows));
           });
           x = x_out;

@@ -23,8 +23,8 @@ namespace cpu_capability {
                            int64_t end, const int32_t* lists, const LinearPost* post);             \
   void linear_packed_block_range(const float* x, int64_t M, int64_t K, int64_t ldx,                \
                                  const float* packed, int64_t N, const float* bias, float* y,      \
-                                 int64_t rows, int64_t bbegin, int64_t bend,                       \
-                                 const int32_t* lists, const LinearPost* post);                    \
+                                 int64_t rows, int64_t bbegin, int64_t bend, const int32_t* lists, \
+                                 const LinearPost* post);                                          \
   int64_t linear_packed_row_blocks(int64_t M, int64_t rows);                                       \
   void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,    \
                                int32_t* lists, int64_t bbegin, int64_t bend);
@@ -65,22 +65,16 @@ const Kernels& kernels() {
     const std::string cap = at::get_cpu_capability();
     if (cap == "AVX512") {
       namespace c = cpu_capability::AVX512;
-      out = {&c::linear_packed,
-             &c::linear_packed_block_rows,
-             &c::linear_packed_tasks,
-             &c::linear_packed_range,
-             &c::linear_packed_block_range,
-             &c::linear_packed_row_blocks,
-             &c::linear_packed_nonzero_k};
+      out = {
+          &c::linear_packed,          &c::linear_packed_block_rows,  &c::linear_packed_tasks,
+          &c::linear_packed_range,    &c::linear_packed_block_range, &c::linear_packed_row_blocks,
+          &c::linear_packed_nonzero_k};
     } else if (cap == "AVX2") {
       namespace c = cpu_capability::AVX2;
-      out = {&c::linear_packed,
-             &c::linear_packed_block_rows,
-             &c::linear_packed_tasks,
-             &c::linear_packed_range,
-             &c::linear_packed_block_range,
-             &c::linear_packed_row_blocks,
-             &c::linear_packed_nonzero_k};
+      out = {
+          &c::linear_packed,          &c::linear_packed_block_rows,  &c::linear_packed_tasks,
+          &c::linear_packed_range,    &c::linear_packed_block_range, &c::linear_packed_row_blocks,
+          &c::linear_packed_nonzero_k};
     }
 #endif
     return out;
