@@ -40,6 +40,7 @@ float row_lse(const float* x, int64_t n, float m) {
 // short (a source sentence, the steps so far).
 void softmax_row(const float* x, float* out, int64_t n) {
   using Vec = at::vec::Vectorized<float>;
+  if (n <= 0) return;
   const bool short_row = n < Vec::size();
   float m;
   if (short_row) {
