@@ -100,10 +100,19 @@ step_build() {
   }
 }
 
+# The extension's sources (csrc/, setup.py) as one hash: a prebuilt extension
+# is used only when it was built from the sources here (scripts/gpu_prepare.sh
+# writes the hash of those it built beside it).
+sources_hash() { find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1; }
+
 step_prebuilt() {
   local so
   so=$(compgen -G ".carry/prebuilt/_C*.so" | head -1)
-  if [ -n "$so" ]; then
+  if [ -z "$so" ]; then
+    echo "=== prebuilt: no .carry/prebuilt/_C*.so: building"
+  elif [ "$(cat .carry/prebuilt/SOURCES.sha256 2>/dev/null)" != "$(sources_hash)" ]; then
+    echo "=== prebuilt $so was built from other sources than these: building"
+  else
     cp "$so" seqfuse/
     echo "=== prebuilt: $so"
     if timeout 120 "$PY" -c "from seqfuse import _ext; ok, why = _ext.cuda_available(); \
@@ -113,8 +122,6 @@ print('prebuilt extension:', _ext.build_info(), '-', why); raise SystemExit(0 if
     fi
     echo "=== prebuilt $so does not load or see the GPU: building"
     rm -f "seqfuse/$(basename "$so")"
-  else
-    echo "=== prebuilt: no .carry/prebuilt/_C*.so: building"
   fi
   step_build
 }
