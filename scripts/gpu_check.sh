@@ -100,17 +100,12 @@ step_build() {
   }
 }
 
-# The extension's sources (csrc/, setup.py) as one hash: a prebuilt extension
-# is used only when it was built from the sources here (scripts/gpu_prepare.sh
-# writes the hash of those it built beside it).
-sources_hash() { find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1; }
-
 step_prebuilt() {
   local so
   so=$(compgen -G ".carry/prebuilt/_C*.so" | head -1)
   if [ -z "$so" ]; then
     echo "=== prebuilt: no .carry/prebuilt/_C*.so: building"
-  elif [ "$(cat .carry/prebuilt/SOURCES.sha256 2>/dev/null)" != "$(sources_hash)" ]; then
+  elif [ "$(cat .carry/prebuilt/SOURCES.sha256 2>/dev/null)" != "$(bash scripts/extension_sources_hash.sh)" ]; then
     echo "=== prebuilt $so was built from other sources than these: building"
   else
     cp "$so" seqfuse/

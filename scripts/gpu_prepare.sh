@@ -84,10 +84,9 @@ step_prebuilt() {
   so=$(ls "$WORK"/tree/seqfuse/_C*.so)
   cp "$so" .carry/prebuilt/
   strip --strip-debug .carry/prebuilt/_C*.so
-  # The sources it was built from, as gpu_check.sh's sources_hash computes it:
-  # a later change to csrc/ or setup.py makes gpu_check build instead.
-  (cd "$WORK/tree" && find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum |
-    cut -d' ' -f1) >.carry/prebuilt/SOURCES.sha256
+  # The sources it was built from: a later change to csrc/ or setup.py makes
+  # gpu_check.sh build instead.
+  (cd "$WORK/tree" && bash scripts/extension_sources_hash.sh) >.carry/prebuilt/SOURCES.sha256
   (cd "$WORK/tree" && "$VENV/bin/python" -c 'from seqfuse import _ext; print("built:", _ext.build_info())')
   ls -la .carry/prebuilt/
 }

@@ -670,7 +670,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
       x = x_cross;
 #pragma omp barrier
 
-      // FFN: fc2(act(fc1(h) + b1)) + b2 + residual, then (post-norm) LN_final.
+      // FFN: fc2(act(fc1(h) + b1)) + b2 + residual, then (post-norm) LN_final
+      // (with fc2 by row blocks when normed_by_blocks).
+      bool normed_by_blocks = false;
       if (num[kFc2SkipZeros] != 0.0 && act == kernels::kActRelu) {
         // fc1's tasks add the bias and apply the ReLU to their outputs as
         // they store them (bias_act's float ops: the same bits) and note,
@@ -688,15 +690,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
                                      b, e, ffn_lists);
             final_norm_rows(b * skip_rows, std::min(n, e * skip_rows));
           });
-          x = x_out;
+          normed_by_blocks = true;
+        } else {
+          int64_t b, e;
+          part(skip_blocks, &b, &e);
+          lists_from_flags(ffn_flags, f, ffn_lists, b, e);
 #pragma omp barrier
-          continue;
+          gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, skip_rows, ffn_lists);
         }
-        int64_t b, e;
-        part(skip_blocks, &b, &e);
-        lists_from_flags(ffn_flags, f, ffn_lists, b, e);
-#pragma omp barrier
-        gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, skip_rows, ffn_lists);
       } else {
         gemm(normed, c, w[kFc1Pack], f, nullptr, fc1, dense_rows);
 #pragma omp barrier
@@ -719,8 +720,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
           gemm(fc1, f, w[kFc2Pack], c, nullptr, gemm_out, dense_rows);
         }
       }
+      if (!normed_by_blocks) {
 #pragma omp barrier
-      final_norm_rows(-1, -1);
+        final_norm_rows(-1, -1);
+      }
       x = x_out;
 #pragma omp barrier
     }

@@ -32,6 +32,9 @@ constexpr int kVecs = static_cast<int>(kPanel / Vec::size());  // vectors per pa
 // the 32 registers; with 256-bit ones 3 rows (12 accumulators, 16 registers).
 constexpr int kMaxRows = Vec::size() >= 16 ? 10 : 3;
 constexpr int kSkipRows = Vec::size() >= 16 ? 8 : 3;
+// Panel pairs per group in the task order (linear_packed_range): 128 KB of
+// panels at K = 256.
+constexpr int64_t kGroup = 4;
 // How far ahead (in k steps) a block prefetches its panels' rows into L1.
 // Each step's rows come from L2 or beyond (a pair of panels is K x 128 bytes,
 // larger than L1 at the model's K); 24 steps of a 10-row block are about 240
@@ -180,7 +183,6 @@ int64_t linear_packed_tasks(int64_t M, int64_t N, int64_t rows) {
 void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
                          int64_t N, const float* bias, float* y, int64_t rows, int64_t begin,
                          int64_t end, const int32_t* lists, const LinearPost* post) {
-  constexpr int64_t kGroup = 4;  // 128 KB of panels at K = 256
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int64_t pairs = (panels + 1) / 2;
   const int64_t blocks = (M + rows - 1) / rows;
@@ -221,7 +223,6 @@ void linear_packed_block_range(const float* x, int64_t M, int64_t K, int64_t ldx
                                const float* packed, int64_t N, const float* bias, float* y,
                                int64_t rows, int64_t bbegin, int64_t bend, const int32_t* lists,
                                const LinearPost* post) {
-  constexpr int64_t kGroup = 4;  // linear_packed_range's
   const int64_t pairs = ((N + kPanel - 1) / kPanel + 1) / 2;
   const int64_t per_group = kGroup * ((M + rows - 1) / rows);
   for (int64_t g0 = 0; g0 < pairs; g0 += kGroup) {
