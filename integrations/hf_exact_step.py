@@ -43,24 +43,33 @@ from seqfuse.source_shape import shape_of
 STATS = {"exact": 0, "stock": 0}
 
 # The transformers code the C++ step mirrors, identified by the shape of its
-# source (the AST without docstring, comments or formatting): a decoder layer
-# forward (-> pre-norm or not), the attention forward, sdpa_attention_forward
-# and DynamicLayer.update, as in transformers 5.x where parity is tested. Code
-# of any other shape runs stock.
+# source (seqfuse.source_shape: the AST without docstring, comments,
+# annotations or formatting): a decoder layer forward (-> pre-norm or not),
+# the attention forward, sdpa_attention_forward and DynamicLayer.update, in
+# the transformers releases where parity is tested (5.17.0 and 5.23.0: the
+# tests in tests/test_hf*.py run under each). Code of any other shape runs
+# stock.
 _LAYER_FORWARDS = {
-    "cfc221cdf73aa494": False,  # post-norm: BART, Marian, PLBart, BlenderbotSmall
-    "1e4701b528c550ef": True,  # pre-norm: mBART, Pegasus, M2M100, Blenderbot
+    "409dfff0bfed351e": False,  # post-norm: BART, Marian, PLBart, BlenderbotSmall
+    "c48ee6be602bea23": True,  # pre-norm: mBART, Pegasus, M2M100, Blenderbot
 }
-_ATTENTION_FORWARD = "b46bd675fcebf7b4"
-_SDPA_FORWARD = "df16c5e8659967ac"
-_CACHE_UPDATE = "3dc6b671196c87bc"
+_ATTENTION_FORWARD = "694b802468b7dc06"
+# sdpa_attention_forward, by release. For a decoder step (one query token,
+# one K/V head per query head, no paged cache, no position bias) both issue
+# the same ATen calls: scaled_dot_product_attention, transpose, contiguous;
+# 5.23 reshapes the output to its own shape in between (a view, no kernel).
+_SDPA_FORWARDS = {
+    "b1ca025d495e7bbd": "5.23",
+    "0b9f8ced242762f1": "5.17",
+}
+_CACHE_UPDATE = "d0fce5f3d34119e1"
 
 
 def _library_problem() -> str | None:
     from transformers.cache_utils import DynamicLayer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if shape_of(sdpa_attention_forward) != _SDPA_FORWARD:
+    if shape_of(sdpa_attention_forward) not in _SDPA_FORWARDS:
         return "this transformers' sdpa_attention_forward is not the verified one"
     if shape_of(DynamicLayer.update) != _CACHE_UPDATE:
         return "this transformers' DynamicLayer.update is not the verified one"

@@ -56,11 +56,11 @@ _ACTIVATIONS = {"relu": 0, "gelu": 1, "tanh": 2}
 # tested), by the shape of its source (seqfuse.source_shape): other code runs
 # the stock layers.
 _VERIFIED = {
-    "MultiheadAttention.forward": "5289d2de5a329a42",
-    "MultiheadAttention._append_prev_key_padding_mask": "d18a68d32c1c2032",
-    "TransformerDecoderLayerBase.forward": "226a0cb7ffbb4b8a",
-    "TransformerDecoderBase.extract_features_scriptable": "4f479dffa18f6fcd",
-    "softmax": "a2ca25c1a152c1ef",
+    "MultiheadAttention.forward": "8c2cb722994bbd62",
+    "MultiheadAttention._append_prev_key_padding_mask": "3e7ae0a2f16ecfd3",
+    "TransformerDecoderLayerBase.forward": "96054b8a7705d75c",
+    "TransformerDecoderBase.extract_features_scriptable": "535b1e7793450f1b",
+    "softmax": "797bab71ab83e372",
 }
 
 

@@ -174,7 +174,7 @@ def _plan(layers, params: list[Tensor], nums: list[float]) -> dict:
 
 # fairseq's TransformerEncoderBase.forward_scriptable as the fused encoder
 # repeats it around the layer loop (fairseq 0.12), by the shape of its source.
-_ENCODER_FORWARD = "f3328021cf33d158"
+_ENCODER_FORWARD = "045a6d2dee543181"
 
 
 def encoder_plan(encoder, x: Tensor) -> dict | str:
@@ -395,8 +395,8 @@ LOGITS_PLAN_KEY = "seqfuse.fused_logits_plan"
 STEP_MEMORY_KEY = "seqfuse.step_memory"
 # fairseq's TransformerDecoderBase.forward and extract_features (0.12), whose
 # "extract_features, then output_layer" the whole-network step stands for.
-_DECODER_FORWARD = "2ab83ff1132f9a5e"
-_DECODER_EXTRACT = "5f3895a267805d7f"
+_DECODER_FORWARD = "87ae1748dd29b3c0"
+_DECODER_EXTRACT = "bbe6163b038277f7"
 
 
 def _affine_norm(norm) -> list[Tensor] | str | None:
