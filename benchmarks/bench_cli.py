@@ -10,9 +10,10 @@ Multi30k model with beam 5, each command three ways, interleaved, in one run:
 - ``seqfuse-fused``: that with ``SEQFUSE_FUSED_LAYERS=1`` (same translations,
   scores within 1e-5: the printed score digits may differ).
 
-Times are fairseq's own translation time (``Translated ... in Xs`` and
-``translation time: X``), the median of ``--repeats`` runs; ratios are stock's
-time over the provider's. Output: a table, and JSON under benchmarks/results/.
+Times are fairseq's own translation time (fairseq-generate's ``Translated N
+sentences ... (R sentences/s`` as N / R, to about 5 digits where its printed
+seconds have one decimal; fairseq-interactive's ``translation time: X``), the
+median of ``--repeats`` runs; ratios are stock's time over the provider's. Output: a table, and JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -40,8 +41,25 @@ from seqfuse.info import cpu_description, cpu_probe, probe_warning, source_revis
 
 SHARED = Path(os.environ.get("SEQFUSE_SHARED", ROOT.parent / "shared"))
 PROVIDERS = ("stock", "seqfuse", "seqfuse-fused")
-_GENERATE_TIME = re.compile(r"Translated [0-9,]+ sentences \([0-9,]+ tokens\) in ([0-9.]+)s")
+# fairseq-generate prints its time to 0.1 s (about 3% of a 3 s run), and the
+# sentences per second it took to 0.01: the time is read from the rate.
+_GENERATE_TIME = re.compile(
+    r"Translated ([0-9,]+) sentences \([0-9,]+ tokens\) in ([0-9.]+)s \(([0-9.]+) sentences/s"
+)
 _INTERACTIVE_TIME = re.compile(r"translation time:\s*([0-9.]+)")
+
+
+def translation_time(output: str) -> float | None:
+    """fairseq's translation time in a command's output: fairseq-generate's
+    sentences over its sentences per second (its printed seconds when the
+    rate is 0), or fairseq-interactive's ``translation time``; None if
+    neither is there."""
+    m = _GENERATE_TIME.search(output)
+    if m is not None:
+        sentences, seconds, rate = int(m.group(1).replace(",", "")), m.group(2), m.group(3)
+        return sentences / float(rate) if float(rate) > 0 else float(seconds)
+    m = _INTERACTIVE_TIME.search(output)
+    return None if m is None else float(m.group(1))
 
 
 def generate_command(model_dir: Path, batch: int, beam: int) -> list[str]:
@@ -103,15 +121,15 @@ def run(cmd: list[str], provider: str, threads: int) -> tuple[list[str], float, 
         tail = "\n".join(proc.stderr.splitlines()[-20:])
         raise SystemExit(f"{provider}: {' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
     both = proc.stdout + proc.stderr
-    match = _GENERATE_TIME.search(both) or _INTERACTIVE_TIME.search(both)
-    if match is None:
+    seconds = translation_time(both)
+    if seconds is None:
         raise SystemExit(f"{provider}: no translation time in the output of {cmd[0]}")
     lines = [
         line
         for line in proc.stdout.splitlines()
         if line[:2] in ("S-", "T-", "H-", "D-", "P-") and not line.startswith("W-")
     ]
-    return lines, float(match.group(1)), wall
+    return lines, seconds, wall
 
 
 def _by_kind(lines: list[str], kind: str) -> dict[str, list[str]]:

@@ -590,3 +590,27 @@ def test_flop_bound_counts_what_torch_counts():
     assert ours["encoder_attention"] > 0
     seen = ours["total"] - ours["encoder_attention"]
     assert seen == counter.get_total_flops(), (ours, counts)
+
+
+def test_bench_cli_reads_fairseqs_time_from_its_rate():
+    """fairseq-generate prints its translation time to 0.1 s and its rate to
+    0.01 sentences/s: bench_cli takes the time from the rate (about 5
+    significant digits), and fairseq-interactive's 3-decimal time as is."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_cli_under_test", Path(__file__).resolve().parent.parent / "benchmarks/bench_cli.py"
+    )
+    bench_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_cli)
+    seconds = 3.2749
+    # fairseq_cli/generate.py's line for 1,000 sentences in `seconds`
+    line = (
+        "Translated {:,} sentences ({:,} tokens) in {:.1f}s ({:.2f} sentences/s, {:.2f} tokens/s)"
+    )
+    out = "INFO:fairseq_cli.generate:" + line.format(1000, 13583, seconds, 1000 / seconds, 4147.6)
+    got = bench_cli.translation_time("H-0\t-0.1\tx\n" + out + "\n")
+    assert got == pytest.approx(seconds, rel=2e-5)  # the printed 3.3 s would be 0.8% off
+    interactive = "INFO:fairseq_cli.interactive:Total time: 5.123 seconds; translation time: 4.567"
+    assert bench_cli.translation_time(interactive) == pytest.approx(4.567)
+    assert bench_cli.translation_time("no timing here") is None
