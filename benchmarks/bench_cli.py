@@ -13,7 +13,8 @@ Multi30k model with beam 5, each command three ways, interleaved, in one run:
 Times are fairseq's own translation time (fairseq-generate's ``Translated N
 sentences ... (R sentences/s`` as N / R, to about 5 digits where its printed
 seconds have one decimal; fairseq-interactive's ``translation time: X``), the
-median of ``--repeats`` runs; ratios are stock's time over the provider's. Output: a table, and JSON under benchmarks/results/.
+median of ``--repeats`` runs; ratios are stock's time over the provider's.
+Output: a table, and JSON under benchmarks/results/.
 """
 
 from __future__ import annotations

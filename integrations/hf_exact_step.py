@@ -46,9 +46,9 @@ STATS = {"exact": 0, "stock": 0}
 # source (seqfuse.source_shape: the AST without docstring, comments,
 # annotations or formatting): a decoder layer forward (-> pre-norm or not),
 # the attention forward, sdpa_attention_forward and DynamicLayer.update, in
-# the transformers releases where parity is tested (5.17.0 and 5.23.0: the
-# tests in tests/test_hf*.py run under each). Code of any other shape runs
-# stock.
+# the transformers releases where parity is tested (5.17.0 and 5.23.0:
+# tests/test_hf*.py pass under each; docs/HF.md says how a release is
+# checked). Code of any other shape runs stock.
 _LAYER_FORWARDS = {
     "409dfff0bfed351e": False,  # post-norm: BART, Marian, PLBart, BlenderbotSmall
     "c48ee6be602bea23": True,  # pre-norm: mBART, Pegasus, M2M100, Blenderbot
