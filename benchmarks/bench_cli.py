@@ -57,8 +57,9 @@ def translation_time(output: str) -> float | None:
     neither is there."""
     m = _GENERATE_TIME.search(output)
     if m is not None:
-        sentences, seconds, rate = int(m.group(1).replace(",", "")), m.group(2), m.group(3)
-        return sentences / float(rate) if float(rate) > 0 else float(seconds)
+        sentences = int(m.group(1).replace(",", ""))
+        seconds, rate = float(m.group(2)), float(m.group(3))
+        return sentences / rate if rate > 0 else seconds
     m = _INTERACTIVE_TIME.search(output)
     return None if m is None else float(m.group(1))
 

@@ -596,13 +596,9 @@ def test_bench_cli_reads_fairseqs_time_from_its_rate():
     """fairseq-generate prints its translation time to 0.1 s and its rate to
     0.01 sentences/s: bench_cli takes the time from the rate (about 5
     significant digits), and fairseq-interactive's 3-decimal time as is."""
-    import importlib.util
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_cli
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_cli_under_test", Path(__file__).resolve().parent.parent / "benchmarks/bench_cli.py"
-    )
-    bench_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_cli)
     seconds = 3.2749
     # fairseq_cli/generate.py's line for 1,000 sentences in `seconds`
     line = (
