@@ -23,6 +23,9 @@ struct SearchLane {
   bool normalize_scores = true;
   double len_penalty = 1.0;
   bool match_source_len = false;
+  // A shrink repacks a cache only when that frees at least this many bytes
+  // of it (seqfuse/layers/kv_cache.py, REPACK_MIN_BYTES).
+  int64_t repack_min_bytes = 0;
 
   // The decoder's caches (seqfuse/layers/kv_cache.py) and positions, as
   // fused_step._native_step passes them. The lane writes self_rows /

@@ -67,6 +67,7 @@ def test_lane_bit_identical_to_the_loop(monkeypatch, variant, max_steps):
     the search back every `max_steps` steps: every bit of every hypothesis is
     the loop's, and the search agrees with stock fairseq's."""
     monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)  # start small: growth happens
+    monkeypatch.setattr(kv_cache, "REPACK_MIN_BYTES", 0)  # and repacks, small as the caches are
     monkeypatch.setattr(search_lane, "MAX_STEPS", max_steps)
     model, d = ending_transformer(11 + len(variant), 3.0, **LAYER_VARIANTS[variant])
     fast = fused(model)
@@ -95,12 +96,42 @@ def test_lane_stops_where_the_loop_has_work(monkeypatch):
     shrinks, every sentence finished: the lane stops at each, the loop does
     its part, the lane goes on; every bit is the loop's."""
     monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)
+    monkeypatch.setattr(kv_cache, "REPACK_MIN_BYTES", 0)
     model, d = ending_transformer(11, 5.0)
     fast = fused(model)
     sample = random_sample(d, bsz=7, seed=5)
     kw = dict(beam_size=5, max_len_b=24)
     lane, loop, stats = lane_and_loop(monkeypatch, fast, d, sample, **kw)
     assert {"grow", "repack", "finished"} <= set(stats["stops"]), stats
+    assert_bit_identical_hypos(loop, lane)
+    compare_hypotheses(stock(model, d, sample, **kw), lane)
+
+
+@pytest.mark.parametrize("threshold", ["default", "never"])
+def test_lane_skips_the_repacks_the_caches_skip(monkeypatch, threshold):
+    """A shrink that frees less than REPACK_MIN_BYTES repacks no cache, and
+    the lane (which checks the same sizes in C++) does not stop for it: with
+    the default threshold this small model's caches never repack, and with
+    none reachable neither do any; every bit is still the loop's."""
+    monkeypatch.setattr(kv_cache, "INITIAL_ROW_SLOTS", 0)
+    if threshold == "never":
+        monkeypatch.setattr(kv_cache, "REPACK_MIN_BYTES", 1 << 62)
+    repacks = []
+    for cls in (kv_cache.SelfAttnCache, kv_cache.CrossAttnCache):
+        original = cls.repack
+
+        def counted(self, *args, _original=original, **kw):
+            repacks.append(type(self).__name__)
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(cls, "repack", counted)
+    model, d = ending_transformer(11, 5.0)
+    fast = fused(model)
+    sample = random_sample(d, bsz=7, seed=5)
+    kw = dict(beam_size=5, max_len_b=24)
+    lane, loop, stats = lane_and_loop(monkeypatch, fast, d, sample, **kw)
+    assert repacks == [], repacks  # the batch shrinks, as in the test above
+    assert "repack" not in stats["stops"] and stats["stops"].get("grow", 0) > 0, stats
     assert_bit_identical_hypos(loop, lane)
     compare_hypotheses(stock(model, d, sample, **kw), lane)
 

@@ -393,9 +393,10 @@ def _gathered(cache):
     return k[slots, r], v[slots, r], pad[r, slots]
 
 
-def test_self_attn_cache_growth_and_repack_keep_values():
+def test_self_attn_cache_growth_and_repack_keep_values(monkeypatch):
     """Growth by a quarter (not doubling) and repacks on a shrink to half the
     physical rows free memory without changing a value any row reads."""
+    monkeypatch.setattr(kv_cache, "REPACK_MIN_BYTES", 0)  # every shrink to half repacks
     g = torch.Generator().manual_seed(0)
     c, beam, sents = 6, 3, 8
     rows = beam * sents
@@ -434,7 +435,8 @@ def test_self_attn_cache_growth_and_repack_keep_values():
     assert row_caps[0] == rows and row_caps[11] == 4 * beam and row_caps[-1] == beam
 
 
-def test_cross_attn_cache_repack_on_shrink():
+def test_cross_attn_cache_repack_on_shrink(monkeypatch):
+    monkeypatch.setattr(kv_cache, "REPACK_MIN_BYTES", 0)  # every shrink to half repacks
     g = torch.Generator().manual_seed(1)
     s, sents, beam, c = 5, 6, 2, 4
     kv = torch.randn(s, sents, 2 * c, generator=g)
@@ -447,6 +449,62 @@ def test_cross_attn_cache_repack_on_shrink():
     assert cache.kv.size(1) == 2 and mapping.tolist() == [0, 1]
     assert torch.equal(k, kv[:, keep, :c]) and torch.equal(v, kv[:, keep, c:])
     assert torch.equal(p, pad[keep])
+
+
+def _shrunk_self_cache(rows: int, keep: int, c: int, steps: int):
+    """A self-attention cache of ``rows`` rows with ``steps`` slots written,
+    reordered to its first ``keep`` rows (reversed), and what each kept row
+    reads before the reorder."""
+    g = torch.Generator().manual_seed(rows + keep)
+    cache = kv_cache.SelfAttnCache(rows, steps, c, torch.empty(0))
+    for _ in range(steps):
+        cache.append(
+            torch.randn(1, rows, 2 * c, generator=g), torch.rand(rows, 1, generator=g) < 0.2
+        )
+    order = torch.arange(keep - 1, -1, -1)
+    want = [t[order] for t in _gathered(cache)]
+    return cache, order, want
+
+
+def test_a_repack_needs_to_free_enough(monkeypatch):
+    """A shrink to half the rows or less repacks a cache only when that frees
+    at least REPACK_MIN_BYTES (self- and cross-attention caches alike);
+    either way every kept row reads the same values."""
+    rows, keep, c, steps = 12, 5, 4, 6
+    freed = (rows - keep) * steps * 2 * c * 4  # float32 K/V of the dropped rows
+    for threshold, repacks in ((freed, True), (freed + 1, False), (0, True)):
+        monkeypatch.setattr(kv_cache, "REPACK_MIN_BYTES", threshold)
+        cache, order, want = _shrunk_self_cache(rows, keep, c, steps)
+        assert cache.repacks_at(keep) == repacks, threshold
+        cache.reorder(order)
+        assert cache.capacity[0] == (keep if repacks else rows), threshold
+        got = _gathered(cache)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), threshold
+
+    s, sents, beam = 5, 6, 2
+    kv = torch.randn(s, sents, 2 * c)
+    pad = torch.rand(sents, s) < 0.3
+    keep_sents = [4, 1]
+    order = torch.tensor([r for si in keep_sents for r in (si * beam, si * beam + 1)])
+    freed = (sents - len(keep_sents)) * s * 2 * c * 4
+    for threshold, repacks in ((freed, True), (freed + 1, False)):
+        monkeypatch.setattr(kv_cache, "REPACK_MIN_BYTES", threshold)
+        cache = kv_cache.CrossAttnCache(kv, pad, beam, beam)
+        cache.reorder(order)
+        assert cache.kv.size(1) == (len(keep_sents) if repacks else sents), threshold
+        k, v, mapping, p = cache.views()
+        assert torch.equal(k[:, mapping], kv[:, keep_sents, :c]), threshold
+        assert torch.equal(v[:, mapping], kv[:, keep_sents, c:]), threshold
+        assert torch.equal(p[mapping], pad[keep_sents]), threshold
+
+
+def test_default_repack_threshold_sizes():
+    """The default threshold at the Multi30k model's size (C = 256): a batch
+    of 16 sentences (80 rows, 20 slots) halving keeps its cache, a batch of
+    128 (640 rows, 8 slots) repacks."""
+    c2_bytes = 2 * 256 * 4
+    assert not kv_cache.repack_frees_enough(80 - 40, 20 * c2_bytes)
+    assert kv_cache.repack_frees_enough(640 - 320, 8 * c2_bytes)
 
 
 def test_rows_per_source_key_is_the_generators():

@@ -101,6 +101,12 @@ void shrink_cross_maps(SearchLane& L, const at::Tensor& order, int64_t sents) {
   L.cross_n = sents;
 }
 
+// kv_cache.repack_frees_enough: whether a repack dropping `rows` rows of
+// `row_bytes` each frees enough to be worth its copy.
+bool frees_enough(const SearchLane& L, int64_t rows, int64_t row_bytes) {
+  return rows * row_bytes >= L.repack_min_bytes;
+}
+
 }  // namespace
 
 void run_search_lane(SearchLane& L, const LaneNetwork& net, const LaneMemoryFits& fits,
@@ -136,15 +142,23 @@ void run_search_lane(SearchLane& L, const LaneNetwork& net, const LaneMemoryFits
     for (size_t l = 0; l < layers; ++l) {
       const int64_t r_cap = L.self_pad[l].size(1), l_cap = L.self_rows[l].size(1);
       // SelfAttnCache.repacks_at
-      if (pending && n_new <= r_cap / 2) return stop(kLaneTop, "repack");
+      const at::Tensor& block = L.self_blocks[l].front();
+      if (pending && n_new <= r_cap / 2 &&
+          frees_enough(L, r_cap - n_new, l_cap * block.size(2) * block.element_size()))
+        return stop(kLaneTop, "repack");
       if (n_new > r_cap || L.slot + 1 > l_cap) return stop(kLaneTop, "grow");
     }
     const bool shrink = pending && L.cross_n * L.beam != n_new;
     const int64_t sents = n_new / L.beam;
     if (shrink) {
       TORCH_CHECK(n_new % L.beam == 0, "SearchLane: ", n_new, " rows for beam ", L.beam);
-      for (size_t l = 0; l < layers; ++l)
-        if (sents <= L.cross_kv[l].size(1) / 2) return stop(kLaneTop, "repack");
+      for (size_t l = 0; l < layers; ++l) {
+        // CrossAttnCache.reorder
+        const at::Tensor& kv = L.cross_kv[l];
+        if (sents <= kv.size(1) / 2 &&
+            frees_enough(L, kv.size(1) - sents, kv.size(0) * kv.size(2) * kv.element_size()))
+          return stop(kLaneTop, "repack");
+      }
     }
     TORCH_CHECK(L.cross_n * L.beam == n_new || shrink, "SearchLane: ", L.cross_n,
                 " mapped sentences for ", n_new, " rows");
@@ -262,6 +276,7 @@ void bind_search_lane(pybind11::module& m) {
       .def_readwrite("normalize_scores", &SearchLane::normalize_scores)
       .def_readwrite("len_penalty", &SearchLane::len_penalty)
       .def_readwrite("match_source_len", &SearchLane::match_source_len)
+      .def_readwrite("repack_min_bytes", &SearchLane::repack_min_bytes)
       .def_readwrite("pos_table", &SearchLane::pos_table)
       .def_readwrite("pos_mode", &SearchLane::pos_mode)
       .def_readwrite("pos_pad", &SearchLane::pos_pad)
@@ -316,6 +331,7 @@ void bind_search_lane(pybind11::module& m) {
         fresh.normalize_scores = lane.normalize_scores;
         fresh.len_penalty = lane.len_penalty;
         fresh.match_source_len = lane.match_source_len;
+        fresh.repack_min_bytes = lane.repack_min_bytes;
         lane = std::move(fresh);
       });
   m.attr("LANE_TOP") = kLaneTop;

@@ -30,7 +30,7 @@ from fairseq import search
 from fairseq.sequence_generator import EnsembleModel
 
 from seqfuse import _ext
-from seqfuse.layers import fused_step
+from seqfuse.layers import fused_step, kv_cache
 
 LANE_ENV = "SEQFUSE_SEARCH_LANE"
 # How a run ended (csrc/search_lane.h): at the top of a step, inside one
@@ -104,6 +104,7 @@ class SearchLane:
         native.normalize_scores = bool(gen.normalize_scores)
         native.len_penalty = float(gen.len_penalty)
         native.match_source_len = bool(gen.match_source_len)
+        native.repack_min_bytes = int(kv_cache.REPACK_MIN_BYTES)
         self.native = native
 
     def _caches(self):
