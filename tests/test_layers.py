@@ -453,8 +453,8 @@ def test_cross_attn_cache_repack_on_shrink(monkeypatch):
 
 def _shrunk_self_cache(rows: int, keep: int, c: int, steps: int):
     """A self-attention cache of ``rows`` rows with ``steps`` slots written,
-    reordered to its first ``keep`` rows (reversed), and what each kept row
-    reads before the reorder."""
+    the order that keeps its first ``keep`` rows (reversed), and what each
+    row of that order reads before any reorder."""
     g = torch.Generator().manual_seed(rows + keep)
     cache = kv_cache.SelfAttnCache(rows, steps, c, torch.empty(0))
     for _ in range(steps):
