@@ -284,6 +284,38 @@ def test_tie_order_is_score_desc_then_flat_index():
         assert bool((flat[:, 1:] > flat[:, :-1])[same].all())
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("float32", "bfloat16"))
+@pytest.mark.parametrize(
+    "case", ("eos_only", "eos_only_cum_neg_inf", "dead_rows", "all_dead", "tiny_vocab")
+)
+def test_unbounded_tie_order(case, dtype):
+    """Without a bound (tau = -inf: fewer than k chunk maxima score above -inf)
+    the -inf scores tie: they come out by flat index, after every finite score,
+    as stock's complete sort orders them (max_len steps, dead rows, tiny
+    vocabularies)."""
+    rows, bsz = 5, 3
+    vocab = 5 if case == "tiny_vocab" else 8003
+    x, cum = make_inputs("random", bsz, rows, vocab, dtype, seed=len(case))
+    eos_mode = EOS_ONLY if case.startswith("eos_only") else EOS_ALLOW
+    if case == "eos_only_cum_neg_inf":
+        cum[1::2] = NEG_INF
+    elif case == "dead_rows":
+        x[1:rows] = NEG_INF  # sentence 0: row 0 has 3 finite logits, the rest are dead
+        x[0, 3:] = NEG_INF
+        x[rows + 1 :: 2] = NEG_INF  # later sentences: every other row dead
+    elif case == "all_dead":
+        x[:] = NEG_INF
+    sp = specials(vocab)
+    k = rows * vocab if case == "tiny_vocab" else 2 * rows
+    full = full_scores(x, cum, rows, sp["pad"], sp["unk"], sp["eos"], 0.0, eos_mode, None, False)
+    out = beam_topk(x, cum, rows, k, sp["pad"], sp["unk"], sp["eos"], 0.0, eos_mode)
+    scores, tokens, beams = out
+    expected = full.sort(dim=1, descending=True, stable=True)
+    assert torch.equal(scores, expected.values[:, :k]), case
+    assert torch.equal(beams * vocab + tokens, expected.indices[:, :k]), case
+    assert bool((scores == NEG_INF).any()), "the case must reach -inf candidates"
+
+
 def test_bad_inputs_raise():
     x = torch.randn(6, 50)
     with pytest.raises(ValueError, match="logits must be"):

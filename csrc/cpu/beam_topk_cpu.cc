@@ -182,30 +182,18 @@ inline bool better(const Cand& a, const Cand& b) {
   return a.score > b.score || (a.score == b.score && a.flat < b.flat);
 }
 
-// Phase 2 for one sentence.
+// Phase 2's survivors under a finite bound tau: the tokens of each row whose
+// unedited score reaches tau, scored with the edits, and each row's unk.
 template <typename T>
-void sentence_phase(const T* logits, const BeamTopkParams& p, int64_t sent, const RowStat* stats,
-                    float* chunk_scores, const float* chunk_max, std::vector<Cand>& survivors,
-                    std::vector<int64_t>& hits) {
-  const int64_t V = p.vocab, R = p.rows_per_sent, k = p.k, nch = num_chunks(V);
-  const int64_t n_chunk_scores = R * nch;
-  // The bound: k-th largest chunk-maximum score (-inf when too few chunks).
-  float tau = kNegInf;
-  if (n_chunk_scores >= k) {
-    std::nth_element(chunk_scores, chunk_scores + (k - 1), chunk_scores + n_chunk_scores,
-                     [](float a, float b) { return a > b; });
-    tau = chunk_scores[k - 1];
-  }
-  survivors.clear();
+void bounded_survivors(const T* logits, const BeamTopkParams& p, int64_t sent,
+                        const RowStat* stats, const float* chunk_max, float tau,
+                        std::vector<Cand>& survivors, std::vector<int64_t>& hits) {
+  const int64_t V = p.vocab, R = p.rows_per_sent, nch = num_chunks(V);
   const bool add_cum = p.cum != nullptr;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t row = sent * R + r;
     const RowStat& s = stats[row];
-    if (s.dead) {
-      if (tau == kNegInf)
-        for (int64_t v = 0; v < V; ++v) survivors.push_back({kNegInf, r * V + v});
-      continue;
-    }
+    if (s.dead) continue;  // every score -inf < tau
     const T* x = logits + row * V;
     const float cum = add_cum ? p.cum[row] : 0.f;
     const int64_t* b = banned_row(p, row);
@@ -223,8 +211,62 @@ void sentence_phase(const T* logits, const BeamTopkParams& p, int64_t sent, cons
           {sf_edited_score(static_cast<float>(x[p.unk]), p.unk, s, p, b, add_cum, cum),
            r * V + p.unk});
   }
+}
+
+// Phase 2's survivors without a bound (tau = -inf: fewer than k chunks score
+// above -inf, e.g. at max_len where only eos scores). Every token would
+// survive; ties go to the smaller flat index, so of the tokens scoring -inf
+// only the first k in flat order can rank among the top k. Keeps those and
+// every token scoring more: the same top k from ~k + R survivors, not R * V.
+template <typename T>
+void unbounded_survivors(const T* logits, const BeamTopkParams& p, int64_t sent,
+                         const RowStat* stats, std::vector<Cand>& survivors) {
+  const int64_t V = p.vocab, R = p.rows_per_sent;
+  const bool add_cum = p.cum != nullptr;
+  int64_t ninf_left = p.k;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t row = sent * R + r;
+    const RowStat& s = stats[row];
+    if (s.dead) {  // every score -inf
+      for (int64_t v = 0; v < V && ninf_left > 0; ++v, --ninf_left)
+        survivors.push_back({kNegInf, r * V + v});
+      continue;
+    }
+    const T* x = logits + row * V;
+    const float cum = add_cum ? p.cum[row] : 0.f;
+    const int64_t* b = banned_row(p, row);
+    for (int64_t v = 0; v < V; ++v) {
+      const float sc = sf_edited_score(static_cast<float>(x[v]), v, s, p, b, add_cum, cum);
+      if (sc == kNegInf) {
+        if (ninf_left == 0) continue;
+        --ninf_left;
+      }
+      survivors.push_back({sc, r * V + v});
+    }
+  }
+}
+
+// Phase 2 for one sentence.
+template <typename T>
+void sentence_phase(const T* logits, const BeamTopkParams& p, int64_t sent, const RowStat* stats,
+                    float* chunk_scores, const float* chunk_max, std::vector<Cand>& survivors,
+                    std::vector<int64_t>& hits) {
+  const int64_t V = p.vocab, R = p.rows_per_sent, k = p.k, nch = num_chunks(V);
+  const int64_t n_chunk_scores = R * nch;
+  // The bound: k-th largest chunk-maximum score (-inf when too few chunks).
+  float tau = kNegInf;
+  if (n_chunk_scores >= k) {
+    std::nth_element(chunk_scores, chunk_scores + (k - 1), chunk_scores + n_chunk_scores,
+                     [](float a, float b) { return a > b; });
+    tau = chunk_scores[k - 1];
+  }
+  survivors.clear();
+  if (tau == kNegInf)
+    unbounded_survivors(logits, p, sent, stats, survivors);
+  else
+    bounded_survivors(logits, p, sent, stats, chunk_max, tau, survivors, hits);
   // survivors.size() >= k: every chunk-maximum token scoring >= tau survives,
-  // and tau = -inf keeps every token.
+  // and without a bound every token but the -inf ones after the k-th.
   std::partial_sort(survivors.begin(), survivors.begin() + k, survivors.end(), better);
   for (int64_t j = 0; j < k; ++j) {
     const Cand& c = survivors[j];

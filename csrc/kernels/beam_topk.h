@@ -12,6 +12,8 @@
 //      (edits only lower a score, except a negative unk penalty, so unk is
 //      always a survivor), scored exactly with the edits;
 //   4. exact top-k of the survivors, ordered by (score desc, flat index asc).
+//      Without a bound (tau = -inf) only the first k tokens in flat order that
+//      score -inf can be among them: the CPU kernel keeps just those.
 //
 // Scores use fairseq's float operation order: ((x - m) - lse) - unk_penalty,
 // then + cum.
