@@ -185,9 +185,9 @@ inline bool better(const Cand& a, const Cand& b) {
 // Phase 2's survivors under a finite bound tau: the tokens of each row whose
 // unedited score reaches tau, scored with the edits, and each row's unk.
 template <typename T>
-void bounded_survivors(const T* logits, const BeamTopkParams& p, int64_t sent,
-                        const RowStat* stats, const float* chunk_max, float tau,
-                        std::vector<Cand>& survivors, std::vector<int64_t>& hits) {
+void bounded_survivors(const T* logits, const BeamTopkParams& p, int64_t sent, const RowStat* stats,
+                       const float* chunk_max, float tau, std::vector<Cand>& survivors,
+                       std::vector<int64_t>& hits) {
   const int64_t V = p.vocab, R = p.rows_per_sent, nch = num_chunks(V);
   const bool add_cum = p.cum != nullptr;
   for (int64_t r = 0; r < R; ++r) {
