@@ -239,3 +239,36 @@ def test_linear_skips_zeros_only_for_a_finite_weight():
     assert bool(got.isnan().any()) and torch.equal(got.isnan(), want.isnan())
     skipped = torch.ops.seqfuse.linear_packed(x, lin_mod.packed(w2), None, 64, True)
     assert not torch.equal(skipped.isnan(), want.isnan())  # why the check matters
+
+
+def _pack_by_torch(w: torch.Tensor) -> torch.Tensor:
+    """The panel layout by torch ops: [N, K] -> zero-padded [P * 16, K] -> [P, K, 16]."""
+    n, k = w.shape
+    panels = -(-n // 16)
+    padded = torch.zeros(panels * 16, k)
+    padded[:n] = w
+    return padded.view(panels, 16, k).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (15, 3), (16, 7), (33, 64), (1025, 97), (8003, 256)])
+def test_pack_layout_and_finite_flag(shape):
+    """pack_linear_weight(_checked): torch's panel layout bit for bit, from
+    contiguous and transposed (strided) weights, and the finite flag false
+    for an inf or a NaN anywhere, the last (partial) panel included."""
+    g = torch.Generator().manual_seed(shape[0])
+    w = torch.randn(*shape, generator=g)
+    for src in (w, w.t().contiguous().t()):  # [N, K] with strides (K, 1) and (1, N)
+        pack, finite = torch.ops.seqfuse.pack_linear_weight_checked(src)
+        assert torch.equal(pack, _pack_by_torch(w)) and finite
+        assert torch.equal(torch.ops.seqfuse.pack_linear_weight(src), pack)
+    n, k = shape
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for r, c in {(0, 0), (n - 1, k - 1), (n // 2, k // 3)}:
+            w2 = w.clone()
+            w2[r, c] = bad
+            pack, finite = torch.ops.seqfuse.pack_linear_weight_checked(w2)
+            assert not finite, (bad, r, c)
+            assert torch.equal(pack.isnan(), _pack_by_torch(w2).isnan())
+            assert torch.equal(pack.nan_to_num(0.0), _pack_by_torch(w2).nan_to_num(0.0))
+            assert lin_mod.skips_zeros(w2) is False
+    assert lin_mod.skips_zeros(w) is True

@@ -2,10 +2,15 @@
 // seqfuse::pack_linear_weight; the kernel is chosen by torch's CPU capability
 // (csrc/cpu/capability/linear_impl.h). The contract: seqfuse/ops/linear.py.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/linear_post.h"
@@ -93,15 +98,42 @@ std::string linear_capability() {
   return "";
 }
 
-at::Tensor pack_linear_weight(const at::Tensor& w) {
+// [N, K] (any strides) -> [panels, K, 16], panel p holding rows 16p..16p+15
+// (zeros past N), and whether every weight is finite: one pass over the
+// weight, panels shared between the threads.
+std::tuple<at::Tensor, bool> pack_linear_weight_checked(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2, "pack_linear_weight: weight must be [N, K], got ", w.sizes());
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.device().is_cpu(),
               "pack_linear_weight: float32 CPU weights only");
   const int64_t N = w.size(0), K = w.size(1), panels = (N + kPanel - 1) / kPanel;
-  // [N, K] -> zero-padded [panels * 16, K] -> [panels, K, 16]
-  at::Tensor padded = at::zeros({panels * kPanel, K}, w.options());
-  padded.narrow(0, 0, N).copy_(w);
-  return padded.view({panels, kPanel, K}).transpose(1, 2).contiguous();
+  at::Tensor out = at::empty({panels, K, kPanel}, w.options());
+  const float* src = w.data_ptr<float>();
+  const int64_t sn = w.stride(0), sk = w.stride(1);
+  float* dst = out.data_ptr<float>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    bool ok = true;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel, rows = std::min<int64_t>(kPanel, N - n0);
+      const float* in = src + n0 * sn;
+      float* o = dst + p * K * kPanel;
+      for (int64_t k = 0; k < K; ++k, o += kPanel) {
+        int64_t j = 0;
+        for (; j < rows; ++j) {
+          const float v = in[j * sn + k * sk];
+          ok &= std::isfinite(v);
+          o[j] = v;
+        }
+        for (; j < kPanel; ++j) o[j] = 0.0f;
+      }
+    }
+    if (!ok) finite.store(false, std::memory_order_relaxed);
+  });
+  return {out, finite.load()};
+}
+
+at::Tensor pack_linear_weight(const at::Tensor& w) {
+  return std::get<0>(pack_linear_weight_checked(w));
 }
 
 }  // namespace
@@ -219,6 +251,7 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   // Contract: seqfuse/ops/linear.py.
   m.def("pack_linear_weight(Tensor w) -> Tensor");
+  m.def("pack_linear_weight_checked(Tensor w) -> (Tensor, bool)");
   m.def(
       "linear_packed(Tensor x, Tensor packed, Tensor? bias, int n, bool skip_zeros=False) -> "
       "Tensor");
@@ -227,6 +260,7 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
 
 TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("pack_linear_weight", &seqfuse::pack_linear_weight);
+  m.impl("pack_linear_weight_checked", &seqfuse::pack_linear_weight_checked);
   m.impl("linear_packed", &seqfuse::linear_packed_cpu);
 }
 

@@ -64,8 +64,7 @@ def _pack_entry(weight: Tensor, transposed: bool) -> tuple:
         return entry
     with torch.no_grad():
         w = weight.detach()
-        pack = torch.ops.seqfuse.pack_linear_weight(w.t() if transposed else w)
-        finite = bool(torch.isfinite(w).all())
+        pack, finite = torch.ops.seqfuse.pack_linear_weight_checked(w.t() if transposed else w)
     ref = weakref.ref(weight, lambda _r, k=key: _PACKS.pop(k, None))
     entry = (ref, ptr, version, pack, finite)
     _PACKS[key] = entry
