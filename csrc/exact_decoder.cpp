@@ -373,7 +373,7 @@ namespace {
 // A projection: torch's (exact) or, given the weight's panel pack, seqfuse's
 // packed-weight GEMM (seqfuse::linear_packed, the fused mode).
 inline at::Tensor packed_linear(const at::Tensor& x2d, const at::Tensor& packed,
-                                const at::Tensor& b, int64_t n) {
+                                const std::optional<at::Tensor>& b, int64_t n) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("seqfuse::linear_packed", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
@@ -492,6 +492,154 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------
+// hf_t5_stack_step: one incremental step of a Hugging Face T5 decoder stack
+// (transformers 5.x T5Block: T5LayerSelfAttention, T5LayerCrossAttention,
+// T5LayerFF; T5Attention with sdpa and the relative position bias;
+// T5LayerNorm; DynamicLayer.update), issuing their ATen calls for a
+// one-token step. x is [bsz, 1, d_model]; position_bias [1, H, 1, t + 1] is
+// the first layer's relative position bias for this step (the caller gets it
+// from that layer's compute_bias, as the first layer does); masks are what
+// the stack passes its blocks (None or 4-D, bool or float). weights: 12 per
+// layer (self-attention norm, q, k, v, o, cross-attention norm, cross q,
+// cross o, FF norm, wi or wi_0, wi_1 (empty unless gated), wo); eps: 3 per
+// layer; act: hf_decoder_stack_step's codes and 5 (gelu_new); contiguous_mask:
+// whether the release's create_position_bias_mask ends in .contiguous(); packed: none or
+// 9 per layer (q, k, v, o, cross q, cross o, wi/wi_0, wi_1 (empty unless
+// gated), wo). Returns (x, new K, new V). fp16 is the caller's to refuse
+// (T5Block clamps fp16 activations; not mirrored here).
+namespace {
+
+// A bias-free projection: torch's F.linear, or the packed GEMM given a pack.
+inline at::Tensor project_nb(const at::Tensor& x, const at::Tensor& w, const at::Tensor* packed) {
+  if (packed == nullptr) return at::linear(x, w);
+  const at::Tensor y = packed_linear(x.reshape({-1, x.size(-1)}), *packed, std::nullopt, w.size(0));
+  return y.view({x.size(0), x.size(1), w.size(0)});
+}
+
+// T5LayerNorm: weight * (h * rsqrt(mean(h.float()^2) + eps)), the weight's
+// half dtype restored before the product.
+at::Tensor t5_norm(const at::Tensor& h, const at::Tensor& w, double eps) {
+  const at::Tensor var = h.to(at::kFloat).pow(2).mean({-1}, /*keepdim=*/true);
+  at::Tensor y = at::mul(h, at::rsqrt(at::add(var, wrapped(eps))));
+  if (w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16) y = y.to(w.scalar_type());
+  return at::mul(w, y);
+}
+
+// sdpa_attention_forward's create_position_bias_mask for a one-token step
+// (not causal): the bias where a bool mask allows, the dtype's lowest value
+// elsewhere; bias + a float mask; the bias alone without one. `contiguous`:
+// the release makes the result contiguous (5.23) or not (5.17).
+at::Tensor position_bias_mask(const at::Tensor& bias, const std::optional<at::Tensor>& mask,
+                              bool contiguous) {
+  const auto done = [contiguous](const at::Tensor& t) { return contiguous ? t.contiguous() : t; };
+  if (!mask.has_value() || !mask->defined()) return done(bias);
+  if (mask->scalar_type() == at::kBool) {
+    double lowest = 0.0;
+    switch (bias.scalar_type()) {
+      case at::kFloat:
+        lowest = std::numeric_limits<float>::lowest();
+        break;
+      case at::kDouble:
+        lowest = std::numeric_limits<double>::lowest();
+        break;
+      case at::kBFloat16:
+        lowest = static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
+        break;
+      case at::kHalf:
+        lowest = static_cast<double>(std::numeric_limits<c10::Half>::lowest());
+        break;
+      default:
+        TORCH_CHECK(false, "hf_t5_stack_step: unsupported dtype ", bias.scalar_type());
+    }
+    return done(at::where(*mask, bias, at::Scalar(lowest)));
+  }
+  return done(at::add(bias, *mask));
+}
+
+// T5Attention after its projections: sdpa with the position-bias mask and
+// scale 1, heads back to [bsz, 1, inner], the output projection.
+at::Tensor t5_attend(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& mask, const at::Tensor& wo,
+                     const at::Tensor* packed) {
+  at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, 1.0);
+  o = o.reshape({o.size(0), -1, q.size(2), v.size(-1)}).transpose(1, 2).contiguous();
+  o = o.reshape({x.size(0), x.size(1), -1}).contiguous();
+  return project_nb(o, wo, packed);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_stack_step(
+    const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
+    at::TensorList cross_k, at::TensorList cross_v, const at::Tensor& position_bias,
+    const std::optional<at::Tensor>& self_mask, const std::optional<at::Tensor>& cross_mask,
+    at::ArrayRef<double> eps, int64_t heads, int64_t head_dim, int64_t act, bool gated,
+    bool contiguous_mask, at::TensorList packed) {
+  constexpr int64_t kPer = 12, kPacks = 9;
+  const int64_t layers = static_cast<int64_t>(self_k.size());
+  TORCH_CHECK(layers > 0, "hf_t5_stack_step: no layers");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kPer &&
+                  static_cast<int64_t>(self_v.size()) == layers &&
+                  static_cast<int64_t>(cross_k.size()) == layers &&
+                  static_cast<int64_t>(cross_v.size()) == layers &&
+                  static_cast<int64_t>(eps.size()) == 3 * layers,
+              "hf_t5_stack_step: per-layer lists of the wrong length");
+  TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == layers * kPacks,
+              "hf_t5_stack_step: packed weights: none or ", layers * kPacks);
+  TORCH_CHECK(act >= 0 && act <= 5 && act != 1, "hf_t5_stack_step: unknown activation code ", act);
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1, "x must be [bsz, 1, C], got ", x_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() != at::kHalf, "hf_t5_stack_step: fp16 runs the stock blocks");
+  TORCH_CHECK(heads > 0 && head_dim > 0, "hf_t5_stack_step: heads and head_dim must be positive");
+  const int64_t bsz = x_in.size(0);
+  TORCH_CHECK(position_bias.dim() == 4 && position_bias.size(0) == 1 &&
+                  position_bias.size(1) == heads && position_bias.size(2) == 1,
+              "hf_t5_stack_step: position_bias must be [1, ", heads, ", 1, t], got ",
+              position_bias.sizes());
+  std::vector<at::Tensor> new_k, new_v;
+  new_k.reserve(layers);
+  new_v.reserve(layers);
+  // The first layer's biases serve every layer (T5Stack passes them on); each
+  // layer's sdpa makes the same mask of them, made once here.
+  const at::Tensor self_bias = position_bias_mask(position_bias, self_mask, contiguous_mask);
+  TORCH_CHECK(cross_k[0].dim() == 4, "hf_t5_stack_step: encoder K must be 4-d");
+  const at::Tensor cross_zeros =
+      at::zeros({1, heads, x_in.size(1), cross_k[0].size(2)}, x_in.options());
+  const at::Tensor cross_bias = position_bias_mask(cross_zeros, cross_mask, contiguous_mask);
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* W = weights.data() + l * kPer;
+    const double* E = eps.data() + 3 * l;
+    const at::Tensor* P = packed.empty() ? nullptr : packed.data() + l * kPacks;
+    auto pk = [P](int i) { return P == nullptr ? nullptr : P + i; };
+    for (const at::Tensor* t : {&self_k[l], &self_v[l], &cross_k[l], &cross_v[l]}) {
+      check_cache(*t, l, bsz, heads, head_dim);
+    }
+    auto heads_of = [&](const at::Tensor& h, const at::Tensor& w, const at::Tensor* p) {
+      return project_nb(h, w, p).view({h.size(0), h.size(1), -1, head_dim}).transpose(1, 2);
+    };
+    // self-attention
+    at::Tensor h = t5_norm(x, W[0], E[0]);
+    at::Tensor q = heads_of(h, W[1], pk(0));
+    const at::Tensor k = at::cat({self_k[l], heads_of(h, W[2], pk(1))}, -2);
+    const at::Tensor v = at::cat({self_v[l], heads_of(h, W[3], pk(2))}, -2);
+    new_k.push_back(k);
+    new_v.push_back(v);
+    x = at::add(x, t5_attend(h, q, k, v, self_bias, W[4], pk(3)));
+    // encoder attention (K/V cached since the first step)
+    h = t5_norm(x, W[5], E[1]);
+    q = heads_of(h, W[6], pk(4));
+    x = at::add(x, t5_attend(h, q, cross_k[l], cross_v[l], cross_bias, W[7], pk(5)));
+    // feed-forward
+    h = t5_norm(x, W[8], E[2]);
+    at::Tensor f = activation(project_nb(h, W[9], pk(6)), act);
+    if (gated) f = at::mul(f, project_nb(h, W[10], pk(7)));
+    x = at::add(x, project_nb(f, W[11], pk(8)));
+  }
+  return {x, new_k, new_v};
+}
+
+}  // namespace
+
 // One incremental step of a GPT-2 block stack (transformers 5.x GPT2Block,
 // GPT2Attention with sdpa, GPT2MLP, Conv1D, DynamicLayer.update), op for op.
 // weights: 12 per layer (ln_1 w/b, c_attn w/b, attn.c_proj w/b, ln_2 w/b,
@@ -567,6 +715,11 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "int heads, float scaling, int act, bool normalize_before, Tensor[] packed) -> "
       "(Tensor, Tensor[], Tensor[])");
   m.def(
+      "hf_t5_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
+      "Tensor[] cross_k, Tensor[] cross_v, Tensor position_bias, Tensor? self_mask, "
+      "Tensor? cross_mask, float[] eps, int heads, int head_dim, int act, bool gated, "
+      "bool contiguous_mask, Tensor[] packed) -> (Tensor, Tensor[], Tensor[])");
+  m.def(
       "hf_gpt2_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor? mask, float[] eps, float[] scalings, int heads, int act, Tensor[] packed) -> "
       "(Tensor, Tensor[], Tensor[])");
@@ -577,4 +730,5 @@ TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {
   m.impl("decoder_stack_step", &seqfuse::decoder_stack_step);
   m.impl("hf_decoder_stack_step", &seqfuse::hf_decoder_stack_step);
   m.impl("hf_gpt2_stack_step", &seqfuse::hf_gpt2_stack_step);
+  m.impl("hf_t5_stack_step", &seqfuse::hf_t5_stack_step);
 }

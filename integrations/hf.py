@@ -171,9 +171,14 @@ def optimize(model, *, fused_layers: bool | None = None):
     model.__class__ = _patched_class(base)
     if _ext.env_flag(_ext.EXACT_STEP_ENV, True) and not _ext.disabled():
         # (with fused layers the one-call step runs their packed GEMMs)
-        from integrations import hf_exact_step, hf_gpt2_step
+        from integrations import hf_exact_step, hf_gpt2_step, hf_t5_step
 
-        step = hf_gpt2_step if hf_gpt2_step._transformer(model) is not None else hf_exact_step
+        if hf_gpt2_step._transformer(model) is not None:
+            step = hf_gpt2_step
+        elif hf_t5_step.is_t5(model):
+            step = hf_t5_step
+        else:
+            step = hf_exact_step
         why = step.enable(model)
         if why is not None:  # the stock layers run: exact either way
             logger.debug("seqfuse: exact decoder step not used: %s", why)
@@ -182,7 +187,7 @@ def optimize(model, *, fused_layers: bool | None = None):
 
 def restore(model):
     """Undo ``optimize``: the model's classes are its own again."""
-    from integrations import hf_exact_step, hf_fused, hf_gpt2_step
+    from integrations import hf_exact_step, hf_fused, hf_gpt2_step, hf_t5_step
 
     try:
         from transformers import Pipeline
@@ -197,6 +202,7 @@ def restore(model):
     if base is not None:
         hf_exact_step.disable(model)
         hf_gpt2_step.disable(model)
+        hf_t5_step.disable(model)
         model.__class__ = base
     return model
 

@@ -186,6 +186,13 @@ def _exact_steps() -> str:
         out.append("GPT-2: " + ("verified" if why is None else why))
     except Exception as e:  # report, never fail
         out.append(f"GPT-2: unavailable ({type(e).__name__})")
+    try:
+        from integrations import hf_t5_step
+
+        why = hf_t5_step._t5_library_problem()
+        out.append("T5: " + ("verified" if why is None else why))
+    except Exception as e:  # report, never fail
+        out.append(f"T5: unavailable ({type(e).__name__})")
     return "; ".join(out)
 
 
