@@ -526,6 +526,7 @@ def test_bench_hf_smoke(tmp_path):
         row["identical"] and row["stock_s"] > 0 and row["seqfuse_s"] > 0 for row in res["rows"]
     )
     assert all(row["fused_s"] > 0 and "fused_identical_tokens" in row for row in res["rows"])
+    assert all(row["fused_first_s"] > 0 for row in res["rows"])  # the untimed first call
     assert res["versions"]["transformers"] and res["device"]
     assert r.stdout.count("identical=True") == 2
 
