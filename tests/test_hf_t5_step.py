@@ -208,3 +208,19 @@ def test_problems():
     finally:
         hf.restore(eager)
     assert_same(stock, ours, "eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cuda_bit_identical(dtype):
+    why = hf_t5_step._t5_library_problem()  # the GPU image's transformers may differ
+    if why is not None:
+        pytest.skip(why)
+    model = _t5(9, **T5_VARIANTS["gated gelu_new, 3 layers"]).to(device="cuda", dtype=dtype)
+    ids, mask = make_inputs("t5", model, batch=4, seed=9)
+    stock, ours = both(
+        model, ids.cuda(), num_beams=4, max_new_tokens=12, attention_mask=mask.cuda()
+    )
+    assert_same(stock, ours, f"cuda t5 {dtype}")
+    assert hf_exact_step.STATS["exact"] > 0
