@@ -640,6 +640,143 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
 
 }  // namespace
 
+// ---------------------------------------------------------------------------
+// hf_llama_stack_step: one incremental step of a Hugging Face Llama decoder
+// stack (transformers 5.x LlamaDecoderLayer, LlamaAttention with sdpa and
+// rotary embeddings, LlamaMLP, LlamaRMSNorm, DynamicLayer.update), issuing
+// their ATen calls for a one-token step. x is [bsz, 1, C]; cos / sin are the
+// model's rotary embeddings for this step ([bsz, 1, head_dim], as the model
+// passes its layers); mask is what the model passes its layers (None or 4-D).
+// weights: 16 per layer (input norm, q w/b, k w/b, v w/b, o w/b, post norm,
+// gate w/b, up w/b, down w/b; an empty tensor for an absent bias); eps: 2 per
+// layer; gqa: how sdpa_attention_forward runs grouped K/V heads for this
+// step, 0 one K/V head per query head, 1 sdpa's enable_gqa, 2 repeat_kv of K
+// and V, 3 the query packed by K/V head (pack_gqa); packed: none or 7 per
+// layer (q, k, v, o, gate, up, down). Returns (x, new K, new V).
+namespace {
+
+inline std::optional<at::Tensor> bias_of(const at::Tensor& b) {
+  if (!b.defined() || b.numel() == 0) return std::nullopt;
+  return b;
+}
+
+// An nn.Linear with an optional bias: torch's, or the packed GEMM given a pack.
+inline at::Tensor project_ob(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                             const at::Tensor* packed) {
+  const std::optional<at::Tensor> bias = bias_of(b);
+  if (packed == nullptr) return at::linear(x, w, bias);
+  const at::Tensor y = packed_linear(
+      x.reshape({-1, x.size(-1)}), *packed,
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, w.size(0));
+  return y.view({x.size(0), x.size(1), w.size(0)});
+}
+
+// LlamaRMSNorm: weight * (h.float() * rsqrt(mean(h.float()^2) + eps)).to(dtype).
+at::Tensor llama_norm(const at::Tensor& h, const at::Tensor& w, double eps) {
+  const at::ScalarType dtype = h.scalar_type();
+  const at::Tensor f = h.to(at::kFloat);
+  const at::Tensor var = f.pow(2).mean({-1}, /*keepdim=*/true);
+  const at::Tensor y = at::mul(f, at::rsqrt(at::add(var, wrapped(eps))));
+  return at::mul(w, y.to(dtype));
+}
+
+// apply_rotary_pos_emb for one of q / k: (t * cos) + (rotate_half(t) * sin).
+at::Tensor rotate(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = t.size(-1) / 2;
+  const at::Tensor x1 = t.slice(-1, 0, half);
+  const at::Tensor x2 = t.slice(-1, half);
+  const at::Tensor rotated = at::cat({at::neg(x2), x1}, -1);
+  return at::add(at::mul(t, cos), at::mul(rotated, sin));
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llama_stack_step(
+    const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
+    const at::Tensor& cos_in, const at::Tensor& sin_in, const std::optional<at::Tensor>& mask,
+    at::ArrayRef<double> eps, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling,
+    int64_t act, int64_t gqa, at::TensorList packed) {
+  constexpr int64_t kPer = 16, kPacks = 7;
+  const int64_t layers = static_cast<int64_t>(self_k.size());
+  TORCH_CHECK(layers > 0, "hf_llama_stack_step: no layers");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kPer &&
+                  static_cast<int64_t>(self_v.size()) == layers &&
+                  static_cast<int64_t>(eps.size()) == 2 * layers,
+              "hf_llama_stack_step: per-layer lists of the wrong length");
+  TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == layers * kPacks,
+              "hf_llama_stack_step: packed weights: none or ", layers * kPacks);
+  TORCH_CHECK(act >= 0 && act <= 5 && act != 1, "hf_llama_stack_step: unknown activation ", act);
+  TORCH_CHECK(gqa >= 0 && gqa <= 3, "hf_llama_stack_step: unknown gqa mode ", gqa);
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1, "x must be [bsz, 1, C], got ", x_in.sizes());
+  TORCH_CHECK(
+      heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim % 2 == 0,
+      "hf_llama_stack_step: heads ", heads, ", K/V heads ", kv_heads, ", head size ", head_dim);
+  TORCH_CHECK((gqa == 0) == (heads == kv_heads), "hf_llama_stack_step: gqa mode ", gqa, " for ",
+              heads, " heads over ", kv_heads, " K/V heads");
+  const int64_t bsz = x_in.size(0), rep = heads / kv_heads;
+  const at::Tensor cos = cos_in.unsqueeze(1), sin = sin_in.unsqueeze(1);
+  std::vector<at::Tensor> new_k, new_v;
+  new_k.reserve(layers);
+  new_v.reserve(layers);
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* W = weights.data() + l * kPer;
+    const double* E = eps.data() + 2 * l;
+    const at::Tensor* P = packed.empty() ? nullptr : packed.data() + l * kPacks;
+    auto pk = [P](int i) { return P == nullptr ? nullptr : P + i; };
+    check_cache(self_k[l], l, bsz, kv_heads, head_dim);
+    check_cache(self_v[l], l, bsz, kv_heads, head_dim);
+    auto heads_of = [&](const at::Tensor& h, int i, const at::Tensor* p) {
+      return project_ob(h, W[i], W[i + 1], p)
+          .view({h.size(0), h.size(1), -1, head_dim})
+          .transpose(1, 2);
+    };
+    // self-attention
+    at::Tensor residual = x;
+    const at::Tensor h = llama_norm(x, W[0], E[0]);
+    at::Tensor q = heads_of(h, 1, pk(0));
+    at::Tensor k = heads_of(h, 3, pk(1));
+    const at::Tensor v_step = heads_of(h, 5, pk(2));
+    q = rotate(q, cos, sin);
+    k = rotate(k, cos, sin);
+    k = at::cat({self_k[l], k}, -2);
+    const at::Tensor v = at::cat({self_v[l], v_step}, -2);
+    new_k.push_back(k);
+    new_v.push_back(v);
+    at::Tensor o;
+    if (gqa == 2) {  // repeat_kv
+      const int64_t t = k.size(2);
+      const at::Tensor kk = k.unsqueeze(2)
+                                .expand({bsz, kv_heads, rep, t, head_dim})
+                                .reshape({bsz, heads, t, head_dim});
+      const at::Tensor vv = v.unsqueeze(2)
+                                .expand({bsz, kv_heads, rep, t, head_dim})
+                                .reshape({bsz, heads, t, head_dim});
+      o = at::scaled_dot_product_attention(q, kk, vv, mask, 0.0, false, scaling);
+    } else if (gqa == 3) {  // pack_gqa: the query by K/V head; a mask for all heads as is
+      std::optional<at::Tensor> m = mask;
+      if (m.has_value() && m->defined() && m->size(1) != 1) {
+        m = m->reshape({m->size(0), heads / rep, rep, m->size(-1)});
+      }
+      o = at::scaled_dot_product_attention(q.reshape({bsz, heads / rep, rep, head_dim}), k, v, m,
+                                           0.0, false, scaling);
+    } else {
+      o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scaling,
+                                           /*enable_gqa=*/gqa == 1);
+    }
+    o = o.reshape({o.size(0), -1, 1, v.size(-1)}).transpose(1, 2).contiguous();
+    o = o.reshape({x.size(0), x.size(1), -1}).contiguous();
+    x = at::add(residual, project_ob(o, W[7], W[8], pk(3)));
+    // MLP
+    residual = x;
+    const at::Tensor g = llama_norm(x, W[9], E[1]);
+    const at::Tensor a = activation(project_ob(g, W[10], W[11], pk(4)), act);
+    const at::Tensor f = at::mul(a, project_ob(g, W[12], W[13], pk(5)));
+    x = at::add(residual, project_ob(f, W[14], W[15], pk(6)));
+  }
+  return {x, new_k, new_v};
+}
+
+}  // namespace
+
 // One incremental step of a GPT-2 block stack (transformers 5.x GPT2Block,
 // GPT2Attention with sdpa, GPT2MLP, Conv1D, DynamicLayer.update), op for op.
 // weights: 12 per layer (ln_1 w/b, c_attn w/b, attn.c_proj w/b, ln_2 w/b,
@@ -720,6 +857,11 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "Tensor? cross_mask, float[] eps, int heads, int head_dim, int act, bool gated, "
       "bool contiguous_mask, Tensor[] packed) -> (Tensor, Tensor[], Tensor[])");
   m.def(
+      "hf_llama_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
+      "Tensor cos, Tensor sin, Tensor? mask, float[] eps, int heads, int kv_heads, "
+      "int head_dim, float scaling, int act, int gqa, Tensor[] packed) -> "
+      "(Tensor, Tensor[], Tensor[])");
+  m.def(
       "hf_gpt2_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor? mask, float[] eps, float[] scalings, int heads, int act, Tensor[] packed) -> "
       "(Tensor, Tensor[], Tensor[])");
@@ -731,4 +873,5 @@ TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {
   m.impl("hf_decoder_stack_step", &seqfuse::hf_decoder_stack_step);
   m.impl("hf_gpt2_stack_step", &seqfuse::hf_gpt2_stack_step);
   m.impl("hf_t5_stack_step", &seqfuse::hf_t5_stack_step);
+  m.impl("hf_llama_stack_step", &seqfuse::hf_llama_stack_step);
 }

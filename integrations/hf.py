@@ -171,12 +171,14 @@ def optimize(model, *, fused_layers: bool | None = None):
     model.__class__ = _patched_class(base)
     if _ext.env_flag(_ext.EXACT_STEP_ENV, True) and not _ext.disabled():
         # (with fused layers the one-call step runs their packed GEMMs)
-        from integrations import hf_exact_step, hf_gpt2_step, hf_t5_step
+        from integrations import hf_exact_step, hf_gpt2_step, hf_llama_step, hf_t5_step
 
         if hf_gpt2_step._transformer(model) is not None:
             step = hf_gpt2_step
         elif hf_t5_step.is_t5(model):
             step = hf_t5_step
+        elif hf_llama_step.is_llama(model):
+            step = hf_llama_step
         else:
             step = hf_exact_step
         why = step.enable(model)
@@ -187,7 +189,7 @@ def optimize(model, *, fused_layers: bool | None = None):
 
 def restore(model):
     """Undo ``optimize``: the model's classes are its own again."""
-    from integrations import hf_exact_step, hf_fused, hf_gpt2_step, hf_t5_step
+    from integrations import hf_exact_step, hf_fused, hf_gpt2_step, hf_llama_step, hf_t5_step
 
     try:
         from transformers import Pipeline
@@ -203,6 +205,7 @@ def restore(model):
         hf_exact_step.disable(model)
         hf_gpt2_step.disable(model)
         hf_t5_step.disable(model)
+        hf_llama_step.disable(model)
         model.__class__ = base
     return model
 

@@ -193,6 +193,13 @@ def _exact_steps() -> str:
         out.append("T5: " + ("verified" if why is None else why))
     except Exception as e:  # report, never fail
         out.append(f"T5: unavailable ({type(e).__name__})")
+    try:
+        from integrations import hf_llama_step
+
+        why = hf_llama_step._llama_library_problem()
+        out.append("Llama: " + ("verified" if why is None else why))
+    except Exception as e:  # report, never fail
+        out.append(f"Llama: unavailable ({type(e).__name__})")
     return "; ".join(out)
 
 
