@@ -45,6 +45,10 @@ MODELS = {
     "gpt2-distil": ("gpt2", dict(d=768, layers=6, heads=12, ffn=3072, vocab=50257)),
     # a small GPT-2 (the Multi30k model's decoder size)
     "gpt2-small": ("gpt2", dict(d=256, layers=3, heads=4, ffn=1024, vocab=8000)),
+    # a small Llama with grouped K/V heads (the Multi30k decoder's width)
+    "llama-small": ("llama", dict(d=256, layers=3, heads=4, ffn=1024, vocab=8000, kv=2)),
+    # SmolLM-135M's size (30 layers, 9 heads over 3 K/V heads)
+    "llama-135m": ("llama", dict(d=576, layers=30, heads=9, ffn=1536, vocab=49152, kv=3)),
     # the trained Multi30k fairseq model as an HF FSMT model: real sentences,
     # natural output lengths (no forcing)
     "fsmt-multi30k": ("fsmt", {}),
@@ -65,7 +69,7 @@ def multi30k_fsmt():
     return model, [ds[i] for i in range(len(ds))]
 
 
-def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int):
+def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int, kv: int = 0):
     import transformers as tf
 
     torch.manual_seed(0)
@@ -106,6 +110,20 @@ def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int):
             decoder_start_token_id=0,
         )
         model = tf.T5ForConditionalGeneration(cfg)
+    elif kind == "llama":
+        cfg = tf.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=d,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv or heads,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        model = tf.LlamaForCausalLM(cfg)
     elif kind == "gpt2":
         cfg = tf.GPT2Config(
             vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=512
