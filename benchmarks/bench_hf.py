@@ -47,6 +47,8 @@ MODELS = {
     "gpt2-small": ("gpt2", dict(d=256, layers=3, heads=4, ffn=1024, vocab=8000)),
     # a small Llama with grouped K/V heads (the Multi30k decoder's width)
     "llama-small": ("llama", dict(d=256, layers=3, heads=4, ffn=1024, vocab=8000, kv=2)),
+    # the same as a Qwen2 (biased q/k/v projections)
+    "qwen2-small": ("qwen2", dict(d=256, layers=3, heads=4, ffn=1024, vocab=8000, kv=2)),
     # SmolLM-135M's size (30 layers, 9 heads over 3 K/V heads)
     "llama-135m": ("llama", dict(d=576, layers=30, heads=9, ffn=1536, vocab=49152, kv=3)),
     # the trained Multi30k fairseq model as an HF FSMT model: real sentences,
@@ -110,8 +112,12 @@ def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int, kv: 
             decoder_start_token_id=0,
         )
         model = tf.T5ForConditionalGeneration(cfg)
-    elif kind == "llama":
-        cfg = tf.LlamaConfig(
+    elif kind in ("llama", "qwen2"):
+        conf, cls = {
+            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        }[kind]
+        cfg = conf(
             vocab_size=vocab,
             hidden_size=d,
             intermediate_size=ffn,
@@ -123,7 +129,7 @@ def build(kind: str, d: int, layers: int, heads: int, ffn: int, vocab: int, kv: 
             eos_token_id=2,
             pad_token_id=0,
         )
-        model = tf.LlamaForCausalLM(cfg)
+        model = cls(cfg)
     elif kind == "gpt2":
         cfg = tf.GPT2Config(
             vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=512

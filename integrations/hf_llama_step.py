@@ -1,4 +1,4 @@
-"""The exact one-call decoding step for Hugging Face Llama.
+"""The exact one-call decoding step for Hugging Face Llama (and Qwen2).
 
 ``seqfuse._C``'s ``hf_llama_stack_step`` issues, for every
 ``LlamaDecoderLayer`` in one C++ call, the ATen calls that transformers'
@@ -22,8 +22,10 @@ In the fused mode (``integrations.hf_fused``) the call gets the weights'
 panel packs and runs the projections on seqfuse's packed GEMM: within 1e-5 of
 stock, not bit-identical.
 
-Supported: Llama decoders of the verified code (transformers 5.17.0 and
-5.23.0) with sdpa attention, a dynamic cache, silu (or another verified)
+Supported: Llama and Qwen2 decoders of the verified code (transformers
+5.17.0 and 5.23.0: Qwen2's layer, MLP and norm are Llama's; its attention
+passes sdpa a sliding window, None for full attention) with sdpa attention,
+full-attention layers only, a dynamic cache, silu (or another verified)
 activation, with or without projection biases, one or grouped K/V heads.
 """
 
@@ -43,14 +45,25 @@ from seqfuse.source_shape import shape_of
 # their sdpa_attention_forward differs in how grouped K/V heads meet a mask,
 # which the step follows per release, see _gqa_mode).
 _VERIFIED = {
-    "LlamaModel.forward": {"44a610917ca25934"},
-    "LlamaDecoderLayer.forward": {"0d3d9ea02351f893"},
-    "LlamaAttention.forward": {"d0a0e71bdf63bf15"},
-    "LlamaMLP.forward": {"3c7fa4d277dc1185"},
-    "LlamaRMSNorm.forward": {"3d8a4725ba889ef7"},
-    "apply_rotary_pos_emb": {"9e69c4f73464b9c2"},
-    "rotate_half": {"1628c8074911a0d7"},
+    "Llama": {
+        "Model.forward": {"44a610917ca25934"},
+        "DecoderLayer.forward": {"0d3d9ea02351f893"},
+        "Attention.forward": {"d0a0e71bdf63bf15"},
+        "MLP.forward": {"3c7fa4d277dc1185"},
+        "RMSNorm.forward": {"3d8a4725ba889ef7"},
+    },
+    # Qwen2: Llama's layer, MLP and norm; its attention passes sdpa a
+    # sliding window (None for a full-attention layer, and sdpa takes none),
+    # its model a mask per layer type (full attention only here)
+    "Qwen2": {
+        "Model.forward": {"949fbdbc5124d943"},
+        "DecoderLayer.forward": {"0d3d9ea02351f893"},
+        "Attention.forward": {"fbbb5ce0c5b51567"},
+        "MLP.forward": {"3c7fa4d277dc1185"},
+        "RMSNorm.forward": {"3d8a4725ba889ef7"},
+    },
 }
+_VERIFIED_ROTARY = {"apply_rotary_pos_emb": {"9e69c4f73464b9c2"}, "rotate_half": {"1628c8074911a0d7"}}
 # use_gqa_in_sdpa by release -> whether that release packs the query of a
 # one-token step by K/V head when it does not use sdpa's enable_gqa (5.23:
 # pack_gqa; 5.17: repeat_kv of K and V)
@@ -58,40 +71,54 @@ _GQA_RELEASES = {"3f9b78583ece22b4": True, "e48c257604994220": False}
 _GQA_NONE, _GQA_SDPA, _GQA_REPEAT, _GQA_PACK = 0, 1, 2, 3
 
 
-def _modeling():
+def _modeling(family: str):
+    if family == "Qwen2":
+        from transformers.models.qwen2 import modeling_qwen2
+
+        return modeling_qwen2
     from transformers.models.llama import modeling_llama
 
     return modeling_llama
 
 
-def _llama_library_problem() -> str | None:
+def _cls(family: str, part: str):
+    return getattr(_modeling(family), family + part)
+
+
+def _llama_library_problem(family: str = "Llama") -> str | None:
     from transformers.integrations import sdpa_attention
 
-    m = _modeling()
-    current = {
-        "LlamaModel.forward": m.LlamaModel.forward,
-        "LlamaDecoderLayer.forward": m.LlamaDecoderLayer.forward,
-        "LlamaAttention.forward": m.LlamaAttention.forward,
-        "LlamaMLP.forward": m.LlamaMLP.forward,
-        "LlamaRMSNorm.forward": m.LlamaRMSNorm.forward,
-        "apply_rotary_pos_emb": m.apply_rotary_pos_emb,
-        "rotate_half": m.rotate_half,
-    }
-    for name, fn in current.items():
-        if shape_of(fn) not in _VERIFIED[name]:
-            return f"this transformers' {name} is not the verified one"
+    m = _modeling(family)
+    for name, shapes in _VERIFIED[family].items():
+        part, attr = name.split(".")
+        if shape_of(getattr(_cls(family, part), attr)) not in shapes:
+            return f"this transformers' {family}{name} is not the verified one"
+    for name, shapes in _VERIFIED_ROTARY.items():
+        if shape_of(getattr(m, name)) not in shapes:
+            return f"this transformers' {family} {name} is not the verified one"
     if shape_of(sdpa_attention.use_gqa_in_sdpa) not in _GQA_RELEASES:
         return "this transformers' use_gqa_in_sdpa is not the verified one"
     return _library_problem()
 
 
+def _family(model) -> str | None:
+    """"Llama" or "Qwen2" for such a model (or its inner model), else None."""
+    for family in _VERIFIED:
+        try:
+            base = _cls(family, "Model")
+        except (ImportError, AttributeError):  # pragma: no cover
+            continue
+        if isinstance(model, base) or isinstance(getattr(model, "model", None), base):
+            return family
+    return None
+
+
 def _inner(model):
-    """The model's ``LlamaModel`` (the model itself or its ``model``), or None."""
-    m = _modeling()
-    if isinstance(model, m.LlamaModel):
-        return model
-    inner = getattr(model, "model", None)
-    return inner if isinstance(inner, m.LlamaModel) else None
+    """The model's Llama-family base model (the model itself or its ``model``), or None."""
+    family = _family(model)
+    if family is None:
+        return None
+    return model if isinstance(model, _cls(family, "Model")) else model.model
 
 
 def is_llama(model) -> bool:
@@ -111,7 +138,7 @@ def problem(model) -> str | None:
         return "the compiled extension is not available"
     inner = _inner(model)
     if inner is None:
-        return "not a Llama model"
+        return "not a Llama or Qwen2 model"
     layers = list(inner.layers)
     if not layers:
         return "no decoder layers"
@@ -122,20 +149,22 @@ def problem(model) -> str | None:
         return "the layer list and num_hidden_layers differ"
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
         return "layers other than full attention"
-    why = _llama_library_problem()
+    family = _family(model)
+    why = _llama_library_problem(family)
     if why is not None:
         return why
-    m = _modeling()
     linears = hf_exact_step._linear_types()
     first = layers[0]
     for i, lay in enumerate(layers):
         where = f"decoder layer {i}"
-        if type(lay) is not m.LlamaDecoderLayer or type(lay.self_attn) is not m.LlamaAttention:
-            return f"{where}: not a LlamaDecoderLayer with LlamaAttention"
-        if type(lay.mlp) is not m.LlamaMLP:
+        if type(lay) is not _cls(family, "DecoderLayer") or type(lay.self_attn) is not _cls(
+            family, "Attention"
+        ):
+            return f"{where}: not a {family}DecoderLayer with {family}Attention"
+        if type(lay.mlp) is not _cls(family, "MLP"):
             return f"{where}: MLP {type(lay.mlp).__name__}"
         for norm in (lay.input_layernorm, lay.post_attention_layernorm):
-            if type(norm) is not m.LlamaRMSNorm:
+            if type(norm) is not _cls(family, "RMSNorm"):
                 return f"{where}: norm {type(norm).__name__}"
         projections = _projections(lay)
         if any(type(p) not in linears for p in projections):
@@ -156,6 +185,8 @@ def problem(model) -> str | None:
             return f"{where}: attention layer_idx {a.layer_idx}"
         if a.head_dim % 2:
             return f"{where}: odd head size"
+        if getattr(a, "sliding_window", None) is not None:
+            return f"{where}: sliding-window attention"
     return None
 
 

@@ -122,6 +122,23 @@ def test_half_precision(dtype):
     assert hf_exact_step.STATS["exact"] > 0
 
 
+@pytest.mark.parametrize("padded", (True, False))
+@pytest.mark.parametrize("num_beams", (1, 4))
+def test_qwen2_bit_identical(num_beams, padded):
+    """Qwen2 (biased q/k/v, no o bias, a mask per layer type): the same step."""
+    model = make_model("qwen2", seed=3)
+    assert hf_llama_step.problem(model) is None
+    ids, mask = make_inputs("qwen2", model, batch=4 if padded else 1, seed=3)
+    kw = dict(num_beams=num_beams, max_new_tokens=12, min_new_tokens=4)
+    if padded:
+        kw["attention_mask"] = mask
+    stock, ours = both(model, ids, **kw)
+    assert_same(stock, ours, f"qwen2 beams={num_beams} padded={padded}")
+    assert hf_exact_step.STATS["exact"] > 0
+    want = _grouped_mode_with_a_mask() if padded else hf_llama_step._GQA_SDPA
+    assert set(MODES) == {want}
+
+
 def test_fused_mode_packed_gemm():
     from seqfuse.ops.linear import kernel_takes
 
@@ -154,7 +171,7 @@ def test_problems():
     eager = _llama(1)
     eager.config._attn_implementation = "eager"
     assert "sdpa only" in hf_llama_step.problem(eager)
-    assert "not a Llama model" in hf_llama_step.problem(make_model("qwen2", seed=0))
+    assert "not a Llama or Qwen2 model" in hf_llama_step.problem(make_model("gpt2", seed=0))
     odd = _llama(1)
     odd.model.layers[1].mlp.act_fn = torch.nn.Softplus()
     assert "activation" in hf_llama_step.problem(odd)
