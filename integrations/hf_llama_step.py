@@ -63,7 +63,10 @@ _VERIFIED = {
         "RMSNorm.forward": {"3d8a4725ba889ef7"},
     },
 }
-_VERIFIED_ROTARY = {"apply_rotary_pos_emb": {"9e69c4f73464b9c2"}, "rotate_half": {"1628c8074911a0d7"}}
+_VERIFIED_ROTARY = {
+    "apply_rotary_pos_emb": {"9e69c4f73464b9c2"},
+    "rotate_half": {"1628c8074911a0d7"},
+}
 # use_gqa_in_sdpa by release -> whether that release packs the query of a
 # one-token step by K/V head when it does not use sdpa's enable_gqa (5.23:
 # pack_gqa; 5.17: repeat_kv of K and V)
@@ -102,7 +105,7 @@ def _llama_library_problem(family: str = "Llama") -> str | None:
 
 
 def _family(model) -> str | None:
-    """"Llama" or "Qwen2" for such a model (or its inner model), else None."""
+    """The family ("Llama" or "Qwen2") of such a model or its inner model, else None."""
     for family in _VERIFIED:
         try:
             base = _cls(family, "Model")
