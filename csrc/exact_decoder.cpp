@@ -430,24 +430,61 @@ inline void check_cache(const at::Tensor& t, int64_t layer, int64_t bsz, int64_t
               layer, ": caches must be [", bsz, ", ", heads, ", t, ", hd, "], got ", t.sizes());
 }
 
+// One layer's share of a stack step's per-layer lists: its weights, its
+// norms' eps and, in the fused mode, its weight packs (pack(i): the i-th, or
+// nullptr for torch's product).
+struct LayerLists {
+  const at::Tensor* W;
+  const double* E;
+  const at::Tensor* P;
+  const at::Tensor* pack(int i) const { return P == nullptr ? nullptr : P + i; }
+};
+
+// A stack step's per-layer lists, checked once: `per` weights and `eps_per`
+// eps a layer, and none or `packs_per` packs a layer.
+class StackLists {
+ public:
+  StackLists(const char* op, int64_t layers, at::TensorList weights, int64_t per,
+             at::ArrayRef<double> eps, int64_t eps_per, at::TensorList packed, int64_t packs_per)
+      : weights_(weights),
+        eps_(eps),
+        packed_(packed),
+        per_(per),
+        eps_per_(eps_per),
+        packs_per_(packs_per) {
+    TORCH_CHECK(layers > 0, op, ": no layers");
+    TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * per, op, ": expected ",
+                layers * per, " weights, got ", weights.size());
+    TORCH_CHECK(static_cast<int64_t>(eps.size()) == layers * eps_per, op, ": expected ",
+                layers * eps_per, " eps, got ", eps.size());
+    TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == layers * packs_per, op,
+                ": packed weights: none or ", layers * packs_per, ", got ", packed.size());
+  }
+  LayerLists layer(int64_t l) const {
+    return {weights_.data() + l * per_, eps_.data() + l * eps_per_,
+            packed_.empty() ? nullptr : packed_.data() + l * packs_per_};
+  }
+
+ private:
+  at::TensorList weights_;
+  at::ArrayRef<double> eps_;
+  at::TensorList packed_;
+  int64_t per_, eps_per_, packs_per_;
+};
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_decoder_stack_step(
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& self_mask,
     const std::optional<at::Tensor>& cross_mask, at::ArrayRef<double> eps, int64_t heads,
     double scaling, int64_t act, bool normalize_before, at::TensorList packed) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
-  TORCH_CHECK(layers > 0, "hf_decoder_stack_step: no layers");
-  TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == layers * kPackedPerLayer,
-              "hf_decoder_stack_step: packed weights: none or ", layers * kPackedPerLayer, ", got ",
-              packed.size());
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kWeightsPerLayer,
-              "hf_decoder_stack_step: expected ", layers * kWeightsPerLayer, " weights, got ",
-              weights.size());
+  // packs of q, k, v, out, cross q, cross out, fc1, fc2 (fused mode), or none
+  const StackLists lists("hf_decoder_stack_step", layers, weights, kWeightsPerLayer, eps, 3, packed,
+                         kPackedPerLayer);
   TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers &&
                   static_cast<int64_t>(cross_k.size()) == layers &&
                   static_cast<int64_t>(cross_v.size()) == layers,
               "self_v, cross_k, cross_v: one per layer");
-  TORCH_CHECK(static_cast<int64_t>(eps.size()) == 3 * layers, "eps: three per layer");
   TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4,
               "hf_decoder_stack_step: unknown activation code ", act);
   const int64_t hd = step_head_dim(x_in, heads), bsz = x_in.size(0);
@@ -456,11 +493,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
   new_v.reserve(layers);
   at::Tensor x = x_in;
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor* W = weights.data() + l * kWeightsPerLayer;
-    const double* E = eps.data() + 3 * l;
-    // Packs of q, k, v, out, cross q, cross out, fc1, fc2 (fused mode), or none.
-    const at::Tensor* P = packed.empty() ? nullptr : packed.data() + l * kPackedPerLayer;
-    auto pk = [P](int i) { return P == nullptr ? nullptr : P + i; };
+    const LayerLists L = lists.layer(l);
+    const at::Tensor* W = L.W;
+    const double* E = L.E;
+    auto pk = [&L](int i) { return L.pack(i); };
     for (const at::Tensor* t : {&self_k[l], &self_v[l], &cross_k[l], &cross_v[l]}) {
       check_cache(*t, l, bsz, heads, hd);
     }
@@ -577,15 +613,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
     bool contiguous_mask, at::TensorList packed) {
   constexpr int64_t kPer = 12, kPacks = 9;
   const int64_t layers = static_cast<int64_t>(self_k.size());
-  TORCH_CHECK(layers > 0, "hf_t5_stack_step: no layers");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kPer &&
-                  static_cast<int64_t>(self_v.size()) == layers &&
+  const StackLists lists("hf_t5_stack_step", layers, weights, kPer, eps, 3, packed, kPacks);
+  TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers &&
                   static_cast<int64_t>(cross_k.size()) == layers &&
-                  static_cast<int64_t>(cross_v.size()) == layers &&
-                  static_cast<int64_t>(eps.size()) == 3 * layers,
-              "hf_t5_stack_step: per-layer lists of the wrong length");
-  TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == layers * kPacks,
-              "hf_t5_stack_step: packed weights: none or ", layers * kPacks);
+                  static_cast<int64_t>(cross_v.size()) == layers,
+              "hf_t5_stack_step: self_v, cross_k, cross_v: one per layer");
   TORCH_CHECK(act >= 0 && act <= 5 && act != 1, "hf_t5_stack_step: unknown activation code ", act);
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1, "x must be [bsz, 1, C], got ", x_in.sizes());
   TORCH_CHECK(x_in.scalar_type() != at::kHalf, "hf_t5_stack_step: fp16 runs the stock blocks");
@@ -607,10 +639,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
   const at::Tensor cross_bias = position_bias_mask(cross_zeros, cross_mask, contiguous_mask);
   at::Tensor x = x_in;
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor* W = weights.data() + l * kPer;
-    const double* E = eps.data() + 3 * l;
-    const at::Tensor* P = packed.empty() ? nullptr : packed.data() + l * kPacks;
-    auto pk = [P](int i) { return P == nullptr ? nullptr : P + i; };
+    const LayerLists L = lists.layer(l);
+    const at::Tensor* W = L.W;
+    const double* E = L.E;
+    auto pk = [&L](int i) { return L.pack(i); };
     for (const at::Tensor* t : {&self_k[l], &self_v[l], &cross_k[l], &cross_v[l]}) {
       check_cache(*t, l, bsz, heads, head_dim);
     }
@@ -696,13 +728,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
     int64_t act, int64_t gqa, at::TensorList packed) {
   constexpr int64_t kPer = 16, kPacks = 7;
   const int64_t layers = static_cast<int64_t>(self_k.size());
-  TORCH_CHECK(layers > 0, "hf_llama_stack_step: no layers");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kPer &&
-                  static_cast<int64_t>(self_v.size()) == layers &&
-                  static_cast<int64_t>(eps.size()) == 2 * layers,
-              "hf_llama_stack_step: per-layer lists of the wrong length");
-  TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == layers * kPacks,
-              "hf_llama_stack_step: packed weights: none or ", layers * kPacks);
+  const StackLists lists("hf_llama_stack_step", layers, weights, kPer, eps, 2, packed, kPacks);
+  TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers,
+              "hf_llama_stack_step: self_v: one per layer");
   TORCH_CHECK(act >= 0 && act <= 5 && act != 1, "hf_llama_stack_step: unknown activation ", act);
   TORCH_CHECK(gqa >= 0 && gqa <= 3, "hf_llama_stack_step: unknown gqa mode ", gqa);
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1, "x must be [bsz, 1, C], got ", x_in.sizes());
@@ -718,10 +746,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
   new_v.reserve(layers);
   at::Tensor x = x_in;
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor* W = weights.data() + l * kPer;
-    const double* E = eps.data() + 2 * l;
-    const at::Tensor* P = packed.empty() ? nullptr : packed.data() + l * kPacks;
-    auto pk = [P](int i) { return P == nullptr ? nullptr : P + i; };
+    const LayerLists L = lists.layer(l);
+    const at::Tensor* W = L.W;
+    const double* E = L.E;
+    auto pk = [&L](int i) { return L.pack(i); };
     check_cache(self_k[l], l, bsz, kv_heads, head_dim);
     check_cache(self_v[l], l, bsz, kv_heads, head_dim);
     auto heads_of = [&](const at::Tensor& h, int i, const at::Tensor* p) {
@@ -789,14 +817,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
     int64_t heads, int64_t act, at::TensorList packed) {
   constexpr int64_t kPer = 12, kPacks = 4;
   const int64_t layers = static_cast<int64_t>(self_k.size());
-  TORCH_CHECK(layers > 0, "hf_gpt2_stack_step: no layers");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kPer &&
-                  static_cast<int64_t>(self_v.size()) == layers &&
-                  static_cast<int64_t>(eps.size()) == 2 * layers &&
+  const StackLists lists("hf_gpt2_stack_step", layers, weights, kPer, eps, 2, packed, kPacks);
+  TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers &&
                   static_cast<int64_t>(scalings.size()) == layers,
-              "hf_gpt2_stack_step: per-layer lists of the wrong length");
-  TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == layers * kPacks,
-              "hf_gpt2_stack_step: packed weights: none or ", layers * kPacks);
+              "hf_gpt2_stack_step: self_v, scalings: one per layer");
   TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4 || act == 5,
               "hf_gpt2_stack_step: unknown activation code ", act);
   const int64_t hd = step_head_dim(x_in, heads), bsz = x_in.size(0), embed = x_in.size(2);
@@ -805,10 +829,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
   new_v.reserve(layers);
   at::Tensor x = x_in;
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor* W = weights.data() + l * kPer;
-    const double* E = eps.data() + 2 * l;
-    const at::Tensor* P = packed.empty() ? nullptr : packed.data() + l * kPacks;
-    auto pk = [P](int i) { return P == nullptr ? nullptr : P + i; };
+    const LayerLists L = lists.layer(l);
+    const at::Tensor* W = L.W;
+    const double* E = L.E;
+    auto pk = [&L](int i) { return L.pack(i); };
     check_cache(self_k[l], l, bsz, heads, hd);
     check_cache(self_v[l], l, bsz, heads, hd);
     // attention: split of c_attn's output, heads, cache append, sdpa, c_proj

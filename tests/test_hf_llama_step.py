@@ -201,3 +201,26 @@ def test_cuda_bit_identical(dtype):
     )
     assert_same(stock, ours, f"cuda llama {dtype}")
     assert hf_exact_step.STATS["exact"] > 0
+
+
+def test_bad_arguments_are_clear_errors():
+    """The C++ steps check their per-layer lists before touching a tensor."""
+    x = torch.zeros(2, 1, 8)
+    kv = [torch.zeros(2, 2, 3, 4)]
+    w = [torch.zeros(1)] * 16
+    cos = sin = torch.zeros(2, 1, 4)
+    op = torch.ops.seqfuse.hf_llama_stack_step
+    with pytest.raises(RuntimeError, match="expected 16 weights, got 15"):
+        op(x, w[:-1], kv, kv, cos, sin, None, [1e-6, 1e-6], 2, 2, 4, 0.5, 4, 0, [])
+    with pytest.raises(RuntimeError, match="expected 2 eps, got 1"):
+        op(x, w, kv, kv, cos, sin, None, [1e-6], 2, 2, 4, 0.5, 4, 0, [])
+    with pytest.raises(RuntimeError, match="packed weights: none or 7, got 3"):
+        op(x, w, kv, kv, cos, sin, None, [1e-6, 1e-6], 2, 2, 4, 0.5, 4, 0, w[:3])
+    with pytest.raises(RuntimeError, match="gqa mode 1 for 2 heads over 2"):
+        op(x, w, kv, kv, cos, sin, None, [1e-6, 1e-6], 2, 2, 4, 0.5, 4, 1, [])
+    t5 = torch.ops.seqfuse.hf_t5_stack_step
+    bias = torch.zeros(1, 2, 1, 4)
+    with pytest.raises(RuntimeError, match="expected 12 weights, got 16"):
+        t5(x, w, kv, kv, kv, kv, bias, None, None, [1e-6] * 3, 2, 4, 0, False, True, [])
+    with pytest.raises(RuntimeError, match="fp16 runs the stock blocks"):
+        t5(x.half(), w[:12], kv, kv, kv, kv, bias, None, None, [1e-6] * 3, 2, 4, 0, False, True, [])
