@@ -122,8 +122,10 @@ def optimize(model, *, fused_layers: bool | None = None):
     With ``fused_layers=True`` (default: the ``SEQFUSE_FUSED_LAYERS``
     environment variable, off) every ``nn.Linear`` also runs seqfuse's
     packed-weight GEMM (``integrations.hf_fused``): faster on the CPU, outputs
-    within 1e-5 of stock's rather than bit for bit. Without it, a BART-family
-    decoder gets the exact one-call step (``integrations.hf_exact_step``).
+    within 1e-5 of stock's rather than bit for bit. Either way BART-family,
+    T5, GPT-2, Llama and Qwen2 decoders get the one-call decoder step
+    (``integrations.hf_exact_step``, ``hf_t5_step``, ``hf_gpt2_step``,
+    ``hf_llama_step``): bit-identical to stock without fused layers.
 
     A model without ``generate`` (an encoder-only model) is returned with
     only its fused layers when asked for them, else unchanged after one

@@ -194,7 +194,8 @@ def problem(model) -> str | None:
 
 
 def _plan(layers, cfg) -> dict:
-    empty = torch.empty(0)
+    w0 = layers[0].self_attn.q_proj.weight
+    empty = torch.empty(0, dtype=w0.dtype, device=w0.device)  # an absent weight
     weights, eps = [], []
     for lay in layers:
         q, k, v, o, gate, up, down = _projections(lay)

@@ -166,7 +166,8 @@ def problem(model) -> str | None:
 
 
 def _plan(blocks) -> dict:
-    empty = torch.empty(0)
+    w0 = blocks[0].layer[0].SelfAttention.q.weight
+    empty = torch.empty(0, dtype=w0.dtype, device=w0.device)  # an absent weight
     weights, eps = [], []
     for b in blocks:
         sa, ca, ff = b.layer[0].SelfAttention, b.layer[1].EncDecAttention, b.layer[2]
