@@ -123,7 +123,7 @@ def optimize(model, *, fused_layers: bool | None = None):
     environment variable, off) every ``nn.Linear`` also runs seqfuse's
     packed-weight GEMM (``integrations.hf_fused``): faster on the CPU, outputs
     within 1e-5 of stock's rather than bit for bit. Either way BART-family,
-    T5, GPT-2, Llama and Qwen2 decoders get the one-call decoder step
+    T5, GPT-2, Llama, Qwen2 and Mistral decoders get the one-call decoder step
     (``integrations.hf_exact_step``, ``hf_t5_step``, ``hf_gpt2_step``,
     ``hf_llama_step``): bit-identical to stock without fused layers.
 

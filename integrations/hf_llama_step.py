@@ -1,4 +1,4 @@
-"""The exact one-call decoding step for Hugging Face Llama (and Qwen2).
+"""The exact one-call decoding step for Hugging Face Llama (and Qwen2, Mistral).
 
 ``seqfuse._C``'s ``hf_llama_stack_step`` issues, for every
 ``LlamaDecoderLayer`` in one C++ call, the ATen calls that transformers'
@@ -22,10 +22,10 @@ In the fused mode (``integrations.hf_fused``) the call gets the weights'
 panel packs and runs the projections on seqfuse's packed GEMM: within 1e-5 of
 stock, not bit-identical.
 
-Supported: Llama and Qwen2 decoders of the verified code (transformers
-5.17.0 and 5.23.0: Qwen2's layer, MLP and norm are Llama's; its attention
-passes sdpa a sliding window, None for full attention) with sdpa attention,
-full-attention layers only, a dynamic cache, silu (or another verified)
+Supported: Llama, Qwen2 and Mistral decoders of the verified code
+(transformers 5.17.0 and 5.23.0: their layer, MLP and norm are Llama's; their
+attention passes sdpa a sliding window, None for full attention, and sdpa
+takes none) with sdpa attention, full-attention layers only, a dynamic cache, silu (or another verified)
 activation, with or without projection biases, one or grouped K/V heads.
 """
 
@@ -62,6 +62,16 @@ _VERIFIED = {
         "MLP.forward": {"3c7fa4d277dc1185"},
         "RMSNorm.forward": {"3d8a4725ba889ef7"},
     },
+    # Mistral: Llama's layer, MLP and norm; its attention passes sdpa the
+    # config's sliding window and its model builds a sliding-window mask when
+    # there is one (no sliding window only here)
+    "Mistral": {
+        "Model.forward": {"5123b26f88094335"},
+        "DecoderLayer.forward": {"0d3d9ea02351f893"},
+        "Attention.forward": {"a9dd75f78b06328a"},
+        "MLP.forward": {"3c7fa4d277dc1185"},
+        "RMSNorm.forward": {"3d8a4725ba889ef7"},
+    },
 }
 _VERIFIED_ROTARY = {
     "apply_rotary_pos_emb": {"9e69c4f73464b9c2"},
@@ -79,6 +89,10 @@ def _modeling(family: str):
         from transformers.models.qwen2 import modeling_qwen2
 
         return modeling_qwen2
+    if family == "Mistral":
+        from transformers.models.mistral import modeling_mistral
+
+        return modeling_mistral
     from transformers.models.llama import modeling_llama
 
     return modeling_llama
@@ -105,7 +119,7 @@ def _llama_library_problem(family: str = "Llama") -> str | None:
 
 
 def _family(model) -> str | None:
-    """The family ("Llama" or "Qwen2") of such a model or its inner model, else None."""
+    """The family ("Llama", "Qwen2", "Mistral") of such a model or its inner model, else None."""
     for family in _VERIFIED:
         try:
             base = _cls(family, "Model")
@@ -141,7 +155,7 @@ def problem(model) -> str | None:
         return "the compiled extension is not available"
     inner = _inner(model)
     if inner is None:
-        return "not a Llama or Qwen2 model"
+        return "not a Llama, Qwen2 or Mistral model"
     layers = list(inner.layers)
     if not layers:
         return "no decoder layers"
@@ -152,6 +166,8 @@ def problem(model) -> str | None:
         return "the layer list and num_hidden_layers differ"
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
         return "layers other than full attention"
+    if getattr(cfg, "sliding_window", None) is not None and _family(model) == "Mistral":
+        return "sliding-window attention"
     family = _family(model)
     why = _llama_library_problem(family)
     if why is not None:

@@ -196,11 +196,11 @@ def _exact_steps() -> str:
     try:
         from integrations import hf_llama_step
 
-        for family in ("Llama", "Qwen2"):
+        for family in ("Llama", "Qwen2", "Mistral"):
             why = hf_llama_step._llama_library_problem(family)
             out.append(f"{family}: " + ("verified" if why is None else why))
     except Exception as e:  # report, never fail
-        out.append(f"Llama, Qwen2: unavailable ({type(e).__name__})")
+        out.append(f"Llama, Qwen2, Mistral: unavailable ({type(e).__name__})")
     return "; ".join(out)
 
 

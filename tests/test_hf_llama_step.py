@@ -139,6 +139,47 @@ def test_qwen2_bit_identical(num_beams, padded):
     assert set(MODES) == {want}
 
 
+def _mistral(seed: int, sliding_window=None):
+    """A tiny Mistral with Llama's tuned output layer (EOS at varied lengths)."""
+    import transformers as tf
+
+    llama = make_model("llama", seed=seed)
+    c = llama.config
+    cfg = tf.MistralConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        max_position_embeddings=128,
+        sliding_window=sliding_window,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = tf.MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    model.lm_head.weight.data.copy_(llama.lm_head.weight.data)
+    return model
+
+
+@pytest.mark.parametrize("num_beams", (1, 4))
+def test_mistral_bit_identical(num_beams):
+    """Mistral (no sliding window): the same step."""
+    model = _mistral(3)
+    assert hf_llama_step.problem(model) is None
+    ids, mask = make_inputs("llama", model, batch=4, seed=3)
+    kw = dict(num_beams=num_beams, max_new_tokens=12, min_new_tokens=4, attention_mask=mask)
+    stock, ours = both(model, ids, **kw)
+    assert_same(stock, ours, f"mistral beams={num_beams}")
+    assert hf_exact_step.STATS["exact"] > 0
+    assert "sliding-window" in hf_llama_step.problem(_mistral(3, sliding_window=4))
+
+
 def test_fused_mode_packed_gemm():
     from seqfuse.ops.linear import kernel_takes
 
@@ -171,7 +212,9 @@ def test_problems():
     eager = _llama(1)
     eager.config._attn_implementation = "eager"
     assert "sdpa only" in hf_llama_step.problem(eager)
-    assert "not a Llama or Qwen2 model" in hf_llama_step.problem(make_model("gpt2", seed=0))
+    assert "not a Llama, Qwen2 or Mistral model" in hf_llama_step.problem(
+        make_model("gpt2", seed=0)
+    )
     odd = _llama(1)
     odd.model.layers[1].mlp.act_fn = torch.nn.Softplus()
     assert "activation" in hf_llama_step.problem(odd)
