@@ -205,6 +205,26 @@ def _recorded(layers, parts=lambda lay: (lay, lay.self_attn, lay.encoder_attn)) 
     )
 
 
+def encoder_decoder_cache_ready(cache, n: int) -> bool:
+    """Whether ``cache`` is an EncoderDecoderCache whose first ``n`` layers
+    hold initialised dynamic self- and cross-attention caches, the cross ones
+    computed (a step the one-call steps can take)."""
+    from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
+
+    if not isinstance(cache, EncoderDecoderCache):
+        return False
+    sc, cc = cache.self_attention_cache, cache.cross_attention_cache
+    if len(sc.layers) < n or len(cc.layers) < n:
+        return False
+    for i in range(n):
+        if not cache.is_updated.get(i):
+            return False
+        for lay in (sc.layers[i], cc.layers[i]):
+            if type(lay) is not DynamicLayer or not lay.is_initialized:
+                return False
+    return True
+
+
 class _Runner:
     """What the decoder's layer loop gets instead of its layers (one item)."""
 
@@ -222,8 +242,6 @@ class _Runner:
         return hidden_states
 
     def _exact(self, x, args, kwargs):
-        from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
-
         layers = list(nn.ModuleList.__iter__(self.layers))
         if len(args) != 2 or not set(kwargs) <= _QUIET_KWARGS:
             return None
@@ -231,18 +249,10 @@ class _Runner:
             return None
         self_mask, enc = args
         cache = kwargs.get("past_key_values")
-        if enc is None or not isinstance(cache, EncoderDecoderCache):
+        n = len(layers)
+        if enc is None or not encoder_decoder_cache_ready(cache, n):
             return None
         sc, cc = cache.self_attention_cache, cache.cross_attention_cache
-        n = len(layers)
-        if len(sc.layers) < n or len(cc.layers) < n:
-            return None
-        for i in range(n):
-            if not cache.is_updated.get(i):
-                return None
-            for lay in (sc.layers[i], cc.layers[i]):
-                if type(lay) is not DynamicLayer or not lay.is_initialized:
-                    return None
         if _recorded(layers):
             return None
         # built once, anew after any module or parameter registration (a

@@ -219,8 +219,6 @@ class _Runner(hf_exact_step._Runner):
         return hidden_states, bias, enc_bias
 
     def _exact(self, x, args, kwargs):
-        from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
-
         blocks = list(nn.ModuleList.__iter__(self.layers))
         if len(args) != 5 or set(kwargs) != {"past_key_values"}:
             return None
@@ -232,18 +230,10 @@ class _Runner(hf_exact_step._Runner):
         if x.dtype == torch.float16:  # T5Block's clamps: not mirrored
             return None
         cache = kwargs["past_key_values"]
-        if not isinstance(cache, EncoderDecoderCache):
+        n = len(blocks)
+        if not hf_exact_step.encoder_decoder_cache_ready(cache, n):
             return None
         sc, cc = cache.self_attention_cache, cache.cross_attention_cache
-        n = len(blocks)
-        if len(sc.layers) < n or len(cc.layers) < n:
-            return None
-        for i in range(n):
-            if not cache.is_updated.get(i):
-                return None
-            for lay in (sc.layers[i], cc.layers[i]):
-                if type(lay) is not DynamicLayer or not lay.is_initialized:
-                    return None
         if _recorded(blocks, _parts):
             return None
         contiguous = _bias_mask_contiguous()

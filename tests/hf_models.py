@@ -219,3 +219,12 @@ def needs_packed_gemm():
         _ext._C is None or not torch.ops.seqfuse.linear_capability(),
         reason="no packed-GEMM kernel here",
     )
+
+
+def fresh_step_state(monkeypatch) -> None:
+    """Default environment and zeroed step counters, for the one-call step tests."""
+    from integrations import hf_exact_step
+
+    clear_seqfuse_env(monkeypatch)
+    for k in hf_exact_step.STATS:
+        hf_exact_step.STATS[k] = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import make_inputs, make_model
+from hf_models import fresh_step_state, make_inputs, make_model
 from test_hf import assert_same, generate
 
 import seqfuse
@@ -21,10 +21,7 @@ pytestmark = pytest.mark.skipif(_ext._C is None, reason="seqfuse._C not built")
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
-    for name in ("SEQFUSE_DISABLE", "SEQFUSE_EXACT_STEP", "SEQFUSE_FUSED_LAYERS"):
-        monkeypatch.delenv(name, raising=False)
-    for k in hf_exact_step.STATS:
-        hf_exact_step.STATS[k] = 0
+    fresh_step_state(monkeypatch)
     yield
 
 
