@@ -381,10 +381,21 @@ inline at::Tensor packed_linear(const at::Tensor& x2d, const at::Tensor& packed,
   return op.call(x2d, packed, b, n, /*skip_zeros=*/false);
 }
 
+// A bias, or none for an undefined or empty tensor (a layer without one).
+inline std::optional<at::Tensor> bias_of(const at::Tensor& b) {
+  if (!b.defined() || b.numel() == 0) return std::nullopt;
+  return b;
+}
+
+// An nn.Linear (bias `b`, undefined or empty for none): F.linear, or the
+// packed GEMM given the weight's pack.
 inline at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                           const at::Tensor* packed) {
-  if (packed == nullptr) return linear(x, w, b);
-  const at::Tensor y = packed_linear(x.reshape({-1, x.size(-1)}), *packed, b, w.size(0));
+  const std::optional<at::Tensor> bias = bias_of(b);
+  if (packed == nullptr) return at::linear(x, w, bias);
+  const at::Tensor y = packed_linear(
+      x.reshape({-1, x.size(-1)}), *packed,
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, w.size(0));
   return y.view({x.size(0), x.size(1), w.size(0)});
 }
 
@@ -406,13 +417,21 @@ inline at::Tensor project_heads(const at::Tensor& x, const at::Tensor& w, const 
   return project(x, w, b, packed).view({x.size(0), x.size(1), -1, hd}).transpose(1, 2);
 }
 
-at::Tensor hf_attend(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, const std::optional<at::Tensor>& mask, double scaling,
-                     const at::Tensor& wo, const at::Tensor& bo, const at::Tensor* packed) {
-  at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scaling);
-  o = o.reshape({o.size(0), -1, q.size(2), v.size(-1)}).transpose(1, 2).contiguous();
-  o = o.reshape({x.size(0), x.size(1), -1}).contiguous();
-  return project(o, wo, bo, packed);
+// sdpa's output [bsz, H, q, hd] back to [bsz, q, H * hd], as
+// sdpa_attention_forward (reshape, transpose, contiguous) and the attention
+// modules (reshape, contiguous) leave it.
+inline at::Tensor merge_heads(const at::Tensor& o, int64_t q_len, int64_t hd) {
+  const at::Tensor t = o.reshape({o.size(0), -1, q_len, hd}).transpose(1, 2).contiguous();
+  return t.reshape({t.size(0), t.size(1), -1}).contiguous();
+}
+
+// sdpa, the heads merged, the output projection (bias `bo`, or none).
+at::Tensor hf_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& mask, double scaling, const at::Tensor& wo,
+                     const at::Tensor& bo, const at::Tensor* packed) {
+  const at::Tensor o =
+      at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scaling);
+  return project(merge_heads(o, q.size(2), v.size(-1)), wo, bo, packed);
 }
 
 // A one-token step's input [bsz, 1, C] split into `heads`: the head size.
@@ -508,14 +527,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     at::Tensor v = at::cat({self_v[l], project_heads(x, W[4], W[5], hd, pk(2))}, -2);
     new_k.push_back(k);
     new_v.push_back(v);
-    x = at::add(residual, hf_attend(x, q, k, v, self_mask, scaling, W[6], W[7], pk(3)));
+    x = at::add(residual, hf_attend(q, k, v, self_mask, scaling, W[6], W[7], pk(3)));
     if (!normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
     // encoder attention (K/V cached since the first step)
     residual = x;
     if (normalize_before) x = layer_norm(x, W[14], W[15], E[1]);
     q = project_heads(x, W[10], W[11], hd, pk(4));
     x = at::add(residual,
-                hf_attend(x, q, cross_k[l], cross_v[l], cross_mask, scaling, W[12], W[13], pk(5)));
+                hf_attend(q, cross_k[l], cross_v[l], cross_mask, scaling, W[12], W[13], pk(5)));
     if (!normalize_before) x = layer_norm(x, W[14], W[15], E[1]);
     // feed-forward
     residual = x;
@@ -546,13 +565,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
 // gated), wo). Returns (x, new K, new V). fp16 is the caller's to refuse
 // (T5Block clamps fp16 activations; not mirrored here).
 namespace {
-
-// A bias-free projection: torch's F.linear, or the packed GEMM given a pack.
-inline at::Tensor project_nb(const at::Tensor& x, const at::Tensor& w, const at::Tensor* packed) {
-  if (packed == nullptr) return at::linear(x, w);
-  const at::Tensor y = packed_linear(x.reshape({-1, x.size(-1)}), *packed, std::nullopt, w.size(0));
-  return y.view({x.size(0), x.size(1), w.size(0)});
-}
 
 // T5LayerNorm: weight * (h * rsqrt(mean(h.float()^2) + eps)), the weight's
 // half dtype restored before the product.
@@ -592,17 +604,6 @@ at::Tensor position_bias_mask(const at::Tensor& bias, const std::optional<at::Te
     return done(at::where(*mask, bias, at::Scalar(lowest)));
   }
   return done(at::add(bias, *mask));
-}
-
-// T5Attention after its projections: sdpa with the position-bias mask and
-// scale 1, heads back to [bsz, 1, inner], the output projection.
-at::Tensor t5_attend(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, const at::Tensor& mask, const at::Tensor& wo,
-                     const at::Tensor* packed) {
-  at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, 1.0);
-  o = o.reshape({o.size(0), -1, q.size(2), v.size(-1)}).transpose(1, 2).contiguous();
-  o = o.reshape({x.size(0), x.size(1), -1}).contiguous();
-  return project_nb(o, wo, packed);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_stack_step(
@@ -646,26 +647,25 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
     for (const at::Tensor* t : {&self_k[l], &self_v[l], &cross_k[l], &cross_v[l]}) {
       check_cache(*t, l, bsz, heads, head_dim);
     }
-    auto heads_of = [&](const at::Tensor& h, const at::Tensor& w, const at::Tensor* p) {
-      return project_nb(h, w, p).view({h.size(0), h.size(1), -1, head_dim}).transpose(1, 2);
-    };
+    const at::Tensor none;  // T5's projections have no bias
     // self-attention
     at::Tensor h = t5_norm(x, W[0], E[0]);
-    at::Tensor q = heads_of(h, W[1], pk(0));
-    const at::Tensor k = at::cat({self_k[l], heads_of(h, W[2], pk(1))}, -2);
-    const at::Tensor v = at::cat({self_v[l], heads_of(h, W[3], pk(2))}, -2);
+    at::Tensor q = project_heads(h, W[1], none, head_dim, pk(0));
+    const at::Tensor k = at::cat({self_k[l], project_heads(h, W[2], none, head_dim, pk(1))}, -2);
+    const at::Tensor v = at::cat({self_v[l], project_heads(h, W[3], none, head_dim, pk(2))}, -2);
     new_k.push_back(k);
     new_v.push_back(v);
-    x = at::add(x, t5_attend(h, q, k, v, self_bias, W[4], pk(3)));
+    // T5Attention: sdpa with the position-bias mask and scale 1
+    x = at::add(x, hf_attend(q, k, v, self_bias, 1.0, W[4], none, pk(3)));
     // encoder attention (K/V cached since the first step)
     h = t5_norm(x, W[5], E[1]);
-    q = heads_of(h, W[6], pk(4));
-    x = at::add(x, t5_attend(h, q, cross_k[l], cross_v[l], cross_bias, W[7], pk(5)));
+    q = project_heads(h, W[6], none, head_dim, pk(4));
+    x = at::add(x, hf_attend(q, cross_k[l], cross_v[l], cross_bias, 1.0, W[7], none, pk(5)));
     // feed-forward
     h = t5_norm(x, W[8], E[2]);
-    at::Tensor f = activation(project_nb(h, W[9], pk(6)), act);
-    if (gated) f = at::mul(f, project_nb(h, W[10], pk(7)));
-    x = at::add(x, project_nb(f, W[11], pk(8)));
+    at::Tensor f = activation(project(h, W[9], none, pk(6)), act);
+    if (gated) f = at::mul(f, project(h, W[10], none, pk(7)));
+    x = at::add(x, project(f, W[11], none, pk(8)));
   }
   return {x, new_k, new_v};
 }
@@ -686,22 +686,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
 // and V, 3 the query packed by K/V head (pack_gqa); packed: none or 7 per
 // layer (q, k, v, o, gate, up, down). Returns (x, new K, new V).
 namespace {
-
-inline std::optional<at::Tensor> bias_of(const at::Tensor& b) {
-  if (!b.defined() || b.numel() == 0) return std::nullopt;
-  return b;
-}
-
-// An nn.Linear with an optional bias: torch's, or the packed GEMM given a pack.
-inline at::Tensor project_ob(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                             const at::Tensor* packed) {
-  const std::optional<at::Tensor> bias = bias_of(b);
-  if (packed == nullptr) return at::linear(x, w, bias);
-  const at::Tensor y = packed_linear(
-      x.reshape({-1, x.size(-1)}), *packed,
-      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, w.size(0));
-  return y.view({x.size(0), x.size(1), w.size(0)});
-}
 
 // LlamaRMSNorm: weight * (h.float() * rsqrt(mean(h.float()^2) + eps)).to(dtype).
 at::Tensor llama_norm(const at::Tensor& h, const at::Tensor& w, double eps) {
@@ -752,17 +736,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
     auto pk = [&L](int i) { return L.pack(i); };
     check_cache(self_k[l], l, bsz, kv_heads, head_dim);
     check_cache(self_v[l], l, bsz, kv_heads, head_dim);
-    auto heads_of = [&](const at::Tensor& h, int i, const at::Tensor* p) {
-      return project_ob(h, W[i], W[i + 1], p)
-          .view({h.size(0), h.size(1), -1, head_dim})
-          .transpose(1, 2);
-    };
     // self-attention
     at::Tensor residual = x;
     const at::Tensor h = llama_norm(x, W[0], E[0]);
-    at::Tensor q = heads_of(h, 1, pk(0));
-    at::Tensor k = heads_of(h, 3, pk(1));
-    const at::Tensor v_step = heads_of(h, 5, pk(2));
+    at::Tensor q = project_heads(h, W[1], W[2], head_dim, pk(0));
+    at::Tensor k = project_heads(h, W[3], W[4], head_dim, pk(1));
+    const at::Tensor v_step = project_heads(h, W[5], W[6], head_dim, pk(2));
     q = rotate(q, cos, sin);
     k = rotate(k, cos, sin);
     k = at::cat({self_k[l], k}, -2);
@@ -790,15 +769,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
       o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scaling,
                                            /*enable_gqa=*/gqa == 1);
     }
-    o = o.reshape({o.size(0), -1, 1, v.size(-1)}).transpose(1, 2).contiguous();
-    o = o.reshape({x.size(0), x.size(1), -1}).contiguous();
-    x = at::add(residual, project_ob(o, W[7], W[8], pk(3)));
+    x = at::add(residual, project(merge_heads(o, 1, v.size(-1)), W[7], W[8], pk(3)));
     // MLP
     residual = x;
     const at::Tensor g = llama_norm(x, W[9], E[1]);
-    const at::Tensor a = activation(project_ob(g, W[10], W[11], pk(4)), act);
-    const at::Tensor f = at::mul(a, project_ob(g, W[12], W[13], pk(5)));
-    x = at::add(residual, project_ob(f, W[14], W[15], pk(6)));
+    const at::Tensor a = activation(project(g, W[10], W[11], pk(4)), act);
+    const at::Tensor f = at::mul(a, project(g, W[12], W[13], pk(5)));
+    x = at::add(residual, project(f, W[14], W[15], pk(6)));
   }
   return {x, new_k, new_v};
 }
@@ -849,9 +826,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
     new_v.push_back(v);
     at::Tensor o =
         at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scalings[l]);
-    o = o.reshape({o.size(0), -1, q.size(2), v.size(-1)}).transpose(1, 2).contiguous();
-    o = o.reshape({o.size(0), o.size(1), -1}).contiguous();
-    x = at::add(conv1d(o, W[4], W[5], pk(1)), residual);  // attn_output + residual
+    x = at::add(conv1d(merge_heads(o, q.size(2), v.size(-1)), W[4], W[5], pk(1)),
+                residual);  // attn_output + residual
     // MLP
     residual = x;
     const at::Tensor f =
