@@ -225,6 +225,22 @@ def encoder_decoder_cache_ready(cache, n: int) -> bool:
     return True
 
 
+def fused_packs(probe, x, modules, transposed: bool = False) -> list:
+    """The panel packs of ``modules``' weights (None: an empty placeholder)
+    when ``probe`` runs in the fused mode (one of ``hf_fused``'s packed
+    classes) and the packed kernel takes ``x``; else none (torch's products).
+    ``transposed``: the weights are stored ``[in, out]`` (GPT-2's Conv1D)."""
+    if not getattr(type(probe), "_seqfuse_packed_linear", False):
+        return []
+    from seqfuse.ops import linear as packed_linear
+
+    w = probe.weight.t() if transposed else probe.weight
+    if not packed_linear.kernel_takes(x.view(-1, x.size(-1)), w):
+        return []
+    empty = torch.empty(0)
+    return [empty if m is None else packed_linear.packed(m.weight, transposed) for m in modules]
+
+
 class _Runner:
     """What the decoder's layer loop gets instead of its layers (one item)."""
 
@@ -272,25 +288,13 @@ class _Runner:
             plan["scaling"],
             plan["act"],
             plan["pre_norm"],
-            self._packs(layers, x),
+            # (the GEMM weights' packs in the fused mode)
+            fused_packs(layers[0].fc1, x, [m for lay in layers for m in gemm_modules(lay)]),
         )
         for i in range(n):  # where DynamicLayer.update leaves them
             sc.layers[i].keys = new_k[i]
             sc.layers[i].values = new_v[i]
         return x
-
-    @staticmethod
-    def _packs(layers, x) -> list:
-        """The GEMM weights' panel packs when the layers are in the fused mode
-        (their linear layers are ``hf_fused.PackedLinear``) and the packed
-        kernel takes this input; else none (torch's exact products)."""
-        if type(layers[0].fc1).__name__ != "PackedLinear":
-            return []
-        from seqfuse.ops import linear as packed_linear
-
-        if not packed_linear.kernel_takes(x.view(-1, x.size(-1)), layers[0].fc1.weight):
-            return []
-        return [packed_linear.packed(m.weight) for lay in layers for m in gemm_modules(lay)]
 
 
 class ExactLayers(nn.ModuleList):

@@ -202,29 +202,21 @@ class _Runner(hf_exact_step._Runner):
             plan["scalings"],
             plan["heads"],
             plan["act"],
-            self._packs(blocks, x),
+            hf_exact_step.fused_packs(
+                blocks[0].mlp.c_fc,
+                x,
+                [
+                    m
+                    for b in blocks
+                    for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+                ],
+                transposed=True,
+            ),
         )
         for i in range(n):  # where DynamicLayer.update leaves them
             layers[i].keys = new_k[i]
             layers[i].values = new_v[i]
         return x
-
-    @staticmethod
-    def _packs(blocks, x) -> list:
-        """The Conv1D weights' packs in the fused mode (``PackedConv1D``) when
-        the packed kernel takes this input; else none (torch's products)."""
-        if type(blocks[0].mlp.c_fc).__name__ != "PackedConv1D":
-            return []
-        from seqfuse.ops import linear as packed_linear
-
-        w = blocks[0].mlp.c_fc.weight
-        if not packed_linear.kernel_takes(x.view(-1, x.size(-1)), w.t()):
-            return []
-        return [
-            packed_linear.packed(m.weight, transposed=True)
-            for b in blocks
-            for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
-        ]
 
 
 class ExactBlocks(hf_exact_step.ExactLayers):

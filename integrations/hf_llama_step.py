@@ -310,25 +310,14 @@ class _Runner(hf_exact_step._Runner):
             plan["scaling"],
             plan["act"],
             gqa,
-            self._packs(layers, x),
+            hf_exact_step.fused_packs(
+                layers[0].self_attn.q_proj, x, [p for lay in layers for p in _projections(lay)]
+            ),
         )
         for i in range(n):  # where DynamicLayer.update leaves them
             cache.layers[i].keys = new_k[i]
             cache.layers[i].values = new_v[i]
         return x
-
-    @staticmethod
-    def _packs(layers, x) -> list:
-        """The projections' panel packs in the fused mode (``PackedLinear``)
-        when the packed kernel takes this input; else none (torch's products)."""
-        q = layers[0].self_attn.q_proj
-        if type(q).__name__ != "PackedLinear":
-            return []
-        from seqfuse.ops import linear as packed_linear
-
-        if not packed_linear.kernel_takes(x.view(-1, x.size(-1)), q.weight):
-            return []
-        return [packed_linear.packed(p.weight) for lay in layers for p in _projections(lay)]
 
 
 class ExactLayers(hf_exact_step.ExactLayers):

@@ -165,6 +165,13 @@ def problem(model) -> str | None:
     return None
 
 
+def _projections(block) -> tuple:
+    """A block's projections in the step's pack order (None: no wi_1)."""
+    sa, ca = block.layer[0].SelfAttention, block.layer[1].EncDecAttention
+    wi, wi1, wo, _ = _ff_parts(block.layer[2])
+    return (sa.q, sa.k, sa.v, sa.o, ca.q, ca.o, wi, wi1, wo)
+
+
 def _plan(blocks) -> dict:
     w0 = blocks[0].layer[0].SelfAttention.q.weight
     empty = torch.empty(0, dtype=w0.dtype, device=w0.device)  # an absent weight
@@ -260,34 +267,14 @@ class _Runner(hf_exact_step._Runner):
             plan["act"],
             plan["gated"],
             contiguous,
-            self._packs(blocks, x, plan["gated"]),
+            hf_exact_step.fused_packs(
+                blocks[0].layer[0].SelfAttention.q, x, [m for b in blocks for m in _projections(b)]
+            ),
         )
         for i in range(n):  # where DynamicLayer.update leaves them
             sc.layers[i].keys = new_k[i]
             sc.layers[i].values = new_v[i]
         return x
-
-    @staticmethod
-    def _packs(blocks, x, gated) -> list:
-        """The projections' panel packs in the fused mode (``PackedLinear``)
-        when the packed kernel takes this input; else none (torch's products)."""
-        sa = blocks[0].layer[0].SelfAttention
-        if type(sa.q).__name__ != "PackedLinear":
-            return []
-        from seqfuse.ops import linear as packed_linear
-
-        if not packed_linear.kernel_takes(x.view(-1, x.size(-1)), sa.q.weight):
-            return []
-        empty = torch.empty(0)
-        packs = []
-        for b in blocks:
-            sa, ca = b.layer[0].SelfAttention, b.layer[1].EncDecAttention
-            wi, wi1, wo, _ = _ff_parts(b.layer[2])
-            mods = (sa.q, sa.k, sa.v, sa.o, ca.q, ca.o, wi)
-            packs += [packed_linear.packed(m.weight) for m in mods]
-            packs.append(packed_linear.packed(wi1.weight) if gated else empty)
-            packs.append(packed_linear.packed(wo.weight))
-        return packs
 
 
 class ExactBlocks(hf_exact_step.ExactLayers):

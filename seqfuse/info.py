@@ -162,45 +162,29 @@ def _packed_gemm() -> str:
     return f"available ({cap})" if cap else "unavailable: needs AVX2 or AVX-512 (F.linear runs)"
 
 
+# (label, module, function, arguments): the code each exact one-call step mirrors
+_STEP_CHECKS = (
+    ("fairseq", "seqfuse.layers.exact_step", "_library_problem", ()),
+    ("transformers", "integrations.hf_exact_step", "_library_problem", ()),
+    ("GPT-2", "integrations.hf_gpt2_step", "_gpt2_library_problem", ()),
+    ("T5", "integrations.hf_t5_step", "_t5_library_problem", ()),
+    ("Llama", "integrations.hf_llama_step", "_llama_library_problem", ("Llama",)),
+    ("Qwen2", "integrations.hf_llama_step", "_llama_library_problem", ("Qwen2",)),
+    ("Mistral", "integrations.hf_llama_step", "_llama_library_problem", ("Mistral",)),
+)
+
+
 def _exact_steps() -> str:
     """Whether the code the exact one-call decoder steps mirror is the verified one."""
+    import importlib
+
     out = []
-    try:
-        from seqfuse.layers import exact_step
-
-        why = exact_step._library_problem()
-        out.append("fairseq: " + ("verified" if why is None else why))
-    except Exception as e:  # report, never fail
-        out.append(f"fairseq: unavailable ({type(e).__name__})")
-    try:
-        from integrations import hf_exact_step
-
-        why = hf_exact_step._library_problem()
-        out.append("transformers: " + ("verified" if why is None else why))
-    except Exception as e:  # report, never fail
-        out.append(f"transformers: unavailable ({type(e).__name__})")
-    try:
-        from integrations import hf_gpt2_step
-
-        why = hf_gpt2_step._gpt2_library_problem()
-        out.append("GPT-2: " + ("verified" if why is None else why))
-    except Exception as e:  # report, never fail
-        out.append(f"GPT-2: unavailable ({type(e).__name__})")
-    try:
-        from integrations import hf_t5_step
-
-        why = hf_t5_step._t5_library_problem()
-        out.append("T5: " + ("verified" if why is None else why))
-    except Exception as e:  # report, never fail
-        out.append(f"T5: unavailable ({type(e).__name__})")
-    try:
-        from integrations import hf_llama_step
-
-        for family in ("Llama", "Qwen2", "Mistral"):
-            why = hf_llama_step._llama_library_problem(family)
-            out.append(f"{family}: " + ("verified" if why is None else why))
-    except Exception as e:  # report, never fail
-        out.append(f"Llama, Qwen2, Mistral: unavailable ({type(e).__name__})")
+    for label, module, function, args in _STEP_CHECKS:
+        try:
+            why = getattr(importlib.import_module(module), function)(*args)
+            out.append(f"{label}: " + ("verified" if why is None else why))
+        except Exception as e:  # report, never fail
+            out.append(f"{label}: unavailable ({type(e).__name__})")
     return "; ".join(out)
 
 
