@@ -177,17 +177,12 @@ def _plan(blocks) -> dict:
     empty = torch.empty(0, dtype=w0.dtype, device=w0.device)  # an absent weight
     weights, eps = [], []
     for b in blocks:
-        sa, ca, ff = b.layer[0].SelfAttention, b.layer[1].EncDecAttention, b.layer[2]
-        wi, wi1, wo, _ = _ff_parts(ff)
-        weights += [b.layer[0].layer_norm.weight, sa.q.weight, sa.k.weight, sa.v.weight]
-        weights += [sa.o.weight, b.layer[1].layer_norm.weight, ca.q.weight, ca.o.weight]
-        weights += [ff.layer_norm.weight, wi.weight, empty if wi1 is None else wi1.weight]
-        weights.append(wo.weight)
-        eps += [
-            float(b.layer[0].layer_norm.variance_epsilon),
-            float(b.layer[1].layer_norm.variance_epsilon),
-            float(ff.layer_norm.variance_epsilon),
-        ]
+        q, k, v, o, cq, co, wi, wi1, wo = _projections(b)
+        norms = [lay.layer_norm for lay in b.layer]  # self-attention, cross-attention, FF
+        weights += [norms[0].weight, q.weight, k.weight, v.weight, o.weight]
+        weights += [norms[1].weight, cq.weight, co.weight]
+        weights += [norms[2].weight, wi.weight, empty if wi1 is None else wi1.weight, wo.weight]
+        eps += [float(n.variance_epsilon) for n in norms]
     first = blocks[0]
     return {
         "weights": weights,
