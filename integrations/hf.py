@@ -29,6 +29,10 @@ What changes is the expensive part of a step:
   penalised candidates) leaves the batch: its rows are no longer decoded,
   where stock decodes every sentence until the last one is done
   (``SEQFUSE_HF_DROP_FINISHED=0`` keeps them; the exact mode always does);
+- with ``fused_layers=True``, a GPT-2 or Llama-family model's prompt, which
+  generate copies to every beam's row before the first forward, runs once
+  per sentence, its cache and last logits repeated for the beams
+  (``SEQFUSE_HF_SHARED_PREFILL=0`` runs it on every row, as stock does);
 - the stopping criteria Hugging Face builds by default (max length, EOS) are
   evaluated on the new tokens instead of on gathered sequences, and the
   per-step gathers of the running and finished sequences cover the columns
@@ -72,12 +76,23 @@ STATS = {
     "tie_reranks": 0,
     "cross_cache_kept": 0,
     "sentences_dropped": 0,
+    "shared_prefills": 0,
 }
 
 # With fused layers, a sentence whose result the search can no longer change
 # leaves the batch (its rows are no longer decoded); "0" keeps every row to
 # the end, as stock does.
 DROP_FINISHED_ENV = "SEQFUSE_HF_DROP_FINISHED"
+
+# With fused layers, a decoder-only model's prompt (which generate expands to
+# num_beams identical rows per sentence before the first forward) runs once
+# per sentence, its cache and logits then repeated for the beams (_prefill);
+# "0" runs it on every row, as stock does.
+SHARED_PREFILL_ENV = "SEQFUSE_HF_SHARED_PREFILL"
+# The model_kwargs the shared prefill takes: per-row tensors (one row per
+# sentence is kept), and the rest (passed as they are).
+_PREFILL_ROWS = ("attention_mask", "position_ids", "token_type_ids")
+_PREFILL_OTHERS = frozenset({"past_key_values", "use_cache", "logits_to_keep", "cache_position"})
 
 # The helpers of GenerationMixin this module's loop calls (transformers 5.x).
 _HELPERS = (
@@ -685,6 +700,80 @@ def _forward(model, sequences: Tensor, model_kwargs: dict):
     return model(**inputs, return_dict=True)
 
 
+def _why_not_share_prefill(model, input_ids, gc, model_kwargs: dict, num_beams: int) -> str | None:
+    """Why the prompt must run on every beam's row (None: once per sentence
+    gives the same bits). Each product of the prefill must then be one whose
+    row results do not depend on the other rows: seqfuse's packed GEMM (the
+    fused mode, fp32 on the CPU) on a decoder whose layer structure a
+    one-call step has verified; torch's BLAS makes no such promise."""
+    from transformers.cache_utils import DynamicCache
+
+    from integrations import hf_fused, hf_gpt2_step, hf_llama_step
+
+    if num_beams < 2 or model.config.is_encoder_decoder:
+        return "not a decoder-only beam search"
+    if not _ext.env_flag(SHARED_PREFILL_ENV, True):
+        return f"{SHARED_PREFILL_ENV}=0"
+    if input_ids is None or input_ids.device.type != "cpu" or input_ids.size(1) == 0:
+        return "no prompt tokens on the CPU"
+    if getattr(gc, "prefill_chunk_size", None) is not None or getattr(gc, "is_assistant", False):
+        return "a chunked or assisted prefill"
+    if gc.output_attentions or gc.output_hidden_states:
+        return "attentions or hidden states requested"
+    gpt2, llama = hf_gpt2_step._transformer(model), hf_llama_step._inner(model)
+    if not (
+        getattr(gpt2, "_seqfuse_hf_gpt2_exact", False)
+        or getattr(llama, "_seqfuse_hf_llama_exact", False)
+    ):
+        return "no one-call GPT-2 or Llama-family decoder step"
+    if not hf_fused.enabled(model):
+        return "exact mode (torch's products)"
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return "not a float32 model"
+    extra = set(model_kwargs) - set(_PREFILL_ROWS) - _PREFILL_OTHERS
+    if extra:
+        return f"generate arguments {sorted(extra)}"
+    cache = model_kwargs.get("past_key_values")
+    if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length() != 0):
+        return "a cache that is not an empty DynamicCache"
+    batch = input_ids.size(0) // num_beams
+    for t in [input_ids] + [model_kwargs.get(k) for k in _PREFILL_ROWS]:
+        if t is None:
+            continue
+        if not torch.is_tensor(t) or t.dim() < 1 or t.size(0) != batch * num_beams:
+            return "per-row arguments of another shape"
+        rows = t.reshape(batch, num_beams, -1)
+        if not torch.equal(rows, rows[:, :1].expand_as(rows)):
+            return "the beams of a sentence start from different rows"
+    return None
+
+
+def _prefill(model, input_ids, gc, model_kwargs: dict, num_beams: int):
+    """The first forward (Hugging Face's ``_prefill``). In the fused mode a
+    decoder-only model's prompt runs once per sentence instead of once per
+    beam (``_why_not_share_prefill``): the cache's K/V and the last
+    position's logits are then repeated for the beams. The packed GEMM's
+    rows do not depend on the batch, nor (tested) do torch's norms and sdpa
+    over these prompts: the same bits as every row computing its own, and
+    within the fused mode's 1e-5 of stock in any case."""
+    first = not getattr(gc, "is_assistant", False)
+    why = _why_not_share_prefill(model, input_ids, gc, model_kwargs, num_beams)
+    if why is not None:
+        _debug_once(f"seqfuse: the prompt runs on every beam's row: {why}")
+        return model._prefill(input_ids, gc, model_kwargs, is_first_iteration=first)
+    one = {
+        k: (v[::num_beams] if k in _PREFILL_ROWS and torch.is_tensor(v) else v)
+        for k, v in model_kwargs.items()
+    }
+    out = model._prefill(input_ids[::num_beams], gc, one, is_first_iteration=True)
+    cache = out.past_key_values
+    if cache is not None:
+        cache.batch_repeat_interleave(num_beams)
+    out.logits = out.logits[:, -1:, :].repeat_interleave(num_beams, dim=0)
+    STATS["shared_prefills"] += 1
+    return out
+
+
 # ------------------------------------------------------------- the search
 def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **model_kwargs):
     """Hugging Face's ``_beam_search`` (transformers 5.x), same results, fused step."""
@@ -765,9 +854,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     beam_range = torch.arange(num_beams, device=device)
 
     flat_running = input_ids
-    model_outputs = model._prefill(
-        input_ids, gc, model_kwargs, is_first_iteration=not getattr(gc, "is_assistant", False)
-    )
+    model_outputs = _prefill(model, input_ids, gc, model_kwargs, num_beams)
     first = True
     this_peer_finished = False
     while not this_peer_finished:

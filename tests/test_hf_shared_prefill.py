@@ -1,0 +1,127 @@
+"""A decoder-only model's prompt runs once per sentence in the fused mode
+(``integrations.hf._prefill``): generate expands it to ``num_beams``
+identical rows, the packed GEMM's rows do not depend on each other, so the
+cache and logits of one row, repeated, are the bits every row would compute.
+Compared with the same fused search running the prompt on every row, and
+with stock, in the same test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import DECODER_ONLY, clear_seqfuse_env, make_inputs, make_model, needs_packed_gemm
+
+import seqfuse
+from integrations import hf
+
+pytestmark = needs_packed_gemm()
+
+KINDS = [k for k in ("gpt2", "llama", "qwen2") if k in DECODER_ONLY]
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    clear_seqfuse_env(monkeypatch)
+    hf.STATS["shared_prefills"] = 0
+
+
+def _generate(model, ids, **kw):
+    """(sequences of the fused search, (sequences, scores) with per-step
+    scores requested: each step through stock's ops)."""
+    with torch.no_grad():
+        plain = model.generate(ids, **kw)
+        scored = model.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
+    return plain, scored.sequences, scored.sequences_scores
+
+
+def _prompt_rows(model):
+    """Counts the rows of every embedding call (a hook on the token
+    embedding: not a layer, so the one-call step still runs)."""
+    rows: list[int] = []
+    emb = model.get_input_embeddings()
+    handle = emb.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape))
+    return rows, handle
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("beams", [2, 5])
+def test_shared_prompt_bit_identical(kind, beams, monkeypatch):
+    model = make_model(kind, seed=7)
+    ids, mask = make_inputs(kind, model, batch=5, seed=7, src_len=13)
+    kw = dict(attention_mask=mask, num_beams=beams, max_new_tokens=9, min_new_tokens=9)
+    stock = _generate(model, ids, **kw)
+    seqfuse.optimize(model, fused_layers=True)
+    try:
+        monkeypatch.setenv("SEQFUSE_HF_SHARED_PREFILL", "0")
+        every_row = _generate(model, ids, **kw)
+        assert hf.STATS["shared_prefills"] == 0
+        monkeypatch.delenv("SEQFUSE_HF_SHARED_PREFILL")
+        rows, handle = _prompt_rows(model)
+        try:
+            shared = _generate(model, ids, **kw)
+        finally:
+            handle.remove()
+    finally:
+        hf.restore(model)
+    assert hf.STATS["shared_prefills"] == 2
+    assert rows[0] == (5, 13)  # the prompt: one row per sentence
+    assert rows[1] == (5 * beams, 1)  # then every beam's row
+    for a, b in zip(shared, every_row):
+        assert torch.equal(a, b)
+    assert torch.equal(shared[0], stock[0]) and torch.equal(shared[1], stock[1])
+    torch.testing.assert_close(shared[2], stock[2], atol=1e-5, rtol=1e-5)
+
+
+def test_exact_mode_runs_every_row():
+    """Without fused layers the products are torch's, whose rows may depend
+    on the batch: the prompt runs on every row, as stock's, bit for bit."""
+    model = make_model("gpt2", seed=3)
+    ids, mask = make_inputs("gpt2", model, batch=3, seed=3)
+    kw = dict(attention_mask=mask, num_beams=3, max_new_tokens=6)
+    stock = _generate(model, ids, **kw)
+    seqfuse.optimize(model)
+    try:
+        ours = _generate(model, ids, **kw)
+    finally:
+        hf.restore(model)
+    assert hf.STATS["shared_prefills"] == 0
+    for a, b in zip(ours, stock):
+        assert torch.equal(a, b)
+
+
+def _why(model, ids, mask, beams, **extra):
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(num_beams=beams)
+    kwargs = {"attention_mask": mask, "use_cache": True, **extra}
+    return hf._why_not_share_prefill(model, ids, gc, kwargs, beams)
+
+
+def test_reasons_to_run_every_row(monkeypatch):
+    model = make_model("llama", seed=1)
+    seqfuse.optimize(model, fused_layers=True)
+    try:
+        ids = torch.randint(3, 100, (2, 6)).repeat_interleave(3, dim=0)
+        mask = torch.ones_like(ids)
+        assert _why(model, ids, mask, 3) is None
+        other = ids.clone()
+        other[1, 0] += 1  # beam 1 of sentence 0 starts elsewhere
+        assert "different rows" in _why(model, other, mask, 3)
+        assert "generate arguments" in _why(model, ids, mask, 3, inputs_embeds=torch.zeros(6, 6, 8))
+        assert "decoder-only" in _why(model, ids, mask, 1)
+        monkeypatch.setenv("SEQFUSE_HF_SHARED_PREFILL", "0")
+        assert "SEQFUSE_HF_SHARED_PREFILL=0" in _why(model, ids, mask, 3)
+    finally:
+        hf.restore(model)
+    seqfuse.optimize(model)  # exact mode
+    try:
+        monkeypatch.delenv("SEQFUSE_HF_SHARED_PREFILL")
+        assert "exact mode" in _why(model, ids, mask, 3)
+    finally:
+        hf.restore(model)
+    enc_dec = make_model("bart", seed=1)
+    seqfuse.optimize(enc_dec, fused_layers=True)
+    try:
+        assert "decoder-only" in _why(enc_dec, ids, mask, 3)
+    finally:
+        hf.restore(enc_dec)
