@@ -700,44 +700,87 @@ def _forward(model, sequences: Tensor, model_kwargs: dict):
     return model(**inputs, return_dict=True)
 
 
+def _step_verified(model) -> bool:
+    """Whether a one-call decoder step (whose check verified the layer
+    structure) is installed on the model's decoder."""
+    from integrations import hf_exact_step, hf_gpt2_step, hf_llama_step, hf_t5_step
+
+    marks = (
+        (hf_exact_step._decoder(model), "_seqfuse_hf_exact"),
+        (
+            getattr(model, "decoder", None) if hf_t5_step.is_t5(model) else None,
+            "_seqfuse_hf_t5_exact",
+        ),
+        (hf_gpt2_step._transformer(model), "_seqfuse_hf_gpt2_exact"),
+        (hf_llama_step._inner(model), "_seqfuse_hf_llama_exact"),
+    )
+    return any(getattr(m, attr, False) for m, attr in marks if m is not None)
+
+
+def _encoder_rows(model_kwargs: dict):
+    """The encoder output's per-row tensor (its other fields must be empty),
+    or None."""
+    out = model_kwargs.get("encoder_outputs")
+    if out is None or not hasattr(out, "items"):
+        return None
+    fields = {k: v for k, v in out.items() if v is not None}
+    if set(fields) != {"last_hidden_state"} or not torch.is_tensor(fields["last_hidden_state"]):
+        return None
+    return fields["last_hidden_state"]
+
+
 def _why_not_share_prefill(model, input_ids, gc, model_kwargs: dict, num_beams: int) -> str | None:
-    """Why the prompt must run on every beam's row (None: once per sentence
-    gives the same bits). Each product of the prefill must then be one whose
-    row results do not depend on the other rows: seqfuse's packed GEMM (the
-    fused mode, fp32 on the CPU) on a decoder whose layer structure a
-    one-call step has verified; torch's BLAS makes no such promise."""
-    from transformers.cache_utils import DynamicCache
+    """Why the first forward must run on every beam's row (None: once per
+    sentence gives the same bits). generate copies each sentence's prompt (a
+    decoder-only model's) or start token and encoder output (an
+    encoder-decoder's) to its beams' rows before it. Each product of that
+    forward must then be one whose row results do not depend on the other
+    rows: seqfuse's packed GEMM (the fused mode, fp32 on the CPU) on a decoder
+    whose layer structure a one-call step has verified; torch's BLAS makes no
+    such promise."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-    from integrations import hf_fused, hf_gpt2_step, hf_llama_step
+    from integrations import hf_fused
 
-    if num_beams < 2 or model.config.is_encoder_decoder:
-        return "not a decoder-only beam search"
+    if num_beams < 2:
+        return "one beam"
     if not _ext.env_flag(SHARED_PREFILL_ENV, True):
         return f"{SHARED_PREFILL_ENV}=0"
     if input_ids is None or input_ids.device.type != "cpu" or input_ids.size(1) == 0:
-        return "no prompt tokens on the CPU"
+        return "no input tokens on the CPU"
     if getattr(gc, "prefill_chunk_size", None) is not None or getattr(gc, "is_assistant", False):
         return "a chunked or assisted prefill"
     if gc.output_attentions or gc.output_hidden_states:
         return "attentions or hidden states requested"
-    gpt2, llama = hf_gpt2_step._transformer(model), hf_llama_step._inner(model)
-    if not (
-        getattr(gpt2, "_seqfuse_hf_gpt2_exact", False)
-        or getattr(llama, "_seqfuse_hf_llama_exact", False)
-    ):
-        return "no one-call GPT-2 or Llama-family decoder step"
+    if not _step_verified(model):
+        return "no one-call decoder step"
     if not hf_fused.enabled(model):
-        return "exact mode (torch's products)"
+        return "torch's products (fused_layers=False)"
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return "not a float32 model"
+    enc_dec = model.config.is_encoder_decoder
     extra = set(model_kwargs) - set(_PREFILL_ROWS) - _PREFILL_OTHERS
+    if enc_dec:
+        extra -= {"encoder_outputs"}
     if extra:
         return f"generate arguments {sorted(extra)}"
     cache = model_kwargs.get("past_key_values")
-    if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length() != 0):
-        return "a cache that is not an empty DynamicCache"
+    if cache is not None:
+        parts = (
+            (cache.self_attention_cache, cache.cross_attention_cache)
+            if enc_dec and type(cache) is EncoderDecoderCache
+            else (cache,)
+        )
+        if any(type(c) is not DynamicCache or c.get_seq_length() != 0 for c in parts):
+            return "a cache that is not empty and dynamic"
+    rows_of = [input_ids] + [model_kwargs.get(k) for k in _PREFILL_ROWS]
+    if enc_dec:
+        enc = _encoder_rows(model_kwargs)
+        if enc is None:
+            return "an encoder output with more than its last hidden state"
+        rows_of.append(enc)
     batch = input_ids.size(0) // num_beams
-    for t in [input_ids] + [model_kwargs.get(k) for k in _PREFILL_ROWS]:
+    for t in rows_of:
         if t is None:
             continue
         if not torch.is_tensor(t) or t.dim() < 1 or t.size(0) != batch * num_beams:
@@ -749,22 +792,26 @@ def _why_not_share_prefill(model, input_ids, gc, model_kwargs: dict, num_beams: 
 
 
 def _prefill(model, input_ids, gc, model_kwargs: dict, num_beams: int):
-    """The first forward (Hugging Face's ``_prefill``). In the fused mode a
-    decoder-only model's prompt runs once per sentence instead of once per
-    beam (``_why_not_share_prefill``): the cache's K/V and the last
-    position's logits are then repeated for the beams. The packed GEMM's
-    rows do not depend on the batch, nor (tested) do torch's norms and sdpa
-    over these prompts: the same bits as every row computing its own, and
-    within the fused mode's 1e-5 of stock in any case."""
+    """The first forward (Hugging Face's ``_prefill``). In the fused mode it
+    runs once per sentence instead of once per beam
+    (``_why_not_share_prefill``): a decoder-only model's prompt, an
+    encoder-decoder's first step (and its cross-attention K/V); the cache
+    and the last position's logits are then repeated for the beams. The
+    packed GEMM's rows do not depend on the batch, nor (tested) do torch's
+    norms and sdpa over these inputs: the same bits as every row computing
+    its own, and within the fused mode's 1e-5 of stock in any case."""
     first = not getattr(gc, "is_assistant", False)
     why = _why_not_share_prefill(model, input_ids, gc, model_kwargs, num_beams)
     if why is not None:
-        _debug_once(f"seqfuse: the prompt runs on every beam's row: {why}")
+        _debug_once(f"seqfuse: the first forward runs on every beam's row: {why}")
         return model._prefill(input_ids, gc, model_kwargs, is_first_iteration=first)
     one = {
         k: (v[::num_beams] if k in _PREFILL_ROWS and torch.is_tensor(v) else v)
         for k, v in model_kwargs.items()
     }
+    if "encoder_outputs" in one:
+        enc = one["encoder_outputs"]
+        one["encoder_outputs"] = type(enc)(last_hidden_state=_encoder_rows(one)[::num_beams])
     out = model._prefill(input_ids[::num_beams], gc, one, is_first_iteration=True)
     cache = out.past_key_values
     if cache is not None:

@@ -1,9 +1,10 @@
-"""A decoder-only model's prompt runs once per sentence in the fused mode
-(``integrations.hf._prefill``): generate expands it to ``num_beams``
-identical rows, the packed GEMM's rows do not depend on each other, so the
-cache and logits of one row, repeated, are the bits every row would compute.
-Compared with the same fused search running the prompt on every row, and
-with stock, in the same test."""
+"""The first forward runs once per sentence in the fused mode
+(``integrations.hf._prefill``): a decoder-only model's prompt, an
+encoder-decoder's first step, which generate expands to ``num_beams``
+identical rows each. The packed GEMM's rows do not depend on each other, so
+the cache and logits of one row, repeated, are the bits every row would
+compute. Compared with the same fused search running every row, and with
+stock, in the same test."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from integrations import hf
 
 pytestmark = needs_packed_gemm()
 
-KINDS = [k for k in ("gpt2", "llama", "qwen2") if k in DECODER_ONLY]
+KINDS = ["gpt2", "llama", "qwen2", "marian", "bart", "t5"]
 
 
 @pytest.fixture(autouse=True)
@@ -35,10 +36,11 @@ def _generate(model, ids, **kw):
 
 
 def _prompt_rows(model):
-    """Counts the rows of every embedding call (a hook on the token
-    embedding: not a layer, so the one-call step still runs)."""
+    """Counts the rows of every call of the decoder's token embedding (a
+    hook there, not on a layer, so the one-call step still runs)."""
     rows: list[int] = []
-    emb = model.get_input_embeddings()
+    dec = model if not model.config.is_encoder_decoder else model.get_decoder()
+    emb = dec.get_input_embeddings()
     handle = emb.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape))
     return rows, handle
 
@@ -64,8 +66,10 @@ def test_shared_prompt_bit_identical(kind, beams, monkeypatch):
     finally:
         hf.restore(model)
     assert hf.STATS["shared_prefills"] == 2
-    assert rows[0] == (5, 13)  # the prompt: one row per sentence
-    assert rows[1] == (5 * beams, 1)  # then every beam's row
+    # the prompt (decoder-only) or the first step on one row per sentence,
+    # then every beam's row
+    first = (5, 13) if kind in DECODER_ONLY else (5, 1)
+    assert rows[:2] == [first, (5 * beams, 1)]
     for a, b in zip(shared, every_row):
         assert torch.equal(a, b)
     assert torch.equal(shared[0], stock[0]) and torch.equal(shared[1], stock[1])
@@ -108,7 +112,7 @@ def test_reasons_to_run_every_row(monkeypatch):
         other[1, 0] += 1  # beam 1 of sentence 0 starts elsewhere
         assert "different rows" in _why(model, other, mask, 3)
         assert "generate arguments" in _why(model, ids, mask, 3, inputs_embeds=torch.zeros(6, 6, 8))
-        assert "decoder-only" in _why(model, ids, mask, 1)
+        assert "one beam" in _why(model, ids, mask, 1)
         monkeypatch.setenv("SEQFUSE_HF_SHARED_PREFILL", "0")
         assert "SEQFUSE_HF_SHARED_PREFILL=0" in _why(model, ids, mask, 3)
     finally:
@@ -116,12 +120,27 @@ def test_reasons_to_run_every_row(monkeypatch):
     seqfuse.optimize(model)  # exact mode
     try:
         monkeypatch.delenv("SEQFUSE_HF_SHARED_PREFILL")
-        assert "exact mode" in _why(model, ids, mask, 3)
+        assert "fused_layers=False" in _why(model, ids, mask, 3)
     finally:
         hf.restore(model)
     enc_dec = make_model("bart", seed=1)
     seqfuse.optimize(enc_dec, fused_layers=True)
     try:
-        assert "decoder-only" in _why(enc_dec, ids, mask, 3)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        start = torch.full((6, 1), 2)
+        enc = torch.randn(2, 5, enc_dec.config.d_model).repeat_interleave(3, dim=0)
+        src_mask = torch.ones(6, 5, dtype=torch.long)
+        plain = BaseModelOutput(last_hidden_state=enc)
+        assert _why(enc_dec, start, src_mask, 3, encoder_outputs=plain) is None
+        states = BaseModelOutput(last_hidden_state=enc, hidden_states=(enc, enc))
+        assert "more than its last hidden state" in _why(
+            enc_dec, start, src_mask, 3, encoder_outputs=states
+        )
+        other = enc.clone()
+        other[4] += 1  # beam 1 of sentence 1 attends to another encoder output
+        assert "different rows" in _why(
+            enc_dec, start, src_mask, 3, encoder_outputs=BaseModelOutput(last_hidden_state=other)
+        )
     finally:
         hf.restore(enc_dec)
