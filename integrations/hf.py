@@ -29,10 +29,11 @@ What changes is the expensive part of a step:
   penalised candidates) leaves the batch: its rows are no longer decoded,
   where stock decodes every sentence until the last one is done
   (``SEQFUSE_HF_DROP_FINISHED=0`` keeps them; the exact mode always does);
-- with ``fused_layers=True``, a GPT-2 or Llama-family model's prompt, which
-  generate copies to every beam's row before the first forward, runs once
-  per sentence, its cache and last logits repeated for the beams
-  (``SEQFUSE_HF_SHARED_PREFILL=0`` runs it on every row, as stock does);
+- with ``fused_layers=True``, the first forward, whose input generate copies
+  to every beam's row (a decoder-only model's prompt; an encoder-decoder's
+  start token and encoder output), runs once per sentence, its cache and
+  last logits repeated for the beams (``SEQFUSE_HF_SHARED_PREFILL=0`` runs it
+  on every row, as stock does);
 - the stopping criteria Hugging Face builds by default (max length, EOS) are
   evaluated on the new tokens instead of on gathered sequences, and the
   per-step gathers of the running and finished sequences cover the columns
