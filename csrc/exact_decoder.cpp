@@ -449,6 +449,33 @@ inline void check_cache(const at::Tensor& t, int64_t layer, int64_t bsz, int64_t
               layer, ": caches must be [", bsz, ", ", heads, ", t, ", hd, "], got ", t.sizes());
 }
 
+// Whether the search deferred a beam reorder of the self-attention caches to
+// this step (`order`: int64 [bsz], the cached rows the step's rows continue).
+inline bool has_order(const std::optional<at::Tensor>& order) {
+  return order.has_value() && order->defined();
+}
+
+// A self-attention cache before this step: [bsz, heads, t, hd], or with a
+// deferred reorder [any, heads, t, hd] (the rows order picks from).
+inline void check_self_cache(const at::Tensor& t, int64_t layer, int64_t bsz, int64_t heads,
+                             int64_t hd, const std::optional<at::Tensor>& order) {
+  check_cache(t, layer, has_order(order) ? t.size(0) : bsz, heads, hd);
+}
+
+// DynamicLayer.update's cat of this step's K or V ([bsz, heads, 1, hd], any
+// strides) to the cache; with a deferred reorder, after it
+// (prev.index_select(0, order), which stock's reorder_cache makes a step
+// earlier) in gather_append's one pass: the same values, in cat's
+// contiguous layout.
+at::Tensor append_step(const at::Tensor& prev, const std::optional<at::Tensor>& order,
+                       const at::Tensor& step) {
+  if (!has_order(order)) return at::cat({prev, step}, -2);
+  const int64_t b = step.size(0), h = step.size(1), d = step.size(3);
+  TORCH_CHECK(order->dim() == 1 && order->size(0) == b, "the deferred reorder addresses ",
+              order->sizes(), " rows, the step has ", b);
+  return gather_append(prev, *order, step.reshape({b * h, 1, d}), h, d).view({b, h, -1, d});
+}
+
 // One layer's share of a stack step's per-layer lists: its weights, its
 // norms' eps and, in the fused mode, its weight packs (pack(i): the i-th, or
 // nullptr for torch's product).
@@ -495,7 +522,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& self_mask,
     const std::optional<at::Tensor>& cross_mask, at::ArrayRef<double> eps, int64_t heads,
-    double scaling, int64_t act, bool normalize_before, at::TensorList packed) {
+    double scaling, int64_t act, bool normalize_before, at::TensorList packed,
+    const std::optional<at::Tensor>& order) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
   // packs of q, k, v, out, cross q, cross out, fc1, fc2 (fused mode), or none
   const StackLists lists("hf_decoder_stack_step", layers, weights, kWeightsPerLayer, eps, 3, packed,
@@ -516,15 +544,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     const at::Tensor* W = L.W;
     const double* E = L.E;
     auto pk = [&L](int i) { return L.pack(i); };
-    for (const at::Tensor* t : {&self_k[l], &self_v[l], &cross_k[l], &cross_v[l]}) {
-      check_cache(*t, l, bsz, heads, hd);
-    }
+    check_self_cache(self_k[l], l, bsz, heads, hd, order);
+    check_self_cache(self_v[l], l, bsz, heads, hd, order);
+    check_cache(cross_k[l], l, bsz, heads, hd);
+    check_cache(cross_v[l], l, bsz, heads, hd);
     // self-attention
     at::Tensor residual = x;
     if (normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
     at::Tensor q = project_heads(x, W[0], W[1], hd, pk(0));
-    at::Tensor k = at::cat({self_k[l], project_heads(x, W[2], W[3], hd, pk(1))}, -2);
-    at::Tensor v = at::cat({self_v[l], project_heads(x, W[4], W[5], hd, pk(2))}, -2);
+    at::Tensor k = append_step(self_k[l], order, project_heads(x, W[2], W[3], hd, pk(1)));
+    at::Tensor v = append_step(self_v[l], order, project_heads(x, W[4], W[5], hd, pk(2)));
     new_k.push_back(k);
     new_v.push_back(v);
     x = at::add(residual, hf_attend(q, k, v, self_mask, scaling, W[6], W[7], pk(3)));
@@ -611,7 +640,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
     at::TensorList cross_k, at::TensorList cross_v, const at::Tensor& position_bias,
     const std::optional<at::Tensor>& self_mask, const std::optional<at::Tensor>& cross_mask,
     at::ArrayRef<double> eps, int64_t heads, int64_t head_dim, int64_t act, bool gated,
-    bool contiguous_mask, at::TensorList packed) {
+    bool contiguous_mask, at::TensorList packed, const std::optional<at::Tensor>& order) {
   constexpr int64_t kPer = 12, kPacks = 9;
   const int64_t layers = static_cast<int64_t>(self_k.size());
   const StackLists lists("hf_t5_stack_step", layers, weights, kPer, eps, 3, packed, kPacks);
@@ -644,15 +673,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
     const at::Tensor* W = L.W;
     const double* E = L.E;
     auto pk = [&L](int i) { return L.pack(i); };
-    for (const at::Tensor* t : {&self_k[l], &self_v[l], &cross_k[l], &cross_v[l]}) {
-      check_cache(*t, l, bsz, heads, head_dim);
-    }
+    check_self_cache(self_k[l], l, bsz, heads, head_dim, order);
+    check_self_cache(self_v[l], l, bsz, heads, head_dim, order);
+    check_cache(cross_k[l], l, bsz, heads, head_dim);
+    check_cache(cross_v[l], l, bsz, heads, head_dim);
     const at::Tensor none;  // T5's projections have no bias
     // self-attention
     at::Tensor h = t5_norm(x, W[0], E[0]);
     at::Tensor q = project_heads(h, W[1], none, head_dim, pk(0));
-    const at::Tensor k = at::cat({self_k[l], project_heads(h, W[2], none, head_dim, pk(1))}, -2);
-    const at::Tensor v = at::cat({self_v[l], project_heads(h, W[3], none, head_dim, pk(2))}, -2);
+    const at::Tensor k =
+        append_step(self_k[l], order, project_heads(h, W[2], none, head_dim, pk(1)));
+    const at::Tensor v =
+        append_step(self_v[l], order, project_heads(h, W[3], none, head_dim, pk(2)));
     new_k.push_back(k);
     new_v.push_back(v);
     // T5Attention: sdpa with the position-bias mask and scale 1
@@ -709,7 +741,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     const at::Tensor& cos_in, const at::Tensor& sin_in, const std::optional<at::Tensor>& mask,
     at::ArrayRef<double> eps, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling,
-    int64_t act, int64_t gqa, at::TensorList packed) {
+    int64_t act, int64_t gqa, at::TensorList packed, const std::optional<at::Tensor>& order) {
   constexpr int64_t kPer = 16, kPacks = 7;
   const int64_t layers = static_cast<int64_t>(self_k.size());
   const StackLists lists("hf_llama_stack_step", layers, weights, kPer, eps, 2, packed, kPacks);
@@ -734,8 +766,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
     const at::Tensor* W = L.W;
     const double* E = L.E;
     auto pk = [&L](int i) { return L.pack(i); };
-    check_cache(self_k[l], l, bsz, kv_heads, head_dim);
-    check_cache(self_v[l], l, bsz, kv_heads, head_dim);
+    check_self_cache(self_k[l], l, bsz, kv_heads, head_dim, order);
+    check_self_cache(self_v[l], l, bsz, kv_heads, head_dim, order);
     // self-attention
     at::Tensor residual = x;
     const at::Tensor h = llama_norm(x, W[0], E[0]);
@@ -744,8 +776,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
     const at::Tensor v_step = project_heads(h, W[5], W[6], head_dim, pk(2));
     q = rotate(q, cos, sin);
     k = rotate(k, cos, sin);
-    k = at::cat({self_k[l], k}, -2);
-    const at::Tensor v = at::cat({self_v[l], v_step}, -2);
+    k = append_step(self_k[l], order, k);
+    const at::Tensor v = append_step(self_v[l], order, v_step);
     new_k.push_back(k);
     new_v.push_back(v);
     at::Tensor o;
@@ -791,7 +823,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2_stack_step(
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     const std::optional<at::Tensor>& mask, at::ArrayRef<double> eps, at::ArrayRef<double> scalings,
-    int64_t heads, int64_t act, at::TensorList packed) {
+    int64_t heads, int64_t act, at::TensorList packed, const std::optional<at::Tensor>& order) {
   constexpr int64_t kPer = 12, kPacks = 4;
   const int64_t layers = static_cast<int64_t>(self_k.size());
   const StackLists lists("hf_gpt2_stack_step", layers, weights, kPer, eps, 2, packed, kPacks);
@@ -810,8 +842,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
     const at::Tensor* W = L.W;
     const double* E = L.E;
     auto pk = [&L](int i) { return L.pack(i); };
-    check_cache(self_k[l], l, bsz, heads, hd);
-    check_cache(self_v[l], l, bsz, heads, hd);
+    check_self_cache(self_k[l], l, bsz, heads, hd, order);
+    check_self_cache(self_v[l], l, bsz, heads, hd, order);
     // attention: split of c_attn's output, heads, cache append, sdpa, c_proj
     at::Tensor residual = x;
     const at::Tensor h = layer_norm(x, W[0], W[1], E[0]);
@@ -820,8 +852,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
       return t.view({t.size(0), t.size(1), -1, hd}).transpose(1, 2);
     };
     const at::Tensor q = heads_of(qkv[0]);
-    const at::Tensor k = at::cat({self_k[l], heads_of(qkv[1])}, -2);
-    const at::Tensor v = at::cat({self_v[l], heads_of(qkv[2])}, -2);
+    const at::Tensor k = append_step(self_k[l], order, heads_of(qkv[1]));
+    const at::Tensor v = append_step(self_v[l], order, heads_of(qkv[2]));
     new_k.push_back(k);
     new_v.push_back(v);
     at::Tensor o =
@@ -849,22 +881,23 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   m.def(
       "hf_decoder_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor[] cross_k, Tensor[] cross_v, Tensor? self_mask, Tensor? cross_mask, float[] eps, "
-      "int heads, float scaling, int act, bool normalize_before, Tensor[] packed) -> "
-      "(Tensor, Tensor[], Tensor[])");
+      "int heads, float scaling, int act, bool normalize_before, Tensor[] packed, "
+      "Tensor? order=None) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "hf_t5_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor[] cross_k, Tensor[] cross_v, Tensor position_bias, Tensor? self_mask, "
       "Tensor? cross_mask, float[] eps, int heads, int head_dim, int act, bool gated, "
-      "bool contiguous_mask, Tensor[] packed) -> (Tensor, Tensor[], Tensor[])");
+      "bool contiguous_mask, Tensor[] packed, Tensor? order=None) -> "
+      "(Tensor, Tensor[], Tensor[])");
   m.def(
       "hf_llama_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor cos, Tensor sin, Tensor? mask, float[] eps, int heads, int kv_heads, "
-      "int head_dim, float scaling, int act, int gqa, Tensor[] packed) -> "
-      "(Tensor, Tensor[], Tensor[])");
+      "int head_dim, float scaling, int act, int gqa, Tensor[] packed, "
+      "Tensor? order=None) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "hf_gpt2_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
-      "Tensor? mask, float[] eps, float[] scalings, int heads, int act, Tensor[] packed) -> "
-      "(Tensor, Tensor[], Tensor[])");
+      "Tensor? mask, float[] eps, float[] scalings, int heads, int act, Tensor[] packed, "
+      "Tensor? order=None) -> (Tensor, Tensor[], Tensor[])");
 }
 
 // Only ATen calls: one implementation serves every backend.

@@ -90,6 +90,10 @@ DROP_FINISHED_ENV = "SEQFUSE_HF_DROP_FINISHED"
 # per sentence, its cache and logits then repeated for the beams (_prefill);
 # "0" runs it on every row, as stock does.
 SHARED_PREFILL_ENV = "SEQFUSE_HF_SHARED_PREFILL"
+# A beam reorder of the self-attention cache waits for the next one-call
+# decoder step, which gathers the history with its new K/V in one copy
+# (integrations.hf_exact_step.defer_reorder); "0" reorders at once, as stock.
+DEFER_REORDER_ENV = "SEQFUSE_HF_DEFER_REORDER"
 # The model_kwargs the shared prefill takes: per-row tensors (one row per
 # sentence is kept), and the rest (passed as they are).
 _PREFILL_ROWS = ("attention_mask", "position_ids", "token_type_ids")
@@ -274,14 +278,19 @@ class _SeqfuseGeneration:
                 **model_kwargs,
             )
         with _ext.gc_paused():
-            return beam_search(
-                self,
-                input_ids,
-                logits_processor,
-                stopping_criteria,
-                generation_config,
-                **model_kwargs,
-            )
+            try:
+                return beam_search(
+                    self,
+                    input_ids,
+                    logits_processor,
+                    stopping_criteria,
+                    generation_config,
+                    **model_kwargs,
+                )
+            finally:  # a reorder deferred to a step that will not come
+                from integrations import hf_exact_step
+
+                hf_exact_step.flush_reorder(model_kwargs.get("past_key_values"))
 
     def _sample(
         self,
@@ -825,6 +834,7 @@ def _prefill(model, input_ids, gc, model_kwargs: dict, num_beams: int):
 # ------------------------------------------------------------- the search
 def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **model_kwargs):
     """Hugging Face's ``_beam_search`` (transformers 5.x), same results, fused step."""
+    from transformers.cache_utils import EncoderDecoderCache
     from transformers.generation.utils import (
         ALL_CACHE_NAMES,
         GenerateBeamDecoderOnlyOutput,
@@ -901,6 +911,9 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     row_offset = batch_offset
     beam_range = torch.arange(num_beams, device=device)
 
+    from integrations import hf_exact_step
+
+    defer_ok = _ext.env_flag(DEFER_REORDER_ENV, True) and _step_verified(model)
     flat_running = input_ids
     model_outputs = _prefill(model, input_ids, gc, model_kwargs, num_beams)
     first = True
@@ -1067,12 +1080,20 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
                 if cross_shared is None:
                     cross_shared = _cross_cache_shared(cache, batch, num_beams)
                     STATS["cross_cache_kept"] += int(cross_shared)
-                if cross_shared:
-                    cache.self_attention_cache.reorder_cache(beam_idx)
-                    if keep_sents is not None:
-                        cache.cross_attention_cache.reorder_cache(kept_rows)
+                # the self-attention cache's reorder: deferred to the next
+                # one-call step where there is one (gathered there with the
+                # step's K/V in one copy of the history instead of two)
+                deferred = defer_ok and hf_exact_step.defer_reorder(cache, beam_idx)
+                if type(cache) is not EncoderDecoderCache:
+                    if not deferred:
+                        cache.reorder_cache(beam_idx)
                 else:
-                    cache.reorder_cache(beam_idx)
+                    if not deferred:
+                        cache.self_attention_cache.reorder_cache(beam_idx)
+                    if not cross_shared:
+                        cache.cross_attention_cache.reorder_cache(beam_idx)
+                    elif keep_sents is not None:
+                        cache.cross_attention_cache.reorder_cache(kept_rows)
             else:
                 raise ValueError(
                     f"{model.__class__.__name__} cannot use beam search with a cache currently, "

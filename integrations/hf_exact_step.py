@@ -40,7 +40,7 @@ from seqfuse.layer_stack import gemm_modules, stack_eps, stack_weights
 from seqfuse.source_shape import shape_of
 
 # Incremental steps run by the one-call path and by the stock layers.
-STATS = {"exact": 0, "stock": 0}
+STATS = {"exact": 0, "stock": 0, "deferred_reorders": 0}
 
 # The transformers code the C++ step mirrors, identified by the shape of its
 # source (seqfuse.source_shape: the AST without docstring, comments,
@@ -241,6 +241,64 @@ def fused_packs(probe, x, modules, transposed: bool = False) -> list:
     return [empty if m is None else packed_linear.packed(m.weight, transposed) for m in modules]
 
 
+# A beam reorder of a self-attention cache that seqfuse's beam search
+# (integrations.hf) deferred to the next one-call step: the composed row order,
+# kept on the DynamicCache. The step gathers the reordered history and
+# appends its K/V in one pass (gather_append: the values and layout of
+# stock's reorder_cache and then DynamicLayer.update's cat, one copy of the
+# history instead of two); anything else applies it first (flush_reorder).
+PENDING_ORDER = "_seqfuse_pending_order"
+
+
+def self_cache(cache):
+    """The DynamicCache of a cache's self-attention (the cache itself for a
+    decoder-only model), or None."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    if type(cache) is EncoderDecoderCache:
+        cache = cache.self_attention_cache
+    return cache if type(cache) is DynamicCache else None
+
+
+def defer_reorder(cache, order) -> bool:
+    """Defer ``cache.reorder_cache(order)`` of a self-attention DynamicCache
+    to the next one-call step; False where it cannot be (not a DynamicCache)."""
+    dyn = self_cache(cache)
+    if dyn is None:
+        return False
+    order = order.to(torch.long)  # (the search's beam indices are int32)
+    prev = dyn.__dict__.get(PENDING_ORDER)
+    dyn.__dict__[PENDING_ORDER] = order if prev is None else prev.index_select(0, order)
+    return True
+
+
+def pending_order(dyn):
+    """The reorder deferred to this step (int64 [rows]), or None."""
+    return None if dyn is None else dyn.__dict__.get(PENDING_ORDER)
+
+
+def step_took_order(dyn) -> None:
+    """The one-call step applied the deferred reorder."""
+    if dyn is not None and dyn.__dict__.pop(PENDING_ORDER, None) is not None:
+        STATS["deferred_reorders"] += 1
+
+
+def flush_reorder(cache) -> None:
+    """Apply a deferred reorder with the cache's own ``reorder_cache``."""
+    dyn = self_cache(cache)
+    order = None if dyn is None else dyn.__dict__.pop(PENDING_ORDER, None)
+    if order is not None:
+        dyn.reorder_cache(order)
+
+
+def flush_reorders_in(args, kwargs) -> None:
+    from transformers.cache_utils import Cache
+
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, Cache):
+            flush_reorder(v)
+
+
 class _Runner:
     """What the decoder's layer loop gets instead of its layers (one item)."""
 
@@ -252,6 +310,7 @@ class _Runner:
         if out is not None:
             STATS["exact"] += 1
             return out
+        flush_reorders_in(args, kwargs)  # the stock layers read the reordered caches
         STATS["stock"] += hidden_states.dim() == 3 and hidden_states.size(1) == 1
         for layer in nn.ModuleList.__iter__(self.layers):
             hidden_states = layer(hidden_states, *args, **kwargs)
@@ -290,7 +349,9 @@ class _Runner:
             plan["pre_norm"],
             # (the GEMM weights' packs in the fused mode)
             fused_packs(layers[0].fc1, x, [m for lay in layers for m in gemm_modules(lay)]),
+            pending_order(sc),
         )
+        step_took_order(sc)
         for i in range(n):  # where DynamicLayer.update leaves them
             sc.layers[i].keys = new_k[i]
             sc.layers[i].values = new_v[i]
@@ -321,6 +382,8 @@ class _ExactDecoder:
         layers = getattr(self, self._seqfuse_layer_list)
         armed = layers.__dict__.get("_seqfuse_armed", False)
         layers.__dict__["_seqfuse_armed"] = not self.training
+        if self.training:  # the stock layers run: a deferred reorder first
+            flush_reorders_in(args, kwargs)
         try:
             return super().forward(*args, **kwargs)
         finally:

@@ -212,7 +212,9 @@ class _Runner(hf_exact_step._Runner):
                 ],
                 transposed=True,
             ),
+            hf_exact_step.pending_order(cache),
         )
+        hf_exact_step.step_took_order(cache)
         for i in range(n):  # where DynamicLayer.update leaves them
             layers[i].keys = new_k[i]
             layers[i].values = new_v[i]

@@ -313,7 +313,9 @@ class _Runner(hf_exact_step._Runner):
             hf_exact_step.fused_packs(
                 layers[0].self_attn.q_proj, x, [p for lay in layers for p in _projections(lay)]
             ),
+            hf_exact_step.pending_order(cache),
         )
+        hf_exact_step.step_took_order(cache)
         for i in range(n):  # where DynamicLayer.update leaves them
             cache.layers[i].keys = new_k[i]
             cache.layers[i].values = new_v[i]

@@ -208,6 +208,7 @@ class _Runner(hf_exact_step._Runner):
         if out is not None:
             hf_exact_step.STATS["exact"] += 1
             return out, None, None
+        hf_exact_step.flush_reorders_in(args, kwargs)  # the stock blocks read the reordered caches
         hf_exact_step.STATS["stock"] += hidden_states.dim() == 3 and hidden_states.size(1) == 1
         # the stack's loop: the first block's position biases passed on
         mask, bias, enc, enc_mask, enc_bias = (list(args) + [None] * 5)[:5]
@@ -265,7 +266,9 @@ class _Runner(hf_exact_step._Runner):
             hf_exact_step.fused_packs(
                 blocks[0].layer[0].SelfAttention.q, x, [m for b in blocks for m in _projections(b)]
             ),
+            hf_exact_step.pending_order(sc),
         )
+        hf_exact_step.step_took_order(sc)
         for i in range(n):  # where DynamicLayer.update leaves them
             sc.layers[i].keys = new_k[i]
             sc.layers[i].values = new_v[i]
