@@ -29,6 +29,11 @@ What changes is the expensive part of a step:
   penalised candidates) leaves the batch: its rows are no longer decoded,
   where stock decodes every sentence until the last one is done
   (``SEQFUSE_HF_DROP_FINISHED=0`` keeps them; the exact mode always does);
+- with a one-call decoder step, the beam reorder of the self-attention cache
+  waits for the next step, which gathers the history in the new order with
+  its new K/V in one copy (``hf_exact_step.defer_reorder``; stock copies the
+  history twice: the reorder, then the cache update's cat);
+  ``SEQFUSE_HF_DEFER_REORDER=0`` reorders at once;
 - with ``fused_layers=True``, the first forward, whose input generate copies
   to every beam's row (a decoder-only model's prompt; an encoder-decoder's
   start token and encoder output), runs once per sentence, its cache and
