@@ -90,10 +90,11 @@ STATS = {
 # the end, as stock does.
 DROP_FINISHED_ENV = "SEQFUSE_HF_DROP_FINISHED"
 
-# With fused layers, a decoder-only model's prompt (which generate expands to
-# num_beams identical rows per sentence before the first forward) runs once
-# per sentence, its cache and logits then repeated for the beams (_prefill);
-# "0" runs it on every row, as stock does.
+# With fused layers, the first forward (whose input generate expands to
+# num_beams identical rows per sentence: a decoder-only model's prompt, an
+# encoder-decoder's start token and encoder output) runs once per sentence,
+# its cache and logits then repeated for the beams (_prefill); "0" runs it on
+# every row, as stock does.
 SHARED_PREFILL_ENV = "SEQFUSE_HF_SHARED_PREFILL"
 # A beam reorder of the self-attention cache waits for the next one-call
 # decoder step, which gathers the history with its new K/V in one copy
