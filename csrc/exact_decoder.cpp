@@ -201,6 +201,8 @@ StackStep decoder_stack_impl(const at::Tensor& x_in, at::TensorList weights, at:
               "cross_k/cross_v/cross_pad: one per layer or none");
   TORCH_CHECK(static_cast<int64_t>(eps.size()) == 3 * layers, "eps: three per layer");
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1, "x must be [1, bsz, C], got ", x_in.sizes());
+  // (the padding's fill is float32's lowest value, finfo(float32).min)
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "hf_fsmt_stack_step: float32 only");
   TORCH_CHECK(act >= 0 && act <= 2, "decoder_stack_step: unknown activation code ", act);
   // (3 and 4 are Hugging Face's gelu and silu: hf_decoder_stack_step only)
   const int64_t bsz = x_in.size(1), embed = x_in.size(2);
@@ -575,6 +577,34 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
   return {x, new_k, new_v};
 }
 
+
+// FSMT's Attention.forward for one query step (time-major [1, bsz, C]),
+// eager: the query projection times the scaling, the heads as
+// [bsz * H, 1, hd], bmm with the keys, the key padding filled with the
+// dtype's lowest value, softmax, bmm with the values, the heads merged back
+// and the output projection. k, v: [bsz, H, t, hd] (the caches).
+at::Tensor fsmt_attend(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq,
+                       const at::Tensor* pq, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& key_pad, double scaling,
+                       const at::Tensor& wo, const at::Tensor& bo, const at::Tensor* po,
+                       int64_t heads, int64_t hd) {
+  const int64_t bsz = x.size(1), c = x.size(2);
+  const at::Tensor q =
+      at::mul(project(x, wq, bq, pq), wrapped(scaling)).view({-1, bsz * heads, hd}).transpose(0, 1);
+  const at::Tensor kk = k.reshape({bsz * heads, -1, hd});
+  const at::Tensor vv = v.reshape({bsz * heads, -1, hd});
+  at::Tensor w = at::bmm(q, kk.transpose(1, 2));
+  if (key_pad.has_value() && key_pad->defined() && key_pad->dim() != 0) {
+    const int64_t s = kk.size(1);
+    w = w.view({bsz, heads, 1, s})
+            .masked_fill(key_pad->unsqueeze(1).unsqueeze(2),
+                         std::numeric_limits<float>::lowest())
+            .view({bsz * heads, 1, s});
+  }
+  w = at::softmax(w, -1);
+  const at::Tensor o = at::bmm(w, vv).transpose(0, 1).contiguous().view({1, bsz, c});
+  return project(o, wo, bo, po);
+}
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -814,6 +844,69 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
 
 }  // namespace
 
+// One incremental step of a Hugging Face FSMT decoder (transformers 5.x
+// DecoderLayer, its eager Attention, DynamicLayer.update), op for op, on the
+// decoder's time-major x [1, bsz, C]. weights, eps, packed: as
+// hf_decoder_stack_step's (FSMT's layers name their modules as BART's);
+// cross_pad: the inverted encoder mask [bsz, S] (True: padding) or None.
+// Returns (x, new K, new V).
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt_stack_step(
+    const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
+    at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& cross_pad,
+    at::ArrayRef<double> eps, int64_t heads, double scaling, int64_t act, at::TensorList packed,
+    const std::optional<at::Tensor>& order) {
+  const int64_t layers = static_cast<int64_t>(self_k.size());
+  const StackLists lists("hf_fsmt_stack_step", layers, weights, kWeightsPerLayer, eps, 3, packed,
+                         kPackedPerLayer);
+  TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers &&
+                  static_cast<int64_t>(cross_k.size()) == layers &&
+                  static_cast<int64_t>(cross_v.size()) == layers,
+              "hf_fsmt_stack_step: self_v, cross_k, cross_v: one per layer");
+  TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4,
+              "hf_fsmt_stack_step: unknown activation code ", act);
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1, "x must be [1, bsz, C], got ", x_in.sizes());
+  TORCH_CHECK(heads > 0 && x_in.size(2) % heads == 0, "embed dim ", x_in.size(2),
+              " not divisible by ", heads, " heads");
+  const int64_t bsz = x_in.size(1), hd = x_in.size(2) / heads;
+  std::vector<at::Tensor> new_k, new_v;
+  new_k.reserve(layers);
+  new_v.reserve(layers);
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < layers; ++l) {
+    const LayerLists L = lists.layer(l);
+    const at::Tensor* W = L.W;
+    const double* E = L.E;
+    auto pk = [&L](int i) { return L.pack(i); };
+    check_self_cache(self_k[l], l, bsz, heads, hd, order);
+    check_self_cache(self_v[l], l, bsz, heads, hd, order);
+    check_cache(cross_k[l], l, bsz, heads, hd);
+    check_cache(cross_v[l], l, bsz, heads, hd);
+    // self-attention: K/V of the step as [bsz, H, 1, hd], appended
+    at::Tensor residual = x;
+    auto heads_of = [&](const at::Tensor& t) {
+      return t.view({-1, bsz, heads, hd}).permute({1, 2, 0, 3});
+    };
+    const at::Tensor k = append_step(self_k[l], order, heads_of(project(x, W[2], W[3], pk(1))));
+    const at::Tensor v = append_step(self_v[l], order, heads_of(project(x, W[4], W[5], pk(2))));
+    new_k.push_back(k);
+    new_v.push_back(v);
+    x = at::add(residual, fsmt_attend(x, W[0], W[1], pk(0), k, v, std::nullopt, scaling, W[6],
+                                      W[7], pk(3), heads, hd));
+    x = layer_norm(x, W[8], W[9], E[0]);
+    // encoder attention (K/V cached since the first step)
+    residual = x;
+    x = at::add(residual, fsmt_attend(x, W[10], W[11], pk(4), cross_k[l], cross_v[l], cross_pad,
+                                      scaling, W[12], W[13], pk(5), heads, hd));
+    x = layer_norm(x, W[14], W[15], E[1]);
+    // feed-forward
+    residual = x;
+    x = activation(project(x, W[16], W[17], pk(6)), act);
+    x = at::add(residual, project(x, W[18], W[19], pk(7)));
+    x = layer_norm(x, W[20], W[21], E[2]);
+  }
+  return {x, new_k, new_v};
+}
+
 // One incremental step of a GPT-2 block stack (transformers 5.x GPT2Block,
 // GPT2Attention with sdpa, GPT2MLP, Conv1D, DynamicLayer.update), op for op.
 // weights: 12 per layer (ln_1 w/b, c_attn w/b, attn.c_proj w/b, ln_2 w/b,
@@ -895,6 +988,11 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "int head_dim, float scaling, int act, int gqa, Tensor[] packed, "
       "Tensor? order=None) -> (Tensor, Tensor[], Tensor[])");
   m.def(
+      "hf_fsmt_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
+      "Tensor[] cross_k, Tensor[] cross_v, Tensor? cross_pad, float[] eps, int heads, "
+      "float scaling, int act, Tensor[] packed, Tensor? order=None) -> "
+      "(Tensor, Tensor[], Tensor[])");
+  m.def(
       "hf_gpt2_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor? mask, float[] eps, float[] scalings, int heads, int act, Tensor[] packed, "
       "Tensor? order=None) -> (Tensor, Tensor[], Tensor[])");
@@ -905,6 +1003,7 @@ TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {
   m.impl("decoder_stack_step", &seqfuse::decoder_stack_step);
   m.impl("hf_decoder_stack_step", &seqfuse::hf_decoder_stack_step);
   m.impl("hf_gpt2_stack_step", &seqfuse::hf_gpt2_stack_step);
+  m.impl("hf_fsmt_stack_step", &seqfuse::hf_fsmt_stack_step);
   m.impl("hf_t5_stack_step", &seqfuse::hf_t5_stack_step);
   m.impl("hf_llama_stack_step", &seqfuse::hf_llama_stack_step);
 }

@@ -199,7 +199,13 @@ def optimize(model, *, fused_layers: bool | None = None):
     model.__class__ = _patched_class(base)
     if _ext.env_flag(_ext.EXACT_STEP_ENV, True) and not _ext.disabled():
         # (with fused layers the one-call step runs their packed GEMMs)
-        from integrations import hf_exact_step, hf_gpt2_step, hf_llama_step, hf_t5_step
+        from integrations import (
+            hf_exact_step,
+            hf_fsmt_step,
+            hf_gpt2_step,
+            hf_llama_step,
+            hf_t5_step,
+        )
 
         if hf_gpt2_step._transformer(model) is not None:
             step = hf_gpt2_step
@@ -207,6 +213,8 @@ def optimize(model, *, fused_layers: bool | None = None):
             step = hf_t5_step
         elif hf_llama_step.is_llama(model):
             step = hf_llama_step
+        elif hf_fsmt_step.is_fsmt(model):
+            step = hf_fsmt_step
         else:
             step = hf_exact_step
         why = step.enable(model)
@@ -217,7 +225,14 @@ def optimize(model, *, fused_layers: bool | None = None):
 
 def restore(model):
     """Undo ``optimize``: the model's classes are its own again."""
-    from integrations import hf_exact_step, hf_fused, hf_gpt2_step, hf_llama_step, hf_t5_step
+    from integrations import (
+        hf_exact_step,
+        hf_fsmt_step,
+        hf_fused,
+        hf_gpt2_step,
+        hf_llama_step,
+        hf_t5_step,
+    )
 
     try:
         from transformers import Pipeline
@@ -234,6 +249,7 @@ def restore(model):
         hf_gpt2_step.disable(model)
         hf_t5_step.disable(model)
         hf_llama_step.disable(model)
+        hf_fsmt_step.disable(model)
         model.__class__ = base
     return model
 
@@ -719,9 +735,10 @@ def _forward(model, sequences: Tensor, model_kwargs: dict):
 def _step_verified(model) -> bool:
     """Whether a one-call decoder step (whose check verified the layer
     structure) is installed on the model's decoder."""
-    from integrations import hf_exact_step, hf_gpt2_step, hf_llama_step, hf_t5_step
+    from integrations import hf_exact_step, hf_fsmt_step, hf_gpt2_step, hf_llama_step, hf_t5_step
 
     marks = (
+        (hf_fsmt_step._decoder(model), "_seqfuse_hf_fsmt_exact"),
         (hf_exact_step._decoder(model), "_seqfuse_hf_exact"),
         (
             getattr(model, "decoder", None) if hf_t5_step.is_t5(model) else None,

@@ -171,6 +171,7 @@ _STEP_CHECKS = (
     ("Llama", "integrations.hf_llama_step", "_llama_library_problem", ("Llama",)),
     ("Qwen2", "integrations.hf_llama_step", "_llama_library_problem", ("Qwen2",)),
     ("Mistral", "integrations.hf_llama_step", "_llama_library_problem", ("Mistral",)),
+    ("FSMT", "integrations.hf_fsmt_step", "_fsmt_library_problem", ()),
 )
 
 

@@ -53,7 +53,7 @@ def test_info_lists_versions_and_backends():
     steps = next(x for x in out.stdout.splitlines() if x.startswith("exact decoder steps"))
     # the pinned fairseq and transformers are the versions the steps mirror
     want = "fairseq: verified; transformers: verified; GPT-2: verified; T5: verified; "
-    want += "Llama: verified; Qwen2: verified; Mistral: verified"
+    want += "Llama: verified; Qwen2: verified; Mistral: verified; FSMT: verified"
     assert steps.endswith(want), steps
     assert "packed GEMM (fused layers)" in out.stdout
     stacks = next(x for x in out.stdout.splitlines() if x.startswith("fused stacks, one call"))
