@@ -577,7 +577,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
   return {x, new_k, new_v};
 }
 
-
 // FSMT's Attention.forward for one query step (time-major [1, bsz, C]),
 // eager: the query projection times the scaling, the heads as
 // [bsz * H, 1, hd], bmm with the keys, the key padding filled with the
@@ -597,8 +596,7 @@ at::Tensor fsmt_attend(const at::Tensor& x, const at::Tensor& wq, const at::Tens
   if (key_pad.has_value() && key_pad->defined() && key_pad->dim() != 0) {
     const int64_t s = kk.size(1);
     w = w.view({bsz, heads, 1, s})
-            .masked_fill(key_pad->unsqueeze(1).unsqueeze(2),
-                         std::numeric_limits<float>::lowest())
+            .masked_fill(key_pad->unsqueeze(1).unsqueeze(2), std::numeric_limits<float>::lowest())
             .view({bsz * heads, 1, s});
   }
   w = at::softmax(w, -1);
@@ -890,8 +888,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
     const at::Tensor v = append_step(self_v[l], order, heads_of(project(x, W[4], W[5], pk(2))));
     new_k.push_back(k);
     new_v.push_back(v);
-    x = at::add(residual, fsmt_attend(x, W[0], W[1], pk(0), k, v, std::nullopt, scaling, W[6],
-                                      W[7], pk(3), heads, hd));
+    x = at::add(residual, fsmt_attend(x, W[0], W[1], pk(0), k, v, std::nullopt, scaling, W[6], W[7],
+                                      pk(3), heads, hd));
     x = layer_norm(x, W[8], W[9], E[0]);
     // encoder attention (K/V cached since the first step)
     residual = x;
