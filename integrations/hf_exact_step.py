@@ -127,7 +127,6 @@ def problem(model) -> str | None:
     if why is not None:
         return why
     first = layers[0]
-    _LINEARS = _linear_types()  # noqa: N806 (PackedLinear: the fused mode)
     for i, lay in enumerate(layers):
         where = f"decoder layer {i}"
         if type(lay) is not type(first):
@@ -137,27 +136,36 @@ def problem(model) -> str | None:
         for attn in (lay.self_attn, lay.encoder_attn):
             if shape_of(type(attn).forward) != _ATTENTION_FORWARD:
                 return f"{where}: {type(attn).__name__}.forward is not the verified attention"
-        if _activation_code(lay.activation_fn) is None:
-            return f"{where}: activation {type(lay.activation_fn).__name__}"
-        for ln in (lay.self_attn_layer_norm, lay.encoder_attn_layer_norm, lay.final_layer_norm):
-            if type(ln) is not nn.LayerNorm or not ln.elementwise_affine or ln.bias is None:
-                return f"{where}: layer norm {type(ln).__name__}"
-        for attn in (lay.self_attn, lay.encoder_attn):
-            for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
-                if type(p) not in _LINEARS or p.bias is None:
-                    return f"{where}: projections must be biased nn.Linear"
-            if (
-                attn.num_heads != first.self_attn.num_heads
-                or attn.scaling != first.self_attn.scaling
-            ):
-                return "attention modules differ in heads or scaling"
-            if attn.head_dim * attn.num_heads != attn.embed_dim:
-                return f"{where}: heads do not split the embedding"
-        for lin in (lay.fc1, lay.fc2):
-            if type(lin) not in _LINEARS or lin.bias is None:
-                return f"{where}: FFN projections must be biased nn.Linear"
-        if type(lay.activation_fn) is not type(first.activation_fn):
-            return "decoder layers differ in activation"
+        why = layer_parts_problem(lay, first, where)
+        if why is not None:
+            return why
+    return None
+
+
+def layer_parts_problem(lay, first, where: str) -> str | None:
+    """Why a BART-shaped decoder layer's parts (biased projections, affine
+    layer norms, a known activation, heads that split the embedding, the
+    first layer's heads, scaling and activation) are not what the C++ steps
+    take, or None. FSMT's layers have the same parts."""
+    linears = _linear_types()
+    if _activation_code(lay.activation_fn) is None:
+        return f"{where}: activation {type(lay.activation_fn).__name__}"
+    for ln in (lay.self_attn_layer_norm, lay.encoder_attn_layer_norm, lay.final_layer_norm):
+        if type(ln) is not nn.LayerNorm or not ln.elementwise_affine or ln.bias is None:
+            return f"{where}: layer norm {type(ln).__name__}"
+    for attn in (lay.self_attn, lay.encoder_attn):
+        for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+            if type(p) not in linears or p.bias is None:
+                return f"{where}: projections must be biased nn.Linear"
+        if attn.num_heads != first.self_attn.num_heads or attn.scaling != first.self_attn.scaling:
+            return "attention modules differ in heads or scaling"
+        if attn.head_dim * attn.num_heads != attn.embed_dim:
+            return f"{where}: heads do not split the embedding"
+    for lin in (lay.fc1, lay.fc2):
+        if type(lin) not in linears or lin.bias is None:
+            return f"{where}: FFN projections must be biased nn.Linear"
+    if type(lay.activation_fn) is not type(first.activation_fn):
+        return "decoder layers differ in activation"
     return None
 
 

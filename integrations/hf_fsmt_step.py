@@ -78,33 +78,16 @@ def problem(model) -> str | None:
     layers = list(dec.layers)
     if not layers:
         return "no decoder layers"
-    linears = hf_exact_step._linear_types()
     first = layers[0]
     for i, lay in enumerate(layers):
         where = f"decoder layer {i}"
         if type(lay) is not DecoderLayer:
             return f"{where}: not FSMT's DecoderLayer"
-        for attn in (lay.self_attn, lay.encoder_attn):
-            if type(attn) is not Attention:
-                return f"{where}: not FSMT's Attention"
-            for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
-                if type(p) not in linears or p.bias is None:
-                    return f"{where}: projections must be biased nn.Linear"
-            if (
-                attn.num_heads != first.self_attn.num_heads
-                or attn.scaling != first.self_attn.scaling
-            ):
-                return "attention modules differ in heads or scaling"
-        if hf_exact_step._activation_code(lay.activation_fn) is None:
-            return f"{where}: activation {type(lay.activation_fn).__name__}"
-        if type(lay.activation_fn) is not type(first.activation_fn):
-            return "decoder layers differ in activation"
-        for ln in (lay.self_attn_layer_norm, lay.encoder_attn_layer_norm, lay.final_layer_norm):
-            if type(ln) is not nn.LayerNorm or not ln.elementwise_affine or ln.bias is None:
-                return f"{where}: layer norm {type(ln).__name__}"
-        for lin in (lay.fc1, lay.fc2):
-            if type(lin) not in linears or lin.bias is None:
-                return f"{where}: FFN projections must be biased nn.Linear"
+        if type(lay.self_attn) is not Attention or type(lay.encoder_attn) is not Attention:
+            return f"{where}: not FSMT's Attention"
+        why = hf_exact_step.layer_parts_problem(lay, first, where)
+        if why is not None:
+            return why
     return None
 
 
