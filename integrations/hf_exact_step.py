@@ -169,7 +169,9 @@ def layer_parts_problem(lay, first, where: str) -> str | None:
     return None
 
 
-def _plan(layers) -> dict:
+def stack_plan(layers) -> dict:
+    """A BART-shaped layer stack's weights, eps, heads, scaling and
+    activation code, as the C++ steps take them (FSMT's too)."""
     first = layers[0]
     return {
         "weights": stack_weights(layers),
@@ -177,8 +179,11 @@ def _plan(layers) -> dict:
         "heads": first.self_attn.num_heads,
         "scaling": float(first.self_attn.scaling),
         "act": _activation_code(first.activation_fn),
-        "pre_norm": _LAYER_FORWARDS[shape_of(type(first).forward)],
     }
+
+
+def _plan(layers) -> dict:
+    return {**stack_plan(layers), "pre_norm": _LAYER_FORWARDS[shape_of(type(layers[0]).forward)]}
 
 
 # Keyword arguments the decoder passes its layers that the one-call step

@@ -27,7 +27,7 @@ from torch import nn
 
 from integrations import hf_exact_step
 from seqfuse._patching import cached_for_structure
-from seqfuse.layer_stack import gemm_modules, stack_eps, stack_weights
+from seqfuse.layer_stack import gemm_modules
 from seqfuse.source_shape import shape_of
 
 # The FSMT code the C++ step re-issues (5.17.0 and 5.23.0: the same shapes).
@@ -91,17 +91,6 @@ def problem(model) -> str | None:
     return None
 
 
-def _plan(layers) -> dict:
-    first = layers[0]
-    return {
-        "weights": stack_weights(layers),
-        "eps": stack_eps(layers),
-        "heads": first.self_attn.num_heads,
-        "scaling": float(first.self_attn.scaling),
-        "act": hf_exact_step._activation_code(first.activation_fn),
-    }
-
-
 # Keyword arguments FSMT's loop passes its layers.
 _KWARGS = {
     "encoder_attn_mask",
@@ -150,7 +139,9 @@ class _Runner(hf_exact_step._Runner):
         if pad is not None and (pad.dim() != 2 or pad.dtype != torch.bool):
             return None
         sc, cc = cache.self_attention_cache, cache.cross_attention_cache
-        plan = cached_for_structure(self.layers, "_seqfuse_plan", lambda _: _plan(layers))
+        plan = cached_for_structure(
+            self.layers, "_seqfuse_plan", lambda _: hf_exact_step.stack_plan(layers)
+        )
         x, new_k, new_v = torch.ops.seqfuse.hf_fsmt_stack_step(
             x,
             plan["weights"],
