@@ -201,8 +201,6 @@ StackStep decoder_stack_impl(const at::Tensor& x_in, at::TensorList weights, at:
               "cross_k/cross_v/cross_pad: one per layer or none");
   TORCH_CHECK(static_cast<int64_t>(eps.size()) == 3 * layers, "eps: three per layer");
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1, "x must be [1, bsz, C], got ", x_in.sizes());
-  // (the padding's fill is float32's lowest value, finfo(float32).min)
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "hf_fsmt_stack_step: float32 only");
   TORCH_CHECK(act >= 0 && act <= 2, "decoder_stack_step: unknown activation code ", act);
   // (3 and 4 are Hugging Face's gelu and silu: hf_decoder_stack_step only)
   const int64_t bsz = x_in.size(1), embed = x_in.size(2);
@@ -863,6 +861,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
   TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4,
               "hf_fsmt_stack_step: unknown activation code ", act);
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1, "x must be [1, bsz, C], got ", x_in.sizes());
+  // (the padding's fill is float32's lowest value, finfo(float32).min)
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "hf_fsmt_stack_step: float32 only");
   TORCH_CHECK(heads > 0 && x_in.size(2) % heads == 0, "embed dim ", x_in.size(2),
               " not divisible by ", heads, " heads");
   const int64_t bsz = x_in.size(1), hd = x_in.size(2) / heads;
