@@ -420,22 +420,35 @@ def uninstall(module, layer_list: str) -> None:
     layers.__dict__.pop("_seqfuse_armed", None)
 
 
+def enable_step(module, marker: str, problem, list_cls: type, mixin: type) -> str | None:
+    """Install a one-call step on ``module`` (the decoder a step family finds
+    in the model, or None) unless its class already says ``marker``: when
+    ``problem()`` has no objection, its layer list (``mixin``'s
+    ``_seqfuse_layer_list``) becomes ``list_cls`` and ``mixin`` joins its
+    class. Returns the objection, or None. Every step family's ``enable``."""
+    if module is not None and getattr(module, marker, False):
+        return None
+    why = problem()
+    if why is not None:
+        return why
+    install(module, mixin._seqfuse_layer_list, list_cls, mixin)
+    return None
+
+
+def disable_step(module, marker: str) -> None:
+    """Undo :func:`enable_step` where ``module``'s class says ``marker``."""
+    if module is not None and getattr(module, marker, False):
+        uninstall(module, type(module)._seqfuse_layer_list)
+
+
 def enable(model) -> str | None:
     """Give the model's decoder the one-call step (in place); returns why not,
     or None. Idempotent."""
-    dec = _decoder(model)
-    if dec is not None and getattr(dec, "_seqfuse_hf_exact", False):
-        return None
-    why = problem(model)
-    if why is not None:
-        return why
-    install(dec, "layers", ExactLayers, _ExactDecoder)
-    return None
+    return enable_step(
+        _decoder(model), "_seqfuse_hf_exact", lambda: problem(model), ExactLayers, _ExactDecoder
+    )
 
 
 def disable(model) -> None:
     """Undo :func:`enable`."""
-    dec = _decoder(model)
-    if dec is None or not getattr(dec, "_seqfuse_hf_exact", False):
-        return
-    uninstall(dec, "layers")
+    disable_step(_decoder(model), "_seqfuse_hf_exact")

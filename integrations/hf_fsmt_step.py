@@ -188,18 +188,11 @@ class _ExactFSMT(hf_exact_step._ExactDecoder):
 def enable(model) -> str | None:
     """Give the model's FSMT decoder the one-call step (in place); returns why
     not, or None. Idempotent."""
-    dec = _decoder(model)
-    if dec is not None and getattr(dec, "_seqfuse_hf_fsmt_exact", False):
-        return None
-    why = problem(model)
-    if why is not None:
-        return why
-    hf_exact_step.install(dec, "layers", ExactLayers, _ExactFSMT)
-    return None
+    return hf_exact_step.enable_step(
+        _decoder(model), "_seqfuse_hf_fsmt_exact", lambda: problem(model), ExactLayers, _ExactFSMT
+    )
 
 
 def disable(model) -> None:
     """Undo :func:`enable`."""
-    dec = _decoder(model)
-    if dec is not None and getattr(dec, "_seqfuse_hf_fsmt_exact", False):
-        hf_exact_step.uninstall(dec, "layers")
+    hf_exact_step.disable_step(_decoder(model), "_seqfuse_hf_fsmt_exact")

@@ -239,18 +239,15 @@ class _ExactGPT2(hf_exact_step._ExactDecoder):
 def enable(model) -> str | None:
     """Give the model's GPT-2 blocks the one-call step (in place); returns why
     not, or None. Idempotent."""
-    tr = _transformer(model)
-    if tr is not None and getattr(tr, "_seqfuse_hf_gpt2_exact", False):
-        return None
-    why = problem(model)
-    if why is not None:
-        return why
-    hf_exact_step.install(tr, "h", ExactBlocks, _ExactGPT2)
-    return None
+    return hf_exact_step.enable_step(
+        _transformer(model),
+        "_seqfuse_hf_gpt2_exact",
+        lambda: problem(model),
+        ExactBlocks,
+        _ExactGPT2,
+    )
 
 
 def disable(model) -> None:
     """Undo :func:`enable`."""
-    tr = _transformer(model)
-    if tr is not None and getattr(tr, "_seqfuse_hf_gpt2_exact", False):
-        hf_exact_step.uninstall(tr, "h")
+    hf_exact_step.disable_step(_transformer(model), "_seqfuse_hf_gpt2_exact")

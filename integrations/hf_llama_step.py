@@ -350,18 +350,11 @@ class _ExactLlama(hf_exact_step._ExactDecoder):
 def enable(model) -> str | None:
     """Give the model's Llama layers the one-call step (in place); returns why
     not, or None. Idempotent."""
-    inner = _inner(model)
-    if inner is not None and getattr(inner, "_seqfuse_hf_llama_exact", False):
-        return None
-    why = problem(model)
-    if why is not None:
-        return why
-    hf_exact_step.install(inner, "layers", ExactLayers, _ExactLlama)
-    return None
+    return hf_exact_step.enable_step(
+        _inner(model), "_seqfuse_hf_llama_exact", lambda: problem(model), ExactLayers, _ExactLlama
+    )
 
 
 def disable(model) -> None:
     """Undo :func:`enable`."""
-    inner = _inner(model)
-    if inner is not None and getattr(inner, "_seqfuse_hf_llama_exact", False):
-        hf_exact_step.uninstall(inner, "layers")
+    hf_exact_step.disable_step(_inner(model), "_seqfuse_hf_llama_exact")

@@ -293,18 +293,11 @@ class _ExactT5(hf_exact_step._ExactDecoder):
 def enable(model) -> str | None:
     """Give the model's T5 decoder the one-call step (in place); returns why
     not, or None. Idempotent."""
-    dec = _stack(model)
-    if dec is not None and getattr(dec, "_seqfuse_hf_t5_exact", False):
-        return None
-    why = problem(model)
-    if why is not None:
-        return why
-    hf_exact_step.install(dec, "block", ExactBlocks, _ExactT5)
-    return None
+    return hf_exact_step.enable_step(
+        _stack(model), "_seqfuse_hf_t5_exact", lambda: problem(model), ExactBlocks, _ExactT5
+    )
 
 
 def disable(model) -> None:
     """Undo :func:`enable`."""
-    dec = _stack(model)
-    if dec is not None and getattr(dec, "_seqfuse_hf_t5_exact", False):
-        hf_exact_step.uninstall(dec, "block")
+    hf_exact_step.disable_step(_stack(model), "_seqfuse_hf_t5_exact")
