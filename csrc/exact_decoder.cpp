@@ -455,11 +455,20 @@ inline bool has_order(const std::optional<at::Tensor>& order) {
   return order.has_value() && order->defined();
 }
 
-// A self-attention cache before this step: [bsz, heads, t, hd], or with a
-// deferred reorder [any, heads, t, hd] (the rows order picks from).
-inline void check_self_cache(const at::Tensor& t, int64_t layer, int64_t bsz, int64_t heads,
-                             int64_t hd, const std::optional<at::Tensor>& order) {
-  check_cache(t, layer, has_order(order) ? t.size(0) : bsz, heads, hd);
+// A layer's caches before this step: the self-attention K and V
+// [bsz, heads, t, hd], or with a deferred reorder [any, heads, t, hd] (the
+// rows order picks from), and an encoder-decoder's cached encoder K and V
+// [bsz, heads, s, hd] (cross_k, cross_v; none for a decoder-only model).
+inline void check_step_caches(int64_t layer, int64_t bsz, int64_t heads, int64_t hd,
+                              const std::optional<at::Tensor>& order, const at::Tensor& self_k,
+                              const at::Tensor& self_v, const at::Tensor* cross_k = nullptr,
+                              const at::Tensor* cross_v = nullptr) {
+  for (const at::Tensor* t : {&self_k, &self_v}) {
+    check_cache(*t, layer, has_order(order) ? t->size(0) : bsz, heads, hd);
+  }
+  for (const at::Tensor* t : {cross_k, cross_v}) {
+    if (t != nullptr) check_cache(*t, layer, bsz, heads, hd);
+  }
 }
 
 // DynamicLayer.update's cat of this step's K or V ([bsz, heads, 1, hd], any
@@ -544,10 +553,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     const at::Tensor* W = L.W;
     const double* E = L.E;
     auto pk = [&L](int i) { return L.pack(i); };
-    check_self_cache(self_k[l], l, bsz, heads, hd, order);
-    check_self_cache(self_v[l], l, bsz, heads, hd, order);
-    check_cache(cross_k[l], l, bsz, heads, hd);
-    check_cache(cross_v[l], l, bsz, heads, hd);
+    check_step_caches(l, bsz, heads, hd, order, self_k[l], self_v[l], &cross_k[l], &cross_v[l]);
     // self-attention
     at::Tensor residual = x;
     if (normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
@@ -699,10 +705,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
     const at::Tensor* W = L.W;
     const double* E = L.E;
     auto pk = [&L](int i) { return L.pack(i); };
-    check_self_cache(self_k[l], l, bsz, heads, head_dim, order);
-    check_self_cache(self_v[l], l, bsz, heads, head_dim, order);
-    check_cache(cross_k[l], l, bsz, heads, head_dim);
-    check_cache(cross_v[l], l, bsz, heads, head_dim);
+    check_step_caches(l, bsz, heads, head_dim, order, self_k[l], self_v[l], &cross_k[l],
+                      &cross_v[l]);
     const at::Tensor none;  // T5's projections have no bias
     // self-attention
     at::Tensor h = t5_norm(x, W[0], E[0]);
@@ -792,8 +796,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
     const at::Tensor* W = L.W;
     const double* E = L.E;
     auto pk = [&L](int i) { return L.pack(i); };
-    check_self_cache(self_k[l], l, bsz, kv_heads, head_dim, order);
-    check_self_cache(self_v[l], l, bsz, kv_heads, head_dim, order);
+    check_step_caches(l, bsz, kv_heads, head_dim, order, self_k[l], self_v[l]);
     // self-attention
     at::Tensor residual = x;
     const at::Tensor h = llama_norm(x, W[0], E[0]);
@@ -875,10 +878,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
     const at::Tensor* W = L.W;
     const double* E = L.E;
     auto pk = [&L](int i) { return L.pack(i); };
-    check_self_cache(self_k[l], l, bsz, heads, hd, order);
-    check_self_cache(self_v[l], l, bsz, heads, hd, order);
-    check_cache(cross_k[l], l, bsz, heads, hd);
-    check_cache(cross_v[l], l, bsz, heads, hd);
+    check_step_caches(l, bsz, heads, hd, order, self_k[l], self_v[l], &cross_k[l], &cross_v[l]);
     // self-attention: K/V of the step as [bsz, H, 1, hd], appended
     at::Tensor residual = x;
     auto heads_of = [&](const at::Tensor& t) {
@@ -933,8 +933,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
     const at::Tensor* W = L.W;
     const double* E = L.E;
     auto pk = [&L](int i) { return L.pack(i); };
-    check_self_cache(self_k[l], l, bsz, heads, hd, order);
-    check_self_cache(self_v[l], l, bsz, heads, hd, order);
+    check_step_caches(l, bsz, heads, hd, order, self_k[l], self_v[l]);
     // attention: split of c_attn's output, heads, cache append, sdpa, c_proj
     at::Tensor residual = x;
     const at::Tensor h = layer_norm(x, W[0], W[1], E[0]);
