@@ -830,9 +830,11 @@ def _prefill(model, input_ids, gc, model_kwargs: dict, num_beams: int):
     (``_why_not_share_prefill``): a decoder-only model's prompt, an
     encoder-decoder's first step (and its cross-attention K/V); the cache
     and the last position's logits are then repeated for the beams. The
-    packed GEMM's rows do not depend on the batch, nor (tested) do torch's
-    norms and sdpa over these inputs: the same bits as every row computing
-    its own, and within the fused mode's 1e-5 of stock in any case."""
+    packed GEMM's rows do not depend on the batch: with a batch-invariant
+    attention (torch's math sdpa) the same bits as every row computing its
+    own. torch's default CPU sdpa may round a row differently in a larger
+    batch (MKL on AVX2 with two threads): then within the fused mode's 1e-5
+    of every row and of stock, as any fused result."""
     first = not getattr(gc, "is_assistant", False)
     why = _why_not_share_prefill(model, input_ids, gc, model_kwargs, num_beams)
     if why is not None:
