@@ -131,14 +131,20 @@ def fairseq_problems(stock, ours, exact: bool, reference=None) -> list[str]:
 
 def _no_further(reference, sentence, tokens, key, x, y, atol) -> bool:
     """Whether seqfuse's ``y`` is within ``atol`` of being as close to the
-    float64 reference as stock's ``x`` (False without a reference)."""
+    float64 reference as stock's ``x`` (False without a reference): its
+    worst error over the hypothesis's positions against stock's worst. Two
+    fp32 implementations round each position independently, so a position
+    by position comparison would ask seqfuse to beat stock's luckiest
+    position (a 201-step hypothesis of a 4-wide random model: seqfuse's
+    worst positional error 1.24e-5, stock's 1.12e-5, but at one position
+    stock's was 9e-7)."""
     if reference is None or key not in ("score", "positional_scores"):
         return False
     positional, score = reference(sentence, tokens)
     ref = positional if key == "positional_scores" else score
-    err_stock = (x.double() - ref).abs()
-    err_ours = (y.double() - ref).abs()
-    return bool((err_ours <= err_stock + atol).all())
+    err_stock = (x.double() - ref).abs().max()
+    err_ours = (y.double() - ref).abs().max()
+    return bool(err_ours <= err_stock + atol)
 
 
 def hf_problems(stock, ours, exact: bool = True, raw_logits: bool = False) -> list[str]:

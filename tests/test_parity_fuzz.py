@@ -170,6 +170,27 @@ def test_fused_scores_are_judged_against_float64_where_stock_is_off():
     assert parity_fuzz.fairseq_problems(stock, ours, exact=False, reference=stock_is_right)
 
 
+def test_float64_judgement_compares_worst_errors_not_positions():
+    """Stock and seqfuse round each position independently: seqfuse passes
+    when its worst error from float64 is within the tolerance of stock's
+    worst, wherever the positions fall; it fails when its worst is further."""
+    stock = _stock_hypos()
+    exact = stock[0][0]["positional_scores"].double()
+    assert exact.numel() >= 3
+
+    def reference(sentence, tokens):
+        return exact.clone(), torch.tensor(0.0, dtype=torch.float64)
+
+    off_stock = copy.deepcopy(stock)
+    off_stock[0][0]["positional_scores"][0] += 1.5e-5  # stock's worst: position 0
+    ours = copy.deepcopy(stock)
+    ours[0][0]["positional_scores"][2] += 2e-5  # seqfuse's worst: position 2
+    assert parity_fuzz.fairseq_problems(off_stock, ours, exact=False)
+    assert parity_fuzz.fairseq_problems(off_stock, ours, exact=False, reference=reference) == []
+    ours[0][0]["positional_scores"][2] += 3e-5  # now 5e-5 off: further than stock's + 1e-5
+    assert parity_fuzz.fairseq_problems(off_stock, ours, exact=False, reference=reference)
+
+
 def test_greedy_raw_logits_held_to_their_rows_scale():
     """Greedy search's per-step scores are logits: the fused rule scales 1e-5
     by each row's largest logit; log-probabilities keep the plain 1e-5; the
