@@ -230,3 +230,17 @@ def fresh_step_state(monkeypatch) -> None:
     clear_seqfuse_env(monkeypatch)
     for k in hf_exact_step.STATS:
         hf_exact_step.STATS[k] = 0
+
+
+def scored_beam_search(model, ids, mask, max_new_tokens: int, **kw):
+    """``model.generate`` with 4 beams, returning a dict with per-step scores."""
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            attention_mask=mask,
+            num_beams=4,
+            max_new_tokens=max_new_tokens,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **kw,
+        )

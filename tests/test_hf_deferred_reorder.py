@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import fresh_step_state, make_inputs, make_model
+from hf_models import fresh_step_state, make_inputs, make_model, scored_beam_search
 
 import seqfuse
 from integrations import hf, hf_exact_step
@@ -24,16 +24,7 @@ def _env(monkeypatch):
 
 
 def _generate(model, ids, mask, **kw):
-    with torch.no_grad():
-        return model.generate(
-            ids,
-            attention_mask=mask,
-            num_beams=4,
-            max_new_tokens=10,
-            return_dict_in_generate=True,
-            output_scores=True,
-            **kw,
-        )
+    return scored_beam_search(model, ids, mask, max_new_tokens=10, **kw)
 
 
 def _layers(cache):

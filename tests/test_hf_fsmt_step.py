@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from hf_models import fresh_step_state, needs_packed_gemm
+from hf_models import fresh_step_state, needs_packed_gemm, scored_beam_search
 
 import seqfuse
 from integrations import hf, hf_exact_step, hf_fsmt_step
@@ -68,16 +68,7 @@ def _inputs(batch=4, length=9, seed=0):
 
 
 def _generate(model, ids, mask, **kw):
-    with torch.no_grad():
-        return model.generate(
-            ids,
-            attention_mask=mask,
-            num_beams=4,
-            max_new_tokens=12,
-            return_dict_in_generate=True,
-            output_scores=True,
-            **kw,
-        )
+    return scored_beam_search(model, ids, mask, max_new_tokens=12, **kw)
 
 
 def _assert_identical(stock, ours):
