@@ -12,9 +12,17 @@ TORCH_LIBRARY(seqfuse, m) {
       "beam_topk(Tensor logits, Tensor? cum_scores, int rows_per_sent, int k, int pad, int unk, "
       "int eos, float unk_penalty, int eos_mode, Tensor? banned, bool is_logprobs) -> "
       "(Tensor, Tensor, Tensor)");
+  // beam_topk on float32 logits with their group maxima (linear_packed_maxima's).
+  m.def(
+      "beam_topk_maxima(Tensor logits, Tensor group_max, Tensor? cum_scores, int rows_per_sent, "
+      "int k, int pad, int unk, int eos, float unk_penalty, int eos_mode, Tensor? banned) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(seqfuse, CPU, m) { m.impl("beam_topk", &seqfuse::beam_topk_cpu); }
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
+  m.impl("beam_topk", &seqfuse::beam_topk_cpu);
+  m.impl("beam_topk_maxima", &seqfuse::beam_topk_maxima_cpu);
+}
 
 static std::string build_info() {
   std::string s = "cpu";

@@ -80,6 +80,13 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
 at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
                                  const std::optional<at::Tensor>& bias, int64_t n,
                                  const at::Tensor& out, bool skip_zeros = false);
+// linear_packed_out_cpu (dense) that also writes, into `maxima` ([M,
+// kernels::num_max_groups(n)], contiguous), the maximum of each row's
+// kernels::kMaxGroup outputs per group, ignoring NaN, or NaN where one is
+// NaN: noted as each GEMM task stores its outputs (beam_topk_maxima's input).
+at::Tensor linear_packed_maxima_out_cpu(const at::Tensor& x, const at::Tensor& packed,
+                                        const std::optional<at::Tensor>& bias, int64_t n,
+                                        const at::Tensor& out, const at::Tensor& maxima);
 at::Tensor embedding_cpu(const at::Tensor& tokens, const at::Tensor& table, double scale,
                          const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode,
                          int64_t fixed_pos, bool zero_pads);

@@ -12,6 +12,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cpu(
     int64_t k, int64_t pad, int64_t unk, int64_t eos, double unk_penalty, int64_t eos_mode,
     const std::optional<at::Tensor>& banned, bool is_logprobs);
 
+// beam_topk_cpu on float32 logits (is_logprobs false) with their group
+// maxima ([rows, num_max_groups(V)], linear_packed_maxima's) standing for its
+// pass over the logits for the chunk maxima: the same results.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_maxima_cpu(
+    const at::Tensor& logits, const at::Tensor& group_max,
+    const std::optional<at::Tensor>& cum_scores, int64_t rows_per_sent, int64_t k, int64_t pad,
+    int64_t unk, int64_t eos, double unk_penalty, int64_t eos_mode,
+    const std::optional<at::Tensor>& banned);
+
 // The search ops (csrc/cpu/select_active_cpu.cc; contracts: seqfuse/ops/search.py),
 // also called by the search lane (csrc/cpu/search_lane_cpu.cc).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_active_cpu(

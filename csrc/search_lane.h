@@ -66,10 +66,14 @@ constexpr int64_t kLaneTop = 0;
 constexpr int64_t kLaneMid = 1;
 constexpr int64_t kLaneDone = 2;
 
-// One step's network over the lane's caches: (logits [n, vocab], the
-// alignment attention [n, S], the step's memory). tokens: [n, step + 1].
-using LaneNetwork = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const SearchLane& lane, const at::Tensor& tokens)>;
+// One step's network over the lane's caches. tokens: [n, step + 1].
+struct LaneStep {
+  at::Tensor logits;  // [n, vocab] float32
+  at::Tensor attn;    // the alignment attention [n, S]
+  at::Tensor memory;  // the step's memory
+  at::Tensor maxima;  // the logits' group maxima (beam_topk_maxima_cpu's), or undefined
+};
+using LaneNetwork = std::function<LaneStep(const SearchLane& lane, const at::Tensor& tokens)>;
 // Whether the memory a step left would serve a step of n rows.
 using LaneMemoryFits = std::function<bool(const at::Tensor& memory, int64_t rows)>;
 

@@ -90,6 +90,28 @@ SF_MULTIVERSION bool row_chunk_max(const float* __restrict x, int64_t V,
   return any != 0;
 }
 
+// row_chunk_max from the row's group maxima ([num_max_groups(V)], each the
+// maximum of kMaxGroup logits ignoring NaN, or NaN where one is NaN): the
+// same chunk maxima (max is exact; only the sign of a zero maximum may come
+// from another of its equal tokens, which no score or comparison sees) and,
+// for the rows where it matters, the same NaN flag: a NaN makes a row of
+// logits dead, whose chunk maxima nothing reads.
+bool groups_chunk_max(const float* __restrict gmax, int64_t V, float* __restrict chunk_max) {
+  constexpr int64_t per = kChunk / kMaxGroup;
+  const int64_t nch = num_chunks(V), ng = num_max_groups(V);
+  bool nan_seen = false;
+  for (int64_t c = 0; c < nch; ++c) {
+    float cm = kNegInf;
+    for (int64_t g = c * per; g < std::min(ng, (c + 1) * per); ++g) {
+      const float v = gmax[g];
+      nan_seen |= v != v;
+      cm = v > cm ? v : cm;
+    }
+    chunk_max[c] = cm;
+  }
+  return nan_seen;
+}
+
 // Appends to `hits` the tokens v of a row whose unedited score is >= tau. A
 // chunk whose maximum scores < tau holds no such token (the score is monotone
 // in the logit) and is skipped: only a handful of chunks per sentence are read.
@@ -125,13 +147,16 @@ inline const int64_t* banned_row(const BeamTopkParams& p, int64_t row) {
 
 // Phase 1 for one row: its statistics and the edited scores of its chunk
 // maxima (the first token of each chunk holding the chunk's maximum).
+// group_max: the rows' group maxima ([rows, num_max_groups(V)]) or null.
 template <typename T>
-void row_phase(const T* logits, const BeamTopkParams& p, int64_t row, RowStat& st,
-               float* chunk_score, float* cmax, std::vector<float>& scratch,
+void row_phase(const T* logits, const float* group_max, const BeamTopkParams& p, int64_t row,
+               RowStat& st, float* chunk_score, float* cmax, std::vector<float>& scratch,
                std::vector<uint8_t>& special) {
   const int64_t V = p.vocab, nch = num_chunks(V);
   const float* x = float_row(logits, row, V, scratch);
-  const bool has_nan = row_chunk_max(x, V, cmax);
+  const bool has_nan = group_max == nullptr
+                           ? row_chunk_max(x, V, cmax)
+                           : groups_chunk_max(group_max + row * num_max_groups(V), V, cmax);
   float m = kNegInf;
   for (int64_t c = 0; c < nch; ++c) m = cmax[c] > m ? cmax[c] : m;
   st.m = m;
@@ -266,7 +291,11 @@ void sentence_phase(const T* logits, const BeamTopkParams& p, int64_t sent, cons
   else
     bounded_survivors(logits, p, sent, stats, chunk_max, tau, survivors, hits);
   // survivors.size() >= k: every chunk-maximum token scoring >= tau survives,
-  // and without a bound every token but the -inf ones after the k-th.
+  // and without a bound every token but the -inf ones after the k-th. Fewer
+  // only with chunk maxima above every logit of their chunk (group maxima
+  // that are not these logits').
+  TORCH_CHECK(static_cast<int64_t>(survivors.size()) >= k,
+              "beam_topk_maxima: group maxima that are not the logits' own");
   std::partial_sort(survivors.begin(), survivors.begin() + k, survivors.end(), better);
   for (int64_t j = 0; j < k; ++j) {
     const Cand& c = survivors[j];
@@ -278,9 +307,11 @@ void sentence_phase(const T* logits, const BeamTopkParams& p, int64_t sent, cons
 
 }  // namespace
 
+// group_max: null, or the logits' group maxima (groups_chunk_max), which
+// then stand for the chunk pass over the logits.
 template <typename T>
 void beam_topk_cpu_kernel(const T* logits,  // [bsz * rows_per_sent, vocab]
-                          const BeamTopkParams& p) {
+                          const float* group_max, const BeamTopkParams& p) {
   const int64_t rows = p.bsz * p.rows_per_sent, nch = num_chunks(p.vocab);
   std::vector<RowStat> stats(rows);             // [rows]
   std::vector<float> chunk_scores(rows * nch);  // [rows, nchunks] edited, of the maxima
@@ -292,8 +323,8 @@ void beam_topk_cpu_kernel(const T* logits,  // [bsz * rows_per_sent, vocab]
     std::vector<float> scratch;
     std::vector<uint8_t> special;
     for (int64_t r = begin; r < end; ++r)
-      row_phase(logits, p, r, stats[r], chunk_scores.data() + r * nch, chunk_max.data() + r * nch,
-                scratch, special);
+      row_phase(logits, group_max, p, r, stats[r], chunk_scores.data() + r * nch,
+                chunk_max.data() + r * nch, scratch, special);
   });
   at::parallel_for(0, p.bsz, 1, [&](int64_t begin, int64_t end) {
     std::vector<Cand> survivors;
@@ -318,18 +349,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_cpu(
   if (p.bsz == 0) return {call.scores, call.tokens, call.beams};
   switch (logits.scalar_type()) {
     case at::kFloat:
-      kernels::beam_topk_cpu_kernel(logits.data_ptr<float>(), p);
+      kernels::beam_topk_cpu_kernel(logits.data_ptr<float>(), nullptr, p);
       break;
     case at::kHalf:
-      kernels::beam_topk_cpu_kernel(logits.data_ptr<at::Half>(), p);
+      kernels::beam_topk_cpu_kernel(logits.data_ptr<at::Half>(), nullptr, p);
       break;
     case at::kBFloat16:
-      kernels::beam_topk_cpu_kernel(logits.data_ptr<at::BFloat16>(), p);
+      kernels::beam_topk_cpu_kernel(logits.data_ptr<at::BFloat16>(), nullptr, p);
       break;
     default:
       TORCH_CHECK(false, "beam_topk: logits dtype must be float32, float16 or bfloat16, got ",
                   logits.scalar_type());
   }
+  return {call.scores, call.tokens, call.beams};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_topk_maxima_cpu(
+    const at::Tensor& logits, const at::Tensor& group_max,
+    const std::optional<at::Tensor>& cum_scores, int64_t rows_per_sent, int64_t k, int64_t pad,
+    int64_t unk, int64_t eos, double unk_penalty, int64_t eos_mode,
+    const std::optional<at::Tensor>& banned) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat,
+              "beam_topk_maxima: logits must be float32 on the CPU");
+  BeamTopkCall call = prepare_beam_topk(logits, cum_scores, rows_per_sent, k, pad, unk, eos,
+                                        unk_penalty, eos_mode, banned, false);
+  const int64_t groups = kernels::num_max_groups(logits.size(1));
+  TORCH_CHECK(group_max.dim() == 2 && group_max.size(0) == logits.size(0) &&
+                  group_max.size(1) == groups && group_max.is_contiguous() &&
+                  group_max.scalar_type() == at::kFloat && group_max.device().is_cpu(),
+              "beam_topk_maxima: group_max must be a contiguous float32 CPU [", logits.size(0),
+              ", ", groups, "] tensor, got ", group_max.scalar_type(), " ", group_max.sizes());
+  if (call.p.bsz > 0)
+    kernels::beam_topk_cpu_kernel(logits.data_ptr<float>(), group_max.data_ptr<float>(), call.p);
   return {call.scores, call.tokens, call.beams};
 }
 

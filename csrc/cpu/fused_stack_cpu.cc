@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/task_queue.h"
+#include "kernels/beam_topk.h"
 #include "layer_ops.h"
 #include "ops.h"
 #include "search_lane.h"
@@ -801,28 +802,40 @@ int64_t widest_ffn(at::TensorList params, int64_t layers) {
 }
 
 // Floats of a step's memory for n rows: decoder_step's layer outputs, then
-// its workspace, whose place the logits take once the layers are done (the
-// step holds no more at once than when each was allocated on its own).
+// its workspace, whose place the logits and their group maxima take once the
+// layers are done (the step holds no more at once than when each was
+// allocated on its own).
 int64_t step_memory_floats(int64_t n, int64_t c, at::TensorList params, int64_t layers,
                            int64_t vocab) {
-  return layers * n * c + std::max(n * (11 * c + widest_ffn(params, layers)), n * vocab);
+  return layers * n * c + std::max(n * (11 * c + widest_ffn(params, layers)),
+                                   n * (vocab + kernels::num_max_groups(vocab)));
 }
+
+// What decoder_logits gives: the logits [n, vocab], the step's attention,
+// the buffer used, and (when asked for) the logits' group maxima [n,
+// num_max_groups(vocab)] (beam_topk_maxima's); the buffer holds the logits
+// and the maxima.
+struct StepLogits {
+  at::Tensor logits, align, memory, maxima;
+};
 
 // fused_decoder_logits (below) on its arguments, for the op and for a
 // DecoderLogitsPlan's step. tokens: [n, t] int64, the step's tokens in
 // column t - 1. The step's workspace, layer outputs and logits are carved
-// from `arena` when it can hold them (arena_usable), else from a new buffer;
-// returns (logits, attention, the buffer used), the logits a view of it.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_logits(
-    const at::Tensor& tokens, const at::Tensor& embed, double embed_scale,
-    const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode, int64_t fixed_pos,
-    at::TensorList norms, bool has_emb_ln, bool has_final_ln, at::ArrayRef<double> norm_eps,
-    at::TensorList params, at::ArrayRef<double> nums, const KvBlocks& self_kv,
-    at::TensorList self_rows, at::TensorList self_pad, int64_t slot, at::TensorList cross_kv,
-    at::TensorList cross_map, const PadList& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
-    bool normalize_before, int64_t act, int64_t align_layer, int64_t mean_heads,
-    const at::Tensor& out_pack, const std::optional<at::Tensor>& out_bias, int64_t vocab,
-    const std::optional<at::Tensor>& arena) {
+// from `arena` when it can hold them (arena_usable), else from a new buffer.
+// with_maxima: the vocabulary projection also notes the logits' group maxima.
+StepLogits decoder_logits(const at::Tensor& tokens, const at::Tensor& embed, double embed_scale,
+                          const std::optional<at::Tensor>& pos_table, int64_t pad, int64_t pos_mode,
+                          int64_t fixed_pos, at::TensorList norms, bool has_emb_ln,
+                          bool has_final_ln, at::ArrayRef<double> norm_eps, at::TensorList params,
+                          at::ArrayRef<double> nums, const KvBlocks& self_kv,
+                          at::TensorList self_rows, at::TensorList self_pad, int64_t slot,
+                          at::TensorList cross_kv, at::TensorList cross_map,
+                          const PadList& cross_pad, int64_t q_per_kv, at::IntArrayRef heads,
+                          bool normalize_before, int64_t act, int64_t align_layer,
+                          int64_t mean_heads, const at::Tensor& out_pack,
+                          const std::optional<at::Tensor>& out_bias, int64_t vocab,
+                          const std::optional<at::Tensor>& arena, bool with_maxima) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) >= 1 && tokens.scalar_type() == at::kLong &&
                   tokens.is_cpu(),
               "fused_decoder_logits: tokens must be int64 [rows, steps]");
@@ -862,8 +875,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_logits(
   // Over the workspace: the layers are done with it; x is the last layer's
   // output (before the workspace) or the final norm's own tensor.
   at::Tensor logits = mem.narrow(0, outs_n, n * vocab).view({n, vocab});
-  linear_packed_out_cpu(x, out_pack, out_bias, vocab, logits);
-  return {logits, align, mem};
+  if (!with_maxima) {
+    linear_packed_out_cpu(x, out_pack, out_bias, vocab, logits);
+    return {logits, align, mem, at::Tensor()};
+  }
+  const int64_t groups = kernels::num_max_groups(vocab);
+  at::Tensor maxima = mem.narrow(0, outs_n + n * vocab, n * groups).view({n, groups});
+  linear_packed_maxima_out_cpu(x, out_pack, out_bias, vocab, logits, maxima);
+  return {logits, align, mem, maxima};
 }
 }  // namespace
 
@@ -888,12 +907,12 @@ std::tuple<at::Tensor, at::Tensor> fused_decoder_logits(
     const std::optional<at::Tensor>& out_bias, int64_t vocab) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1,
               "fused_decoder_logits: tokens must be int64 [rows, 1]");
-  auto [logits, align, mem] = decoder_logits(
+  StepLogits got = decoder_logits(
       tokens, embed, embed_scale, pos_table, pad, pos_mode, fixed_pos, norms, has_emb_ln,
       has_final_ln, norm_eps, params, nums, one_block_each(self_kv), self_rows, self_pad, slot,
       cross_kv, cross_map, pad_list(cross_pad), q_per_kv, heads, normalize_before, act, align_layer,
-      mean_heads, out_pack, out_bias, vocab, std::nullopt);
-  return {logits, align};
+      mean_heads, out_pack, out_bias, vocab, std::nullopt, false);
+  return {got.logits, got.align};
 }
 
 // fused_decoder_logits with the arguments that stay fixed for a generation
@@ -942,38 +961,22 @@ class DecoderLogitsPlan {
       const std::vector<at::Tensor>& cross_kv, const std::vector<at::Tensor>& cross_map,
       const std::vector<int64_t>& cross_n, const PadList& cross_pad, int64_t q_per_kv,
       const std::optional<at::Tensor>& arena) const {
-    RECORD_FUNCTION("seqfuse::DecoderLogitsPlan.step", std::vector<c10::IValue>());
-    TORCH_CHECK(tokens.dim() == 2 && q_per_kv >= 1, "DecoderLogitsPlan.step: bad arguments");
-    const int64_t sents = tokens.size(0) / q_per_kv;
-    TORCH_CHECK(cross_map.size() == cross_n.size(),
-                "DecoderLogitsPlan.step: per-layer lists of the wrong length");
-    std::vector<at::Tensor> maps;
-    maps.reserve(cross_map.size());
-    for (size_t l = 0; l < cross_map.size(); ++l) {
-      TORCH_CHECK(cross_n[l] == sents && cross_map[l].dim() == 1 && cross_map[l].size(0) >= sents,
-                  "DecoderLogitsPlan.step: cross-attention map of layer ", l, " holds ", cross_n[l],
-                  " sentences, the step has ", sents);
-      maps.push_back(cross_map[l].size(0) == sents ? cross_map[l]
-                                                   : cross_map[l].narrow(0, 0, sents));
-    }
-    auto [logits, attn, mem] =
-        decoder_logits(tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_,
-                       has_emb_ln_, has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows,
-                       self_pad, slot, cross_kv, maps, cross_pad, q_per_kv, heads_,
-                       normalize_before_, act_, static_cast<int64_t>(heads_.size()) - 1,
-                       /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_,
-                       out_bias_, vocab_, arena);
-    return {logits, attn.select(1, 0), mem};
+    StepLogits got =
+        step_logits(tokens, pos_table, pos_mode, fixed_pos, self_kv, self_rows, self_pad, slot,
+                    cross_kv, cross_map, cross_n, cross_pad, q_per_kv, arena, false);
+    return {got.logits, got.align, got.memory};
   }
 
   // Steps of a beam search over this plan's network (csrc/search_lane.h):
-  // each step's network is step() over the lane's caches.
+  // each step's network is step() over the lane's caches, its candidates
+  // taken with the logits' group maxima.
   void search(SearchLane& lane, int64_t max_steps) const {
     const LaneNetwork net = [this](const SearchLane& L, const at::Tensor& tokens) {
       const std::vector<int64_t> cross_n(L.cross_map.size(), L.cross_n);
-      return step(tokens, L.pos_table, L.pos_mode, L.pos_pad + tokens.size(1), L.self_blocks,
-                  L.self_rows, L.self_pad, L.slot, L.cross_kv, L.cross_map, cross_n, L.cross_pad,
-                  L.q_per_kv, L.arena);
+      StepLogits got = step_logits(tokens, L.pos_table, L.pos_mode, L.pos_pad + tokens.size(1),
+                                   L.self_blocks, L.self_rows, L.self_pad, L.slot, L.cross_kv,
+                                   L.cross_map, cross_n, L.cross_pad, L.q_per_kv, L.arena, true);
+      return LaneStep{got.logits, got.align, got.memory, got.maxima};
     };
     const LaneMemoryFits fits = [this](const at::Tensor& memory, int64_t rows) {
       return step_memory_fits(memory, rows);
@@ -990,6 +993,42 @@ class DecoderLogitsPlan {
   }
 
  private:
+  // step(), the attention of its one query, and the logits' group maxima
+  // when with_maxima.
+  StepLogits step_logits(const at::Tensor& tokens, const std::optional<at::Tensor>& pos_table,
+                         int64_t pos_mode, int64_t fixed_pos, const KvBlocks& self_kv,
+                         const std::vector<at::Tensor>& self_rows,
+                         const std::vector<at::Tensor>& self_pad, int64_t slot,
+                         const std::vector<at::Tensor>& cross_kv,
+                         const std::vector<at::Tensor>& cross_map,
+                         const std::vector<int64_t>& cross_n, const PadList& cross_pad,
+                         int64_t q_per_kv, const std::optional<at::Tensor>& arena,
+                         bool with_maxima) const {
+    RECORD_FUNCTION("seqfuse::DecoderLogitsPlan.step", std::vector<c10::IValue>());
+    TORCH_CHECK(tokens.dim() == 2 && q_per_kv >= 1, "DecoderLogitsPlan.step: bad arguments");
+    const int64_t sents = tokens.size(0) / q_per_kv;
+    TORCH_CHECK(cross_map.size() == cross_n.size(),
+                "DecoderLogitsPlan.step: per-layer lists of the wrong length");
+    std::vector<at::Tensor> maps;
+    maps.reserve(cross_map.size());
+    for (size_t l = 0; l < cross_map.size(); ++l) {
+      TORCH_CHECK(cross_n[l] == sents && cross_map[l].dim() == 1 && cross_map[l].size(0) >= sents,
+                  "DecoderLogitsPlan.step: cross-attention map of layer ", l, " holds ", cross_n[l],
+                  " sentences, the step has ", sents);
+      maps.push_back(cross_map[l].size(0) == sents ? cross_map[l]
+                                                   : cross_map[l].narrow(0, 0, sents));
+    }
+    StepLogits got =
+        decoder_logits(tokens, embed_, embed_scale_, pos_table, pad_, pos_mode, fixed_pos, norms_,
+                       has_emb_ln_, has_final_ln_, norm_eps_, params_, nums_, self_kv, self_rows,
+                       self_pad, slot, cross_kv, maps, cross_pad, q_per_kv, heads_,
+                       normalize_before_, act_, static_cast<int64_t>(heads_.size()) - 1,
+                       /*mean_heads: all*/ std::numeric_limits<int64_t>::max(), out_pack_,
+                       out_bias_, vocab_, arena, with_maxima);
+    got.align = got.align.select(1, 0);
+    return got;
+  }
+
   at::Tensor embed_;
   double embed_scale_;
   int64_t pad_;

@@ -9,11 +9,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "cpu/linear_post.h"
+#include "cpu/task_queue.h"
+#include "kernels/beam_topk.h"
 
 namespace seqfuse {
 namespace cpu_capability {
@@ -32,7 +35,9 @@ namespace cpu_capability {
                                  const LinearPost* post);                                          \
   int64_t linear_packed_row_blocks(int64_t M, int64_t rows);                                       \
   void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,    \
-                               int32_t* lists, int64_t bbegin, int64_t bend);
+                               int32_t* lists, int64_t bbegin, int64_t bend);                      \
+  void linear_packed_group_max(const void* ctx, int64_t block, int64_t m0, int64_t rows,           \
+                               int64_t n0, int64_t cols);
 namespace AVX2 {
 SEQFUSE_LINEAR_DECLS
 }
@@ -61,9 +66,10 @@ struct Kernels {
   int64_t (*row_blocks)(int64_t, int64_t) = nullptr;
   void (*nonzero)(const float*, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t,
                   int64_t) = nullptr;
+  void (*group_max)(const void*, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
 };
 
-const Kernels& kernels() {
+const Kernels& packed_kernels() {
   static const Kernels k = []() -> Kernels {
     Kernels out;
 #if defined(__x86_64__)
@@ -71,15 +77,15 @@ const Kernels& kernels() {
     if (cap == "AVX512") {
       namespace c = cpu_capability::AVX512;
       out = {
-          &c::linear_packed,          &c::linear_packed_block_rows,  &c::linear_packed_tasks,
-          &c::linear_packed_range,    &c::linear_packed_block_range, &c::linear_packed_row_blocks,
-          &c::linear_packed_nonzero_k};
+          &c::linear_packed,           &c::linear_packed_block_rows,  &c::linear_packed_tasks,
+          &c::linear_packed_range,     &c::linear_packed_block_range, &c::linear_packed_row_blocks,
+          &c::linear_packed_nonzero_k, &c::linear_packed_group_max};
     } else if (cap == "AVX2") {
       namespace c = cpu_capability::AVX2;
       out = {
-          &c::linear_packed,          &c::linear_packed_block_rows,  &c::linear_packed_tasks,
-          &c::linear_packed_range,    &c::linear_packed_block_range, &c::linear_packed_row_blocks,
-          &c::linear_packed_nonzero_k};
+          &c::linear_packed,           &c::linear_packed_block_rows,  &c::linear_packed_tasks,
+          &c::linear_packed_range,     &c::linear_packed_block_range, &c::linear_packed_row_blocks,
+          &c::linear_packed_nonzero_k, &c::linear_packed_group_max};
     }
 #endif
     return out;
@@ -87,7 +93,7 @@ const Kernels& kernels() {
   return k;
 }
 
-Kernel kernel() { return kernels().run; }
+Kernel kernel() { return packed_kernels().run; }
 
 // The capability whose kernel runs, or "" when none does (the caller then
 // uses torch's GEMM).
@@ -141,34 +147,34 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
 int64_t linear_packed_block_rows(bool skip_zeros) {
   TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
               at::get_cpu_capability(), " (needs AVX2 or AVX512)");
-  return kernels().block_rows(skip_zeros);
+  return packed_kernels().block_rows(skip_zeros);
 }
 
 int64_t linear_packed_task_count(int64_t M, int64_t N, int64_t rows) {
-  return kernels().tasks(M, N, rows);
+  return packed_kernels().tasks(M, N, rows);
 }
 
 void linear_packed_run_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
                              int64_t N, const float* bias, float* y, int64_t rows, int64_t begin,
                              int64_t end, const int32_t* lists,
                              const cpu_capability::LinearPost* post) {
-  kernels().range(x, M, K, ldx, packed, N, bias, y, rows, begin, end, lists, post);
+  packed_kernels().range(x, M, K, ldx, packed, N, bias, y, rows, begin, end, lists, post);
 }
 
 void linear_packed_run_blocks(const float* x, int64_t M, int64_t K, int64_t ldx,
                               const float* packed, int64_t N, const float* bias, float* y,
                               int64_t rows, int64_t bbegin, int64_t bend, const int32_t* lists,
                               const cpu_capability::LinearPost* post) {
-  kernels().block_range(x, M, K, ldx, packed, N, bias, y, rows, bbegin, bend, lists, post);
+  packed_kernels().block_range(x, M, K, ldx, packed, N, bias, y, rows, bbegin, bend, lists, post);
 }
 
 int64_t linear_packed_row_block_count(int64_t M, int64_t rows) {
-  return kernels().row_blocks(M, rows);
+  return packed_kernels().row_blocks(M, rows);
 }
 
 void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,
                                  int32_t* lists, int64_t bbegin, int64_t bend) {
-  kernels().nonzero(x, M, K, ldx, rows, lists, bbegin, bend);
+  packed_kernels().nonzero(x, M, K, ldx, rows, lists, bbegin, bend);
 }
 
 namespace {
@@ -192,9 +198,12 @@ namespace {
 constexpr int64_t kKeptListInts = int64_t{1} << 18;  // 1 MB
 }  // namespace
 
-at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
-                                 const std::optional<at::Tensor>& bias, int64_t n,
-                                 const at::Tensor& out, bool skip_zeros) {
+namespace {
+// linear_packed's checks: the bias pointer (or null) and the output tensor
+// (`out`, or a new one when undefined).
+std::tuple<const float*, at::Tensor> checked_linear(const at::Tensor& x, const at::Tensor& packed,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    int64_t n, const at::Tensor& out) {
   TORCH_CHECK(kernel() != nullptr, "linear_packed: no kernel for CPU capability ",
               at::get_cpu_capability(), " (needs AVX2 or AVX512)");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
@@ -223,6 +232,18 @@ at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
   } else {
     y = at::empty({M, n}, x.options());
   }
+  return {b, y};
+}
+
+// A GEMM task's columns are one group of maxima (linear_packed_group_max).
+static_assert(2 * kPanel == kernels::kMaxGroup, "a GEMM task's columns are one maximum group");
+}  // namespace
+
+at::Tensor linear_packed_out_cpu(const at::Tensor& x, const at::Tensor& packed,
+                                 const std::optional<at::Tensor>& bias, int64_t n,
+                                 const at::Tensor& out, bool skip_zeros) {
+  auto [b, y] = checked_linear(x, packed, bias, n, out);
+  const int64_t M = x.size(0), K = x.size(1);
   if (M > 0) {
     int32_t* lists = nullptr;
     std::vector<int32_t> own;
@@ -246,6 +267,43 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
   return linear_packed_out_cpu(x, packed, bias, n, at::Tensor(), skip_zeros);
 }
 
+at::Tensor linear_packed_maxima_out_cpu(const at::Tensor& x, const at::Tensor& packed,
+                                        const std::optional<at::Tensor>& bias, int64_t n,
+                                        const at::Tensor& out, const at::Tensor& maxima) {
+  auto [b, y] = checked_linear(x, packed, bias, n, out);
+  const int64_t M = x.size(0), K = x.size(1), groups = kernels::num_max_groups(n);
+  TORCH_CHECK(maxima.dim() == 2 && maxima.size(0) == M && maxima.size(1) == groups &&
+                  maxima.is_contiguous() && maxima.scalar_type() == at::kFloat &&
+                  maxima.device().is_cpu(),
+              "linear_packed_maxima: maxima must be a contiguous float32 CPU [", M, ", ", groups,
+              "] tensor, got ", maxima.scalar_type(), " ", maxima.sizes());
+  if (M > 0) {
+    const cpu_capability::GroupMaxCtx ctx{y.data_ptr<float>(), n, maxima.data_ptr<float>(), groups};
+    const cpu_capability::LinearPost post{packed_kernels().group_max, &ctx};
+    const int64_t rows = packed_kernels().block_rows(false);
+    const float* xp = x.data_ptr<float>();
+    const float* wp = packed.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t ldx = x.stride(0);
+    // linear_packed's split (cpu/task_queue.h), each task noting its maxima
+    cpu::parallel_chunks(packed_kernels().tasks(M, n, rows), 1, [&](int64_t tb, int64_t te) {
+      packed_kernels().range(xp, M, K, ldx, wp, n, b, yp, rows, tb, te, nullptr, &post);
+    });
+  }
+  return y;
+}
+
+// The op: (y, maxima), both new.
+std::tuple<at::Tensor, at::Tensor> linear_packed_maxima_cpu(const at::Tensor& x,
+                                                            const at::Tensor& packed,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            int64_t n) {
+  TORCH_CHECK(x.dim() == 2, "linear_packed_maxima: x must be [M, K], got ", x.sizes());
+  at::Tensor maxima = at::empty({x.size(0), kernels::num_max_groups(n)}, x.options());
+  at::Tensor y = linear_packed_maxima_out_cpu(x, packed, bias, n, at::Tensor(), maxima);
+  return {y, maxima};
+}
+
 }  // namespace seqfuse
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
@@ -255,6 +313,7 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   m.def(
       "linear_packed(Tensor x, Tensor packed, Tensor? bias, int n, bool skip_zeros=False) -> "
       "Tensor");
+  m.def("linear_packed_maxima(Tensor x, Tensor packed, Tensor? bias, int n) -> (Tensor, Tensor)");
   m.def("linear_capability() -> str");
 }
 
@@ -262,6 +321,7 @@ TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("pack_linear_weight", &seqfuse::pack_linear_weight);
   m.impl("pack_linear_weight_checked", &seqfuse::pack_linear_weight_checked);
   m.impl("linear_packed", &seqfuse::linear_packed_cpu);
+  m.impl("linear_packed_maxima", &seqfuse::linear_packed_maxima_cpu);
 }
 
 TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {

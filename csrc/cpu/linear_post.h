@@ -17,6 +17,18 @@ struct LinearPost {
   const void* ctx;
 };
 
+// The context of linear_packed_group_max, a LinearPost fn over the products
+// whose tasks' columns are one group of two panels (the tasks of
+// linear_packed_range): y's row stride, and maxima[row * groups + n0 / 32]
+// takes the maximum of the task's columns in that row, or NaN when one is
+// NaN (the group maxima of csrc/kernels/beam_topk.h).
+struct GroupMaxCtx {
+  const float* y;
+  int64_t ld;
+  float* maxima;
+  int64_t groups;
+};
+
 // The zero-skipping lists' compaction: appends k0 + j for each j < n with
 // flags[j] != 0 to list[count ...] (branch-free: writes every k, advances
 // past the flagged ones) and returns the new count. Used by the kernel's own

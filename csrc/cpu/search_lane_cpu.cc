@@ -173,9 +173,10 @@ void run_search_lane(SearchLane& L, const LaneNetwork& net, const LaneMemoryFits
 
     // The network, in the memory the last step left when it serves.
     if (L.arena.has_value() && !fits(*L.arena, n_new)) L.arena.reset();
-    at::Tensor logits, avg, memory;
-    std::tie(logits, avg, memory) = net(L, L.tokens.narrow(1, 0, s + 1));
-    L.arena = std::move(memory);
+    LaneStep out = net(L, L.tokens.narrow(1, 0, s + 1));
+    at::Tensor logits = std::move(out.logits), avg = std::move(out.attn);
+    at::Tensor maxima = std::move(out.maxima);  // a view of the memory, as the logits
+    L.arena = std::move(out.memory);
     L.slot += 1;
     L.steps += 1;
 
@@ -185,9 +186,12 @@ void run_search_lane(SearchLane& L, const LaneNetwork& net, const LaneMemoryFits
     const int64_t k = std::min(2 * L.beam, L.beam * vocab - 1);
     const int64_t k_op = std::min(k + 1, L.beam * vocab);
     const int64_t eos_mode = s < L.min_len ? kernels::kEosForbid : kernels::kEosAllow;
-    auto [cs, ci, cb] =
-        beam_topk_cpu(logits, L.scores.select(1, s - 1).contiguous(), L.beam, k_op, L.pad, L.unk,
-                      L.eos, L.unk_penalty, eos_mode, std::nullopt, false);
+    const at::Tensor cum = L.scores.select(1, s - 1).contiguous();
+    auto [cs, ci, cb] = maxima.defined()
+                            ? beam_topk_maxima_cpu(logits, maxima, cum, L.beam, k_op, L.pad, L.unk,
+                                                   L.eos, L.unk_penalty, eos_mode, std::nullopt)
+                            : beam_topk_cpu(logits, cum, L.beam, k_op, L.pad, L.unk, L.eos,
+                                            L.unk_penalty, eos_mode, std::nullopt, false);
     if (k_op > 1 && std::get<1>(finite_ties_cpu(cs))) {
       L.logits = std::move(logits);
       L.avg_attn = std::move(avg);
@@ -198,6 +202,7 @@ void run_search_lane(SearchLane& L, const LaneNetwork& net, const LaneMemoryFits
     L.attn = grow_time(L.attn, s + 2, L.max_len + 2, /*zero=*/false);
     L.attn.select(2, s + 1).copy_(avg);
     logits = at::Tensor();  // this step's scores are spent (the memory can serve the next step)
+    maxima = at::Tensor();
     avg = at::Tensor();
 
     // Finished hypotheses, then the batch shrink.

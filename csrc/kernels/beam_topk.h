@@ -51,5 +51,15 @@ struct BeamTopkParams {
 
 inline int64_t num_chunks(int64_t vocab) { return (vocab + kChunk - 1) / kChunk; }
 
+// Tokens per group maximum, the CPU kernel's optional input (beam_topk_maxima,
+// csrc/cpu/beam_topk_cpu.cc): the columns of one packed-GEMM task (two
+// 16-column panels), whose maxima the vocabulary projection notes as it
+// stores the logits (linear_packed_maxima), so the kernel's chunk maxima take
+// a pass over those instead of the logits. A chunk is a whole number of groups.
+constexpr int kMaxGroup = 32;
+static_assert(kChunk % kMaxGroup == 0, "a chunk is a whole number of maximum groups");
+
+inline int64_t num_max_groups(int64_t vocab) { return (vocab + kMaxGroup - 1) / kMaxGroup; }
+
 }  // namespace kernels
 }  // namespace seqfuse

@@ -27,6 +27,16 @@ kernels never materialise it: a per-chunk maximum gives a provable lower bound
 of the k-th score, only tokens above it are scored and sorted exactly.
 Exact ties are ordered by lower flat index (``beam * V + token``) in the
 kernels; ``torch.topk`` leaves their order unspecified.
+
+``torch.ops.seqfuse.beam_topk_maxima(logits, group_max, cum_scores,
+rows_per_sent, k, pad, unk, eos, unk_penalty, eos_mode, banned)`` (CPU,
+float32 logits, ``is_logprobs`` False) is ``beam_topk`` given the logits'
+group maxima (``[rows, ceil(V / 32)]``, ``linear_packed_maxima``'s: the
+maximum of each 32 logits, NaN where one is NaN), from which it takes its
+chunk maxima instead of a pass over the logits: the same results, bit for
+bit. The maxima must be these logits' own (maxima above them raise when the
+bound they give leaves fewer than k tokens; lower ones hide tokens). The
+search lane of the fused decoder uses it.
 """
 
 from __future__ import annotations

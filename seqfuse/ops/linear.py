@@ -18,6 +18,14 @@ the weight is finite (checked once per pack; the op's ``skip_zeros``). It
 differs from torch's BLAS in rounding only (about 1e-6 relative): the fused
 layers use it; the exact paths keep torch's GEMMs. Reference (also the
 fallback: other devices, dtypes, capabilities, autograd): ``F.linear``.
+
+``torch.ops.seqfuse.linear_packed_maxima(x, pack, bias, n) -> (y, maxima)``
+(CPU, float32, dense) is the same product that also returns, for each row,
+the maximum of every group of 32 outputs (``[M, ceil(n / 32)]``; NaN where a
+group holds a NaN), noted by each GEMM task as it stores its outputs, still
+in L1: the fused decoder's vocabulary projection in the search lane, whose
+candidate step (``beam_topk_maxima``, seqfuse/ops/beam_topk.py) then reads
+those maxima instead of passing over the logits for its chunk maxima.
 """
 
 from __future__ import annotations

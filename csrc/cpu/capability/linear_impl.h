@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "cpu/linear_post.h"
 #include "cpu/task_queue.h"
@@ -132,6 +133,40 @@ inline bool worth_skipping(int64_t count, int64_t K) { return count <= K - K / 8
 // zeros skips, per block, only the k zero in all of its rows: there a shorter
 // block skips more.
 int64_t linear_packed_block_rows(bool skip_zeros) { return skip_zeros ? kSkipRows : kMaxRows; }
+
+// A LinearPost fn (ctx: GroupMaxCtx): rows [m0, m0 + rows) of the task's
+// columns [n0, n0 + cols), one group, reduced to their maximum (max ignores
+// NaN, a separate test flags one; the maximum's value is exact in any order).
+void linear_packed_group_max(const void* ctx, int64_t, int64_t m0, int64_t rows, int64_t n0,
+                             int64_t cols) {
+  const GroupMaxCtx& p = *static_cast<const GroupMaxCtx*>(ctx);
+  float* out = p.maxima + n0 / (2 * kPanel);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* yr = p.y + (m0 + r) * p.ld + n0;
+    float m = -std::numeric_limits<float>::infinity();
+    bool nan = false;
+    int64_t j = 0;
+    if (cols == 2 * kPanel) {
+      Vec acc = Vec::loadu(yr);
+      Vec unord = acc != acc;
+      for (j = Vec::size(); j < cols; j += Vec::size()) {
+        const Vec v = Vec::loadu(yr + j);
+        unord = unord | (v != v);
+        acc = Vec::blendv(acc, v, v > acc);  // v > acc ? v : acc
+      }
+      m = at::vec::vec_reduce_all<float>(
+          [](const Vec& a, const Vec& b) { return Vec::blendv(a, b, b > a); }, acc);
+      nan = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a | b; },
+                                           unord) != 0.f;
+    }
+    for (; j < cols; ++j) {
+      const float v = yr[j];
+      nan |= v != v;
+      m = v > m ? v : m;
+    }
+    out[(m0 + r) * p.groups] = nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  }
+}
 
 // Row blocks of an M-row product in blocks of `rows` rows, as the tasks take them.
 int64_t linear_packed_row_blocks(int64_t M, int64_t rows) { return (M + rows - 1) / rows; }
