@@ -527,6 +527,23 @@ class StackLists {
   int64_t per_, eps_per_, packs_per_;
 };
 
+// The encoder-decoder stacks' checks (hf_decoder_stack_step,
+// hf_fsmt_stack_step): their per-layer lists (kWeightsPerLayer weights, 3
+// eps, none or kPackedPerLayer packs; one self V, cross K and cross V per
+// self K) and a known activation code.
+StackLists cross_stack_lists(const char* op, at::TensorList weights, at::TensorList self_k,
+                             at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v,
+                             at::ArrayRef<double> eps, at::TensorList packed, int64_t act) {
+  const int64_t layers = static_cast<int64_t>(self_k.size());
+  const StackLists lists(op, layers, weights, kWeightsPerLayer, eps, 3, packed, kPackedPerLayer);
+  TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers &&
+                  static_cast<int64_t>(cross_k.size()) == layers &&
+                  static_cast<int64_t>(cross_v.size()) == layers,
+              op, ": self_v, cross_k, cross_v: one per layer");
+  TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4, op, ": unknown activation code ", act);
+  return lists;
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_decoder_stack_step(
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& self_mask,
@@ -535,14 +552,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     const std::optional<at::Tensor>& order) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
   // packs of q, k, v, out, cross q, cross out, fc1, fc2 (fused mode), or none
-  const StackLists lists("hf_decoder_stack_step", layers, weights, kWeightsPerLayer, eps, 3, packed,
-                         kPackedPerLayer);
-  TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers &&
-                  static_cast<int64_t>(cross_k.size()) == layers &&
-                  static_cast<int64_t>(cross_v.size()) == layers,
-              "self_v, cross_k, cross_v: one per layer");
-  TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4,
-              "hf_decoder_stack_step: unknown activation code ", act);
+  const StackLists lists = cross_stack_lists("hf_decoder_stack_step", weights, self_k, self_v,
+                                             cross_k, cross_v, eps, packed, act);
   const int64_t hd = step_head_dim(x_in, heads), bsz = x_in.size(0);
   std::vector<at::Tensor> new_k, new_v;
   new_k.reserve(layers);
@@ -855,14 +866,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
     at::ArrayRef<double> eps, int64_t heads, double scaling, int64_t act, at::TensorList packed,
     const std::optional<at::Tensor>& order) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
-  const StackLists lists("hf_fsmt_stack_step", layers, weights, kWeightsPerLayer, eps, 3, packed,
-                         kPackedPerLayer);
-  TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers &&
-                  static_cast<int64_t>(cross_k.size()) == layers &&
-                  static_cast<int64_t>(cross_v.size()) == layers,
-              "hf_fsmt_stack_step: self_v, cross_k, cross_v: one per layer");
-  TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4,
-              "hf_fsmt_stack_step: unknown activation code ", act);
+  const StackLists lists = cross_stack_lists("hf_fsmt_stack_step", weights, self_k, self_v, cross_k,
+                                             cross_v, eps, packed, act);
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1, "x must be [1, bsz, C], got ", x_in.sizes());
   // (the padding's fill is float32's lowest value, finfo(float32).min)
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "hf_fsmt_stack_step: float32 only");
