@@ -120,6 +120,9 @@ void linear_packed_run_blocks(const float* x, int64_t M, int64_t K, int64_t ldx,
                               const int32_t* lists = nullptr,
                               const cpu_capability::LinearPost* post = nullptr);
 int64_t linear_packed_row_block_count(int64_t M, int64_t rows);
+// The capability's bias + ReLU post-op (cpu/linear_post.h, BiasReluCtx)
+// over ctx, for a product whose row blocks are linear_packed_block_rows(true).
+cpu_capability::LinearPost linear_packed_bias_relu_post(const cpu_capability::BiasReluCtx* ctx);
 void linear_packed_nonzero_range(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,
                                  int32_t* lists, int64_t bbegin, int64_t bend);
 int32_t* zero_skip_lists(int64_t M, int64_t K);

@@ -99,6 +99,8 @@ LAYER_VARIANTS = {
     "layernorm_embedding, no embed scale": dict(layernorm_embedding=True, no_scale_embedding=True),
     "3 layers, 8 heads, dim 64": dict(layers=3, dim=64, heads=8),
     "1 head": dict(heads=1),
+    # a feed-forward width that ends in a partial pair of GEMM panels
+    "relu, ffn 72": dict(ffn=72),
 }
 
 
@@ -110,11 +112,13 @@ def random_transformer(
     heads: int = 4,
     sharp: float = 4.0,
     perturb: bool = False,
+    ffn: int | None = None,
     **overrides,
 ):
     """A small random fairseq transformer; ``sharp`` scales the output projection
     so that distributions are peaked (more realistic search than near-uniform);
-    ``perturb`` moves layer norms and biases off their initial 1 / 0;
+    ``perturb`` moves layer norms and biases off their initial 1 / 0; ``ffn``:
+    the feed-forward width (2 * dim by default);
     ``overrides`` are architecture arguments (activation_fn, ...)."""
     torch.manual_seed(seed)
     d = make_dictionary(vocab - 4)
@@ -123,8 +127,8 @@ def random_transformer(
         decoder_layers=layers,
         encoder_embed_dim=dim,
         decoder_embed_dim=dim,
-        encoder_ffn_embed_dim=2 * dim,
-        decoder_ffn_embed_dim=2 * dim,
+        encoder_ffn_embed_dim=2 * dim if ffn is None else ffn,
+        decoder_ffn_embed_dim=2 * dim if ffn is None else ffn,
         encoder_attention_heads=heads,
         decoder_attention_heads=heads,
         share_all_embeddings=True,

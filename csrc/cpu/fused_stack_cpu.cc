@@ -136,38 +136,9 @@ at::Tensor feed_forward(const at::Tensor& h, const at::Tensor& residual, const a
                                        final_norm.eps, false));
 }
 
-// The step's first feed-forward product's post-op (ReLU, fc2 skipping zeros):
-// y = relu(y + bias) on a task's outputs, as bias_act's float path computes
-// it, and flags[block * ld + col] = whether the column is nonzero in some row
-// of the block.
-struct ReluPost {
-  float* y;
-  const float* bias;
-  int64_t ld;
-  uint8_t* flags;
-};
-
-void relu_post(const void* ctx, int64_t block, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
-  const ReluPost& p = *static_cast<const ReluPost*>(ctx);
-  constexpr int64_t kMaxCols = 32;  // a task's columns: at most two 16-column panels
-  uint8_t any[kMaxCols] = {0};
-  cols = std::min(cols, kMaxCols);
-  const float* b = p.bias + n0;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* yr = p.y + (m0 + r) * p.ld + n0;
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      const float v = yr[j] + b[j];
-      const float o = v > 0.0f ? v : 0.0f;
-      yr[j] = o;
-      any[j] |= static_cast<uint8_t>(o != 0.0f);
-    }
-  }
-  std::memcpy(p.flags + block * p.ld + n0, any, static_cast<size_t>(cols));
-}
-
-// fc2's k lists for row blocks [bbegin, bend) from relu_post's flags: the
-// lists linear_packed_nonzero_range makes from the activations themselves.
+// fc2's k lists for row blocks [bbegin, bend) from the flags of the bias +
+// ReLU post-op (linear_packed_bias_relu_post): the lists
+// linear_packed_nonzero_range makes from the activations themselves.
 void lists_from_flags(const uint8_t* flags, int64_t K, int32_t* lists, int64_t bbegin,
                       int64_t bend) {
   for (int64_t b = bbegin; b < bend; ++b) {
@@ -177,7 +148,7 @@ void lists_from_flags(const uint8_t* flags, int64_t K, int32_t* lists, int64_t b
   }
 }
 
-// relu_post's flags: grown, never shrunk, one buffer per calling thread.
+// The bias + ReLU post-op's flags: grown, never shrunk, one buffer per calling thread.
 uint8_t* nonzero_flags(int64_t bytes) {
   static thread_local std::vector<uint8_t> flags;
   if (flags.size() < static_cast<size_t>(bytes)) flags.resize(static_cast<size_t>(bytes));
@@ -679,8 +650,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decoder_step(
         // they store them (bias_act's float ops: the same bits) and note,
         // per row block, the columns that are nonzero in some row; fc2's k
         // lists are read off those notes (the lists the activations give).
-        const ReluPost ctx{fc1, fp(w[kFc1Bias]), f, ffn_flags};
-        const cpu_capability::LinearPost post{&relu_post, &ctx};
+        const cpu_capability::BiasReluCtx ctx{fc1, fp(w[kFc1Bias]), f, ffn_flags};
+        const cpu_capability::LinearPost post = linear_packed_bias_relu_post(&ctx);
         gemm(normed, c, w[kFc1Pack], f, nullptr, fc1, skip_rows, nullptr, &post);
 #pragma omp barrier
         if (by_rows) {

@@ -37,6 +37,8 @@ namespace cpu_capability {
   void linear_packed_nonzero_k(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t rows,    \
                                int32_t* lists, int64_t bbegin, int64_t bend);                      \
   void linear_packed_group_max(const void* ctx, int64_t block, int64_t m0, int64_t rows,           \
+                               int64_t n0, int64_t cols);                                          \
+  void linear_packed_bias_relu(const void* ctx, int64_t block, int64_t m0, int64_t rows,           \
                                int64_t n0, int64_t cols);
 namespace AVX2 {
 SEQFUSE_LINEAR_DECLS
@@ -67,6 +69,7 @@ struct Kernels {
   void (*nonzero)(const float*, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t,
                   int64_t) = nullptr;
   void (*group_max)(const void*, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
+  decltype(group_max) bias_relu = nullptr;
 };
 
 const Kernels& packed_kernels() {
@@ -79,13 +82,13 @@ const Kernels& packed_kernels() {
       out = {
           &c::linear_packed,           &c::linear_packed_block_rows,  &c::linear_packed_tasks,
           &c::linear_packed_range,     &c::linear_packed_block_range, &c::linear_packed_row_blocks,
-          &c::linear_packed_nonzero_k, &c::linear_packed_group_max};
+          &c::linear_packed_nonzero_k, &c::linear_packed_group_max,   &c::linear_packed_bias_relu};
     } else if (cap == "AVX2") {
       namespace c = cpu_capability::AVX2;
       out = {
           &c::linear_packed,           &c::linear_packed_block_rows,  &c::linear_packed_tasks,
           &c::linear_packed_range,     &c::linear_packed_block_range, &c::linear_packed_row_blocks,
-          &c::linear_packed_nonzero_k, &c::linear_packed_group_max};
+          &c::linear_packed_nonzero_k, &c::linear_packed_group_max,   &c::linear_packed_bias_relu};
     }
 #endif
     return out;
@@ -166,6 +169,10 @@ void linear_packed_run_blocks(const float* x, int64_t M, int64_t K, int64_t ldx,
                               int64_t rows, int64_t bbegin, int64_t bend, const int32_t* lists,
                               const cpu_capability::LinearPost* post) {
   packed_kernels().block_range(x, M, K, ldx, packed, N, bias, y, rows, bbegin, bend, lists, post);
+}
+
+cpu_capability::LinearPost linear_packed_bias_relu_post(const cpu_capability::BiasReluCtx* ctx) {
+  return {packed_kernels().bias_relu, ctx};
 }
 
 int64_t linear_packed_row_block_count(int64_t M, int64_t rows) {

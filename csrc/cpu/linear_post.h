@@ -29,6 +29,19 @@ struct GroupMaxCtx {
   int64_t groups;
 };
 
+// The context of linear_packed_bias_relu, the LinearPost fn of the decoder
+// step's first feed-forward product when the second skips zeros
+// (csrc/cpu/fused_stack_cpu.cc): y = relu(y + bias) on a task's outputs, as
+// bias_act's float path computes it (the sum, then x > 0 ? x : 0), and
+// flags[block * ld + col] = whether the column is nonzero in some row of
+// the block.
+struct BiasReluCtx {
+  float* y;
+  const float* bias;
+  int64_t ld;
+  uint8_t* flags;
+};
+
 // The zero-skipping lists' compaction: appends k0 + j for each j < n with
 // flags[j] != 0 to list[count ...] (branch-free: writes every k, advances
 // past the flagged ones) and returns the new count. Used by the kernel's own

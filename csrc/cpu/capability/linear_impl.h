@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "cpu/linear_post.h"
@@ -166,6 +167,55 @@ void linear_packed_group_max(const void* ctx, int64_t, int64_t m0, int64_t rows,
     }
     out[(m0 + r) * p.groups] = nan ? std::numeric_limits<float>::quiet_NaN() : m;
   }
+}
+
+// A LinearPost fn (ctx: BiasReluCtx): the task's outputs, rows [m0, m0 +
+// rows) x columns [n0, n0 + cols), biased and rectified in place, and the
+// block's nonzero columns flagged. The same float ops in every lane as the
+// scalar tail (x = y + b; x > 0 ? x : +0, NaN -> +0).
+void linear_packed_bias_relu(const void* ctx, int64_t block, int64_t m0, int64_t rows, int64_t n0,
+                             int64_t cols) {
+  const BiasReluCtx& p = *static_cast<const BiasReluCtx*>(ctx);
+  constexpr int kMaxCols = 2 * kPanel, kV = kMaxCols / Vec::size();
+  cols = std::min<int64_t>(cols, kMaxCols);
+  const float* b = p.bias + n0;
+  uint8_t* flags = p.flags + block * p.ld + n0;
+  if (cols == kMaxCols) {
+    const Vec zero(0.f);
+    Vec bias[kV], any[kV];
+    for (int v = 0; v < kV; ++v) {
+      bias[v] = Vec::loadu(b + v * Vec::size());
+      any[v] = zero;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* yr = p.y + (m0 + r) * p.ld + n0;
+      for (int v = 0; v < kV; ++v) {
+        const Vec x = Vec::loadu(yr + v * Vec::size()) + bias[v];
+        const Vec o = Vec::blendv(zero, x, x > zero);
+        o.store(yr + v * Vec::size());
+        any[v] = any[v] | (o != zero);
+      }
+    }
+    float mask[kMaxCols];
+    for (int v = 0; v < kV; ++v) any[v].store(mask + v * Vec::size());
+    for (int j = 0; j < kMaxCols; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, mask + j, sizeof(bits));
+      flags[j] = static_cast<uint8_t>(bits != 0);
+    }
+    return;
+  }
+  uint8_t any[kMaxCols] = {0};
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = p.y + (m0 + r) * p.ld + n0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float x = yr[j] + b[j];
+      const float o = x > 0.0f ? x : 0.0f;
+      yr[j] = o;
+      any[j] |= static_cast<uint8_t>(o != 0.0f);
+    }
+  }
+  std::memcpy(flags, any, static_cast<size_t>(cols));
 }
 
 // Row blocks of an M-row product in blocks of `rows` rows, as the tasks take them.
