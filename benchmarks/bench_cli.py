@@ -10,6 +10,12 @@ Multi30k model with beam 5, each command three ways, interleaved, in one run:
 - ``seqfuse-fused``: that with ``SEQFUSE_FUSED_LAYERS=1`` (same translations,
   scores within 1e-5: the printed score digits may differ).
 
+fairseq-generate runs at the given batch sizes (``--generate-batches``)
+and, with ``--generate-max-tokens``, with its own batching by a budget of
+source tokens (what it does when given no batch size: ``--max-tokens
+12000``: the 1000 Multi30k test sentences in three batches, of 544, 368
+and 88).
+
 Times are fairseq's own translation time (fairseq-generate's ``Translated N
 sentences ... (R sentences/s`` as N / R, to about 5 digits where its printed
 seconds have one decimal; fairseq-interactive's ``translation time: X``), the
@@ -64,7 +70,20 @@ def translation_time(output: str) -> float | None:
     return None if m is None else float(m.group(1))
 
 
-def generate_command(model_dir: Path, batch: int, beam: int) -> list[str]:
+def generate_command(
+    model_dir: Path, batch: int | None, beam: int, max_tokens: int | None = None
+) -> list[str]:
+    """fairseq-generate on the test set: ``--batch-size batch``, or
+    ``--max-tokens max_tokens`` (its own batching: batches of up to that many
+    source tokens, sorted by length; 12000 is what it takes when given
+    neither)."""
+    if (batch is None) == (max_tokens is None):
+        raise ValueError("give a batch size or a token budget")
+    batching = (
+        ["--batch-size", str(batch), "--required-batch-size-multiple", "1"]
+        if batch is not None
+        else ["--max-tokens", str(max_tokens)]
+    )
     return [
         bleu._fairseq_tool("fairseq-generate"),
         str(model_dir / "data-bin"),
@@ -74,10 +93,7 @@ def generate_command(model_dir: Path, batch: int, beam: int) -> list[str]:
         "test",
         "--beam",
         str(beam),
-        "--batch-size",
-        str(batch),
-        "--required-batch-size-multiple",
-        "1",
+        *batching,
         "--post-process",
         "sentencepiece",
     ]
@@ -164,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=SHARED / "models" / "multi30k_en_de")
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "multi30k")
     ap.add_argument("--generate-batches", default="16,64", help="fairseq-generate --batch-size")
+    ap.add_argument(
+        "--generate-max-tokens",
+        default="",
+        help="fairseq-generate --max-tokens (its own batching; 12000 is its default)",
+    )
     ap.add_argument("--interactive-batches", default="1,16", help="fairseq-interactive batches")
     ap.add_argument("--lines", type=int, default=400, help="interactive input lines")
     ap.add_argument("--beam", type=int, default=5)
@@ -187,18 +208,34 @@ def main(argv: list[str] | None = None) -> int:
         with gzip.open(args.data / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f][: args.lines]
         src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        # (cli, batch size, token budget, command)
         jobs = [
-            ("fairseq-generate", int(b), generate_command(args.model, int(b), args.beam))
+            ("fairseq-generate", int(b), None, generate_command(args.model, int(b), args.beam))
             for b in args.generate_batches.split(",")
             if b
         ]
         jobs += [
-            ("fairseq-interactive", int(b), interactive_command(args.model, int(b), args.beam, src))
+            (
+                "fairseq-generate",
+                None,
+                int(t),
+                generate_command(args.model, None, args.beam, max_tokens=int(t)),
+            )
+            for t in args.generate_max_tokens.split(",")
+            if t
+        ]
+        jobs += [
+            (
+                "fairseq-interactive",
+                int(b),
+                None,
+                interactive_command(args.model, int(b), args.beam, src),
+            )
             for b in args.interactive_batches.split(",")
             if b
         ]
         rows = []
-        for cli, batch, cmd in jobs:
+        for cli, batch, max_tokens, cmd in jobs:
             times: dict[str, list[float]] = {p: [] for p in providers}
             outputs: dict[str, list[str]] = {}
             for r in range(args.repeats):
@@ -209,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                     outputs.setdefault(p, out)
             med = {p: statistics.median(v) for p, v in times.items()}
             row = {"cli": cli, "batch": batch, "beam": args.beam, "seconds": med}
+            if max_tokens is not None:
+                row["max_tokens"] = max_tokens
             for p in providers[1:]:
                 # paired: the median of each repeat's own ratio (both ran
                 # back to back there), steadier on a machine whose speed drifts
@@ -257,7 +296,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _format_row(row: dict, providers: list[str]) -> str:
-    parts = [f"{row['cli']:20s} batch {row['batch']:3d}  stock {row['seconds']['stock']:.2f}s"]
+    batching = (
+        f"batch {row['batch']:3d}"
+        if row["batch"] is not None
+        else f"max-tokens {row['max_tokens']}"
+    )
+    parts = [f"{row['cli']:20s} {batching}  stock {row['seconds']['stock']:.2f}s"]
     for p in providers[1:]:
         r = row[p]
         diff = r["max_score_diff"]

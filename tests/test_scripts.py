@@ -611,3 +611,22 @@ def test_bench_cli_reads_fairseqs_time_from_its_rate():
     interactive = "INFO:fairseq_cli.interactive:Total time: 5.123 seconds; translation time: 4.567"
     assert bench_cli.translation_time(interactive) == pytest.approx(4.567)
     assert bench_cli.translation_time("no timing here") is None
+
+
+def test_bench_cli_generate_batching_flags(tmp_path):
+    """fairseq-generate by batch size (with fairseq's batch multiple off), or
+    by its own token budget (--max-tokens, no batch size): one or the other."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_cli
+
+    by_size = bench_cli.generate_command(tmp_path, 64, 5)
+    i = by_size.index("--batch-size")
+    assert by_size[i + 1] == "64" and "--max-tokens" not in by_size
+    assert by_size[by_size.index("--required-batch-size-multiple") + 1] == "1"
+    by_tokens = bench_cli.generate_command(tmp_path, None, 5, max_tokens=12000)
+    assert by_tokens[by_tokens.index("--max-tokens") + 1] == "12000"
+    assert "--batch-size" not in by_tokens and "--required-batch-size-multiple" not in by_tokens
+    assert by_tokens[by_tokens.index("--beam") + 1] == "5"
+    for batch, tokens in ((64, 12000), (None, None)):
+        with pytest.raises(ValueError, match="batch size or a token budget"):
+            bench_cli.generate_command(tmp_path, batch, 5, max_tokens=tokens)
