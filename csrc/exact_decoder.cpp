@@ -34,6 +34,7 @@
 #include <limits>
 #include <vector>
 
+#include "layer_ops.h"
 #include "ops.h"
 
 namespace seqfuse {
@@ -366,8 +367,10 @@ void bind_exact_step(pybind11::module& m) {
 // [bsz, H, t, hd]; masks are what the decoder passes its layers (None or
 // 4-D); act: 0 relu, 2 tanh, 3 gelu, 4 silu. With `packed` (8 per layer:
 // q, k, v, out, cross q, cross out, fc1, fc2 panel packs) the projections run
-// seqfuse's packed-weight GEMM instead: the fused mode, within 1e-5 rather
-// than bit-identical. Returns (x, new K, new V).
+// seqfuse's packed-weight GEMM instead, and on the CPU (float32) the
+// attention seqfuse's attention core where the masks are key paddings
+// (attention_heads_cpu): the fused mode, within 1e-5 rather than
+// bit-identical. Returns (x, new K, new V).
 namespace {
 
 // A projection: torch's (exact) or, given the weight's panel pack, seqfuse's
@@ -544,6 +547,46 @@ StackLists cross_stack_lists(const char* op, at::TensorList weights, at::TensorL
   return lists;
 }
 
+namespace {
+// The fused mode's attention on the CPU (float32): seqfuse's attention core
+// (within a few 1e-7 of sdpa's) where the mask is a key padding. `ok`: the
+// core takes the mask: none, or bool [rows or 1, 1, 1, s] with a key to
+// attend in every row (where a row has none, sdpa gives zeros and the core
+// NaN: sdpa runs); pad: [rows, s], true where masked, or none.
+struct KeyPadding {
+  bool ok = false;
+  std::optional<at::Tensor> pad;
+};
+
+KeyPadding key_padding(const std::optional<at::Tensor>& mask, int64_t rows) {
+  KeyPadding out;
+  if (!mask.has_value() || !mask->defined()) {
+    out.ok = true;
+    return out;
+  }
+  const at::Tensor& m = *mask;
+  if (m.scalar_type() != at::kBool || !m.device().is_cpu() || m.dim() != 4 || m.size(1) != 1 ||
+      m.size(2) != 1 || (m.size(0) != rows && m.size(0) != 1) || m.size(3) < 1) {
+    return out;
+  }
+  const at::Tensor keep = m.select(2, 0).select(1, 0);  // [rows or 1, s]
+  if (!keep.any(1).all().item<bool>()) return out;
+  out.pad = keep.logical_not().expand({rows, m.size(3)});
+  out.ok = true;
+  return out;
+}
+
+// hf_attend, with the attention core where `kp` takes the step's mask.
+at::Tensor fused_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& mask, const KeyPadding& kp, double scaling,
+                        const at::Tensor& wo, const at::Tensor& bo, const at::Tensor* packed) {
+  if (kp.ok && (!kp.pad.has_value() || kp.pad->size(1) == k.size(2))) {
+    return project(attention_heads_cpu(q, k, v, kp.pad, scaling), wo, bo, packed);
+  }
+  return hf_attend(q, k, v, mask, scaling, wo, bo, packed);
+}
+}  // namespace
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_decoder_stack_step(
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& self_mask,
@@ -555,6 +598,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
   const StackLists lists = cross_stack_lists("hf_decoder_stack_step", weights, self_k, self_v,
                                              cross_k, cross_v, eps, packed, act);
   const int64_t hd = step_head_dim(x_in, heads), bsz = x_in.size(0);
+  // The fused mode on the CPU (float32) takes seqfuse's attention core for
+  // sdpa where the masks (the same for every layer) are key paddings.
+  const bool core = !packed.empty() && x_in.is_cpu() && x_in.scalar_type() == at::kFloat;
+  const KeyPadding self_kp = core ? key_padding(self_mask, bsz) : KeyPadding{};
+  const KeyPadding cross_kp = core ? key_padding(cross_mask, bsz) : KeyPadding{};
   std::vector<at::Tensor> new_k, new_v;
   new_k.reserve(layers);
   new_v.reserve(layers);
@@ -573,14 +621,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     at::Tensor v = append_step(self_v[l], order, project_heads(x, W[4], W[5], hd, pk(2)));
     new_k.push_back(k);
     new_v.push_back(v);
-    x = at::add(residual, hf_attend(q, k, v, self_mask, scaling, W[6], W[7], pk(3)));
+    x = at::add(residual, fused_attend(q, k, v, self_mask, self_kp, scaling, W[6], W[7], pk(3)));
     if (!normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
     // encoder attention (K/V cached since the first step)
     residual = x;
     if (normalize_before) x = layer_norm(x, W[14], W[15], E[1]);
     q = project_heads(x, W[10], W[11], hd, pk(4));
-    x = at::add(residual,
-                hf_attend(q, cross_k[l], cross_v[l], cross_mask, scaling, W[12], W[13], pk(5)));
+    x = at::add(residual, fused_attend(q, cross_k[l], cross_v[l], cross_mask, cross_kp, scaling,
+                                       W[12], W[13], pk(5)));
     if (!normalize_before) x = layer_norm(x, W[14], W[15], E[1]);
     // feed-forward
     residual = x;

@@ -199,6 +199,7 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   m.def(
       "embedding(Tensor tokens, Tensor table, float scale, Tensor? pos_table, int pad, "
       "int pos_mode, int fixed_pos, bool zero_pads) -> Tensor");
+  m.def("attention_heads(Tensor q, Tensor k, Tensor v, Tensor? key_pad, float scaling) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
@@ -206,4 +207,5 @@ TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("bias_act_", &seqfuse::bias_act_cpu);
   m.impl("attention", &seqfuse::attention_cpu);
   m.impl("embedding", &seqfuse::embedding_cpu);
+  m.impl("attention_heads", &seqfuse::attention_heads_cpu);
 }

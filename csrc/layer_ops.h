@@ -68,6 +68,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& key_pad,
                                                  int64_t heads, double scaling, int64_t q_per_kv,
                                                  int64_t causal_offset, bool need_weights);
+// One query per row, Hugging Face's cache layout (q [b, H, 1, hd], k and v
+// [b, H, s, hd], key_pad [b, s] or none; fp32): [b, 1, H * hd]
+// (csrc/cpu/attention_cpu.cc).
+at::Tensor attention_heads_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& key_pad, double scaling);
 // y = x W^T + b with W packed by pack_linear_weight (float32; csrc/cpu/linear_cpu.cc).
 // skip_zeros: row blocks skip the k where all their rows of x are zero (ReLU
 // activations): the same outputs, bit for bit, when W is finite (the caller's

@@ -45,6 +45,9 @@ def test_generate_same_tokens_scores_close(kind):
         else:
             assert getattr(model.get_decoder(), "_seqfuse_hf_exact", False) == one_call
         ours = _generate(model, ids, **kw)
+        # scores come with output_scores (their search steps are stock's;
+        # the network is the fused one)
+        scored = _generate(model, ids, output_scores=True, **kw)
     finally:
         hf.restore(model)
     assert not hf_fused.enabled(model)
@@ -55,7 +58,12 @@ def test_generate_same_tokens_scores_close(kind):
     if kind == "gpt2":  # its projections are transformers' Conv1D
         assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
     assert torch.equal(stock.sequences, ours.sequences)
-    torch.testing.assert_close(ours.sequences_scores, stock.sequences_scores, atol=1e-5, rtol=1e-5)
+    stock_scored = _generate(model, ids, output_scores=True, **kw)
+    assert stock_scored.sequences_scores is not None
+    assert torch.equal(stock_scored.sequences, scored.sequences)
+    torch.testing.assert_close(
+        scored.sequences_scores, stock_scored.sequences_scores, atol=1e-5, rtol=1e-5
+    )
 
 
 def _bert():

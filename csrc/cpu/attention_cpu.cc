@@ -151,12 +151,18 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
   T* out = static_cast<T*>(p.out);
   const int64_t heads = p.heads, dim = p.dim, tq = p.tq, s = p.s, n = p.n;
   const int64_t c = heads * dim;
+  const int64_t q_sh = p.q_sh != 0 ? p.q_sh : dim, k_sh = p.k_sh != 0 ? p.k_sh : dim,
+                v_sh = p.v_sh != 0 ? p.v_sh : dim;
   for (int64_t task = t0; task < t1; ++task) {
     const int64_t i = task % tq;
     const int64_t row = task / tq;
     const int64_t g = row / p.q_per_kv;
     const T* qp = q + i * p.q_st + row * p.q_sn;
-    for (int64_t d = 0; d < c; ++d) qs[d] = cpu::round_as<T>(static_cast<float>(qp[d]) * p.scaling);
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t d = 0; d < dim; ++d) {
+        qs[h * dim + d] = cpu::round_as<T>(static_cast<float>(qp[h * q_sh + d]) * p.scaling);
+      }
+    }
     const int64_t jend = p.causal_offset >= 0 ? std::min(s, p.causal_offset + i + 1) : s;
     bool scored = false;
     if constexpr (std::is_same<T, float>::value) {
@@ -167,7 +173,7 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
         for (int64_t h = 0; h < heads; ++h) {
           for (int64_t j0 = 0; j0 < s; j0 += 16) {
             const int cnt = static_cast<int>(std::min<int64_t>(16, s - j0));
-            scores16(qs + h * 64, k, p.k_ss, p.k_slots, p.k_sm, phys, j0, cnt, h * 64,
+            scores16(qs + h * 64, k, p.k_ss, p.k_slots, p.k_sm, phys, j0, cnt, h * k_sh,
                      scores + h * s + j0);
           }
         }
@@ -189,7 +195,7 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
       const T* kr = slot_base(k, p.k_ss, p.k_slots, j) + m * p.k_sm;
       for (int64_t h = 0; h < heads; ++h)
         scores[h * s + j] =
-            masked ? kNegInf : cpu::round_as<T>(dot(qs + h * dim, kr + h * dim, dim));
+            masked ? kNegInf : cpu::round_as<T>(dot(qs + h * dim, kr + h * k_sh, dim));
     }
     std::fill(acc, acc + c, 0.0f);
     for (int64_t h = 0; h < heads; ++h) {
@@ -208,14 +214,14 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
     // the keys in key order); a 64-wide head keeps its sums in registers.
     for (int64_t h = 0; h < heads; ++h) {
       if (dim == 64) {
-        weighted_sum<T, 64>(scores + h * s, s, v, phys, p.v_ss, p.v_slots, p.v_sm, h * dim,
+        weighted_sum<T, 64>(scores + h * s, s, v, phys, p.v_ss, p.v_slots, p.v_sm, h * v_sh,
                             acc + h * dim);
       } else {
         for (int64_t j = 0; j < s; ++j) {
           const float pt = scores[h * s + j];
           if (pt != 0.0f || pt != pt)
-            axpy(pt, slot_base(v, p.v_ss, p.v_slots, j) + phys[j] * p.v_sm + h * dim, acc + h * dim,
-                 dim);
+            axpy(pt, slot_base(v, p.v_ss, p.v_slots, j) + phys[j] * p.v_sm + h * v_sh,
+                 acc + h * dim, dim);
         }
       }
     }
@@ -286,6 +292,75 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
     check_attention_rows(p, k.size(1));
     SEQFUSE_DISPATCH_FLOAT(q.scalar_type(), "attention_cpu", [&] { attention_tasks<scalar_t>(p); });
   }
+  return out;
+}
+
+// One query per row over that row's keys, in Hugging Face's cache layout:
+// q [b, H, 1, hd], k and v [b, H, s, hd] (each head's channels contiguous,
+// other strides free), key_pad [b, s] (nonzero: masked; any strides) or
+// none; fp32 on the CPU. The kernel of attention_cpu reading the heads at
+// their strides; returns [b, 1, H * hd], the heads merged. A row whose keys
+// are all masked gives NaN (torch's softmax of -inf scores).
+at::Tensor attention_heads_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& key_pad, double scaling) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat,
+              "attention_heads_cpu: q must be float32 on the CPU");
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat,
+              "attention_heads_cpu: k and v must be float32 on the CPU");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "attention_heads_cpu: q must be [b, H, 1, hd], got ",
+              q.sizes());
+  const int64_t b = q.size(0), heads = q.size(1), hd = q.size(3);
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == b && k.size(1) == heads && k.size(3) == hd &&
+                  v.sizes() == k.sizes(),
+              "attention_heads_cpu: k and v must be [", b, ", ", heads, ", s, ", hd, "], got ",
+              k.sizes(), " and ", v.sizes());
+  const int64_t s = k.size(2);
+  TORCH_CHECK(s >= 1 && heads >= 1 && hd >= 1, "attention_heads_cpu: no keys or no heads");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "attention_heads_cpu: each head's channels must be contiguous");
+  TORCH_CHECK(heads == 1 || (q.stride(1) != 0 && k.stride(1) != 0 && v.stride(1) != 0),
+              "attention_heads_cpu: heads must not be broadcast");
+  kernels::AttentionParams p;
+  p.q = q.data_ptr();
+  p.q_st = 0;
+  p.q_sn = q.stride(0);
+  p.q_sh = heads == 1 ? hd : q.stride(1);
+  p.k = k.data_ptr();
+  p.k_ss = k.stride(2);
+  p.k_sm = k.stride(0);
+  p.k_sh = heads == 1 ? hd : k.stride(1);
+  p.v = v.data_ptr();
+  p.v_ss = v.stride(2);
+  p.v_sm = v.stride(0);
+  p.v_sh = heads == 1 ? hd : v.stride(1);
+  p.rows = nullptr;
+  p.rows_sg = p.rows_sj = 0;
+  p.pad = nullptr;
+  p.pad_sm = p.pad_sj = 0;
+  if (key_pad.has_value() && key_pad->defined()) {
+    const at::Tensor& kp = *key_pad;
+    TORCH_CHECK(kp.scalar_type() == at::kBool || kp.scalar_type() == at::kByte,
+                "attention_heads_cpu: key_pad must be bool or uint8");
+    TORCH_CHECK(kp.device().is_cpu() && kp.dim() == 2 && kp.size(0) == b && kp.size(1) == s,
+                "attention_heads_cpu: key_pad must be [", b, ", ", s, "] on the CPU, got ",
+                kp.sizes());
+    p.pad = reinterpret_cast<const uint8_t*>(kp.data_ptr());
+    p.pad_sm = kp.stride(0);
+    p.pad_sj = kp.stride(1);
+  }
+  at::Tensor out = at::empty({b, 1, heads * hd}, q.options());
+  p.out = out.data_ptr();
+  p.weights = nullptr;
+  p.tq = 1;
+  p.n = b;
+  p.s = s;
+  p.heads = heads;
+  p.dim = hd;
+  p.q_per_kv = 1;
+  p.causal_offset = -1;
+  p.scaling = static_cast<float>(scaling);
+  if (b > 0) attention_tasks<float>(p);
   return out;
 }
 

@@ -70,6 +70,10 @@ struct AttentionParams {
   // the strides.
   const void* const* k_slots = nullptr;
   const void* const* v_slots = nullptr;
+  // Head strides of q, k and v (the CPU kernel only): head h's channels
+  // start h * q_sh (k_sh, v_sh) elements after the row's; 0: dim (the heads
+  // side by side in the channels, as the shapes above say).
+  int64_t q_sh = 0, k_sh = 0, v_sh = 0;
 };
 
 // out[t, b] = T(T(scale * table[tok]) + pos_table[pos]) (zeroed at pads when

@@ -25,6 +25,14 @@ Args:
     need_weights: also return the fp32 probabilities ``[heads, n, tq, s]``.
 
 Returns ``(out [tq, n, heads * dim] in q.dtype, weights or None)``.
+
+``torch.ops.seqfuse.attention_heads(q, k, v, key_pad, scaling)`` (CPU,
+float32) is the same core for one query per row in Hugging Face's cache
+layout: q ``[b, H, 1, hd]``, k and v ``[b, H, s, hd]`` (each head's channels
+contiguous, other strides free), key_pad bool/uint8 ``[b, s]`` or None;
+returns ``[b, 1, H * hd]`` (the heads merged). The Hugging Face fused mode's
+BART-family step (``hf_decoder_stack_step`` with weight packs) takes it for
+sdpa where the masks are key paddings.
 """
 
 from __future__ import annotations
