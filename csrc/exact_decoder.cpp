@@ -962,8 +962,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
 // GPT2Attention with sdpa, GPT2MLP, Conv1D, DynamicLayer.update), op for op.
 // weights: 12 per layer (ln_1 w/b, c_attn w/b, attn.c_proj w/b, ln_2 w/b,
 // mlp.c_fc w/b, mlp.c_proj w/b); eps: 2 per layer; scalings: 1 per layer;
-// packed: none or 4 per layer (packs of the Conv1D weights' transposes).
-// Returns (x, new K, new V).
+// packed: none or 4 per layer (packs of the Conv1D weights' transposes; the
+// fused mode, where on the CPU (float32) seqfuse's attention core also takes
+// sdpa's place when the mask is a key padding). Returns (x, new K, new V).
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2_stack_step(
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     const std::optional<at::Tensor>& mask, at::ArrayRef<double> eps, at::ArrayRef<double> scalings,
@@ -977,6 +978,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
   TORCH_CHECK(act == 0 || act == 2 || act == 3 || act == 4 || act == 5,
               "hf_gpt2_stack_step: unknown activation code ", act);
   const int64_t hd = step_head_dim(x_in, heads), bsz = x_in.size(0), embed = x_in.size(2);
+  // the fused mode's attention core where the mask is a key padding (as
+  // hf_decoder_stack_step's)
+  const bool core = !packed.empty() && x_in.is_cpu() && x_in.scalar_type() == at::kFloat;
+  const KeyPadding kp = core ? key_padding(mask, bsz) : KeyPadding{};
   std::vector<at::Tensor> new_k, new_v;
   new_k.reserve(layers);
   new_v.reserve(layers);
@@ -999,10 +1004,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
     const at::Tensor v = append_step(self_v[l], order, heads_of(qkv[2]));
     new_k.push_back(k);
     new_v.push_back(v);
-    at::Tensor o =
-        at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scalings[l]);
-    x = at::add(conv1d(merge_heads(o, q.size(2), v.size(-1)), W[4], W[5], pk(1)),
-                residual);  // attn_output + residual
+    const at::Tensor o =
+        kp.ok && (!kp.pad.has_value() || kp.pad->size(1) == k.size(2))
+            ? attention_heads_cpu(q, k, v, kp.pad, scalings[l])
+            : merge_heads(at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false,
+                                                           scalings[l]),
+                          q.size(2), v.size(-1));
+    x = at::add(conv1d(o, W[4], W[5], pk(1)), residual);  // attn_output + residual
     // MLP
     residual = x;
     const at::Tensor f =

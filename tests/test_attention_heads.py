@@ -118,11 +118,11 @@ def _sdpa_calls(model, ids, mask, **kw) -> tuple[object, int]:
 
 
 @needs_packed_gemm()
-@pytest.mark.parametrize("kind", ["marian", "bart", "mbart"])
+@pytest.mark.parametrize("kind", ["marian", "bart", "mbart", "gpt2"])
 def test_fused_step_takes_the_core(kind, monkeypatch):
-    """The fused mode's decoder steps run no sdpa (padded sources: the cross
-    masks are key paddings), the exact mode's do; tokens equal stock's,
-    scores within 1e-5, in the same test."""
+    """The fused mode's decoder steps run no sdpa (padded inputs: the masks
+    are key paddings), the exact mode's do; tokens equal stock's, scores
+    within 1e-5, in the same test."""
     clear_seqfuse_env(monkeypatch)
     model = make_model(kind, seed=2)
     ids, mask = make_inputs(kind, model, batch=3, seed=2)
@@ -139,9 +139,10 @@ def test_fused_step_takes_the_core(kind, monkeypatch):
         ours, fused_calls = _sdpa_calls(model, ids, mask, **kw)
     finally:
         hf.restore(model)
-    layers = model.config.decoder_layers
+    layers = model.config.num_hidden_layers if kind == "gpt2" else model.config.decoder_layers
+    per_layer = 1 if kind == "gpt2" else 2  # self- (and encoder) attention
     steps = 7  # after the first
-    assert exact_calls >= first_calls + steps * layers * 2
+    assert exact_calls >= first_calls + steps * layers * per_layer
     assert fused_calls == first_calls
     assert stock.sequences_scores is not None
     assert torch.equal(stock.sequences, ours.sequences)
