@@ -805,7 +805,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
 // layer; gqa: how sdpa_attention_forward runs grouped K/V heads for this
 // step, 0 one K/V head per query head, 1 sdpa's enable_gqa, 2 repeat_kv of K
 // and V, 3 the query packed by K/V head (pack_gqa); packed: none or 7 per
-// layer (q, k, v, o, gate, up, down). Returns (x, new K, new V).
+// layer (q, k, v, o, gate, up, down: the fused mode, where on the CPU
+// (float32) seqfuse's attention core also takes sdpa's place when the mask is
+// a key padding). Returns (x, new K, new V).
 namespace {
 
 // LlamaRMSNorm: weight * (h.float() * rsqrt(mean(h.float()^2) + eps)).to(dtype).
@@ -846,6 +848,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
               heads, " heads over ", kv_heads, " K/V heads");
   const int64_t bsz = x_in.size(0), rep = heads / kv_heads;
   const at::Tensor cos = cos_in.unsqueeze(1), sin = sin_in.unsqueeze(1);
+  // the fused mode's attention core where the mask is a key padding (as
+  // hf_decoder_stack_step's; query head h reads K/V head h / rep)
+  const bool core = !packed.empty() && x_in.is_cpu() && x_in.scalar_type() == at::kFloat;
+  const KeyPadding kp = core ? key_padding(mask, bsz) : KeyPadding{};
   std::vector<at::Tensor> new_k, new_v;
   new_k.reserve(layers);
   new_v.reserve(layers);
@@ -869,7 +875,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
     new_k.push_back(k);
     new_v.push_back(v);
     at::Tensor o;
-    if (gqa == 2) {  // repeat_kv
+    if (kp.ok && (!kp.pad.has_value() || kp.pad->size(1) == k.size(2))) {
+      o = attention_heads_cpu(q, k, v, kp.pad, scaling);  // [bsz, 1, heads * head_dim]
+    } else if (gqa == 2) {                                // repeat_kv
       const int64_t t = k.size(2);
       const at::Tensor kk = k.unsqueeze(2)
                                 .expand({bsz, kv_heads, rep, t, head_dim})
@@ -889,7 +897,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
       o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scaling,
                                            /*enable_gqa=*/gqa == 1);
     }
-    x = at::add(residual, project(merge_heads(o, 1, v.size(-1)), W[7], W[8], pk(3)));
+    if (o.dim() == 4) o = merge_heads(o, 1, v.size(-1));
+    x = at::add(residual, project(o, W[7], W[8], pk(3)));
     // MLP
     residual = x;
     const at::Tensor g = llama_norm(x, W[9], E[1]);

@@ -51,6 +51,8 @@ CASES = [
     (3, 5, 48, 33),
     (2, 3, 17, 5),
 ]
+# grouped K/V heads: b, heads, K/V heads, hd, s
+GROUPED = [(3, 4, 2, 64, 9), (2, 9, 3, 64, 20), (4, 6, 1, 32, 7), (2, 4, 2, 24, 17)]
 
 
 @pytest.mark.parametrize("b,heads,hd,s", CASES)
@@ -67,6 +69,32 @@ def test_matches_sdpa(b, heads, hd, s, padded, strided):
     got = torch.ops.seqfuse.attention_heads(q, k, v, pad, scaling)
     assert got.shape == (b, 1, heads * hd) and got.is_contiguous()
     torch.testing.assert_close(got, _reference(q, k, v, pad, scaling), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("b,heads,kv_heads,hd,s", GROUPED)
+def test_grouped_kv_heads_match_sdpa(b, heads, kv_heads, hd, s):
+    """Query head h reads K/V head h / (heads / kv_heads), as sdpa's
+    enable_gqa (and repeat_kv) do."""
+    g = torch.Generator().manual_seed(b * s)
+    q = torch.randn(b, 1, heads * hd, generator=g).view(b, 1, heads, hd).transpose(1, 2)
+    k = torch.randn(b, kv_heads, s + 3, hd, generator=g)[:, :, :s]
+    v = torch.randn(b, kv_heads, s + 3, hd, generator=g)[:, :, :s]
+    pad = torch.rand(b, s, generator=g) < 0.3
+    pad[:, -1] = False
+    got = torch.ops.seqfuse.attention_heads(q, k, v, pad, hd**-0.5)
+    rep = heads // kv_heads
+    kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    torch.testing.assert_close(got, _reference(q, kk, vv, pad, hd**-0.5), rtol=1e-5, atol=2e-6)
+    # each K/V head is read by its own query heads: a change to K/V head 0
+    # (one key, and every value) moves query heads 0 .. rep - 1 only
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 0, -1] += 3.0
+    v2[:, 0] += 1.0
+    before = got.view(b, heads, hd)
+    for kx, vx in ((k2, v), (k, v2)):
+        moved = torch.ops.seqfuse.attention_heads(q, kx, vx, pad, hd**-0.5).view(b, heads, hd)
+        assert not torch.allclose(moved[:, :rep], before[:, :rep])
+        assert torch.equal(moved[:, rep:], before[:, rep:])
 
 
 def test_padding_is_read():
@@ -100,6 +128,8 @@ def test_bad_inputs_raise():
         op(q.expand(2, 4, 2, 64), k, v, None, 0.125)
     with pytest.raises(RuntimeError, match="k and v must be"):
         op(q, k[:, :2], v, None, 0.125)
+    with pytest.raises(RuntimeError, match="a multiple of G"):
+        op(q, k[:, :3], v[:, :3], None, 0.125)
     with pytest.raises(RuntimeError, match="channels must be contiguous"):
         op(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, None, 0.125)
     with pytest.raises(RuntimeError, match="key_pad must be"):
@@ -118,7 +148,7 @@ def _sdpa_calls(model, ids, mask, **kw) -> tuple[object, int]:
 
 
 @needs_packed_gemm()
-@pytest.mark.parametrize("kind", ["marian", "bart", "mbart", "gpt2"])
+@pytest.mark.parametrize("kind", ["marian", "bart", "mbart", "gpt2", "llama", "qwen2"])
 def test_fused_step_takes_the_core(kind, monkeypatch):
     """The fused mode's decoder steps run no sdpa (padded inputs: the masks
     are key paddings), the exact mode's do; tokens equal stock's, scores
@@ -139,8 +169,10 @@ def test_fused_step_takes_the_core(kind, monkeypatch):
         ours, fused_calls = _sdpa_calls(model, ids, mask, **kw)
     finally:
         hf.restore(model)
-    layers = model.config.num_hidden_layers if kind == "gpt2" else model.config.decoder_layers
-    per_layer = 1 if kind == "gpt2" else 2  # self- (and encoder) attention
+    decoder_only = kind in ("gpt2", "llama", "qwen2")
+    cfg = model.config
+    layers = cfg.num_hidden_layers if decoder_only else cfg.decoder_layers
+    per_layer = 1 if decoder_only else 2  # self- (and encoder) attention
     steps = 7  # after the first
     assert exact_calls >= first_calls + steps * layers * per_layer
     assert fused_calls == first_calls

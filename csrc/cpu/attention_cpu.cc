@@ -153,6 +153,7 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
   const int64_t c = heads * dim;
   const int64_t q_sh = p.q_sh != 0 ? p.q_sh : dim, k_sh = p.k_sh != 0 ? p.k_sh : dim,
                 v_sh = p.v_sh != 0 ? p.v_sh : dim;
+  const int64_t hpk = std::max<int64_t>(1, p.q_heads_per_kv);  // query heads per K/V head
   for (int64_t task = t0; task < t1; ++task) {
     const int64_t i = task % tq;
     const int64_t row = task / tq;
@@ -173,7 +174,7 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
         for (int64_t h = 0; h < heads; ++h) {
           for (int64_t j0 = 0; j0 < s; j0 += 16) {
             const int cnt = static_cast<int>(std::min<int64_t>(16, s - j0));
-            scores16(qs + h * 64, k, p.k_ss, p.k_slots, p.k_sm, phys, j0, cnt, h * k_sh,
+            scores16(qs + h * 64, k, p.k_ss, p.k_slots, p.k_sm, phys, j0, cnt, h / hpk * k_sh,
                      scores + h * s + j0);
           }
         }
@@ -195,7 +196,7 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
       const T* kr = slot_base(k, p.k_ss, p.k_slots, j) + m * p.k_sm;
       for (int64_t h = 0; h < heads; ++h)
         scores[h * s + j] =
-            masked ? kNegInf : cpu::round_as<T>(dot(qs + h * dim, kr + h * k_sh, dim));
+            masked ? kNegInf : cpu::round_as<T>(dot(qs + h * dim, kr + h / hpk * k_sh, dim));
     }
     std::fill(acc, acc + c, 0.0f);
     for (int64_t h = 0; h < heads; ++h) {
@@ -214,13 +215,13 @@ __attribute__((always_inline)) inline void attention_range(const kernels::Attent
     // the keys in key order); a 64-wide head keeps its sums in registers.
     for (int64_t h = 0; h < heads; ++h) {
       if (dim == 64) {
-        weighted_sum<T, 64>(scores + h * s, s, v, phys, p.v_ss, p.v_slots, p.v_sm, h * v_sh,
+        weighted_sum<T, 64>(scores + h * s, s, v, phys, p.v_ss, p.v_slots, p.v_sm, h / hpk * v_sh,
                             acc + h * dim);
       } else {
         for (int64_t j = 0; j < s; ++j) {
           const float pt = scores[h * s + j];
           if (pt != 0.0f || pt != pt)
-            axpy(pt, slot_base(v, p.v_ss, p.v_slots, j) + phys[j] * p.v_sm + h * v_sh,
+            axpy(pt, slot_base(v, p.v_ss, p.v_slots, j) + phys[j] * p.v_sm + h / hpk * v_sh,
                  acc + h * dim, dim);
         }
       }
@@ -296,7 +297,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
 }
 
 // One query per row over that row's keys, in Hugging Face's cache layout:
-// q [b, H, 1, hd], k and v [b, H, s, hd] (each head's channels contiguous,
+// q [b, H, 1, hd], k and v [b, G, s, hd] (G K/V heads, H a multiple of G:
+// query head h reads K/V head h / (H / G); each head's channels contiguous,
 // other strides free), key_pad [b, s] (nonzero: masked; any strides) or
 // none; fp32 on the CPU. The kernel of attention_cpu reading the heads at
 // their strides; returns [b, 1, H * hd], the heads merged. A row whose keys
@@ -311,16 +313,18 @@ at::Tensor attention_heads_cpu(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "attention_heads_cpu: q must be [b, H, 1, hd], got ",
               q.sizes());
   const int64_t b = q.size(0), heads = q.size(1), hd = q.size(3);
-  TORCH_CHECK(k.dim() == 4 && k.size(0) == b && k.size(1) == heads && k.size(3) == hd &&
-                  v.sizes() == k.sizes(),
-              "attention_heads_cpu: k and v must be [", b, ", ", heads, ", s, ", hd, "], got ",
-              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == b && k.size(1) >= 1 && heads % k.size(1) == 0 &&
+                  k.size(3) == hd && v.sizes() == k.sizes(),
+              "attention_heads_cpu: k and v must be [", b, ", G, s, ", hd, "] with ", heads,
+              " a multiple of G, got ", k.sizes(), " and ", v.sizes());
+  const int64_t kv_heads = k.size(1);
   const int64_t s = k.size(2);
   TORCH_CHECK(s >= 1 && heads >= 1 && hd >= 1, "attention_heads_cpu: no keys or no heads");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "attention_heads_cpu: each head's channels must be contiguous");
-  TORCH_CHECK(heads == 1 || (q.stride(1) != 0 && k.stride(1) != 0 && v.stride(1) != 0),
-              "attention_heads_cpu: heads must not be broadcast");
+  TORCH_CHECK(
+      (heads == 1 || q.stride(1) != 0) && (kv_heads == 1 || (k.stride(1) != 0 && v.stride(1) != 0)),
+      "attention_heads_cpu: heads must not be broadcast");
   kernels::AttentionParams p;
   p.q = q.data_ptr();
   p.q_st = 0;
@@ -329,11 +333,12 @@ at::Tensor attention_heads_cpu(const at::Tensor& q, const at::Tensor& k, const a
   p.k = k.data_ptr();
   p.k_ss = k.stride(2);
   p.k_sm = k.stride(0);
-  p.k_sh = heads == 1 ? hd : k.stride(1);
+  p.k_sh = kv_heads == 1 ? hd : k.stride(1);
   p.v = v.data_ptr();
   p.v_ss = v.stride(2);
   p.v_sm = v.stride(0);
-  p.v_sh = heads == 1 ? hd : v.stride(1);
+  p.v_sh = kv_heads == 1 ? hd : v.stride(1);
+  p.q_heads_per_kv = heads / kv_heads;
   p.rows = nullptr;
   p.rows_sg = p.rows_sj = 0;
   p.pad = nullptr;

@@ -72,8 +72,10 @@ struct AttentionParams {
   const void* const* v_slots = nullptr;
   // Head strides of q, k and v (the CPU kernel only): head h's channels
   // start h * q_sh (k_sh, v_sh) elements after the row's; 0: dim (the heads
-  // side by side in the channels, as the shapes above say).
+  // side by side in the channels, as the shapes above say). Query head h
+  // reads K/V head h / q_heads_per_kv (grouped K/V heads; 0 or 1: its own).
   int64_t q_sh = 0, k_sh = 0, v_sh = 0;
+  int64_t q_heads_per_kv = 0;
 };
 
 // out[t, b] = T(T(scale * table[tok]) + pos_table[pos]) (zeroed at pads when
