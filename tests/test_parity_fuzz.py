@@ -191,28 +191,36 @@ def test_float64_judgement_compares_worst_errors_not_positions():
     assert parity_fuzz.fairseq_problems(off_stock, ours, exact=False, reference=reference)
 
 
-def test_greedy_raw_logits_held_to_their_rows_scale():
-    """Greedy search's per-step scores are logits: the fused rule scales 1e-5
-    by each row's largest logit; log-probabilities keep the plain 1e-5; the
-    exact rule stays bit for bit."""
+def test_per_step_scores_held_to_their_rows_scale():
+    """Per-step scores (greedy search's logits, beam search's
+    log-probabilities): the fused rule scales 1e-5 by each row's largest
+    finite magnitude (a log-probability's rounding grows with the logits'
+    spread, as a logit's with its size); the exact rule stays bit for bit;
+    infinities must sit in the same places."""
     from types import SimpleNamespace
 
     row = torch.tensor([[10.0, 0.5, -3.0, float("-inf")]])
 
-    def out(delta):
+    def out(delta, where=1):
+        shift = torch.zeros_like(row)
+        shift[0, where] = delta
         return SimpleNamespace(
             sequences=torch.tensor([[1, 2]]),
             sequences_scores=None,
             beam_indices=None,
-            scores=(row + torch.tensor([[0.0, delta, 0.0, 0.0]]),),
+            scores=(row + shift,),
         )
 
     base = out(0.0)
     check = parity_fuzz.hf_problems
-    assert check(base, out(5e-5), exact=False, raw_logits=True) == []  # < 1e-5 * 10
-    assert check(base, out(2e-4), exact=False, raw_logits=True) == ["per-step scores differ"]
-    assert check(base, out(5e-5), exact=False) == ["per-step scores differ"]
-    assert check(base, out(5e-5), exact=True, raw_logits=True) == ["per-step scores differ"]
+    assert check(base, out(5e-5), exact=False) == []  # < 1e-5 * 10
+    assert check(base, out(9e-5, where=0), exact=False) == []
+    assert check(base, out(2e-4), exact=False) == ["per-step scores differ"]
+    assert check(base, out(5e-5), exact=True) == ["per-step scores differ"]
+    # a row of small magnitudes keeps the plain 1e-5
+    small = SimpleNamespace(**{**vars(base), "scores": (torch.tensor([[-0.2, -1.9]]),)})
+    off = SimpleNamespace(**{**vars(base), "scores": (torch.tensor([[-0.2, -1.9 + 3e-5]]),)})
+    assert check(small, off, exact=False) == ["per-step scores differ"]
     moved_inf = out(0.0)
     moved_inf.scores = (torch.tensor([[10.0, 0.5, float("-inf"), -3.0]]),)
-    assert check(base, moved_inf, exact=False, raw_logits=True) == ["per-step scores differ"]
+    assert check(base, moved_inf, exact=False) == ["per-step scores differ"]
