@@ -931,6 +931,28 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
   TORCH_CHECK(heads > 0 && x_in.size(2) % heads == 0, "embed dim ", x_in.size(2),
               " not divisible by ", heads, " heads");
   const int64_t bsz = x_in.size(1), hd = x_in.size(2) / heads;
+  // The fused mode on the CPU: seqfuse's attention core for the eager
+  // attention where every row has a key to attend (a key filled with the
+  // lowest float gets weight 0, as a masked one in the core; a row all
+  // padding averages every value in FSMT's softmax: eager attention there).
+  const bool core = !packed.empty() && x_in.is_cpu();
+  bool cross_core = core;
+  std::optional<at::Tensor> cross_kpad;
+  if (core && cross_pad.has_value() && cross_pad->defined() && cross_pad->dim() != 0) {
+    const at::Tensor& cp = *cross_pad;
+    cross_core = (cp.scalar_type() == at::kBool || cp.scalar_type() == at::kByte) &&
+                 cp.dim() == 2 && cp.size(0) == bsz && !cp.ne(0).all(1).any().item<bool>();
+    if (cross_core) cross_kpad = cp;
+  }
+  // the core's attention and output projection, time-major as fsmt_attend's
+  auto core_attend = [&](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq,
+                         const at::Tensor* pq, const at::Tensor& k, const at::Tensor& v,
+                         const std::optional<at::Tensor>& pad, const at::Tensor& wo,
+                         const at::Tensor& bo, const at::Tensor* po) {
+    const at::Tensor q = project(x, wq, bq, pq).view({bsz, 1, heads, hd}).transpose(1, 2);
+    const at::Tensor o = attention_heads_cpu(q, k, v, pad, scaling);  // [bsz, 1, C]
+    return project(o.view({1, bsz, heads * hd}), wo, bo, po);
+  };
   std::vector<at::Tensor> new_k, new_v;
   new_k.reserve(layers);
   new_v.reserve(layers);
@@ -950,13 +972,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
     const at::Tensor v = append_step(self_v[l], order, heads_of(project(x, W[4], W[5], pk(2))));
     new_k.push_back(k);
     new_v.push_back(v);
-    x = at::add(residual, fsmt_attend(x, W[0], W[1], pk(0), k, v, std::nullopt, scaling, W[6], W[7],
-                                      pk(3), heads, hd));
+    x = at::add(residual,
+                core ? core_attend(x, W[0], W[1], pk(0), k, v, std::nullopt, W[6], W[7], pk(3))
+                     : fsmt_attend(x, W[0], W[1], pk(0), k, v, std::nullopt, scaling, W[6], W[7],
+                                   pk(3), heads, hd));
     x = layer_norm(x, W[8], W[9], E[0]);
     // encoder attention (K/V cached since the first step)
     residual = x;
-    x = at::add(residual, fsmt_attend(x, W[10], W[11], pk(4), cross_k[l], cross_v[l], cross_pad,
-                                      scaling, W[12], W[13], pk(5), heads, hd));
+    x = at::add(residual, cross_core
+                              ? core_attend(x, W[10], W[11], pk(4), cross_k[l], cross_v[l],
+                                            cross_kpad, W[12], W[13], pk(5))
+                              : fsmt_attend(x, W[10], W[11], pk(4), cross_k[l], cross_v[l],
+                                            cross_pad, scaling, W[12], W[13], pk(5), heads, hd));
     x = layer_norm(x, W[14], W[15], E[1]);
     // feed-forward
     residual = x;

@@ -202,3 +202,46 @@ def test_fused_step_keeps_sdpa_for_a_source_without_keys(monkeypatch):
     assert torch.isfinite(ours.sequences_scores).all()
     assert torch.equal(stock.sequences, ours.sequences)
     torch.testing.assert_close(ours.sequences_scores, stock.sequences_scores, atol=1e-5, rtol=1e-5)
+
+
+def _bmm_calls(model, ids, mask, **kw):
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = model.generate(
+            ids, attention_mask=mask, num_beams=4, return_dict_in_generate=True, **kw
+        )
+    return out, sum(e.count for e in prof.key_averages() if e.key == "aten::bmm")
+
+
+@needs_packed_gemm()
+@pytest.mark.parametrize("all_padding", [False, True])
+def test_fsmt_fused_step_takes_the_core(all_padding, monkeypatch):
+    """FSMT's eager attention (bmm, the padding filled with the lowest float,
+    softmax, bmm) in the fused mode's steps: the core where every source row
+    has a key (no bmm in the steps after the first), the eager attention for
+    the cross-attention when a source is all padding (its softmax averages
+    every value there); stock's tokens, scores within 1e-5, either way."""
+    from test_hf_fsmt_step import _fsmt, _inputs
+
+    clear_seqfuse_env(monkeypatch)
+    model = _fsmt(seed=6)
+    ids, mask = _inputs(seed=6)
+    assert not bool(mask.all())  # padded sources
+    if all_padding:
+        mask[1] = 0
+    kw = dict(max_new_tokens=10, min_new_tokens=10, output_scores=True)
+    stock, _ = _bmm_calls(model, ids, mask, **kw)
+    seqfuse.optimize(model, fused_layers=True)
+    try:
+        _, first = _bmm_calls(model, ids, mask, max_new_tokens=1)
+        ours, calls = _bmm_calls(model, ids, mask, **kw)
+    finally:
+        hf.restore(model)
+    if all_padding:
+        assert calls >= first + 9 * model.config.decoder_layers * 2  # cross: eager (2 bmm)
+    else:
+        assert calls == first
+    assert stock.sequences_scores is not None and torch.isfinite(ours.sequences_scores).all()
+    assert torch.equal(stock.sequences, ours.sequences)
+    torch.testing.assert_close(ours.sequences_scores, stock.sequences_scores, atol=1e-5, rtol=1e-5)
