@@ -556,7 +556,17 @@ namespace {
 struct KeyPadding {
   bool ok = false;
   std::optional<at::Tensor> pad;
+  // whether the core takes this step's attention over keys `k` [b, G, s, hd]
+  bool takes(const at::Tensor& k) const {
+    return ok && (!pad.has_value() || pad->size(1) == k.size(2));
+  }
 };
+
+// Whether a step runs in the fused mode (weight packs given) on the CPU in
+// float32, where the core may take its attention.
+inline bool core_step(at::TensorList packed, const at::Tensor& x) {
+  return !packed.empty() && x.is_cpu() && x.scalar_type() == at::kFloat;
+}
 
 KeyPadding key_padding(const std::optional<at::Tensor>& mask, int64_t rows) {
   KeyPadding out;
@@ -580,7 +590,7 @@ KeyPadding key_padding(const std::optional<at::Tensor>& mask, int64_t rows) {
 at::Tensor fused_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mask, const KeyPadding& kp, double scaling,
                         const at::Tensor& wo, const at::Tensor& bo, const at::Tensor* packed) {
-  if (kp.ok && (!kp.pad.has_value() || kp.pad->size(1) == k.size(2))) {
+  if (kp.takes(k)) {
     return project(attention_heads_cpu(q, k, v, kp.pad, scaling), wo, bo, packed);
   }
   return hf_attend(q, k, v, mask, scaling, wo, bo, packed);
@@ -600,7 +610,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
   const int64_t hd = step_head_dim(x_in, heads), bsz = x_in.size(0);
   // The fused mode on the CPU (float32) takes seqfuse's attention core for
   // sdpa where the masks (the same for every layer) are key paddings.
-  const bool core = !packed.empty() && x_in.is_cpu() && x_in.scalar_type() == at::kFloat;
+  const bool core = core_step(packed, x_in);
   const KeyPadding self_kp = core ? key_padding(self_mask, bsz) : KeyPadding{};
   const KeyPadding cross_kp = core ? key_padding(cross_mask, bsz) : KeyPadding{};
   std::vector<at::Tensor> new_k, new_v;
@@ -850,7 +860,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
   const at::Tensor cos = cos_in.unsqueeze(1), sin = sin_in.unsqueeze(1);
   // the fused mode's attention core where the mask is a key padding (as
   // hf_decoder_stack_step's; query head h reads K/V head h / rep)
-  const bool core = !packed.empty() && x_in.is_cpu() && x_in.scalar_type() == at::kFloat;
+  const bool core = core_step(packed, x_in);
   const KeyPadding kp = core ? key_padding(mask, bsz) : KeyPadding{};
   std::vector<at::Tensor> new_k, new_v;
   new_k.reserve(layers);
@@ -875,7 +885,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
     new_k.push_back(k);
     new_v.push_back(v);
     at::Tensor o;
-    if (kp.ok && (!kp.pad.has_value() || kp.pad->size(1) == k.size(2))) {
+    if (kp.takes(k)) {
       o = attention_heads_cpu(q, k, v, kp.pad, scaling);  // [bsz, 1, heads * head_dim]
     } else if (gqa == 2) {                                // repeat_kv
       const int64_t t = k.size(2);
@@ -935,7 +945,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
   // attention where every row has a key to attend (a key filled with the
   // lowest float gets weight 0, as a masked one in the core; a row all
   // padding averages every value in FSMT's softmax: eager attention there).
-  const bool core = !packed.empty() && x_in.is_cpu();
+  const bool core = core_step(packed, x_in);
   bool cross_core = core;
   std::optional<at::Tensor> cross_kpad;
   if (core && cross_pad.has_value() && cross_pad->defined() && cross_pad->dim() != 0) {
@@ -1016,7 +1026,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
   const int64_t hd = step_head_dim(x_in, heads), bsz = x_in.size(0), embed = x_in.size(2);
   // the fused mode's attention core where the mask is a key padding (as
   // hf_decoder_stack_step's)
-  const bool core = !packed.empty() && x_in.is_cpu() && x_in.scalar_type() == at::kFloat;
+  const bool core = core_step(packed, x_in);
   const KeyPadding kp = core ? key_padding(mask, bsz) : KeyPadding{};
   std::vector<at::Tensor> new_k, new_v;
   new_k.reserve(layers);
@@ -1041,11 +1051,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
     new_k.push_back(k);
     new_v.push_back(v);
     const at::Tensor o =
-        kp.ok && (!kp.pad.has_value() || kp.pad->size(1) == k.size(2))
-            ? attention_heads_cpu(q, k, v, kp.pad, scalings[l])
-            : merge_heads(at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false,
-                                                           scalings[l]),
-                          q.size(2), v.size(-1));
+        kp.takes(k) ? attention_heads_cpu(q, k, v, kp.pad, scalings[l])
+                    : merge_heads(at::scaled_dot_product_attention(
+                                      q, k, v, mask, 0.0, /*is_causal=*/false, scalings[l]),
+                                  q.size(2), v.size(-1));
     x = at::add(conv1d(o, W[4], W[5], pk(1)), residual);  // attn_output + residual
     // MLP
     residual = x;
