@@ -83,6 +83,7 @@ STATS = {
     "cross_cache_kept": 0,
     "sentences_dropped": 0,
     "shared_prefills": 0,
+    "advanced_steps": 0,
 }
 
 # With fused layers, a sentence whose result the search can no longer change
@@ -118,6 +119,22 @@ _HELPERS = (
     "_unflatten_beam_dim",
     "_gather_beams",
 )
+
+# The step's bookkeeping after its top-k (the running and finished beams'
+# update, the buffers' copies, the early-stop test) runs as one C++ call
+# (seqfuse._C's hf_beam_advance: the ATen calls of these helpers, in their
+# order) where the helpers' source is one of these shapes
+# (seqfuse.source_shape; the same in transformers 5.17 and 5.23) and the
+# model does not override them; "0" calls the helpers, as before.
+BEAM_ADVANCE_ENV = "SEQFUSE_HF_BEAM_ADVANCE"
+_ADVANCE_SHAPES = {
+    "_gather_beams": "45bd6fac7c26d7b3",
+    "_flatten_beam_dim": "46c83d3dc5cfb0ff",
+    "_get_running_beams_for_next_iteration": "5d656da22feae51f",
+    "_update_finished_beams": "51bd13068b66eeb0",
+    "_check_early_stop_heuristic": "1047bcc57f74d0f6",
+    "_beam_search_has_unfinished_sequences": "2ee04f4c6bcb221f",
+}
 
 
 def _debug_once(line: str) -> None:
@@ -857,6 +874,52 @@ def _prefill(model, input_ids, gc, model_kwargs: dict, num_beams: int):
 
 
 # ------------------------------------------------------------- the search
+def _plan_hits(stop_plan, cur_len: int, all_scores, topk_tokens, batch: int, keep: int, device):
+    """The candidates that meet a stopping criterion, from ``_stop_plan``'s
+    (max-length criteria, EOS ids)."""
+    max_crit, eos_t = stop_plan
+    # the criteria's own call (same decision, same warning) on a host tensor
+    # of the right length: no device read
+    probe = torch.empty((1, cur_len + 1), dtype=torch.long)
+    if any(bool(c(probe, all_scores)[0]) for c in max_crit):
+        return torch.ones((batch, keep), dtype=torch.bool, device=device)
+    if eos_t is not None:
+        return torch.isin(topk_tokens, eos_t)
+    return torch.zeros((batch, keep), dtype=torch.bool, device=device)
+
+
+def _why_not_advance(model, gc) -> str | None:
+    """Why a step's bookkeeping must call transformers' helpers instead of
+    ``hf_beam_advance``, or None."""
+    from transformers.generation.utils import GenerationMixin
+
+    from seqfuse.source_shape import shape_of
+
+    if not _ext.env_flag(BEAM_ADVANCE_ENV, True):
+        return f"{BEAM_ADVANCE_ENV}=0"
+    if _ext._C is None or not hasattr(torch.ops.seqfuse, "hf_beam_advance"):
+        return "the compiled extension is not available"
+    for name, shape in _ADVANCE_SHAPES.items():
+        mine = getattr(GenerationMixin, name, None)
+        theirs = getattr(model, name, None)  # (a bound method, or a static one)
+        if getattr(theirs, "__func__", theirs) is not mine:
+            return f"the model overrides {name}"
+        if mine is None or shape_of(mine) != shape:
+            return f"this transformers' {name} is not the verified one"
+    lp = gc.length_penalty
+    if type(lp) not in (int, float):
+        return f"length_penalty of type {type(lp).__name__}"
+    return None
+
+
+def _early_stopping_code(early_stopping) -> int:
+    """hf_beam_advance's code: the helpers test ``early_stopping is True`` and
+    ``early_stopping == "never"``; anything else acts as False."""
+    if early_stopping is True:
+        return 1
+    return 2 if early_stopping == "never" else 0
+
+
 def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **model_kwargs):
     """Hugging Face's ``_beam_search`` (transformers 5.x), same results, fused step."""
     from transformers.cache_utils import EncoderDecoderCache
@@ -939,6 +1002,11 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     from integrations import hf_exact_step
 
     defer_ok = _ext.env_flag(DEFER_REORDER_ENV, True) and _step_verified(model)
+    why_not_advance = _why_not_advance(model, gc)
+    advance = why_not_advance is None
+    if not advance:
+        _debug_once(f"seqfuse: beam bookkeeping by transformers' helpers: {why_not_advance}")
+    es_code = _early_stopping_code(early_stopping)
     flat_running = input_ids
     model_outputs = _prefill(model, input_ids, gc, model_kwargs, num_beams)
     first = True
@@ -1000,80 +1068,108 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
             topk_tokens = flat_idx % vocab
         del logits
 
-        # Stock's _get_top_k_continuations from the chosen (beam, token) pairs.
-        w, wb = cur_len + 1, cur_len - prompt_len + 1
-        topk_running_beam_indices = model._gather_beams(run_bi_buf[:, :, :wb], topk_beams)
-        topk_running_sequences = model._gather_beams(run_buf[:, :, :w], topk_beams)
-        topk_running_sequences[:, :, cur_len] = topk_tokens
-        topk_running_beam_indices[:, :, cur_len - prompt_len] = topk_beams + batch_offset
-
         if stop_plan is not None:
-            max_crit, eos_t = stop_plan
-            # the criteria's own call (same decision, same warning) on a host
-            # tensor of the right length: no device read
-            probe = torch.empty((1, cur_len + 1), dtype=torch.long)
-            if any(bool(c(probe, all_scores)[0]) for c in max_crit):
-                hits = torch.ones((batch, keep), dtype=torch.bool, device=device)
-            elif eos_t is not None:
-                hits = torch.isin(topk_tokens, eos_t)
-            else:
-                hits = torch.zeros((batch, keep), dtype=torch.bool, device=device)
-        else:
-            hits = stopping_criteria(model._flatten_beam_dim(topk_running_sequences), all_scores)
-            hits = model._unflatten_beam_dim(hits, batch, keep)
-
-        running_sequences, running_beam_scores, running_beam_indices = (
-            model._get_running_beams_for_next_iteration(
-                topk_log_probs=topk_log_probs,
-                topk_running_sequences=topk_running_sequences,
-                topk_running_beam_indices=topk_running_beam_indices,
-                next_token_hits_stopping_criteria=hits,
-                num_beams=num_beams,
+            hits = _plan_hits(stop_plan, cur_len, all_scores, topk_tokens, batch, keep, device)
+        if advance and stop_plan is not None:
+            # the helpers' ATen calls in one C++ call (same results)
+            STATS["advanced_steps"] += 1
+            (
+                running_beam_scores,
+                beam_scores,
+                is_sent_finished,
+                early_stop_unsat,
+                beam_idx,
+                go_on,
+            ) = torch.ops.seqfuse.hf_beam_advance(
+                topk_log_probs,
+                topk_tokens,
+                topk_beams,
+                hits,
+                run_buf,
+                seq_buf,
+                run_bi_buf,
+                bi_buf,
+                running_beam_scores,
+                beam_scores,
+                is_sent_finished,
+                early_stop_unsat,
+                batch_offset,
+                top_num_beam_mask,
+                cur_len,
+                prompt_len,
+                max_length,
+                num_beams,
+                float(length_penalty),
+                es_code,
             )
-        )
-        sequences, beam_scores, beam_indices, is_sent_finished = model._update_finished_beams(
-            sequences=seq_buf[:, :, :w],
-            topk_running_sequences=topk_running_sequences,
-            beam_scores=beam_scores,
-            topk_log_probs=topk_log_probs,
-            beam_indices=bi_buf[:, :, :wb],
-            topk_running_beam_indices=topk_running_beam_indices,
-            is_early_stop_heuristic_unsatisfied=early_stop_unsat,
-            is_sent_finished=is_sent_finished,
-            next_token_hits_stopping_criteria=hits,
-            top_num_beam_mask=top_num_beam_mask,
-            num_beams=num_beams,
-            cur_len=cur_len,
-            decoder_prompt_len=prompt_len,
-            length_penalty=length_penalty,
-            early_stopping=early_stopping,
-        )
+            cur_len += 1
+            this_peer_finished = not go_on
+        else:
+            # Stock's _get_top_k_continuations from the chosen (beam, token) pairs.
+            w, wb = cur_len + 1, cur_len - prompt_len + 1
+            topk_running_beam_indices = model._gather_beams(run_bi_buf[:, :, :wb], topk_beams)
+            topk_running_sequences = model._gather_beams(run_buf[:, :, :w], topk_beams)
+            topk_running_sequences[:, :, cur_len] = topk_tokens
+            topk_running_beam_indices[:, :, cur_len - prompt_len] = topk_beams + batch_offset
 
-        run_buf[:, :, :w].copy_(running_sequences)
-        run_bi_buf[:, :, :wb].copy_(running_beam_indices)
-        seq_buf[:, :, :w].copy_(sequences)
-        bi_buf[:, :, :wb].copy_(beam_indices)
+            if stop_plan is None:
+                hits = stopping_criteria(
+                    model._flatten_beam_dim(topk_running_sequences), all_scores
+                )
+                hits = model._unflatten_beam_dim(hits, batch, keep)
 
-        # Stock reorders the cache, then runs the early-stop heuristic and the
-        # loop's test; neither reads the cache, so they run first here: the
-        # reorder can then also drop the sentences they finished.
-        col = cur_len - prompt_len
-        cur_len += 1
-        early_stop_unsat = model._check_early_stop_heuristic(
-            is_early_stop_heuristic_unsatisfied=early_stop_unsat,
-            running_beam_scores=running_beam_scores,
-            beam_scores=beam_scores,
-            is_sent_finished=is_sent_finished,
-            cur_len=cur_len,
-            max_length=max_length,
-            decoder_prompt_len=prompt_len,
-            early_stopping=early_stopping,
-            length_penalty=length_penalty,
-        )
-        this_peer_finished = not model._beam_search_has_unfinished_sequences(
-            early_stop_unsat, is_sent_finished, hits, early_stopping
-        )
+            running_sequences, running_beam_scores, running_beam_indices = (
+                model._get_running_beams_for_next_iteration(
+                    topk_log_probs=topk_log_probs,
+                    topk_running_sequences=topk_running_sequences,
+                    topk_running_beam_indices=topk_running_beam_indices,
+                    next_token_hits_stopping_criteria=hits,
+                    num_beams=num_beams,
+                )
+            )
+            sequences, beam_scores, beam_indices, is_sent_finished = model._update_finished_beams(
+                sequences=seq_buf[:, :, :w],
+                topk_running_sequences=topk_running_sequences,
+                beam_scores=beam_scores,
+                topk_log_probs=topk_log_probs,
+                beam_indices=bi_buf[:, :, :wb],
+                topk_running_beam_indices=topk_running_beam_indices,
+                is_early_stop_heuristic_unsatisfied=early_stop_unsat,
+                is_sent_finished=is_sent_finished,
+                next_token_hits_stopping_criteria=hits,
+                top_num_beam_mask=top_num_beam_mask,
+                num_beams=num_beams,
+                cur_len=cur_len,
+                decoder_prompt_len=prompt_len,
+                length_penalty=length_penalty,
+                early_stopping=early_stopping,
+            )
 
+            run_buf[:, :, :w].copy_(running_sequences)
+            run_bi_buf[:, :, :wb].copy_(running_beam_indices)
+            seq_buf[:, :, :w].copy_(sequences)
+            bi_buf[:, :, :wb].copy_(beam_indices)
+
+            # Stock reorders the cache, then runs the early-stop heuristic and the
+            # loop's test; neither reads the cache, so they run first here: the
+            # reorder can then also drop the sentences they finished.
+            col = cur_len - prompt_len
+            cur_len += 1
+            early_stop_unsat = model._check_early_stop_heuristic(
+                is_early_stop_heuristic_unsatisfied=early_stop_unsat,
+                running_beam_scores=running_beam_scores,
+                beam_scores=beam_scores,
+                is_sent_finished=is_sent_finished,
+                cur_len=cur_len,
+                max_length=max_length,
+                decoder_prompt_len=prompt_len,
+                early_stopping=early_stopping,
+                length_penalty=length_penalty,
+            )
+            this_peer_finished = not model._beam_search_has_unfinished_sequences(
+                early_stop_unsat, is_sent_finished, hits, early_stopping
+            )
+            beam_idx = model._flatten_beam_dim(running_beam_indices[..., col])
         keep_sents = None
         if not this_peer_finished and drop_ok is not False:
             keep_sents = _sentences_to_keep(early_stop_unsat, is_sent_finished, beam_scores)
@@ -1085,8 +1181,8 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
                 if why is not None:
                     _debug_once(f"seqfuse: finished sentences keep their rows: {why}")
                     keep_sents = None
-        # compact rows of the beams the next step continues (stock: flat indices)
-        beam_idx = model._flatten_beam_dim(running_beam_indices[..., col])
+        # beam_idx: compact rows of the beams the next step continues (stock:
+        # flat indices)
         if sent_ids is not None:
             beam_idx = beam_idx - (batch_offset - row_offset).repeat_interleave(num_beams)
         if keep_sents is not None:
@@ -1186,6 +1282,17 @@ def _kernel_normalises(device) -> bool:
     return device.type == "cpu"
 
 
+def _checks_in_one_pass(logits, cum, cs) -> bool:
+    """Whether ``beam_topk_checks`` takes these tensors (contiguous CPU float32)."""
+    return (
+        logits.device.type == "cpu"
+        and all(t.dtype == torch.float32 for t in (logits, cum, cs))
+        and logits.is_contiguous()
+        and cum.is_contiguous()
+        and hasattr(torch.ops.seqfuse, "beam_topk_checks")
+    )
+
+
 def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
     """The top-``keep`` (score, token, beam) per sentence, as stock's ``torch.topk``
     over ``log_softmax(logits) (+ bans) + running scores`` would order them; None
@@ -1202,12 +1309,17 @@ def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
         # take torch's log-probs, fuse the bans, the accumulation and the top-k.
         lp = nn.functional.log_softmax(logits, dim=-1)
         cs, ci, cb = beam_topk(lp, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned, True)
-    bad = ~torch.isfinite(logits.amax(dim=1)).all() | torch.isnan(cum).any()
-    if k_op > 1:
-        tie = (cs[:, 1:] == cs[:, :-1]).any(dim=1)
-        bad_host, any_tie = torch.stack((bad, tie.any())).tolist()
+    if _checks_in_one_pass(logits, cum, cs):
+        # the same tests in one pass over the logits (beam_topk_checks)
+        bad_host, tie = torch.ops.seqfuse.beam_topk_checks(logits, cum, cs)
+        any_tie = not bad_host and bool(tie.any())
     else:
-        bad_host, any_tie = bool(bad), False
+        bad = ~torch.isfinite(logits.amax(dim=1)).all() | torch.isnan(cum).any()
+        if k_op > 1:
+            tie = (cs[:, 1:] == cs[:, :-1]).any(dim=1)
+            bad_host, any_tie = torch.stack((bad, tie.any())).tolist()
+        else:
+            bad_host, any_tie = bool(bad), False
     if bad_host:
         return None
     if any_tie:
