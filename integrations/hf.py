@@ -999,7 +999,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     row_offset = batch_offset
     beam_range = torch.arange(num_beams, device=device)
 
-    from integrations import hf_exact_step
+    from integrations import hf_direct, hf_exact_step
 
     defer_ok = _ext.env_flag(DEFER_REORDER_ENV, True) and _step_verified(model)
     why_not_advance = _why_not_advance(model, gc)
@@ -1011,16 +1011,29 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     model_outputs = _prefill(model, input_ids, gc, model_kwargs, num_beams)
     first = True
     this_peer_finished = False
+    direct: bool | None = None  # (hf_direct: decided at the first step after the prefill)
     while not this_peer_finished:
+        direct_logits = None
         if not first:
             flat_running = run_buf[:, :, :cur_len].reshape(flat_batch, cur_len)
-            model_outputs = _forward(model, flat_running, model_kwargs)
+            if direct is None:
+                why = hf_direct.usable(model, model_kwargs)
+                direct = why is None
+                if why is not None:
+                    _debug_once(f"seqfuse: decoding steps through the model's forward: {why}")
+            if direct:
+                direct_logits = hf_direct.step(model, flat_running[:, -1:], model_kwargs)
+            if direct_logits is None:
+                model_outputs = _forward(model, flat_running, model_kwargs)
         first = False
-        model_kwargs = model._update_model_kwargs_for_generation(
-            model_outputs, model_kwargs, is_encoder_decoder=is_enc_dec
-        )
-
-        raw = model_outputs.logits[:, -1, :]
+        if direct_logits is None:
+            model_kwargs = model._update_model_kwargs_for_generation(
+                model_outputs, model_kwargs, is_encoder_decoder=is_enc_dec
+            )
+            raw = model_outputs.logits[:, -1, :]
+        else:
+            # (the update would set the cache it holds: hf_direct.usable)
+            raw = direct_logits[:, -1, :]
         if raw.dtype == torch.float32 and raw.device == device and raw.is_contiguous():
             logits = raw
         else:
@@ -1046,7 +1059,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
                     if is_enc_dec
                     else (model_outputs.hidden_states,)
                 )
-        del model_outputs
+        model_outputs = None
 
         fused, banned = (False, None) if want_scores else plan.bans(cur_len, flat_batch, device)
         if fused and num_beams * vocab >= 2**31:

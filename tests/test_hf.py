@@ -549,6 +549,8 @@ def test_collector_paused_in_the_search_and_restored(monkeypatch, search, pause)
         monkeypatch.setenv("SEQFUSE_GC_PAUSE", "0")
     else:
         monkeypatch.delenv("SEQFUSE_GC_PAUSE", raising=False)
+    # (the loop's forward calls are what it watches: no direct steps)
+    monkeypatch.setenv("SEQFUSE_HF_DIRECT_STEP", "0")
     seen = []
     real = hf._forward
 

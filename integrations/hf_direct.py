@@ -1,0 +1,247 @@
+"""A decoding step's forward without transformers' wrappers, for Marian,
+BART and mBART models whose decoder has the one-call layer step.
+
+After the first step, seqfuse's beam search (integrations.hf) calls the
+model's forward once a step: ``prepare_inputs_for_generation``, the
+ForConditionalGeneration, Model and Decoder forwards with their decorators
+and output records, then ``_update_model_kwargs_for_generation``. For a
+one-token step whose layers take the one-call step
+(integrations.hf_exact_step), the tensors those calls make are few: the
+token's embedding and position, the two attention masks, the layers' step,
+an embedding or final layer norm (BART, mBART), the LM head and its bias.
+:func:`step` makes exactly those calls, with the same modules, functions
+and arguments as the verified decoder code (below, by the shape of its
+source, seqfuse.source_shape), and returns the logits: the same tensors,
+bit for bit, without about a millisecond of Python a step.
+
+It runs only where that reproduction is certain: the model's classes and
+their forwards are the verified ones (transformers 5.23), the cache is an
+initialised EncoderDecoderCache of dynamic layers, the search's
+model_kwargs hold nothing a forward would read besides the encoder output,
+its mask and the cache, no module has a hook (other than transformers' idle
+output capture) and nothing asks for attentions or hidden states. Anywhere
+else, and for any step the layers' one-call step declines, the model's own
+forward runs. ``SEQFUSE_HF_DIRECT_STEP=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seqfuse import _ext
+from seqfuse.source_shape import shape_of
+
+DIRECT_ENV = "SEQFUSE_HF_DIRECT_STEP"
+
+STATS = {"direct": 0}
+
+# family -> {qualified function: source shape} (transformers 5.23; 5.17's
+# decoder forwards and prepare_inputs_for_generation have other shapes: the
+# model's forward runs there).
+_FAMILIES = {
+    "marian": {
+        "MarianMTModel.forward": "44cb9b6492fdcf21",
+        "MarianModel.forward": "7e6924b46992a7a0",
+        "MarianDecoder.forward": "b1c5169a77234ccd",
+        "MarianSinusoidalPositionalEmbedding.forward": "e7e4e20ec762ede6",
+    },
+    "bart": {
+        "BartForConditionalGeneration.forward": "cc1a44e14862509f",
+        "BartModel.forward": "28f3faaed7f510ac",
+        "BartDecoder.forward": "4783a991ea37a922",
+        "BartLearnedPositionalEmbedding.forward": "e129b3fc4666ab86",
+        "BartScaledWordEmbedding.forward": "5391be5d305e8e89",
+    },
+    "mbart": {
+        "MBartForConditionalGeneration.forward": "0e6a18ff8acd5302",
+        "MBartModel.forward": "8cd1bfa57263a656",
+        "MBartDecoder.forward": "f1b3f761e672af62",
+        "MBartLearnedPositionalEmbedding.forward": "e129b3fc4666ab86",
+        "MBartScaledWordEmbedding.forward": "5391be5d305e8e89",
+    },
+}
+_GENERATION = {
+    "prepare_inputs_for_generation": "d77e78d57cab535a",
+    "_update_model_kwargs_for_generation": "159384a4f2dce36e",
+}
+# The search's model_kwargs a direct step reproduces (any other key, or an
+# output request, sends the step to the model's forward).
+_KWARGS = frozenset({"attention_mask", "encoder_outputs", "past_key_values", "use_cache"})
+_FALSE_KWARGS = frozenset({"output_attentions", "output_hidden_states"})
+
+
+def _base(model) -> type:
+    """The model's class before seqfuse.optimize's patch."""
+    return getattr(type(model), "_seqfuse_base", type(model))
+
+
+def _family(model) -> str | None:
+    return {
+        "MarianMTModel": "marian",
+        "BartForConditionalGeneration": "bart",
+        "MBartForConditionalGeneration": "mbart",
+    }.get(_base(model).__name__)
+
+
+def _classes(model) -> dict:
+    """The family's classes in transformers, by name."""
+    import transformers
+
+    fam = _family(model)
+    mod = {
+        "marian": transformers.models.marian.modeling_marian,
+        "bart": transformers.models.bart.modeling_bart,
+        "mbart": transformers.models.mbart.modeling_mbart,
+    }[fam]
+    return {name: getattr(mod, name, None) for name in {q.split(".")[0] for q in _FAMILIES[fam]}}
+
+
+def problem(model) -> str | None:
+    """Why this model's steps cannot be direct (checked once per model), or None."""
+    from transformers.generation.utils import GenerationMixin
+
+    if not _ext.env_flag(DIRECT_ENV, True):
+        return f"{DIRECT_ENV}=0"
+    fam = _family(model)
+    if fam is None:
+        return f"{type(model).__name__} is not a Marian, BART or mBART model"
+    classes = _classes(model)
+    for qual, shape in _FAMILIES[fam].items():
+        cls_name, fn = qual.split(".")
+        cls = classes.get(cls_name)
+        if cls is None or shape_of(getattr(cls, fn)) != shape:
+            return f"this transformers' {qual} is not the verified one"
+    for name, shape in _GENERATION.items():
+        mine = getattr(GenerationMixin, name)
+        theirs = getattr(model, name)
+        if getattr(theirs, "__func__", theirs) is not mine or shape_of(mine) != shape:
+            return f"{name} is not the verified one"
+    lm_cls = next(c for n, c in classes.items() if n.endswith(("MTModel", "Generation")))
+    inner_cls = next(c for n, c in classes.items() if n.endswith("Model") and c is not lm_cls)
+    dec_cls = next(c for n, c in classes.items() if n.endswith("Decoder"))
+    if _base(model) is not lm_cls or type(model.model) is not inner_cls:
+        return "the model's classes are not the verified ones"
+    dec = model.model.decoder
+    if not getattr(dec, "_seqfuse_hf_exact", False) or type(dec).__bases__[1] is not dec_cls:
+        return "the decoder has no one-call step"
+    if (
+        type(model).forward is not lm_cls.forward
+        or type(model.model).forward is not inner_cls.forward
+    ):
+        return "the model's forward is not the verified one"
+    emb = dec.embed_tokens
+    pos_cls = next(c for n, c in classes.items() if n.endswith("PositionalEmbedding"))
+    if type(dec.embed_positions) is not pos_cls:
+        return "the positional embedding's class is not the verified one"
+    if fam == "marian":
+        if type(emb) is not nn.Embedding:
+            return "the token embedding is not an nn.Embedding"
+    else:
+        emb_cls = next(c for n, c in classes.items() if n.endswith("ScaledWordEmbedding"))
+        if type(emb) is not emb_cls:
+            return "the token embedding's class is not the verified one"
+        norms = [dec.layernorm_embedding] + ([dec.layer_norm] if fam == "mbart" else [])
+        if any(type(n) is not nn.LayerNorm for n in norms):
+            return "a decoder layer norm is not an nn.LayerNorm"
+    return None
+
+
+def _hooked(model) -> bool:
+    """Whether any module has a hook besides transformers' idle output capture."""
+    from integrations.hf_exact_step import _capturing_hook
+
+    try:
+        from transformers.utils.output_capturing import _active_collector
+
+        if _active_collector.get():
+            return True
+    except ImportError:
+        pass
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    for m in model.modules():
+        if m._forward_pre_hooks or not all(map(_capturing_hook, m._forward_hooks.values())):
+            return True
+    return False
+
+
+def usable(model, model_kwargs: dict) -> str | None:
+    """Why this search's steps cannot be direct, or None (checked once per search)."""
+    why = problem(model)
+    if why is not None:
+        return why
+    if model.training:
+        return "the model is training"
+    for k, v in model_kwargs.items():
+        if k in _FALSE_KWARGS:
+            if v:
+                return f"{k} requested"
+        elif k not in _KWARGS:
+            return f"model_kwargs {k!r}"
+    if model_kwargs.get("use_cache") is not True:
+        return "use_cache is not True"
+    if _hooked(model):
+        return "a module has a hook"
+    return None
+
+
+def step(model, tokens: torch.Tensor, model_kwargs: dict):
+    """The logits [rows, 1, vocab] of a one-token step (``tokens`` [rows, 1]),
+    or None where the layers' one-call step declines (nothing was changed
+    then: the caller runs the model's forward)."""
+    from transformers.cache_utils import EncoderDecoderCache
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+    from integrations import hf_exact_step
+
+    cache = model_kwargs.get("past_key_values")
+    enc_out = model_kwargs.get("encoder_outputs")
+    if type(cache) is not EncoderDecoderCache or enc_out is None:
+        return None
+    enc = enc_out[0]
+    enc_mask = model_kwargs.get("attention_mask")
+    dec = model.model.decoder
+    fam = _family(model)
+    # the decoder forward's calls (5.23), for input_ids = tokens
+    embeds = dec.embed_tokens(tokens)
+    if fam == "marian":
+        embeds = embeds * dec.embed_scale
+    batch, seq = embeds.size()[:-1]
+    past = cache.get_seq_length()
+    position_ids = torch.arange(seq, device=embeds.device) + past
+    attention_mask = torch.ones(batch, past + seq, device=embeds.device)
+    causal_mask = create_causal_mask(
+        config=dec.config,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        past_key_values=cache.self_attention_cache,
+    )
+    encoder_mask = create_bidirectional_mask(
+        config=dec.config,
+        inputs_embeds=embeds,
+        attention_mask=enc_mask,
+        encoder_hidden_states=enc,
+    )
+    if fam == "marian":
+        h = embeds + dec.embed_positions((batch, seq), past, position_ids=position_ids)
+    elif fam == "bart":
+        positions = dec.embed_positions(tokens, past, position_ids=position_ids)
+        h = dec.layernorm_embedding(embeds + positions.to(embeds.device))
+    else:
+        positions = dec.embed_positions(tokens, past, position_ids=position_ids)
+        h = dec.layernorm_embedding(embeds + positions.to(embeds.device))
+    # (dropout: the identity in eval mode)
+    runner = hf_exact_step._Runner(dec.layers)
+    kwargs = {"encoder_attention_mask": encoder_mask, "past_key_values": cache, "use_cache": True}
+    h = runner._exact(h, (causal_mask, enc), kwargs)
+    if h is None:
+        return None
+    hf_exact_step.STATS["exact"] += 1
+    STATS["direct"] += 1
+    if fam == "mbart":
+        h = dec.layer_norm(h)
+    if fam == "bart":
+        logits = model.lm_head(h)
+        return logits + model.final_logits_bias.to(logits.device)
+    return model.lm_head(h) + model.final_logits_bias

@@ -1,0 +1,128 @@
+"""Decoding steps without transformers' forward wrappers (integrations.hf_direct)
+for Marian, BART and mBART: the same tensors as the model's own forward,
+held to stock transformers' generate run in the same test (bit for bit in
+the exact mode, step by step; within 1e-5 in the fused mode), and the
+model's forward wherever the direct step cannot reproduce it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hf_models import clear_seqfuse_env, make_inputs, make_model  # noqa: E402
+from test_hf import assert_same, stock_then_seqfuse  # noqa: E402
+
+import seqfuse  # noqa: E402
+from integrations import hf, hf_direct  # noqa: E402
+from seqfuse import _ext  # noqa: E402
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="needs the compiled extension")
+
+FAMILIES = ("marian", "bart", "mbart")
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    clear_seqfuse_env(monkeypatch)
+    hf._warned.clear()
+    for stats in (hf.STATS, hf_direct.STATS):
+        for k in stats:
+            stats[k] = 0
+    yield
+
+
+@pytest.mark.parametrize("num_beams", (1, 3, 5))
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_exact_mode_steps_are_stock_bit_for_bit(kind, num_beams):
+    model = make_model(kind, seed=4)
+    ids, mask = make_inputs(kind, model, batch=5, seed=4)
+    kw = dict(num_beams=num_beams, max_new_tokens=18, attention_mask=mask)
+    if num_beams > 1:
+        kw.update(return_dict_in_generate=True, output_scores=True)
+    stock, ours = stock_then_seqfuse(model, ids, **kw)
+    assert_same(stock, ours, f"{kind} beams={num_beams}")
+    if num_beams > 1:  # (greedy search with the exact layers stays stock's loop)
+        assert hf_direct.STATS["direct"] > 0, "no direct step ran"
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_fused_mode_steps_match_stock(kind):
+    from hf_models import needs_packed_gemm
+
+    if needs_packed_gemm().args[0]:
+        pytest.skip(needs_packed_gemm().kwargs["reason"])
+    model = make_model(kind, seed=5)
+    ids, mask = make_inputs(kind, model, batch=6, seed=5)
+    kw = dict(
+        num_beams=4,
+        max_new_tokens=18,
+        attention_mask=mask,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    with torch.no_grad():
+        stock = model.generate(ids, **kw)
+        seqfuse.optimize(model, fused_layers=True)
+        try:
+            ours = model.generate(ids, **kw)
+        finally:
+            hf.restore(model)
+    assert hf_direct.STATS["direct"] > 0
+    assert torch.equal(stock.sequences, ours.sequences)
+    torch.testing.assert_close(ours.sequences_scores, stock.sequences_scores, rtol=0, atol=1e-5)
+
+
+def _generate(model, ids, **kw):
+    with torch.no_grad():
+        return model.generate(ids, **kw)
+
+
+def test_what_the_direct_step_cannot_reproduce_runs_the_forward(monkeypatch):
+    model = make_model("marian", seed=6)
+    ids, mask = make_inputs("marian", model, batch=3, seed=6)
+    kw = dict(num_beams=3, max_new_tokens=10, attention_mask=mask)
+    stock = _generate(model, ids, **kw)
+    seqfuse.optimize(model)
+    try:
+        assert hf_direct.problem(model) is None
+        assert torch.equal(_generate(model, ids, **kw), stock)
+        assert hf_direct.STATS["direct"] > 0
+
+        def runs_forward(**extra):
+            hf_direct.STATS["direct"] = 0
+            out = _generate(model, ids, **kw, **extra)
+            assert hf_direct.STATS["direct"] == 0, extra
+            return out
+
+        # the switch
+        monkeypatch.setenv(hf_direct.DIRECT_ENV, "0")
+        assert torch.equal(runs_forward(), stock)
+        monkeypatch.delenv(hf_direct.DIRECT_ENV)
+        # a hook on a module the step calls: it must see its calls
+        calls = []
+        handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            assert torch.equal(runs_forward(), stock)
+        finally:
+            handle.remove()
+        assert len(calls) > 1
+        # a decoder attention mask, attentions: the forward reads them
+        dmask = torch.ones(ids.shape[0], 1, dtype=torch.long)
+        runs_forward(decoder_attention_mask=dmask)
+        runs_forward(output_attentions=True, return_dict_in_generate=True)
+        # a transformers whose decoder code has another shape
+        monkeypatch.setitem(hf_direct._FAMILIES["marian"], "MarianDecoder.forward", "0" * 16)
+        assert "MarianDecoder.forward" in hf_direct.problem(model)
+        assert torch.equal(runs_forward(), stock)
+    finally:
+        hf.restore(model)
+
+
+def test_other_models_and_the_stock_decoder_say_why():
+    t5 = make_model("t5", seed=0)
+    assert "not a Marian, BART or mBART" in hf_direct.problem(t5)
+    bart = make_model("bart", seed=0)
+    # not optimised: the decoder has no one-call step
+    assert "one-call step" in hf_direct.problem(bart)
