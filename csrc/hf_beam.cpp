@@ -35,7 +35,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <tuple>
+#include <vector>
 
 namespace seqfuse {
 namespace {
@@ -128,6 +130,192 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hf_
   return {new_running_scores, new_beam_scores, new_finished, new_unsat, beam_idx, unfinished};
 }
 
+// The CPU form: the same results from plain loops. The gathers and writes
+// copy values (any order gives the same bits); each score is the same IEEE
+// float operations in the same order as the ATen kernels' (a product by the
+// float-cast scalar -1e9 of a 0/1 float, one add each; a division by the
+// float-cast length factor); both top-k's are at::topk's on the same values.
+// The ATen form above is its reference (tests/test_hf_beam_advance.py holds
+// both to transformers' helpers).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hf_beam_advance_cpu(
+    const at::Tensor& topk_log_probs, const at::Tensor& topk_tokens, const at::Tensor& topk_beams,
+    const at::Tensor& hits, const at::Tensor& run_buf, const at::Tensor& seq_buf,
+    const at::Tensor& run_bi_buf, const at::Tensor& bi_buf, const at::Tensor& running_beam_scores,
+    const at::Tensor& beam_scores, const at::Tensor& is_sent_finished,
+    const at::Tensor& early_stop_unsat, const at::Tensor& batch_offset,
+    const at::Tensor& top_num_beam_mask, int64_t cur_len, int64_t prompt_len, int64_t max_length,
+    int64_t num_beams, double length_penalty, int64_t early_stopping) {
+  const bool plain =
+      topk_log_probs.dim() == 2 && topk_log_probs.scalar_type() == at::kFloat &&
+      topk_tokens.scalar_type() == at::kLong && topk_beams.scalar_type() == at::kLong &&
+      hits.scalar_type() == at::kBool && run_buf.scalar_type() == at::kLong &&
+      seq_buf.scalar_type() == at::kLong && run_bi_buf.scalar_type() == at::kInt &&
+      bi_buf.scalar_type() == at::kInt && beam_scores.scalar_type() == at::kFloat &&
+      is_sent_finished.scalar_type() == at::kBool && early_stop_unsat.scalar_type() == at::kBool &&
+      batch_offset.scalar_type() == at::kLong && top_num_beam_mask.scalar_type() == at::kBool &&
+      run_buf.dim() == 3 && seq_buf.dim() == 3 && run_bi_buf.dim() == 3 && bi_buf.dim() == 3 &&
+      run_buf.is_contiguous() && seq_buf.is_contiguous() && run_bi_buf.is_contiguous() &&
+      bi_buf.is_contiguous() && num_beams == run_buf.size(1);
+  if (!plain) {  // other dtypes or layouts: the ATen form
+    return hf_beam_advance(topk_log_probs, topk_tokens, topk_beams, hits, run_buf, seq_buf,
+                           run_bi_buf, bi_buf, running_beam_scores, beam_scores, is_sent_finished,
+                           early_stop_unsat, batch_offset, top_num_beam_mask, cur_len, prompt_len,
+                           max_length, num_beams, length_penalty, early_stopping);
+  }
+  TORCH_CHECK(cur_len >= prompt_len && cur_len < run_buf.size(2) &&
+                  cur_len - prompt_len < run_bi_buf.size(2),
+              "hf_beam_advance: cur_len ", cur_len, " outside the buffers");
+  TORCH_CHECK(early_stopping >= 0 && early_stopping <= 2,
+              "hf_beam_advance: early_stopping must be 0 (False), 1 (True) or 2 (\"never\")");
+  const int64_t B = topk_log_probs.size(0), K = topk_log_probs.size(1), NB = num_beams;
+  TORCH_CHECK(K >= NB && topk_tokens.sizes() == topk_log_probs.sizes() &&
+                  topk_beams.sizes() == topk_log_probs.sizes() &&
+                  hits.sizes() == topk_log_probs.sizes() && run_buf.size(0) == B &&
+                  seq_buf.sizes() == run_buf.sizes() && run_bi_buf.size(0) == B &&
+                  bi_buf.sizes() == run_bi_buf.sizes() && run_bi_buf.size(1) == NB &&
+                  beam_scores.numel() == B * NB && is_sent_finished.numel() == B * NB &&
+                  early_stop_unsat.numel() == B && batch_offset.numel() == B &&
+                  top_num_beam_mask.numel() == K,
+              "hf_beam_advance: inconsistent shapes");
+  const bool stop_early = early_stopping == 1;
+  const int64_t w = cur_len + 1, wb = cur_len - prompt_len + 1, col = cur_len - prompt_len;
+  const int64_t L = run_buf.size(2), LB = run_bi_buf.size(2);
+  const float big = static_cast<float>(-1.0e9);
+  const float len_factor =
+      static_cast<float>(std::pow(static_cast<double>(w - prompt_len), length_penalty));
+  const int64_t hypothetical =
+      early_stopping == 2 && length_penalty > 0.0 ? max_length - prompt_len : w - prompt_len;
+  const float hyp_factor =
+      static_cast<float>(std::pow(static_cast<double>(hypothetical), length_penalty));
+
+  const at::Tensor lp_c = topk_log_probs.contiguous(), tok_c = topk_tokens.contiguous();
+  const at::Tensor beam_c = topk_beams.contiguous(), hits_c = hits.contiguous();
+  const at::Tensor scores_c = beam_scores.contiguous(), fin_c = is_sent_finished.contiguous();
+  const at::Tensor unsat_c = early_stop_unsat.contiguous(), off_c = batch_offset.contiguous();
+  const at::Tensor mask_c = top_num_beam_mask.contiguous();
+  const float* lp = lp_c.data_ptr<float>();
+  const int64_t* tok = tok_c.data_ptr<int64_t>();
+  const int64_t* beam = beam_c.data_ptr<int64_t>();
+  const bool* hit = hits_c.data_ptr<bool>();
+  const float* bscore = scores_c.data_ptr<float>();
+  const bool* fin = fin_c.data_ptr<bool>();
+  const bool* unsat = unsat_c.data_ptr<bool>();
+  const int64_t* off = off_c.data_ptr<int64_t>();
+  const bool* top_mask = mask_c.data_ptr<bool>();
+  for (int64_t i = 0; i < B * K; ++i)
+    TORCH_CHECK(beam[i] >= 0 && beam[i] < NB, "hf_beam_advance: beam index ", beam[i],
+                " out of range");
+
+  // the K continuations: sequences [B, K, w], beam indices [B, K, wb]
+  std::vector<int64_t> trs(B * K * w);
+  std::vector<int32_t> trbi(B * K * wb);
+  int64_t* run = run_buf.data_ptr<int64_t>();
+  int64_t* seq = seq_buf.data_ptr<int64_t>();
+  int32_t* run_bi = run_bi_buf.data_ptr<int32_t>();
+  int32_t* bi = bi_buf.data_ptr<int32_t>();
+  for (int64_t s = 0; s < B; ++s)
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t b = beam[s * K + j];
+      std::memcpy(&trs[(s * K + j) * w], run + (s * NB + b) * L, w * sizeof(int64_t));
+      trs[(s * K + j) * w + cur_len] = tok[s * K + j];
+      std::memcpy(&trbi[(s * K + j) * wb], run_bi + (s * NB + b) * LB, wb * sizeof(int32_t));
+      trbi[(s * K + j) * wb + col] = static_cast<int32_t>(b + off[s]);
+    }
+
+  // _get_running_beams_for_next_iteration
+  at::Tensor trlp = at::empty({B, K}, lp_c.options());
+  float* trlp_p = trlp.data_ptr<float>();
+  for (int64_t i = 0; i < B * K; ++i) trlp_p[i] = lp[i] + static_cast<float>(hit[i]) * big;
+  const at::Tensor next_idx = std::get<1>(at::topk(trlp, NB)).contiguous();
+  const int64_t* nx = next_idx.data_ptr<int64_t>();
+
+  // _update_finished_beams
+  std::vector<uint8_t> did(B * K);
+  at::Tensor merged = at::empty({B, NB + K}, lp_c.options());
+  float* mg = merged.data_ptr<float>();
+  for (int64_t s = 0; s < B; ++s) {
+    bool full = true;
+    for (int64_t i = 0; i < NB; ++i) full &= fin[s * NB + i];
+    const float f_full = static_cast<float>(full && stop_early) * big;
+    const float f_unsat = static_cast<float>(!unsat[s]) * big;
+    for (int64_t i = 0; i < NB; ++i) mg[s * (NB + K) + i] = bscore[s * NB + i];
+    for (int64_t j = 0; j < K; ++j) {
+      did[s * K + j] = hit[s * K + j] && top_mask[j];
+      float v = lp[s * K + j] / len_factor;
+      v += f_full;
+      v += f_unsat;
+      v += static_cast<float>(!did[s * K + j]) * big;
+      mg[s * (NB + K) + NB + j] = v;
+    }
+  }
+  const at::Tensor merged_idx = std::get<1>(at::topk(merged, NB)).contiguous();
+  const int64_t* mx = merged_idx.data_ptr<int64_t>();
+
+  at::Tensor new_running = at::empty({B, NB}, lp_c.options());
+  at::Tensor new_scores = at::empty({B, NB}, lp_c.options());
+  at::Tensor new_fin = at::empty({B, NB}, fin_c.options());
+  at::Tensor new_unsat = at::empty({B, 1}, unsat_c.options());
+  at::Tensor beam_idx = at::empty({B * NB}, run_bi_buf.options());
+  float* nr = new_running.data_ptr<float>();
+  float* ns = new_scores.data_ptr<float>();
+  bool* nf = new_fin.data_ptr<bool>();
+  bool* nu = new_unsat.data_ptr<bool>();
+  int32_t* bidx = beam_idx.data_ptr<int32_t>();
+  std::vector<int64_t> seq_tmp(NB * w);
+  std::vector<int32_t> bi_tmp(NB * wb);
+  bool any_unsat = false, all_fin = true, all_hits = true;
+  for (int64_t i = 0; i < B * K; ++i) all_hits &= hit[i];
+  for (int64_t s = 0; s < B; ++s) {
+    // the running beams (from the continuations only: no aliasing)
+    for (int64_t i = 0; i < NB; ++i) {
+      const int64_t j = nx[s * NB + i];
+      nr[s * NB + i] = trlp_p[s * K + j];
+      std::memcpy(run + (s * NB + i) * L, &trs[(s * K + j) * w], w * sizeof(int64_t));
+      std::memcpy(run_bi + (s * NB + i) * LB, &trbi[(s * K + j) * wb], wb * sizeof(int32_t));
+      bidx[s * NB + i] = trbi[(s * K + j) * wb + col];
+    }
+    // the finished beams: gathered first (their sources include seq itself)
+    for (int64_t i = 0; i < NB; ++i) {
+      const int64_t m = mx[s * NB + i];
+      ns[s * NB + i] = mg[s * (NB + K) + m];
+      if (m < NB) {
+        std::memcpy(&seq_tmp[i * w], seq + (s * NB + m) * L, w * sizeof(int64_t));
+        std::memcpy(&bi_tmp[i * wb], bi + (s * NB + m) * LB, wb * sizeof(int32_t));
+        nf[s * NB + i] = fin[s * NB + m];
+      } else {
+        std::memcpy(&seq_tmp[i * w], &trs[(s * K + m - NB) * w], w * sizeof(int64_t));
+        std::memcpy(&bi_tmp[i * wb], &trbi[(s * K + m - NB) * wb], wb * sizeof(int32_t));
+        nf[s * NB + i] = did[s * K + m - NB] != 0;
+      }
+    }
+    for (int64_t i = 0; i < NB; ++i) {
+      std::memcpy(seq + (s * NB + i) * L, &seq_tmp[i * w], w * sizeof(int64_t));
+      std::memcpy(bi + (s * NB + i) * LB, &bi_tmp[i * wb], wb * sizeof(int32_t));
+    }
+    // _check_early_stop_heuristic (torch.min: NaN if the row holds one)
+    float lowest = ns[s * NB];
+    for (int64_t i = 0; i < NB; ++i) {
+      const float v = ns[s * NB + i];
+      if (std::isnan(v)) {
+        lowest = v;
+        break;
+      }
+      lowest = v < lowest ? v : lowest;
+    }
+    const float best = nr[s * NB] / hyp_factor;
+    bool improvable = false;
+    for (int64_t i = 0; i < NB; ++i) {
+      const float worst = nf[s * NB + i] ? lowest : big;
+      improvable |= best > worst;
+      all_fin &= nf[s * NB + i];
+    }
+    nu[s] = unsat[s] && improvable;
+    any_unsat |= nu[s];
+  }
+  const bool unfinished = any_unsat && !(all_fin && stop_early) && !all_hits;
+  return {new_running, new_scores, new_fin, new_unsat, beam_idx, unfinished};
+}
+
 // (some logits row's maximum not finite or a running score NaN,
 //  per sentence: whether two of its first k candidate scores are equal)
 std::tuple<bool, at::Tensor> beam_topk_checks(const at::Tensor& logits, const at::Tensor& cum,
@@ -188,4 +376,7 @@ TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {
   m.impl("hf_beam_advance", &seqfuse::hf_beam_advance);
 }
 
-TORCH_LIBRARY_IMPL(seqfuse, CPU, m) { m.impl("beam_topk_checks", &seqfuse::beam_topk_checks); }
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
+  m.impl("hf_beam_advance", &seqfuse::hf_beam_advance_cpu);
+  m.impl("beam_topk_checks", &seqfuse::beam_topk_checks);
+}

@@ -132,9 +132,19 @@ def _same(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
+def _strided(t):
+    """``t`` as a view into a wider buffer (the op's ATen form takes it)."""
+    wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype)
+    wide[..., : t.shape[-1]] = t
+    return wide[..., : t.shape[-1]]
+
+
+# "loops": the CPU form (contiguous buffers); "aten": the ATen calls (any
+# other layout, and every other device)
+@pytest.mark.parametrize("form", ("loops", "aten"))
 @pytest.mark.parametrize("early_stopping", (True, False, "never"))
 @pytest.mark.parametrize("length_penalty", (1.0, 0.0, -0.7, 2, 1.3))
-def test_op_is_the_helpers_bit_for_bit(early_stopping, length_penalty):
+def test_op_is_the_helpers_bit_for_bit(early_stopping, length_penalty, form):
     helpers = _Helpers()
     g = torch.Generator().manual_seed(hash((str(early_stopping), length_penalty)) % 2**31)
     code = hf._early_stopping_code(early_stopping)
@@ -149,6 +159,9 @@ def test_op_is_the_helpers_bit_for_bit(early_stopping, length_penalty):
             st, cur_len, prompt_len, max_length, num_beams, length_penalty, early_stopping
         )
         s = {k: v.clone() for k, v in st.items()}
+        if form == "aten":
+            for name in ("run", "seq", "run_bi", "bi"):
+                s[name] = _strided(s[name])
         got = torch.ops.seqfuse.hf_beam_advance(
             s["lp"], s["tokens"], s["beams"], s["hits"], s["run"], s["seq"], s["run_bi"],
             s["bi"], s["running"], s["scores"], s["fin"], s["unsat"], s["offset"],
