@@ -11,11 +11,11 @@ token's embedding and position, the two attention masks, the layers' step,
 an embedding or final layer norm (BART, mBART), the LM head and its bias.
 :func:`step` makes exactly those calls, with the same modules, functions
 and arguments as the verified decoder code (below, by the shape of its
-source, seqfuse.source_shape), and returns the logits: the same tensors,
+source, seqfuse.source_shape; transformers 5.17 and 5.23), and returns the logits: the same tensors,
 bit for bit, without about a millisecond of Python a step.
 
 It runs only where that reproduction is certain: the model's classes and
-their forwards are the verified ones (transformers 5.23), the cache is an
+their forwards are the verified ones, the cache is an
 initialised EncoderDecoderCache of dynamic layers, the search's
 model_kwargs hold nothing a forward would read besides the encoder output,
 its mask and the cache, no module has a hook (other than transformers' idle
@@ -36,34 +36,37 @@ DIRECT_ENV = "SEQFUSE_HF_DIRECT_STEP"
 
 STATS = {"direct": 0}
 
-# family -> {qualified function: source shape} (transformers 5.23; 5.17's
-# decoder forwards and prepare_inputs_for_generation have other shapes: the
-# model's forward runs there).
+# family -> {qualified function: its verified source shapes}: transformers
+# 5.23, and 5.17 where its code differs (its decoder forwards skip layerdrop
+# on `self.training` alone, which eval mode never reaches; its
+# prepare_inputs_for_generation differs in the token-type keys, a
+# compileable cache's mask and the device move, none of which a step here
+# has). The same calls for a decoder step in both.
 _FAMILIES = {
     "marian": {
-        "MarianMTModel.forward": "44cb9b6492fdcf21",
-        "MarianModel.forward": "7e6924b46992a7a0",
-        "MarianDecoder.forward": "b1c5169a77234ccd",
-        "MarianSinusoidalPositionalEmbedding.forward": "e7e4e20ec762ede6",
+        "MarianMTModel.forward": {"44cb9b6492fdcf21"},
+        "MarianModel.forward": {"7e6924b46992a7a0"},
+        "MarianDecoder.forward": {"b1c5169a77234ccd", "e45ca04f1644a4cd"},
+        "MarianSinusoidalPositionalEmbedding.forward": {"e7e4e20ec762ede6"},
     },
     "bart": {
-        "BartForConditionalGeneration.forward": "cc1a44e14862509f",
-        "BartModel.forward": "28f3faaed7f510ac",
-        "BartDecoder.forward": "4783a991ea37a922",
-        "BartLearnedPositionalEmbedding.forward": "e129b3fc4666ab86",
-        "BartScaledWordEmbedding.forward": "5391be5d305e8e89",
+        "BartForConditionalGeneration.forward": {"cc1a44e14862509f"},
+        "BartModel.forward": {"28f3faaed7f510ac"},
+        "BartDecoder.forward": {"4783a991ea37a922", "7b7714e7584a3ef2"},
+        "BartLearnedPositionalEmbedding.forward": {"e129b3fc4666ab86"},
+        "BartScaledWordEmbedding.forward": {"5391be5d305e8e89"},
     },
     "mbart": {
-        "MBartForConditionalGeneration.forward": "0e6a18ff8acd5302",
-        "MBartModel.forward": "8cd1bfa57263a656",
-        "MBartDecoder.forward": "f1b3f761e672af62",
-        "MBartLearnedPositionalEmbedding.forward": "e129b3fc4666ab86",
-        "MBartScaledWordEmbedding.forward": "5391be5d305e8e89",
+        "MBartForConditionalGeneration.forward": {"0e6a18ff8acd5302"},
+        "MBartModel.forward": {"8cd1bfa57263a656"},
+        "MBartDecoder.forward": {"f1b3f761e672af62", "d8f0ccfbda802fc2"},
+        "MBartLearnedPositionalEmbedding.forward": {"e129b3fc4666ab86"},
+        "MBartScaledWordEmbedding.forward": {"5391be5d305e8e89"},
     },
 }
 _GENERATION = {
-    "prepare_inputs_for_generation": "d77e78d57cab535a",
-    "_update_model_kwargs_for_generation": "159384a4f2dce36e",
+    "prepare_inputs_for_generation": {"d77e78d57cab535a", "0bce3f021ffa26c4"},
+    "_update_model_kwargs_for_generation": {"159384a4f2dce36e"},
 }
 # The search's model_kwargs a direct step reproduces (any other key, or an
 # output request, sends the step to the model's forward).
@@ -107,15 +110,15 @@ def problem(model) -> str | None:
     if fam is None:
         return f"{type(model).__name__} is not a Marian, BART or mBART model"
     classes = _classes(model)
-    for qual, shape in _FAMILIES[fam].items():
+    for qual, shapes in _FAMILIES[fam].items():
         cls_name, fn = qual.split(".")
         cls = classes.get(cls_name)
-        if cls is None or shape_of(getattr(cls, fn)) != shape:
+        if cls is None or shape_of(getattr(cls, fn)) not in shapes:
             return f"this transformers' {qual} is not the verified one"
-    for name, shape in _GENERATION.items():
+    for name, shapes in _GENERATION.items():
         mine = getattr(GenerationMixin, name)
         theirs = getattr(model, name)
-        if getattr(theirs, "__func__", theirs) is not mine or shape_of(mine) != shape:
+        if getattr(theirs, "__func__", theirs) is not mine or shape_of(mine) not in shapes:
             return f"{name} is not the verified one"
     lm_cls = next(c for n, c in classes.items() if n.endswith(("MTModel", "Generation")))
     inner_cls = next(c for n, c in classes.items() if n.endswith("Model") and c is not lm_cls)
@@ -203,7 +206,7 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
     enc_mask = model_kwargs.get("attention_mask")
     dec = model.model.decoder
     fam = _family(model)
-    # the decoder forward's calls (5.23), for input_ids = tokens
+    # the decoder forward's calls, for input_ids = tokens
     embeds = dec.embed_tokens(tokens)
     if fam == "marian":
         embeds = embeds * dec.embed_scale

@@ -433,17 +433,26 @@ def hf_case(seed: int) -> dict:
             return None, e
 
     stock, stock_exc = run()
+    from integrations import hf_direct
+
     seqfuse.optimize(model, fused_layers=fused)
-    dropped = hf.STATS["sentences_dropped"]
+    before = (hf.STATS["sentences_dropped"], hf.STATS["advanced_steps"], hf_direct.STATS["direct"])
     try:
         ours, ours_exc = run()
     finally:
         hf.restore(model)
-    dropped = hf.STATS["sentences_dropped"] - dropped
+    after = (hf.STATS["sentences_dropped"], hf.STATS["advanced_steps"], hf_direct.STATS["direct"])
+    dropped, advanced, direct = (a - b for a, b in zip(after, before))
     if stock_exc is not None or ours_exc is not None:
         return _failures(desc, stock_exc, ours_exc)
     problems = hf_problems(stock, ours, exact=not fused)
-    return {"case": desc, "problems": problems, "sentences_dropped": dropped}
+    return {
+        "case": desc,
+        "problems": problems,
+        "sentences_dropped": dropped,
+        "advanced_steps": advanced,
+        "direct_steps": direct,
+    }
 
 
 # ------------------------------------------------------------------------ CLI
@@ -702,6 +711,9 @@ def main(argv=None) -> int:
         with_drops = [r for r in results if r.get("sentences_dropped")]
         summary["hf_cases_with_sentences_dropped"] = len(with_drops)
         summary["hf_sentences_dropped"] = sum(r["sentences_dropped"] for r in with_drops)
+        # the steps whose bookkeeping was one C++ call, and the direct steps
+        for key in ("advanced_steps", "direct_steps"):
+            summary[f"hf_cases_with_{key}"] = sum(1 for r in results if r.get(key))
     print(
         f"parity_fuzz: {len(results)} cases ({', '.join(targets)}), {len(bad)} mismatched, "
         f"{raised} where stock and seqfuse raised the same error, {summary['seconds']} s"

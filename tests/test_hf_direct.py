@@ -113,7 +113,7 @@ def test_what_the_direct_step_cannot_reproduce_runs_the_forward(monkeypatch):
         runs_forward(decoder_attention_mask=dmask)
         runs_forward(output_attentions=True, return_dict_in_generate=True)
         # a transformers whose decoder code has another shape
-        monkeypatch.setitem(hf_direct._FAMILIES["marian"], "MarianDecoder.forward", "0" * 16)
+        monkeypatch.setitem(hf_direct._FAMILIES["marian"], "MarianDecoder.forward", {"0" * 16})
         assert "MarianDecoder.forward" in hf_direct.problem(model)
         assert torch.equal(runs_forward(), stock)
     finally:
