@@ -122,10 +122,10 @@ _HELPERS = (
 
 # The step's bookkeeping after its top-k (the running and finished beams'
 # update, the buffers' copies, the early-stop test) runs as one C++ call
-# (seqfuse._C's hf_beam_advance: the ATen calls of these helpers, in their
-# order) where the helpers' source is one of these shapes
-# (seqfuse.source_shape; the same in transformers 5.17 and 5.23) and the
-# model does not override them; "0" calls the helpers, as before.
+# (hf_beam_advance, csrc/hf_beam.cpp: these helpers' operations, in their
+# order) where the helpers' source has these shapes (seqfuse.source_shape;
+# the same in transformers 5.17 and 5.23) and neither the model's class nor
+# the instance replaces them; "0" calls the helpers.
 BEAM_ADVANCE_ENV = "SEQFUSE_HF_BEAM_ADVANCE"
 _ADVANCE_SHAPES = {
     "_gather_beams": "45bd6fac7c26d7b3",
