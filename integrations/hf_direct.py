@@ -1,5 +1,5 @@
 """A decoding step's forward without transformers' wrappers, for Marian,
-BART and mBART models whose decoder has the one-call layer step.
+BART, mBART and FSMT models whose decoder has the one-call layer step.
 
 After the first step, seqfuse's beam search (integrations.hf) calls the
 model's forward once a step: ``prepare_inputs_for_generation``, the
@@ -63,7 +63,50 @@ _FAMILIES = {
         "MBartLearnedPositionalEmbedding.forward": {"e129b3fc4666ab86"},
         "MBartScaledWordEmbedding.forward": {"5391be5d305e8e89"},
     },
+    # FSMT: 5.23 only (5.17's decoder embeds the positions of every token so
+    # far and keeps the last)
+    "fsmt": {
+        "FSMTForConditionalGeneration.forward": {"afdb783aecd56347"},
+        "FSMTModel.forward": {"4c74449be6bb1803"},
+        "FSMTDecoder.forward": {"d9bf7a665d615be7"},
+        "SinusoidalPositionalEmbedding.forward": {"13bed42b55e313a5"},
+        "SinusoidalPositionalEmbedding.make_positions": {"47802777032a04a5"},
+        "invert_mask": {"76d13e78ba6967fe"},
+    },
 }
+# Each family's classes by role (the token embedding: None for a plain
+# nn.Embedding), and the marker of the decoder's one-call layer step.
+_ROLES = {
+    "marian": (
+        "MarianMTModel",
+        "MarianModel",
+        "MarianDecoder",
+        "MarianSinusoidalPositionalEmbedding",
+        None,
+    ),
+    "bart": (
+        "BartForConditionalGeneration",
+        "BartModel",
+        "BartDecoder",
+        "BartLearnedPositionalEmbedding",
+        "BartScaledWordEmbedding",
+    ),
+    "mbart": (
+        "MBartForConditionalGeneration",
+        "MBartModel",
+        "MBartDecoder",
+        "MBartLearnedPositionalEmbedding",
+        "MBartScaledWordEmbedding",
+    ),
+    "fsmt": (
+        "FSMTForConditionalGeneration",
+        "FSMTModel",
+        "FSMTDecoder",
+        "SinusoidalPositionalEmbedding",
+        None,
+    ),
+}
+_MARKERS = {"fsmt": "_seqfuse_hf_fsmt_exact"}
 _GENERATION = {
     "prepare_inputs_for_generation": {"d77e78d57cab535a", "0bce3f021ffa26c4"},
     "_update_model_kwargs_for_generation": {"159384a4f2dce36e"},
@@ -80,24 +123,23 @@ def _base(model) -> type:
 
 
 def _family(model) -> str | None:
-    return {
-        "MarianMTModel": "marian",
-        "BartForConditionalGeneration": "bart",
-        "MBartForConditionalGeneration": "mbart",
-    }.get(_base(model).__name__)
+    name = _base(model).__name__
+    return next((fam for fam, roles in _ROLES.items() if roles[0] == name), None)
 
 
-def _classes(model) -> dict:
-    """The family's classes in transformers, by name."""
-    import transformers
+def _module(fam: str):
+    """The family's modeling module in transformers."""
+    import importlib
 
-    fam = _family(model)
-    mod = {
-        "marian": transformers.models.marian.modeling_marian,
-        "bart": transformers.models.bart.modeling_bart,
-        "mbart": transformers.models.mbart.modeling_mbart,
-    }[fam]
-    return {name: getattr(mod, name, None) for name in {q.split(".")[0] for q in _FAMILIES[fam]}}
+    return importlib.import_module(f"transformers.models.{fam}.modeling_{fam}")
+
+
+def _code(mod, qual: str):
+    """``Class.function`` or a module-level ``function`` of ``mod``, or None."""
+    obj = mod
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def problem(model) -> str | None:
@@ -108,42 +150,36 @@ def problem(model) -> str | None:
         return f"{DIRECT_ENV}=0"
     fam = _family(model)
     if fam is None:
-        return f"{type(model).__name__} is not a Marian, BART or mBART model"
-    classes = _classes(model)
+        return f"{type(model).__name__} is not a Marian, BART, mBART or FSMT model"
+    mod = _module(fam)
     for qual, shapes in _FAMILIES[fam].items():
-        cls_name, fn = qual.split(".")
-        cls = classes.get(cls_name)
-        if cls is None or shape_of(getattr(cls, fn)) not in shapes:
+        fn = _code(mod, qual)
+        if fn is None or shape_of(fn) not in shapes:
             return f"this transformers' {qual} is not the verified one"
     for name, shapes in _GENERATION.items():
         mine = getattr(GenerationMixin, name)
         theirs = getattr(model, name)
         if getattr(theirs, "__func__", theirs) is not mine or shape_of(mine) not in shapes:
             return f"{name} is not the verified one"
-    lm_cls = next(c for n, c in classes.items() if n.endswith(("MTModel", "Generation")))
-    inner_cls = next(c for n, c in classes.items() if n.endswith("Model") and c is not lm_cls)
-    dec_cls = next(c for n, c in classes.items() if n.endswith("Decoder"))
+    lm_cls, inner_cls, dec_cls, pos_cls, tok_cls = (
+        None if n is None else getattr(mod, n) for n in _ROLES[fam]
+    )
     if _base(model) is not lm_cls or type(model.model) is not inner_cls:
         return "the model's classes are not the verified ones"
-    dec = model.model.decoder
-    if not getattr(dec, "_seqfuse_hf_exact", False) or type(dec).__bases__[1] is not dec_cls:
-        return "the decoder has no one-call step"
     if (
         type(model).forward is not lm_cls.forward
         or type(model.model).forward is not inner_cls.forward
     ):
         return "the model's forward is not the verified one"
-    emb = dec.embed_tokens
-    pos_cls = next(c for n, c in classes.items() if n.endswith("PositionalEmbedding"))
+    dec = model.model.decoder
+    marker = _MARKERS.get(fam, "_seqfuse_hf_exact")
+    if not getattr(dec, marker, False) or type(dec).__bases__[1] is not dec_cls:
+        return "the decoder has no one-call step"
     if type(dec.embed_positions) is not pos_cls:
         return "the positional embedding's class is not the verified one"
-    if fam == "marian":
-        if type(emb) is not nn.Embedding:
-            return "the token embedding is not an nn.Embedding"
-    else:
-        emb_cls = next(c for n, c in classes.items() if n.endswith("ScaledWordEmbedding"))
-        if type(emb) is not emb_cls:
-            return "the token embedding's class is not the verified one"
+    if type(dec.embed_tokens) is not (tok_cls or nn.Embedding):
+        return "the token embedding's class is not the verified one"
+    if fam in ("bart", "mbart"):
         norms = [dec.layernorm_embedding] + ([dec.layer_norm] if fam == "mbart" else [])
         if any(type(n) is not nn.LayerNorm for n in norms):
             return "a decoder layer norm is not an nn.LayerNorm"
@@ -184,6 +220,9 @@ def usable(model, model_kwargs: dict) -> str | None:
             return f"model_kwargs {k!r}"
     if model_kwargs.get("use_cache") is not True:
         return "use_cache is not True"
+    cfg = model.config
+    if getattr(cfg, "output_attentions", False) or getattr(cfg, "output_hidden_states", False):
+        return "the model's config asks for attentions or hidden states"
     if _hooked(model):
         return "a module has a hook"
     return None
@@ -206,6 +245,8 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
     enc_mask = model_kwargs.get("attention_mask")
     dec = model.model.decoder
     fam = _family(model)
+    if fam == "fsmt":
+        return _fsmt_step(dec, tokens, cache, enc, enc_mask)
     # the decoder forward's calls, for input_ids = tokens
     embeds = dec.embed_tokens(tokens)
     if fam == "marian":
@@ -248,3 +289,31 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
         logits = model.lm_head(h)
         return logits + model.final_logits_bias.to(logits.device)
     return model.lm_head(h) + model.final_logits_bias
+
+
+def _fsmt_step(dec, tokens, cache, enc, enc_mask):
+    """FSMTModel's and FSMTDecoder's calls for a cached one-token step (no
+    decoder padding or causal mask then), on time-major states; the logits
+    are the decoder's output projection."""
+    from integrations import hf_exact_step, hf_fsmt_step
+
+    pad = _module("fsmt").invert_mask(enc_mask) if enc_mask is not None else None
+    past = cache.get_seq_length()
+    positions = dec.embed_positions(tokens, past_key_values_length=past)
+    x = dec.embed_tokens(tokens) * dec.embed_scale
+    x += positions
+    # (dropout: the identity in eval mode)
+    x = x.transpose(0, 1)
+    kwargs = {
+        "encoder_attn_mask": pad,
+        "decoder_padding_mask": None,
+        "layer_state": cache,
+        "causal_mask": None,
+        "output_attentions": False,
+    }
+    x = hf_fsmt_step._Runner(dec.layers)._exact(x, (enc.transpose(0, 1),), kwargs)
+    if x is None:
+        return None
+    hf_exact_step.STATS["exact"] += 1
+    STATS["direct"] += 1
+    return dec.output_projection(x.transpose(0, 1))

@@ -120,9 +120,40 @@ def test_what_the_direct_step_cannot_reproduce_runs_the_forward(monkeypatch):
         hf.restore(model)
 
 
+@pytest.mark.parametrize("fused", (False, True))
+def test_fsmt_steps_are_stock(fused):
+    """FSMT (transformers 5.23's decoder; 5.17's embeds every position so far
+    and runs the model's forward): bit for bit in the exact mode (sequences,
+    scores, the returned caches), the same tokens and scores within 1e-5 fused."""
+    from hf_models import needs_packed_gemm
+    from test_hf_fsmt_step import _assert_identical, _fsmt, _generate, _inputs
+
+    if fused and needs_packed_gemm().args[0]:
+        pytest.skip(needs_packed_gemm().kwargs["reason"])
+    model = _fsmt(seed=8, layers=2)
+    ids, mask = _inputs(batch=5, seed=8)
+    stock = _generate(model, ids, mask)
+    seqfuse.optimize(model, fused_layers=fused)
+    try:
+        why = hf_direct.problem(model)
+        ours = _generate(model, ids, mask)
+    finally:
+        hf.restore(model)
+    if why is not None:
+        assert "FSMTDecoder.forward" in why  # (transformers 5.17)
+        assert hf_direct.STATS["direct"] == 0
+    else:
+        assert hf_direct.STATS["direct"] > 0
+    if fused:
+        assert torch.equal(ours.sequences, stock.sequences)
+        torch.testing.assert_close(ours.sequences_scores, stock.sequences_scores, rtol=0, atol=1e-5)
+    else:
+        _assert_identical(stock, ours)
+
+
 def test_other_models_and_the_stock_decoder_say_why():
     t5 = make_model("t5", seed=0)
-    assert "not a Marian, BART or mBART" in hf_direct.problem(t5)
+    assert "not a Marian, BART, mBART or FSMT" in hf_direct.problem(t5)
     bart = make_model("bart", seed=0)
     # not optimised: the decoder has no one-call step
     assert "one-call step" in hf_direct.problem(bart)
