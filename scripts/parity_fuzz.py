@@ -391,14 +391,14 @@ def _float64_reference(model, d, sample, opts):
 _hf_models: dict = {}
 
 
-def hf_case(seed: int) -> dict:
+def hf_case(seed: int, kinds: tuple[str, ...] | None = None) -> dict:
     from hf_models import KINDS, MORE_KINDS, make_inputs, make_model
 
     import seqfuse
     from integrations import hf
 
     rnd = random.Random(seed)
-    kind = rnd.choice(KINDS + MORE_KINDS)
+    kind = rnd.choice(kinds or (KINDS + MORE_KINDS))
     key = (kind, seed % 3)
     if key not in _hf_models:
         _hf_models[key] = make_model(kind, seed=seed % 3).eval()
@@ -667,6 +667,11 @@ def main(argv=None) -> int:
         "model, two processes per case)",
     )
     ap.add_argument("--no-multi30k", action="store_true", help="random models only")
+    ap.add_argument(
+        "--hf-kinds",
+        help="comma-separated Hugging Face model kinds for the hf target (default: every kind "
+        "of the HF tests' KINDS and MORE_KINDS; fsmt also takes part when named)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--json", help="write the summary, mismatches and case counts here")
     ap.add_argument("--all-cases", action="store_true", help="--json lists every case too")
@@ -677,6 +682,14 @@ def main(argv=None) -> int:
         ap.error(f"--targets: choose among {', '.join(TARGETS)}")
     if args.cases < 1:
         ap.error("--cases must be at least 1")
+    hf_kinds = None
+    if args.hf_kinds:
+        from hf_models import KINDS, MORE_KINDS
+
+        hf_kinds = tuple(k.strip() for k in args.hf_kinds.split(",") if k.strip())
+        bad_kinds = [k for k in hf_kinds if k not in KINDS + MORE_KINDS + ("fsmt",)]
+        if bad_kinds or not hf_kinds:
+            ap.error(f"--hf-kinds: choose among {', '.join(KINDS + MORE_KINDS + ('fsmt',))}")
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)  # fallback lines and fairseq's info
     warnings.filterwarnings("ignore")
@@ -688,7 +701,7 @@ def main(argv=None) -> int:
                 if target == "fairseq":
                     res = fairseq_case(seed, multi30k=not args.no_multi30k)
                 elif target == "hf":
-                    res = hf_case(seed)
+                    res = hf_case(seed, hf_kinds)
                 else:
                     res = cli_case(seed)
             except Exception as e:  # a crash in the harness itself is a finding too

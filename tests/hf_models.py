@@ -23,6 +23,7 @@ TUNING = {
     "llama": (0.5, 3.0, 4.0),
     "qwen2": (0.5, 3.0, 4.0),
     "m2m100": (0.5, 3.0, 6.0),
+    "fsmt": (0.5, 3.0, 6.0),
     "pegasus": (0.5, 3.0, 6.0),
 }
 
@@ -149,19 +150,45 @@ def make_model(kind: str, seed: int = 0, vocab: int = 211, **tuning):
             **small,
         )
         model = tf.PegasusForConditionalGeneration(cfg)
+    elif kind == "fsmt":  # (not in KINDS: the parity fuzz's --hf-kinds, FSMT's own tests)
+        cfg = tf.FSMTConfig(
+            langs=["en", "de"],
+            src_vocab_size=vocab,
+            tgt_vocab_size=vocab,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            init_std=init,
+            scale_embedding=True,
+            tie_word_embeddings=False,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
+        )
+        model = tf.FSMTForConditionalGeneration(cfg)
     else:
         raise ValueError(kind)
     model.eval()
     # An untied output layer with a bias, calibrated so that logits have a
     # standard deviation of about ``spread`` (random models are otherwise
     # either flat or collapse onto one token), EOS made likely by ``eos_bias``.
-    old = model.get_output_embeddings()
+    old = model.model.decoder.output_projection if kind == "fsmt" else model.get_output_embeddings()
     head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
     with torch.no_grad():
         head.weight.normal_(0.0, 1.0)
         head.bias.zero_()
         model.config.tie_word_embeddings = False
-        model.set_output_embeddings(head)
+        if kind == "fsmt":  # (FSMT's "output embeddings" are its decoder's input ones)
+            model.model.decoder.output_projection = head
+        else:
+            model.set_output_embeddings(head)
         ids, mask = make_inputs(kind, model, 4, seed=seed + 1)
         if kind in DECODER_ONLY:
             logits = model(input_ids=ids, attention_mask=mask).logits

@@ -48,6 +48,19 @@ def test_fuzz_script_refuses_bad_arguments():
         parity_fuzz.main(["--targets", "onnx"])
     with pytest.raises(SystemExit):
         parity_fuzz.main(["--cases", "0"])
+    with pytest.raises(SystemExit):
+        parity_fuzz.main(["--targets", "hf", "--hf-kinds", "bert"])
+
+
+def test_hf_kinds_pick_the_models(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "fuzz.json"
+    args = ["--cases", "4", "--seed", "7", "--targets", "hf", "--hf-kinds", "fsmt,marian"]
+    assert parity_fuzz.main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    kinds = {key.split()[1] for key in report["breakdown"]}
+    assert kinds <= {"fsmt", "marian"} and sum(report["breakdown"].values()) == 4
+    assert report["summary"]["hf_cases_with_advanced_steps"] > 0
 
 
 def _stock_hypos(seed=3):
