@@ -1026,14 +1026,12 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
             if direct_logits is None:
                 model_outputs = _forward(model, flat_running, model_kwargs)
         first = False
-        if direct_logits is None:
-            model_kwargs = model._update_model_kwargs_for_generation(
-                model_outputs, model_kwargs, is_encoder_decoder=is_enc_dec
-            )
-            raw = model_outputs.logits[:, -1, :]
-        else:
-            # (the update would set the cache it holds: hf_direct.usable)
-            raw = direct_logits[:, -1, :]
+        model_kwargs = model._update_model_kwargs_for_generation(
+            model_outputs if direct_logits is None else hf_direct.CacheOnly(model_kwargs),
+            model_kwargs,
+            is_encoder_decoder=is_enc_dec,
+        )
+        raw = (model_outputs.logits if direct_logits is None else direct_logits)[:, -1, :]
         if raw.dtype == torch.float32 and raw.device == device and raw.is_contiguous():
             logits = raw
         else:

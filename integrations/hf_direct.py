@@ -73,6 +73,13 @@ _FAMILIES = {
         "SinusoidalPositionalEmbedding.make_positions": {"47802777032a04a5"},
         "invert_mask": {"76d13e78ba6967fe"},
     },
+    # GPT-2 (decoder-only): its LM head model's and model's forwards and the
+    # LM head's slice
+    "gpt2": {
+        "GPT2LMHeadModel.forward": {"4ee593c2a690095e"},
+        "GPT2Model.forward": {"e0f822cb14838a73"},
+        "slice_logits_to_keep": {"bdb1a45d8cf8abfe"},
+    },
 }
 # Each family's classes by role (the token embedding: None for a plain
 # nn.Embedding), and the marker of the decoder's one-call layer step.
@@ -107,6 +114,7 @@ _ROLES = {
     ),
 }
 _MARKERS = {"fsmt": "_seqfuse_hf_fsmt_exact"}
+_GPT2 = ("GPT2LMHeadModel", "GPT2Model")
 _GENERATION = {
     "prepare_inputs_for_generation": {"d77e78d57cab535a", "0bce3f021ffa26c4"},
     "_update_model_kwargs_for_generation": {"159384a4f2dce36e"},
@@ -114,7 +122,21 @@ _GENERATION = {
 # The search's model_kwargs a direct step reproduces (any other key, or an
 # output request, sends the step to the model's forward).
 _KWARGS = frozenset({"attention_mask", "encoder_outputs", "past_key_values", "use_cache"})
+_GPT2_KWARGS = frozenset(
+    {"attention_mask", "position_ids", "logits_to_keep", "past_key_values", "use_cache"}
+)
 _FALSE_KWARGS = frozenset({"output_attentions", "output_hidden_states"})
+
+
+class CacheOnly:
+    """What ``_update_model_kwargs_for_generation`` reads of a direct step's
+    outputs: the cache (the same object the step updated in place)."""
+
+    def __init__(self, model_kwargs: dict):
+        self.past_key_values = model_kwargs.get("past_key_values")
+
+    def __contains__(self, name) -> bool:
+        return name == "past_key_values" and self.past_key_values is not None
 
 
 def _base(model) -> type:
@@ -124,6 +146,8 @@ def _base(model) -> type:
 
 def _family(model) -> str | None:
     name = _base(model).__name__
+    if name == _GPT2[0]:
+        return "gpt2"
     return next((fam for fam, roles in _ROLES.items() if roles[0] == name), None)
 
 
@@ -150,7 +174,7 @@ def problem(model) -> str | None:
         return f"{DIRECT_ENV}=0"
     fam = _family(model)
     if fam is None:
-        return f"{type(model).__name__} is not a Marian, BART, mBART or FSMT model"
+        return f"{type(model).__name__} is not a Marian, BART, mBART, FSMT or GPT-2 model"
     mod = _module(fam)
     for qual, shapes in _FAMILIES[fam].items():
         fn = _code(mod, qual)
@@ -161,6 +185,8 @@ def problem(model) -> str | None:
         theirs = getattr(model, name)
         if getattr(theirs, "__func__", theirs) is not mine or shape_of(mine) not in shapes:
             return f"{name} is not the verified one"
+    if fam == "gpt2":
+        return _gpt2_problem(model, mod)
     lm_cls, inner_cls, dec_cls, pos_cls, tok_cls = (
         None if n is None else getattr(mod, n) for n in _ROLES[fam]
     )
@@ -183,6 +209,27 @@ def problem(model) -> str | None:
         norms = [dec.layernorm_embedding] + ([dec.layer_norm] if fam == "mbart" else [])
         if any(type(n) is not nn.LayerNorm for n in norms):
             return "a decoder layer norm is not an nn.LayerNorm"
+    return None
+
+
+def _gpt2_problem(model, mod) -> str | None:
+    lm_cls, inner_cls = (getattr(mod, n) for n in _GPT2)
+    inner = getattr(model, "transformer", None)
+    if _base(model) is not lm_cls or inner is None:
+        return "the model's classes are not the verified ones"
+    if type(model).forward is not lm_cls.forward:
+        return "the model's forward is not the verified one"
+    if (
+        not getattr(inner, "_seqfuse_hf_gpt2_exact", False)
+        or type(inner).__bases__[1] is not inner_cls
+    ):
+        return "the model has no one-call block step"
+    if inner_cls.forward is not type(inner).__bases__[1].forward:
+        return "the model's forward is not the verified one"
+    if getattr(model.config, "add_cross_attention", False):
+        return "cross-attention blocks"
+    if type(inner.wte) is not nn.Embedding or type(inner.wpe) is not nn.Embedding:
+        return "the embeddings are not nn.Embedding"
     return None
 
 
@@ -212,12 +259,17 @@ def usable(model, model_kwargs: dict) -> str | None:
         return why
     if model.training:
         return "the model is training"
+    allowed = _GPT2_KWARGS if _family(model) == "gpt2" else _KWARGS
     for k, v in model_kwargs.items():
         if k in _FALSE_KWARGS:
             if v:
                 return f"{k} requested"
-        elif k not in _KWARGS:
+        elif k not in allowed:
             return f"model_kwargs {k!r}"
+    if _family(model) == "gpt2":
+        for k in ("attention_mask", "position_ids"):
+            if not torch.is_tensor(model_kwargs.get(k)) or model_kwargs[k].dim() != 2:
+                return f"no 2-D {k}"
     if model_kwargs.get("use_cache") is not True:
         return "use_cache is not True"
     cfg = model.config
@@ -237,6 +289,8 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
 
     from integrations import hf_exact_step
 
+    if _family(model) == "gpt2":
+        return _gpt2_step(model, tokens, model_kwargs)
     cache = model_kwargs.get("past_key_values")
     enc_out = model_kwargs.get("encoder_outputs")
     if type(cache) is not EncoderDecoderCache or enc_out is None:
@@ -317,3 +371,51 @@ def _fsmt_step(dec, tokens, cache, enc, enc_mask):
     hf_exact_step.STATS["exact"] += 1
     STATS["direct"] += 1
     return dec.output_projection(x.transpose(0, 1))
+
+
+def _gpt2_step(model, tokens, model_kwargs: dict):
+    """prepare_inputs_for_generation's slice of the position ids, then
+    GPT2LMHeadModel's and GPT2Model's calls for a cached one-token step."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    from integrations import hf_exact_step, hf_gpt2_step
+
+    cache = model_kwargs.get("past_key_values")
+    if type(cache) is not DynamicCache:
+        return None
+    inner = model.transformer
+    input_ids = tokens.clone(memory_format=torch.contiguous_format)
+    position_ids = model_kwargs["position_ids"][..., -1:].clone(
+        memory_format=torch.contiguous_format
+    )
+    attention_mask = model_kwargs["attention_mask"]
+    inner.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
+    input_shape = input_ids.size()
+    input_ids = input_ids.view(-1, input_shape[-1])
+    batch_size = input_ids.shape[0]
+    inputs_embeds = inner.wte(input_ids)
+    position_embeds = inner.wpe(position_ids)
+    hidden_states = inputs_embeds + position_embeds.to(inputs_embeds.device)
+    if attention_mask.ndim < 4:
+        attention_mask = attention_mask.view(batch_size, -1)
+    causal_mask = create_causal_mask(
+        config=inner.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        position_ids=position_ids,
+    )
+    hidden_states = inner.drop(hidden_states)
+    output_shape = (-1,) + input_shape[1:] + (hidden_states.size(-1),)
+    kwargs = {"encoder_attention_mask": None, "use_cache": True, "position_ids": position_ids}
+    runner = hf_gpt2_step._Runner(inner.h)
+    hidden_states = runner._exact(hidden_states, (cache, causal_mask, None), kwargs)
+    if hidden_states is None:
+        return None
+    hf_exact_step.STATS["exact"] += 1
+    STATS["direct"] += 1
+    hidden_states = inner.ln_f(hidden_states).view(output_shape)
+    keep = model_kwargs.get("logits_to_keep", 0)
+    hidden_states = _module("gpt2").slice_logits_to_keep(hidden_states, keep)
+    return model.lm_head(hidden_states)
