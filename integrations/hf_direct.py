@@ -1,27 +1,32 @@
 """A decoding step's forward without transformers' wrappers, for Marian,
-BART, mBART and FSMT models whose decoder has the one-call layer step.
+BART, mBART, FSMT, GPT-2 and Llama models whose decoder has the one-call
+layer step.
 
 After the first step, seqfuse's beam search (integrations.hf) calls the
 model's forward once a step: ``prepare_inputs_for_generation``, the
-ForConditionalGeneration, Model and Decoder forwards with their decorators
-and output records, then ``_update_model_kwargs_for_generation``. For a
-one-token step whose layers take the one-call step
-(integrations.hf_exact_step), the tensors those calls make are few: the
-token's embedding and position, the two attention masks, the layers' step,
-an embedding or final layer norm (BART, mBART), the LM head and its bias.
-:func:`step` makes exactly those calls, with the same modules, functions
-and arguments as the verified decoder code (below, by the shape of its
-source, seqfuse.source_shape; transformers 5.17 and 5.23), and returns the logits: the same tensors,
-bit for bit, without about a millisecond of Python a step.
+generation model's, the model's and the decoder's forwards with their
+decorators and output records, then ``_update_model_kwargs_for_generation``.
+For a one-token step whose layers take the one-call step
+(integrations.hf_exact_step and its FSMT and GPT-2 forms), the tensors those
+calls make are few: the token's embedding and position, the attention
+masks, the layers' step, an embedding or final layer norm, the LM head and
+its bias. :func:`step` makes exactly those calls, with the same modules,
+functions and arguments as the verified code (below, by the shape of its
+source, seqfuse.source_shape), and returns the logits: the same tensors, bit
+for bit, without about a millisecond of Python a step. The search then
+calls transformers' own ``_update_model_kwargs_for_generation`` as after a
+forward (:class:`CacheOnly`: the step's cache is its only output it reads).
 
 It runs only where that reproduction is certain: the model's classes and
-their forwards are the verified ones, the cache is an
-initialised EncoderDecoderCache of dynamic layers, the search's
-model_kwargs hold nothing a forward would read besides the encoder output,
-its mask and the cache, no module has a hook (other than transformers' idle
-output capture) and nothing asks for attentions or hidden states. Anywhere
-else, and for any step the layers' one-call step declines, the model's own
-forward runs. ``SEQFUSE_HF_DIRECT_STEP=0`` turns it off.
+their forwards are the verified ones (Marian, BART and mBART under
+transformers 5.17 and 5.23; FSMT, GPT-2 and Llama under 5.23), the cache is an
+initialised one of dynamic layers, the search's model_kwargs hold nothing a
+forward would read besides the encoder output and its mask (GPT-2, Llama: the
+attention mask, the position ids and ``logits_to_keep``) and the cache, no
+module has a hook (other than transformers' idle output capture) and nothing
+asks for attentions or hidden states. Anywhere else, and for any step the
+layers' one-call step declines (nothing is changed before it), the model's
+own forward runs. ``SEQFUSE_HF_DIRECT_STEP=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -80,6 +85,12 @@ _FAMILIES = {
         "GPT2Model.forward": {"e0f822cb14838a73"},
         "slice_logits_to_keep": {"bdb1a45d8cf8abfe"},
     },
+    # Llama (decoder-only, rotary positions)
+    "llama": {
+        "LlamaForCausalLM.forward": {"ecc7f0f20572ca79"},
+        "LlamaModel.forward": {"44a610917ca25934"},
+        "slice_logits_to_keep": {"bdb1a45d8cf8abfe"},
+    },
 }
 # Each family's classes by role (the token embedding: None for a plain
 # nn.Embedding), and the marker of the decoder's one-call layer step.
@@ -114,7 +125,12 @@ _ROLES = {
     ),
 }
 _MARKERS = {"fsmt": "_seqfuse_hf_fsmt_exact"}
-_GPT2 = ("GPT2LMHeadModel", "GPT2Model")
+# decoder-only families: (generation model, base model, its attribute, the
+# one-call step's marker on it)
+_DECODER_ONLY = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Model", "transformer", "_seqfuse_hf_gpt2_exact"),
+    "llama": ("LlamaForCausalLM", "LlamaModel", "model", "_seqfuse_hf_llama_exact"),
+}
 _GENERATION = {
     "prepare_inputs_for_generation": {"d77e78d57cab535a", "0bce3f021ffa26c4"},
     "_update_model_kwargs_for_generation": {"159384a4f2dce36e"},
@@ -122,7 +138,7 @@ _GENERATION = {
 # The search's model_kwargs a direct step reproduces (any other key, or an
 # output request, sends the step to the model's forward).
 _KWARGS = frozenset({"attention_mask", "encoder_outputs", "past_key_values", "use_cache"})
-_GPT2_KWARGS = frozenset(
+_DECODER_ONLY_KWARGS = frozenset(
     {"attention_mask", "position_ids", "logits_to_keep", "past_key_values", "use_cache"}
 )
 _FALSE_KWARGS = frozenset({"output_attentions", "output_hidden_states"})
@@ -146,8 +162,9 @@ def _base(model) -> type:
 
 def _family(model) -> str | None:
     name = _base(model).__name__
-    if name == _GPT2[0]:
-        return "gpt2"
+    for fam, roles in _DECODER_ONLY.items():
+        if roles[0] == name:
+            return fam
     return next((fam for fam, roles in _ROLES.items() if roles[0] == name), None)
 
 
@@ -174,7 +191,7 @@ def problem(model) -> str | None:
         return f"{DIRECT_ENV}=0"
     fam = _family(model)
     if fam is None:
-        return f"{type(model).__name__} is not a Marian, BART, mBART, FSMT or GPT-2 model"
+        return f"{type(model).__name__} is not a Marian, BART, mBART, FSMT, GPT-2 or Llama model"
     mod = _module(fam)
     for qual, shapes in _FAMILIES[fam].items():
         fn = _code(mod, qual)
@@ -185,8 +202,8 @@ def problem(model) -> str | None:
         theirs = getattr(model, name)
         if getattr(theirs, "__func__", theirs) is not mine or shape_of(mine) not in shapes:
             return f"{name} is not the verified one"
-    if fam == "gpt2":
-        return _gpt2_problem(model, mod)
+    if fam in _DECODER_ONLY:
+        return _decoder_only_problem(model, fam, mod)
     lm_cls, inner_cls, dec_cls, pos_cls, tok_cls = (
         None if n is None else getattr(mod, n) for n in _ROLES[fam]
     )
@@ -212,23 +229,22 @@ def problem(model) -> str | None:
     return None
 
 
-def _gpt2_problem(model, mod) -> str | None:
-    lm_cls, inner_cls = (getattr(mod, n) for n in _GPT2)
-    inner = getattr(model, "transformer", None)
+def _decoder_only_problem(model, fam: str, mod) -> str | None:
+    lm_name, inner_name, attr, marker = _DECODER_ONLY[fam]
+    lm_cls, inner_cls = getattr(mod, lm_name), getattr(mod, inner_name)
+    inner = getattr(model, attr, None)
     if _base(model) is not lm_cls or inner is None:
         return "the model's classes are not the verified ones"
     if type(model).forward is not lm_cls.forward:
         return "the model's forward is not the verified one"
-    if (
-        not getattr(inner, "_seqfuse_hf_gpt2_exact", False)
-        or type(inner).__bases__[1] is not inner_cls
-    ):
-        return "the model has no one-call block step"
+    if not getattr(inner, marker, False) or type(inner).__bases__[1] is not inner_cls:
+        return "the model has no one-call layer step"
     if inner_cls.forward is not type(inner).__bases__[1].forward:
         return "the model's forward is not the verified one"
     if getattr(model.config, "add_cross_attention", False):
         return "cross-attention blocks"
-    if type(inner.wte) is not nn.Embedding or type(inner.wpe) is not nn.Embedding:
+    embeddings = (inner.wte, inner.wpe) if fam == "gpt2" else (inner.embed_tokens,)
+    if any(type(e) is not nn.Embedding for e in embeddings):
         return "the embeddings are not nn.Embedding"
     return None
 
@@ -259,14 +275,15 @@ def usable(model, model_kwargs: dict) -> str | None:
         return why
     if model.training:
         return "the model is training"
-    allowed = _GPT2_KWARGS if _family(model) == "gpt2" else _KWARGS
+    decoder_only = _family(model) in _DECODER_ONLY
+    allowed = _DECODER_ONLY_KWARGS if decoder_only else _KWARGS
     for k, v in model_kwargs.items():
         if k in _FALSE_KWARGS:
             if v:
                 return f"{k} requested"
         elif k not in allowed:
             return f"model_kwargs {k!r}"
-    if _family(model) == "gpt2":
+    if decoder_only:
         for k in ("attention_mask", "position_ids"):
             if not torch.is_tensor(model_kwargs.get(k)) or model_kwargs[k].dim() != 2:
                 return f"no 2-D {k}"
@@ -291,6 +308,8 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
 
     if _family(model) == "gpt2":
         return _gpt2_step(model, tokens, model_kwargs)
+    if _family(model) == "llama":
+        return _llama_step(model, tokens, model_kwargs)
     cache = model_kwargs.get("past_key_values")
     enc_out = model_kwargs.get("encoder_outputs")
     if type(cache) is not EncoderDecoderCache or enc_out is None:
@@ -418,4 +437,49 @@ def _gpt2_step(model, tokens, model_kwargs: dict):
     hidden_states = inner.ln_f(hidden_states).view(output_shape)
     keep = model_kwargs.get("logits_to_keep", 0)
     hidden_states = _module("gpt2").slice_logits_to_keep(hidden_states, keep)
+    return model.lm_head(hidden_states)
+
+
+def _llama_step(model, tokens, model_kwargs: dict):
+    """prepare_inputs_for_generation's slice of the position ids, then
+    LlamaForCausalLM's and LlamaModel's calls for a cached one-token step."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    from integrations import hf_exact_step, hf_llama_step
+
+    cache = model_kwargs.get("past_key_values")
+    if type(cache) is not DynamicCache:
+        return None
+    inner = model.model
+    input_ids = tokens.clone(memory_format=torch.contiguous_format)
+    position_ids = model_kwargs["position_ids"][..., -1:].clone(
+        memory_format=torch.contiguous_format
+    )
+    attention_mask = model_kwargs["attention_mask"]
+    inputs_embeds = inner.embed_tokens(input_ids)
+    causal_mask = create_causal_mask(
+        config=inner.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        position_ids=position_ids,
+    )
+    hidden_states = inputs_embeds
+    position_embeddings = inner.rotary_emb(hidden_states, position_ids=position_ids)
+    kwargs = {
+        "attention_mask": causal_mask,
+        "position_embeddings": position_embeddings,
+        "position_ids": position_ids,
+        "past_key_values": cache,
+        "use_cache": True,
+    }
+    hidden_states = hf_llama_step._Runner(inner.layers)._exact(hidden_states, (), kwargs)
+    if hidden_states is None:
+        return None
+    hf_exact_step.STATS["exact"] += 1
+    STATS["direct"] += 1
+    hidden_states = inner.norm(hidden_states)
+    keep = model_kwargs.get("logits_to_keep", 0)
+    hidden_states = _module("llama").slice_logits_to_keep(hidden_states, keep)
     return model.lm_head(hidden_states)

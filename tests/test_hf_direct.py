@@ -1,5 +1,5 @@
 """Decoding steps without transformers' forward wrappers (integrations.hf_direct)
-for Marian, BART, mBART, FSMT and GPT-2: the same tensors as the model's own forward,
+for Marian, BART, mBART, FSMT, GPT-2 and Llama: the same tensors as the model's own forward,
 held to stock transformers' generate run in the same test (bit for bit in
 the exact mode, step by step; within 1e-5 in the fused mode), and the
 model's forward wherever the direct step cannot reproduce it."""
@@ -20,7 +20,7 @@ from seqfuse import _ext  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason="needs the compiled extension")
 
-FAMILIES = ("marian", "bart", "mbart", "gpt2")
+FAMILIES = ("marian", "bart", "mbart", "gpt2", "llama")
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,8 @@ def _fresh(monkeypatch):
 
 def _direct_expected(kind) -> bool:
     """Whether this transformers' code is the verified one for ``kind``
-    (FSMT's and GPT-2's are 5.23's only; under 5.17 they run the forward)."""
+    (FSMT's, GPT-2's and Llama's are 5.23's only; under 5.17 they run the
+    forward)."""
     model = make_model(kind, seed=0)
     seqfuse.optimize(model)
     try:
@@ -43,7 +44,7 @@ def _direct_expected(kind) -> bool:
     finally:
         hf.restore(model)
     if why is not None:
-        assert "is not the verified one" in why and kind in ("gpt2", "fsmt"), why
+        assert "is not the verified one" in why and kind in ("gpt2", "llama", "fsmt"), why
     return why is None
 
 
@@ -174,7 +175,9 @@ def test_fsmt_steps_are_stock(fused):
 
 def test_other_models_and_the_stock_decoder_say_why():
     t5 = make_model("t5", seed=0)
-    assert "not a Marian, BART, mBART, FSMT or GPT-2" in hf_direct.problem(t5)
+    assert "not a Marian, BART, mBART, FSMT, GPT-2 or Llama" in hf_direct.problem(t5)
+    qwen2 = make_model("qwen2", seed=0)  # (its own model code: sliding-window masks)
+    assert "not a" in hf_direct.problem(qwen2)
     bart = make_model("bart", seed=0)
     # not optimised: the decoder has no one-call step
     assert "one-call step" in hf_direct.problem(bart)
