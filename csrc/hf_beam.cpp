@@ -49,6 +49,16 @@ at::Tensor gather_beams(const at::Tensor& t, at::Tensor idx) {
   return at::take_along_dim(t, idx, 1);
 }
 
+// The step's column and the early-stopping code, as both forms check them.
+void check_step(const at::Tensor& run_buf, const at::Tensor& run_bi_buf, int64_t cur_len,
+                int64_t prompt_len, int64_t early_stopping) {
+  TORCH_CHECK(cur_len >= prompt_len && cur_len < run_buf.size(2) &&
+                  cur_len - prompt_len < run_bi_buf.size(2),
+              "hf_beam_advance: cur_len ", cur_len, " outside the buffers");
+  TORCH_CHECK(early_stopping >= 0 && early_stopping <= 2,
+              "hf_beam_advance: early_stopping must be 0 (False), 1 (True) or 2 (\"never\")");
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hf_beam_advance(
@@ -64,11 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hf_
   TORCH_CHECK(
       run_buf.dim() == 3 && run_bi_buf.dim() == 3 && seq_buf.dim() == 3 && bi_buf.dim() == 3,
       "hf_beam_advance: the sequence and beam-index buffers must be [batch, beams, len]");
-  TORCH_CHECK(cur_len >= prompt_len && cur_len < run_buf.size(2) &&
-                  cur_len - prompt_len < run_bi_buf.size(2),
-              "hf_beam_advance: cur_len ", cur_len, " outside the buffers");
-  TORCH_CHECK(early_stopping >= 0 && early_stopping <= 2,
-              "hf_beam_advance: early_stopping must be 0 (False), 1 (True) or 2 (\"never\")");
+  check_step(run_buf, run_bi_buf, cur_len, prompt_len, early_stopping);
   const bool stop_early = early_stopping == 1;
   const int64_t w = cur_len + 1, wb = cur_len - prompt_len + 1, col = cur_len - prompt_len;
 
@@ -162,11 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hf_
                            early_stop_unsat, batch_offset, top_num_beam_mask, cur_len, prompt_len,
                            max_length, num_beams, length_penalty, early_stopping);
   }
-  TORCH_CHECK(cur_len >= prompt_len && cur_len < run_buf.size(2) &&
-                  cur_len - prompt_len < run_bi_buf.size(2),
-              "hf_beam_advance: cur_len ", cur_len, " outside the buffers");
-  TORCH_CHECK(early_stopping >= 0 && early_stopping <= 2,
-              "hf_beam_advance: early_stopping must be 0 (False), 1 (True) or 2 (\"never\")");
+  check_step(run_buf, run_bi_buf, cur_len, prompt_len, early_stopping);
   const int64_t B = topk_log_probs.size(0), K = topk_log_probs.size(1), NB = num_beams;
   TORCH_CHECK(K >= NB && topk_tokens.sizes() == topk_log_probs.sizes() &&
                   topk_beams.sizes() == topk_log_probs.sizes() &&

@@ -392,23 +392,43 @@ def _fsmt_step(dec, tokens, cache, enc, enc_mask):
     return dec.output_projection(x.transpose(0, 1))
 
 
-def _gpt2_step(model, tokens, model_kwargs: dict):
-    """prepare_inputs_for_generation's slice of the position ids, then
-    GPT2LMHeadModel's and GPT2Model's calls for a cached one-token step."""
+def _prepared(tokens, model_kwargs: dict):
+    """A decoder-only step's inputs as prepare_inputs_for_generation gives
+    them (the token, the last position id, each a contiguous copy; the
+    attention mask), with the cache; None where the cache is not dynamic."""
     from transformers.cache_utils import DynamicCache
-    from transformers.masking_utils import create_causal_mask
-
-    from integrations import hf_exact_step, hf_gpt2_step
 
     cache = model_kwargs.get("past_key_values")
     if type(cache) is not DynamicCache:
         return None
+    contiguous = torch.contiguous_format
+    input_ids = tokens.clone(memory_format=contiguous)
+    position_ids = model_kwargs["position_ids"][..., -1:].clone(memory_format=contiguous)
+    return cache, input_ids, position_ids, model_kwargs["attention_mask"]
+
+
+def _head(model, fam: str, hidden_states, model_kwargs: dict):
+    """After a layer step that ran: the count, then the LM head on the kept
+    positions (slice_logits_to_keep, as the generation model's forward)."""
+    from integrations import hf_exact_step
+
+    hf_exact_step.STATS["exact"] += 1
+    STATS["direct"] += 1
+    keep = model_kwargs.get("logits_to_keep", 0)
+    return model.lm_head(_module(fam).slice_logits_to_keep(hidden_states, keep))
+
+
+def _gpt2_step(model, tokens, model_kwargs: dict):
+    """GPT2LMHeadModel's and GPT2Model's calls for a cached one-token step."""
+    from transformers.masking_utils import create_causal_mask
+
+    from integrations import hf_gpt2_step
+
+    prepared = _prepared(tokens, model_kwargs)
+    if prepared is None:
+        return None
+    cache, input_ids, position_ids, attention_mask = prepared
     inner = model.transformer
-    input_ids = tokens.clone(memory_format=torch.contiguous_format)
-    position_ids = model_kwargs["position_ids"][..., -1:].clone(
-        memory_format=torch.contiguous_format
-    )
-    attention_mask = model_kwargs["attention_mask"]
     inner.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
     input_shape = input_ids.size()
     input_ids = input_ids.view(-1, input_shape[-1])
@@ -432,31 +452,20 @@ def _gpt2_step(model, tokens, model_kwargs: dict):
     hidden_states = runner._exact(hidden_states, (cache, causal_mask, None), kwargs)
     if hidden_states is None:
         return None
-    hf_exact_step.STATS["exact"] += 1
-    STATS["direct"] += 1
-    hidden_states = inner.ln_f(hidden_states).view(output_shape)
-    keep = model_kwargs.get("logits_to_keep", 0)
-    hidden_states = _module("gpt2").slice_logits_to_keep(hidden_states, keep)
-    return model.lm_head(hidden_states)
+    return _head(model, "gpt2", inner.ln_f(hidden_states).view(output_shape), model_kwargs)
 
 
 def _llama_step(model, tokens, model_kwargs: dict):
-    """prepare_inputs_for_generation's slice of the position ids, then
-    LlamaForCausalLM's and LlamaModel's calls for a cached one-token step."""
-    from transformers.cache_utils import DynamicCache
+    """LlamaForCausalLM's and LlamaModel's calls for a cached one-token step."""
     from transformers.masking_utils import create_causal_mask
 
-    from integrations import hf_exact_step, hf_llama_step
+    from integrations import hf_llama_step
 
-    cache = model_kwargs.get("past_key_values")
-    if type(cache) is not DynamicCache:
+    prepared = _prepared(tokens, model_kwargs)
+    if prepared is None:
         return None
+    cache, input_ids, position_ids, attention_mask = prepared
     inner = model.model
-    input_ids = tokens.clone(memory_format=torch.contiguous_format)
-    position_ids = model_kwargs["position_ids"][..., -1:].clone(
-        memory_format=torch.contiguous_format
-    )
-    attention_mask = model_kwargs["attention_mask"]
     inputs_embeds = inner.embed_tokens(input_ids)
     causal_mask = create_causal_mask(
         config=inner.config,
@@ -477,9 +486,4 @@ def _llama_step(model, tokens, model_kwargs: dict):
     hidden_states = hf_llama_step._Runner(inner.layers)._exact(hidden_states, (), kwargs)
     if hidden_states is None:
         return None
-    hf_exact_step.STATS["exact"] += 1
-    STATS["direct"] += 1
-    hidden_states = inner.norm(hidden_states)
-    keep = model_kwargs.get("logits_to_keep", 0)
-    hidden_states = _module("llama").slice_logits_to_keep(hidden_states, keep)
-    return model.lm_head(hidden_states)
+    return _head(model, "llama", inner.norm(hidden_states), model_kwargs)

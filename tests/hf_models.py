@@ -28,6 +28,35 @@ TUNING = {
 }
 
 
+def fsmt_config(vocab: int = 211, **overrides):
+    """A small FSMT configuration (fairseq's transformer as transformers
+    ports it), with ``overrides``."""
+    import transformers as tf
+
+    kw = dict(
+        langs=["en", "de"],
+        src_vocab_size=vocab,
+        tgt_vocab_size=vocab,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        scale_embedding=True,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
+    kw.update(overrides)
+    return tf.FSMTConfig(**kw)
+
+
 def make_model(kind: str, seed: int = 0, vocab: int = 211, **tuning):
     import transformers as tf
 
@@ -151,27 +180,7 @@ def make_model(kind: str, seed: int = 0, vocab: int = 211, **tuning):
         )
         model = tf.PegasusForConditionalGeneration(cfg)
     elif kind == "fsmt":  # (not in KINDS: the parity fuzz's --hf-kinds, FSMT's own tests)
-        cfg = tf.FSMTConfig(
-            langs=["en", "de"],
-            src_vocab_size=vocab,
-            tgt_vocab_size=vocab,
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            max_position_embeddings=128,
-            init_std=init,
-            scale_embedding=True,
-            tie_word_embeddings=False,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            decoder_start_token_id=2,
-            forced_eos_token_id=None,
-        )
+        cfg = fsmt_config(vocab=vocab, init_std=init)
         model = tf.FSMTForConditionalGeneration(cfg)
     else:
         raise ValueError(kind)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from hf_models import fresh_step_state, needs_packed_gemm, scored_beam_search
+from hf_models import fresh_step_state, fsmt_config, needs_packed_gemm, scored_beam_search
 
 import seqfuse
 from integrations import hf, hf_exact_step, hf_fsmt_step
@@ -25,18 +25,14 @@ def _env(monkeypatch):
 
 
 def _fsmt(act="relu", seed=0, layers=2):
-    from transformers import FSMTConfig, FSMTForConditionalGeneration
+    from transformers import FSMTForConditionalGeneration
 
     torch.manual_seed(seed)
-    cfg = FSMTConfig(
-        langs=["en", "de"],
+    cfg = fsmt_config(
         src_vocab_size=97,
         tgt_vocab_size=89,
-        d_model=32,
         encoder_layers=layers,
         decoder_layers=layers,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
         encoder_ffn_dim=48,
         decoder_ffn_dim=48,
         activation_function=act,
@@ -44,13 +40,6 @@ def _fsmt(act="relu", seed=0, layers=2):
         dropout=0.0,
         attention_dropout=0.0,
         activation_dropout=0.0,
-        scale_embedding=True,
-        tie_word_embeddings=False,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=None,
     )
     model = FSMTForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # a spread of logits, so that beams differ
