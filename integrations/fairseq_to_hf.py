@@ -42,6 +42,20 @@ def _get(a, name, default=None):
             return default
 
 
+# What an FSMT model of a fairseq checkpoint takes from fairseq's conventions:
+# the special symbols' ids (bos 0, pad 1, eos 2, which also starts the
+# target), scaled embeddings, an untied output projection, no forced EOS.
+FAIRSEQ_CONVENTIONS = dict(
+    scale_embedding=True,
+    tie_word_embeddings=False,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    decoder_start_token_id=2,
+    forced_eos_token_id=None,
+)
+
+
 def fsmt_from_fairseq(checkpoint: str, langs=("src", "tgt")):
     """Load a fairseq transformer checkpoint into an FSMT model (eval mode)."""
     from transformers import FSMTConfig, FSMTForConditionalGeneration
@@ -94,14 +108,8 @@ def fsmt_from_fairseq(checkpoint: str, langs=("src", "tgt")):
         dropout=0.0,
         attention_dropout=0.0,
         activation_dropout=0.0,
-        scale_embedding=True,
-        tie_word_embeddings=False,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=None,
         num_beams=5,
+        **FAIRSEQ_CONVENTIONS,
     )
     model = FSMTForConditionalGeneration(cfg)
     own = model.state_dict()

@@ -418,10 +418,21 @@ def _head(model, fam: str, hidden_states, model_kwargs: dict):
     return model.lm_head(_module(fam).slice_logits_to_keep(hidden_states, keep))
 
 
-def _gpt2_step(model, tokens, model_kwargs: dict):
-    """GPT2LMHeadModel's and GPT2Model's calls for a cached one-token step."""
+def _causal_mask(inner, inputs_embeds, attention_mask, cache, position_ids):
+    """The decoder-only models' create_causal_mask call."""
     from transformers.masking_utils import create_causal_mask
 
+    return create_causal_mask(
+        config=inner.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        position_ids=position_ids,
+    )
+
+
+def _gpt2_step(model, tokens, model_kwargs: dict):
+    """GPT2LMHeadModel's and GPT2Model's calls for a cached one-token step."""
     from integrations import hf_gpt2_step
 
     prepared = _prepared(tokens, model_kwargs)
@@ -438,13 +449,7 @@ def _gpt2_step(model, tokens, model_kwargs: dict):
     hidden_states = inputs_embeds + position_embeds.to(inputs_embeds.device)
     if attention_mask.ndim < 4:
         attention_mask = attention_mask.view(batch_size, -1)
-    causal_mask = create_causal_mask(
-        config=inner.config,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        position_ids=position_ids,
-    )
+    causal_mask = _causal_mask(inner, inputs_embeds, attention_mask, cache, position_ids)
     hidden_states = inner.drop(hidden_states)
     output_shape = (-1,) + input_shape[1:] + (hidden_states.size(-1),)
     kwargs = {"encoder_attention_mask": None, "use_cache": True, "position_ids": position_ids}
@@ -457,8 +462,6 @@ def _gpt2_step(model, tokens, model_kwargs: dict):
 
 def _llama_step(model, tokens, model_kwargs: dict):
     """LlamaForCausalLM's and LlamaModel's calls for a cached one-token step."""
-    from transformers.masking_utils import create_causal_mask
-
     from integrations import hf_llama_step
 
     prepared = _prepared(tokens, model_kwargs)
@@ -467,13 +470,7 @@ def _llama_step(model, tokens, model_kwargs: dict):
     cache, input_ids, position_ids, attention_mask = prepared
     inner = model.model
     inputs_embeds = inner.embed_tokens(input_ids)
-    causal_mask = create_causal_mask(
-        config=inner.config,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        position_ids=position_ids,
-    )
+    causal_mask = _causal_mask(inner, inputs_embeds, attention_mask, cache, position_ids)
     hidden_states = inputs_embeds
     position_embeddings = inner.rotary_emb(hidden_states, position_ids=position_ids)
     kwargs = {

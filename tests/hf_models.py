@@ -28,30 +28,32 @@ TUNING = {
 }
 
 
+# The encoder-decoder test models' size.
+SMALL = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=128,
+)
+
+
 def fsmt_config(vocab: int = 211, **overrides):
     """A small FSMT configuration (fairseq's transformer as transformers
-    ports it), with ``overrides``."""
+    ports it, with fairseq's conventions), with ``overrides``."""
     import transformers as tf
+
+    from integrations.fairseq_to_hf import FAIRSEQ_CONVENTIONS
 
     kw = dict(
         langs=["en", "de"],
         src_vocab_size=vocab,
         tgt_vocab_size=vocab,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=128,
-        scale_embedding=True,
-        tie_word_embeddings=False,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=None,
+        **SMALL,
+        **FAIRSEQ_CONVENTIONS,
     )
     kw.update(overrides)
     return tf.FSMTConfig(**kw)
@@ -66,17 +68,7 @@ def make_model(kind: str, seed: int = 0, vocab: int = 211, **tuning):
     eos_bias = tuning.get("eos_bias", eos_bias)
 
     torch.manual_seed(seed)
-    small = dict(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=128,
-        init_std=init,
-    )
+    small = dict(SMALL, init_std=init)
     if kind == "marian":
         cfg = tf.MarianConfig(
             vocab_size=vocab,
