@@ -306,9 +306,10 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
 
     from integrations import hf_exact_step
 
-    if _family(model) == "gpt2":
+    fam = _family(model)
+    if fam == "gpt2":
         return _gpt2_step(model, tokens, model_kwargs)
-    if _family(model) == "llama":
+    if fam == "llama":
         return _llama_step(model, tokens, model_kwargs)
     cache = model_kwargs.get("past_key_values")
     enc_out = model_kwargs.get("encoder_outputs")
@@ -317,7 +318,6 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
     enc = enc_out[0]
     enc_mask = model_kwargs.get("attention_mask")
     dec = model.model.decoder
-    fam = _family(model)
     if fam == "fsmt":
         return _fsmt_step(dec, tokens, cache, enc, enc_mask)
     # the decoder forward's calls, for input_ids = tokens
