@@ -1,8 +1,9 @@
 // hf_beam_advance: the bookkeeping of one step of Hugging Face's beam search
 // (transformers 5.x `_beam_search`, after the step's top-k), in one call.
 //
-// It issues the ATen calls that transformers' helpers issue, in the same
-// order and on tensors of the same shapes, dtypes and strides:
+// Its ATen form issues the ATen calls that transformers' helpers issue, in
+// the same order and on tensors of the same shapes, dtypes and strides (its
+// CPU form, below, the same float operations in plain loops):
 // `_get_top_k_continuations` from the chosen (beam, token) pairs (the
 // gathers and writes after its top-k), `_get_running_beams_for_next_iteration`,
 // `_update_finished_beams`, the copies back into the search's full-width
@@ -14,13 +15,13 @@
 // helpers' source is the verified one (source_shape) and the model does not
 // override them; elsewhere it calls the helpers.
 //
-// Contract (integrations/hf.py, `_advance`):
+// Contract (integrations/hf.py, beam_search):
 //   topk_log_probs [b, keep] f32, topk_tokens / topk_beams [b, keep] int64,
 //   hits [b, keep] bool (the candidates that meet a stopping criterion)
 //   run_buf / seq_buf [b, nb, L] int64 and run_bi_buf / bi_buf [b, nb, L']
 //   int32: the running and finished sequences and beam indices, written in
 //   place in their first cur_len + 1 and cur_len - prompt_len + 1 columns
-//   running_beam_scores, beam_scores [b, nb] f32, is_sent_finished [b, nb]
+//   beam_scores [b, nb] f32 (the finished beams'), is_sent_finished [b, nb]
 //   bool, early_stop_unsat [b, 1] bool, batch_offset [b, 1] int64,
 //   top_num_beam_mask [keep] bool
 //   early_stopping: 0 False, 1 True, 2 "never"
@@ -64,11 +65,11 @@ void check_step(const at::Tensor& run_buf, const at::Tensor& run_bi_buf, int64_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hf_beam_advance(
     const at::Tensor& topk_log_probs, const at::Tensor& topk_tokens, const at::Tensor& topk_beams,
     const at::Tensor& hits, const at::Tensor& run_buf, const at::Tensor& seq_buf,
-    const at::Tensor& run_bi_buf, const at::Tensor& bi_buf, const at::Tensor& running_beam_scores,
-    const at::Tensor& beam_scores, const at::Tensor& is_sent_finished,
-    const at::Tensor& early_stop_unsat, const at::Tensor& batch_offset,
-    const at::Tensor& top_num_beam_mask, int64_t cur_len, int64_t prompt_len, int64_t max_length,
-    int64_t num_beams, double length_penalty, int64_t early_stopping) {
+    const at::Tensor& run_bi_buf, const at::Tensor& bi_buf, const at::Tensor& beam_scores,
+    const at::Tensor& is_sent_finished, const at::Tensor& early_stop_unsat,
+    const at::Tensor& batch_offset, const at::Tensor& top_num_beam_mask, int64_t cur_len,
+    int64_t prompt_len, int64_t max_length, int64_t num_beams, double length_penalty,
+    int64_t early_stopping) {
   TORCH_CHECK(topk_log_probs.dim() == 2 && topk_log_probs.scalar_type() == at::kFloat,
               "hf_beam_advance: topk_log_probs must be float32 [batch, keep]");
   TORCH_CHECK(
@@ -146,11 +147,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hf_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hf_beam_advance_cpu(
     const at::Tensor& topk_log_probs, const at::Tensor& topk_tokens, const at::Tensor& topk_beams,
     const at::Tensor& hits, const at::Tensor& run_buf, const at::Tensor& seq_buf,
-    const at::Tensor& run_bi_buf, const at::Tensor& bi_buf, const at::Tensor& running_beam_scores,
-    const at::Tensor& beam_scores, const at::Tensor& is_sent_finished,
-    const at::Tensor& early_stop_unsat, const at::Tensor& batch_offset,
-    const at::Tensor& top_num_beam_mask, int64_t cur_len, int64_t prompt_len, int64_t max_length,
-    int64_t num_beams, double length_penalty, int64_t early_stopping) {
+    const at::Tensor& run_bi_buf, const at::Tensor& bi_buf, const at::Tensor& beam_scores,
+    const at::Tensor& is_sent_finished, const at::Tensor& early_stop_unsat,
+    const at::Tensor& batch_offset, const at::Tensor& top_num_beam_mask, int64_t cur_len,
+    int64_t prompt_len, int64_t max_length, int64_t num_beams, double length_penalty,
+    int64_t early_stopping) {
   const bool plain =
       topk_log_probs.dim() == 2 && topk_log_probs.scalar_type() == at::kFloat &&
       topk_tokens.scalar_type() == at::kLong && topk_beams.scalar_type() == at::kLong &&
@@ -164,9 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hf_
       bi_buf.is_contiguous() && num_beams == run_buf.size(1);
   if (!plain) {  // other dtypes or layouts: the ATen form
     return hf_beam_advance(topk_log_probs, topk_tokens, topk_beams, hits, run_buf, seq_buf,
-                           run_bi_buf, bi_buf, running_beam_scores, beam_scores, is_sent_finished,
-                           early_stop_unsat, batch_offset, top_num_beam_mask, cur_len, prompt_len,
-                           max_length, num_beams, length_penalty, early_stopping);
+                           run_bi_buf, bi_buf, beam_scores, is_sent_finished, early_stop_unsat,
+                           batch_offset, top_num_beam_mask, cur_len, prompt_len, max_length,
+                           num_beams, length_penalty, early_stopping);
   }
   check_step(run_buf, run_bi_buf, cur_len, prompt_len, early_stopping);
   const int64_t B = topk_log_probs.size(0), K = topk_log_probs.size(1), NB = num_beams;
@@ -366,7 +367,7 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   m.def(
       "hf_beam_advance(Tensor topk_log_probs, Tensor topk_tokens, Tensor topk_beams, Tensor hits, "
       "Tensor(a!) run_buf, Tensor(b!) seq_buf, Tensor(c!) run_bi_buf, Tensor(d!) bi_buf, "
-      "Tensor running_beam_scores, Tensor beam_scores, Tensor is_sent_finished, "
+      "Tensor beam_scores, Tensor is_sent_finished, "
       "Tensor early_stop_unsat, Tensor batch_offset, Tensor top_num_beam_mask, int cur_len, "
       "int prompt_len, int max_length, int num_beams, float length_penalty, int early_stopping) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, bool)");

@@ -891,21 +891,16 @@ def _plan_hits(stop_plan, cur_len: int, all_scores, topk_tokens, batch: int, kee
 def _why_not_advance(model, gc) -> str | None:
     """Why a step's bookkeeping must call transformers' helpers instead of
     ``hf_beam_advance``, or None."""
-    from transformers.generation.utils import GenerationMixin
-
-    from seqfuse.source_shape import shape_of
+    from integrations.hf_direct import generation_helper_problem
 
     if not _ext.env_flag(BEAM_ADVANCE_ENV, True):
         return f"{BEAM_ADVANCE_ENV}=0"
     if _ext._C is None or not hasattr(torch.ops.seqfuse, "hf_beam_advance"):
         return "the compiled extension is not available"
     for name, shape in _ADVANCE_SHAPES.items():
-        mine = getattr(GenerationMixin, name, None)
-        theirs = getattr(model, name, None)  # (a bound method, or a static one)
-        if getattr(theirs, "__func__", theirs) is not mine:
-            return f"the model overrides {name}"
-        if mine is None or shape_of(mine) != shape:
-            return f"this transformers' {name} is not the verified one"
+        why = generation_helper_problem(model, name, {shape})
+        if why is not None:
+            return why
     lp = gc.length_penalty
     if type(lp) not in (int, float):
         return f"length_penalty of type {type(lp).__name__}"
@@ -1082,7 +1077,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
         if stop_plan is not None:
             hits = _plan_hits(stop_plan, cur_len, all_scores, topk_tokens, batch, keep, device)
         if advance and stop_plan is not None:
-            # the helpers' ATen calls in one C++ call (same results)
+            # the helpers' operations in one C++ call (the same results)
             STATS["advanced_steps"] += 1
             (
                 running_beam_scores,
@@ -1100,7 +1095,6 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
                 seq_buf,
                 run_bi_buf,
                 bi_buf,
-                running_beam_scores,
                 beam_scores,
                 is_sent_finished,
                 early_stop_unsat,

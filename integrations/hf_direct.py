@@ -155,6 +155,14 @@ class CacheOnly:
         return name == "past_key_values" and self.past_key_values is not None
 
 
+def _count_step() -> None:
+    """A direct step ran (its layer step counts as the one-call step's)."""
+    from integrations import hf_exact_step
+
+    hf_exact_step.STATS["exact"] += 1
+    STATS["direct"] += 1
+
+
 def _base(model) -> type:
     """The model's class before seqfuse.optimize's patch."""
     return getattr(type(model), "_seqfuse_base", type(model))
@@ -183,10 +191,23 @@ def _code(mod, qual: str):
     return obj
 
 
-def problem(model) -> str | None:
-    """Why this model's steps cannot be direct (checked once per model), or None."""
+def generation_helper_problem(model, name: str, shapes) -> str | None:
+    """Why ``model``'s GenerationMixin helper ``name`` is not the verified
+    code (the model's class or the instance replaces it, or its source has
+    none of ``shapes``), or None."""
     from transformers.generation.utils import GenerationMixin
 
+    mine = getattr(GenerationMixin, name, None)
+    theirs = getattr(model, name, None)  # (a bound method, or a static one)
+    if getattr(theirs, "__func__", theirs) is not mine:
+        return f"the model overrides {name}"
+    if mine is None or shape_of(mine) not in shapes:
+        return f"this transformers' {name} is not the verified one"
+    return None
+
+
+def problem(model) -> str | None:
+    """Why this model's steps cannot be direct (checked once per model), or None."""
     if not _ext.env_flag(DIRECT_ENV, True):
         return f"{DIRECT_ENV}=0"
     fam = _family(model)
@@ -198,10 +219,9 @@ def problem(model) -> str | None:
         if fn is None or shape_of(fn) not in shapes:
             return f"this transformers' {qual} is not the verified one"
     for name, shapes in _GENERATION.items():
-        mine = getattr(GenerationMixin, name)
-        theirs = getattr(model, name)
-        if getattr(theirs, "__func__", theirs) is not mine or shape_of(mine) not in shapes:
-            return f"{name} is not the verified one"
+        why = generation_helper_problem(model, name, shapes)
+        if why is not None:
+            return why
     if fam in _DECODER_ONLY:
         return _decoder_only_problem(model, fam, mod)
     lm_cls, inner_cls, dec_cls, pos_cls, tok_cls = (
@@ -250,22 +270,11 @@ def _decoder_only_problem(model, fam: str, mod) -> str | None:
 
 
 def _hooked(model) -> bool:
-    """Whether any module has a hook besides transformers' idle output capture."""
-    from integrations.hf_exact_step import _capturing_hook
+    """Whether anything would see a module's calls: transformers collecting
+    outputs, or a hook besides its idle output capture on any module."""
+    from integrations.hf_exact_step import _recorded
 
-    try:
-        from transformers.utils.output_capturing import _active_collector
-
-        if _active_collector.get():
-            return True
-    except ImportError:
-        pass
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return True
-    for m in model.modules():
-        if m._forward_pre_hooks or not all(map(_capturing_hook, m._forward_hooks.values())):
-            return True
-    return False
+    return _recorded(model.modules(), lambda m: (m,))
 
 
 def usable(model, model_kwargs: dict) -> str | None:
@@ -354,8 +363,7 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
     h = runner._exact(h, (causal_mask, enc), kwargs)
     if h is None:
         return None
-    hf_exact_step.STATS["exact"] += 1
-    STATS["direct"] += 1
+    _count_step()
     if fam == "mbart":
         h = dec.layer_norm(h)
     if fam == "bart":
@@ -368,7 +376,7 @@ def _fsmt_step(dec, tokens, cache, enc, enc_mask):
     """FSMTModel's and FSMTDecoder's calls for a cached one-token step (no
     decoder padding or causal mask then), on time-major states; the logits
     are the decoder's output projection."""
-    from integrations import hf_exact_step, hf_fsmt_step
+    from integrations import hf_fsmt_step
 
     pad = _module("fsmt").invert_mask(enc_mask) if enc_mask is not None else None
     past = cache.get_seq_length()
@@ -387,8 +395,7 @@ def _fsmt_step(dec, tokens, cache, enc, enc_mask):
     x = hf_fsmt_step._Runner(dec.layers)._exact(x, (enc.transpose(0, 1),), kwargs)
     if x is None:
         return None
-    hf_exact_step.STATS["exact"] += 1
-    STATS["direct"] += 1
+    _count_step()
     return dec.output_projection(x.transpose(0, 1))
 
 
@@ -410,10 +417,7 @@ def _prepared(tokens, model_kwargs: dict):
 def _head(model, fam: str, hidden_states, model_kwargs: dict):
     """After a layer step that ran: the count, then the LM head on the kept
     positions (slice_logits_to_keep, as the generation model's forward)."""
-    from integrations import hf_exact_step
-
-    hf_exact_step.STATS["exact"] += 1
-    STATS["direct"] += 1
+    _count_step()
     keep = model_kwargs.get("logits_to_keep", 0)
     return model.lm_head(_module(fam).slice_logits_to_keep(hidden_states, keep))
 

@@ -114,7 +114,6 @@ def _random_state(g, batch, num_beams, keep, cur_len, prompt_len, max_length, vo
             batch * num_beams, batch, num_beams, max_length - prompt_len, dtype=torch.int32
         ),
         "bi": ints(batch * num_beams, batch, num_beams, max_length - prompt_len, dtype=torch.int32),
-        "running": -(ints(6, batch, num_beams).float() * 0.5),
         "scores": scores,
         "fin": fin,
         "unsat": torch.rand(batch, 1, generator=g) < 0.8,
@@ -164,7 +163,7 @@ def test_op_is_the_helpers_bit_for_bit(early_stopping, length_penalty, form):
                 s[name] = _strided(s[name])
         got = torch.ops.seqfuse.hf_beam_advance(
             s["lp"], s["tokens"], s["beams"], s["hits"], s["run"], s["seq"], s["run_bi"],
-            s["bi"], s["running"], s["scores"], s["fin"], s["unsat"], s["offset"],
+            s["bi"], s["scores"], s["fin"], s["unsat"], s["offset"],
             s["top_mask"], cur_len, prompt_len, max_length, num_beams, float(length_penalty),
             code,
         )  # fmt: skip
@@ -179,7 +178,7 @@ def test_op_is_the_helpers_bit_for_bit(early_stopping, length_penalty, form):
 def test_op_checks_its_arguments():
     st = _random_state(torch.Generator().manual_seed(0), 2, 2, 4, 3, 0, 8)
     args = [st[k] for k in ("lp", "tokens", "beams", "hits", "run", "seq", "run_bi", "bi")]
-    args += [st[k] for k in ("running", "scores", "fin", "unsat", "offset", "top_mask")]
+    args += [st[k] for k in ("scores", "fin", "unsat", "offset", "top_mask")]
     op = torch.ops.seqfuse.hf_beam_advance
     with pytest.raises(RuntimeError, match="outside the buffers"):
         op(*args, 8, 0, 8, 2, 1.0, 0)
