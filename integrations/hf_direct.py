@@ -1,5 +1,5 @@
 """A decoding step's forward without transformers' wrappers, for Marian,
-BART, mBART, FSMT, GPT-2 and Llama models whose decoder has the one-call
+BART, mBART, FSMT, T5, GPT-2 and Llama models whose decoder has the one-call
 layer step.
 
 After the first step, seqfuse's beam search (integrations.hf) calls the
@@ -7,7 +7,7 @@ model's forward once a step: ``prepare_inputs_for_generation``, the
 generation model's, the model's and the decoder's forwards with their
 decorators and output records, then ``_update_model_kwargs_for_generation``.
 For a one-token step whose layers take the one-call step
-(integrations.hf_exact_step and its FSMT and GPT-2 forms), the tensors those
+(integrations.hf_exact_step and its FSMT, T5, GPT-2 and Llama forms), the tensors those
 calls make are few: the token's embedding and position, the attention
 masks, the layers' step, an embedding or final layer norm, the LM head and
 its bias. :func:`step` makes exactly those calls, with the same modules,
@@ -18,7 +18,7 @@ calls transformers' own ``_update_model_kwargs_for_generation`` as after a
 forward (:class:`CacheOnly`: the step's cache is its only output it reads).
 
 It runs only where that reproduction is certain: the model's classes and
-their forwards are the verified ones (Marian, BART and mBART under
+their forwards are the verified ones (Marian, BART, mBART and T5 under
 transformers 5.17 and 5.23; FSMT, GPT-2 and Llama under 5.23), the cache is an
 initialised one of dynamic layers, the search's model_kwargs hold nothing a
 forward would read besides the encoder output and its mask (GPT-2, Llama: the
@@ -84,6 +84,12 @@ _FAMILIES = {
         "GPT2LMHeadModel.forward": {"4ee593c2a690095e"},
         "GPT2Model.forward": {"e0f822cb14838a73"},
         "slice_logits_to_keep": {"bdb1a45d8cf8abfe"},
+    },
+    # T5 (5.17 and 5.23: the same code): the generation model's and the
+    # decoder stack's forwards
+    "t5": {
+        "T5ForConditionalGeneration.forward": {"1e7827cb5351e891"},
+        "T5Stack.forward": {"84023a61603ddc83"},
     },
     # Llama (decoder-only, rotary positions)
     "llama": {
@@ -170,6 +176,8 @@ def _base(model) -> type:
 
 def _family(model) -> str | None:
     name = _base(model).__name__
+    if name == "T5ForConditionalGeneration":
+        return "t5"
     for fam, roles in _DECODER_ONLY.items():
         if roles[0] == name:
             return fam
@@ -212,7 +220,9 @@ def problem(model) -> str | None:
         return f"{DIRECT_ENV}=0"
     fam = _family(model)
     if fam is None:
-        return f"{type(model).__name__} is not a Marian, BART, mBART, FSMT, GPT-2 or Llama model"
+        return (
+            f"{type(model).__name__} is not a Marian, BART, mBART, FSMT, T5, GPT-2 or Llama model"
+        )
     mod = _module(fam)
     for qual, shapes in _FAMILIES[fam].items():
         fn = _code(mod, qual)
@@ -224,6 +234,8 @@ def problem(model) -> str | None:
             return why
     if fam in _DECODER_ONLY:
         return _decoder_only_problem(model, fam, mod)
+    if fam == "t5":
+        return _t5_problem(model, mod)
     lm_cls, inner_cls, dec_cls, pos_cls, tok_cls = (
         None if n is None else getattr(mod, n) for n in _ROLES[fam]
     )
@@ -266,6 +278,21 @@ def _decoder_only_problem(model, fam: str, mod) -> str | None:
     embeddings = (inner.wte, inner.wpe) if fam == "gpt2" else (inner.embed_tokens,)
     if any(type(e) is not nn.Embedding for e in embeddings):
         return "the embeddings are not nn.Embedding"
+    return None
+
+
+def _t5_problem(model, mod) -> str | None:
+    lm_cls, stack_cls = mod.T5ForConditionalGeneration, mod.T5Stack
+    if _base(model) is not lm_cls or type(model).forward is not lm_cls.forward:
+        return "the model's class or forward is not the verified one"
+    dec = getattr(model, "decoder", None)
+    if not getattr(dec, "_seqfuse_hf_t5_exact", False) or type(dec).__bases__[1] is not stack_cls:
+        return "the decoder has no one-call step"
+    if not (dec.is_decoder and dec.config.is_decoder and model.config.is_encoder_decoder):
+        return "the decoder stack is not an encoder-decoder model's decoder"
+    # (the stack's forward decorator passes a config's is_causal on to every block)
+    if getattr(dec.config, "is_causal", None) is not None:
+        return "the decoder's config sets is_causal"
     return None
 
 
@@ -326,6 +353,8 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
         return None
     enc = enc_out[0]
     enc_mask = model_kwargs.get("attention_mask")
+    if fam == "t5":
+        return _t5_step(model, tokens, cache, enc, enc_mask)
     dec = model.model.decoder
     if fam == "fsmt":
         return _fsmt_step(dec, tokens, cache, enc, enc_mask)
@@ -397,6 +426,40 @@ def _fsmt_step(dec, tokens, cache, enc, enc_mask):
         return None
     _count_step()
     return dec.output_projection(x.transpose(0, 1))
+
+
+def _t5_step(model, tokens, cache, enc, enc_mask):
+    """T5ForConditionalGeneration's and the decoder T5Stack's calls for a
+    cached one-token step (no decoder attention mask: the search passes none)."""
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+    from integrations import hf_t5_step
+
+    dec = model.decoder
+    inputs_embeds = dec.embed_tokens(tokens)
+    causal_mask = create_causal_mask(
+        config=dec.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=None,
+        past_key_values=cache.self_attention_cache,
+    )
+    encoder_mask = create_bidirectional_mask(
+        config=dec.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=enc_mask,
+        encoder_hidden_states=enc,
+    )
+    # (dropout: the identity in eval mode); the blocks' positional arguments
+    # as the stack's loop passes them to its first block
+    args = (causal_mask, None, enc, encoder_mask, None)
+    h = hf_t5_step._Runner(dec.block)._exact(inputs_embeds, args, {"past_key_values": cache})
+    if h is None:
+        return None
+    _count_step()
+    h = dec.final_layer_norm(h)
+    if model.config.scale_decoder_outputs:
+        h = h * (model.model_dim**-0.5)
+    return model.lm_head(h)
 
 
 def _prepared(tokens, model_kwargs: dict):

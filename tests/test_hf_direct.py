@@ -1,5 +1,5 @@
 """Decoding steps without transformers' forward wrappers (integrations.hf_direct)
-for Marian, BART, mBART, FSMT, GPT-2 and Llama: the same tensors as the model's own forward,
+for Marian, BART, mBART, FSMT, T5, GPT-2 and Llama: the same tensors as the model's own forward,
 held to stock transformers' generate run in the same test (bit for bit in
 the exact mode, step by step; within 1e-5 in the fused mode), and the
 model's forward wherever the direct step cannot reproduce it."""
@@ -20,7 +20,7 @@ from seqfuse import _ext  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason="needs the compiled extension")
 
-FAMILIES = ("marian", "bart", "mbart", "gpt2", "llama")
+FAMILIES = ("marian", "bart", "mbart", "t5", "gpt2", "llama")
 
 
 @pytest.fixture(autouse=True)
@@ -174,8 +174,10 @@ def test_fsmt_steps_are_stock(fused):
 
 
 def test_other_models_and_the_stock_decoder_say_why():
-    t5 = make_model("t5", seed=0)
-    assert "not a Marian, BART, mBART, FSMT, GPT-2 or Llama" in hf_direct.problem(t5)
+    pegasus = make_model("pegasus", seed=0)
+    assert "not a Marian, BART, mBART, FSMT, T5, GPT-2 or Llama" in hf_direct.problem(pegasus)
+    t5 = make_model("t5", seed=0)  # not optimised: no one-call step
+    assert "one-call step" in hf_direct.problem(t5)
     qwen2 = make_model("qwen2", seed=0)  # (its own model code: sliding-window masks)
     assert "not a" in hf_direct.problem(qwen2)
     bart = make_model("bart", seed=0)
