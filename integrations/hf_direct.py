@@ -1,6 +1,6 @@
 """A decoding step's forward without transformers' wrappers, for Marian,
-BART, mBART, FSMT, T5, GPT-2 and Llama models whose decoder has the one-call
-layer step.
+BART, mBART, FSMT, T5, GPT-2, Llama, Qwen2 and Mistral models whose decoder
+has the one-call layer step.
 
 After the first step, seqfuse's beam search (integrations.hf) calls the
 model's forward once a step: ``prepare_inputs_for_generation``, the
@@ -19,9 +19,9 @@ forward (:class:`CacheOnly`: the step's cache is its only output it reads).
 
 It runs only where that reproduction is certain: the model's classes and
 their forwards are the verified ones (Marian, BART, mBART and T5 under
-transformers 5.17 and 5.23; FSMT, GPT-2 and Llama under 5.23), the cache is an
+transformers 5.17 and 5.23; FSMT, GPT-2, Llama, Qwen2 and Mistral under 5.23), the cache is an
 initialised one of dynamic layers, the search's model_kwargs hold nothing a
-forward would read besides the encoder output and its mask (GPT-2, Llama: the
+forward would read besides the encoder output and its mask (decoder-only: the
 attention mask, the position ids and ``logits_to_keep``) and the cache, no
 module has a hook (other than transformers' idle output capture) and nothing
 asks for attentions or hidden states. Anywhere else, and for any step the
@@ -91,10 +91,23 @@ _FAMILIES = {
         "T5ForConditionalGeneration.forward": {"1e7827cb5351e891"},
         "T5Stack.forward": {"84023a61603ddc83"},
     },
-    # Llama (decoder-only, rotary positions)
+    # Llama (decoder-only, rotary positions), and Qwen2 and Mistral (Llama's
+    # generation forward; their models differ from Llama's in the masks they
+    # build, the same create_causal_mask call where every layer has full
+    # attention: see _decoder_only_problem)
     "llama": {
         "LlamaForCausalLM.forward": {"ecc7f0f20572ca79"},
         "LlamaModel.forward": {"44a610917ca25934"},
+        "slice_logits_to_keep": {"bdb1a45d8cf8abfe"},
+    },
+    "qwen2": {
+        "Qwen2ForCausalLM.forward": {"ecc7f0f20572ca79"},
+        "Qwen2Model.forward": {"949fbdbc5124d943"},
+        "slice_logits_to_keep": {"bdb1a45d8cf8abfe"},
+    },
+    "mistral": {
+        "MistralForCausalLM.forward": {"ecc7f0f20572ca79"},
+        "MistralModel.forward": {"5123b26f88094335"},
         "slice_logits_to_keep": {"bdb1a45d8cf8abfe"},
     },
 }
@@ -136,6 +149,8 @@ _MARKERS = {"fsmt": "_seqfuse_hf_fsmt_exact"}
 _DECODER_ONLY = {
     "gpt2": ("GPT2LMHeadModel", "GPT2Model", "transformer", "_seqfuse_hf_gpt2_exact"),
     "llama": ("LlamaForCausalLM", "LlamaModel", "model", "_seqfuse_hf_llama_exact"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Model", "model", "_seqfuse_hf_llama_exact"),
+    "mistral": ("MistralForCausalLM", "MistralModel", "model", "_seqfuse_hf_llama_exact"),
 }
 _GENERATION = {
     "prepare_inputs_for_generation": {"d77e78d57cab535a", "0bce3f021ffa26c4"},
@@ -221,7 +236,8 @@ def problem(model) -> str | None:
     fam = _family(model)
     if fam is None:
         return (
-            f"{type(model).__name__} is not a Marian, BART, mBART, FSMT, T5, GPT-2 or Llama model"
+            f"{type(model).__name__} is not a Marian, BART, mBART, FSMT, T5, GPT-2, Llama, "
+            "Qwen2 or Mistral model"
         )
     mod = _module(fam)
     for qual, shapes in _FAMILIES[fam].items():
@@ -278,6 +294,19 @@ def _decoder_only_problem(model, fam: str, mod) -> str | None:
     embeddings = (inner.wte, inner.wpe) if fam == "gpt2" else (inner.embed_tokens,)
     if any(type(e) is not nn.Embedding for e in embeddings):
         return "the embeddings are not nn.Embedding"
+    if fam == "gpt2":
+        return None
+    cfg = inner.config
+    if len(inner.layers) != cfg.num_hidden_layers:  # (the models run layers[:n])
+        return "the model runs some of its layers"
+    # one mask for every layer, create_causal_mask's: Qwen2 without
+    # sliding-window layers, Mistral without a sliding window
+    if fam == "qwen2" and (
+        inner.has_sliding_layers or any(t != "full_attention" for t in cfg.layer_types)
+    ):
+        return "sliding-window layers"
+    if fam == "mistral" and cfg.sliding_window is not None:
+        return "a sliding window"
     return None
 
 
@@ -320,8 +349,10 @@ def usable(model, model_kwargs: dict) -> str | None:
         elif k not in allowed:
             return f"model_kwargs {k!r}"
     if decoder_only:
-        for k in ("attention_mask", "position_ids"):
-            if not torch.is_tensor(model_kwargs.get(k)) or model_kwargs[k].dim() != 2:
+        # (no attention mask: the models' masks get None, as from the forward)
+        for k, optional in (("attention_mask", True), ("position_ids", False)):
+            v = model_kwargs.get(k)
+            if not (v is None and optional) and not (torch.is_tensor(v) and v.dim() == 2):
                 return f"no 2-D {k}"
     if model_kwargs.get("use_cache") is not True:
         return "use_cache is not True"
@@ -345,8 +376,8 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
     fam = _family(model)
     if fam == "gpt2":
         return _gpt2_step(model, tokens, model_kwargs)
-    if fam == "llama":
-        return _llama_step(model, tokens, model_kwargs)
+    if fam in ("llama", "qwen2", "mistral"):
+        return _llama_step(model, tokens, model_kwargs, fam)
     cache = model_kwargs.get("past_key_values")
     enc_out = model_kwargs.get("encoder_outputs")
     if type(cache) is not EncoderDecoderCache or enc_out is None:
@@ -474,7 +505,7 @@ def _prepared(tokens, model_kwargs: dict):
     contiguous = torch.contiguous_format
     input_ids = tokens.clone(memory_format=contiguous)
     position_ids = model_kwargs["position_ids"][..., -1:].clone(memory_format=contiguous)
-    return cache, input_ids, position_ids, model_kwargs["attention_mask"]
+    return cache, input_ids, position_ids, model_kwargs.get("attention_mask")
 
 
 def _head(model, fam: str, hidden_states, model_kwargs: dict):
@@ -514,7 +545,7 @@ def _gpt2_step(model, tokens, model_kwargs: dict):
     inputs_embeds = inner.wte(input_ids)
     position_embeds = inner.wpe(position_ids)
     hidden_states = inputs_embeds + position_embeds.to(inputs_embeds.device)
-    if attention_mask.ndim < 4:
+    if attention_mask is not None and attention_mask.ndim < 4:
         attention_mask = attention_mask.view(batch_size, -1)
     causal_mask = _causal_mask(inner, inputs_embeds, attention_mask, cache, position_ids)
     hidden_states = inner.drop(hidden_states)
@@ -527,8 +558,9 @@ def _gpt2_step(model, tokens, model_kwargs: dict):
     return _head(model, "gpt2", inner.ln_f(hidden_states).view(output_shape), model_kwargs)
 
 
-def _llama_step(model, tokens, model_kwargs: dict):
-    """LlamaForCausalLM's and LlamaModel's calls for a cached one-token step."""
+def _llama_step(model, tokens, model_kwargs: dict, fam: str = "llama"):
+    """LlamaForCausalLM's and LlamaModel's calls for a cached one-token step
+    (Qwen2's and Mistral's where their one mask is create_causal_mask's)."""
     from integrations import hf_llama_step
 
     prepared = _prepared(tokens, model_kwargs)
@@ -550,4 +582,4 @@ def _llama_step(model, tokens, model_kwargs: dict):
     hidden_states = hf_llama_step._Runner(inner.layers)._exact(hidden_states, (), kwargs)
     if hidden_states is None:
         return None
-    return _head(model, "llama", inner.norm(hidden_states), model_kwargs)
+    return _head(model, fam, inner.norm(hidden_states), model_kwargs)

@@ -1,5 +1,5 @@
 """Decoding steps without transformers' forward wrappers (integrations.hf_direct)
-for Marian, BART, mBART, FSMT, T5, GPT-2 and Llama: the same tensors as the model's own forward,
+for Marian, BART, mBART, FSMT, T5, GPT-2, Llama, Qwen2 and Mistral: the same tensors as the model's own forward,
 held to stock transformers' generate run in the same test (bit for bit in
 the exact mode, step by step; within 1e-5 in the fused mode), and the
 model's forward wherever the direct step cannot reproduce it."""
@@ -20,7 +20,7 @@ from seqfuse import _ext  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason="needs the compiled extension")
 
-FAMILIES = ("marian", "bart", "mbart", "t5", "gpt2", "llama")
+FAMILIES = ("marian", "bart", "mbart", "t5", "gpt2", "llama", "qwen2")
 
 
 @pytest.fixture(autouse=True)
@@ -33,23 +33,24 @@ def _fresh(monkeypatch):
     yield
 
 
-def _direct_expected(kind) -> bool:
+def _direct_expected(kind, model=None) -> bool:
     """Whether this transformers' code is the verified one for ``kind``
-    (FSMT's, GPT-2's and Llama's are 5.23's only; under 5.17 they run the
-    forward)."""
-    model = make_model(kind, seed=0)
+    (FSMT's and the decoder-only models' are 5.23's only; under 5.17 they run
+    the forward)."""
+    model = make_model(kind, seed=0) if model is None else model
     seqfuse.optimize(model)
     try:
         why = hf_direct.problem(model)
     finally:
         hf.restore(model)
     if why is not None:
-        assert "is not the verified one" in why and kind in ("gpt2", "llama", "fsmt"), why
+        assert "is not the verified one" in why, why
+        assert kind in ("gpt2", "llama", "qwen2", "mistral", "fsmt"), why
     return why is None
 
 
-def _check_direct_ran(kind):
-    if _direct_expected(kind):
+def _check_direct_ran(kind, model=None):
+    if _direct_expected(kind, model):
         assert hf_direct.STATS["direct"] > 0, "no direct step ran"
     else:
         assert hf_direct.STATS["direct"] == 0
@@ -94,6 +95,60 @@ def test_fused_mode_steps_match_stock(kind):
     _check_direct_ran(kind)
     assert torch.equal(stock.sequences, ours.sequences)
     torch.testing.assert_close(ours.sequences_scores, stock.sequences_scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ("gpt2", "llama", "qwen2"))
+def test_decoder_only_steps_without_an_attention_mask(kind):
+    """generate given no attention mask (a decoder-only model's masks then get
+    None): bit for bit step by step, and the steps direct."""
+    model = make_model(kind, seed=9)
+    torch.manual_seed(9)
+    ids = torch.randint(3, model.config.vocab_size - 2, (4, 9))
+    kw = dict(num_beams=4, max_new_tokens=14, return_dict_in_generate=True, output_scores=True)
+    stock, ours = stock_then_seqfuse(model, ids, **kw)
+    assert_same(stock, ours, f"{kind} without a mask")
+    _check_direct_ran(kind)
+
+
+@pytest.mark.parametrize("fused", (False, True))
+def test_mistral_steps_are_stock(fused):
+    """Mistral without a sliding window (its model's one mask is then
+    create_causal_mask's): bit for bit step by step in the exact mode, within
+    1e-5 fused; with a sliding window the forward runs."""
+    from hf_models import needs_packed_gemm
+    from test_hf_llama_step import _mistral
+
+    if fused and needs_packed_gemm().args[0]:
+        pytest.skip(needs_packed_gemm().kwargs["reason"])
+    model = _mistral(7)
+    ids, mask = make_inputs("llama", model, batch=4, seed=7)
+    kw = dict(
+        num_beams=4,
+        max_new_tokens=14,
+        min_new_tokens=4,
+        attention_mask=mask,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    if fused:
+        stock = _generate(model, ids, **kw)
+        seqfuse.optimize(model, fused_layers=True)
+        try:
+            ours = _generate(model, ids, **kw)
+        finally:
+            hf.restore(model)
+        assert torch.equal(stock.sequences, ours.sequences)
+        torch.testing.assert_close(ours.sequences_scores, stock.sequences_scores, rtol=0, atol=1e-5)
+    else:
+        stock, ours = stock_then_seqfuse(model, ids, **kw)
+        assert_same(stock, ours, "mistral")
+    _check_direct_ran("mistral", _mistral(7))
+    sliding = _mistral(7, sliding_window=4)
+    seqfuse.optimize(sliding)
+    try:
+        assert hf_direct.problem(sliding) is not None
+    finally:
+        hf.restore(sliding)
 
 
 def _generate(model, ids, **kw):
@@ -175,11 +230,9 @@ def test_fsmt_steps_are_stock(fused):
 
 def test_other_models_and_the_stock_decoder_say_why():
     pegasus = make_model("pegasus", seed=0)
-    assert "not a Marian, BART, mBART, FSMT, T5, GPT-2 or Llama" in hf_direct.problem(pegasus)
+    assert "not a Marian, BART, mBART, FSMT, T5, GPT-2, Llama, Qwen2" in hf_direct.problem(pegasus)
     t5 = make_model("t5", seed=0)  # not optimised: no one-call step
     assert "one-call step" in hf_direct.problem(t5)
-    qwen2 = make_model("qwen2", seed=0)  # (its own model code: sliding-window masks)
-    assert "not a" in hf_direct.problem(qwen2)
     bart = make_model("bart", seed=0)
     # not optimised: the decoder has no one-call step
     assert "one-call step" in hf_direct.problem(bart)
