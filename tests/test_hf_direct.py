@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from hf_models import clear_seqfuse_env, make_inputs, make_model  # noqa: E402
-from test_hf import assert_same, stock_then_seqfuse  # noqa: E402
+from test_hf import assert_same, generate, stock_then_seqfuse  # noqa: E402
 
 import seqfuse  # noqa: E402
 from integrations import hf, hf_direct  # noqa: E402
@@ -149,6 +149,82 @@ def test_mistral_steps_are_stock(fused):
         assert hf_direct.problem(sliding) is not None
     finally:
         hf.restore(sliding)
+
+
+@pytest.mark.parametrize("kind", ("marian", "t5"))
+def test_encoder_mask_made_once_while_the_rows_stay(kind, monkeypatch):
+    """The direct steps reuse the encoder mask while its inputs are the same
+    (no sentence leaves when every hypothesis runs to max_new_tokens): one
+    create_bidirectional_mask call for all the steps, stock's results."""
+    import transformers.masking_utils as mu
+
+    model = make_model(kind, seed=10)
+    ids, mask = make_inputs(kind, model, batch=3, seed=10)
+    assert not bool(mask.all())  # (a mask with padding: not None)
+    calls = []
+    real = mu.create_bidirectional_mask
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    kw = dict(
+        num_beams=3,
+        max_new_tokens=10,
+        min_new_tokens=10,
+        attention_mask=mask,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    stock = generate(model, ids, **kw)
+    monkeypatch.setattr(mu, "create_bidirectional_mask", counted)
+    seqfuse.optimize(model)
+    try:
+        ours = generate(model, ids, **kw)
+    finally:
+        hf.restore(model)
+    assert_same(stock, ours, kind)
+    assert hf_direct.STATS["direct"] == 9
+    assert len(calls) == 1
+
+
+def test_encoder_mask_reuse_follows_its_inputs():
+    from transformers.masking_utils import create_bidirectional_mask
+
+    model = make_model("marian", seed=11)
+    cfg = model.model.decoder.config
+    enc, emb = torch.randn(4, 7, 32), torch.randn(4, 1, 32)
+    m = torch.ones(4, 7, dtype=torch.long)
+    m[0, :2] = 0
+
+    def made(mask, embeds=emb, encoder=enc):
+        return create_bidirectional_mask(
+            config=cfg, inputs_embeds=embeds, attention_mask=mask, encoder_hidden_states=encoder
+        )
+
+    a = hf_direct._encoder_mask(cfg, emb, m, enc)
+    assert torch.equal(a, made(m))
+    assert hf_direct._encoder_mask(cfg, emb, m, enc) is a
+    m[1, :3] = 0  # changed in place
+    b = hf_direct._encoder_mask(cfg, emb, m, enc)
+    assert torch.equal(b, made(m)) and not torch.equal(a, b)
+    m2 = m.clone()  # another tensor: made again
+    assert hf_direct._encoder_mask(cfg, emb, m2, enc) is not b
+    # two masks of the same shape and version, different values
+    p, q = torch.ones(4, 7, dtype=torch.long), torch.ones(4, 7, dtype=torch.long)
+    p[3, :4] = 0
+    q[2, :1] = 0
+    assert torch.equal(hf_direct._encoder_mask(cfg, emb, p, enc), made(p))
+    assert torch.equal(hf_direct._encoder_mask(cfg, emb, q, enc), made(q))
+    longer = torch.randn(4, 9, 32)  # another encoder length
+    m9 = torch.ones(4, 9, dtype=torch.long)
+    m9[2, :5] = 0
+    assert torch.equal(hf_direct._encoder_mask(cfg, emb, m9, longer), made(m9, encoder=longer))
+    # another dtype, another config
+    c = hf_direct._encoder_mask(cfg, emb.double(), m9, longer.double())
+    assert torch.equal(c, made(m9, emb.double(), longer.double()))
+    other = make_model("marian", seed=12).model.decoder.config
+    assert hf_direct._encoder_mask(other, emb.double(), m9, longer.double()) is not c
 
 
 def _generate(model, ids, **kw):
