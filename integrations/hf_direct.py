@@ -371,7 +371,6 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
     or None where the layers' one-call step declines (nothing was changed
     then: the caller runs the model's forward)."""
     from transformers.cache_utils import EncoderDecoderCache
-    from transformers.masking_utils import create_causal_mask
 
     from integrations import hf_exact_step
 
@@ -399,13 +398,7 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
     past = cache.get_seq_length()
     position_ids = torch.arange(seq, device=embeds.device) + past
     attention_mask = torch.ones(batch, past + seq, device=embeds.device)
-    causal_mask = create_causal_mask(
-        config=dec.config,
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        past_key_values=cache.self_attention_cache,
-    )
-    encoder_mask = _encoder_mask(dec.config, embeds, enc_mask, enc)
+    causal_mask, encoder_mask = _decoder_masks(dec, embeds, attention_mask, cache, enc_mask, enc)
     if fam == "marian":
         h = embeds + dec.embed_positions((batch, seq), past, position_ids=position_ids)
     elif fam == "bart":
@@ -427,6 +420,20 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
         logits = model.lm_head(h)
         return logits + model.final_logits_bias.to(logits.device)
     return model.lm_head(h) + model.final_logits_bias
+
+
+def _decoder_masks(dec, inputs_embeds, attention_mask, cache, enc_mask, enc) -> tuple:
+    """An encoder-decoder's decoder forward's two masks: create_causal_mask's
+    (with the decoder's own ``attention_mask`` argument) and the encoder's."""
+    from transformers.masking_utils import create_causal_mask
+
+    causal_mask = create_causal_mask(
+        config=dec.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        past_key_values=cache.self_attention_cache,
+    )
+    return causal_mask, _encoder_mask(dec.config, inputs_embeds, enc_mask, enc)
 
 
 # The last encoder mask made (_encoder_mask): its inputs, and the mask.
@@ -512,19 +519,11 @@ def _fsmt_step(dec, tokens, cache, enc, enc_mask):
 def _t5_step(model, tokens, cache, enc, enc_mask):
     """T5ForConditionalGeneration's and the decoder T5Stack's calls for a
     cached one-token step (no decoder attention mask: the search passes none)."""
-    from transformers.masking_utils import create_causal_mask
-
     from integrations import hf_t5_step
 
     dec = model.decoder
     inputs_embeds = dec.embed_tokens(tokens)
-    causal_mask = create_causal_mask(
-        config=dec.config,
-        inputs_embeds=inputs_embeds,
-        attention_mask=None,
-        past_key_values=cache.self_attention_cache,
-    )
-    encoder_mask = _encoder_mask(dec.config, inputs_embeds, enc_mask, enc)
+    causal_mask, encoder_mask = _decoder_masks(dec, inputs_embeds, None, cache, enc_mask, enc)
     # (dropout: the identity in eval mode); the blocks' positional arguments
     # as the stack's loop passes them to its first block
     args = (causal_mask, None, enc, encoder_mask, None)
