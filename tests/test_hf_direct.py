@@ -188,6 +188,33 @@ def test_encoder_mask_made_once_while_the_rows_stay(kind, monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("kind", ("marian", "t5"))
+def test_direct_steps_under_inference_mode(kind):
+    """generate inside torch.inference_mode (inference tensors: no version
+    counters), padded sources: stock's sequences and scores bit for bit."""
+    model = make_model(kind, seed=13)
+    ids, mask = make_inputs(kind, model, batch=4, seed=13)
+    kw = dict(
+        num_beams=3,
+        max_new_tokens=12,
+        attention_mask=mask,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    with torch.inference_mode():
+        stock = model.generate(ids, **kw)
+        seqfuse.optimize(model)
+        try:
+            ours = model.generate(ids, **kw)
+        finally:
+            hf.restore(model)
+    assert hf_direct.STATS["direct"] > 0
+    assert torch.equal(stock.sequences, ours.sequences)
+    assert torch.equal(stock.sequences_scores, ours.sequences_scores)
+    for x, y in zip(stock.scores, ours.scores):
+        assert torch.equal(x, y)
+
+
 def test_encoder_mask_reuse_follows_its_inputs():
     from transformers.masking_utils import create_bidirectional_mask
 
@@ -210,6 +237,12 @@ def test_encoder_mask_reuse_follows_its_inputs():
     assert torch.equal(b, made(m)) and not torch.equal(a, b)
     m2 = m.clone()  # another tensor: made again
     assert hf_direct._encoder_mask(cfg, emb, m2, enc) is not b
+    with torch.inference_mode():  # (inference tensors keep no version counter)
+        im = m2.clone()
+        d = hf_direct._encoder_mask(cfg, emb, im, enc)
+        assert torch.equal(d, made(m2)) and hf_direct._encoder_mask(cfg, emb, im, enc) is d
+        im[2, :6] = 0  # changed in place
+        assert torch.equal(hf_direct._encoder_mask(cfg, emb, im, enc), made(im))
     # two masks of the same shape and version, different values
     p, q = torch.ones(4, 7, dtype=torch.long), torch.ones(4, 7, dtype=torch.long)
     p[3, :4] = 0
