@@ -33,9 +33,12 @@
 // fused top-k (CPU float32): whether some logits row's maximum is not finite
 // or some running score is NaN, and which sentences' candidates hold a tie.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -333,22 +336,30 @@ std::tuple<bool, at::Tensor> beam_topk_checks(const at::Tensor& logits, const at
               "beam_topk_checks: candidate scores must be float32 [sentences, k] on the CPU");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const float* lg = logits.data_ptr<float>();
-  bool bad = false;
   // torch's amax(dim=1) is NaN if the row holds a NaN, +inf if it holds one
   // (and no NaN), -inf if every entry is -inf: not finite in those cases.
-  for (int64_t r = 0; r < rows && !bad; ++r) {
-    const float* row = lg + r * vocab;
-    bool all_neg_inf = vocab > 0;
-    for (int64_t j = 0; j < vocab; ++j) {
-      const float v = row[j];
-      if (std::isnan(v) || v == INFINITY) {
-        bad = true;
-        break;
+  // Each row in one branch-free pass (the compiler vectorises it), rows on
+  // torch's threads when there are enough logits to share.
+  std::vector<uint8_t> row_bad(static_cast<size_t>(rows), 0);
+  auto scan = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = lg + r * vocab;
+      int nan_or_pos_inf = 0, all_neg_inf = 1;
+      for (int64_t j = 0; j < vocab; ++j) {
+        const float v = row[j];
+        nan_or_pos_inf |= !(v < INFINITY);  // (false for NaN and +inf)
+        all_neg_inf &= v == -INFINITY;
       }
-      all_neg_inf &= v == -INFINITY;
+      row_bad[r] = nan_or_pos_inf || all_neg_inf || vocab == 0;
     }
-    bad |= all_neg_inf || vocab == 0;
-  }
+  };
+  if (rows * vocab >= (int64_t{1} << 16))
+    at::parallel_for(0, rows,
+                     std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(vocab, 1)), scan);
+  else
+    scan(0, rows);
+  bool bad = false;
+  for (int64_t r = 0; r < rows; ++r) bad |= row_bad[r] != 0;
   const float* c = cum.data_ptr<float>();
   for (int64_t i = 0; i < cum.numel() && !bad; ++i) bad |= std::isnan(c[i]);
   const int64_t sents = cand_scores.size(0), k = cand_scores.size(1);

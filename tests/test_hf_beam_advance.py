@@ -289,11 +289,14 @@ def _checks_reference(logits, cum, cs):
 @pytest.mark.parametrize("poison", ("none", "nan", "inf", "all-neg-inf", "one-neg-inf", "nan-cum"))
 def test_topk_checks_are_the_python_checks(poison):
     g = torch.Generator().manual_seed(7)
-    for rows, vocab, k in ((5, 211, 11), (20, 1000, 9), (1, 3, 1), (8, 64, 2)):
+    # (the last two: enough logits for the rows to be shared among threads;
+    # the poisoned row last, then in the middle)
+    shapes = ((5, 211, 11), (20, 1000, 9), (1, 3, 1), (8, 64, 2), (80, 8003, 10), (33, 4099, 3))
+    for rows, vocab, k in shapes:
         logits = torch.randn(rows, vocab, generator=g)
         cum = torch.randn(rows, generator=g)
         cs = (torch.randn(max(1, rows // 4), k, generator=g) * 2).round() / 2  # ties
-        r = rows - 1
+        r = rows // 2 if rows == 33 else rows - 1
         if poison == "nan":
             logits[r, vocab // 2] = float("nan")
         elif poison == "inf":
