@@ -50,7 +50,9 @@ reason: beam sampling, ``synced_gpus``, a transformers version whose beam
 search this module does not mirror. Sampling (``num_beams=1``) and greedy
 search are Hugging Face's loop (one line says so), except greedy search with
 fused layers, which runs ``greedy_search``: Hugging Face's steps, and a
-sequence that has ended leaves the batch.
+sequence that has ended leaves the batch; and greedy search in the exact mode
+on a model whose decoding steps can be direct (``integrations.hf_direct``),
+which runs ``greedy_search`` with every row kept and the steps direct.
 ``SEQFUSE_DISABLE=1`` runs stock without a warning. The weights are
 untouched; the decoder of a BART-family model also runs the exact one-call
 step (``integrations.hf_exact_step``: transformers' own tensor ops, issued
@@ -646,13 +648,14 @@ def _why_stock_sample(
     model, input_ids, processors, stopping_criteria, gc, synced_gpus, streamer, model_kwargs
 ) -> str | None:
     """None when ``greedy_search`` runs this ``_sample`` call (greedy search
-    with fused layers, where finished sequences can leave the batch);
-    otherwise why Hugging Face's loop runs it."""
-    from integrations import hf_fused
+    with fused layers, where finished sequences can leave the batch; in the
+    exact mode, where every row stays, for a model whose steps can be direct,
+    integrations.hf_direct); otherwise why Hugging Face's loop runs it."""
+    from integrations import hf_direct, hf_fused
 
     if gc.do_sample:
         return "sampling"
-    if not hf_fused.enabled(model):
+    if not hf_fused.enabled(model) and hf_direct.problem(model) is not None:
         return "greedy search"
     missing = [h for h in _GREEDY_HELPERS if not hasattr(model, h)]
     if missing:
@@ -687,18 +690,33 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
     drop_ok: bool | None = None if _ext.env_flag(DROP_FINISHED_ENV, True) else False
     row_ids = None  # each kept row's row in the batch (None: all, in order)
     left = []  # (rows in the batch, their sequences) of the rows that left
+    from integrations import hf_direct
+
     outputs = model._prefill(input_ids, gc, model_kwargs, is_first_iteration=True)
     first = True
+    direct: bool | None = None  # (hf_direct: decided at the first step after the prefill)
     with model._optimize_model_for_decode():
         while True:
+            direct_logits = None
             if not first:
-                outputs = _forward(model, input_ids, model_kwargs)
+                if direct is None:
+                    why = hf_direct.usable(model, model_kwargs)
+                    direct = why is None
+                    if why is not None:
+                        _debug_once(f"seqfuse: decoding steps through the model's forward: {why}")
+                if direct:
+                    direct_logits = hf_direct.step(model, input_ids[:, -1:], model_kwargs)
+                if direct_logits is None:
+                    outputs = _forward(model, input_ids, model_kwargs)
             first = False
             model_kwargs = model._update_model_kwargs_for_generation(
-                outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
+                outputs if direct_logits is None else hf_direct.CacheOnly(model_kwargs),
+                model_kwargs,
+                is_encoder_decoder=model.config.is_encoder_decoder,
             )
-            logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
-            del outputs
+            raw = outputs.logits if direct_logits is None else direct_logits
+            logits = raw[:, -1].to(copy=True, dtype=torch.float32, device=device)
+            outputs = raw = None  # (the step's outputs are not held through the next)
             tokens = torch.argmax(logits_processor(input_ids, logits), dim=-1)
             tokens = tokens * unfinished + pad * (1 - unfinished)
             input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)

@@ -97,6 +97,57 @@ def test_fused_mode_steps_match_stock(kind):
     torch.testing.assert_close(ours.sequences_scores, stock.sequences_scores, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_exact_greedy_search_runs_direct_steps(kind, caplog):
+    """Greedy search in the exact mode runs seqfuse's greedy loop (every row
+    kept) with direct steps where the model takes them: stock's sequences, no
+    fallback line; with the direct steps off, Hugging Face's loop and its line."""
+    import logging
+
+    model = make_model(kind, seed=14)
+    ids, mask = make_inputs(kind, model, batch=6, seed=14)
+    kw = dict(
+        num_beams=1, do_sample=False, max_new_tokens=16, min_new_tokens=3, attention_mask=mask
+    )
+    stock = _generate(model, ids, **kw)
+    seqfuse.optimize(model)
+    try:
+        expected = hf_direct.problem(model) is None
+        hf._warned.clear()
+        with caplog.at_level(logging.WARNING, logger="seqfuse.hf"):
+            caplog.clear()
+            ours = _generate(model, ids, **kw)
+        lines = [r.getMessage() for r in caplog.records if r.name == "seqfuse.hf"]
+    finally:
+        hf.restore(model)
+    assert torch.equal(stock, ours)
+    if expected:
+        assert hf_direct.STATS["direct"] > 0 and not lines, lines
+    else:  # (another transformers release's code: Hugging Face's loop)
+        assert hf_direct.STATS["direct"] == 0 and "greedy search" in lines[0]
+
+
+def test_exact_greedy_search_without_direct_steps_is_hugging_faces(monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setenv(hf_direct.DIRECT_ENV, "0")
+    model = make_model("bart", seed=15)
+    ids, mask = make_inputs("bart", model, batch=4, seed=15)
+    kw = dict(num_beams=1, max_new_tokens=10, attention_mask=mask)
+    stock = _generate(model, ids, **kw)
+    seqfuse.optimize(model)
+    try:
+        hf._warned.clear()
+        with caplog.at_level(logging.WARNING, logger="seqfuse.hf"):
+            caplog.clear()
+            ours = _generate(model, ids, **kw)
+    finally:
+        hf.restore(model)
+    lines = [r.getMessage() for r in caplog.records if r.name == "seqfuse.hf"]
+    assert torch.equal(stock, ours)
+    assert len(lines) == 1 and "num_beams=1 (greedy search)" in lines[0], lines
+
+
 @pytest.mark.parametrize("kind", ("gpt2", "llama", "qwen2"))
 def test_decoder_only_steps_without_an_attention_mask(kind):
     """generate given no attention mask (a decoder-only model's masks then get

@@ -223,7 +223,7 @@ def test_decoder_only_left_padding(monkeypatch):
 
 
 def test_hugging_faces_loop_elsewhere(monkeypatch, caplog):
-    """The exact mode, sampling, return_dict_in_generate and processors with
+    """The exact mode without direct steps, sampling, return_dict_in_generate and processors with
     state sized by the batch or indexed by sentence (prefix_allowed_tokens_fn
     is given the sentence's index; the repetition penalty can hold a per-row
     prompt length) run Hugging Face's own loop, with one line naming the
@@ -232,13 +232,21 @@ def test_hugging_faces_loop_elsewhere(monkeypatch, caplog):
     ids, mask = make_inputs("bart", model, batch=4, seed=0)
     kw = dict(attention_mask=mask, max_new_tokens=10)
     cases = [
-        (False, {}, "greedy search"),
+        (False, {}, "greedy search"),  # (with the direct steps off, below)
         (True, dict(do_sample=True), "sampling"),
         (True, dict(return_dict_in_generate=True), "return_dict_in_generate"),
         (True, dict(prefix_allowed_tokens_fn=lambda b, s: list(range(50))), "Prefix"),
         (True, dict(repetition_penalty=1.3), "RepetitionPenalty"),
     ]
+    from integrations import hf_direct
+
     for fused, extra, reason in cases:
+        # the exact mode's greedy search runs seqfuse's loop where the steps
+        # can be direct (tests/test_hf_direct.py): here they cannot
+        if fused:
+            monkeypatch.delenv(hf_direct.DIRECT_ENV, raising=False)
+        else:
+            monkeypatch.setenv(hf_direct.DIRECT_ENV, "0")
         hf._warned.clear()
         seqfuse.optimize(model, fused_layers=fused)
         try:
