@@ -690,31 +690,18 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
     drop_ok: bool | None = None if _ext.env_flag(DROP_FINISHED_ENV, True) else False
     row_ids = None  # each kept row's row in the batch (None: all, in order)
     left = []  # (rows in the batch, their sequences) of the rows that left
-    from integrations import hf_direct
-
     outputs = model._prefill(input_ids, gc, model_kwargs, is_first_iteration=True)
+    raw = outputs.logits
+    steps = _DecodingSteps(model)
     first = True
-    direct: bool | None = None  # (hf_direct: decided at the first step after the prefill)
     with model._optimize_model_for_decode():
         while True:
-            direct_logits = None
             if not first:
-                if direct is None:
-                    why = hf_direct.usable(model, model_kwargs)
-                    direct = why is None
-                    if why is not None:
-                        _debug_once(f"seqfuse: decoding steps through the model's forward: {why}")
-                if direct:
-                    direct_logits = hf_direct.step(model, input_ids[:, -1:], model_kwargs)
-                if direct_logits is None:
-                    outputs = _forward(model, input_ids, model_kwargs)
+                outputs, raw = steps(input_ids, model_kwargs)
             first = False
             model_kwargs = model._update_model_kwargs_for_generation(
-                outputs if direct_logits is None else hf_direct.CacheOnly(model_kwargs),
-                model_kwargs,
-                is_encoder_decoder=model.config.is_encoder_decoder,
+                outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
             )
-            raw = outputs.logits if direct_logits is None else direct_logits
             logits = raw[:, -1].to(copy=True, dtype=torch.float32, device=device)
             outputs = raw = None  # (the step's outputs are not held through the next)
             tokens = torch.argmax(logits_processor(input_ids, logits), dim=-1)
@@ -755,6 +742,33 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
     for rows, ids in left:
         out[rows, : ids.size(1)] = ids
     return out
+
+
+class _DecodingSteps:
+    """A search's decoding steps after its first forward: direct
+    (``integrations.hf_direct``, decided at the first of them) where the
+    model's steps can be, else the model's forward. A call returns what
+    ``_update_model_kwargs_for_generation`` is given (the forward's outputs, or
+    ``hf_direct.CacheOnly`` after a direct step) and the step's logits."""
+
+    def __init__(self, model):
+        self.model = model
+        self.direct: bool | None = None
+
+    def __call__(self, sequences: Tensor, model_kwargs: dict) -> tuple:
+        from integrations import hf_direct
+
+        if self.direct is None:
+            why = hf_direct.usable(self.model, model_kwargs)
+            self.direct = why is None
+            if why is not None:
+                _debug_once(f"seqfuse: decoding steps through the model's forward: {why}")
+        if self.direct:
+            logits = hf_direct.step(self.model, sequences[:, -1:], model_kwargs)
+            if logits is not None:
+                return hf_direct.CacheOnly(model_kwargs), logits
+        outputs = _forward(self.model, sequences, model_kwargs)
+        return outputs, outputs.logits
 
 
 def _forward(model, sequences: Tensor, model_kwargs: dict):
@@ -1012,7 +1026,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     row_offset = batch_offset
     beam_range = torch.arange(num_beams, device=device)
 
-    from integrations import hf_direct, hf_exact_step
+    from integrations import hf_exact_step
 
     defer_ok = _ext.env_flag(DEFER_REORDER_ENV, True) and _step_verified(model)
     why_not_advance = _why_not_advance(model, gc)
@@ -1022,29 +1036,20 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     es_code = _early_stopping_code(early_stopping)
     flat_running = input_ids
     model_outputs = _prefill(model, input_ids, gc, model_kwargs, num_beams)
+    step_logits = model_outputs.logits
+    steps = _DecodingSteps(model)
     first = True
     this_peer_finished = False
-    direct: bool | None = None  # (hf_direct: decided at the first step after the prefill)
     while not this_peer_finished:
-        direct_logits = None
         if not first:
             flat_running = run_buf[:, :, :cur_len].reshape(flat_batch, cur_len)
-            if direct is None:
-                why = hf_direct.usable(model, model_kwargs)
-                direct = why is None
-                if why is not None:
-                    _debug_once(f"seqfuse: decoding steps through the model's forward: {why}")
-            if direct:
-                direct_logits = hf_direct.step(model, flat_running[:, -1:], model_kwargs)
-            if direct_logits is None:
-                model_outputs = _forward(model, flat_running, model_kwargs)
+            model_outputs, step_logits = steps(flat_running, model_kwargs)
         first = False
         model_kwargs = model._update_model_kwargs_for_generation(
-            model_outputs if direct_logits is None else hf_direct.CacheOnly(model_kwargs),
-            model_kwargs,
-            is_encoder_decoder=is_enc_dec,
+            model_outputs, model_kwargs, is_encoder_decoder=is_enc_dec
         )
-        raw = (model_outputs.logits if direct_logits is None else direct_logits)[:, -1, :]
+        raw = step_logits[:, -1, :]
+        step_logits = None
         if raw.dtype == torch.float32 and raw.device == device and raw.is_contiguous():
             logits = raw
         else:
