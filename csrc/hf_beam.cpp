@@ -32,6 +32,15 @@
 // beam_topk_checks: the checks integrations.hf._fused_topk makes of the
 // fused top-k (CPU float32): whether some logits row's maximum is not finite
 // or some running score is NaN, and which sentences' candidates hold a tie.
+//
+// hf_sentences_to_keep: integrations.hf._sentences_to_keep's test (CPU): a
+// sentence is inert when the early-stop heuristic has closed it
+// (early_stop_unsat [b, 1] bool false), every slot of its finished set is
+// taken (is_sent_finished [b, nb] bool), and its finished scores (beam_scores
+// [b, nb] float32) are finite, above -1e8 and strictly decreasing. Returns
+// (whether some sentence is inert, the indices of the others [kept] int64):
+// the same comparisons of the same float32 values as the ATen form's eight
+// small ops, in one pass.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -371,6 +380,41 @@ std::tuple<bool, at::Tensor> beam_topk_checks(const at::Tensor& logits, const at
   return {bad, tie};
 }
 
+std::tuple<bool, at::Tensor> hf_sentences_to_keep(const at::Tensor& early_stop_unsat,
+                                                  const at::Tensor& finished,
+                                                  const at::Tensor& scores) {
+  TORCH_CHECK(
+      finished.device().is_cpu() && finished.scalar_type() == at::kBool && finished.dim() == 2,
+      "hf_sentences_to_keep: is_sent_finished must be bool [sentences, beams] on the CPU");
+  const int64_t sents = finished.size(0), nb = finished.size(1);
+  TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kFloat && scores.dim() == 2 &&
+                  scores.size(0) == sents && scores.size(1) == nb,
+              "hf_sentences_to_keep: beam_scores must be float32 [sentences, beams] on the CPU");
+  TORCH_CHECK(early_stop_unsat.device().is_cpu() && early_stop_unsat.scalar_type() == at::kBool &&
+                  early_stop_unsat.numel() == sents,
+              "hf_sentences_to_keep: early_stop_unsat must be bool with one value a sentence");
+  const auto fin = finished.accessor<bool, 2>();
+  const auto sc = scores.accessor<float, 2>();
+  const at::Tensor unsat_flat = early_stop_unsat.reshape({sents});
+  const auto unsat = unsat_flat.accessor<bool, 1>();
+  std::vector<int64_t> keep;
+  keep.reserve(static_cast<size_t>(sents));
+  for (int64_t s = 0; s < sents; ++s) {
+    bool inert = !unsat[s];
+    for (int64_t j = 0; j < nb && inert; ++j) {
+      const float v = sc[s][j];
+      inert = fin[s][j] && std::isfinite(v) && v > -1e8f && (j == 0 || sc[s][j - 1] > v);
+    }
+    if (!inert) keep.push_back(s);
+  }
+  const bool any_inert = static_cast<int64_t>(keep.size()) < sents;
+  at::Tensor out =
+      at::empty({static_cast<int64_t>(keep.size())}, finished.options().dtype(at::kLong));
+  if (!keep.empty())
+    std::memcpy(out.data_ptr<int64_t>(), keep.data(), keep.size() * sizeof(int64_t));
+  return {any_inert, out};
+}
+
 }  // namespace seqfuse
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
@@ -383,6 +427,9 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "int prompt_len, int max_length, int num_beams, float length_penalty, int early_stopping) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, bool)");
   m.def("beam_topk_checks(Tensor logits, Tensor cum, Tensor cand_scores) -> (bool, Tensor)");
+  m.def(
+      "hf_sentences_to_keep(Tensor early_stop_unsat, Tensor is_sent_finished, Tensor beam_scores) "
+      "-> (bool, Tensor)");
 }
 
 // hf_beam_advance: only ATen calls, one implementation for every backend.
@@ -393,4 +440,5 @@ TORCH_LIBRARY_IMPL(seqfuse, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("hf_beam_advance", &seqfuse::hf_beam_advance_cpu);
   m.impl("beam_topk_checks", &seqfuse::beam_topk_checks);
+  m.impl("hf_sentences_to_keep", &seqfuse::hf_sentences_to_keep);
 }

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from seqfuse import _ext
-from seqfuse.ops.beam_topk import EOS_ALLOW, beam_topk, beam_topk_reference
+from seqfuse.ops.beam_topk import EOS_ALLOW, beam_topk, beam_topk_reference, cpu_kernel_for
 
 logger = logging.getLogger("seqfuse.hf")
 
@@ -543,13 +543,28 @@ def _why_not_row_wise(processors) -> str | None:
     return None
 
 
+# torch.ops.seqfuse.hf_sentences_to_keep, or None (an extension without it);
+# tests swap it for None to run the ATen form.
+_KEEP_OP: list = [getattr(torch.ops.seqfuse, "hf_sentences_to_keep", None) if _ext._C else None]
+
+
 def _sentences_to_keep(early_stop_unsat: Tensor, finished: Tensor, scores: Tensor):
     """Indices of the sentences to keep decoding, or None when none can leave.
 
     A sentence leaves when the heuristic has closed it and every slot of its
     finished set holds a finite score above -1e8, in strictly decreasing order:
     its later candidates score below -1e9, so stock's merge keeps exactly
-    these hypotheses in this order (no tie for ``torch.topk`` to reorder)."""
+    these hypotheses in this order (no tie for ``torch.topk`` to reorder).
+    On the CPU, one call (``hf_sentences_to_keep``: the same comparisons)."""
+    if (
+        scores.device.type == "cpu"
+        and scores.dtype == torch.float32
+        and _KEEP_OP[0] is not None
+        and finished.device.type == "cpu"
+        and early_stop_unsat.device.type == "cpu"
+    ):
+        any_inert, keep = _KEEP_OP[0](early_stop_unsat, finished, scores)
+        return keep if any_inert else None
     inert = ~early_stop_unsat.view(-1) & finished.all(dim=1)
     inert &= torch.isfinite(scores).all(dim=1) & (scores.amin(dim=1) > -1e8)
     if scores.size(1) > 1:
@@ -1310,14 +1325,20 @@ def _kernel_normalises(device) -> bool:
     return device.type == "cpu"
 
 
+# torch.ops.seqfuse.beam_topk_checks, or None (an extension without it).
+_CHECKS_OP: list = [getattr(torch.ops.seqfuse, "beam_topk_checks", None) if _ext._C else None]
+
+
 def _checks_in_one_pass(logits, cum, cs) -> bool:
     """Whether ``beam_topk_checks`` takes these tensors (contiguous CPU float32)."""
     return (
-        logits.device.type == "cpu"
-        and all(t.dtype == torch.float32 for t in (logits, cum, cs))
+        _CHECKS_OP[0] is not None
+        and logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and cum.dtype == torch.float32
+        and cs.dtype == torch.float32
         and logits.is_contiguous()
         and cum.is_contiguous()
-        and hasattr(torch.ops.seqfuse, "beam_topk_checks")
     )
 
 
@@ -1331,7 +1352,11 @@ def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
     k_op = min(keep + 1, num_beams * vocab)
     if _kernel_normalises(logits.device):
         # The CPU kernel's normaliser is torch's own (same bits): fully fused.
-        cs, ci, cb = beam_topk(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned)
+        run = cpu_kernel_for(logits)
+        if run is not None:  # (the op checks its arguments; no backend choice)
+            cs, ci, cb = run(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned, False)
+        else:
+            cs, ci, cb = beam_topk(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned)
     else:
         # Elsewhere the kernel's normaliser may differ from torch's by an ulp:
         # take torch's log-probs, fuse the bans, the accumulation and the top-k.
@@ -1339,7 +1364,7 @@ def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
         cs, ci, cb = beam_topk(lp, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned, True)
     if _checks_in_one_pass(logits, cum, cs):
         # the same tests in one pass over the logits (beam_topk_checks)
-        bad_host, tie = torch.ops.seqfuse.beam_topk_checks(logits, cum, cs)
+        bad_host, tie = _CHECKS_OP[0](logits, cum, cs)
         any_tie = not bad_host and bool(tie.any())
     else:
         bad = ~torch.isfinite(logits.amax(dim=1)).all() | torch.isnan(cum).any()

@@ -41,7 +41,7 @@ from seqfuse.source_shape import shape_of
 
 DIRECT_ENV = "SEQFUSE_HF_DIRECT_STEP"
 
-STATS = {"direct": 0}
+STATS = {"direct": 0, "causal_masks": 0}
 
 # family -> {qualified function: its verified source shapes}: transformers
 # 5.23, and 5.17 where its code differs (its decoder forwards skip layerdrop
@@ -397,8 +397,8 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
     batch, seq = embeds.size()[:-1]
     past = cache.get_seq_length()
     position_ids = torch.arange(seq, device=embeds.device) + past
-    attention_mask = torch.ones(batch, past + seq, device=embeds.device)
-    causal_mask, encoder_mask = _decoder_masks(dec, embeds, attention_mask, cache, enc_mask, enc)
+    # (the decoder forward's attention mask: ones [batch, past + seq])
+    causal_mask, encoder_mask = _decoder_masks(dec, embeds, past + seq, cache, enc_mask, enc)
     if fam == "marian":
         h = embeds + dec.embed_positions((batch, seq), past, position_ids=position_ids)
     elif fam == "bart":
@@ -422,18 +422,105 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
     return model.lm_head(h) + model.final_logits_bias
 
 
-def _decoder_masks(dec, inputs_embeds, attention_mask, cache, enc_mask, enc) -> tuple:
+def _decoder_masks(dec, inputs_embeds, ones: int | None, cache, enc_mask, enc) -> tuple:
     """An encoder-decoder's decoder forward's two masks: create_causal_mask's
-    (with the decoder's own ``attention_mask`` argument) and the encoder's."""
-    from transformers.masking_utils import create_causal_mask
-
-    causal_mask = create_causal_mask(
-        config=dec.config,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        past_key_values=cache.self_attention_cache,
+    (the decoder's own ``attention_mask`` argument: ones [batch, ``ones``], or
+    None) and the encoder's."""
+    causal_mask = _causal_mask_call(
+        dec.config, inputs_embeds, None, cache.self_attention_cache, None, ones=ones
     )
     return causal_mask, _encoder_mask(dec.config, inputs_embeds, enc_mask, enc)
+
+
+# transformers' masking code whose one-token causal mask is known (5.17.0 and
+# 5.23.0, read): with the sdpa mask function, no padding (no attention mask,
+# or one of ones), a cache that is not compileable and nothing traced,
+# create_causal_mask returns None (sdpa's is_causal skip) for a query of one
+# token whatever the cache's length (_ignore_causal_mask_sdpa: q_length == 1
+# and no padding; no local window in a full-attention mask; a one-token
+# query's position ids hold no packed sequence).
+_MASKING = {
+    "create_causal_mask": {"946de2fbae812519", "2c6f5e0f88800880"},
+    "_preprocess_mask_arguments": {"a139adab5982dc6a"},
+    "sdpa_mask": {"9816e078b0fbc909", "2ec8fc89abddf638"},
+    "_ignore_causal_mask_sdpa": {"ccac7d67c233f728", "8acf176e8206928c"},
+    "find_packed_sequence_indices": {"00eb669a30107d89"},
+}
+
+
+def _masking_verified() -> bool:
+    """Whether transformers' masking functions (as they are now: a patched
+    one is not) are the verified ones."""
+    from transformers import masking_utils as mu
+
+    return all(shape_of(getattr(mu, n, None)) in shapes for n, shapes in _MASKING.items())
+
+
+# The last one-token causal mask that create_causal_mask returned as None:
+# [weak reference to the config, the call's key (everything it reads but the
+# cache's length)].
+_CAUSAL_NONE: list = []
+
+
+def _causal_mask_call(config, inputs_embeds, attention_mask, cache, position_ids, ones=None):
+    """``create_causal_mask(config=config, inputs_embeds=inputs_embeds,
+    attention_mask=attention_mask, past_key_values=cache[, position_ids=...])``
+    (``ones``: the attention mask is ``torch.ones(batch, ones)``).
+
+    A one-token step with no padding gets None from the verified masking code
+    (_MASKING) at every cache length; once a call has returned None, a later
+    call with the same config, attention implementation and its mask function,
+    embeddings' shape, dtype and device, cache class and the same absence of
+    padding returns None without the call's 0.1-0.3 ms of Python."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
+
+    key = None
+    if (ones is not None or attention_mask is None) and inputs_embeds.size(1) == 1:
+        impl = config._attn_implementation
+        key = (
+            impl,
+            ALL_MASK_ATTENTION_FUNCTIONS.get(impl) if isinstance(impl, str) else None,
+            create_causal_mask,
+            getattr(config, "is_causal", True),
+            tuple(inputs_embeds.shape),
+            inputs_embeds.dtype,
+            inputs_embeds.device,
+            type(cache),
+            getattr(cache, "is_compileable", False),
+            ones is None,
+            position_ids is None,
+        )
+        if (
+            _CAUSAL_NONE
+            and _CAUSAL_NONE[0]() is config
+            and _CAUSAL_NONE[1] == key
+            and not torch.compiler.is_compiling()
+        ):
+            return None
+    if ones is not None:
+        attention_mask = torch.ones(inputs_embeds.size(0), ones, device=inputs_embeds.device)
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
+    STATS["causal_masks"] += 1
+    mask = create_causal_mask(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        **kwargs,
+    )
+    if (
+        mask is None
+        and key is not None
+        and key[0] == "sdpa"
+        and key[1] is not None
+        and getattr(key[1], "__module__", "") == "transformers.masking_utils"
+        and key[1].__name__ == "sdpa_mask"
+        and not key[8]
+        and not torch.compiler.is_compiling()
+        and _masking_verified()
+    ):
+        _CAUSAL_NONE[:] = [weakref.ref(config), key]
+    return mask
 
 
 # The last encoder mask made (_encoder_mask): its inputs, and the mask.
@@ -566,15 +653,7 @@ def _head(model, fam: str, hidden_states, model_kwargs: dict):
 
 def _causal_mask(inner, inputs_embeds, attention_mask, cache, position_ids):
     """The decoder-only models' create_causal_mask call."""
-    from transformers.masking_utils import create_causal_mask
-
-    return create_causal_mask(
-        config=inner.config,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        position_ids=position_ids,
-    )
+    return _causal_mask_call(inner.config, inputs_embeds, attention_mask, cache, position_ids)
 
 
 def _gpt2_step(model, tokens, model_kwargs: dict):

@@ -198,10 +198,12 @@ def _capturing_hook(hook) -> bool:
     ).startswith("transformers.")
 
 
-def _recorded(layers, parts=lambda lay: (lay, lay.self_attn, lay.encoder_attn)) -> bool:
+def _recorded(layers, parts=lambda lay: (lay, lay.self_attn, lay.encoder_attn), owner=None) -> bool:
     """Whether anything would see the layers' calls: transformers collecting
     hidden states or attentions (with its hooks), or any other hook on a
-    layer or on its ``parts``."""
+    layer or on its ``parts``. With an ``owner`` (the layer list), the list
+    of modules is kept on it until a module or parameter is registered
+    anywhere (the hooks are read at every call)."""
     try:
         from transformers.utils.output_capturing import _active_collector
 
@@ -209,10 +211,17 @@ def _recorded(layers, parts=lambda lay: (lay, lay.self_attn, lay.encoder_attn)) 
             return True
     except ImportError:  # a transformers without output capturing: hooks decide
         pass
-    for lay in layers:
-        for m in parts(lay):
-            if m._forward_pre_hooks or not all(map(_capturing_hook, m._forward_hooks.values())):
-                return True
+    if owner is None:
+        modules = [m for lay in layers for m in parts(lay)]
+    else:
+        modules = cached_for_structure(
+            owner, "_seqfuse_hooked_parts", lambda _: [m for lay in layers for m in parts(lay)]
+        )
+    for m in modules:
+        if m._forward_pre_hooks or (
+            m._forward_hooks and not all(map(_capturing_hook, m._forward_hooks.values()))
+        ):
+            return True
     return bool(nn.modules.module._global_forward_hooks) or bool(
         nn.modules.module._global_forward_pre_hooks
     )
@@ -238,11 +247,15 @@ def encoder_decoder_cache_ready(cache, n: int) -> bool:
     return True
 
 
-def fused_packs(probe, x, modules, transposed: bool = False) -> list:
-    """The panel packs of ``modules``' weights (None: an empty placeholder)
-    when ``probe`` runs in the fused mode (one of ``hf_fused``'s packed
-    classes) and the packed kernel takes ``x``; else none (torch's products).
-    ``transposed``: the weights are stored ``[in, out]`` (GPT-2's Conv1D)."""
+def fused_packs(probe, x, owner, modules, transposed: bool = False) -> list:
+    """The panel packs of the weights of the modules ``modules()`` lists
+    (None: an empty placeholder) when ``probe`` runs in the fused mode (one of
+    ``hf_fused``'s packed classes) and the packed kernel takes ``x``; else
+    none (torch's products). The list and its weights are kept on ``owner``
+    (the layer list) until a module or parameter is registered anywhere, and
+    the packs while every weight keeps its storage and version: a step's 24
+    attribute lookups and pack lookups were about 50 us. ``transposed``: the
+    weights are stored ``[in, out]`` (GPT-2's Conv1D)."""
     if not getattr(type(probe), "_seqfuse_packed_linear", False):
         return []
     from seqfuse.ops import linear as packed_linear
@@ -250,8 +263,26 @@ def fused_packs(probe, x, modules, transposed: bool = False) -> list:
     w = probe.weight.t() if transposed else probe.weight
     if not packed_linear.kernel_takes(x.view(-1, x.size(-1)), w):
         return []
+    count, weights = cached_for_structure(
+        owner, "_seqfuse_gemm_weights", lambda _: _weights(modules())
+    )
+    packs = packed_linear.packs_for(weights, transposed)
+    if len(packs) == count:
+        return packs
+    found = iter(packs)
     empty = torch.empty(0)
-    return [empty if m is None else packed_linear.packed(m.weight, transposed) for m in modules]
+    return [empty if pos is None else next(found) for pos in _holes(owner, modules, count)]
+
+
+def _weights(modules) -> tuple[int, list]:
+    return len(modules), [m.weight for m in modules if m is not None]
+
+
+def _holes(owner, modules, count) -> list:
+    """Per slot of the modules list: None where it has no module."""
+    return cached_for_structure(
+        owner, "_seqfuse_gemm_slots", lambda _: [None if m is None else True for m in modules()]
+    )
 
 
 # A beam reorder of a self-attention cache that seqfuse's beam search
@@ -341,7 +372,7 @@ class _Runner:
         if enc is None or not encoder_decoder_cache_ready(cache, n):
             return None
         sc, cc = cache.self_attention_cache, cache.cross_attention_cache
-        if _recorded(layers):
+        if _recorded(layers, owner=self.layers):
             return None
         # built once, anew after any module or parameter registration (a
         # layer or weight replaced)
@@ -361,7 +392,12 @@ class _Runner:
             plan["act"],
             plan["pre_norm"],
             # (the GEMM weights' packs in the fused mode)
-            fused_packs(layers[0].fc1, x, [m for lay in layers for m in gemm_modules(lay)]),
+            fused_packs(
+                layers[0].fc1,
+                x,
+                self.layers,
+                lambda: [m for lay in layers for m in gemm_modules(lay)],
+            ),
             pending_order(sc),
         )
         step_took_order(sc)

@@ -133,7 +133,7 @@ class _Runner(hf_exact_step._Runner):
         n = len(layers)
         if not hf_exact_step.encoder_decoder_cache_ready(cache, n):
             return None
-        if hf_exact_step._recorded(layers):
+        if hf_exact_step._recorded(layers, owner=self.layers):
             return None
         pad = kwargs.get("encoder_attn_mask")
         if pad is not None and (pad.dim() != 2 or pad.dtype != torch.bool):
@@ -155,7 +155,10 @@ class _Runner(hf_exact_step._Runner):
             plan["scaling"],
             plan["act"],
             hf_exact_step.fused_packs(
-                layers[0].fc1, x, [m for lay in layers for m in gemm_modules(lay)]
+                layers[0].fc1,
+                x,
+                self.layers,
+                lambda: [m for lay in layers for m in gemm_modules(lay)],
             ),
             hf_exact_step.pending_order(sc),
         )

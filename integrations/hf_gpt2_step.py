@@ -187,7 +187,7 @@ class _Runner(hf_exact_step._Runner):
         for i in range(len(blocks)):
             if type(layers[i]) is not DynamicLayer or not layers[i].is_initialized:
                 return None
-        if _recorded(blocks, lambda b: (b, b.ln_1, b.attn, b.ln_2, b.mlp)):
+        if _recorded(blocks, lambda b: (b, b.ln_1, b.attn, b.ln_2, b.mlp), self.layers):
             return None
         # built once, anew after any module or parameter registration
         plan = cached_for_structure(self.layers, "_seqfuse_plan", lambda _: _plan(blocks))
@@ -205,7 +205,8 @@ class _Runner(hf_exact_step._Runner):
             hf_exact_step.fused_packs(
                 blocks[0].mlp.c_fc,
                 x,
-                [
+                self.layers,
+                lambda: [
                     m
                     for b in blocks
                     for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)

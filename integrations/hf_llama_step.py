@@ -287,7 +287,7 @@ class _Runner(hf_exact_step._Runner):
         cos, sin = pe
         if cos.dim() != 3 or cos.size(1) != 1 or cos.shape != sin.shape:
             return None
-        if _recorded(layers, lambda lay: (lay, lay.self_attn, lay.mlp)):
+        if _recorded(layers, lambda lay: (lay, lay.self_attn, lay.mlp), self.layers):
             return None
         mask = kwargs.get("attention_mask")
         gqa = _gqa_mode(layers, mask, cache.layers[0].keys)
@@ -311,7 +311,10 @@ class _Runner(hf_exact_step._Runner):
             plan["act"],
             gqa,
             hf_exact_step.fused_packs(
-                layers[0].self_attn.q_proj, x, [p for lay in layers for p in _projections(lay)]
+                layers[0].self_attn.q_proj,
+                x,
+                self.layers,
+                lambda: [p for lay in layers for p in _projections(lay)],
             ),
             hf_exact_step.pending_order(cache),
         )

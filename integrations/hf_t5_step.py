@@ -237,7 +237,7 @@ class _Runner(hf_exact_step._Runner):
         if not hf_exact_step.encoder_decoder_cache_ready(cache, n):
             return None
         sc, cc = cache.self_attention_cache, cache.cross_attention_cache
-        if _recorded(blocks, _parts):
+        if _recorded(blocks, _parts, self.layers):
             return None
         contiguous = _bias_mask_contiguous()
         if contiguous is None:
@@ -264,7 +264,10 @@ class _Runner(hf_exact_step._Runner):
             plan["gated"],
             contiguous,
             hf_exact_step.fused_packs(
-                blocks[0].layer[0].SelfAttention.q, x, [m for b in blocks for m in _projections(b)]
+                blocks[0].layer[0].SelfAttention.q,
+                x,
+                self.layers,
+                lambda: [m for b in blocks for m in _projections(b)],
             ),
             hf_exact_step.pending_order(sc),
         )

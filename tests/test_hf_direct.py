@@ -27,6 +27,7 @@ FAMILIES = ("marian", "bart", "mbart", "t5", "gpt2", "llama", "qwen2")
 def _fresh(monkeypatch):
     clear_seqfuse_env(monkeypatch)
     hf._warned.clear()
+    hf_direct._CAUSAL_NONE.clear()
     for stats in (hf.STATS, hf_direct.STATS):
         for k in stats:
             stats[k] = 0
@@ -237,6 +238,142 @@ def test_encoder_mask_made_once_while_the_rows_stay(kind, monkeypatch):
     assert_same(stock, ours, kind)
     assert hf_direct.STATS["direct"] == 9
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "kind, padded",
+    [("marian", True), ("bart", False), ("t5", True), ("gpt2", False), ("llama", False),
+     ("qwen2", False), ("gpt2", True), ("llama", True)],
+)  # fmt: skip
+def test_causal_mask_made_once_without_padding(kind, padded, monkeypatch):
+    """A one-token step's causal mask is None at every cache length where the
+    decoder's own attention mask has no padding (an encoder-decoder's decoder:
+    its mask is all ones; a decoder-only prompt without padding: no mask):
+    create_causal_mask runs at the first direct step only. A decoder-only
+    prompt with padding gets its mask from the call at every step. Stock's
+    results bit for bit either way."""
+    model = make_model(kind, seed=14)
+    if not _direct_expected(kind, model):
+        pytest.skip("this transformers' code is not the verified one for this family")
+    ids, mask = make_inputs(kind, model, batch=3, seed=14)
+    if padded:
+        assert not bool(mask.all())
+    elif kind in ("gpt2", "llama", "qwen2"):  # prompts without padding, no mask
+        torch.manual_seed(14)
+        ids, mask = torch.randint(3, model.config.vocab_size - 2, (3, 9)), None
+    kw = dict(num_beams=3, max_new_tokens=10, min_new_tokens=10, attention_mask=mask,
+              return_dict_in_generate=True, output_scores=True)  # fmt: skip
+    stock = generate(model, ids, **kw)
+    seqfuse.optimize(model)
+    try:
+        ours = generate(model, ids, **kw)
+    finally:
+        hf.restore(model)
+    assert_same(stock, ours, kind)
+    assert hf_direct.STATS["direct"] == 9
+    made = hf_direct.STATS["causal_masks"]
+    assert made == (9 if padded and kind in ("gpt2", "llama") else 1)
+
+
+def test_causal_mask_not_reused_past_a_patched_function(monkeypatch):
+    """create_causal_mask replaced (a user's patch): called at every step."""
+    import transformers.masking_utils as mu
+
+    calls = []
+    real = mu.create_causal_mask
+
+    def patched(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mu, "create_causal_mask", patched)
+    model = make_model("marian", seed=16)
+    ids, mask = make_inputs("marian", model, batch=2, seed=16)
+    kw = dict(num_beams=2, max_new_tokens=8, min_new_tokens=8, attention_mask=mask)
+    stock = _generate(model, ids, **kw)
+    seqfuse.optimize(model)
+    try:
+        ours = _generate(model, ids, **kw)
+    finally:
+        hf.restore(model)
+    assert torch.equal(stock, ours)
+    assert hf_direct.STATS["direct"] == len(calls) == 7
+
+
+def test_causal_mask_reuse_follows_its_inputs():
+    """_causal_mask_call: the call skipped only after a None for the same
+    config, implementation, shapes and no padding; eager attention's mask (a
+    tensor) and padded masks are made at every call, equal to stock's."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    model = make_model("marian", seed=17)
+    cfg = model.model.decoder.config
+    cache = DynamicCache(config=model.config)
+
+    def grow():
+        kv = torch.zeros(3, 2, 1, 4)
+        for layer in range(cfg.decoder_layers):
+            cache.update(kv, kv, layer)
+        return cache.get_seq_length()
+
+    emb = torch.zeros(3, 1, 8)
+    made = lambda: hf_direct.STATS["causal_masks"]  # noqa: E731
+    past = grow()
+    assert hf_direct._causal_mask_call(cfg, emb, None, cache, None, ones=past + 1) is None
+    assert made() == 1
+    for _ in range(3):
+        past = grow()
+        assert hf_direct._causal_mask_call(cfg, emb, None, cache, None, ones=past + 1) is None
+    assert made() == 1  # reused
+    hf_direct._causal_mask_call(cfg, torch.zeros(2, 1, 8), None, cache, None, ones=past + 1)
+    assert made() == 2  # another batch
+    padded = torch.ones(3, past + 1)
+    padded[1, 0] = 0
+    for _ in range(2):  # a padded mask: made every time, stock's
+        m = hf_direct._causal_mask_call(cfg, emb, padded, cache, None)
+        assert torch.equal(m, create_causal_mask(config=cfg, inputs_embeds=emb, attention_mask=padded,
+                                                 past_key_values=cache))  # fmt: skip
+    assert made() == 4
+    other = make_model("marian", seed=18).model.decoder.config  # another config
+    hf_direct._causal_mask_call(other, emb, None, cache, None, ones=past + 1)
+    assert made() == 5
+    other._attn_implementation = "eager"  # a tensor: never reused
+    for _ in range(2):
+        m = hf_direct._causal_mask_call(other, emb, None, cache, None, ones=past + 1)
+        want = create_causal_mask(config=other, inputs_embeds=emb, attention_mask=torch.ones(3, past + 1),
+                                  past_key_values=cache)  # fmt: skip
+        assert isinstance(m, torch.Tensor) and torch.equal(m, want)
+    assert made() == 7
+
+
+@pytest.mark.parametrize("kind", ("marian", "t5", "gpt2", "llama"))
+def test_one_token_causal_mask_is_none_at_every_length(kind):
+    """The reuse's premise, on the verified masking code: for a one-token
+    query with no padding, create_causal_mask gives None at every cache
+    length (and the code is recognised under the versions tested)."""
+    import transformers
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    if transformers.__version__ in ("5.17.0", "5.23.0"):
+        assert hf_direct._masking_verified()
+    model = make_model(kind, seed=0)
+    decoder_only = kind in ("gpt2", "llama")
+    cfg = model.config if decoder_only else model.get_decoder().config
+    cache = DynamicCache(config=model.config)
+    heads = 2
+    for length in range(1, 40):
+        kv = torch.zeros(3, heads, 1, 4)
+        for layer in range(cfg.num_hidden_layers if decoder_only else cfg.decoder_layers
+                           if hasattr(cfg, "decoder_layers") else cfg.num_layers):  # fmt: skip
+            cache.update(kv, kv, layer)
+        embeds = torch.zeros(3, 1, 8)
+        ones = None if decoder_only else torch.ones(3, length + 1)
+        pos = torch.full((3, 1), length) if decoder_only else None
+        kwargs = {"position_ids": pos} if decoder_only else {}
+        assert create_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=ones,
+                                  past_key_values=cache, **kwargs) is None, length  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ("marian", "t5"))

@@ -153,7 +153,18 @@ def test_decoder_only_masks_and_positions_follow(monkeypatch):
     assert torch.equal(stock, ours)
 
 
-def test_sentences_to_keep_rules():
+@pytest.fixture(params=["op", "aten"])
+def keep_form(request, monkeypatch):
+    """_sentences_to_keep through the C++ op, and through its ATen form."""
+    if request.param == "op":
+        if hf._KEEP_OP[0] is None:
+            pytest.skip("the extension has no hf_sentences_to_keep")
+    else:
+        monkeypatch.setattr(hf, "_KEEP_OP", [None])
+    return request.param
+
+
+def test_sentences_to_keep_rules(keep_form):
     unsat = torch.tensor([[False], [False], [False], [False], [False], [True]])
     finished = torch.ones(6, 3, dtype=torch.bool)
     finished[1, 2] = False  # a slot still open
@@ -170,6 +181,51 @@ def test_sentences_to_keep_rules():
     keep = hf._sentences_to_keep(unsat, finished, scores)
     assert keep.tolist() == [1, 2, 3, 4, 5]
     assert hf._sentences_to_keep(unsat[1:], finished[1:], scores[1:]) is None
+    # the -1e8 bound is strict; one beam has no order to check
+    edge = torch.tensor([[-1e8], [-99999992.0], [float("inf")], [float("-inf")], [0.0]])
+    keep = hf._sentences_to_keep(
+        torch.zeros(5, 1, dtype=torch.bool), torch.ones(5, 1, dtype=torch.bool), edge
+    )
+    assert keep.tolist() == [0, 2, 3]
+
+
+def _keep_aten(unsat, finished, scores):
+    """The ATen form, whatever _KEEP_OP holds."""
+    saved = hf._KEEP_OP[0]
+    hf._KEEP_OP[0] = None
+    try:
+        return hf._sentences_to_keep(unsat, finished, scores)
+    finally:
+        hf._KEEP_OP[0] = saved
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sentences_to_keep_op_matches_aten_form(seed):
+    """The C++ op against the ATen form on random states full of the edge
+    cases: ties, NaN, infinities, the -1e8 bound, open slots and heuristics."""
+    if hf._KEEP_OP[0] is None:
+        pytest.skip("the extension has no hf_sentences_to_keep")
+    g = torch.Generator().manual_seed(seed)
+    special = torch.tensor(
+        [float("nan"), float("inf"), float("-inf"), -1e8, -99999992.0, -1e9, -1.5]
+    )
+    for beams in (1, 2, 5):
+        for sents in (1, 3, 17):
+            for _ in range(20):
+                scores = -torch.rand(sents, beams, generator=g).cumsum(1)
+                pick = torch.rand(sents, beams, generator=g) < 0.15
+                idx = torch.randint(0, len(special), (sents, beams), generator=g)
+                scores = torch.where(pick, special[idx], scores)
+                if beams > 1:  # ties between neighbours
+                    tie = torch.rand(sents, generator=g) < 0.2
+                    scores[tie, 1] = scores[tie, 0]
+                finished = torch.rand(sents, beams, generator=g) < 0.9
+                unsat = torch.rand(sents, 1, generator=g) < 0.2
+                want = _keep_aten(unsat, finished, scores)
+                got = hf._sentences_to_keep(unsat, finished, scores)
+                assert (want is None) == (got is None), (scores, finished, unsat)
+                if want is not None:
+                    assert torch.equal(want, got)
 
 
 # ------------------------------------------------------------ greedy search

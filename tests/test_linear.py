@@ -126,6 +126,47 @@ def test_strided_rows_and_repack_after_an_update():
     check(linear(x, w), x, w, None)
 
 
+@needs_kernel
+def test_group_packs_follow_their_weights():
+    """packs_for (a one-call step's packs, looked up as a group): the packs of
+    the weights as they are now, after an in-place update, a new storage, a
+    replaced weight object; a dead weight's group is freed."""
+    g = torch.Generator().manual_seed(2)
+
+    def fresh(w):
+        return torch.ops.seqfuse.pack_linear_weight_checked(w.detach())[0]
+
+    ws = [
+        torch.nn.Parameter(torch.randn(20, 32, generator=g), requires_grad=False) for _ in range(3)
+    ]
+    first = lin_mod.packs_for(ws)
+    assert all(torch.equal(p, fresh(w)) for p, w in zip(first, ws))
+    assert all(a is b for a, b in zip(lin_mod.packs_for(ws), first))  # a hit
+    with torch.no_grad():
+        ws[1].mul_(-2.0)  # in place: a new version
+    packs = lin_mod.packs_for(ws)
+    assert torch.equal(packs[1], fresh(ws[1])) and not torch.equal(packs[1], first[1])
+    ws[2].data = torch.randn(20, 32, generator=g)  # new storage
+    packs = lin_mod.packs_for(ws)
+    assert torch.equal(packs[2], fresh(ws[2]))
+    other = torch.nn.Parameter(ws[0].detach().clone() * 3, requires_grad=False)
+    packs = lin_mod.packs_for([other, ws[1], ws[2]])  # another object in a slot
+    assert torch.equal(packs[0], fresh(other))
+    assert [
+        torch.equal(a, b) for a, b in zip(lin_mod.packs_for(ws[::-1]), lin_mod.packs_for(ws)[::-1])
+    ] == [True] * 3
+    n = len(lin_mod._GROUPS)
+    del other, packs
+    assert len(lin_mod._GROUPS) == n - 1  # its group went with it
+    lin_mod.drop_packs(ws[:1])
+    assert not lin_mod._GROUPS
+    with torch.inference_mode():
+        frozen = [torch.randn(20, 32, generator=g) for _ in range(2)]
+    a = lin_mod.packs_for(frozen)
+    assert all(x is y for x, y in zip(lin_mod.packs_for(frozen), a))
+    assert all(torch.equal(p, fresh(w)) for p, w in zip(a, frozen))
+
+
 def test_reference_for_what_the_kernel_does_not_take():
     x = torch.randn(4, 8, dtype=torch.bfloat16)
     w = torch.randn(6, 8, dtype=torch.bfloat16)

@@ -79,11 +79,41 @@ def _pack_entry(weight: Tensor, transposed: bool) -> tuple:
     return entry
 
 
+# The packs of a list of weights that a one-call step passes together:
+# (transposed, id of each weight) -> (weak references, each weight's (storage
+# pointer, version), packs). A hit needs the same weight objects in the same
+# state as when the packs were taken; a weight that dies takes its groups with
+# it. About 0.3 us a weight a step, against 3 us for its own lookup.
+_GROUPS: dict[tuple, tuple] = {}
+
+
+def _state(w: Tensor) -> tuple[int, int]:
+    return w.data_ptr(), -1 if w.is_inference() else w._version
+
+
+def packs_for(weights, transposed: bool = False) -> list[Tensor]:
+    """``[packed(w, transposed) for w in weights]``, the list kept while every
+    weight is the same object with the same storage and version."""
+    key = (transposed, *map(id, weights))
+    state = list(map(_state, weights))
+    hit = _GROUPS.get(key)
+    if hit is not None and hit[1] == state and all(r() is w for r, w in zip(hit[0], weights)):
+        return hit[2]
+    packs = [packed(w, transposed) for w in weights]
+
+    def forget(_ref, k=key):
+        _GROUPS.pop(k, None)
+
+    _GROUPS[key] = ([weakref.ref(w, forget) for w in weights], state, packs)
+    return packs
+
+
 def drop_packs(weights) -> None:
     """Free the packs of these weights (they are rebuilt on next use)."""
     for w in weights:
         for transposed in (False, True):
             _PACKS.pop((id(w), transposed), None)
+    _GROUPS.clear()  # (the groups hold the same packs)
 
 
 def _cpu_run(x, weight, bias):
