@@ -586,3 +586,52 @@ def test_collector_paused_in_the_search_and_restored(monkeypatch, search, pause)
     assert seen, "seqfuse's loop did not run"
     assert set(seen) == {pause == "off_by_env"}, seen
     assert after
+
+
+def test_processors_applied_as_the_list_applies_them(monkeypatch):
+    """integrations.hf._apply_processors: each of transformers' processors in
+    turn, the same scores as LogitsProcessorList's own call, without its
+    inspect.signature at every call; a processor that wants more arguments, an
+    instance's own __call__ or another list class get the list's call."""
+    import inspect
+
+    from transformers.generation import logits_process as lp
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 50, (4, 7))
+    scores = torch.randn(4, 50)
+    procs = lp.LogitsProcessorList(
+        [
+            lp.NoRepeatNGramLogitsProcessor(2),
+            lp.RepetitionPenaltyLogitsProcessor(1.3),
+            lp.NoBadWordsLogitsProcessor([[5], [7, 9]], eos_token_id=2),
+            lp.MinNewTokensLengthLogitsProcessor(5, 9, eos_token_id=2),
+        ]
+    )
+    want = procs(ids, scores.clone())
+    assert torch.equal(hf._apply_processors(procs, ids, scores.clone()), want)
+    calls = []
+    real = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(hf._apply_processors(procs, ids, scores.clone()), want)
+    assert not calls  # (the list's own call makes one per processor)
+
+    class Needs(lp.LogitsProcessor):
+        def __call__(self, input_ids, scores, extra):
+            return scores + extra
+
+    more = lp.LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(1.3), Needs()])
+    with pytest.raises(ValueError, match="required parameters"):
+        hf._apply_processors(more, ids, scores.clone())
+
+    seen = []
+    own = lp.RepetitionPenaltyLogitsProcessor(1.3)
+    own.__call__ = lambda i, s: seen.append(1) or s  # an instance's own (the list ignores it)
+    mixed = lp.LogitsProcessorList([own])
+    assert torch.equal(hf._apply_processors(mixed, ids, scores.clone()), mixed(ids, scores.clone()))
+
+    class MyList(lp.LogitsProcessorList):
+        def __call__(self, input_ids, scores, **kwargs):
+            return scores * 2
+
+    assert torch.equal(hf._apply_processors(MyList(procs), ids, scores), scores * 2)
