@@ -147,7 +147,7 @@ def _no_further(reference, sentence, tokens, key, x, y, atol) -> bool:
     return bool(err_ours <= err_stock + atol)
 
 
-def hf_problems(stock, ours, exact: bool = True) -> list[str]:
+def hf_problems(stock, ours, exact: bool = True, reference=None) -> list[str]:
     """What differs between two ``generate`` outputs (tensor or ModelOutput):
     bit for bit when ``exact``, else the same tokens and beams with scores
     within 1e-5. The per-step scores (processed logits in greedy search,
@@ -155,7 +155,14 @@ def hf_problems(stock, ours, exact: bool = True) -> list[str]:
     (the GEMM's, the attention core's), whose error scales with the logits'
     size: a log-probability is a logit minus their logsumexp. There each row
     is held to 1e-5 of its largest finite magnitude (at least 1e-5): for
-    log-probabilities that is about the row's logit spread."""
+    log-probabilities that is about the row's logit spread.
+
+    ``reference()``, for the fused mode: the same generate on a float64 copy
+    of the model (None where its sequences or beams are not stock's). Per-step
+    scores outside the rule are then accepted when seqfuse's worst error
+    from the float64 run's is within the rule of stock's worst (as the fairseq
+    side's hypotheses: stock's own fp32 error can exceed the rule on a large
+    random model over many steps)."""
 
     def same_rows(x, y):
         if exact:
@@ -194,8 +201,34 @@ def hf_problems(stock, ours, exact: bool = True) -> list[str]:
     if (a is None) != (b is None) or (a is not None and len(a) != len(b)):
         found.append("per-step scores: different step counts")
     elif a is not None and not all(same_rows(x, y) for x, y in zip(a, b)):
-        found.append("per-step scores differ")
+        if exact or reference is None or not _steps_no_further(a, b, reference()):
+            found.append("per-step scores differ")
     return found
+
+
+def _steps_no_further(stock_steps, our_steps, ref) -> bool:
+    """Whether seqfuse's per-step scores are, at worst, within the row rule
+    of stock's worst error from the float64 run's ``ref`` (None: no judgement)."""
+    ref_steps = None if ref is None else getattr(ref, "scores", None)
+    if ref_steps is None or len(ref_steps) != len(stock_steps):
+        return False
+
+    def worst(steps):
+        w = 0.0
+        for x, r in zip(steps, ref_steps):
+            if x.shape != r.shape:
+                return math.inf
+            fin = torch.isfinite(r)
+            if not torch.equal(fin, torch.isfinite(x)):
+                return math.inf
+            r64 = r.double()
+            scale = torch.where(fin, r64.abs(), torch.zeros_like(r64)).amax(dim=-1, keepdim=True)
+            err = ((x.double() - r64).abs() / scale.clamp(min=1.0))[fin]
+            if err.numel():
+                w = max(w, float(err.max()))
+        return w
+
+    return worst(our_steps) <= worst(stock_steps) + SCORE_TOL
 
 
 def _failures(desc: str, stock_exc, ours_exc) -> dict:
@@ -445,7 +478,22 @@ def hf_case(seed: int, kinds: tuple[str, ...] | None = None) -> dict:
     dropped, advanced, direct = (a - b for a, b in zip(after, before))
     if stock_exc is not None or ours_exc is not None:
         return _failures(desc, stock_exc, ours_exc)
-    problems = hf_problems(stock, ours, exact=not fused)
+    def reference():
+        """The same generate on a float64 copy of the stock model, when its
+        sequences and beams are stock's."""
+        twin = copy.deepcopy(model).double()
+        try:
+            with torch.no_grad():
+                ref = twin.generate(ids, attention_mask=mask, **kw)
+        except Exception:
+            return None
+        for name in ("sequences", "beam_indices"):
+            x, y = getattr(stock, name, None), getattr(ref, name, None)
+            if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
+                return None
+        return ref
+
+    problems = hf_problems(stock, ours, exact=not fused, reference=reference)
     return {
         "case": desc,
         "problems": problems,

@@ -237,3 +237,36 @@ def test_per_step_scores_held_to_their_rows_scale():
     moved_inf = out(0.0)
     moved_inf.scores = (torch.tensor([[10.0, 0.5, float("-inf"), -3.0]]),)
     assert check(base, moved_inf, exact=False) == ["per-step scores differ"]
+
+
+def test_hf_per_step_scores_judged_against_float64():
+    """Fused per-step scores outside the row rule pass when seqfuse's worst
+    error from the float64 run is within the rule of stock's worst; not when
+    it is further, nor without a float64 run (its sequences not stock's), nor
+    in the exact mode."""
+    from types import SimpleNamespace
+
+    truth = torch.tensor([[10.0, 0.5, -3.0, float("-inf")]])
+
+    def out(delta, where=1):
+        shift = torch.zeros_like(truth)
+        shift[0, where] = delta
+        return SimpleNamespace(
+            sequences=torch.tensor([[1, 2]]),
+            sequences_scores=None,
+            beam_indices=None,
+            scores=(truth + shift,),
+        )
+
+    check = parity_fuzz.hf_problems
+    stock, ours = out(1.5e-4, where=0), out(-1.0e-4, where=2)  # 2.5e-4 apart
+    assert check(stock, ours, exact=False) == ["per-step scores differ"]
+    ref = out(0.0)
+    assert check(stock, ours, exact=False, reference=lambda: ref) == []  # 1e-5 vs 1.5e-5
+    further = out(-2.6e-4, where=2)  # 2.6e-5 of the row: further than 1.5e-5 + 1e-5
+    assert check(stock, further, exact=False, reference=lambda: ref) == ["per-step scores differ"]
+    assert check(stock, ours, exact=False, reference=lambda: None) == ["per-step scores differ"]
+    assert check(stock, ours, exact=True, reference=lambda: ref) == ["per-step scores differ"]
+    moved_inf = out(0.0)
+    moved_inf.scores = (torch.tensor([[10.0, 0.5, float("-inf"), -3.0]]),)
+    assert check(stock, moved_inf, exact=False, reference=lambda: ref) == ["per-step scores differ"]
