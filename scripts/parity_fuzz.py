@@ -478,6 +478,7 @@ def hf_case(seed: int, kinds: tuple[str, ...] | None = None) -> dict:
     dropped, advanced, direct = (a - b for a, b in zip(after, before))
     if stock_exc is not None or ours_exc is not None:
         return _failures(desc, stock_exc, ours_exc)
+
     def reference():
         """The same generate on a float64 copy of the stock model, when its
         sequences and beams are stock's."""
