@@ -263,13 +263,7 @@ def test_causal_mask_made_once_without_padding(kind, padded, monkeypatch):
         ids, mask = torch.randint(3, model.config.vocab_size - 2, (3, 9)), None
     kw = dict(num_beams=3, max_new_tokens=10, min_new_tokens=10, attention_mask=mask,
               return_dict_in_generate=True, output_scores=True)  # fmt: skip
-    stock = generate(model, ids, **kw)
-    seqfuse.optimize(model)
-    try:
-        ours = generate(model, ids, **kw)
-    finally:
-        hf.restore(model)
-    assert_same(stock, ours, kind)
+    assert_same(*stock_then_seqfuse(model, ids, **kw), kind)
     assert hf_direct.STATS["direct"] == 9
     made = hf_direct.STATS["causal_masks"]
     assert made == (9 if padded and kind in ("gpt2", "llama") else 1)
@@ -289,14 +283,9 @@ def test_causal_mask_not_reused_past_a_patched_function(monkeypatch):
     monkeypatch.setattr(mu, "create_causal_mask", patched)
     model = make_model("marian", seed=16)
     ids, mask = make_inputs("marian", model, batch=2, seed=16)
-    kw = dict(num_beams=2, max_new_tokens=8, min_new_tokens=8, attention_mask=mask)
-    stock = _generate(model, ids, **kw)
-    seqfuse.optimize(model)
-    try:
-        ours = _generate(model, ids, **kw)
-    finally:
-        hf.restore(model)
-    assert torch.equal(stock, ours)
+    kw = dict(num_beams=2, max_new_tokens=8, min_new_tokens=8, attention_mask=mask,
+              return_dict_in_generate=True, output_scores=True)  # fmt: skip
+    assert_same(*stock_then_seqfuse(model, ids, **kw), "marian, a patched create_causal_mask")
     assert hf_direct.STATS["direct"] == len(calls) == 7
 
 

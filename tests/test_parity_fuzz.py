@@ -204,6 +204,22 @@ def test_float64_judgement_compares_worst_errors_not_positions():
     assert parity_fuzz.fairseq_problems(off_stock, ours, exact=False, reference=reference)
 
 
+def _step_output(delta: float, where: int = 1):
+    """A one-step generate output whose scores row [10, 0.5, -3, -inf] has
+    ``delta`` added at ``where``."""
+    from types import SimpleNamespace
+
+    row = torch.tensor([[10.0, 0.5, -3.0, float("-inf")]])
+    shift = torch.zeros_like(row)
+    shift[0, where] = delta
+    return SimpleNamespace(
+        sequences=torch.tensor([[1, 2]]),
+        sequences_scores=None,
+        beam_indices=None,
+        scores=(row + shift,),
+    )
+
+
 def test_per_step_scores_held_to_their_rows_scale():
     """Per-step scores (greedy search's logits, beam search's
     log-probabilities): the fused rule scales 1e-5 by each row's largest
@@ -212,18 +228,7 @@ def test_per_step_scores_held_to_their_rows_scale():
     infinities must sit in the same places."""
     from types import SimpleNamespace
 
-    row = torch.tensor([[10.0, 0.5, -3.0, float("-inf")]])
-
-    def out(delta, where=1):
-        shift = torch.zeros_like(row)
-        shift[0, where] = delta
-        return SimpleNamespace(
-            sequences=torch.tensor([[1, 2]]),
-            sequences_scores=None,
-            beam_indices=None,
-            scores=(row + shift,),
-        )
-
+    out = _step_output
     base = out(0.0)
     check = parity_fuzz.hf_problems
     assert check(base, out(5e-5), exact=False) == []  # < 1e-5 * 10
@@ -244,20 +249,7 @@ def test_hf_per_step_scores_judged_against_float64():
     error from the float64 run is within the rule of stock's worst; not when
     it is further, nor without a float64 run (its sequences not stock's), nor
     in the exact mode."""
-    from types import SimpleNamespace
-
-    truth = torch.tensor([[10.0, 0.5, -3.0, float("-inf")]])
-
-    def out(delta, where=1):
-        shift = torch.zeros_like(truth)
-        shift[0, where] = delta
-        return SimpleNamespace(
-            sequences=torch.tensor([[1, 2]]),
-            sequences_scores=None,
-            beam_indices=None,
-            scores=(truth + shift,),
-        )
-
+    out = _step_output
     check = parity_fuzz.hf_problems
     stock, ours = out(1.5e-4, where=0), out(-1.0e-4, where=2)  # 2.5e-4 apart
     assert check(stock, ours, exact=False) == ["per-step scores differ"]
