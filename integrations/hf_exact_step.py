@@ -271,14 +271,14 @@ def fused_packs(probe, x, owner, modules, transposed: bool = False) -> list:
         return packs
     found = iter(packs)
     empty = torch.empty(0)
-    return [empty if pos is None else next(found) for pos in _holes(owner, modules, count)]
+    return [empty if pos is None else next(found) for pos in _holes(owner, modules)]
 
 
 def _weights(modules) -> tuple[int, list]:
     return len(modules), [m.weight for m in modules if m is not None]
 
 
-def _holes(owner, modules, count) -> list:
+def _holes(owner, modules) -> list:
     """Per slot of the modules list: None where it has no module."""
     return cached_for_structure(
         owner, "_seqfuse_gemm_slots", lambda _: [None if m is None else True for m in modules()]
