@@ -88,6 +88,7 @@ STATS = {
     "sentences_dropped": 0,
     "shared_prefills": 0,
     "advanced_steps": 0,
+    "greedy_bans": 0,
 }
 
 # With fused layers, a sentence whose result the search can no longer change
@@ -710,6 +711,7 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
     outputs = model._prefill(input_ids, gc, model_kwargs, is_first_iteration=True)
     raw = outputs.logits
     steps = _DecodingSteps(model)
+    plan: _StepPlan | None = None
     first = True
     with model._optimize_model_for_decode():
         while True:
@@ -721,7 +723,9 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
             )
             logits = raw[:, -1].to(copy=True, dtype=torch.float32, device=device)
             outputs = raw = None  # (the step's outputs are not held through the next)
-            tokens = torch.argmax(_apply_processors(logits_processor, input_ids, logits), dim=-1)
+            if plan is None:
+                plan = _StepPlan(logits_processor, logits.shape[1])
+            tokens = _greedy_tokens(plan, logits_processor, input_ids, logits)
             tokens = tokens * unfinished + pad * (1 - unfinished)
             input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
             unfinished = unfinished & ~stopping_criteria(input_ids, None)
@@ -759,6 +763,24 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
     for rows, ids in left:
         out[rows, : ids.size(1)] = ids
     return out
+
+
+def _greedy_tokens(plan: _StepPlan, processors, input_ids: Tensor, logits: Tensor) -> Tensor:
+    """``argmax(processors(input_ids, logits))`` (``logits`` a copy, changed in
+    place). Where the step's processors only ban tokens (the beam search's
+    step plan: bad single tokens, a minimum length's EOS, suppressed tokens)
+    and every row's maximum is finite, the banned columns are set to -inf and
+    the argmax taken: the processors' own result leaves every other logit as
+    it is and those at -inf, so the argmax (the first maximum) is the same
+    token. Any other step (another processor, a forced token, a NaN or
+    infinite logit) gets the processors."""
+    fused, banned = plan.bans(input_ids.shape[1], logits.shape[0], logits.device)
+    if fused and bool(torch.isfinite(logits.amax(dim=1)).all()):
+        STATS["greedy_bans"] += 1
+        if banned is not None:
+            logits.index_fill_(1, banned[0], float("-inf"))
+        return torch.argmax(logits, dim=-1)
+    return torch.argmax(_apply_processors(processors, input_ids, logits), dim=-1)
 
 
 # LogitsProcessorList.__call__'s verified code (transformers 5.17.0 and

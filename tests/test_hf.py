@@ -635,3 +635,77 @@ def test_processors_applied_as_the_list_applies_them(monkeypatch):
             return scores * 2
 
     assert torch.equal(hf._apply_processors(MyList(procs), ids, scores), scores * 2)
+
+
+def test_greedy_tokens_from_bans_match_the_processors():
+    """integrations.hf._greedy_tokens: with ban-type processors (single bad
+    tokens, a minimum number of new tokens, suppressed tokens) the argmax of
+    the logits with the banned columns at -inf is the processors' argmax;
+    ties go to the first index as there; a NaN or infinite logit and a forced
+    token run the processors."""
+    from transformers.generation import logits_process as lp
+
+    vocab = 40
+    procs = lp.LogitsProcessorList(
+        [
+            lp.NoBadWordsLogitsProcessor([[5], [7]], eos_token_id=2),
+            lp.MinNewTokensLengthLogitsProcessor(4, 3, eos_token_id=2),
+            lp.SuppressTokensLogitsProcessor([9]),
+        ]
+    )
+    plan = hf._StepPlan(procs, vocab)
+    g = torch.Generator().manual_seed(3)
+    for length in (4, 6, 9):  # min_new_tokens 3 after a prompt of 4: EOS banned at 4 and 6
+        ids = torch.randint(0, vocab, (6, length), generator=g)
+        logits = torch.randn(6, vocab, generator=g)
+        for col in (2, 5, 7, 9):  # each banned column the row's largest in some row
+            logits[col % 6, col] = 50.0
+        logits[5, 11] = logits[5, 12] = 60.0  # a tie: the first index
+        want = torch.argmax(procs(ids, logits.clone()), dim=-1)
+        before = hf.STATS["greedy_bans"]
+        assert torch.equal(hf._greedy_tokens(plan, procs, ids, logits.clone()), want)
+        assert hf.STATS["greedy_bans"] == before + 1
+    for bad in (float("nan"), float("inf")):  # at a banned column: the processors decide
+        logits = torch.randn(6, vocab, generator=g)
+        logits[1, 5] = bad
+        ids = torch.randint(0, vocab, (6, 4), generator=g)
+        want = torch.argmax(procs(ids, logits.clone()), dim=-1)
+        before = hf.STATS["greedy_bans"]
+        assert torch.equal(hf._greedy_tokens(plan, procs, ids, logits.clone()), want)
+        assert hf.STATS["greedy_bans"] == before
+    forced = lp.LogitsProcessorList([*procs, lp.ForcedEOSTokenLogitsProcessor(10, eos_token_id=2)])
+    fplan = hf._StepPlan(forced, vocab)
+    ids = torch.randint(0, vocab, (6, 9), generator=g)  # the step before max_length: EOS forced
+    logits = torch.randn(6, vocab, generator=g)
+    out = hf._greedy_tokens(fplan, forced, ids, logits.clone())
+    assert out.tolist() == [2] * 6
+    rep = lp.LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(1.5)])
+    assert hf._StepPlan(rep, vocab).generic_reason is not None
+
+
+@pytest.mark.parametrize("kind", ["marian", "gpt2", "llama"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_greedy_with_ban_processors_is_stock(kind, fused):
+    """Greedy search (seqfuse's loop) with bad single tokens, a minimum of new
+    tokens and suppressed tokens: stock's sequences, the bans' argmax taken."""
+    from hf_models import needs_packed_gemm
+
+    from integrations import hf_direct
+
+    if fused and needs_packed_gemm().args[0]:
+        pytest.skip(needs_packed_gemm().kwargs["reason"])
+    model = make_model(kind, seed=21)
+    ids, mask = make_inputs(kind, model, batch=4, seed=21)
+    kw = dict(num_beams=1, do_sample=False, max_new_tokens=12, min_new_tokens=5,
+              bad_words_ids=[[7], [11]], suppress_tokens=[13], attention_mask=mask)  # fmt: skip
+    with torch.no_grad():
+        stock = model.generate(ids, **kw)
+    seqfuse.optimize(model, fused_layers=fused)
+    try:
+        seqfuse_loop = fused or hf_direct.problem(model) is None
+        with torch.no_grad():
+            ours = model.generate(ids, **kw)
+    finally:
+        hf.restore(model)
+    assert torch.equal(stock, ours)
+    assert (hf.STATS["greedy_bans"] > 0) == seqfuse_loop
