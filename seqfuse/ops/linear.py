@@ -59,15 +59,19 @@ def skips_zeros(weight: Tensor, transposed: bool = False) -> bool:
     return _pack_entry(weight, transposed)[4]
 
 
+def _state(w: Tensor) -> tuple[int, int]:
+    """(storage pointer, version) of a weight as its pack was taken. Inference
+    tensors keep no version counter (and cannot change outside inference
+    mode): theirs is -1, the pack keyed on the storage alone."""
+    return w.data_ptr(), -1 if w.is_inference() else w._version
+
+
 def _pack_entry(weight: Tensor, transposed: bool) -> tuple:
     """(weakref, storage pointer, version, pack, finite): the cached pack and
     whether every weight is finite (then the product may skip zero inputs)."""
     key = (id(weight), transposed)
     entry = _PACKS.get(key)
-    # Inference tensors keep no version counter (and cannot change outside
-    # inference mode): their pack is keyed on the storage alone.
-    ptr = weight.data_ptr()
-    version = -1 if weight.is_inference() else weight._version
+    ptr, version = _state(weight)
     if entry is not None and entry[0]() is weight and entry[1:3] == (ptr, version):
         return entry
     with torch.no_grad():
@@ -85,10 +89,6 @@ def _pack_entry(weight: Tensor, transposed: bool) -> tuple:
 # state as when the packs were taken; a weight that dies takes its groups with
 # it. About 0.3 us a weight a step, against 3 us for its own lookup.
 _GROUPS: dict[tuple, tuple] = {}
-
-
-def _state(w: Tensor) -> tuple[int, int]:
-    return w.data_ptr(), -1 if w.is_inference() else w._version
 
 
 def packs_for(weights, transposed: bool = False) -> list[Tensor]:
