@@ -711,7 +711,7 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
     outputs = model._prefill(input_ids, gc, model_kwargs, is_first_iteration=True)
     raw = outputs.logits
     steps = _DecodingSteps(model)
-    plan: _StepPlan | None = None
+    plan = _StepPlan(logits_processor, raw.shape[-1])
     first = True
     with model._optimize_model_for_decode():
         while True:
@@ -723,8 +723,6 @@ def greedy_search(model, input_ids, logits_processor, stopping_criteria, gc, **m
             )
             logits = raw[:, -1].to(copy=True, dtype=torch.float32, device=device)
             outputs = raw = None  # (the step's outputs are not held through the next)
-            if plan is None:
-                plan = _StepPlan(logits_processor, logits.shape[1])
             tokens = _greedy_tokens(plan, logits_processor, input_ids, logits)
             tokens = tokens * unfinished + pad * (1 - unfinished)
             input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)

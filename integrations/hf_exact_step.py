@@ -263,26 +263,20 @@ def fused_packs(probe, x, owner, modules, transposed: bool = False) -> list:
     w = probe.weight.t() if transposed else probe.weight
     if not packed_linear.kernel_takes(x.view(-1, x.size(-1)), w):
         return []
-    count, weights = cached_for_structure(
+    present, weights = cached_for_structure(
         owner, "_seqfuse_gemm_weights", lambda _: _weights(modules())
     )
     packs = packed_linear.packs_for(weights, transposed)
-    if len(packs) == count:
+    if len(packs) == len(present):
         return packs
     found = iter(packs)
     empty = torch.empty(0)
-    return [empty if pos is None else next(found) for pos in _holes(owner, modules)]
+    return [next(found) if here else empty for here in present]
 
 
-def _weights(modules) -> tuple[int, list]:
-    return len(modules), [m.weight for m in modules if m is not None]
-
-
-def _holes(owner, modules) -> list:
-    """Per slot of the modules list: None where it has no module."""
-    return cached_for_structure(
-        owner, "_seqfuse_gemm_slots", lambda _: [None if m is None else True for m in modules()]
-    )
+def _weights(modules) -> tuple[list, list]:
+    """(per slot of the modules list: whether it holds a module, their weights)."""
+    return [m is not None for m in modules], [m.weight for m in modules if m is not None]
 
 
 # A beam reorder of a self-attention cache that seqfuse's beam search
