@@ -370,18 +370,23 @@ void bind_exact_step(pybind11::module& m) {
 // seqfuse's packed-weight GEMM instead, and on the CPU (float32) the
 // attention seqfuse's attention core where the masks are key paddings
 // (attention_heads_cpu): the fused mode, within 1e-5 rather than
-// bit-identical. Returns (x, new K, new V).
+// bit-identical. skip_zeros (with packs; this op and the T5, FSMT and GPT-2
+// ones): the second feed-forward product skips zero inputs, the same bits
+// as without for finite weights, which the caller has checked (it asks for
+// it after a ReLU, whose outputs are mostly zeros in trained models).
+// Returns (x, new K, new V).
 namespace {
 
 // A projection: torch's (exact) or, given the weight's panel pack, seqfuse's
 // packed-weight GEMM (seqfuse::linear_packed, the fused mode).
 inline at::Tensor packed_linear(const at::Tensor& x2d, const at::Tensor& packed,
-                                const std::optional<at::Tensor>& b, int64_t n) {
+                                const std::optional<at::Tensor>& b, int64_t n,
+                                bool skip_zeros = false) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("seqfuse::linear_packed", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                const std::optional<at::Tensor>&, int64_t, bool)>();
-  return op.call(x2d, packed, b, n, /*skip_zeros=*/false);
+  return op.call(x2d, packed, b, n, skip_zeros);
 }
 
 // A bias, or none for an undefined or empty tensor (a layer without one).
@@ -391,14 +396,18 @@ inline std::optional<at::Tensor> bias_of(const at::Tensor& b) {
 }
 
 // An nn.Linear (bias `b`, undefined or empty for none): F.linear, or the
-// packed GEMM given the weight's pack.
+// packed GEMM given the weight's pack. skip_zeros (packed GEMM only): the
+// product skips the k where a block's rows of x are all zero, the same bits
+// as the dense product for a finite weight (the caller's to know): the
+// second feed-forward product after a ReLU, mostly zeros in trained models.
 inline at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                          const at::Tensor* packed) {
+                          const at::Tensor* packed, bool skip_zeros = false) {
   const std::optional<at::Tensor> bias = bias_of(b);
   if (packed == nullptr) return at::linear(x, w, bias);
-  const at::Tensor y = packed_linear(
-      x.reshape({-1, x.size(-1)}), *packed,
-      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, w.size(0));
+  const at::Tensor y =
+      packed_linear(x.reshape({-1, x.size(-1)}), *packed,
+                    bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt,
+                    w.size(0), skip_zeros);
   return y.view({x.size(0), x.size(1), w.size(0)});
 }
 
@@ -406,11 +415,11 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Te
 // .view(size_out)`; given the pack of weight^T, seqfuse's packed GEMM as
 // hf_fused.PackedConv1D runs it (the fused mode).
 inline at::Tensor conv1d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                         const at::Tensor* packed) {
+                         const at::Tensor* packed, bool skip_zeros = false) {
   const int64_t nf = w.size(1);
-  const at::Tensor y =
-      packed == nullptr ? at::addmm(b, x.view({-1, x.size(-1)}), w)
-                        : packed_linear(x.reshape({-1, x.size(-1)}), *packed, b.contiguous(), nf);
+  const at::Tensor y = packed == nullptr ? at::addmm(b, x.view({-1, x.size(-1)}), w)
+                                         : packed_linear(x.reshape({-1, x.size(-1)}), *packed,
+                                                         b.contiguous(), nf, skip_zeros);
   return y.view({x.size(0), x.size(1), nf});
 }
 
@@ -602,7 +611,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& self_mask,
     const std::optional<at::Tensor>& cross_mask, at::ArrayRef<double> eps, int64_t heads,
     double scaling, int64_t act, bool normalize_before, at::TensorList packed,
-    const std::optional<at::Tensor>& order) {
+    const std::optional<at::Tensor>& order, bool skip_zeros) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
   // packs of q, k, v, out, cross q, cross out, fc1, fc2 (fused mode), or none
   const StackLists lists = cross_stack_lists("hf_decoder_stack_step", weights, self_k, self_v,
@@ -644,7 +653,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     residual = x;
     if (normalize_before) x = layer_norm(x, W[20], W[21], E[2]);
     x = activation(project(x, W[16], W[17], pk(6)), act);
-    x = at::add(residual, project(x, W[18], W[19], pk(7)));
+    x = at::add(residual, project(x, W[18], W[19], pk(7), skip_zeros));
     if (!normalize_before) x = layer_norm(x, W[20], W[21], E[2]);
   }
   return {x, new_k, new_v};
@@ -741,7 +750,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
     at::TensorList cross_k, at::TensorList cross_v, const at::Tensor& position_bias,
     const std::optional<at::Tensor>& self_mask, const std::optional<at::Tensor>& cross_mask,
     at::ArrayRef<double> eps, int64_t heads, int64_t head_dim, int64_t act, bool gated,
-    bool contiguous_mask, at::TensorList packed, const std::optional<at::Tensor>& order) {
+    bool contiguous_mask, at::TensorList packed, const std::optional<at::Tensor>& order,
+    bool skip_zeros) {
   constexpr int64_t kPer = 12, kPacks = 9;
   const int64_t layers = static_cast<int64_t>(self_k.size());
   const StackLists lists("hf_t5_stack_step", layers, weights, kPer, eps, 3, packed, kPacks);
@@ -796,7 +806,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
     h = t5_norm(x, W[8], E[2]);
     at::Tensor f = activation(project(h, W[9], none, pk(6)), act);
     if (gated) f = at::mul(f, project(h, W[10], none, pk(7)));
-    x = at::add(x, project(f, W[11], none, pk(8)));
+    x = at::add(x, project(f, W[11], none, pk(8), skip_zeros));
   }
   return {x, new_k, new_v};
 }
@@ -931,7 +941,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& cross_pad,
     at::ArrayRef<double> eps, int64_t heads, double scaling, int64_t act, at::TensorList packed,
-    const std::optional<at::Tensor>& order) {
+    const std::optional<at::Tensor>& order, bool skip_zeros) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
   const StackLists lists = cross_stack_lists("hf_fsmt_stack_step", weights, self_k, self_v, cross_k,
                                              cross_v, eps, packed, act);
@@ -998,7 +1008,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
     // feed-forward
     residual = x;
     x = activation(project(x, W[16], W[17], pk(6)), act);
-    x = at::add(residual, project(x, W[18], W[19], pk(7)));
+    x = at::add(residual, project(x, W[18], W[19], pk(7), skip_zeros));
     x = layer_norm(x, W[20], W[21], E[2]);
   }
   return {x, new_k, new_v};
@@ -1014,7 +1024,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2_stack_step(
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     const std::optional<at::Tensor>& mask, at::ArrayRef<double> eps, at::ArrayRef<double> scalings,
-    int64_t heads, int64_t act, at::TensorList packed, const std::optional<at::Tensor>& order) {
+    int64_t heads, int64_t act, at::TensorList packed, const std::optional<at::Tensor>& order,
+    bool skip_zeros) {
   constexpr int64_t kPer = 12, kPacks = 4;
   const int64_t layers = static_cast<int64_t>(self_k.size());
   const StackLists lists("hf_gpt2_stack_step", layers, weights, kPer, eps, 2, packed, kPacks);
@@ -1060,7 +1071,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
     residual = x;
     const at::Tensor f =
         activation(conv1d(layer_norm(x, W[6], W[7], E[1]), W[8], W[9], pk(2)), act);
-    x = at::add(residual, conv1d(f, W[10], W[11], pk(3)));
+    x = at::add(residual, conv1d(f, W[10], W[11], pk(3), skip_zeros));
   }
   return {x, new_k, new_v};
 }
@@ -1078,12 +1089,12 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "hf_decoder_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor[] cross_k, Tensor[] cross_v, Tensor? self_mask, Tensor? cross_mask, float[] eps, "
       "int heads, float scaling, int act, bool normalize_before, Tensor[] packed, "
-      "Tensor? order=None) -> (Tensor, Tensor[], Tensor[])");
+      "Tensor? order=None, bool skip_zeros=False) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "hf_t5_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor[] cross_k, Tensor[] cross_v, Tensor position_bias, Tensor? self_mask, "
       "Tensor? cross_mask, float[] eps, int heads, int head_dim, int act, bool gated, "
-      "bool contiguous_mask, Tensor[] packed, Tensor? order=None) -> "
+      "bool contiguous_mask, Tensor[] packed, Tensor? order=None, bool skip_zeros=False) -> "
       "(Tensor, Tensor[], Tensor[])");
   m.def(
       "hf_llama_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
@@ -1093,12 +1104,12 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   m.def(
       "hf_fsmt_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor[] cross_k, Tensor[] cross_v, Tensor? cross_pad, float[] eps, int heads, "
-      "float scaling, int act, Tensor[] packed, Tensor? order=None) -> "
+      "float scaling, int act, Tensor[] packed, Tensor? order=None, bool skip_zeros=False) -> "
       "(Tensor, Tensor[], Tensor[])");
   m.def(
       "hf_gpt2_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor? mask, float[] eps, float[] scalings, int heads, int act, Tensor[] packed, "
-      "Tensor? order=None) -> (Tensor, Tensor[], Tensor[])");
+      "Tensor? order=None, bool skip_zeros=False) -> (Tensor, Tensor[], Tensor[])");
 }
 
 // Only ATen calls: one implementation serves every backend.

@@ -76,11 +76,14 @@ def _library_problem() -> str | None:
     return None
 
 
+RELU = 0  # the C++ steps' activation code of a ReLU
+
+
 def _activation_code(act) -> int | None:
     """The C++ step's code for a decoder layer's activation module, or None."""
     cls = type(act)
     if cls is nn.ReLU:
-        return 0
+        return RELU
     if cls is nn.Tanh:
         return 2
     if cls is nn.SiLU:
@@ -274,6 +277,25 @@ def fused_packs(probe, x, owner, modules, transposed: bool = False) -> list:
     return [next(found) if here else empty for here in present]
 
 
+def skips_zeros(packs: list, owner, slot: int, per_layer: int, transposed: bool = False) -> bool:
+    """Whether the fused step's product at ``slot`` of each layer (``per_layer``
+    slots a layer in the modules list that :func:`fused_packs` returned
+    ``packs`` for and kept on ``owner``) may skip zero inputs: there are packs
+    and each of those weights is finite (the same bits as the dense product).
+    The steps ask it of the second feed-forward product after a ReLU."""
+    if not packs:
+        return False
+    from seqfuse.ops import linear as packed_linear
+
+    kept = owner.__dict__.get("_seqfuse_gemm_weights")  # (fused_packs's, this step's)
+    if kept is None:
+        return False
+    present, weights = kept[1]
+    finite = iter(packed_linear.finite_for(weights, transposed))
+    flags = [next(finite) if here else True for here in present]
+    return len(flags) % per_layer == 0 and all(flags[slot::per_layer])
+
+
 def _weights(modules) -> tuple[list, list]:
     """(per slot of the modules list: whether it holds a module, their weights)."""
     return [m is not None for m in modules], [m.weight for m in modules if m is not None]
@@ -371,6 +393,10 @@ class _Runner:
         # built once, anew after any module or parameter registration (a
         # layer or weight replaced)
         plan = cached_for_structure(self.layers, "_seqfuse_plan", lambda _: _plan(layers))
+        # (the GEMM weights' packs in the fused mode)
+        packs = fused_packs(
+            layers[0].fc1, x, self.layers, lambda: [m for lay in layers for m in gemm_modules(lay)]
+        )
         x, new_k, new_v = torch.ops.seqfuse.hf_decoder_stack_step(
             x,
             plan["weights"],
@@ -385,14 +411,10 @@ class _Runner:
             plan["scaling"],
             plan["act"],
             plan["pre_norm"],
-            # (the GEMM weights' packs in the fused mode)
-            fused_packs(
-                layers[0].fc1,
-                x,
-                self.layers,
-                lambda: [m for lay in layers for m in gemm_modules(lay)],
-            ),
+            packs,
             pending_order(sc),
+            # fc2 (the 8th of a layer's 8 products) after a ReLU
+            plan["act"] == RELU and skips_zeros(packs, self.layers, 7, 8),
         )
         step_took_order(sc)
         for i in range(n):  # where DynamicLayer.update leaves them

@@ -192,6 +192,15 @@ class _Runner(hf_exact_step._Runner):
         # built once, anew after any module or parameter registration
         plan = cached_for_structure(self.layers, "_seqfuse_plan", lambda _: _plan(blocks))
         n = len(blocks)
+        packs = hf_exact_step.fused_packs(
+            blocks[0].mlp.c_fc,
+            x,
+            self.layers,
+            lambda: [
+                m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+            ],
+            transposed=True,
+        )
         x, new_k, new_v = torch.ops.seqfuse.hf_gpt2_stack_step(
             x,
             plan["weights"],
@@ -202,18 +211,11 @@ class _Runner(hf_exact_step._Runner):
             plan["scalings"],
             plan["heads"],
             plan["act"],
-            hf_exact_step.fused_packs(
-                blocks[0].mlp.c_fc,
-                x,
-                self.layers,
-                lambda: [
-                    m
-                    for b in blocks
-                    for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
-                ],
-                transposed=True,
-            ),
+            packs,
             hf_exact_step.pending_order(cache),
+            # the MLP's c_proj (the last of a block's 4 products) after a ReLU
+            plan["act"] == hf_exact_step.RELU
+            and hf_exact_step.skips_zeros(packs, self.layers, 3, 4, transposed=True),
         )
         hf_exact_step.step_took_order(cache)
         for i in range(n):  # where DynamicLayer.update leaves them

@@ -247,6 +247,12 @@ class _Runner(hf_exact_step._Runner):
         attn = blocks[0].layer[0].SelfAttention
         past = cache.get_seq_length(attn.layer_idx)
         bias = attn.compute_bias(1, past + 1, device=x.device, past_seen_tokens=past)
+        packs = hf_exact_step.fused_packs(
+            blocks[0].layer[0].SelfAttention.q,
+            x,
+            self.layers,
+            lambda: [m for b in blocks for m in _projections(b)],
+        )
         x, new_k, new_v = torch.ops.seqfuse.hf_t5_stack_step(
             x,
             plan["weights"],
@@ -263,13 +269,11 @@ class _Runner(hf_exact_step._Runner):
             plan["act"],
             plan["gated"],
             contiguous,
-            hf_exact_step.fused_packs(
-                blocks[0].layer[0].SelfAttention.q,
-                x,
-                self.layers,
-                lambda: [m for b in blocks for m in _projections(b)],
-            ),
+            packs,
             hf_exact_step.pending_order(sc),
+            # wo (the last of a block's 9 products) after a ReLU
+            plan["act"] == hf_exact_step.RELU
+            and hf_exact_step.skips_zeros(packs, self.layers, 8, 9),
         )
         hf_exact_step.step_took_order(sc)
         for i in range(n):  # where DynamicLayer.update leaves them

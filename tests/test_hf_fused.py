@@ -10,6 +10,7 @@ from hf_models import clear_seqfuse_env, make_inputs, make_model, needs_packed_g
 
 import seqfuse
 from integrations import hf, hf_exact_step, hf_fused
+from seqfuse.ops import linear as packed_linear
 
 pytestmark = needs_packed_gemm()
 
@@ -144,3 +145,107 @@ def test_one_call_step_runs_the_packed_gemm(monkeypatch):
     packed = sum(e.count for e in prof.key_averages() if e.key == "seqfuse::linear_packed")
     assert hf_exact_step.STATS["exact"] > 0
     assert packed > calls[0] > 0
+
+
+# The one-call step op of each kind, and the feed-forward modules
+# (first, second product) of each decoder layer.
+_STEP_OPS = {
+    "fsmt": "hf_fsmt_stack_step",
+    "marian": "hf_decoder_stack_step",
+    "t5": "hf_t5_stack_step",
+    "gpt2": "hf_gpt2_stack_step",
+}
+
+
+def _ffn_pairs(kind, model):
+    if kind == "t5":
+        return [
+            (b.layer[2].DenseReluDense.wi, b.layer[2].DenseReluDense.wo)
+            for b in model.decoder.block
+        ]
+    if kind == "gpt2":
+        return [(b.mlp.c_fc, b.mlp.c_proj) for b in model.transformer.h]
+    return [(lay.fc1, lay.fc2) for lay in model.model.decoder.layers]
+
+
+def _kept(kind, model):
+    """(the layer list a one-call step keeps its weights on, the second
+    feed-forward product's slot, slots per layer, whether transposed)."""
+    if kind == "t5":
+        return model.decoder.block, 8, 9, False
+    if kind == "gpt2":
+        return model.transformer.h, 3, 4, True
+    return model.model.decoder.layers, 7, 8, False
+
+
+def _relu_model(kind, act):
+    """A model whose decoder feed-forward runs ``act``, its first product's
+    bias lowered so that most activations after a ReLU are zeros (as in
+    trained models; random ones give about half)."""
+    from transformers.activations import ACT2FN
+
+    model = make_model(kind, seed=3)
+    if kind in ("fsmt", "marian"):
+        for lay in model.model.decoder.layers:
+            lay.activation_fn = ACT2FN[act]
+    elif kind == "t5":
+        for b in model.decoder.block:
+            b.layer[2].DenseReluDense.act = ACT2FN[act]
+    else:
+        for b in model.transformer.h:
+            b.mlp.act = ACT2FN[act]
+    with torch.no_grad():
+        for first, _ in _ffn_pairs(kind, model):
+            if first.bias is not None:
+                first.bias.sub_(3 * first.weight.std() * first.weight.size(-1) ** 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind,act", [("fsmt", "relu"), ("marian", "relu"), ("t5", "relu"),
+                                      ("gpt2", "relu"), ("marian", "gelu")])  # fmt: skip
+def test_one_call_steps_skip_zeros_after_relu_with_finite_weights(monkeypatch, kind, act):
+    """The fused mode's one-call steps let the second feed-forward product skip
+    zero inputs after a ReLU where every such weight is finite (the same bits
+    as the dense product); after any other activation, and with an inf in
+    one of those weights, the product is dense."""
+    model = _relu_model(kind, act)
+    ids, mask = make_inputs(kind, model, batch=3, seed=4)
+    kw = dict(num_beams=4, max_new_tokens=10, attention_mask=mask, output_scores=True)
+    stock = _generate(model, ids, **kw)
+    name = _STEP_OPS[kind]
+    real = getattr(torch.ops.seqfuse, name)
+    flags: list = []
+
+    def spy(*args):
+        flags.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.seqfuse, name, spy)
+    seqfuse.optimize(model, fused_layers=True)
+    try:
+        skipping = _generate(model, ids, **kw)
+        asked, flags[:] = list(flags), []
+        with monkeypatch.context() as m:
+            m.setattr(hf_exact_step, "skips_zeros", lambda *a, **k: False)
+            dense = _generate(model, ids, **kw)
+        assert flags and not any(flags)
+        # the test on the weights the step keeps: finite, then one inf
+        owner, slot, per, transposed = _kept(kind, model)
+        present, weights = owner.__dict__["_seqfuse_gemm_weights"][1]
+        assert hf_exact_step.skips_zeros(
+            packed_linear.packs_for(weights, transposed), owner, slot, per, transposed
+        )
+        with torch.no_grad():
+            _ffn_pairs(kind, model)[-1][1].weight[0, 0] = float("inf")
+        assert not hf_exact_step.skips_zeros(
+            packed_linear.packs_for(weights, transposed), owner, slot, per, transposed
+        )
+    finally:
+        hf.restore(model)
+    assert asked and all(f == (act == "relu") for f in asked)
+    # skipping gives the dense product's bits, and stock's tokens
+    assert torch.equal(skipping.sequences, dense.sequences)
+    assert torch.equal(skipping.sequences_scores, dense.sequences_scores)
+    for a, b in zip(skipping.scores, dense.scores):
+        assert torch.equal(a, b)
+    assert torch.equal(skipping.sequences, stock.sequences)

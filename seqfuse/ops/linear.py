@@ -85,27 +85,45 @@ def _pack_entry(weight: Tensor, transposed: bool) -> tuple:
 
 # The packs of a list of weights that a one-call step passes together:
 # (transposed, id of each weight) -> (weak references, each weight's (storage
-# pointer, version), packs). A hit needs the same weight objects in the same
-# state as when the packs were taken; a weight that dies takes its groups with
-# it. About 0.3 us a weight a step, against 3 us for its own lookup.
+# pointer, version), packs, whether each weight is finite). A hit needs the
+# same weight objects in the same state as when the packs were taken; a weight
+# that dies takes its groups with it. About 0.3 us a weight a step, against
+# 3 us for its own lookup.
 _GROUPS: dict[tuple, tuple] = {}
+
+
+def _group(weights, transposed: bool) -> tuple:
+    key = (transposed, *map(id, weights))
+    state = list(map(_state, weights))
+    hit = _GROUPS.get(key)
+    if hit is not None and hit[1] == state and all(r() is w for r, w in zip(hit[0], weights)):
+        return hit
+    entries = [_pack_entry(w, transposed) for w in weights]
+
+    def forget(_ref, k=key):
+        _GROUPS.pop(k, None)
+
+    group = (
+        [weakref.ref(w, forget) for w in weights],
+        state,
+        [e[3] for e in entries],
+        [e[4] for e in entries],
+    )
+    _GROUPS[key] = group
+    return group
 
 
 def packs_for(weights, transposed: bool = False) -> list[Tensor]:
     """``[packed(w, transposed) for w in weights]``, the list kept while every
     weight is the same object with the same storage and version."""
-    key = (transposed, *map(id, weights))
-    state = list(map(_state, weights))
-    hit = _GROUPS.get(key)
-    if hit is not None and hit[1] == state and all(r() is w for r, w in zip(hit[0], weights)):
-        return hit[2]
-    packs = [packed(w, transposed) for w in weights]
+    return _group(weights, transposed)[2]
 
-    def forget(_ref, k=key):
-        _GROUPS.pop(k, None)
 
-    _GROUPS[key] = ([weakref.ref(w, forget) for w in weights], state, packs)
-    return packs
+def finite_for(weights, transposed: bool = False) -> list[bool]:
+    """``[skips_zeros(w, transposed) for w in weights]`` (whether every value
+    of each weight is finite, so that its products may skip zero inputs), from
+    the same kept group as :func:`packs_for`."""
+    return _group(weights, transposed)[3]
 
 
 def drop_packs(weights) -> None:

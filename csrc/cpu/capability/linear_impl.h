@@ -34,9 +34,18 @@ constexpr int kVecs = static_cast<int>(kPanel / Vec::size());  // vectors per pa
 // the 32 registers; with 256-bit ones 3 rows (12 accumulators, 16 registers).
 constexpr int kMaxRows = Vec::size() >= 16 ? 10 : 3;
 constexpr int kSkipRows = Vec::size() >= 16 ? 8 : 3;
-// Panel pairs per group in the task order (linear_packed_range): 128 KB of
-// panels at K = 256.
+// Panel pairs per group in the task order (linear_packed_range): about 128 KB
+// of panels (4 pairs at K = 256, 1 at K = 1024), which stay in L2 with the
+// rows of x while every row block passes over them. (A fixed 4 pairs made
+// 512 KB at K = 1024, the feed-forward's second product: as large as a Zen 3
+// core's L2, so each row block streamed its group again from L3.)
 constexpr int64_t kGroup = 4;
+constexpr int64_t kGroupBytes = int64_t{128} << 10;
+inline int64_t group_pairs(int64_t K) {
+  const int64_t pair_bytes = K * 2 * kPanel * static_cast<int64_t>(sizeof(float));
+  return std::max<int64_t>(
+      1, std::min<int64_t>(kGroup, kGroupBytes / std::max<int64_t>(pair_bytes, 1)));
+}
 // How far ahead (in k steps) a block prefetches its panels' rows into L1.
 // Each step's rows come from L2 or beyond (a pair of panels is K x 128 bytes,
 // larger than L1 at the model's K); 24 steps of a 10-row block are about 240
@@ -61,23 +70,39 @@ __attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, int
     const int64_t k = SPARSE ? ks[j] : j;
     // The panels' rows kPrefetchSteps steps ahead, into L1 (near a panel's
     // end the next panel's, or nothing: a prefetch never faults).
-    if (!SPARSE) {
-      __builtin_prefetch(w0 + (k + kPrefetchSteps) * kPanel, 0, 3);
-      if (TWO) __builtin_prefetch(w1 + (k + kPrefetchSteps) * kPanel, 0, 3);
-    } else if (j + kPrefetchSteps < steps) {
-      const int64_t ka = ks[j + kPrefetchSteps];
-      __builtin_prefetch(w0 + ka * kPanel, 0, 3);
-      if (TWO) __builtin_prefetch(w1 + ka * kPanel, 0, 3);
-    }
-    Vec wv[TWO ? 2 : 1][kVecs];
-    for (int v = 0; v < kVecs; ++v) {
-      wv[0][v] = Vec::loadu(w0 + k * kPanel + v * Vec::size());
-      if (TWO) wv[TWO ? 1 : 0][v] = Vec::loadu(w1 + k * kPanel + v * Vec::size());
-    }
-    for (int r = 0; r < R; ++r) {
-      const Vec xb(x[r * ldx + k]);
-      for (int p = 0; p < (TWO ? 2 : 1); ++p)
-        for (int v = 0; v < kVecs; ++v) acc[r][p][v] = at::vec::fmadd(xb, wv[p][v], acc[r][p][v]);
+    // (SPARSE: the listed k kPrefetchSteps entries ahead, the last one near
+    // the list's end; branch-free)
+    const int64_t ka =
+        SPARSE ? ks[std::min<int64_t>(j + kPrefetchSteps, steps - 1)] : k + kPrefetchSteps;
+    __builtin_prefetch(w0 + ka * kPanel, 0, 3);
+    if (TWO) __builtin_prefetch(w1 + ka * kPanel, 0, 3);
+    if constexpr (SPARSE) {
+      // Weight vector by weight vector, each used by every row as it is
+      // loaded: the rows' broadcasts, one weight vector and the accumulators
+      // fit the registers (AVX2: 3 + 1 + 12 of 16). Loading every weight
+      // vector first left one accumulator on the stack there, a store and
+      // reload in its chain at every k. Each accumulator takes the same
+      // multiply-adds in the same k order either way.
+      Vec xb[R];
+      for (int r = 0; r < R; ++r) xb[r] = Vec(x[r * ldx + k]);
+      for (int p = 0; p < (TWO ? 2 : 1); ++p) {
+        const float* wp = (p == 0 ? w0 : w1) + k * kPanel;
+        for (int v = 0; v < kVecs; ++v) {
+          const Vec w = Vec::loadu(wp + v * Vec::size());
+          for (int r = 0; r < R; ++r) acc[r][p][v] = at::vec::fmadd(xb[r], w, acc[r][p][v]);
+        }
+      }
+    } else {
+      Vec wv[TWO ? 2 : 1][kVecs];
+      for (int v = 0; v < kVecs; ++v) {
+        wv[0][v] = Vec::loadu(w0 + k * kPanel + v * Vec::size());
+        if (TWO) wv[TWO ? 1 : 0][v] = Vec::loadu(w1 + k * kPanel + v * Vec::size());
+      }
+      for (int r = 0; r < R; ++r) {
+        const Vec xb(x[r * ldx + k]);
+        for (int p = 0; p < (TWO ? 2 : 1); ++p)
+          for (int v = 0; v < kVecs; ++v) acc[r][p][v] = at::vec::fmadd(xb, wv[p][v], acc[r][p][v]);
+      }
     }
   }
   // Epilogue: one add of the bias (as before the store), vector stores for
@@ -252,9 +277,9 @@ int64_t linear_packed_tasks(int64_t M, int64_t N, int64_t rows) {
 }
 
 // Tasks [begin, end) of linear_packed_tasks(M, N, rows), on the calling thread.
-// Order: groups of kGroup panel pairs; within a group, row block by row block,
+// Order: groups of group_pairs(K) panel pairs; within a group, row block by row block,
 // each block over the group's pairs. A block's outputs are then written as
-// contiguous runs of a row (kGroup * 32 columns) while the group's panels stay
+// contiguous runs of a row (up to kGroup * 32 columns) while the group's panels stay
 // in L2 for all blocks, instead of a 32-column strip down every row per pair
 // (about 5% slower on wide products such as a [200, 256] x [256, 8003]
 // vocabulary projection, whose output rows span many pages).
@@ -271,10 +296,10 @@ void linear_packed_range(const float* x, int64_t M, int64_t K, int64_t ldx, cons
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int64_t pairs = (panels + 1) / 2;
   const int64_t blocks = (M + rows - 1) / rows;
-  const int64_t per_group = kGroup * blocks;
+  const int64_t group = group_pairs(K), per_group = group * blocks;
   for (int64_t t = begin; t < end && t < pairs * blocks; ++t) {
     const int64_t gi = t / per_group, r = t - gi * per_group;
-    const int64_t g0 = gi * kGroup, gsize = std::min(kGroup, pairs - g0);
+    const int64_t g0 = gi * group, gsize = std::min(group, pairs - g0);
     const int64_t block = r / gsize, pair = g0 + r % gsize;
     const int64_t p = 2 * pair, m0 = block * rows;
     const int64_t R = std::min<int64_t>(rows, M - m0);
@@ -309,9 +334,9 @@ void linear_packed_block_range(const float* x, int64_t M, int64_t K, int64_t ldx
                                int64_t rows, int64_t bbegin, int64_t bend, const int32_t* lists,
                                const LinearPost* post) {
   const int64_t pairs = ((N + kPanel - 1) / kPanel + 1) / 2;
-  const int64_t per_group = kGroup * ((M + rows - 1) / rows);
-  for (int64_t g0 = 0; g0 < pairs; g0 += kGroup) {
-    const int64_t gsize = std::min(kGroup, pairs - g0), base = g0 / kGroup * per_group;
+  const int64_t group = group_pairs(K), per_group = group * ((M + rows - 1) / rows);
+  for (int64_t g0 = 0; g0 < pairs; g0 += group) {
+    const int64_t gsize = std::min(group, pairs - g0), base = g0 / group * per_group;
     linear_packed_range(x, M, K, ldx, packed, N, bias, y, rows, base + bbegin * gsize,
                         base + bend * gsize, lists, post);
   }
