@@ -77,11 +77,13 @@ logger = logging.getLogger("seqfuse.hf")
 FALLBACK_PREFIX = "seqfuse: running Hugging Face's own generate loop: "
 _warned: set[str] = set()
 
-# What the search did, for users and tests: steps through the fused op, steps
-# through stock's ops, sentences re-ranked for exact ties, searches that kept
-# the cross-attention cache in place.
+# What the search did, for users and tests: steps through the fused op (of
+# which those reading the LM head's group maxima), steps through stock's ops,
+# sentences re-ranked for exact ties, searches that kept the cross-attention
+# cache in place.
 STATS = {
     "fused_steps": 0,
+    "maxima_steps": 0,
     "stock_steps": 0,
     "tie_reranks": 0,
     "cross_cache_kept": 0,
@@ -1096,7 +1098,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
     row_offset = batch_offset
     beam_range = torch.arange(num_beams, device=device)
 
-    from integrations import hf_exact_step
+    from integrations import hf_direct, hf_exact_step
 
     defer_ok = _ext.env_flag(DEFER_REORDER_ENV, True) and _step_verified(model)
     why_not_advance = _why_not_advance(model, gc)
@@ -1120,8 +1122,11 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
         )
         raw = step_logits[:, -1, :]
         step_logits = None
+        maxima = None
         if raw.dtype == torch.float32 and raw.device == device and raw.is_contiguous():
             logits = raw
+            # (the group maxima a direct step's LM head noted for them)
+            maxima = hf_direct.logit_maxima(logits)
         else:
             logits = raw.to(copy=True, dtype=torch.float32, device=device)
         vocab = logits.shape[-1]
@@ -1152,7 +1157,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, gc, **mod
             fused = False
         picked = None
         if fused:
-            picked = _fused_topk(logits, running_beam_scores, banned, num_beams, keep)
+            picked = _fused_topk(logits, running_beam_scores, banned, num_beams, keep, maxima)
         STATS["fused_steps" if picked is not None else "stock_steps"] += 1
         if picked is not None:
             topk_log_probs, topk_tokens, topk_beams = picked
@@ -1382,6 +1387,8 @@ def _kernel_normalises(device) -> bool:
 
 # torch.ops.seqfuse.beam_topk_checks, or None (an extension without it).
 _CHECKS_OP: list = [getattr(torch.ops.seqfuse, "beam_topk_checks", None) if _ext._C else None]
+# torch.ops.seqfuse.beam_topk_maxima, or None.
+_MAXIMA_TOPK: list = [getattr(torch.ops.seqfuse, "beam_topk_maxima", None) if _ext._C else None]
 
 
 def _checks_in_one_pass(logits, cum, cs) -> bool:
@@ -1397,18 +1404,27 @@ def _checks_in_one_pass(logits, cum, cs) -> bool:
     )
 
 
-def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
+def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int, maxima=None):
     """The top-``keep`` (score, token, beam) per sentence, as stock's ``torch.topk``
     over ``log_softmax(logits) (+ bans) + running scores`` would order them; None
     when the step must run stock's ops (non-finite logits or NaN scores, where
-    stock's NaN ordering decides). One host read per step."""
+    stock's NaN ordering decides). One host read per step. ``maxima``: the
+    logits' group maxima (hf_direct.logit_maxima), which stand for the
+    kernel's and the checks' passes over the logits where the CPU kernel runs."""
     vocab = logits.shape[1]
     cum = running_beam_scores.reshape(-1)
     k_op = min(keep + 1, num_beams * vocab)
     if _kernel_normalises(logits.device):
         # The CPU kernel's normaliser is torch's own (same bits): fully fused.
         run = cpu_kernel_for(logits)
-        if run is not None:  # (the op checks its arguments; no backend choice)
+        if run is not None and maxima is not None and _MAXIMA_TOPK[0] is not None:
+            # the chunk maxima from the group maxima: the same results
+            STATS["maxima_steps"] += 1
+            cs, ci, cb = _MAXIMA_TOPK[0](
+                logits, maxima, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned
+            )
+        elif run is not None:  # (the op checks its arguments; no backend choice)
+            maxima = None
             cs, ci, cb = run(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned, False)
         else:
             cs, ci, cb = beam_topk(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned)
@@ -1418,8 +1434,10 @@ def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int):
         lp = nn.functional.log_softmax(logits, dim=-1)
         cs, ci, cb = beam_topk(lp, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned, True)
     if _checks_in_one_pass(logits, cum, cs):
-        # the same tests in one pass over the logits (beam_topk_checks)
-        bad_host, tie = _CHECKS_OP[0](logits, cum, cs)
+        # the same tests in one pass over the logits (beam_topk_checks), or
+        # over their group maxima: a row's maximum is NaN, +inf or -inf
+        # exactly when one of its groups' is NaN or +inf, or all are -inf
+        bad_host, tie = _CHECKS_OP[0](logits if maxima is None else maxima, cum, cs)
         any_tie = not bad_host and bool(tie.any())
     else:
         bad = ~torch.isfinite(logits.amax(dim=1)).all() | torch.isnan(cum).any()

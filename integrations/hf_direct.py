@@ -36,12 +36,17 @@ import weakref
 import torch
 from torch import nn
 
+from integrations import hf_fused
 from seqfuse import _ext
+from seqfuse.ops import linear as packed_linear
 from seqfuse.source_shape import shape_of
 
 DIRECT_ENV = "SEQFUSE_HF_DIRECT_STEP"
 
 STATS = {"direct": 0, "causal_masks": 0}
+
+# torch.ops.seqfuse.linear_packed_maxima, or None (no extension).
+_MAXIMA_OP: list = [getattr(torch.ops.seqfuse, "linear_packed_maxima", None) if _ext._C else None]
 
 # family -> {qualified function: its verified source shapes}: transformers
 # 5.23, and 5.17 where its code differs (its decoder forwards skip layerdrop
@@ -417,9 +422,67 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
     if fam == "mbart":
         h = dec.layer_norm(h)
     if fam == "bart":
-        logits = model.lm_head(h)
-        return logits + model.final_logits_bias.to(logits.device)
-    return model.lm_head(h) + model.final_logits_bias
+        return _lm_logits(model.lm_head, h, model.final_logits_bias.to(h.device))
+    return _lm_logits(model.lm_head, h, model.final_logits_bias)
+
+
+# The group maxima (``[rows, ceil(vocab / 32)]``, linear_packed_maxima's) of
+# the last logits a direct step's LM head made on the packed GEMM: [weak
+# reference to the logits, their version, the maxima]. The beam search takes
+# them for its fused top-k (logit_maxima) instead of a pass over the logits.
+_MAXIMA: list = []
+
+
+def _lm_logits(head, h, extra_bias=None):
+    """``head(h)`` (``+ extra_bias``, the model's own add after it): in the
+    fused mode, where the packed GEMM takes it, the same product with the
+    bias (the head's, or ``extra_bias`` added in the GEMM's epilogue: the
+    same one rounding of the same sum) that also notes the logits' group
+    maxima (``_MAXIMA``). The same bits either way: the product is dense,
+    as the head's own forward is for a weight that is not finite and the
+    same as its zero skipping for one that is."""
+    _MAXIMA.clear()
+    x = h.reshape(-1, h.size(-1))
+    bias = head.bias if extra_bias is None else extra_bias.reshape(-1)
+    if (
+        type(head) is hf_fused.PackedLinear
+        and x.size(-1) == head.in_features
+        and (head.bias is None or extra_bias is None)
+        and (bias is None or bias.size(0) == head.out_features)
+        and _MAXIMA_OP[0] is not None
+        and packed_linear.kernel_takes(x, head.weight, bias)
+    ):
+        b = None if bias is None else bias.contiguous()
+        y, maxima = _MAXIMA_OP[0](x, packed_linear.packed(head.weight), b, head.out_features)
+        _MAXIMA[:] = [weakref.ref(y), _version(y), maxima]
+        return y.view(*h.shape[:-1], head.out_features)
+    logits = head(h)
+    return logits if extra_bias is None else logits + extra_bias
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+def logit_maxima(logits: torch.Tensor):
+    """The group maxima a direct step noted for these logits (``[rows,
+    vocab]``, a view of the LM head's output, unchanged since), else None;
+    taken once."""
+    if not _MAXIMA:
+        return None
+    ref, version, maxima = _MAXIMA
+    _MAXIMA.clear()
+    y = ref()
+    if (
+        y is None
+        or logits.dim() != 2
+        or logits.data_ptr() != y.data_ptr()
+        or tuple(logits.shape) != tuple(y.shape)
+        or logits.stride() != y.stride()
+        or _version(y) != version
+    ):
+        return None
+    return maxima
 
 
 def _decoder_masks(dec, inputs_embeds, ones: int | None, cache, enc_mask, enc) -> tuple:
@@ -608,7 +671,7 @@ def _fsmt_step(dec, tokens, cache, enc, enc_mask):
     if x is None:
         return None
     _count_step()
-    return dec.output_projection(x.transpose(0, 1))
+    return _lm_logits(dec.output_projection, x.transpose(0, 1))
 
 
 def _t5_step(model, tokens, cache, enc, enc_mask):
@@ -629,7 +692,7 @@ def _t5_step(model, tokens, cache, enc, enc_mask):
     h = dec.final_layer_norm(h)
     if model.config.scale_decoder_outputs:
         h = h * (model.model_dim**-0.5)
-    return model.lm_head(h)
+    return _lm_logits(model.lm_head, h)
 
 
 def _prepared(tokens, model_kwargs: dict):
@@ -652,7 +715,7 @@ def _head(model, fam: str, hidden_states, model_kwargs: dict):
     positions (slice_logits_to_keep, as the generation model's forward)."""
     _count_step()
     keep = model_kwargs.get("logits_to_keep", 0)
-    return model.lm_head(_module(fam).slice_logits_to_keep(hidden_states, keep))
+    return _lm_logits(model.lm_head, _module(fam).slice_logits_to_keep(hidden_states, keep))
 
 
 def _causal_mask(inner, inputs_embeds, attention_mask, cache, position_ids):

@@ -9,7 +9,7 @@ import torch
 from hf_models import clear_seqfuse_env, make_inputs, make_model, needs_packed_gemm
 
 import seqfuse
-from integrations import hf, hf_exact_step, hf_fused
+from integrations import hf, hf_direct, hf_exact_step, hf_fused
 from seqfuse.ops import linear as packed_linear
 
 pytestmark = needs_packed_gemm()
@@ -249,3 +249,119 @@ def test_one_call_steps_skip_zeros_after_relu_with_finite_weights(monkeypatch, k
     for a, b in zip(skipping.scores, dense.scores):
         assert torch.equal(a, b)
     assert torch.equal(skipping.sequences, stock.sequences)
+
+
+@pytest.mark.parametrize("kind", ["marian", "bart", "t5", "gpt2", "fsmt", "llama"])
+def test_direct_steps_hand_the_lm_heads_maxima_to_the_top_k(monkeypatch, kind):
+    """A direct step's LM head (with Marian's and BART's final logits bias in
+    its epilogue) notes the logits' group maxima, which the fused top-k and
+    its checks read instead of passing over the logits: the same candidates
+    at every step, bit for bit, as the search without them, and stock's
+    tokens."""
+    model = make_model(kind, seed=7)
+    if getattr(model, "final_logits_bias", None) is not None:
+        # the head's bias moved to the model's own (a head with both adds
+        # twice, which the GEMM's epilogue cannot, and notes no maxima)
+        head = model.get_output_embeddings()
+        with torch.no_grad():
+            model.final_logits_bias.copy_(head.bias + torch.randn(head.bias.shape) * 0.5)
+        head.register_parameter("bias", None)
+    ids, mask = make_inputs(kind, model, batch=3, seed=8)
+    kw = dict(num_beams=4, max_new_tokens=10, attention_mask=mask)
+    stock = _generate(model, ids, **kw)
+    real = hf._fused_topk
+    picks: list = []
+
+    def recorded(*args):
+        out = real(*args)
+        picks.append(out)
+        return out
+
+    monkeypatch.setattr(hf, "_fused_topk", recorded)
+    seqfuse.optimize(model, fused_layers=True)
+    try:
+        hf.STATS["maxima_steps"] = hf_direct.STATS["direct"] = 0
+        with_maxima = _generate(model, ids, **kw)
+        used, direct, first = hf.STATS["maxima_steps"], hf_direct.STATS["direct"], list(picks)
+        picks.clear()
+        with monkeypatch.context() as m:
+            m.setattr(hf_direct, "logit_maxima", lambda logits: None)
+            without = _generate(model, ids, **kw)
+    finally:
+        hf.restore(model)
+    # (direct steps: every kind under the transformers verified for all, the
+    # encoder-decoders but FSMT's under the other)
+    assert direct > 0 or kind in ("gpt2", "fsmt", "llama")
+    assert (used > 0) == (direct > 0)
+    # every step's candidates (scores, tokens, beams) the same bits
+    assert len(first) == len(picks)
+    for a, b in zip(first, picks):
+        assert (a is None) == (b is None)
+        for x, y in zip(a or (), b or ()):
+            assert torch.equal(x, y)
+    assert torch.equal(with_maxima.sequences, without.sequences)
+    assert torch.equal(with_maxima.sequences, stock.sequences)
+
+
+def test_lm_logits_are_the_heads_bits_and_their_maxima_taken_once():
+    """``_lm_logits`` gives ``head(h) + extra_bias`` bit for bit (a finite
+    weight, one with an inf, a head with its own bias and an extra one);
+    ``logit_maxima`` hands the maxima to a view of those logits once, and
+    not after they change in place or to other logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 70, bias=False)
+    hf_fused.enable(head)
+    h = torch.randn(5, 1, 16)
+    extra = torch.randn(1, 70)
+    with torch.no_grad():
+        for bias in (None, extra):
+            ref = head(h) if bias is None else head(h) + bias
+            got = hf_direct._lm_logits(head, h, bias)
+            assert torch.equal(got, ref)
+            logits = got[:, -1, :]
+            maxima = hf_direct.logit_maxima(logits)
+            groups = torch.nn.functional.pad(logits, (0, 96 - 70), value=float("-inf"))
+            assert torch.equal(maxima, groups.view(5, 3, 32).amax(-1))
+            assert hf_direct.logit_maxima(logits) is None  # taken
+        hf_direct._lm_logits(head, h)
+        assert hf_direct.logit_maxima(torch.zeros(5, 70)) is None  # other logits
+        logits = hf_direct._lm_logits(head, h)[:, -1, :]
+        logits[0, 0] = 1.0
+        assert hf_direct.logit_maxima(logits) is None  # changed since
+        head.weight[3, 2] = float("inf")
+        got = hf_direct._lm_logits(head, h, extra)
+        assert torch.equal(got.isnan(), (head(h) + extra).isnan())
+        torch.testing.assert_close(got, head(h) + extra, rtol=0, atol=0, equal_nan=True)
+        biased = torch.nn.Linear(16, 70)
+        hf_fused.enable(biased)
+        ref = biased(h) + extra  # (two adds: no maxima)
+        assert torch.equal(hf_direct._lm_logits(biased, h, extra), ref)
+        assert hf_direct.logit_maxima(ref[:, -1, :]) is None
+
+
+@pytest.mark.parametrize("poison", ["nan", "+inf", "-inf row", "none"])
+def test_fused_topk_checks_read_the_maxima_as_the_logits(poison):
+    """The fused top-k's checks over the group maxima decline the same steps
+    as over the logits (a row with a NaN, a +inf, or all -inf) and give the
+    same candidates otherwise."""
+    torch.manual_seed(1)
+    beams, vocab = 3, 101
+    logits = torch.randn(2 * beams, vocab)
+    if poison == "nan":
+        logits[4, 57] = float("nan")
+    elif poison == "+inf":
+        logits[1, 100] = float("inf")
+    elif poison == "-inf row":
+        logits[2] = float("-inf")
+    cum = torch.randn(2, beams)
+    padded = torch.nn.functional.pad(logits, (0, 128 - vocab), value=float("-inf"))
+    groups = padded.view(2 * beams, 4, 32)
+    maxima = torch.where(groups.isnan().any(-1), float("nan"), groups.amax(-1)).contiguous()
+    plain = hf._fused_topk(logits, cum, None, beams, 2 * beams)
+    read = hf._fused_topk(logits, cum, None, beams, 2 * beams, maxima)
+    if poison == "none":
+        assert plain is not None and read is not None
+        for a, b in zip(plain, read):
+            assert torch.equal(a, b)
+    else:
+        assert plain is None and read is None
