@@ -551,6 +551,25 @@ def test_bleu_dtypes_smoke(tmp_path):
     )
 
 
+@needs_shared
+def test_bench_ffn_skip_smoke(tmp_path):
+    """benchmarks/bench_ffn_skip.py: real fc2 inputs of the Multi30k decoder,
+    mostly zeros, multiplied dense and skipping (the script itself refuses
+    outputs that differ), both timed, with the context."""
+    out = tmp_path / "skip.json"
+    r = _run(
+        ["benchmarks/bench_ffn_skip.py", "--batch", 4, "--sentences", 4, "--every", 6,
+         "--reps", 2, "--json", out]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["inputs"] > 0 and len(res["rows"]) == res["inputs"]
+    assert 0.5 < res["zero_fraction"] < 1.0  # (trained ReLU activations)
+    for row in res["threads"].values():
+        assert row["dense_ms"] > 0 and row["skip_ms"] > 0
+    assert res["cpu_capability"] and res["torch"]
+
+
 # ------------------------------------------------ benchmarks/flop_bound.py: the count
 
 
