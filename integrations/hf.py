@@ -1424,7 +1424,6 @@ def _fused_topk(logits, running_beam_scores, banned, num_beams: int, keep: int, 
                 logits, maxima, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned
             )
         elif run is not None:  # (the op checks its arguments; no backend choice)
-            maxima = None
             cs, ci, cb = run(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned, False)
         else:
             cs, ci, cb = beam_topk(logits, cum, num_beams, k_op, -1, 0, 0, 0.0, EOS_ALLOW, banned)

@@ -428,7 +428,7 @@ def step(model, tokens: torch.Tensor, model_kwargs: dict):
 
 # The group maxima (``[rows, ceil(vocab / 32)]``, linear_packed_maxima's) of
 # the last logits a direct step's LM head made on the packed GEMM: [weak
-# reference to the logits, their version, the maxima]. The beam search takes
+# reference to the logits, their storage and version, the maxima]. The beam search takes
 # them for its fused top-k (logit_maxima) instead of a pass over the logits.
 _MAXIMA: list = []
 
@@ -454,14 +454,10 @@ def _lm_logits(head, h, extra_bias=None):
     ):
         b = None if bias is None else bias.contiguous()
         y, maxima = _MAXIMA_OP[0](x, packed_linear.packed(head.weight), b, head.out_features)
-        _MAXIMA[:] = [weakref.ref(y), _version(y), maxima]
+        _MAXIMA[:] = [weakref.ref(y), packed_linear.tensor_state(y), maxima]
         return y.view(*h.shape[:-1], head.out_features)
     logits = head(h)
     return logits if extra_bias is None else logits + extra_bias
-
-
-def _version(t: torch.Tensor) -> int:
-    return -1 if t.is_inference() else t._version
 
 
 def logit_maxima(logits: torch.Tensor):
@@ -470,7 +466,7 @@ def logit_maxima(logits: torch.Tensor):
     taken once."""
     if not _MAXIMA:
         return None
-    ref, version, maxima = _MAXIMA
+    ref, state, maxima = _MAXIMA
     _MAXIMA.clear()
     y = ref()
     if (
@@ -479,7 +475,7 @@ def logit_maxima(logits: torch.Tensor):
         or logits.data_ptr() != y.data_ptr()
         or tuple(logits.shape) != tuple(y.shape)
         or logits.stride() != y.stride()
-        or _version(y) != version
+        or packed_linear.tensor_state(y) != state
     ):
         return None
     return maxima

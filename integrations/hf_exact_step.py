@@ -259,41 +259,43 @@ def fused_packs(probe, x, owner, modules, transposed: bool = False) -> list:
     the packs while every weight keeps its storage and version: a step's 24
     attribute lookups and pack lookups were about 50 us. ``transposed``: the
     weights are stored ``[in, out]`` (GPT-2's Conv1D)."""
+    return fused_gemm(probe, x, owner, modules, transposed)[0]
+
+
+def fused_gemm(probe, x, owner, modules, transposed: bool = False) -> tuple[list, list]:
+    """(:func:`fused_packs`, per slot whether its weight is finite: True for an
+    empty one; none without packs), from one lookup of the kept packs."""
     if not getattr(type(probe), "_seqfuse_packed_linear", False):
-        return []
+        return [], []
     from seqfuse.ops import linear as packed_linear
 
     w = probe.weight.t() if transposed else probe.weight
     if not packed_linear.kernel_takes(x.view(-1, x.size(-1)), w):
-        return []
+        return [], []
     present, weights = cached_for_structure(
         owner, "_seqfuse_gemm_weights", lambda _: _weights(modules())
     )
-    packs = packed_linear.packs_for(weights, transposed)
+    packs, finite = packed_linear.packs_and_finite(weights, transposed)
     if len(packs) == len(present):
-        return packs
-    found = iter(packs)
+        return packs, finite
     empty = torch.empty(0)
-    return [next(found) if here else empty for here in present]
+    return by_slot(present, packs, empty), by_slot(present, finite, True)
 
 
-def skips_zeros(packs: list, owner, slot: int, per_layer: int, transposed: bool = False) -> bool:
+def by_slot(present: list, values: list, fill) -> list:
+    """``values`` (one per present slot) spread over the slots, ``fill`` in the
+    empty ones."""
+    found = iter(values)
+    return [next(found) if here else fill for here in present]
+
+
+def skips_zeros(finite: list, slot: int, per_layer: int) -> bool:
     """Whether the fused step's product at ``slot`` of each layer (``per_layer``
-    slots a layer in the modules list that :func:`fused_packs` returned
-    ``packs`` for and kept on ``owner``) may skip zero inputs: there are packs
-    and each of those weights is finite (the same bits as the dense product).
-    The steps ask it of the second feed-forward product after a ReLU."""
-    if not packs:
-        return False
-    from seqfuse.ops import linear as packed_linear
-
-    kept = owner.__dict__.get("_seqfuse_gemm_weights")  # (fused_packs's, this step's)
-    if kept is None:
-        return False
-    present, weights = kept[1]
-    finite = iter(packed_linear.finite_for(weights, transposed))
-    flags = [next(finite) if here else True for here in present]
-    return len(flags) % per_layer == 0 and all(flags[slot::per_layer])
+    slots a layer; ``finite``: :func:`fused_gemm`'s flags) may skip zero
+    inputs: there are packs and each of those weights is finite (the same
+    bits as the dense product). The steps ask it of the second feed-forward
+    product after a ReLU."""
+    return bool(finite) and len(finite) % per_layer == 0 and all(finite[slot::per_layer])
 
 
 def _weights(modules) -> tuple[list, list]:
@@ -394,7 +396,7 @@ class _Runner:
         # layer or weight replaced)
         plan = cached_for_structure(self.layers, "_seqfuse_plan", lambda _: _plan(layers))
         # (the GEMM weights' packs in the fused mode)
-        packs = fused_packs(
+        packs, finite = fused_gemm(
             layers[0].fc1, x, self.layers, lambda: [m for lay in layers for m in gemm_modules(lay)]
         )
         x, new_k, new_v = torch.ops.seqfuse.hf_decoder_stack_step(
@@ -414,7 +416,7 @@ class _Runner:
             packs,
             pending_order(sc),
             # fc2 (the 8th of a layer's 8 products) after a ReLU
-            plan["act"] == RELU and skips_zeros(packs, self.layers, 7, 8),
+            plan["act"] == RELU and skips_zeros(finite, 7, 8),
         )
         step_took_order(sc)
         for i in range(n):  # where DynamicLayer.update leaves them

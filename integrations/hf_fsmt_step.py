@@ -142,7 +142,7 @@ class _Runner(hf_exact_step._Runner):
         plan = cached_for_structure(
             self.layers, "_seqfuse_plan", lambda _: hf_exact_step.stack_plan(layers)
         )
-        packs = hf_exact_step.fused_packs(
+        packs, finite = hf_exact_step.fused_gemm(
             layers[0].fc1, x, self.layers, lambda: [m for lay in layers for m in gemm_modules(lay)]
         )
         x, new_k, new_v = torch.ops.seqfuse.hf_fsmt_stack_step(
@@ -160,8 +160,7 @@ class _Runner(hf_exact_step._Runner):
             packs,
             hf_exact_step.pending_order(sc),
             # fc2 (the 8th of a layer's 8 products) after a ReLU
-            plan["act"] == hf_exact_step.RELU
-            and hf_exact_step.skips_zeros(packs, self.layers, 7, 8),
+            plan["act"] == hf_exact_step.RELU and hf_exact_step.skips_zeros(finite, 7, 8),
         )
         hf_exact_step.step_took_order(sc)
         for i in range(n):  # where DynamicLayer.update leaves them

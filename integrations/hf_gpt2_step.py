@@ -192,7 +192,7 @@ class _Runner(hf_exact_step._Runner):
         # built once, anew after any module or parameter registration
         plan = cached_for_structure(self.layers, "_seqfuse_plan", lambda _: _plan(blocks))
         n = len(blocks)
-        packs = hf_exact_step.fused_packs(
+        packs, finite = hf_exact_step.fused_gemm(
             blocks[0].mlp.c_fc,
             x,
             self.layers,
@@ -214,8 +214,7 @@ class _Runner(hf_exact_step._Runner):
             packs,
             hf_exact_step.pending_order(cache),
             # the MLP's c_proj (the last of a block's 4 products) after a ReLU
-            plan["act"] == hf_exact_step.RELU
-            and hf_exact_step.skips_zeros(packs, self.layers, 3, 4, transposed=True),
+            plan["act"] == hf_exact_step.RELU and hf_exact_step.skips_zeros(finite, 3, 4),
         )
         hf_exact_step.step_took_order(cache)
         for i in range(n):  # where DynamicLayer.update leaves them

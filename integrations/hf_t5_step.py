@@ -247,7 +247,7 @@ class _Runner(hf_exact_step._Runner):
         attn = blocks[0].layer[0].SelfAttention
         past = cache.get_seq_length(attn.layer_idx)
         bias = attn.compute_bias(1, past + 1, device=x.device, past_seen_tokens=past)
-        packs = hf_exact_step.fused_packs(
+        packs, finite = hf_exact_step.fused_gemm(
             blocks[0].layer[0].SelfAttention.q,
             x,
             self.layers,
@@ -272,8 +272,7 @@ class _Runner(hf_exact_step._Runner):
             packs,
             hf_exact_step.pending_order(sc),
             # wo (the last of a block's 9 products) after a ReLU
-            plan["act"] == hf_exact_step.RELU
-            and hf_exact_step.skips_zeros(packs, self.layers, 8, 9),
+            plan["act"] == hf_exact_step.RELU and hf_exact_step.skips_zeros(finite, 8, 9),
         )
         hf_exact_step.step_took_order(sc)
         for i in range(n):  # where DynamicLayer.update leaves them

@@ -232,14 +232,15 @@ def test_one_call_steps_skip_zeros_after_relu_with_finite_weights(monkeypatch, k
         # the test on the weights the step keeps: finite, then one inf
         owner, slot, per, transposed = _kept(kind, model)
         present, weights = owner.__dict__["_seqfuse_gemm_weights"][1]
-        assert hf_exact_step.skips_zeros(
-            packed_linear.packs_for(weights, transposed), owner, slot, per, transposed
-        )
+
+        def finite():
+            flags = packed_linear.packs_and_finite(weights, transposed)[1]
+            return hf_exact_step.by_slot(present, flags, True)
+
+        assert hf_exact_step.skips_zeros(finite(), slot, per)
         with torch.no_grad():
             _ffn_pairs(kind, model)[-1][1].weight[0, 0] = float("inf")
-        assert not hf_exact_step.skips_zeros(
-            packed_linear.packs_for(weights, transposed), owner, slot, per, transposed
-        )
+        assert not hf_exact_step.skips_zeros(finite(), slot, per)
     finally:
         hf.restore(model)
     assert asked and all(f == (act == "relu") for f in asked)

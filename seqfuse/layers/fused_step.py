@@ -52,7 +52,7 @@ from seqfuse._patching import _structure
 from seqfuse.layers.transformer import FusedTransformerEncoderLayer, qkv_weights
 from seqfuse.ops.bias_act import ACTIVATIONS
 from seqfuse.ops.embedding import POS_FIXED, POS_NONE
-from seqfuse.ops.linear import kernel_takes, packed, skips_zeros
+from seqfuse.ops.linear import kernel_takes, packed, skips_zeros, tensor_state
 from seqfuse.source_shape import shape_of
 
 FUSED_STEP_ENV = "SEQFUSE_FUSED_STEP"
@@ -99,7 +99,7 @@ def _params_key(module: torch.nn.Module) -> tuple:
     else:
         params = _walk_parameters(module)
         _flat_params[module] = (_structure[0], params)
-    return tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for _, _, p in params)
+    return tuple(tensor_state(p) for _, _, p in params)
 
 
 def _cached(stack, x: Tensor, attr: str, build) -> dict | str:

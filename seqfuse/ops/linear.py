@@ -59,10 +59,11 @@ def skips_zeros(weight: Tensor, transposed: bool = False) -> bool:
     return _pack_entry(weight, transposed)[4]
 
 
-def _state(w: Tensor) -> tuple[int, int]:
-    """(storage pointer, version) of a weight as its pack was taken. Inference
-    tensors keep no version counter (and cannot change outside inference
-    mode): theirs is -1, the pack keyed on the storage alone."""
+def tensor_state(w: Tensor) -> tuple[int, int]:
+    """(storage pointer, version) of a tensor: a weight as its pack was taken,
+    a step's logits as their maxima were noted. Inference tensors keep no
+    version counter (and cannot change outside inference mode): theirs is -1,
+    the state the storage alone."""
     return w.data_ptr(), -1 if w.is_inference() else w._version
 
 
@@ -71,7 +72,7 @@ def _pack_entry(weight: Tensor, transposed: bool) -> tuple:
     whether every weight is finite (then the product may skip zero inputs)."""
     key = (id(weight), transposed)
     entry = _PACKS.get(key)
-    ptr, version = _state(weight)
+    ptr, version = tensor_state(weight)
     if entry is not None and entry[0]() is weight and entry[1:3] == (ptr, version):
         return entry
     with torch.no_grad():
@@ -94,7 +95,7 @@ _GROUPS: dict[tuple, tuple] = {}
 
 def _group(weights, transposed: bool) -> tuple:
     key = (transposed, *map(id, weights))
-    state = list(map(_state, weights))
+    state = list(map(tensor_state, weights))
     hit = _GROUPS.get(key)
     if hit is not None and hit[1] == state and all(r() is w for r, w in zip(hit[0], weights)):
         return hit
@@ -119,11 +120,12 @@ def packs_for(weights, transposed: bool = False) -> list[Tensor]:
     return _group(weights, transposed)[2]
 
 
-def finite_for(weights, transposed: bool = False) -> list[bool]:
-    """``[skips_zeros(w, transposed) for w in weights]`` (whether every value
-    of each weight is finite, so that its products may skip zero inputs), from
-    the same kept group as :func:`packs_for`."""
-    return _group(weights, transposed)[3]
+def packs_and_finite(weights, transposed: bool = False) -> tuple[list[Tensor], list[bool]]:
+    """(:func:`packs_for`, ``[skips_zeros(w, transposed) for w in weights]``:
+    whether every value of each weight is finite, so that its products may
+    skip zero inputs), from the one kept group."""
+    group = _group(weights, transposed)
+    return group[2], group[3]
 
 
 def drop_packs(weights) -> None:
