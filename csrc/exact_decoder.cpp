@@ -488,14 +488,102 @@ inline void check_step_caches(int64_t layer, int64_t bsz, int64_t heads, int64_t
 // (prev.index_select(0, order), which stock's reorder_cache makes a step
 // earlier) in gather_append's one pass: the same values, in cat's
 // contiguous layout.
+// append_step into a buffer with room for more slots (the fused mode's
+// self-attention caches, integrations/hf_exact_step.py's kv rooms): `room`
+// [bsz, heads, cap, hd] contiguous, cap > t. Where prev is room's own first t
+// slots (a view at its start with its strides) and no reorder is deferred,
+// the step is written into slot t in place: nothing else moves, and a view
+// of the first t slots still reads what it read. Otherwise prev's rows (in
+// the deferred order) and the step are copied into room, whose memory must
+// not be prev's. Returns room's first t + 1 slots: the values of
+// append_step's cat in a view of the buffer (slots cap apart).
+at::Tensor append_into(const at::Tensor& prev, const std::optional<at::Tensor>& order,
+                       const at::Tensor& step, const at::Tensor& room) {
+  const int64_t b = step.size(0), g = step.size(1), d = step.size(3), t = prev.size(2);
+  TORCH_CHECK(room.dim() == 4 && room.size(0) == b && room.size(1) == g && room.size(3) == d &&
+                  room.size(2) > t && room.is_contiguous() &&
+                  room.scalar_type() == prev.scalar_type() && room.device() == prev.device(),
+              "a K/V room must be a contiguous [", b, ", ", g, ", >", t, ", ", d, "] buffer of ",
+              prev.scalar_type(), " on ", prev.device(), ", got ", room.sizes());
+  const at::Tensor out = room.narrow(2, 0, t + 1);
+  if (prev.data_ptr() == room.data_ptr() && prev.strides() == room.strides()) {
+    TORCH_CHECK(!has_order(order), "a deferred reorder cannot be applied in place");
+    out.narrow(2, t, 1).copy_(step);
+    return out;
+  }
+  TORCH_CHECK(!room.storage().is_alias_of(prev.storage()),
+              "a K/V room must not share memory with the cache it is filled from");
+  const bool ordered = has_order(order);
+  const bool direct = room.is_cpu() && prev.is_cpu() && step.is_cpu() && prev.stride(3) == 1 &&
+                      (t <= 1 || prev.stride(2) == d) && step.stride(3) == 1 &&
+                      step.scalar_type() == room.scalar_type() &&
+                      (!ordered || (order->is_cpu() && order->is_contiguous() &&
+                                    order->scalar_type() == at::kLong));
+  if (!direct) {
+    out.narrow(2, 0, t).copy_(ordered ? prev.index_select(0, *order) : prev);
+    out.narrow(2, t, 1).copy_(step);
+    return out;
+  }
+  const int64_t b0 = prev.size(0);
+  const int64_t* idx = ordered ? order->data_ptr<int64_t>() : nullptr;
+  if (ordered) {
+    TORCH_CHECK(order->dim() == 1 && order->size(0) == b, "the deferred reorder addresses ",
+                order->sizes(), " rows, the step has ", b);
+    for (int64_t r = 0; r < b; ++r) {
+      TORCH_CHECK(idx[r] >= 0 && idx[r] < b0, "decoder step: reorder index ", idx[r],
+                  " out of range for ", b0, " cached rows");
+    }
+  } else {
+    TORCH_CHECK(b0 == b, "the cache has ", b0, " rows, the step ", b);
+  }
+  const int64_t elem = static_cast<int64_t>(room.element_size()), cap = room.size(2);
+  const int64_t hist = t * d * elem, one = d * elem;
+  const char* src = static_cast<const char*>(prev.data_ptr());
+  const char* add = static_cast<const char*>(step.data_ptr());
+  char* dst = static_cast<char*>(room.data_ptr());
+  const int64_t p0 = prev.stride(0) * elem, p1 = prev.stride(1) * elem;
+  const int64_t s0 = step.stride(0) * elem, s1 = step.stride(1) * elem;
+  at::parallel_for(0, b * g, std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(hist, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       const int64_t i = r / g, h = r % g, from = idx != nullptr ? idx[i] : i;
+                       char* to = dst + r * cap * one;
+                       if (hist > 0) std::memcpy(to, src + from * p0 + h * p1, hist);
+                       std::memcpy(to + hist, add + i * s0 + h * s1, one);
+                     }
+                   });
+  return out;
+}
+
 at::Tensor append_step(const at::Tensor& prev, const std::optional<at::Tensor>& order,
-                       const at::Tensor& step) {
+                       const at::Tensor& step, const at::Tensor* room = nullptr) {
+  if (room != nullptr) return append_into(prev, order, step, *room);
   if (!has_order(order)) return at::cat({prev, step}, -2);
   const int64_t b = step.size(0), h = step.size(1), d = step.size(3);
   TORCH_CHECK(order->dim() == 1 && order->size(0) == b, "the deferred reorder addresses ",
               order->sizes(), " rows, the step has ", b);
   return gather_append(prev, *order, step.reshape({b * h, 1, d}), h, d).view({b, h, -1, d});
 }
+
+// A stack step's K/V rooms (append_into): none, or one K and one V buffer a
+// layer (the fused mode's self-attention caches).
+class Rooms {
+ public:
+  Rooms(const char* op, const std::optional<at::TensorList>& k_in,
+        const std::optional<at::TensorList>& v_in, int64_t layers)
+      : k_(k_in.value_or(at::TensorList())), v_(v_in.value_or(at::TensorList())) {
+    const at::TensorList k = k_, v = v_;
+    TORCH_CHECK(
+        (k.empty() && v.empty()) ||
+            (static_cast<int64_t>(k.size()) == layers && static_cast<int64_t>(v.size()) == layers),
+        op, ": K/V rooms: none or one K and one V a layer, got ", k.size(), " and ", v.size());
+  }
+  const at::Tensor* key(int64_t l) const { return k_.empty() ? nullptr : &k_[l]; }
+  const at::Tensor* value(int64_t l) const { return v_.empty() ? nullptr : &v_[l]; }
+
+ private:
+  at::TensorList k_, v_;
+};
 
 // One layer's share of a stack step's per-layer lists: its weights, its
 // norms' eps and, in the fused mode, its weight packs (pack(i): the i-th, or
@@ -611,8 +699,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& self_mask,
     const std::optional<at::Tensor>& cross_mask, at::ArrayRef<double> eps, int64_t heads,
     double scaling, int64_t act, bool normalize_before, at::TensorList packed,
-    const std::optional<at::Tensor>& order, bool skip_zeros) {
+    const std::optional<at::Tensor>& order, bool skip_zeros,
+    const std::optional<at::TensorList>& room_k, const std::optional<at::TensorList>& room_v) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
+  const Rooms rooms("hf_decoder_stack_step", room_k, room_v, layers);
   // packs of q, k, v, out, cross q, cross out, fc1, fc2 (fused mode), or none
   const StackLists lists = cross_stack_lists("hf_decoder_stack_step", weights, self_k, self_v,
                                              cross_k, cross_v, eps, packed, act);
@@ -636,8 +726,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_deco
     at::Tensor residual = x;
     if (normalize_before) x = layer_norm(x, W[8], W[9], E[0]);
     at::Tensor q = project_heads(x, W[0], W[1], hd, pk(0));
-    at::Tensor k = append_step(self_k[l], order, project_heads(x, W[2], W[3], hd, pk(1)));
-    at::Tensor v = append_step(self_v[l], order, project_heads(x, W[4], W[5], hd, pk(2)));
+    at::Tensor k =
+        append_step(self_k[l], order, project_heads(x, W[2], W[3], hd, pk(1)), rooms.key(l));
+    at::Tensor v =
+        append_step(self_v[l], order, project_heads(x, W[4], W[5], hd, pk(2)), rooms.value(l));
     new_k.push_back(k);
     new_v.push_back(v);
     x = at::add(residual, fused_attend(q, k, v, self_mask, self_kp, scaling, W[6], W[7], pk(3)));
@@ -751,9 +843,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
     const std::optional<at::Tensor>& self_mask, const std::optional<at::Tensor>& cross_mask,
     at::ArrayRef<double> eps, int64_t heads, int64_t head_dim, int64_t act, bool gated,
     bool contiguous_mask, at::TensorList packed, const std::optional<at::Tensor>& order,
-    bool skip_zeros) {
+    bool skip_zeros, const std::optional<at::TensorList>& room_k,
+    const std::optional<at::TensorList>& room_v) {
   constexpr int64_t kPer = 12, kPacks = 9;
   const int64_t layers = static_cast<int64_t>(self_k.size());
+  const Rooms rooms("hf_t5_stack_step", room_k, room_v, layers);
   const StackLists lists("hf_t5_stack_step", layers, weights, kPer, eps, 3, packed, kPacks);
   TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers &&
                   static_cast<int64_t>(cross_k.size()) == layers &&
@@ -791,9 +885,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_t5_s
     at::Tensor h = t5_norm(x, W[0], E[0]);
     at::Tensor q = project_heads(h, W[1], none, head_dim, pk(0));
     const at::Tensor k =
-        append_step(self_k[l], order, project_heads(h, W[2], none, head_dim, pk(1)));
-    const at::Tensor v =
-        append_step(self_v[l], order, project_heads(h, W[3], none, head_dim, pk(2)));
+        append_step(self_k[l], order, project_heads(h, W[2], none, head_dim, pk(1)), rooms.key(l));
+    const at::Tensor v = append_step(self_v[l], order,
+                                     project_heads(h, W[3], none, head_dim, pk(2)), rooms.value(l));
     new_k.push_back(k);
     new_v.push_back(v);
     // T5Attention: sdpa with the position-bias mask and scale 1
@@ -852,9 +946,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     const at::Tensor& cos_in, const at::Tensor& sin_in, const std::optional<at::Tensor>& mask,
     at::ArrayRef<double> eps, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling,
-    int64_t act, int64_t gqa, at::TensorList packed, const std::optional<at::Tensor>& order) {
+    int64_t act, int64_t gqa, at::TensorList packed, const std::optional<at::Tensor>& order,
+    const std::optional<at::TensorList>& room_k, const std::optional<at::TensorList>& room_v) {
   constexpr int64_t kPer = 16, kPacks = 7;
   const int64_t layers = static_cast<int64_t>(self_k.size());
+  const Rooms rooms("hf_llama_stack_step", room_k, room_v, layers);
   const StackLists lists("hf_llama_stack_step", layers, weights, kPer, eps, 2, packed, kPacks);
   TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers,
               "hf_llama_stack_step: self_v: one per layer");
@@ -890,8 +986,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_llam
     const at::Tensor v_step = project_heads(h, W[5], W[6], head_dim, pk(2));
     q = rotate(q, cos, sin);
     k = rotate(k, cos, sin);
-    k = append_step(self_k[l], order, k);
-    const at::Tensor v = append_step(self_v[l], order, v_step);
+    k = append_step(self_k[l], order, k, rooms.key(l));
+    const at::Tensor v = append_step(self_v[l], order, v_step, rooms.value(l));
     new_k.push_back(k);
     new_v.push_back(v);
     at::Tensor o;
@@ -941,8 +1037,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     at::TensorList cross_k, at::TensorList cross_v, const std::optional<at::Tensor>& cross_pad,
     at::ArrayRef<double> eps, int64_t heads, double scaling, int64_t act, at::TensorList packed,
-    const std::optional<at::Tensor>& order, bool skip_zeros) {
+    const std::optional<at::Tensor>& order, bool skip_zeros,
+    const std::optional<at::TensorList>& room_k, const std::optional<at::TensorList>& room_v) {
   const int64_t layers = static_cast<int64_t>(self_k.size());
+  const Rooms rooms("hf_fsmt_stack_step", room_k, room_v, layers);
   const StackLists lists = cross_stack_lists("hf_fsmt_stack_step", weights, self_k, self_v, cross_k,
                                              cross_v, eps, packed, act);
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1, "x must be [1, bsz, C], got ", x_in.sizes());
@@ -988,8 +1086,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_fsmt
     auto heads_of = [&](const at::Tensor& t) {
       return t.view({-1, bsz, heads, hd}).permute({1, 2, 0, 3});
     };
-    const at::Tensor k = append_step(self_k[l], order, heads_of(project(x, W[2], W[3], pk(1))));
-    const at::Tensor v = append_step(self_v[l], order, heads_of(project(x, W[4], W[5], pk(2))));
+    const at::Tensor k =
+        append_step(self_k[l], order, heads_of(project(x, W[2], W[3], pk(1))), rooms.key(l));
+    const at::Tensor v =
+        append_step(self_v[l], order, heads_of(project(x, W[4], W[5], pk(2))), rooms.value(l));
     new_k.push_back(k);
     new_v.push_back(v);
     x = at::add(residual,
@@ -1025,9 +1125,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
     const at::Tensor& x_in, at::TensorList weights, at::TensorList self_k, at::TensorList self_v,
     const std::optional<at::Tensor>& mask, at::ArrayRef<double> eps, at::ArrayRef<double> scalings,
     int64_t heads, int64_t act, at::TensorList packed, const std::optional<at::Tensor>& order,
-    bool skip_zeros) {
+    bool skip_zeros, const std::optional<at::TensorList>& room_k,
+    const std::optional<at::TensorList>& room_v) {
   constexpr int64_t kPer = 12, kPacks = 4;
   const int64_t layers = static_cast<int64_t>(self_k.size());
+  const Rooms rooms("hf_gpt2_stack_step", room_k, room_v, layers);
   const StackLists lists("hf_gpt2_stack_step", layers, weights, kPer, eps, 2, packed, kPacks);
   TORCH_CHECK(static_cast<int64_t>(self_v.size()) == layers &&
                   static_cast<int64_t>(scalings.size()) == layers,
@@ -1057,8 +1159,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hf_gpt2
       return t.view({t.size(0), t.size(1), -1, hd}).transpose(1, 2);
     };
     const at::Tensor q = heads_of(qkv[0]);
-    const at::Tensor k = append_step(self_k[l], order, heads_of(qkv[1]));
-    const at::Tensor v = append_step(self_v[l], order, heads_of(qkv[2]));
+    const at::Tensor k = append_step(self_k[l], order, heads_of(qkv[1]), rooms.key(l));
+    const at::Tensor v = append_step(self_v[l], order, heads_of(qkv[2]), rooms.value(l));
     new_k.push_back(k);
     new_v.push_back(v);
     const at::Tensor o =
@@ -1089,27 +1191,30 @@ TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
       "hf_decoder_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor[] cross_k, Tensor[] cross_v, Tensor? self_mask, Tensor? cross_mask, float[] eps, "
       "int heads, float scaling, int act, bool normalize_before, Tensor[] packed, "
-      "Tensor? order=None, bool skip_zeros=False) -> (Tensor, Tensor[], Tensor[])");
+      "Tensor? order=None, bool skip_zeros=False, Tensor[]? room_k=None, Tensor[]? room_v=None) -> "
+      "(Tensor, Tensor[], Tensor[])");
   m.def(
       "hf_t5_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor[] cross_k, Tensor[] cross_v, Tensor position_bias, Tensor? self_mask, "
       "Tensor? cross_mask, float[] eps, int heads, int head_dim, int act, bool gated, "
-      "bool contiguous_mask, Tensor[] packed, Tensor? order=None, bool skip_zeros=False) -> "
-      "(Tensor, Tensor[], Tensor[])");
+      "bool contiguous_mask, Tensor[] packed, Tensor? order=None, bool skip_zeros=False, "
+      "Tensor[]? room_k=None, Tensor[]? room_v=None) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "hf_llama_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor cos, Tensor sin, Tensor? mask, float[] eps, int heads, int kv_heads, "
       "int head_dim, float scaling, int act, int gqa, Tensor[] packed, "
-      "Tensor? order=None) -> (Tensor, Tensor[], Tensor[])");
+      "Tensor? order=None, Tensor[]? room_k=None, "
+      "Tensor[]? room_v=None) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "hf_fsmt_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor[] cross_k, Tensor[] cross_v, Tensor? cross_pad, float[] eps, int heads, "
-      "float scaling, int act, Tensor[] packed, Tensor? order=None, bool skip_zeros=False) -> "
-      "(Tensor, Tensor[], Tensor[])");
+      "float scaling, int act, Tensor[] packed, Tensor? order=None, bool skip_zeros=False, "
+      "Tensor[]? room_k=None, Tensor[]? room_v=None) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "hf_gpt2_stack_step(Tensor x, Tensor[] weights, Tensor[] self_k, Tensor[] self_v, "
       "Tensor? mask, float[] eps, float[] scalings, int heads, int act, Tensor[] packed, "
-      "Tensor? order=None, bool skip_zeros=False) -> (Tensor, Tensor[], Tensor[])");
+      "Tensor? order=None, bool skip_zeros=False, Tensor[]? room_k=None, Tensor[]? room_v=None) -> "
+      "(Tensor, Tensor[], Tensor[])");
 }
 
 // Only ATen calls: one implementation serves every backend.

@@ -323,6 +323,10 @@ class _SeqfuseGeneration:
                 synced_gpus=synced_gpus,
                 **model_kwargs,
             )
+        from integrations import hf_exact_step
+
+        cache = model_kwargs.get("past_key_values")
+        hf_exact_step.arm_rooms(cache)
         with _ext.gc_paused():
             try:
                 return beam_search(
@@ -334,9 +338,8 @@ class _SeqfuseGeneration:
                     **model_kwargs,
                 )
             finally:  # a reorder deferred to a step that will not come
-                from integrations import hf_exact_step
-
-                hf_exact_step.flush_reorder(model_kwargs.get("past_key_values"))
+                hf_exact_step.flush_reorder(cache)
+                hf_exact_step.release_rooms(cache)
 
     def _sample(
         self,
@@ -360,15 +363,22 @@ class _SeqfuseGeneration:
                 model_kwargs,
             )
             if why is None:
-                with _ext.gc_paused():
-                    return greedy_search(
-                        self,
-                        input_ids,
-                        logits_processor,
-                        stopping_criteria,
-                        generation_config,
-                        **model_kwargs,
-                    )
+                from integrations import hf_exact_step
+
+                cache = model_kwargs.get("past_key_values")
+                hf_exact_step.arm_rooms(cache)
+                try:
+                    with _ext.gc_paused():
+                        return greedy_search(
+                            self,
+                            input_ids,
+                            logits_processor,
+                            stopping_criteria,
+                            generation_config,
+                            **model_kwargs,
+                        )
+                finally:
+                    hf_exact_step.release_rooms(cache)
             _warn(f"num_beams=1 ({why}); the model's layers keep seqfuse's step and kernels")
         return super()._sample(
             input_ids,

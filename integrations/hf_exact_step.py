@@ -40,7 +40,7 @@ from seqfuse.layer_stack import gemm_modules, stack_eps, stack_weights
 from seqfuse.source_shape import shape_of
 
 # Incremental steps run by the one-call path and by the stock layers.
-STATS = {"exact": 0, "stock": 0, "deferred_reorders": 0}
+STATS = {"exact": 0, "stock": 0, "deferred_reorders": 0, "room_steps": 0}
 
 # The transformers code the C++ step mirrors, identified by the shape of its
 # source (seqfuse.source_shape: the AST without docstring, comments,
@@ -361,6 +361,95 @@ def flush_reorders_in(args, kwargs) -> None:
             flush_reorder(v)
 
 
+# The fused mode's self-attention caches with room to grow. transformers'
+# DynamicLayer.update makes every step a new tensor one slot longer (torch.cat):
+# a copy of the whole history into freshly mapped memory, whose page faults
+# and copy grow with the length. While seqfuse's search runs (arm_rooms ...
+# release_rooms), the one-call steps of the fused mode append into buffers
+# with spare slots instead (append_into in csrc/exact_decoder.cpp): a step
+# with no reorder writes its slot in place; a step with a deferred beam
+# reorder gathers the history into the layer's second buffer (the one the
+# cache left two steps ago), so the two buffers alternate and new memory is
+# mapped only when they grow (by half). The cache always holds a valid
+# tensor: a view of the first t slots of a buffer, the values of the cat's
+# result (strides of the buffer's capacity). Nothing outside the search sees
+# a buffer it might be written: the record is dropped when the search ends,
+# and a cache the search did not arm (a user's, a later generate) starts a
+# new buffer by copying. SEQFUSE_HF_KV_ROOMS=0 keeps the cat.
+ROOMS = "_seqfuse_kv_rooms"
+ROOMS_ENV = "SEQFUSE_HF_KV_ROOMS"
+ROOM_MIN_GROWTH = 16  # spare slots of a new buffer: at least these, or half its length
+
+
+def arm_rooms(cache) -> None:
+    """Let the fused one-call steps keep this cache's self-attention K/V in
+    buffers with room (seqfuse's search, before its first step)."""
+    from seqfuse import _ext
+
+    dyn = self_cache(cache)
+    if dyn is not None and _ext.env_flag(ROOMS_ENV, True):
+        dyn.__dict__[ROOMS] = {}
+
+
+def release_rooms(cache) -> None:
+    """Drop the buffers' record (the search ends): the cache keeps its
+    views; nothing writes into their buffers any more."""
+    dyn = self_cache(cache)
+    if dyn is not None:
+        dyn.__dict__.pop(ROOMS, None)
+
+
+def _new_room(cur, rows: int, t: int):
+    cap = t + 1 + max(ROOM_MIN_GROWTH, (t + 1) // 2)
+    return torch.empty((rows, cur.size(1), cap, cur.size(3)), dtype=cur.dtype, device=cur.device)
+
+
+def _room(slots: list, cur, rows: int, ordered: bool):
+    """The buffer this step's K or V goes into; slots: the layer's two."""
+    t = cur.size(2)
+
+    def fits(buf) -> bool:
+        return (
+            buf is not None
+            and buf.size(0) == rows
+            and buf.size(1) == cur.size(1)
+            and buf.size(2) > t
+            and buf.size(3) == cur.size(3)
+            and buf.dtype == cur.dtype
+            and buf.device == cur.device
+        )
+
+    for j in (0, 1):
+        buf = slots[j]
+        if buf is not None and cur.data_ptr() == buf.data_ptr() and cur.stride() == buf.stride():
+            if not ordered and cur.size(0) == rows and fits(buf):
+                return buf  # the slot after the history, in place
+            if not fits(slots[1 - j]):
+                slots[1 - j] = _new_room(cur, rows, t)
+            return slots[1 - j]
+    slots[0], slots[1] = _new_room(cur, rows, t), None
+    return slots[0]
+
+
+def kv_rooms(dyn, n: int, packs, order) -> tuple[list, list]:
+    """(K rooms, V rooms) a layer for a one-call step of the fused mode on
+    the armed self-attention cache ``dyn`` (a DynamicCache), or ([], []): the
+    step then appends by cat, as transformers does. n: the step's layers."""
+    rooms = None if dyn is None or not packs else dyn.__dict__.get(ROOMS)
+    if rooms is None:
+        return [], []
+    ordered = order is not None
+    room_k, room_v = [], []
+    for i, lay in enumerate(dyn.layers[:n]):
+        keys, values = lay.keys, lay.values
+        rows = order.numel() if ordered else keys.size(0)
+        slots = rooms.setdefault(i, ([None, None], [None, None]))
+        room_k.append(_room(slots[0], keys, rows, ordered))
+        room_v.append(_room(slots[1], values, rows, ordered))
+    STATS["room_steps"] += 1
+    return room_k, room_v
+
+
 class _Runner:
     """What the decoder's layer loop gets instead of its layers (one item)."""
 
@@ -399,6 +488,7 @@ class _Runner:
         packs, finite = fused_gemm(
             layers[0].fc1, x, self.layers, lambda: [m for lay in layers for m in gemm_modules(lay)]
         )
+        order = pending_order(sc)
         x, new_k, new_v = torch.ops.seqfuse.hf_decoder_stack_step(
             x,
             plan["weights"],
@@ -414,9 +504,10 @@ class _Runner:
             plan["act"],
             plan["pre_norm"],
             packs,
-            pending_order(sc),
+            order,
             # fc2 (the 8th of a layer's 8 products) after a ReLU
             plan["act"] == RELU and skips_zeros(finite, 7, 8),
+            *kv_rooms(sc, n, packs, order),
         )
         step_took_order(sc)
         for i in range(n):  # where DynamicLayer.update leaves them

@@ -145,6 +145,7 @@ class _Runner(hf_exact_step._Runner):
         packs, finite = hf_exact_step.fused_gemm(
             layers[0].fc1, x, self.layers, lambda: [m for lay in layers for m in gemm_modules(lay)]
         )
+        order = hf_exact_step.pending_order(sc)
         x, new_k, new_v = torch.ops.seqfuse.hf_fsmt_stack_step(
             x,
             plan["weights"],
@@ -158,9 +159,10 @@ class _Runner(hf_exact_step._Runner):
             plan["scaling"],
             plan["act"],
             packs,
-            hf_exact_step.pending_order(sc),
+            order,
             # fc2 (the 8th of a layer's 8 products) after a ReLU
             plan["act"] == hf_exact_step.RELU and hf_exact_step.skips_zeros(finite, 7, 8),
+            *hf_exact_step.kv_rooms(sc, n, packs, order),
         )
         hf_exact_step.step_took_order(sc)
         for i in range(n):  # where DynamicLayer.update leaves them

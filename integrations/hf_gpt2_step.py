@@ -201,6 +201,7 @@ class _Runner(hf_exact_step._Runner):
             ],
             transposed=True,
         )
+        order = hf_exact_step.pending_order(cache)
         x, new_k, new_v = torch.ops.seqfuse.hf_gpt2_stack_step(
             x,
             plan["weights"],
@@ -212,9 +213,10 @@ class _Runner(hf_exact_step._Runner):
             plan["heads"],
             plan["act"],
             packs,
-            hf_exact_step.pending_order(cache),
+            order,
             # the MLP's c_proj (the last of a block's 4 products) after a ReLU
             plan["act"] == hf_exact_step.RELU and hf_exact_step.skips_zeros(finite, 3, 4),
+            *hf_exact_step.kv_rooms(cache, n, packs, order),
         )
         hf_exact_step.step_took_order(cache)
         for i in range(n):  # where DynamicLayer.update leaves them

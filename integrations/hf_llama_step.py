@@ -295,6 +295,13 @@ class _Runner(hf_exact_step._Runner):
             return None
         cfg = layers[0].self_attn.config
         plan = cached_for_structure(self.layers, "_seqfuse_plan", lambda _: _plan(layers, cfg))
+        packs = hf_exact_step.fused_packs(
+            layers[0].self_attn.q_proj,
+            x,
+            self.layers,
+            lambda: [p for lay in layers for p in _projections(lay)],
+        )
+        order = hf_exact_step.pending_order(cache)
         x, new_k, new_v = torch.ops.seqfuse.hf_llama_stack_step(
             x,
             plan["weights"],
@@ -310,13 +317,9 @@ class _Runner(hf_exact_step._Runner):
             plan["scaling"],
             plan["act"],
             gqa,
-            hf_exact_step.fused_packs(
-                layers[0].self_attn.q_proj,
-                x,
-                self.layers,
-                lambda: [p for lay in layers for p in _projections(lay)],
-            ),
-            hf_exact_step.pending_order(cache),
+            packs,
+            order,
+            *hf_exact_step.kv_rooms(cache, n, packs, order),
         )
         hf_exact_step.step_took_order(cache)
         for i in range(n):  # where DynamicLayer.update leaves them

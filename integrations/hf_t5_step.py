@@ -253,6 +253,7 @@ class _Runner(hf_exact_step._Runner):
             self.layers,
             lambda: [m for b in blocks for m in _projections(b)],
         )
+        order = hf_exact_step.pending_order(sc)
         x, new_k, new_v = torch.ops.seqfuse.hf_t5_stack_step(
             x,
             plan["weights"],
@@ -270,9 +271,10 @@ class _Runner(hf_exact_step._Runner):
             plan["gated"],
             contiguous,
             packs,
-            hf_exact_step.pending_order(sc),
+            order,
             # wo (the last of a block's 9 products) after a ReLU
             plan["act"] == hf_exact_step.RELU and hf_exact_step.skips_zeros(finite, 8, 9),
+            *hf_exact_step.kv_rooms(sc, n, packs, order),
         )
         hf_exact_step.step_took_order(sc)
         for i in range(n):  # where DynamicLayer.update leaves them

@@ -217,7 +217,8 @@ def test_one_call_steps_skip_zeros_after_relu_with_finite_weights(monkeypatch, k
     flags: list = []
 
     def spy(*args):
-        flags.append(args[-1])
+        flags.append(args[-3])  # skip_zeros (then the K/V rooms)
+        assert isinstance(args[-3], bool)
         return real(*args)
 
     monkeypatch.setattr(torch.ops.seqfuse, name, spy)
@@ -366,3 +367,90 @@ def test_fused_topk_checks_read_the_maxima_as_the_logits(poison):
             assert torch.equal(a, b)
     else:
         assert plain is None and read is None
+
+
+def _cache_tensors(out) -> list:
+    cache = out.past_key_values
+    dyn = hf_exact_step.self_cache(cache)
+    assert dyn is not None
+    assert hf_exact_step.ROOMS not in dyn.__dict__  # dropped when the search ended
+    return [t for lay in dyn.layers for t in (lay.keys, lay.values)]
+
+
+@pytest.mark.parametrize("kind", ["marian", "fsmt", "t5", "gpt2", "llama"])
+@pytest.mark.parametrize("beams", [1, 4])
+def test_kv_rooms_give_the_cats_bits(monkeypatch, kind, beams):
+    """The fused steps' self-attention K/V appended into buffers with room
+    (in place without a reorder, gathered into the layer's other buffer with
+    one) give the same bits as transformers' cat: the sequences and, for beam
+    search, every step's scores and the cache handed back; stock's tokens."""
+    model = make_model(kind, seed=11)
+    ids, mask = make_inputs(kind, model, batch=3, seed=12)
+    kw = dict(num_beams=beams, min_new_tokens=12, max_new_tokens=24, attention_mask=mask)
+
+    def generate():
+        with torch.no_grad():
+            if beams == 1:  # (greedy search with return_dict runs transformers' loop)
+                return model.generate(ids, **kw)
+            return model.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
+
+    stock = generate()
+    seqfuse.optimize(model, fused_layers=True)
+    try:
+        hf_exact_step.STATS["room_steps"] = 0
+        with_rooms = generate()
+        steps = hf_exact_step.STATS["room_steps"]
+        monkeypatch.setenv(hf_exact_step.ROOMS_ENV, "0")
+        without = generate()
+        assert hf_exact_step.STATS["room_steps"] == steps  # off: the cat
+    finally:
+        hf.restore(model)
+    assert steps > 0
+    if beams == 1:
+        assert torch.equal(with_rooms, without)
+        assert torch.equal(with_rooms, stock)
+        return
+    assert torch.equal(with_rooms.sequences, without.sequences)
+    assert torch.equal(with_rooms.sequences, stock.sequences)
+    for a, b in zip(with_rooms.scores, without.scores, strict=True):
+        assert torch.equal(a, b)
+    kept, cat = _cache_tensors(with_rooms), _cache_tensors(without)
+    assert len(kept) == len(cat)
+    for a, b in zip(kept, cat):
+        assert torch.equal(a, b)
+
+
+def test_kv_rooms_alternate_and_append_in_place():
+    """A layer's step appends in place where the cache is the start of one
+    of its buffers and no reorder waits; with a reorder it fills the other
+    buffer (never the memory it reads); a cache it did not make starts a
+    buffer; an unarmed cache, or the exact mode, gets none."""
+    from types import SimpleNamespace
+
+    def view(buf, t):
+        return buf[:, :, :t]
+
+    layer = SimpleNamespace(keys=torch.randn(2, 3, 5, 4), values=torch.randn(2, 3, 5, 4))
+    dyn = SimpleNamespace(layers=[layer])
+    assert hf_exact_step.kv_rooms(dyn, 1, [torch.zeros(1)], None) == ([], [])  # unarmed
+    dyn.__dict__[hf_exact_step.ROOMS] = {}
+    assert hf_exact_step.kv_rooms(dyn, 1, [], None) == ([], [])  # exact mode
+    (k0,), (v0,) = hf_exact_step.kv_rooms(dyn, 1, [torch.zeros(1)], None)
+    assert k0.shape[:2] == (2, 3) and k0.size(2) > 5 and k0.size(3) == 4
+    assert k0.untyped_storage().data_ptr() != layer.keys.untyped_storage().data_ptr()
+    layer.keys, layer.values = view(k0, 6), view(v0, 6)
+    (k1,), _ = hf_exact_step.kv_rooms(dyn, 1, [torch.zeros(1)], None)
+    assert k1 is k0  # in place
+    order = torch.tensor([1, 1])
+    (k2,), (v2,) = hf_exact_step.kv_rooms(dyn, 1, [torch.zeros(1)], order)
+    assert k2.data_ptr() != k0.data_ptr() and v2.data_ptr() != v0.data_ptr()
+    layer.keys, layer.values = view(k2, 7), view(v2, 7)
+    (k3,), _ = hf_exact_step.kv_rooms(dyn, 1, [torch.zeros(1)], order)
+    assert k3 is k0  # the buffers alternate
+    # a length past a buffer's room: a larger one in its place
+    layer.keys = view(k0, k0.size(2))
+    (k4,), _ = hf_exact_step.kv_rooms(dyn, 1, [torch.zeros(1)], None)
+    assert k4.size(2) > k0.size(2) and k4.data_ptr() != k0.data_ptr()
+    # a reorder to fewer rows: buffers of the new row count
+    (k5,), _ = hf_exact_step.kv_rooms(dyn, 1, [torch.zeros(1)], torch.tensor([0]))
+    assert k5.size(0) == 1
