@@ -570,6 +570,23 @@ def test_bench_ffn_skip_smoke(tmp_path):
     assert res["cpu_capability"] and res["torch"]
 
 
+def test_bench_kv_rooms_smoke(tmp_path):
+    """benchmarks/bench_kv_rooms.py: fused generate with the K/V rooms and
+    with transformers' cat, alternated (the script itself refuses outputs
+    that differ), greedy and beam search."""
+    out = tmp_path / "rooms.json"
+    r = _run(
+        ["benchmarks/bench_kv_rooms.py", "--models", "gpt2-small", "--batch", 2, "--beams", "1,2",
+         "--new-tokens", 4, "--rounds", 2, "--json", out]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["beams"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["identical"] and row["room_steps"] > 0
+        assert row["rooms_s"] > 0 and row["cat_s"] > 0
+
+
 # ------------------------------------------------ benchmarks/flop_bound.py: the count
 
 
