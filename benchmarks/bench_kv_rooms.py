@@ -2,7 +2,9 @@
 room (``SEQFUSE_HF_KV_ROOMS``, on by default) against transformers' cat, in
 one process, alternated round by round (the median and the best of each).
 Each round checks that both give the same sequences and, for beam search,
-the same per-step scores, bit for bit (the script fails otherwise).
+the same per-step scores, bit for bit (the script fails otherwise). Greedy
+steps append in place; beam search's steps, which reorder, keep their
+gather and append either way (its rows are the control).
 
     .venv/bin/python benchmarks/bench_kv_rooms.py --models marian-small,gpt2-small \\
         --batch 16 --beams 1,5 --new-tokens 30,120 --rounds 6 --json out.json
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
             for beams in map(int, args.beams.split(",")):
                 for nt in map(int, args.new_tokens.split(",")):
 
-                    def run(on: bool):
+                    def run(on: bool, beams=beams, nt=nt, model=model):
                         os.environ[hf_exact_step.ROOMS_ENV] = "1" if on else "0"
                         kw = dict(num_beams=beams, min_new_tokens=nt, max_new_tokens=nt)
                         if beams > 1:

@@ -365,17 +365,21 @@ def flush_reorders_in(args, kwargs) -> None:
 # DynamicLayer.update makes every step a new tensor one slot longer (torch.cat):
 # a copy of the whole history into freshly mapped memory, whose page faults
 # and copy grow with the length. While seqfuse's search runs (arm_rooms ...
-# release_rooms), the one-call steps of the fused mode append into buffers
-# with spare slots instead (append_into in csrc/exact_decoder.cpp): a step
-# with no reorder writes its slot in place; a step with a deferred beam
-# reorder gathers the history into the layer's second buffer (the one the
-# cache left two steps ago), so the two buffers alternate and new memory is
-# mapped only when they grow (by half). The cache always holds a valid
-# tensor: a view of the first t slots of a buffer, the values of the cat's
-# result (strides of the buffer's capacity). Nothing outside the search sees
-# a buffer it might be written: the record is dropped when the search ends,
-# and a cache the search did not arm (a user's, a later generate) starts a
-# new buffer by copying. SEQFUSE_HF_KV_ROOMS=0 keeps the cat.
+# release_rooms), a one-call step of the fused mode with no reorder waiting
+# (greedy search) appends into a buffer with spare slots instead
+# (append_into in csrc/exact_decoder.cpp): where the cache is the start of
+# the layer's buffer it writes its slot in place, nothing else moves;
+# otherwise it copies the cache into a new buffer with room for half as many
+# slots again (at least ROOM_MIN_GROWTH). The cache always holds a valid
+# tensor: a view of the first t slots of the buffer, the values of the cat's
+# result (strides of the buffer's capacity), and a view taken earlier still
+# reads what it read. A step with a deferred beam reorder keeps the one-pass
+# gather and append into new memory (gather_append): gathering into a second
+# buffer instead measured slower (benchmarks/bench_kv_rooms.py). Nothing
+# outside the search writes into a buffer: the record is dropped when the
+# search ends, and a cache the search did not arm (a user's, a later
+# generate) starts a new buffer by copying. SEQFUSE_HF_KV_ROOMS=0 keeps the
+# cat.
 ROOMS = "_seqfuse_kv_rooms"
 ROOMS_ENV = "SEQFUSE_HF_KV_ROOMS"
 ROOM_MIN_GROWTH = 16  # spare slots of a new buffer: at least these, or half its length
@@ -399,53 +403,36 @@ def release_rooms(cache) -> None:
         dyn.__dict__.pop(ROOMS, None)
 
 
-def _new_room(cur, rows: int, t: int):
-    cap = t + 1 + max(ROOM_MIN_GROWTH, (t + 1) // 2)
-    return torch.empty((rows, cur.size(1), cap, cur.size(3)), dtype=cur.dtype, device=cur.device)
-
-
-def _room(slots: list, cur, rows: int, ordered: bool):
-    """The buffer this step's K or V goes into; slots: the layer's two."""
+def _room(rooms: dict, key, cur):
+    """The buffer this step's K or V goes into: the layer's, where ``cur``
+    (the cache) is its start and a slot is left; else a new one."""
     t = cur.size(2)
-
-    def fits(buf) -> bool:
-        return (
-            buf is not None
-            and buf.size(0) == rows
-            and buf.size(1) == cur.size(1)
-            and buf.size(2) > t
-            and buf.size(3) == cur.size(3)
-            and buf.dtype == cur.dtype
-            and buf.device == cur.device
-        )
-
-    for j in (0, 1):
-        buf = slots[j]
-        if buf is not None and cur.data_ptr() == buf.data_ptr() and cur.stride() == buf.stride():
-            if not ordered and cur.size(0) == rows and fits(buf):
-                return buf  # the slot after the history, in place
-            if not fits(slots[1 - j]):
-                slots[1 - j] = _new_room(cur, rows, t)
-            return slots[1 - j]
-    slots[0], slots[1] = _new_room(cur, rows, t), None
-    return slots[0]
+    buf = rooms.get(key)
+    if (
+        buf is not None
+        and cur.data_ptr() == buf.data_ptr()
+        and cur.stride() == buf.stride()
+        and cur.size(0) == buf.size(0)
+        and buf.size(2) > t
+    ):
+        return buf
+    cap = t + 1 + max(ROOM_MIN_GROWTH, (t + 1) // 2)
+    buf = rooms[key] = cur.new_empty((cur.size(0), cur.size(1), cap, cur.size(3)))
+    return buf
 
 
 def kv_rooms(dyn, n: int, packs, order) -> tuple[list, list]:
     """(K rooms, V rooms) a layer for a one-call step of the fused mode on
-    the armed self-attention cache ``dyn`` (a DynamicCache), or ([], []): the
-    step then appends by cat, as transformers does. n: the step's layers."""
-    rooms = None if dyn is None or not packs else dyn.__dict__.get(ROOMS)
+    the armed self-attention cache ``dyn`` (a DynamicCache) with no reorder
+    waiting, or ([], []): the step then appends as transformers does (or
+    gathers and appends). n: the step's layers."""
+    rooms = None if dyn is None or not packs or order is not None else dyn.__dict__.get(ROOMS)
     if rooms is None:
         return [], []
-    ordered = order is not None
     room_k, room_v = [], []
     for i, lay in enumerate(dyn.layers[:n]):
-        keys, values = lay.keys, lay.values
-        rows = order.numel() if ordered else keys.size(0)
-        slots = rooms.setdefault(i, ([None, None], [None, None]))
-        room_k.append(_room(slots[0], keys, rows, ordered))
-        room_v.append(_room(slots[1], values, rows, ordered))
+        room_k.append(_room(rooms, (i, 0), lay.keys))
+        room_v.append(_room(rooms, (i, 1), lay.values))
     STATS["room_steps"] += 1
     return room_k, room_v
 

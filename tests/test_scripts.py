@@ -582,8 +582,8 @@ def test_bench_kv_rooms_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [row["beams"] for row in rows] == [1, 2]
-    for row in rows:
-        assert row["identical"] and row["room_steps"] > 0
+    for row in rows:  # (beam search's reordering steps keep their gather)
+        assert row["identical"] and (row["room_steps"] > 0) == (row["beams"] == 1)
         assert row["rooms_s"] > 0 and row["cat_s"] > 0
 
 
