@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             for beams in map(int, args.beams.split(",")):
                 for nt in map(int, args.new_tokens.split(",")):
 
-                    def run(on: bool, beams=beams, nt=nt, model=model):
+                    def run(on: bool, beams=beams, nt=nt, model=model, ids=ids, mask=mask):
                         os.environ[hf_exact_step.ROOMS_ENV] = "1" if on else "0"
                         kw = dict(num_beams=beams, min_new_tokens=nt, max_new_tokens=nt)
                         if beams > 1:
