@@ -483,11 +483,6 @@ inline void check_step_caches(int64_t layer, int64_t bsz, int64_t heads, int64_t
   }
 }
 
-// DynamicLayer.update's cat of this step's K or V ([bsz, heads, 1, hd], any
-// strides) to the cache; with a deferred reorder, after it
-// (prev.index_select(0, order), which stock's reorder_cache makes a step
-// earlier) in gather_append's one pass: the same values, in cat's
-// contiguous layout.
 // append_step into a buffer with room for more slots (the fused mode's
 // self-attention caches, integrations/hf_exact_step.py's kv rooms): `room`
 // [bsz, heads, cap, hd] contiguous, cap > t. Where prev is room's own first t
@@ -555,6 +550,11 @@ at::Tensor append_into(const at::Tensor& prev, const std::optional<at::Tensor>& 
   return out;
 }
 
+// DynamicLayer.update's cat of this step's K or V ([bsz, heads, 1, hd], any
+// strides) to the cache; with a deferred reorder, after it
+// (prev.index_select(0, order), which stock's reorder_cache makes a step
+// earlier) in gather_append's one pass: the same values, in cat's
+// contiguous layout. Given a room (the fused mode's greedy steps), append_into.
 at::Tensor append_step(const at::Tensor& prev, const std::optional<at::Tensor>& order,
                        const at::Tensor& step, const at::Tensor* room = nullptr) {
   if (room != nullptr) return append_into(prev, order, step, *room);

@@ -323,10 +323,6 @@ class _SeqfuseGeneration:
                 synced_gpus=synced_gpus,
                 **model_kwargs,
             )
-        from integrations import hf_exact_step
-
-        cache = model_kwargs.get("past_key_values")
-        hf_exact_step.arm_rooms(cache)
         with _ext.gc_paused():
             try:
                 return beam_search(
@@ -338,8 +334,9 @@ class _SeqfuseGeneration:
                     **model_kwargs,
                 )
             finally:  # a reorder deferred to a step that will not come
-                hf_exact_step.flush_reorder(cache)
-                hf_exact_step.release_rooms(cache)
+                from integrations import hf_exact_step
+
+                hf_exact_step.flush_reorder(model_kwargs.get("past_key_values"))
 
     def _sample(
         self,
@@ -365,6 +362,8 @@ class _SeqfuseGeneration:
             if why is None:
                 from integrations import hf_exact_step
 
+                # (K/V appended in place: K/V rooms, greedy steps only; beam
+                # search's steps reorder, see hf_exact_step.kv_rooms)
                 cache = model_kwargs.get("past_key_values")
                 hf_exact_step.arm_rooms(cache)
                 try:

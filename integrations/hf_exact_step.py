@@ -364,18 +364,20 @@ def flush_reorders_in(args, kwargs) -> None:
 # The fused mode's self-attention caches with room to grow. transformers'
 # DynamicLayer.update makes every step a new tensor one slot longer (torch.cat):
 # a copy of the whole history into freshly mapped memory, whose page faults
-# and copy grow with the length. While seqfuse's search runs (arm_rooms ...
-# release_rooms), a one-call step of the fused mode with no reorder waiting
-# (greedy search) appends into a buffer with spare slots instead
+# and copy grow with the length. While seqfuse's greedy search runs
+# (arm_rooms ... release_rooms), a one-call step of the fused mode with no
+# reorder waiting appends into a buffer with spare slots instead
 # (append_into in csrc/exact_decoder.cpp): where the cache is the start of
 # the layer's buffer it writes its slot in place, nothing else moves;
 # otherwise it copies the cache into a new buffer with room for half as many
 # slots again (at least ROOM_MIN_GROWTH). The cache always holds a valid
 # tensor: a view of the first t slots of the buffer, the values of the cat's
 # result (strides of the buffer's capacity), and a view taken earlier still
-# reads what it read. A step with a deferred beam reorder keeps the one-pass
-# gather and append into new memory (gather_append): gathering into a second
-# buffer instead measured slower (benchmarks/bench_kv_rooms.py). Nothing
+# reads what it read. Beam search does not arm its cache: its steps take a
+# deferred reorder with the one-pass gather and append into new memory
+# (gather_append), and gathering into a second buffer instead measured
+# slower (benchmarks/bench_kv_rooms.py); a step with a reorder waiting gets
+# no room in any case. Nothing
 # outside the search writes into a buffer: the record is dropped when the
 # search ends, and a cache the search did not arm (a user's, a later
 # generate) starts a new buffer by copying. SEQFUSE_HF_KV_ROOMS=0 keeps the

@@ -258,6 +258,10 @@ def test_bad_arguments_are_clear_errors():
         op(x, w, kv, kv, cos, sin, None, [1e-6, 1e-6], 2, 2, 4, 0.5, 4, 0, w[:3])
     with pytest.raises(RuntimeError, match="gqa mode 1 for 2 heads over 2"):
         op(x, w, kv, kv, cos, sin, None, [1e-6, 1e-6], 2, 2, 4, 0.5, 4, 1, [])
+    with pytest.raises(
+        RuntimeError, match="K/V rooms: none or one K and one V a layer, got 2 and 1"
+    ):
+        op(x, w, kv, kv, cos, sin, None, [1e-6, 1e-6], 2, 2, 4, 0.5, 4, 0, [], None, kv + kv, kv)
     t5 = torch.ops.seqfuse.hf_t5_stack_step
     bias = torch.zeros(1, 2, 1, 4)
     with pytest.raises(RuntimeError, match="expected 12 weights, got 16"):
