@@ -484,69 +484,30 @@ inline void check_step_caches(int64_t layer, int64_t bsz, int64_t heads, int64_t
 }
 
 // append_step into a buffer with room for more slots (the fused mode's
-// self-attention caches, integrations/hf_exact_step.py's kv rooms): `room`
-// [bsz, heads, cap, hd] contiguous, cap > t. Where prev is room's own first t
-// slots (a view at its start with its strides) and no reorder is deferred,
-// the step is written into slot t in place: nothing else moves, and a view
-// of the first t slots still reads what it read. Otherwise prev's rows (in
-// the deferred order) and the step are copied into room, whose memory must
-// not be prev's. Returns room's first t + 1 slots: the values of
-// append_step's cat in a view of the buffer (slots cap apart).
-at::Tensor append_into(const at::Tensor& prev, const std::optional<at::Tensor>& order,
-                       const at::Tensor& step, const at::Tensor& room) {
+// greedy steps, integrations/hf_exact_step.py's kv rooms): `room`
+// [bsz, heads, cap, hd] contiguous, cap > t; no deferred reorder (a step
+// with one gathers and appends, gather_append). Where prev is room's own
+// first t slots (a view at its start with its strides), the step is written
+// into slot t in place: nothing else moves, and a view of the first t slots
+// still reads what it read. Otherwise (a buffer started or grown) prev and
+// the step are copied into room, whose memory must not be prev's. Returns
+// room's first t + 1 slots: the values of append_step's cat in a view of the
+// buffer (slots cap apart).
+at::Tensor append_into(const at::Tensor& prev, const at::Tensor& step, const at::Tensor& room) {
   const int64_t b = step.size(0), g = step.size(1), d = step.size(3), t = prev.size(2);
+  TORCH_CHECK(prev.size(0) == b, "the cache has ", prev.size(0), " rows, the step ", b);
   TORCH_CHECK(room.dim() == 4 && room.size(0) == b && room.size(1) == g && room.size(3) == d &&
                   room.size(2) > t && room.is_contiguous() &&
                   room.scalar_type() == prev.scalar_type() && room.device() == prev.device(),
               "a K/V room must be a contiguous [", b, ", ", g, ", >", t, ", ", d, "] buffer of ",
               prev.scalar_type(), " on ", prev.device(), ", got ", room.sizes());
   const at::Tensor out = room.narrow(2, 0, t + 1);
-  if (prev.data_ptr() == room.data_ptr() && prev.strides() == room.strides()) {
-    TORCH_CHECK(!has_order(order), "a deferred reorder cannot be applied in place");
-    out.narrow(2, t, 1).copy_(step);
-    return out;
+  if (prev.data_ptr() != room.data_ptr() || prev.strides() != room.strides()) {
+    TORCH_CHECK(!room.storage().is_alias_of(prev.storage()),
+                "a K/V room must not share memory with the cache it is filled from");
+    out.narrow(2, 0, t).copy_(prev);
   }
-  TORCH_CHECK(!room.storage().is_alias_of(prev.storage()),
-              "a K/V room must not share memory with the cache it is filled from");
-  const bool ordered = has_order(order);
-  const bool direct = room.is_cpu() && prev.is_cpu() && step.is_cpu() && prev.stride(3) == 1 &&
-                      (t <= 1 || prev.stride(2) == d) && step.stride(3) == 1 &&
-                      step.scalar_type() == room.scalar_type() &&
-                      (!ordered || (order->is_cpu() && order->is_contiguous() &&
-                                    order->scalar_type() == at::kLong));
-  if (!direct) {
-    out.narrow(2, 0, t).copy_(ordered ? prev.index_select(0, *order) : prev);
-    out.narrow(2, t, 1).copy_(step);
-    return out;
-  }
-  const int64_t b0 = prev.size(0);
-  const int64_t* idx = ordered ? order->data_ptr<int64_t>() : nullptr;
-  if (ordered) {
-    TORCH_CHECK(order->dim() == 1 && order->size(0) == b, "the deferred reorder addresses ",
-                order->sizes(), " rows, the step has ", b);
-    for (int64_t r = 0; r < b; ++r) {
-      TORCH_CHECK(idx[r] >= 0 && idx[r] < b0, "decoder step: reorder index ", idx[r],
-                  " out of range for ", b0, " cached rows");
-    }
-  } else {
-    TORCH_CHECK(b0 == b, "the cache has ", b0, " rows, the step ", b);
-  }
-  const int64_t elem = static_cast<int64_t>(room.element_size()), cap = room.size(2);
-  const int64_t hist = t * d * elem, one = d * elem;
-  const char* src = static_cast<const char*>(prev.data_ptr());
-  const char* add = static_cast<const char*>(step.data_ptr());
-  char* dst = static_cast<char*>(room.data_ptr());
-  const int64_t p0 = prev.stride(0) * elem, p1 = prev.stride(1) * elem;
-  const int64_t s0 = step.stride(0) * elem, s1 = step.stride(1) * elem;
-  at::parallel_for(0, b * g, std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(hist, 1)),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r) {
-                       const int64_t i = r / g, h = r % g, from = idx != nullptr ? idx[i] : i;
-                       char* to = dst + r * cap * one;
-                       if (hist > 0) std::memcpy(to, src + from * p0 + h * p1, hist);
-                       std::memcpy(to + hist, add + i * s0 + h * s1, one);
-                     }
-                   });
+  out.narrow(2, t, 1).copy_(step);
   return out;
 }
 
@@ -557,7 +518,10 @@ at::Tensor append_into(const at::Tensor& prev, const std::optional<at::Tensor>& 
 // contiguous layout. Given a room (the fused mode's greedy steps), append_into.
 at::Tensor append_step(const at::Tensor& prev, const std::optional<at::Tensor>& order,
                        const at::Tensor& step, const at::Tensor* room = nullptr) {
-  if (room != nullptr) return append_into(prev, order, step, *room);
+  if (room != nullptr) {
+    TORCH_CHECK(!has_order(order), "a K/V room takes a step with no deferred reorder");
+    return append_into(prev, step, *room);
+  }
   if (!has_order(order)) return at::cat({prev, step}, -2);
   const int64_t b = step.size(0), h = step.size(1), d = step.size(3);
   TORCH_CHECK(order->dim() == 1 && order->size(0) == b, "the deferred reorder addresses ",
